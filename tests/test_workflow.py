@@ -1,0 +1,189 @@
+"""The Snakemake workflow: validation before any job, the DAG, and one real end-to-end run.
+
+The end-to-end run uses a tiny demo cohort (4 samples x a few hundred cells, few scVI epochs)
+in a temporary working directory and checks the contents of the final outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+TINY_SHEET = """sample_id\tcondition\tdonor\tbatch\tpath
+T1\tsepsis\tD1\tb1\tdemo/T1/filtered_feature_bc_matrix.h5
+T2\tcontrol\tD2\tb1\tdemo/T2/filtered_feature_bc_matrix.h5
+T3\tsepsis\tD3\tb2\tdemo/T3/filtered_feature_bc_matrix.h5
+T4\tcontrol\tD4\tb2\tdemo/T4/filtered_feature_bc_matrix.h5
+"""
+
+TINY_CONFIG = {
+    "run_name": "tiny",
+    "samples": "samples.tsv",
+    "demo": {
+        "simulate": True,
+        "truth_dir": "demo",
+        "cells_per_sample": 400,
+        "n_genes": 4000,
+    },
+    "integration": {"max_epochs": 4, "n_hvg": 800, "compare": ["pca"]},
+    "clustering": {"resolutions": [0.5, 1.0], "resolution": 1.0},
+    "stats": {"min_cells": 5},
+}
+
+
+def _write_workdir(tmp: Path, config: dict | None = None, sheet: str = TINY_SHEET) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "samples.tsv").write_text(sheet)
+    cfg = dict(TINY_CONFIG if config is None else config)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_dry_run_shows_every_stage(tmp_path):
+    work = _write_workdir(tmp_path)
+    res = _snakemake(work, "-n", "--cores", "1")
+    assert res.returncode == 0, res.stderr + res.stdout
+    out = res.stdout + res.stderr
+    for rule in [
+        "simulate_demo",
+        "ingest",
+        "qc_sample",
+        "qc_merge",
+        "integrate",
+        "cluster",
+        "annotate",
+        "score",
+        "stats",
+        "target_figures",
+        "provenance",
+    ]:
+        assert rule in out, f"rule {rule} missing from the dry run"
+
+
+def _fails_before_any_job(work: Path, *expected: str) -> None:
+    res = _snakemake(work, "--cores", "1")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    for text in expected:
+        assert text in out, f"expected {text!r} in:\n{out[-3000:]}"
+    assert not (work / "results").exists(), "a job ran although the input was invalid"
+    assert not (work / "demo").exists()
+
+
+def test_bad_config_value_stops_before_any_job(tmp_path):
+    cfg = dict(TINY_CONFIG, clustering={"resolution": -2, "resolutions": [1.0]})
+    work = _write_workdir(tmp_path, cfg)
+    _fails_before_any_job(work, "clustering.resolution", "-2")
+
+
+def test_unknown_config_key_stops_before_any_job(tmp_path):
+    cfg = dict(TINY_CONFIG, qc={"nmads_count": 4})
+    work = _write_workdir(tmp_path, cfg)
+    _fails_before_any_job(work, "qc.nmads_count")
+
+
+def test_duplicate_sample_id_stops_before_any_job(tmp_path):
+    sheet = TINY_SHEET + "T1\tsepsis\tD9\tb2\tdemo/T9/filtered_feature_bc_matrix.h5\n"
+    work = _write_workdir(tmp_path, sheet=sheet)
+    _fails_before_any_job(work, "duplicate sample_id", "T1")
+
+
+def test_missing_input_file_stops_before_any_job(tmp_path):
+    cfg = dict(TINY_CONFIG, demo={"simulate": False})
+    work = _write_workdir(tmp_path, cfg)
+    _fails_before_any_job(work, "do not exist", "demo/T1/filtered_feature_bc_matrix.h5")
+
+
+def test_cli_overrides_run_name_and_samples(tmp_path):
+    work = _write_workdir(tmp_path)
+    other = work / "other.tsv"
+    other.write_text(TINY_SHEET.replace("T4\t", "T5\t").replace("/T4/", "/T5/"))
+    res = _snakemake(work, "-n", "--cores", "1", "--config", "run_name=cohort2", f"samples={other}")
+    assert res.returncode == 0, res.stderr
+    assert "results/cohort2/ingest/T5.h5ad" in res.stdout
+    assert "results/tiny" not in res.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run the whole DAG once on the tiny demo (shared by the end-to-end checks)."""
+    work = _write_workdir(tmp_path_factory.mktemp("e2e"))
+    res = _snakemake(work, "--cores", "2")
+    if res.returncode != 0:
+        logs = "\n".join(
+            f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((work / "results").rglob("*.log"))
+        )
+        pytest.fail(f"workflow failed:\n{res.stderr[-4000:]}\n{logs}")
+    return work
+
+
+@pytest.mark.slow
+def test_end_to_end_outputs(tiny_run):
+    res = tiny_run / "results" / "tiny"
+    adata = ad.read_h5ad(res / "annotated.h5ad")
+    # output contract
+    for col in ["sample_id", "condition", "donor", "batch", "lineage", "cell_type",
+                "cell_type_ontology_term_id", "annotation_confidence", "leiden"]:
+        assert col in adata.obs, col
+    assert "counts" in adata.layers
+    counts = adata.layers["counts"]
+    assert float((counts.data % 1 != 0).sum() if hasattr(counts, "data") else 0) == 0
+    assert "X_scVI" in adata.obsm and "X_umap" in adata.obsm
+    assert adata.obs["sample_id"].nunique() == 4
+    assert adata.obs_names.is_unique
+    assert adata.obs["annotation_confidence"].between(0, 1).all()
+    assert adata.obs["cell_type_ontology_term_id"].str.match(r"^(CL:\d{7}|unknown)$").all()
+    # the annotation found the major lineages of the demo
+    found = set(adata.obs["lineage"])
+    assert {"T", "Monocyte", "B", "NK"} <= found, found
+
+    table = pd.read_csv(res / "targets" / "sample_table.tsv", sep="\t")
+    assert set(table["sample_id"]) == {"T1", "T2", "T3", "T4"}
+    effects = pd.read_csv(res / "targets" / "condition_effects.tsv", sep="\t")
+    for col in ["state", "effect", "ci_low", "ci_high", "p_value", "fdr", "n_case", "n_control"]:
+        assert col in effects.columns, col
+    assert (effects["n_case"] <= 2).all()  # sample-level: never more units than samples
+    qc = pd.read_csv(res / "qc" / "qc_summary.tsv", sep="\t")
+    assert len(qc) == 4 and (qc["cells_out"] > 0).all()
+    for png in (res).rglob("*.png"):
+        assert png.stat().st_size > 5000, png
+    prov = yaml.safe_load((res / "provenance.yaml").read_text())
+    assert prov["integration"]["device"] == "cpu"
+    assert prov["config"]["seed"] == 0
+    assert "scanpy" in prov["packages"]
+
+
+@pytest.mark.slow
+def test_rerun_is_a_no_op_and_resolution_change_reruns_from_clustering(tiny_run):
+    res = _snakemake(tiny_run, "-n", "--cores", "1")
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
+    res = _snakemake(tiny_run, "-n", "--cores", "1", "--config", "clustering={'resolution': 0.5, 'resolutions': [0.5, 1.0]}")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "cluster" in out and "annotate" in out
+    for upstream in ["ingest", "qc_sample", "qc_merge", "integrate"]:
+        assert f"rule {upstream}:" not in out and f"\n{upstream} " not in out.split("Job stats")[-1], upstream
+    shutil.rmtree(tiny_run / ".snakemake" / "locks", ignore_errors=True)

@@ -1,0 +1,53 @@
+# Annotation: hierarchical marker-based labels (lineage, then subset), optional CellTypist.
+
+
+rule annotate:
+    input:
+        f"{RESULTS}/cluster/clustered.h5ad",
+    output:
+        h5ad=f"{RESULTS}/annotated.h5ad",
+        table=report(
+            f"{RESULTS}/annotate/cell_types.tsv",
+            caption="../report/cell_types_table.rst",
+            category="4. Annotation",
+        ),
+    params:
+        annotation=config["annotation"],
+        organism=config["organism"],
+    threads: config["resources"]["threads"]
+    log:
+        f"{LOGS}/annotate.log",
+    benchmark:
+        f"{BENCH}/annotate.tsv"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=60,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/annotate.py"
+
+
+rule annotation_figures:
+    input:
+        f"{RESULTS}/annotated.h5ad",
+    output:
+        umap=report(
+            f"{RESULTS}/annotate/figures/umap_cell_types.png",
+            caption="../report/umap_cell_types.rst",
+            category="4. Annotation",
+        ),
+        dotplot=report(
+            f"{RESULTS}/annotate/figures/marker_dotplot.png",
+            caption="../report/marker_dotplot.rst",
+            category="4. Annotation",
+        ),
+    params:
+        annotation=config["annotation"],
+        organism=config["organism"],
+    log:
+        f"{LOGS}/annotation_figures.log",
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/annotation_figures.py"

@@ -1,0 +1,56 @@
+# Clustering: kNN graph on the integrated space, Leiden over several resolutions, UMAP, markers.
+
+
+rule cluster:
+    input:
+        f"{RESULTS}/integrate/integrated.h5ad",
+    output:
+        h5ad=f"{RESULTS}/cluster/clustered.h5ad",
+        resolutions=report(
+            f"{RESULTS}/cluster/resolutions.tsv",
+            caption="../report/resolutions_table.rst",
+            category="3. Clustering",
+        ),
+        markers=f"{RESULTS}/cluster/markers.tsv",
+    params:
+        clustering=config["clustering"],
+        use_rep=config["integration"]["method"],
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    log:
+        f"{LOGS}/cluster.log",
+    benchmark:
+        f"{BENCH}/cluster.tsv"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=120,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/cluster.py"
+
+
+rule cluster_figures:
+    input:
+        h5ad=f"{RESULTS}/cluster/clustered.h5ad",
+        resolutions=f"{RESULTS}/cluster/resolutions.tsv",
+    output:
+        resolutions=report(
+            f"{RESULTS}/cluster/figures/resolutions.png",
+            caption="../report/resolutions.rst",
+            category="3. Clustering",
+        ),
+        umap=report(
+            f"{RESULTS}/cluster/figures/umap_clusters.png",
+            caption="../report/umap_clusters.rst",
+            category="3. Clustering",
+        ),
+    params:
+        resolution=config["clustering"]["resolution"],
+        contrast=config["contrast"],
+    log:
+        f"{LOGS}/cluster_figures.log",
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/cluster_figures.py"

@@ -1,0 +1,110 @@
+# Shared set-up: config and sample-sheet validation (before any job), paths and input
+# functions. Named functions only, so every rule reads plainly.
+import math
+from pathlib import Path
+
+from sepsis_sc.config import (
+    check_sample_inputs,
+    load_samples,
+    validate_config,
+    validate_samples,
+)
+
+# Validate the config (defaults fill in) and fail before any job with the key at fault.
+_validated = validate_config(config)
+config.clear()
+config.update(_validated)
+
+samples = validate_samples(load_samples(config["samples"]), config)
+SAMPLES = list(samples.index)
+RESULTS = f"results/{config['run_name']}"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+
+
+def demo_sample_paths():
+    """Inputs the demo simulator writes (empty unless demo.simulate is set)."""
+    if not config["demo"]["simulate"]:
+        return []
+    return [samples.loc[s, "path"] for s in SAMPLES]
+
+
+check_sample_inputs(
+    samples,
+    produced=demo_sample_paths(),
+    sheet_name=f"sample sheet {config['samples']}",
+)
+
+
+def sample_input(wildcards):
+    """Raw input file of one sample, as named in the sheet."""
+    return samples.loc[wildcards.sample, "path"]
+
+
+def sample_record(wildcards):
+    """The sheet row of one sample, as a plain dict (becomes obs columns)."""
+    return samples.loc[wildcards.sample].to_dict()
+
+
+def n_cells_estimate():
+    """Rough cohort size for memory requests (cells per sample x samples)."""
+    per_sample = config["demo"]["cells_per_sample"] if config["demo"]["simulate"] else 10000
+    return per_sample * len(SAMPLES)
+
+
+def cohort_mem_mb(wildcards, input, attempt):
+    """Memory for cohort-level rules: scaled from input size and cohort size, grows on retry."""
+    by_cells = config["resources"]["mem_mb_per_10k_cells"] * max(1.0, n_cells_estimate() / 1e4)
+    by_input = 6 * input.size_mb
+    return int(max(4000, by_cells, by_input) * attempt)
+
+
+def sample_mem_mb(wildcards, input, attempt):
+    """Memory for per-sample rules (QC, ingest): a few times the input size."""
+    return int(max(2000, 8 * input.size_mb) * attempt)
+
+
+def scvi_gpu_count():
+    """GPUs requested from the cluster for scVI (resources.gpu, integration.method scvi)."""
+    uses_scvi = config["integration"]["method"] == "scvi" or "scvi" in config["integration"]["compare"]
+    return 1 if (config["resources"]["gpu"] and uses_scvi) else 0
+
+
+def integration_methods():
+    """The downstream method first, then the comparison methods (no repeats)."""
+    methods = [config["integration"]["method"]]
+    methods += [m for m in config["integration"]["compare"] if m not in methods]
+    return methods
+
+
+def final_outputs():
+    """Every file `rule all` asks for."""
+    return [
+        f"{RESULTS}/qc/qc_summary.tsv",
+        f"{RESULTS}/qc/figures/qc_violins.png",
+        f"{RESULTS}/qc/figures/qc_scatter.png",
+        f"{RESULTS}/qc/figures/qc_removed.png",
+        f"{RESULTS}/integrate/metrics.tsv",
+        f"{RESULTS}/integrate/figures/integration_metrics.png",
+        f"{RESULTS}/integrate/figures/umap_by_batch.png",
+        f"{RESULTS}/cluster/resolutions.tsv",
+        f"{RESULTS}/cluster/markers.tsv",
+        f"{RESULTS}/cluster/figures/resolutions.png",
+        f"{RESULTS}/cluster/figures/umap_clusters.png",
+        f"{RESULTS}/annotated.h5ad",
+        f"{RESULTS}/annotate/cell_types.tsv",
+        f"{RESULTS}/annotate/figures/umap_cell_types.png",
+        f"{RESULTS}/annotate/figures/marker_dotplot.png",
+        f"{RESULTS}/targets/scored.h5ad",
+        f"{RESULTS}/targets/state_rules.tsv",
+        f"{RESULTS}/targets/sample_table.tsv",
+        f"{RESULTS}/targets/condition_effects.tsv",
+        f"{RESULTS}/targets/composition.tsv",
+        f"{RESULTS}/targets/therapy_targets.tsv",
+        f"{RESULTS}/targets/figures/forest_plot.png",
+        f"{RESULTS}/targets/figures/sample_points.png",
+        f"{RESULTS}/targets/figures/umap_scores.png",
+        f"{RESULTS}/targets/figures/composition.png",
+        f"{RESULTS}/targets/figures/therapy_targets.png",
+        f"{RESULTS}/provenance.yaml",
+    ]

@@ -1,0 +1,27 @@
+# The simulated demo cohort: written as per-sample 10x HDF5 files, then ingested like real data.
+
+
+if config["demo"]["simulate"]:
+
+    rule simulate_demo:
+        output:
+            samples=demo_sample_paths(),
+            truth=f"{config['demo']['truth_dir']}/truth.tsv.gz",
+            sheet=f"{config['demo']['truth_dir']}/samples.tsv",
+        params:
+            sheet=samples,
+            cells_per_sample=config["demo"]["cells_per_sample"],
+            n_genes=config["demo"]["n_genes"],
+            effects=config["demo"]["effects"],
+            organism=config["organism"],
+            case=config["contrast"]["case"],
+            control=config["contrast"]["control"],
+            seed=config["seed"],
+        log:
+            f"{LOGS}/simulate_demo.log",
+        benchmark:
+            f"{BENCH}/simulate_demo.tsv"
+        conda:
+            "../envs/sepsis_sc.yaml"
+        script:
+            "../scripts/simulate_demo.py"

@@ -1,0 +1,23 @@
+# Ingest: one job per sample; raw counts into layers["counts"], sheet columns into obs.
+
+
+rule ingest:
+    input:
+        sample_input,
+    output:
+        f"{RESULTS}/ingest/{{sample}}.h5ad",
+    params:
+        record=sample_record,
+        organism=config["organism"],
+        min_cells=config["ingest"]["min_cells"],
+    log:
+        f"{LOGS}/ingest/{{sample}}.log",
+    benchmark:
+        f"{BENCH}/ingest/{{sample}}.tsv"
+    resources:
+        mem_mb=sample_mem_mb,
+        runtime=30,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/ingest.py"

@@ -1,0 +1,66 @@
+# Integration: scVI (GPU when available) or Harmony/PCA; comparison methods for the metrics.
+
+
+rule integrate:
+    input:
+        f"{RESULTS}/qc/merged.h5ad",
+    output:
+        h5ad=f"{RESULTS}/integrate/integrated.h5ad",
+        model=directory(f"{RESULTS}/integrate/scvi_model"),
+        record=f"{RESULTS}/integrate/integration.yaml",
+    params:
+        integration=config["integration"],
+        methods=integration_methods(),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    log:
+        f"{LOGS}/integrate.log",
+    benchmark:
+        f"{BENCH}/integrate.tsv"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=240,
+        gpu=scvi_gpu_count(),
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/integrate.py"
+
+
+rule integration_metrics:
+    input:
+        f"{RESULTS}/integrate/integrated.h5ad",
+    output:
+        table=report(
+            f"{RESULTS}/integrate/metrics.tsv",
+            caption="../report/integration_metrics_table.rst",
+            category="2. Integration",
+        ),
+        figure=report(
+            f"{RESULTS}/integrate/figures/integration_metrics.png",
+            caption="../report/integration_metrics.rst",
+            category="2. Integration",
+        ),
+        umaps=report(
+            f"{RESULTS}/integrate/figures/umap_by_batch.png",
+            caption="../report/integration_umaps.rst",
+            category="2. Integration",
+        ),
+    params:
+        methods=integration_methods(),
+        batch_key=config["integration"]["batch_key"],
+        label_key=config["integration"]["metrics_label_key"],
+        n_neighbors=config["clustering"]["n_neighbors"],
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    log:
+        f"{LOGS}/integration_metrics.log",
+    benchmark:
+        f"{BENCH}/integration_metrics.tsv"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=120,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/integration_metrics.py"

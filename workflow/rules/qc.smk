@@ -1,0 +1,76 @@
+# QC: adaptive per-sample thresholds and doublets (one job per sample), then a merge that
+# normalises the cohort. Figures use every cell (kept and removed) with the thresholds drawn.
+
+
+rule qc_sample:
+    input:
+        f"{RESULTS}/ingest/{{sample}}.h5ad",
+    output:
+        h5ad=f"{RESULTS}/qc/{{sample}}.h5ad",
+        summary=f"{RESULTS}/qc/{{sample}}.qc.tsv",
+        cells=f"{RESULTS}/qc/{{sample}}.cells.tsv.gz",
+    params:
+        qc=config["qc"],
+        organism=config["organism"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/qc/{{sample}}.log",
+    benchmark:
+        f"{BENCH}/qc/{{sample}}.tsv"
+    resources:
+        mem_mb=sample_mem_mb,
+        runtime=60,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/qc_sample.py"
+
+
+rule qc_merge:
+    input:
+        h5ad=expand(f"{RESULTS}/qc/{{sample}}.h5ad", sample=SAMPLES),
+        summaries=expand(f"{RESULTS}/qc/{{sample}}.qc.tsv", sample=SAMPLES),
+    output:
+        h5ad=f"{RESULTS}/qc/merged.h5ad",
+        summary=f"{RESULTS}/qc/qc_summary.tsv",
+    params:
+        min_cells_per_gene=config["qc"]["min_cells_per_gene"],
+    log:
+        f"{LOGS}/qc_merge.log",
+    benchmark:
+        f"{BENCH}/qc_merge.tsv"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=60,
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/qc_merge.py"
+
+
+rule qc_figures:
+    input:
+        cells=expand(f"{RESULTS}/qc/{{sample}}.cells.tsv.gz", sample=SAMPLES),
+        summary=f"{RESULTS}/qc/qc_summary.tsv",
+    output:
+        violins=report(
+            f"{RESULTS}/qc/figures/qc_violins.png",
+            caption="../report/qc_violins.rst",
+            category="1. Quality control",
+        ),
+        scatter=report(
+            f"{RESULTS}/qc/figures/qc_scatter.png",
+            caption="../report/qc_scatter.rst",
+            category="1. Quality control",
+        ),
+        removed=report(
+            f"{RESULTS}/qc/figures/qc_removed.png",
+            caption="../report/qc_removed.rst",
+            category="1. Quality control",
+        ),
+    log:
+        f"{LOGS}/qc_figures.log",
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/qc_figures.py"

@@ -1,0 +1,22 @@
+# Provenance: the config used, package versions, the scVI device and the seeds, saved with
+# the results so every figure can be traced to what made it.
+
+
+rule provenance:
+    input:
+        record=f"{RESULTS}/integrate/integration.yaml",
+        annotated=f"{RESULTS}/annotated.h5ad",
+    output:
+        report(
+            f"{RESULTS}/provenance.yaml",
+            caption="../report/provenance.rst",
+            category="0. Provenance",
+        ),
+    params:
+        config=config,
+    log:
+        f"{LOGS}/provenance.log",
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/provenance.py"
