@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sepsis_sc.download import (
@@ -17,6 +18,8 @@ from sepsis_sc.download import (
     DownloadError,
     archive_stem,
     download,
+    download_plan,
+    https_url,
     parse_checksum,
     unpack_archive,
     url_filename,
@@ -286,3 +289,66 @@ def test_helpers_validate_input():
         archive_stem("matrix.mtx.gz")
     with pytest.raises(ValueError, match="http"):
         download("ftp://example.org/x", "x")
+
+
+def test_nested_per_sample_archives_are_unpacked(tmp_path):
+    inner = _tar_bytes({"H001/matrix.mtx.gz": b"m", "H001/barcodes.tsv.gz": b"b"}, compress=True)
+    archive = tmp_path / "GSE2_RAW.tar"
+    archive.write_bytes(_tar_bytes({"GSM1_H001.tar.gz": inner}))
+    out = tmp_path / "GSE2_RAW"
+    flat = unpack_archive(archive, out)
+    assert [p.name for p in flat] == ["GSM1_H001.tar.gz"]
+    files = unpack_archive(archive, tmp_path / "GSE2_nested", nested=True)
+    target = tmp_path / "GSE2_nested" / "GSM1_H001" / "H001" / "matrix.mtx.gz"
+    assert target in files and target.read_bytes() == b"m"
+    assert (tmp_path / "GSE2_nested" / "GSM1_H001" / UNPACK_MARKER).is_file()
+
+
+def _sheet(rows):
+    cols = ["sample_id", "path", "url", "checksum", "archive_url", "archive_checksum"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols).fillna("")
+
+
+GEO_TAR = "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE167nnn/GSE167363/suppl/GSE167363_RAW.tar"
+
+
+def test_download_plan_groups_archives_and_direct_files():
+    sheet = _sheet(
+        [
+            ("A", "data/downloads/GSE167363_RAW/GSM1_A_matrix.mtx.gz", "", "", GEO_TAR, ""),
+            ("B", "data/downloads/GSE167363_RAW/GSM2_B_matrix.mtx.gz", "", "", GEO_TAR, ""),
+            ("C", "data/downloads/x/C.txt.gz", "https://h.org/C.txt.gz", f"sha256:{SHA}", "", ""),
+            ("D", "local/D.h5", "", "", "", ""),
+        ]
+    )
+    plan = download_plan(sheet, "data/downloads/")
+    assert set(plan.files) == {"GSE167363_RAW.tar", "x/C.txt.gz"}
+    assert plan.files["x/C.txt.gz"].checksum == f"sha256:{SHA}"
+    assert list(plan.archives) == ["GSE167363_RAW"]
+    assert plan.archive_path("GSE167363_RAW") == "data/downloads/GSE167363_RAW.tar"
+    assert plan.archive_outputs("GSE167363_RAW") == list(sheet["path"][:2])
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (("A", "elsewhere/a.gz", "https://h.org/a.gz", "", "", ""), "not under the download"),
+        (("A", "data/downloads/a.gz", "", "", GEO_TAR, ""), "inside the unpacked archive"),
+        (("A", "data/downloads/a.gz", "https://h.org/a", "", GEO_TAR, ""), "both 'url' and"),
+        (("A", "data/downloads/a.gz", "https://h.org/a", "md5:12", "", ""), "md5:<32 hex"),
+        (("A", "data/downloads/a.gz", "gopher://h.org/a", "", "", ""), "only http"),
+    ],
+)
+def test_download_plan_rejects_bad_rows_naming_the_sample(row, message):
+    with pytest.raises(ValueError, match=message) as err:
+        download_plan(_sheet([row]), "data/downloads")
+    assert "'A'" in str(err.value) or "gopher" in str(err.value) or "md5" in str(err.value)
+
+
+def test_ftp_urls_of_https_mirrors_are_fetched_over_https():
+    assert (
+        https_url("ftp://ftp.ncbi.nlm.nih.gov/geo/x.tar")
+        == "https://ftp.ncbi.nlm.nih.gov/geo/x.tar"
+    )
+    with pytest.raises(ValueError, match="https"):
+        https_url("ftp://example.org/x.tar")

@@ -28,20 +28,27 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlparse
 
+import pandas as pd
 import requests
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ArchiveSpec",
     "ChecksumError",
     "DownloadError",
+    "DownloadPlan",
+    "FileSpec",
     "UNPACK_MARKER",
     "archive_stem",
     "download",
+    "download_plan",
     "file_digest",
+    "https_url",
     "parse_checksum",
     "unpack_archive",
     "url_filename",
@@ -58,6 +65,8 @@ _FATAL_STATUS = {400, 401, 403, 404, 405, 410, 451}
 # Transient statuses worth retrying (server errors and rate limiting).
 _RETRY_STATUS = {408, 425, 429}
 _MAX_RETRY_AFTER = 120.0
+# FTP mirrors that serve the same tree over HTTPS (ftp:// is rewritten to https:// for these).
+_HTTPS_MIRRORED_FTP = {"ftp.ncbi.nlm.nih.gov", "ftp.ebi.ac.uk", "ftp.ensembl.org"}
 
 
 class DownloadError(RuntimeError):
@@ -133,6 +142,39 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def https_url(url: str) -> str:
+    """Return an HTTP(S) URL for ``url``.
+
+    ``ftp://`` URLs of hosts that mirror their tree over HTTPS (NCBI GEO
+    ``ftp.ncbi.nlm.nih.gov``, EBI, Ensembl) are rewritten to ``https://``; other schemes
+    raise.
+
+    Parameters
+    ----------
+    url
+        URL from the sample sheet.
+
+    Returns
+    -------
+    The URL to fetch.
+
+    Raises
+    ------
+    ValueError
+        Neither HTTP(S) nor a known HTTPS-mirrored FTP host.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return url
+    if parsed.scheme == "ftp" and parsed.hostname in _HTTPS_MIRRORED_FTP:
+        return parsed._replace(scheme="https").geturl()
+    raise ValueError(
+        f"cannot download {url!r}: only http(s) URLs (and ftp:// URLs of "
+        f"{', '.join(sorted(_HTTPS_MIRRORED_FTP))}, fetched over https) are supported; "
+        "use the https:// address of the file"
+    )
 
 
 def url_filename(url: str) -> str:
@@ -393,7 +435,8 @@ def download(
     ----------
     url
         HTTP or HTTPS URL of the file (GEO supplementary ``https://ftp.ncbi.nlm.nih.gov/
-        geo/...``, Zenodo ``.../files/<name>?download=1``, Broad, any plain URL).
+        geo/...``, Zenodo ``.../files/<name>?download=1``, Broad, any plain URL);
+        ``ftp://`` URLs of NCBI/EBI/Ensembl are fetched over HTTPS (see :func:`https_url`).
     dest
         Local path to write. Parent directories are created.
     checksum
@@ -427,8 +470,7 @@ def download(
         The downloaded bytes do not match ``checksum``; the message quotes both sums and
         the URL, and neither ``dest`` nor ``.part`` is left behind.
     """
-    if urlparse(url).scheme not in ("http", "https"):
-        raise ValueError(f"only http(s) URLs can be downloaded, got {url!r}")
+    url = https_url(url)
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     expected = parse_checksum(checksum) if checksum else None
@@ -551,6 +593,7 @@ def unpack_archive(
     outdir: str | os.PathLike[str],
     *,
     members: Sequence[str] | None = None,
+    nested: bool = False,
 ) -> list[Path]:
     """Safely extract a tar (``.tar``, ``.tar.gz``/``.tgz``, ``.bz2``, ``.xz``) or zip.
 
@@ -572,10 +615,15 @@ def unpack_archive(
         Member names (paths inside the archive) to extract; ``None`` extracts all
         regular files. A name missing from the archive raises ``ValueError`` listing
         what the archive holds.
+    nested
+        Also unpack extracted members that are archives themselves (GEO series such as
+        GSE190856 ship a ``_RAW.tar`` of per-sample ``GSM..._<name>.tar.gz``), each into
+        a directory named by its stem next to it, with the same safety rules and marker.
 
     Returns
     -------
-    Paths of the extracted files (under ``outdir``), in archive order.
+    Paths of the extracted files (under ``outdir``), in archive order; with ``nested``,
+    followed by the files of the nested archives.
 
     Raises
     ------
@@ -621,6 +669,13 @@ def unpack_archive(
             wanted = set(selected)
             chosen = [m for m in tf.getmembers() if m.isfile() and m.name in wanted]
             tf.extractall(outdir, members=chosen, filter="data")
+    extracted = [outdir / name for name in selected]
+    if nested:
+        for path in list(extracted):
+            if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
+                inner = path.parent / archive_stem(path.name)
+                logger.info("unpacking nested archive %s into %s", path, inner)
+                extracted += unpack_archive(path, inner, nested=True)
     previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
     record = {
         "archive": archive.name,
@@ -630,4 +685,166 @@ def unpack_archive(
     }
     (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
     logger.info("unpacked %d file(s) into %s", len(selected), outdir)
-    return [outdir / name for name in selected]
+    return extracted
+
+
+# ----------------------------------------------------------------- sample-sheet plan
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file to download: where it goes (relative to the download dir) and from where."""
+
+    name: str
+    url: str
+    checksum: str | None = None
+
+
+@dataclass
+class ArchiveSpec:
+    """One archive to download and unpack, and the sample files it must yield."""
+
+    stem: str
+    archive: str
+    url: str
+    checksum: str | None = None
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DownloadPlan:
+    """What the workflow must fetch for a sample sheet (see :func:`download_plan`).
+
+    ``files`` maps a path relative to ``download_dir`` to its :class:`FileSpec` (direct
+    downloads and archives alike); ``archives`` maps an archive stem (the directory under
+    ``download_dir`` it unpacks into) to its :class:`ArchiveSpec`.
+    """
+
+    download_dir: str
+    files: dict[str, FileSpec] = field(default_factory=dict)
+    archives: dict[str, ArchiveSpec] = field(default_factory=dict)
+
+    def unpack_dir(self, stem: str) -> str:
+        """Directory archive ``stem`` unpacks into."""
+        return f"{self.download_dir}/{stem}"
+
+    def archive_path(self, stem: str) -> str:
+        """Where archive ``stem`` is downloaded to."""
+        return f"{self.download_dir}/{self.archives[stem].archive}"
+
+    def archive_outputs(self, stem: str) -> list[str]:
+        """The sample-sheet paths archive ``stem`` must yield."""
+        return [f"{self.unpack_dir(stem)}/{m}" for m in self.archives[stem].members]
+
+
+def _norm(path: str) -> str:
+    return PurePosixPath(os.path.normpath(path)).as_posix()
+
+
+def _cell(row: pd.Series, column: str) -> str:
+    value = row.get(column, "")
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def _relative_to(path: str, directory: str) -> str | None:
+    prefix = directory.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) and len(path) > len(prefix) else None
+
+
+def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -> DownloadPlan:
+    """Work out the downloads and unpack jobs a sample sheet asks for.
+
+    Rows with a ``url`` download that URL to their ``path``, which must lie under
+    ``download_dir``. Rows with an ``archive_url`` download the archive to
+    ``download_dir/<archive file name>`` and unpack it into ``download_dir/<stem>/``
+    (``GSE167363_RAW.tar`` -> ``data/downloads/GSE167363_RAW/``); their ``path`` must be a
+    file inside that directory. Rows with neither are local files and are ignored.
+    Several rows may share an archive (one download, one unpack job).
+
+    Parameters
+    ----------
+    samples
+        Sample sheet with at least ``path``; optional ``url``, ``checksum``,
+        ``archive_url``, ``archive_checksum`` (missing columns and empty cells mean none).
+    download_dir
+        The ``download.dir`` config key.
+
+    Returns
+    -------
+    A :class:`DownloadPlan`.
+
+    Raises
+    ------
+    ValueError
+        Naming the sample and column at fault: a download target outside
+        ``download_dir``, both ``url`` and ``archive_url`` on one row, one path with two
+        URLs, one archive with two checksums, or an archive URL without a usable file name.
+    """
+    ddir = _norm(download_dir)
+    plan = DownloadPlan(download_dir=ddir)
+    ids = samples["sample_id"] if "sample_id" in samples.columns else samples.index
+    for sid, (_, row) in zip(ids, samples.iterrows()):
+        url, archive_url = _cell(row, "url"), _cell(row, "archive_url")
+        path = _norm(_cell(row, "path"))
+        if url and archive_url:
+            raise ValueError(
+                f"sample {sid!r} has both 'url' and 'archive_url'; give 'url' when 'path' is "
+                "the downloaded file itself, 'archive_url' when 'path' is a file inside an archive"
+            )
+        if url:
+            rel = _relative_to(path, ddir)
+            if rel is None:
+                raise ValueError(
+                    f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
+                    f"directory {ddir!r} (config key download.dir); set 'path' to "
+                    f"{ddir}/<file name>"
+                )
+            spec = FileSpec(rel, https_url(url), _cell(row, "checksum") or None)
+            if spec.checksum:
+                parse_checksum(spec.checksum)
+            old = plan.files.get(rel)
+            if old is not None and old != spec:
+                raise ValueError(
+                    f"sample {sid!r}: {path!r} is listed with two different url/checksum "
+                    f"values ({old.url} vs {spec.url}); make the rows agree"
+                )
+            plan.files[rel] = spec
+        elif archive_url:
+            fetch = https_url(archive_url)
+            name = url_filename(fetch)
+            stem = archive_stem(name)
+            checksum = _cell(row, "archive_checksum") or None
+            if checksum:
+                parse_checksum(checksum)
+            member = _relative_to(path, f"{ddir}/{stem}")
+            if member is None:
+                raise ValueError(
+                    f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
+                    f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
+                    f"{ddir}/{stem}/<file name inside the archive>"
+                )
+            arch = plan.archives.get(stem)
+            if arch is None:
+                arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
+            elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
+                raise ValueError(
+                    f"sample {sid!r}: archive {name!r} is listed with a different "
+                    f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
+                )
+            arch.checksum = arch.checksum or checksum
+            if member not in arch.members:
+                arch.members.append(member)
+            if arch.checksum:
+                # Keep the file entry in step with the archive's (first non-empty) checksum.
+                plan.files[name] = FileSpec(name, fetch, arch.checksum)
+            else:
+                plan.files.setdefault(name, FileSpec(name, fetch, None))
+    clash = set(plan.files) & {f"{s}/{m}" for s, a in plan.archives.items() for m in a.members}
+    if clash:
+        raise ValueError(
+            f"{sorted(clash)} would be both downloaded and unpacked from an archive; "
+            "give each file one source"
+        )
+    return plan

@@ -1,0 +1,22 @@
+"""Fetch one file of the sample sheet (rule download): retries, resume, checksum."""
+
+import logging
+
+logging.basicConfig(
+    filename=snakemake.log[0],
+    level=logging.INFO,
+    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+)
+from sepsis_sc.download import download  # noqa: E402
+
+try:
+    download(
+        snakemake.params.url,
+        snakemake.output[0],
+        checksum=snakemake.params.checksum or None,
+        retries=int(snakemake.params.retries),
+        timeout=float(snakemake.params.timeout),
+    )
+except Exception:
+    logging.getLogger("download").exception("download of %s failed", snakemake.params.url)
+    raise
