@@ -352,3 +352,22 @@ def test_ftp_urls_of_https_mirrors_are_fetched_over_https():
     )
     with pytest.raises(ValueError, match="https"):
         https_url("ftp://example.org/x.tar")
+
+
+COHORTS = sorted((Path(__file__).resolve().parents[1] / "config" / "cohorts").glob("*/config.yaml"))
+
+
+@pytest.mark.parametrize("config_path", COHORTS, ids=[p.parent.name for p in COHORTS])
+def test_cohort_configs_validate_and_fetch_every_input(config_path, repo_root, monkeypatch):
+    from sepsis_sc.config import load_config, load_samples, validate_samples
+
+    monkeypatch.chdir(repo_root)
+    config = load_config(config_path)
+    assert config["run_name"] == config_path.parent.name
+    # config/config.yaml is loaded first by the Snakefile; cohorts must switch the simulator off
+    assert config["demo"]["simulate"] is False
+    samples = validate_samples(load_samples(config["samples"]), config)
+    plan = download_plan(samples, config["download"]["dir"])
+    planned = {f"{plan.download_dir}/{name}" for name in plan.files}
+    planned |= {p for stem in plan.archives for p in plan.archive_outputs(stem)}
+    assert set(samples["path"]) <= planned, "every sample is downloaded or unpacked"
