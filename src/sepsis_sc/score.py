@@ -1,0 +1,598 @@
+"""Therapy-target state scoring: rank-based signed signature scores per cell.
+
+Each state of ``resources/signatures/<organism>.yaml`` (TREM2-high macrophage, T-cell
+exhaustion, HLA-DR-low monocyte, ...) is scored only inside its parent population (the cell
+type it was defined in) with a UCell score (Andreatta & Carmona 2021, CSBJ,
+DOI 10.1016/j.csbj.2021.06.043), and states marked ``discrete`` get a per-cell call.
+
+Slots written by :func:`score_states` (docs/architecture.md):
+
+* ``obs["<state>_score"]``: float, NaN outside the parent population;
+* ``obs["<state>"]``: nullable bool call (discrete states only), ``<NA>`` outside the call
+  population;
+* ``uns["state_rules"]``: per state, the genes used and missing, the parent population, the
+  call rule and threshold (the same content as the returned table).
+
+Per-cell scores are for visualisation and state calling; inference is done at the sample
+level by :mod:`sepsis_sc.stats` (never with cells as replicates).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sepsis_sc.resources import load_yaml, resource_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_signatures", "ucell_scores", "score_states", "DEFAULT_CALL_RULE"]
+
+#: Default rule for discrete calls: above the 95th percentile of the control samples' cells of
+#: the call population (a flow-cytometry-style gate set on healthy controls).
+DEFAULT_CALL_RULE: dict[str, Any] = {"method": "control_quantile", "quantile": 0.95}
+
+_REQUIRED_KEYS = ("name", "up", "down", "source", "parent")
+
+
+# --------------------------------------------------------------------------------------
+# signatures
+# --------------------------------------------------------------------------------------
+def load_signatures(organism: str, path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Load and validate the therapy-target state signatures.
+
+    Parameters
+    ----------
+    organism
+        ``"human"`` or ``"mouse"``; selects ``resources/signatures/<organism>.yaml`` and is
+        checked against each entry's ``organism`` field.
+    path
+        Optional YAML file with the same layout (a list of mappings with ``name``, ``up``,
+        ``down``, ``source``, ``parent`` and optionally ``label``, ``call_within``,
+        ``discrete``, ``min_genes``, ``expected``) to use instead of the packaged resource.
+
+    Returns
+    -------
+    list of dict
+        One dict per state with defaults filled in (``label`` = name, ``discrete`` = False,
+        ``min_genes`` = 3, ``call_within`` = None, ``expected`` = ``"unclear"``).
+
+    Raises
+    ------
+    ValueError
+        If the organism is unknown, a required key is missing, a name is repeated, or a set
+        has no genes.
+    """
+    if organism not in ("human", "mouse"):
+        raise ValueError(f"organism must be 'human' or 'mouse', got {organism!r}")
+    p = Path(path) if path is not None else resource_path("signatures", f"{organism}.yaml")
+    raw = load_yaml(p)
+    if not isinstance(raw, list):
+        raise ValueError(
+            f"{p}: expected a YAML list of signature mappings, got {type(raw).__name__}"
+        )
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{p}: entry {i} is not a mapping")
+        missing = [k for k in _REQUIRED_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"{p}: signature {entry.get('name', i)!r} lacks key(s) {missing}")
+        name = str(entry["name"])
+        if name in seen:
+            raise ValueError(f"{p}: signature name {name!r} appears twice")
+        seen.add(name)
+        org = entry.get("organism", organism)
+        if org != organism:
+            raise ValueError(f"{p}: signature {name!r} is for {org!r}, not {organism!r}")
+        sig = _normalise_signature(name, entry)
+        sig["organism"] = organism
+        out.append(sig)
+    return out
+
+
+def _normalise_signature(name: str, entry: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """Fill defaults; accept a bare gene list as an up-only set scored in all cells."""
+    if isinstance(entry, Mapping):
+        sig = dict(entry)
+    else:
+        sig = {"up": list(entry), "down": []}
+    sig["name"] = name
+    sig["up"] = [str(g) for g in (sig.get("up") or [])]
+    sig["down"] = [str(g) for g in (sig.get("down") or [])]
+    if not sig["up"] and not sig["down"]:
+        raise ValueError(f"signature {name!r} has neither 'up' nor 'down' genes")
+    sig.setdefault("label", name)
+    sig.setdefault("source", "")
+    sig.setdefault("parent", {"all": True})
+    sig.setdefault("call_within", None)
+    sig["discrete"] = bool(sig.get("discrete", False))
+    sig["min_genes"] = int(sig.get("min_genes", 3))
+    sig.setdefault("expected", "unclear")
+    return sig
+
+
+def _as_signature_list(
+    signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    if isinstance(signatures, Mapping):
+        return [_normalise_signature(str(k), v) for k, v in signatures.items()]
+    out = []
+    for s in signatures:
+        if not isinstance(s, Mapping) or "name" not in s:
+            raise ValueError("each signature in a list must be a mapping with a 'name'")
+        out.append(_normalise_signature(str(s["name"]), s))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# UCell
+# --------------------------------------------------------------------------------------
+def _get_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not in adata.layers (have {list(adata.layers)}); pass "
+            "layer=None to rank adata.X. Raw counts belong in layers['counts']."
+        )
+    return adata.layers[layer]
+
+
+def _chunk_ranks(block: sp.csr_matrix, query: np.ndarray, max_rank: int) -> np.ndarray:
+    """Per-cell descending ranks (ties averaged, as UCell) of the ``query`` gene columns.
+
+    Only the non-zero entries of each row are sorted; zeros tie at the bottom with the
+    average rank ``nnz + (n_genes - nnz + 1) / 2``. Ranks above ``max_rank`` become
+    ``max_rank + 1``.
+    """
+    block = sp.csr_matrix(block, copy=True)
+    block.sum_duplicates()
+    block.eliminate_zeros()
+    n_rows, n_genes = block.shape
+    data = block.data
+    if data.size and data.min() < 0:
+        raise ValueError(
+            "negative values in the matrix used for ranking; UCell needs counts or "
+            "log-normalised expression, not scaled/centred data (use layer='counts')."
+        )
+    nnz = np.diff(block.indptr)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), nnz)
+    qvals = block[:, query].toarray()  # n_rows x n_query, small
+    if data.size and np.all(data == np.round(data)) and data.max() < 2**40:
+        codes = data.astype(np.int64)
+        n_codes = int(codes.max()) + 1 if codes.size else 1
+        qcodes = np.round(qvals).astype(np.int64)
+    else:
+        uniq, codes = np.unique(data, return_inverse=True)
+        n_codes = max(len(uniq), 1)
+        qcodes = np.searchsorted(uniq, qvals)
+        qcodes = np.minimum(qcodes, n_codes - 1)
+    # key sorts rows ascending, values descending inside a row
+    keys = np.sort(rows * n_codes + (n_codes - 1 - codes))
+    qrow = np.arange(n_rows, dtype=np.int64)[:, None]
+    qkeys = qrow * n_codes + (n_codes - 1 - qcodes)
+    left = np.searchsorted(keys, qkeys, side="left")
+    right = np.searchsorted(keys, qkeys, side="right")
+    start = block.indptr[:-1].astype(np.int64)[:, None]
+    rank_nz = (left - start) + (right - left + 1) / 2.0
+    rank_zero = nnz[:, None] + (n_genes - nnz[:, None] + 1) / 2.0
+    ranks = np.where(qvals > 0, rank_nz, np.broadcast_to(rank_zero, qvals.shape))
+    return np.where(ranks > max_rank, max_rank + 1.0, ranks)
+
+
+def _u_score(ranks: np.ndarray, max_rank: int) -> np.ndarray:
+    """UCell's normalised Mann-Whitney U (1 = all genes at the top, 0 = none in max_rank)."""
+    n = ranks.shape[1]
+    u = ranks.sum(axis=1) - n * (n + 1) / 2.0
+    auc = 1.0 - u / (n * max_rank)
+    auc[np.all(ranks > max_rank, axis=1)] = 0.0
+    return auc
+
+
+def ucell_scores(
+    adata: ad.AnnData,
+    signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    *,
+    max_rank: int = 1500,
+    w_neg: float = 1.0,
+    layer: str | None = "counts",
+    clip: bool = False,
+    chunk_size: int = 2000,
+    mask: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Per-cell signed UCell scores.
+
+    For each cell, genes are ranked by expression (highest = 1, ties averaged); ranks above
+    ``max_rank`` are set to ``max_rank + 1``. A set's score is the normalised Mann-Whitney U
+    statistic ``1 - (sum(ranks) - n(n+1)/2) / (n * max_rank)`` over its ``n`` genes found in
+    the data (UCell). A signed set scores ``U(up) - w_neg * U(down)``. Ranks inside a cell do
+    not change under per-cell scaling, so the score is the same on raw counts and on
+    log1p(CP10k), and robust to library size. Ranking is done on the sparse matrix, chunk by
+    chunk: only non-zero entries are sorted; zeros tie at the bottom.
+
+    Parameters
+    ----------
+    adata
+        AnnData with gene symbols as ``var_names``.
+    signatures
+        Mapping ``name -> {"up": [...], "down": [...]}`` (or ``name -> [genes]``), or a list
+        of signature dicts with a ``name`` (as returned by :func:`load_signatures`).
+    max_rank
+        UCell ``maxRank``: genes ranked below it count as absent (default 1500, as UCell).
+    w_neg
+        Weight of the ``down`` score (UCell ``w_neg``, default 1).
+    layer
+        Matrix to rank (default ``"counts"``; ``None`` = ``adata.X``). Must be non-negative.
+    clip
+        If True, clip signed scores at 0 as UCell does. Default False keeps the signed
+        score (range ``[-w_neg, 1]``): clipping piles cells at 0 and discards exactly the
+        loss of ``down`` genes that defines states such as HLA-DR-low monocytes.
+    chunk_size
+        Cells ranked at a time (memory ~ 24 bytes x non-zeros of a chunk).
+    mask
+        Optional boolean vector over cells; other cells get NaN and are not ranked.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Cells x signatures (index ``adata.obs_names``). Genes absent from ``var_names`` are
+        dropped from a set; a set with no genes present scores NaN. Nothing is written to
+        ``adata``.
+    """
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    sigs = _as_signature_list(signatures)
+    var_index = pd.Index(adata.var_names)
+    if not var_index.is_unique:
+        raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique()")
+    mat = _get_matrix(adata, layer)
+    n_genes = adata.n_vars
+    if max_rank > n_genes:
+        logger.info("max_rank %d > number of genes %d; using %d", max_rank, n_genes, n_genes)
+        max_rank = n_genes
+
+    # union of all genes present, and per-signature column positions in it
+    present: dict[str, int] = {}
+    parts: dict[str, tuple[list[int], list[int]]] = {}
+    for s in sigs:
+        cols = []
+        for key in ("up", "down"):
+            genes = [g for g in dict.fromkeys(s[key]) if g in var_index]
+            for g in genes:
+                present.setdefault(g, len(present))
+            cols.append([present[g] for g in genes])
+        parts[s["name"]] = (cols[0], cols[1])
+    query_genes = list(present)
+    query_idx = var_index.get_indexer(query_genes)
+
+    out = np.full((adata.n_obs, len(sigs)), np.nan)
+    cells = np.arange(adata.n_obs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
+    if len(query_genes) == 0 or cells.size == 0:
+        return pd.DataFrame(out, index=adata.obs_names, columns=[s["name"] for s in sigs])
+    for start in range(0, cells.size, chunk_size):
+        idx = cells[start : start + chunk_size]
+        block = mat[idx]
+        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        ranks = _chunk_ranks(block, query_idx, max_rank)
+        for j, s in enumerate(sigs):
+            up, down = parts[s["name"]]
+            if not up and not down:
+                continue
+            score = _u_score(ranks[:, up], max_rank) if up else np.zeros(idx.size)
+            if down:
+                score = score - w_neg * _u_score(ranks[:, down], max_rank)
+            if clip:
+                score = np.maximum(score, 0.0)
+            out[idx, j] = score
+    return pd.DataFrame(out, index=adata.obs_names, columns=[s["name"] for s in sigs])
+
+
+# --------------------------------------------------------------------------------------
+# state scoring and calls
+# --------------------------------------------------------------------------------------
+def _guess_organism(adata: ad.AnnData) -> str:
+    """'human' when most alphabetic symbols are upper case, else 'mouse'."""
+    names = pd.Index(adata.var_names).astype(str)
+    alpha = names[names.str.contains(r"[A-Za-z]", regex=True)]
+    if len(alpha) == 0:
+        raise ValueError("cannot detect organism: var_names hold no gene symbols; pass organism=")
+    upper = np.mean([n == n.upper() for n in alpha[:5000]])
+    return "human" if upper > 0.5 else "mouse"
+
+
+def _population_mask(
+    adata: ad.AnnData, spec: Mapping[str, Any] | None, lineage_key: str, cell_type_key: str
+) -> np.ndarray:
+    if spec is None or spec.get("all"):
+        return np.ones(adata.n_obs, bool)
+    mask = np.zeros(adata.n_obs, bool)
+    for field, key in (("lineage", lineage_key), ("cell_type", cell_type_key)):
+        labels = spec.get(field)
+        if not labels:
+            continue
+        if key not in adata.obs:
+            raise KeyError(
+                f"obs[{key!r}] is needed to find the population {dict(spec)} but is missing; "
+                "run sepsis_sc.annotate.annotate first or pass lineage_key=/cell_type_key="
+            )
+        mask |= adata.obs[key].astype(str).isin([str(x) for x in labels]).to_numpy()
+    return mask
+
+
+def _describe(spec: Mapping[str, Any] | None) -> str:
+    if spec is None or spec.get("all"):
+        return "all cells"
+    return "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in spec.items() if v)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(edges[1:][np.argmax(between)])
+
+
+def _threshold(
+    scores: np.ndarray, is_control: np.ndarray | None, rule: Mapping[str, Any]
+) -> tuple[float, str]:
+    method = rule.get("method", "control_quantile")
+    if method == "fixed":
+        if "threshold" not in rule:
+            raise ValueError("call rule method 'fixed' needs a 'threshold'")
+        return float(rule["threshold"]), f"score > {float(rule['threshold']):.4g} (fixed)"
+    if method == "control_quantile":
+        q = float(rule.get("quantile", 0.95))
+        if not 0 < q < 1:
+            raise ValueError(f"call rule quantile must be in (0, 1), got {q}")
+        if is_control is None or not is_control.any():
+            raise ValueError(
+                "call rule 'control_quantile' needs control cells: pass control=<label of "
+                "the control condition> (and condition_key=), or use {'method': 'otsu'}"
+            )
+        thr = float(np.nanquantile(scores[is_control], q))
+        return thr, f"score > {q:.0%} quantile of control cells ({thr:.4g})"
+    if method == "otsu":
+        thr = _otsu(scores[np.isfinite(scores)])
+        return thr, f"score > Otsu threshold over all cells of the call population ({thr:.4g})"
+    raise ValueError(f"unknown call rule method {method!r}; use control_quantile, otsu or fixed")
+
+
+def score_states(
+    adata: ad.AnnData,
+    *,
+    organism: str = "auto",
+    signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any] | str | Path | None = None,
+    states: Sequence[str] | None = None,
+    min_genes: int | None = None,
+    min_genes_fraction: float = 0.0,
+    min_cells_parent: int = 20,
+    call_rules: Mapping[str, Any] | None = None,
+    control: str | None = None,
+    condition_key: str = "condition",
+    lineage_key: str = "lineage",
+    cell_type_key: str = "cell_type",
+    layer: str | None = "counts",
+    max_rank: int = 1500,
+    w_neg: float = 1.0,
+    chunk_size: int = 2000,
+) -> pd.DataFrame:
+    """Score therapy-target states inside their parent populations and call discrete states.
+
+    Parameters
+    ----------
+    adata
+        Annotated AnnData (``obs[lineage_key]``, ``obs[cell_type_key]``; raw counts in
+        ``layers["counts"]``).
+    organism
+        ``"human"``, ``"mouse"`` or ``"auto"`` (from the case of the gene symbols).
+    signatures
+        None (packaged ``resources/signatures/<organism>.yaml``), a path to such a YAML, or
+        signature dicts/mapping as accepted by :func:`ucell_scores` (with ``parent`` etc.).
+    states
+        Subset of state names to score (default: all).
+    min_genes
+        Overrides every set's ``min_genes``: a set with fewer genes present in
+        ``var_names`` is skipped and reported (``status = "skipped"``).
+    min_genes_fraction
+        Also skip a set when fewer than this fraction of its genes (up + down) are present
+        (config ``scoring.min_genes_fraction``; default 0 = only ``min_genes`` applies).
+    min_cells_parent
+        A state whose parent population has fewer cells in the whole data set is skipped.
+    call_rules
+        Rule for discrete calls: one rule dict for all states, or ``{"default": rule,
+        "<state>": rule}``. Rules: ``{"method": "control_quantile", "quantile": 0.95}``
+        (default; call = score above that quantile of the control samples' cells of the
+        call population), ``{"method": "otsu"}`` (condition-blind, used when ``control`` is
+        None), ``{"method": "fixed", "threshold": x}``.
+    control
+        Label of the control condition in ``obs[condition_key]`` (for control_quantile).
+    condition_key, lineage_key, cell_type_key
+        obs columns holding condition, lineage and subset labels.
+    layer, max_rank, w_neg, chunk_size
+        Passed to :func:`ucell_scores` (scores are kept signed, not clipped).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per state (index ``state``): label, parent, call population, genes used
+        and missing, ``n_cells_parent``, ``status`` (scored / skipped) and ``reason``,
+        discrete, rule, threshold, ``n_called``, ``fraction_called``, source.
+
+    Writes ``obs["<state>_score"]`` (NaN outside the parent), ``obs["<state>"]`` (nullable
+    bool, discrete states, ``<NA>`` outside the call population) and ``uns["state_rules"]``.
+    """
+    if organism == "auto":
+        organism = _guess_organism(adata)
+        logger.info("organism detected from gene symbols: %s", organism)
+    if signatures is None or isinstance(signatures, str | Path):
+        sigs = load_signatures(organism, signatures)
+    else:
+        sigs = _as_signature_list(signatures)
+    if states is not None:
+        unknown = set(states) - {s["name"] for s in sigs}
+        if unknown:
+            raise ValueError(
+                f"unknown state(s) {sorted(unknown)}; known: {[s['name'] for s in sigs]}"
+            )
+        sigs = [s for s in sigs if s["name"] in set(states)]
+
+    if call_rules is None:
+        call_rules = {}
+    elif "method" in call_rules:
+        call_rules = {"default": call_rules}
+    default_rule = dict(
+        call_rules.get("default", DEFAULT_CALL_RULE if control else {"method": "otsu"})
+    )
+
+    is_control = None
+    if control is not None:
+        if condition_key not in adata.obs:
+            raise KeyError(
+                f"obs[{condition_key!r}] missing; needed to find control={control!r} cells"
+            )
+        is_control = (adata.obs[condition_key].astype(str) == str(control)).to_numpy()
+        if not is_control.any():
+            raise ValueError(
+                f"no cells with {condition_key} == {control!r}; conditions present: "
+                f"{sorted(adata.obs[condition_key].astype(str).unique())}"
+            )
+
+    var_index = pd.Index(adata.var_names)
+    rows = []
+    to_score = []
+    masks: dict[str, np.ndarray] = {}
+    for s in sigs:
+        name = s["name"]
+        up_found = [g for g in s["up"] if g in var_index]
+        down_found = [g for g in s["down"] if g in var_index]
+        missing = [g for g in s["up"] + s["down"] if g not in var_index]
+        if not 0 <= min_genes_fraction <= 1:
+            raise ValueError(f"min_genes_fraction must be in [0, 1], got {min_genes_fraction}")
+        n_total = len(s["up"]) + len(s["down"])
+        need = int(min_genes if min_genes is not None else s["min_genes"])
+        need = max(need, int(np.ceil(min_genes_fraction * n_total)))
+        row = {
+            "state": name,
+            "label": s["label"],
+            "parent": _describe(s["parent"]),
+            "call_population": _describe(s["call_within"] or s["parent"]) if s["discrete"] else "",
+            "n_genes_up": len(s["up"]),
+            "n_found_up": len(up_found),
+            "n_genes_down": len(s["down"]),
+            "n_found_down": len(down_found),
+            "genes_up": ";".join(up_found),
+            "genes_down": ";".join(down_found),
+            "genes_missing": ";".join(missing),
+            "min_genes": need,
+            "n_cells_parent": 0,
+            "status": "scored",
+            "reason": "",
+            "discrete": s["discrete"],
+            "rule": "",
+            "threshold": np.nan,
+            "n_called": np.nan,
+            "fraction_called": np.nan,
+            "source": s["source"],
+        }
+        parent = _population_mask(adata, s["parent"], lineage_key, cell_type_key)
+        row["n_cells_parent"] = int(parent.sum())
+        if len(up_found) + len(down_found) < need:
+            row["status"] = "skipped"
+            row["reason"] = (
+                f"only {len(up_found) + len(down_found)} of {len(s['up']) + len(s['down'])} "
+                f"genes found (min_genes={need})"
+            )
+        elif parent.sum() < min_cells_parent:
+            row["status"] = "skipped"
+            row["reason"] = (
+                f"parent population ({row['parent']}) has {int(parent.sum())} cells "
+                f"(< min_cells_parent={min_cells_parent})"
+            )
+        if row["status"] == "skipped":
+            logger.warning("state %s skipped: %s", name, row["reason"])
+        else:
+            to_score.append(s)
+            masks[name] = parent
+        rows.append(row)
+
+    table = pd.DataFrame(rows).set_index("state", drop=False)
+    if to_score:
+        union = np.logical_or.reduce([masks[s["name"]] for s in to_score])
+        scores = ucell_scores(
+            adata,
+            to_score,
+            max_rank=max_rank,
+            w_neg=w_neg,
+            layer=layer,
+            clip=False,
+            chunk_size=chunk_size,
+            mask=union,
+        )
+    for s in to_score:
+        name = s["name"]
+        col = scores[name].to_numpy().copy()
+        col[~masks[name]] = np.nan
+        adata.obs[f"{name}_score"] = col
+        if not s["discrete"]:
+            continue
+        call_pop = masks[name]
+        if s["call_within"]:
+            try:
+                call_pop = masks[name] & _population_mask(
+                    adata, s["call_within"], lineage_key, cell_type_key
+                )
+            except KeyError as err:
+                logger.warning("state %s: %s; calling in the whole parent instead", name, err)
+                table.loc[name, "call_population"] = table.loc[name, "parent"]
+        rule = dict(call_rules.get(name, default_rule))
+        if call_pop.sum() == 0:
+            table.loc[name, "reason"] = "no cells in the call population; no call made"
+            continue
+        ctrl = None if is_control is None else is_control[call_pop]
+        thr, text = _threshold(col[call_pop], ctrl, rule)
+        call = pd.array(np.full(adata.n_obs, pd.NA), dtype="boolean")
+        call[call_pop] = col[call_pop] > thr
+        adata.obs[name] = pd.Series(call, index=adata.obs_names)
+        n_called = int((col[call_pop] > thr).sum())
+        table.loc[name, ["rule", "threshold", "n_called", "fraction_called"]] = [
+            text,
+            thr,
+            n_called,
+            n_called / call_pop.sum(),
+        ]
+        logger.info("state %s: %d of %d cells called (%s)", name, n_called, call_pop.sum(), text)
+
+    table["n_called"] = table["n_called"].astype(float)
+    adata.uns["state_rules"] = {
+        str(r["state"]): {
+            k: (v if not isinstance(v, float) or np.isfinite(v) else "NA")
+            for k, v in r.items()
+            if k != "state"
+        }
+        for r in table.to_dict("records")
+    }
+    adata.uns["state_rules_params"] = {
+        "organism": organism,
+        "max_rank": int(max_rank),
+        "w_neg": float(w_neg),
+        "layer": str(layer),
+        "control": "" if control is None else str(control),
+        "min_cells_parent": int(min_cells_parent),
+        "score": "signed UCell (not clipped)",
+    }
+    return table.reset_index(drop=True)
