@@ -1,0 +1,1505 @@
+"""Per-sample quality control to current best practice, with care for low-RNA immune cells.
+
+The recipe follows Heumos et al. 2023 (Nat Rev Genet, "Best practices for single-cell
+analysis across modalities") and its online book:
+
+1. **Gene flags and metrics** (:func:`flag_genes`, :func:`qc_metrics`): mitochondrial,
+   ribosomal and haemoglobin genes are flagged in ``var`` and
+   :func:`scanpy.pp.calculate_qc_metrics` is run on the raw counts.
+2. **Adaptive thresholds per sample** (:func:`adaptive_thresholds`): a cell is an outlier
+   when a metric lies more than *k* median absolute deviations (MAD) from the sample's
+   median: both sides for log counts and log genes (k = 5), the upper side only for the
+   mitochondrial percentage (k = 3). Thresholds are computed per sample, never on pooled
+   samples, because sequencing depth differs between libraries. Optional hard floors and
+   ceilings from the config (``min_counts``, ``min_genes``, ``max_pct_mt`` ...) tighten
+   them. The MAD is unscaled (``scipy.stats.median_abs_deviation`` with ``scale=1``), as in
+   the best-practice book; 5 unscaled MADs are about 3.4 standard deviations.
+3. **Doublets per sample** (:func:`detect_doublets`): Scrublet (Wolock et al. 2019) via
+   :func:`scanpy.pp.scrublet`, run on each sample separately, with the expected doublet
+   rate derived from the number of cells recovered (10x rule of thumb: about 0.8 % per
+   1,000 cells recovered) or loaded.
+4. **Low-RNA immune rescue** (:func:`rescue_low_rna_immune`): neutrophils, in sepsis
+   PBMC the low-density neutrophils, carry few UMIs and genes (Wigerblad et al. 2022,
+   J Immunol, PMID 35858733) and fall under a lower count/gene threshold set by
+   lymphocytes and monocytes. A cell that fails *only* the lower count/gene thresholds is
+   kept, and marked ``obs["low_rna_immune"] = True``, when all of these hold:
+
+   * its mitochondrial percentage is low (at or below the sample's median, or below
+     ``rescue_max_pct_mt``): damaged cells lose cytoplasmic RNA and keep mitochondrial RNA,
+     so high-mito cells are never rescued;
+   * it is not a predicted doublet and it has at least ``rescue_min_counts`` UMIs and
+     ``rescue_min_genes`` genes (below that it is an empty droplet whatever it contains);
+   * its UMIs carry a clear immune identity: at least ``rescue_min_markers`` distinct
+     genes of a marker set are detected (default: neutrophil markers FCGR3B, CSF3R,
+     CXCR2, CMTM2, FPR1, S100A8/9/12, G0S2, NAMPT ...; mouse Ly6g, S100a8/9, Retnlg,
+     Ngp, Camp, Ltf ...), and the fraction of its UMIs in the set is at least
+     ``rescue_min_enrichment`` times the pooled fraction in the sample's passing cells,
+     with a one-sided binomial test against that pooled fraction below ``rescue_alpha``.
+     The pooled profile of the sample stands in for ambient RNA: an empty or broken
+     droplet holds a sample of the soup and therefore no enrichment. Where neutrophils
+     are the majority (whole blood) they set the median themselves and are seldom below
+     the lower thresholds, so the rule matters mainly for PBMC with low-density
+     neutrophils, where it was designed.
+
+5. **Reasons and summary** (:func:`run_qc`): ``obs["qc_outlier"]`` (True = removed) and
+   ``obs["qc_reason"]`` (``"pass"`` or the semicolon-joined reasons such as
+   ``"low_counts;low_genes"``, ``"high_mt"``, ``"doublet"``), plus a one-row-per-sample
+   table of what was removed and why, with the thresholds used.
+6. **Merge and normalise** (:func:`merge_samples`, :func:`normalize`): outer join of the
+   filtered samples (absent genes are zero), gene filter on the merged object,
+   ``X = log1p(CP10k)`` from ``layers["counts"]``.
+
+Slots written (see ``docs/architecture.md``): ``var["mt"|"ribo"|"hb"]``; ``obs`` columns
+``total_counts``, ``n_genes_by_counts``, ``log1p_total_counts``, ``log1p_n_genes_by_counts``,
+``pct_counts_mt|ribo|hb``, ``doublet_score``, ``predicted_doublet``, ``qc_outlier``,
+``qc_reason``, ``low_rna_immune``; ``uns["qc"]`` (parameters, thresholds, summary).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from scipy import sparse, stats
+from scipy.ndimage import uniform_filter1d
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_NMADS",
+    "RESCUE_MARKERS",
+    "QC_REASONS",
+    "flag_genes",
+    "qc_metrics",
+    "adaptive_thresholds",
+    "flag_outliers",
+    "expected_doublet_rate",
+    "detect_doublets",
+    "rescue_low_rna_immune",
+    "run_qc",
+    "filter_cells_qc",
+    "merge_samples",
+    "normalize",
+    "plot_qc_violins",
+    "plot_qc_scatter",
+    "plot_qc_removed",
+]
+
+#: default number of MADs per metric (Heumos et al. 2023: 5 for counts/genes, 3 for mito)
+DEFAULT_NMADS: dict[str, float] = {
+    "log1p_total_counts": 5.0,
+    "log1p_n_genes_by_counts": 5.0,
+    "pct_counts_mt": 3.0,
+}
+
+#: marker sets for the low-RNA immune rescue (biology reference §1.2, neutrophil row:
+#: Wigerblad 2022 PMID 35858733; Kwok 2023 PMID 37095375; mouse Xie 2020 GSE137539)
+RESCUE_MARKERS: dict[str, dict[str, list[str]]] = {
+    "human": {
+        "neutrophil": [
+            "FCGR3B", "CSF3R", "CXCR2", "CXCR1", "CMTM2", "FPR1", "MNDA", "S100A8",
+            "S100A9", "S100A12", "G0S2", "NAMPT", "PROK2",
+        ],
+    },
+    "mouse": {
+        "neutrophil": [
+            "Ly6g", "S100a8", "S100a9", "Retnlg", "Cxcr2", "Csf3r", "Ngp", "Camp", "Ltf",
+            "Lcn2", "Mmp9", "G0s2",
+        ],
+    },
+}  # fmt: skip
+
+#: removal reasons in the order used to attribute a cell to one reason in bar charts
+QC_REASONS: tuple[str, ...] = (
+    "doublet",
+    "high_mt",
+    "low_counts",
+    "low_genes",
+    "high_counts",
+    "high_genes",
+)
+
+# metric -> (obs column in natural units, stem of the threshold/reason names)
+_CANONICAL: dict[str, tuple[str, str]] = {
+    "log1p_total_counts": ("total_counts", "counts"),
+    "total_counts": ("total_counts", "counts"),
+    "log1p_n_genes_by_counts": ("n_genes_by_counts", "genes"),
+    "n_genes_by_counts": ("n_genes_by_counts", "genes"),
+    "pct_counts_mt": ("pct_counts_mt", "pct_mt"),
+}
+
+_GENE_PATTERNS: dict[str, dict[str, str]] = {
+    # mitochondrially encoded genes
+    "mt": {"human": r"^MT-", "mouse": r"^mt-"},
+    # cytosolic ribosomal proteins (RPL*/RPS*, RPLP0-2, RPSA); excludes kinases such as
+    # RPS6KA1 and mitochondrial ribosomal MRPL/MRPS genes
+    "ribo": {
+        "human": r"^RP[SL]\d+[A-Z]?\d*$|^RPLP\d$|^RPSA$",
+        "mouse": r"^Rp[sl]\d+[a-z]?\d*$|^Rplp\d$|^Rpsa$",
+    },
+    # haemoglobin chains; `^HB[^(P)]` of the tutorials also catches HBEGF and HBS1L
+    "hb": {
+        "human": r"^HB(?:A1|A2|B|D|E1|G1|G2|M|Q1|Z)$",
+        "mouse": r"^Hb[ab]-",
+    },
+}
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def _counts(adata: ad.AnnData) -> Any:
+    """Raw count matrix: ``layers["counts"]`` when present, else ``X``."""
+    if "counts" in adata.layers:
+        return adata.layers["counts"]
+    return adata.X
+
+
+def _counts_slot(adata: ad.AnnData) -> str:
+    return 'layers["counts"]' if "counts" in adata.layers else "X"
+
+
+def _check_counts(adata: ad.AnnData) -> None:
+    """Raise ``ValueError`` unless the count matrix holds non-negative integers."""
+    from sepsis_sc.io import check_integer_counts
+
+    sample = None
+    if "sample_id" in adata.obs and adata.n_obs:
+        sample = ", ".join(pd.unique(adata.obs["sample_id"].astype(str))[:3])
+    layer = "counts" if "counts" in adata.layers else None
+    check_integer_counts(adata, layer=layer, sample_id=sample, source=_counts_slot(adata))
+
+
+def _resolve_organism(adata: ad.AnnData, organism: str) -> str:
+    if organism in ("human", "mouse"):
+        return organism
+    if organism != "auto":
+        raise ValueError(f"organism must be 'human', 'mouse' or 'auto', not {organism!r}.")
+    from sepsis_sc.io import detect_organism
+
+    found = detect_organism(adata.var_names)
+    if found is None:
+        raise ValueError(
+            "cannot infer the organism from the gene names; pass organism='human' or "
+            "'mouse' (config key 'organism'), and make sure var_names hold gene symbols "
+            "(sepsis_sc.io.ensure_symbols)."
+        )
+    return found
+
+
+def _sample_ids(adata: ad.AnnData, batch_key: str | None) -> pd.Series:
+    if batch_key is None or batch_key not in adata.obs:
+        if batch_key is not None:
+            logger.info("obs has no %r column: treating all cells as one sample", batch_key)
+        return pd.Series("sample", index=adata.obs_names, dtype=object)
+    return adata.obs[batch_key].astype(str)
+
+
+def _mad(x: np.ndarray) -> float:
+    return float(stats.median_abs_deviation(x, scale=1.0, nan_policy="omit"))
+
+
+# --------------------------------------------------------------------------------------
+# gene flags and metrics
+# --------------------------------------------------------------------------------------
+
+
+def flag_genes(adata: ad.AnnData, organism: str = "auto") -> str:
+    """Flag mitochondrial, ribosomal and haemoglobin genes in ``var``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with gene symbols as ``var_names``.
+    organism
+        ``"human"``, ``"mouse"`` or ``"auto"`` (decided from ``MT-``/``mt-`` genes, else
+        from the letter case of the symbols).
+
+    Returns
+    -------
+    The organism used. Writes boolean ``var["mt"]`` (``MT-`` / ``mt-``), ``var["ribo"]``
+    (cytosolic ribosomal proteins ``RPL*``/``RPS*``, ``RPLP*``, ``RPSA``; kinases such as
+    ``RPS6KA1`` excluded) and ``var["hb"]`` (haemoglobin chains; human ``HBA1 HBA2 HBB HBD
+    HBE1 HBG1 HBG2 HBM HBQ1 HBZ``, mouse ``^Hb[ab]-``).
+    """
+    organism = _resolve_organism(adata, organism)
+    names = pd.Series(adata.var_names.astype(str), index=adata.var_names)
+    for flag, patterns in _GENE_PATTERNS.items():
+        adata.var[flag] = names.str.contains(patterns[organism], regex=True).to_numpy()
+    if not adata.var["mt"].any():
+        logger.warning(
+            "no mitochondrial genes (%s) found among %d genes: pct_counts_mt will be 0 and "
+            "the mitochondrial filter has no effect",
+            _GENE_PATTERNS["mt"][organism],
+            adata.n_vars,
+        )
+    logger.info(
+        "flagged %d mt, %d ribo, %d hb genes (%s)",
+        int(adata.var["mt"].sum()),
+        int(adata.var["ribo"].sum()),
+        int(adata.var["hb"].sum()),
+        organism,
+    )
+    return organism
+
+
+def qc_metrics(adata: ad.AnnData, organism: str = "auto") -> str:
+    """Flag genes and compute per-cell QC metrics on the raw counts.
+
+    Runs :func:`flag_genes` and :func:`scanpy.pp.calculate_qc_metrics` on
+    ``layers["counts"]`` (or ``X`` when there is no counts layer).
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw integer UMI counts.
+    organism
+        ``"human"``, ``"mouse"`` or ``"auto"``.
+
+    Returns
+    -------
+    The organism used. Writes ``obs`` columns ``total_counts``, ``n_genes_by_counts``,
+    ``log1p_total_counts``, ``log1p_n_genes_by_counts`` and ``total_counts_<flag>``,
+    ``log1p_total_counts_<flag>``, ``pct_counts_<flag>`` for ``mt``, ``ribo``, ``hb``.
+    ``var`` keeps only the flags (per-sample gene metrics would not survive a merge).
+
+    Raises
+    ------
+    ValueError
+        If the counts are not non-negative integers (e.g. a log-normalised matrix).
+    """
+    if adata.n_obs == 0:
+        raise ValueError("adata has no cells; nothing to compute QC metrics on.")
+    _check_counts(adata)
+    organism = flag_genes(adata, organism)
+    obs_metrics, _ = sc.pp.calculate_qc_metrics(
+        adata,
+        qc_vars=["mt", "ribo", "hb"],
+        percent_top=None,
+        layer="counts" if "counts" in adata.layers else None,
+        log1p=True,
+        inplace=False,
+    )
+    for col in obs_metrics.columns:
+        adata.obs[col] = obs_metrics[col].to_numpy()
+    return organism
+
+
+# --------------------------------------------------------------------------------------
+# thresholds and outliers
+# --------------------------------------------------------------------------------------
+
+
+def _reason_names(metric: str) -> tuple[str, str]:
+    if metric in _CANONICAL:
+        stem = _CANONICAL[metric][1]
+        if stem == "pct_mt":
+            return ("low_mt", "high_mt")
+        return (f"low_{stem}", f"high_{stem}")
+    return (f"low_{metric}", f"high_{metric}")
+
+
+def _natural(metric: str) -> str:
+    return _CANONICAL[metric][0] if metric in _CANONICAL else metric
+
+
+def adaptive_thresholds(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = "sample_id",
+    nmads: Mapping[str, float] | None = None,
+    min_counts: float | None = None,
+    max_counts: float | None = None,
+    min_genes: float | None = None,
+    max_genes: float | None = None,
+    max_pct_mt: float | None = None,
+    mt_threshold_floor: float | None = 8.0,
+) -> pd.DataFrame:
+    """Per-sample outlier thresholds: median ± k·MAD, tightened by optional hard limits.
+
+    For each sample and each metric in ``nmads`` the threshold is ``median ± k * MAD``
+    (unscaled MAD). Percentage metrics (``pct_*``) get an upper threshold only; the others
+    (log counts, log genes) get both. Log-scale thresholds are converted to natural units
+    (``min_counts``, ``max_counts``, ``min_genes``, ``max_genes``), and the hard limits, when
+    given, tighten them: the effective lower threshold is ``max(adaptive, floor)`` and the
+    upper one ``min(adaptive, ceiling)``. A metric whose MAD is 0 in a sample gets no
+    adaptive threshold there (a warning is logged) instead of flagging every cell off
+    the median.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`qc_metrics`.
+    batch_key
+        ``obs`` column naming the sample; thresholds are computed within each sample.
+        ``None`` (or a missing column) treats all cells as one sample.
+    nmads
+        Number of MADs per ``obs`` metric; default :data:`DEFAULT_NMADS`
+        (``log1p_total_counts`` 5, ``log1p_n_genes_by_counts`` 5, ``pct_counts_mt`` 3).
+    min_counts, max_counts
+        Hard floor / ceiling on total UMI counts per cell (``None``: adaptive only).
+    min_genes, max_genes
+        Hard floor / ceiling on detected genes per cell.
+    max_pct_mt
+        Hard ceiling on the mitochondrial percentage: cells above it always fail.
+    mt_threshold_floor
+        The mitochondrial threshold is never set below this percentage (applied before
+        ``max_pct_mt``). Without it, 3 MADs around a lymphocyte-dominated median (about
+        2.8 % +- 0.7 % in 10x PBMC) cut at about 5 % and remove a large part of the
+        monocytes, whose healthy mitochondrial fraction is 4-7 %: a cell-type bias that
+        Heumos et al. 2023 warn about. 8 % is the fixed cut-off of their tutorial, used
+        here as a lower bound on the adaptive threshold. ``None`` = purely adaptive.
+
+    Returns
+    -------
+    One row per sample (index: sample id) with ``n_cells``; for each metric
+    ``<metric>_median``, ``<metric>_mad``, ``<metric>_lower``, ``<metric>_upper``
+    (adaptive, in the metric's units, NaN when not used); and the effective thresholds
+    in natural units ``min_counts``, ``max_counts``, ``min_genes``, ``max_genes``,
+    ``max_pct_mt`` (NaN = no threshold), plus ``min_<metric>`` / ``max_<metric>`` for any
+    other metric. :func:`flag_outliers` applies exactly these columns.
+    """
+    nmads = dict(DEFAULT_NMADS if nmads is None else nmads)
+    for metric, k in nmads.items():
+        if metric not in adata.obs:
+            raise ValueError(
+                f"obs has no QC metric {metric!r} (from nmads); run sepsis_sc.qc.qc_metrics "
+                f"first or choose among {sorted(c for c in adata.obs if c.startswith(('log1p_', 'pct_', 'n_genes', 'total_')))}."
+            )
+        if k is None or not np.isfinite(k) or k <= 0:
+            raise ValueError(f"nmads[{metric!r}] must be a positive number, not {k!r}.")
+    hard = {
+        "min_counts": min_counts,
+        "max_counts": max_counts,
+        "min_genes": min_genes,
+        "max_genes": max_genes,
+        "max_pct_mt": max_pct_mt,
+    }
+    for name, value in hard.items():
+        if value is not None and (not np.isfinite(value) or value < 0):
+            raise ValueError(f"{name} must be a non-negative number or None, not {value!r}.")
+    samples = _sample_ids(adata, batch_key)
+    rows: dict[str, dict[str, float]] = {}
+    for sample in pd.unique(samples):
+        mask = (samples == sample).to_numpy()
+        row: dict[str, float] = {"n_cells": int(mask.sum())}
+        if mask.sum() < 30:
+            logger.warning(
+                "sample %s has only %d cells: MAD-based thresholds are unstable", sample, mask.sum()
+            )
+        effective: dict[str, float] = {
+            "min_counts": np.nan,
+            "max_counts": np.nan,
+            "min_genes": np.nan,
+            "max_genes": np.nan,
+            "max_pct_mt": np.nan,
+        }
+        for metric, k in nmads.items():
+            values = adata.obs[metric].to_numpy(dtype=float)[mask]
+            med = float(np.nanmedian(values))
+            mad = _mad(values)
+            lower, upper = med - k * mad, med + k * mad
+            if metric.startswith("pct_"):
+                lower = np.nan
+            if mad == 0:
+                logger.warning(
+                    "sample %s: MAD of %s is 0 (median %.3g); no adaptive threshold on it",
+                    sample,
+                    metric,
+                    med,
+                )
+                lower = upper = np.nan
+            row.update(
+                {
+                    f"{metric}_median": med,
+                    f"{metric}_mad": mad,
+                    f"{metric}_lower": lower,
+                    f"{metric}_upper": upper,
+                }
+            )
+            to_natural = np.expm1 if metric.startswith("log1p_") else (lambda v: v)
+            lo_nat, up_nat = float(to_natural(lower)), float(to_natural(upper))
+            if metric in _CANONICAL:
+                stem = _CANONICAL[metric][1]
+                lo_key, up_key = f"min_{stem}", f"max_{stem}"
+            else:
+                lo_key, up_key = f"min_{metric}", f"max_{metric}"
+            effective.setdefault(lo_key, np.nan)
+            effective.setdefault(up_key, np.nan)
+            if not metric.startswith("pct_"):
+                effective[lo_key] = np.nanmax([effective[lo_key], lo_nat, -np.inf])
+            effective[up_key] = np.nanmin([effective[up_key], up_nat, np.inf])
+        if mt_threshold_floor is not None and np.isfinite(effective["max_pct_mt"]):
+            effective["max_pct_mt"] = max(effective["max_pct_mt"], float(mt_threshold_floor))
+        for name, value in hard.items():
+            if value is None:
+                continue
+            if name.startswith("min_"):
+                effective[name] = np.nanmax([effective[name], value])
+            else:
+                effective[name] = np.nanmin([effective[name], value])
+        for key, value in effective.items():
+            effective[key] = np.nan if not np.isfinite(value) else float(value)
+        row.update(effective)
+        rows[str(sample)] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "sample_id"
+    return table
+
+
+def _threshold_columns(thresholds: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Map each effective-threshold column to (obs column, reason)."""
+    out: dict[str, tuple[str, str]] = {}
+    natural = {"counts": "total_counts", "genes": "n_genes_by_counts", "pct_mt": "pct_counts_mt"}
+    for col in thresholds.columns:
+        if not col.startswith(("min_", "max_")):
+            continue
+        side, stem = col.split("_", 1)
+        obs_col = natural.get(stem, stem)
+        if stem == "pct_mt":
+            reason = "high_mt" if side == "max" else "low_mt"
+        else:
+            reason = f"{'low' if side == 'min' else 'high'}_{stem}"
+        out[col] = (obs_col, reason)
+    return out
+
+
+def flag_outliers(
+    adata: ad.AnnData, thresholds: pd.DataFrame, *, batch_key: str | None = "sample_id"
+) -> None:
+    """Flag cells outside their sample's thresholds.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`qc_metrics`.
+    thresholds
+        Table from :func:`adaptive_thresholds` (index: sample id).
+    batch_key
+        ``obs`` column naming the sample.
+
+    Returns
+    -------
+    None. Writes ``obs["qc_reason"]`` (``"pass"`` or semicolon-joined reasons among
+    ``low_counts``, ``high_counts``, ``low_genes``, ``high_genes``, ``high_mt`` and
+    ``low_/high_<metric>`` for extra metrics) and ``obs["qc_outlier"]`` (True = fails).
+    Doublets and the low-RNA rescue are added by :func:`run_qc`.
+    """
+    samples = _sample_ids(adata, batch_key)
+    missing = set(pd.unique(samples)) - set(thresholds.index.astype(str))
+    if missing:
+        raise ValueError(
+            f"thresholds have no row for sample(s) {sorted(missing)}; compute them with "
+            "adaptive_thresholds on the same AnnData and batch_key."
+        )
+    reasons = [[] for _ in range(adata.n_obs)]
+    tab = thresholds.copy()
+    tab.index = tab.index.astype(str)
+    for col, (obs_col, reason) in _threshold_columns(tab).items():
+        limit = samples.map(tab[col]).to_numpy(dtype=float)
+        values = adata.obs[obs_col].to_numpy(dtype=float)
+        with np.errstate(invalid="ignore"):
+            bad = values < limit if col.startswith("min_") else values > limit
+        bad &= np.isfinite(limit)
+        for i in np.flatnonzero(bad):
+            reasons[i].append(reason)
+    adata.obs["qc_reason"] = [";".join(r) if r else "pass" for r in reasons]
+    adata.obs["qc_outlier"] = adata.obs["qc_reason"].ne("pass").to_numpy()
+
+
+# --------------------------------------------------------------------------------------
+# doublets
+# --------------------------------------------------------------------------------------
+
+
+def expected_doublet_rate(n_cells: int, cells_loaded: float | None = None) -> float:
+    """10x rule of thumb: about 0.8 % multiplets per 1,000 cells recovered.
+
+    Parameters
+    ----------
+    n_cells
+        Cells recovered (barcodes called as cells) in the sample.
+    cells_loaded
+        Cells loaded on the chip, when the sample sheet has it; recovery is about
+        1,000 of 1,650 loaded (10x Chromium 3' v3.1 user guide), so the rate becomes
+        ``0.008 * cells_loaded / 1650``.
+
+    Returns
+    -------
+    The expected doublet fraction, clipped to [0.001, 0.5].
+    """
+    if cells_loaded is not None and np.isfinite(cells_loaded) and cells_loaded > 0:
+        rate = 0.008 * float(cells_loaded) / 1650.0
+    else:
+        rate = 0.008 * float(n_cells) / 1000.0
+    return float(np.clip(rate, 0.001, 0.5))
+
+
+def _threshold_minimum(values: np.ndarray, nbins: int = 256, max_iter: int = 10_000) -> float:
+    """Minimum between the two modes of a histogram (port of skimage's threshold_minimum).
+
+    Scrublet's automatic threshold needs scikit-image; this is the same algorithm.
+    """
+    hist, edges = np.histogram(values[np.isfinite(values)], bins=nbins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    smooth = hist.astype(np.float64)
+
+    def maxima(h: np.ndarray) -> list[int]:
+        idx, direction = [], 1
+        for i in range(h.shape[0] - 1):
+            if direction > 0:
+                if h[i + 1] < h[i]:
+                    direction = -1
+                    idx.append(i)
+            elif h[i + 1] > h[i]:
+                direction = 1
+        return idx
+
+    peaks = maxima(smooth)
+    for _ in range(max_iter):
+        smooth = uniform_filter1d(smooth, 3)
+        peaks = maxima(smooth)
+        if len(peaks) < 3:
+            break
+    if len(peaks) != 2:
+        raise RuntimeError("simulated doublet scores are not bimodal")
+    i = int(np.argmin(smooth[peaks[0] : peaks[1] + 1]))
+    return float(centers[peaks[0] + i])
+
+
+def detect_doublets(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = "sample_id",
+    expected_rate: float | None = None,
+    cells_loaded: float | Mapping[str, float] | None = None,
+    threshold: float | None = None,
+    min_cells: int = 100,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score and call doublets with Scrublet, separately in each sample.
+
+    Doublet simulation pairs random cells, so pooling samples would simulate
+    cross-sample doublets that cannot exist; each sample is scored on its own.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts in ``layers["counts"]`` (or ``X``).
+    batch_key
+        ``obs`` column naming the sample (``None``: one sample).
+    expected_rate
+        Expected doublet fraction for every sample; ``None`` derives it per sample with
+        :func:`expected_doublet_rate` from the cells recovered, or from ``cells_loaded``.
+    cells_loaded
+        Cells loaded per sample: one number, a mapping sample → number, or ``None``
+        (then an ``obs["cells_loaded"]`` column from the sample sheet is used if present).
+    threshold
+        Doublet-score threshold; ``None`` finds it per sample at the minimum between the
+        two modes of the simulated-doublet score histogram (Scrublet's automatic rule),
+        falling back to the ``1 - expected_rate`` quantile of observed scores when the
+        histogram is not bimodal.
+    min_cells
+        Samples with fewer cells are not scored (a warning is logged; scores NaN).
+    seed
+        Random seed for doublet simulation and PCA.
+
+    Returns
+    -------
+    One row per sample: ``n_cells``, ``expected_doublet_rate``, ``doublet_threshold``,
+    ``threshold_method`` and ``n_predicted_doublets``. Writes ``obs["doublet_score"]``
+    (float, NaN when not scored) and ``obs["predicted_doublet"]`` (bool).
+    """
+    samples = _sample_ids(adata, batch_key)
+    counts = _counts(adata)
+    if not sparse.issparse(counts):
+        counts = sparse.csr_matrix(counts)
+    counts = sparse.csr_matrix(counts)
+    scores = np.full(adata.n_obs, np.nan)
+    calls = np.zeros(adata.n_obs, dtype=bool)
+    rows = {}
+    for sample in pd.unique(samples):
+        idx = np.flatnonzero((samples == sample).to_numpy())
+        n = idx.size
+        loaded = cells_loaded
+        if isinstance(cells_loaded, Mapping):
+            loaded = cells_loaded.get(sample)
+        elif cells_loaded is None and "cells_loaded" in adata.obs:
+            vals = pd.to_numeric(adata.obs["cells_loaded"].iloc[idx], errors="coerce")
+            loaded = float(vals.iloc[0]) if vals.notna().any() else None
+        rate = (
+            float(expected_rate) if expected_rate is not None else expected_doublet_rate(n, loaded)
+        )
+        row = {
+            "n_cells": n,
+            "expected_doublet_rate": rate,
+            "doublet_threshold": np.nan,
+            "threshold_method": "not_scored",
+            "n_predicted_doublets": 0,
+        }
+        if n < min_cells:
+            logger.warning(
+                "sample %s has %d cells (< %d): doublets not scored", sample, n, min_cells
+            )
+            rows[sample] = row
+            continue
+        sub = ad.AnnData(X=counts[idx].astype(np.float32))
+        sub.obs_names = adata.obs_names[idx]
+        sub.var_names = adata.var_names
+        n_pcs = int(min(30, n - 1, max(2, n // 10)))
+        with warnings.catch_warnings():
+            # threshold=inf makes scrublet's own "detectable fraction" 0/0; we call below
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            sc.pp.scrublet(
+                sub,
+                expected_doublet_rate=rate,
+                n_prin_comps=n_pcs,
+                threshold=np.inf,  # doublets are called below (no scikit-image needed)
+                random_state=seed,
+                verbose=False,
+            )
+        obs_scores = sub.obs["doublet_score"].to_numpy(dtype=float)
+        sim_scores = np.asarray(sub.uns["scrublet"]["doublet_scores_sim"], dtype=float)
+        method = "user"
+        thr = threshold
+        if thr is None:
+            try:
+                thr = _threshold_minimum(sim_scores)
+                method = "scrublet_minimum"
+            except RuntimeError:
+                thr = float(np.nanquantile(obs_scores, 1.0 - rate))
+                method = "expected_rate_quantile"
+                logger.warning(
+                    "sample %s: simulated doublet scores not bimodal; calling the top %.1f%% "
+                    "of cells as doublets",
+                    sample,
+                    100 * rate,
+                )
+        with np.errstate(invalid="ignore"):
+            called = obs_scores > thr
+        scores[idx] = obs_scores
+        calls[idx] = called
+        row.update(
+            doublet_threshold=float(thr),
+            threshold_method=method,
+            n_predicted_doublets=int(called.sum()),
+        )
+        logger.info(
+            "sample %s: %d/%d predicted doublets (expected rate %.3f, threshold %.3f, %s)",
+            sample,
+            called.sum(),
+            n,
+            rate,
+            thr,
+            method,
+        )
+        rows[sample] = row
+    adata.obs["doublet_score"] = scores
+    adata.obs["predicted_doublet"] = calls
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "sample_id"
+    return table
+
+
+# --------------------------------------------------------------------------------------
+# low-RNA immune rescue
+# --------------------------------------------------------------------------------------
+
+
+def rescue_low_rna_immune(
+    adata: ad.AnnData,
+    *,
+    batch_key: str | None = "sample_id",
+    organism: str = "auto",
+    markers: Mapping[str, Sequence[str]] | None = None,
+    max_pct_mt: float | None = None,
+    min_counts: int = 100,
+    min_genes: int = 50,
+    min_markers: int = 3,
+    min_enrichment: float = 2.0,
+    alpha: float = 1e-3,
+) -> pd.Series:
+    """Keep low-RNA immune cells (e.g. low-density neutrophils) that only fail low counts/genes.
+
+    A cell whose only reasons are ``low_counts`` and/or ``low_genes`` is rescued when its
+    mitochondrial percentage is low, it is not a predicted doublet, it has at least
+    ``min_counts`` UMIs and ``min_genes`` genes, and a marker set is clearly enriched in
+    it (see the module docstring for the rationale): at least ``min_markers`` distinct
+    set genes detected, set UMI fraction >= ``min_enrichment`` x the pooled fraction in the
+    sample's passing cells, and a one-sided binomial p-value below ``alpha`` against that
+    pooled fraction.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`qc_metrics` and :func:`flag_outliers` (and optionally
+        :func:`detect_doublets`).
+    batch_key
+        ``obs`` column naming the sample.
+    organism
+        Picks the default marker sets (``"auto"``: from the gene symbols).
+    markers
+        Marker sets ``{name: [genes]}``; default :data:`RESCUE_MARKERS` for the organism.
+    max_pct_mt
+        Highest mitochondrial percentage a rescued cell may have; ``None`` uses the
+        sample's median ``pct_counts_mt``.
+    min_counts, min_genes
+        Absolute floors below which a droplet is never rescued.
+    min_markers
+        Distinct marker genes that must be detected.
+    min_enrichment
+        Fold enrichment of the marker UMI fraction over the sample's passing cells.
+    alpha
+        Significance level of the one-sided binomial enrichment test.
+
+    Returns
+    -------
+    Boolean Series (index: ``obs_names``), True for rescued cells. Writes
+    ``obs["low_rna_immune"]``; rescued cells get ``qc_outlier = False`` and
+    ``qc_reason = "pass"``.
+    """
+    for col in ("qc_reason", "total_counts", "n_genes_by_counts", "pct_counts_mt"):
+        if col not in adata.obs:
+            raise ValueError(
+                f"obs has no {col!r}; run qc_metrics and flag_outliers before the rescue."
+            )
+    organism = _resolve_organism(adata, organism)
+    markers = dict(RESCUE_MARKERS[organism] if markers is None else markers)
+    samples = _sample_ids(adata, batch_key)
+    reasons = adata.obs["qc_reason"].astype(str)
+    only_low = reasons.map(
+        lambda r: r != "pass" and set(r.split(";")) <= {"low_counts", "low_genes"}
+    ).to_numpy(dtype=bool)
+    total = adata.obs["total_counts"].to_numpy(dtype=float)
+    genes = adata.obs["n_genes_by_counts"].to_numpy(dtype=float)
+    pct_mt = adata.obs["pct_counts_mt"].to_numpy(dtype=float)
+    doublet = (
+        adata.obs["predicted_doublet"].to_numpy(dtype=bool)
+        if "predicted_doublet" in adata.obs
+        else np.zeros(adata.n_obs, dtype=bool)
+    )
+    counts = sparse.csr_matrix(_counts(adata))
+    passing = reasons.eq("pass").to_numpy()
+    rescued = np.zeros(adata.n_obs, dtype=bool)
+    var_index = pd.Index(adata.var_names.astype(str))
+    for set_name, genes_in_set in markers.items():
+        cols = var_index.get_indexer(list(genes_in_set))
+        cols = cols[cols >= 0]
+        if cols.size < min_markers:
+            logger.warning(
+                "rescue marker set %r: only %d of its genes are in var_names (< min_markers=%d); "
+                "set skipped",
+                set_name,
+                cols.size,
+                min_markers,
+            )
+            continue
+        sub = counts[:, cols]
+        k = np.asarray(sub.sum(axis=1)).ravel()
+        n_detected = np.asarray((sub > 0).sum(axis=1)).ravel()
+        for sample in pd.unique(samples):
+            in_sample = (samples == sample).to_numpy()
+            ref = in_sample & passing
+            if not ref.any():
+                ref = in_sample
+            p0 = float(k[ref].sum() / max(total[ref].sum(), 1.0))
+            p0 = max(p0, 1e-6)
+            mt_cap = float(np.nanmedian(pct_mt[in_sample])) if max_pct_mt is None else max_pct_mt
+            cand = (
+                in_sample
+                & only_low
+                & ~doublet
+                & (pct_mt <= mt_cap)
+                & (total >= min_counts)
+                & (genes >= min_genes)
+                & (n_detected >= min_markers)
+            )
+            if not cand.any():
+                continue
+            frac = k[cand] / np.maximum(total[cand], 1.0)
+            pval = stats.binom.sf(k[cand] - 1, total[cand].astype(int), p0)
+            ok = (frac >= min_enrichment * p0) & (pval < alpha)
+            hit = np.flatnonzero(cand)[ok]
+            rescued[hit] = True
+            logger.info(
+                "sample %s: rescued %d low-RNA cells with %r markers (pooled fraction %.4f, "
+                "mito cap %.2f%%)",
+                sample,
+                hit.size,
+                set_name,
+                p0,
+                mt_cap,
+            )
+    adata.obs["low_rna_immune"] = rescued
+    if rescued.any():
+        qc_reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
+        qc_reason[rescued] = "pass"
+        adata.obs["qc_reason"] = qc_reason
+        adata.obs["qc_outlier"] = adata.obs["qc_reason"].ne("pass").to_numpy()
+    return pd.Series(rescued, index=adata.obs_names, name="low_rna_immune")
+
+
+# --------------------------------------------------------------------------------------
+# the per-sample driver
+# --------------------------------------------------------------------------------------
+
+
+def _resolve_sample(adata: ad.AnnData, sample_id: str | None, batch_key: str) -> None:
+    if batch_key in adata.obs:
+        present = pd.unique(adata.obs[batch_key].astype(str))
+        if sample_id is not None and (len(present) != 1 or present[0] != str(sample_id)):
+            raise ValueError(
+                f"sample_id={sample_id!r} but obs[{batch_key!r}] holds {list(present)[:5]}; "
+                f"pass sample_id=None to QC each sample in obs[{batch_key!r}] separately."
+            )
+        return
+    adata.obs[batch_key] = pd.Categorical([str(sample_id or "sample")] * adata.n_obs)
+
+
+def run_qc(
+    adata: ad.AnnData,
+    *,
+    sample_id: str | None = None,
+    batch_key: str = "sample_id",
+    organism: str = "auto",
+    nmads: Mapping[str, float] | None = None,
+    min_counts: float | None = None,
+    max_counts: float | None = None,
+    min_genes: float | None = None,
+    max_genes: float | None = None,
+    max_pct_mt: float | None = None,
+    mt_threshold_floor: float | None = 8.0,
+    doublet_method: Literal["scrublet", "none"] = "scrublet",
+    remove_doublets: bool = True,
+    expected_doublet_rate: float | None = None,
+    cells_loaded: float | Mapping[str, float] | None = None,
+    doublet_threshold: float | None = None,
+    rescue_low_rna_immune: bool = True,
+    rescue_markers: Mapping[str, Sequence[str]] | None = None,
+    rescue_max_pct_mt: float | None = None,
+    rescue_min_counts: int = 100,
+    rescue_min_genes: int = 50,
+    rescue_min_markers: int = 3,
+    rescue_min_enrichment: float = 2.0,
+    rescue_alpha: float = 1e-3,
+    seed: int = 0,
+    on_empty: Literal["error", "drop"] = "error",
+) -> pd.DataFrame:
+    """Full QC of one sample (or of each sample in ``obs[batch_key]``), annotating in place.
+
+    Steps: :func:`qc_metrics` → :func:`adaptive_thresholds` → :func:`flag_outliers` →
+    :func:`detect_doublets` → :func:`rescue_low_rna_immune`. Cells are not removed here;
+    use :func:`filter_cells_qc` for the filtered copy.
+
+    Parameters
+    ----------
+    adata
+        Raw integer counts in ``layers["counts"]`` or ``X`` (a counts layer is created from
+        ``X`` when missing, kept sparse).
+    sample_id
+        Name of the sample when ``obs[batch_key]`` is absent (it is then written there).
+        ``None`` with a multi-sample ``obs[batch_key]`` QCs every sample separately.
+    batch_key
+        ``obs`` column naming the sample.
+    organism
+        ``"human"``, ``"mouse"`` or ``"auto"``.
+    nmads
+        MADs per metric (default :data:`DEFAULT_NMADS`).
+    min_counts, max_counts, min_genes, max_genes, max_pct_mt
+        Optional hard limits that tighten the adaptive thresholds (``None``: adaptive only).
+    mt_threshold_floor
+        Lower bound on the adaptive mitochondrial threshold (see
+        :func:`adaptive_thresholds`); ``None`` for a purely adaptive threshold.
+    doublet_method
+        ``"scrublet"`` or ``"none"``.
+    remove_doublets
+        Count predicted doublets as QC failures (reason ``doublet``).
+    expected_doublet_rate
+        Fixed expected doublet rate; ``None`` derives it from cells recovered or loaded.
+    cells_loaded
+        Cells loaded per sample (number or mapping); see :func:`detect_doublets`.
+    doublet_threshold
+        Fixed Scrublet score threshold; ``None`` for the automatic rule.
+    rescue_low_rna_immune
+        Apply the low-RNA immune rescue (see module docstring).
+    rescue_markers, rescue_max_pct_mt, rescue_min_counts, rescue_min_genes, \
+rescue_min_markers, rescue_min_enrichment, rescue_alpha
+        Rescue parameters, see :func:`rescue_low_rna_immune`.
+    seed
+        Random seed (doublet simulation).
+    on_empty
+        What to do when a sample has no cell left: ``"error"`` raises ``ValueError`` naming
+        the sample and the thresholds; ``"drop"`` logs a warning and marks the summary row
+        ``empty = True``.
+
+    Returns
+    -------
+    Summary with one row per sample: ``sample_id``, ``organism``, ``cells_in``,
+    ``cells_out``, ``frac_removed``, ``flagged_<reason>`` (cells with that reason, reasons
+    overlap), ``removed_<reason>`` (each removed cell counted once, for the first reason
+    in :data:`QC_REASONS` it has), ``rescued_low_rna_immune``, the effective thresholds
+    (``min_counts`` ... ``max_pct_mt``), ``expected_doublet_rate``, ``doublet_threshold``
+    and ``empty``. Writes the ``obs``/``var`` slots listed in the module docstring,
+    ``layers["counts"]`` and ``uns["qc"]`` (``params``, ``thresholds``, ``summary``).
+
+    Raises
+    ------
+    ValueError
+        Non-integer counts, an empty input, or (with ``on_empty="error"``) a sample with
+        no cell passing QC.
+    """
+    if on_empty not in ("error", "drop"):
+        raise ValueError(f"on_empty must be 'error' or 'drop', not {on_empty!r}.")
+    if doublet_method not in ("scrublet", "none"):
+        raise ValueError(f"doublet_method must be 'scrublet' or 'none', not {doublet_method!r}.")
+    if adata.n_obs == 0:
+        raise ValueError(f"sample {sample_id or ''} has no cells before QC; check the input.")
+    _resolve_sample(adata, sample_id, batch_key)
+    organism = qc_metrics(adata, organism)  # validates integer counts
+    if "counts" not in adata.layers:
+        adata.layers["counts"] = (
+            adata.X.copy() if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
+        )
+    thresholds = adaptive_thresholds(
+        adata,
+        batch_key=batch_key,
+        nmads=nmads,
+        min_counts=min_counts,
+        max_counts=max_counts,
+        min_genes=min_genes,
+        max_genes=max_genes,
+        max_pct_mt=max_pct_mt,
+        mt_threshold_floor=mt_threshold_floor,
+    )
+    flag_outliers(adata, thresholds, batch_key=batch_key)
+    if doublet_method == "scrublet":
+        doublets = detect_doublets(
+            adata,
+            batch_key=batch_key,
+            expected_rate=expected_doublet_rate,
+            cells_loaded=cells_loaded,
+            threshold=doublet_threshold,
+            seed=seed,
+        )
+    else:
+        adata.obs["doublet_score"] = np.nan
+        adata.obs["predicted_doublet"] = False
+        doublets = pd.DataFrame(
+            {"expected_doublet_rate": np.nan, "doublet_threshold": np.nan},
+            index=thresholds.index,
+        )
+    if rescue_low_rna_immune:
+        _rescue_fn(
+            adata,
+            batch_key=batch_key,
+            organism=organism,
+            markers=rescue_markers,
+            max_pct_mt=rescue_max_pct_mt,
+            min_counts=rescue_min_counts,
+            min_genes=rescue_min_genes,
+            min_markers=rescue_min_markers,
+            min_enrichment=rescue_min_enrichment,
+            alpha=rescue_alpha,
+        )
+    else:
+        adata.obs["low_rna_immune"] = False
+    if remove_doublets:
+        dbl = adata.obs["predicted_doublet"].to_numpy(dtype=bool)
+        reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
+        for i in np.flatnonzero(dbl):
+            reason[i] = "doublet" if reason[i] == "pass" else f"{reason[i]};doublet"
+        adata.obs["qc_reason"] = reason
+        low_rna = adata.obs["low_rna_immune"].to_numpy(dtype=bool)
+        adata.obs["low_rna_immune"] = low_rna & ~dbl
+    adata.obs["qc_outlier"] = adata.obs["qc_reason"].astype(str).ne("pass").to_numpy()
+
+    summary = _summarise(adata, thresholds, doublets, batch_key, organism)
+    adata.uns["qc"] = {
+        "params": _jsonable(
+            {
+                "organism": organism,
+                "nmads": dict(DEFAULT_NMADS if nmads is None else nmads),
+                "min_counts": min_counts,
+                "max_counts": max_counts,
+                "min_genes": min_genes,
+                "max_genes": max_genes,
+                "max_pct_mt": max_pct_mt,
+                "mt_threshold_floor": mt_threshold_floor,
+                "doublet_method": doublet_method,
+                "remove_doublets": remove_doublets,
+                "expected_doublet_rate": expected_doublet_rate,
+                "doublet_threshold": doublet_threshold,
+                "rescue_low_rna_immune": rescue_low_rna_immune,
+                "rescue_max_pct_mt": rescue_max_pct_mt,
+                "rescue_min_counts": rescue_min_counts,
+                "rescue_min_genes": rescue_min_genes,
+                "rescue_min_markers": rescue_min_markers,
+                "rescue_min_enrichment": rescue_min_enrichment,
+                "rescue_alpha": rescue_alpha,
+                "seed": seed,
+            }
+        ),
+        "thresholds": thresholds.reset_index(),
+        "summary": summary.copy(),
+    }
+    empty = summary.loc[summary["cells_out"] == 0]
+    for _, row in empty.iterrows():
+        sample = row["sample_id"]
+        thr = thresholds.loc[sample]
+        used = ", ".join(
+            f"{name}={thr[name]:.4g}"
+            for name in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt")
+            if name in thr and np.isfinite(thr[name])
+        )
+        removed = ", ".join(
+            f"{c.removeprefix('flagged_')}: {int(row[c])}"
+            for c in summary.columns
+            if c.startswith("flagged_") and row[c] > 0
+        )
+        msg = (
+            f"QC removed all {int(row['cells_in'])} cells of sample {sample!r} "
+            f"(thresholds used: {used}; cells flagged by reason: {removed}). Loosen the "
+            "config keys qc.nmads / qc.min_counts / qc.min_genes / qc.max_pct_mt, check that "
+            "the input holds cells rather than empty droplets, or set qc.on_empty: drop."
+        )
+        if on_empty == "error":
+            raise ValueError(msg)
+        logger.warning("%s Sample marked empty and dropped.", msg)
+    return summary
+
+
+# run_qc's boolean parameter shadows the function's name inside run_qc
+_rescue_fn = rescue_low_rna_immune
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """None -> "none" so that the dict writes to .h5ad (which cannot store None)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if value is None:
+            out[key] = "none"
+        elif isinstance(value, dict):
+            out[key] = _jsonable(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _primary_reason(reason: str) -> str | None:
+    if reason == "pass":
+        return None
+    parts = reason.split(";")
+    for r in QC_REASONS:
+        if r in parts:
+            return r
+    return parts[0]
+
+
+def _summarise(
+    adata: ad.AnnData,
+    thresholds: pd.DataFrame,
+    doublets: pd.DataFrame,
+    batch_key: str,
+    organism: str,
+) -> pd.DataFrame:
+    samples = _sample_ids(adata, batch_key)
+    reasons = adata.obs["qc_reason"].astype(str)
+    all_reasons = sorted({p for r in reasons.unique() if r != "pass" for p in r.split(";")})
+    ordered = [r for r in QC_REASONS] + [r for r in all_reasons if r not in QC_REASONS]
+    rows = []
+    for sample in pd.unique(samples):
+        mask = (samples == sample).to_numpy()
+        r = reasons[mask]
+        n_in = int(mask.sum())
+        n_out = int((r == "pass").sum())
+        row: dict[str, Any] = {
+            "sample_id": sample,
+            "organism": organism,
+            "cells_in": n_in,
+            "cells_out": n_out,
+            "frac_removed": (n_in - n_out) / n_in if n_in else np.nan,
+        }
+        split = r[r != "pass"].str.split(";")
+        primary = r.map(_primary_reason)
+        for name in ordered:
+            row[f"flagged_{name}"] = int(split.map(lambda parts, n=name: n in parts).sum())
+        for name in ordered:
+            row[f"removed_{name}"] = int((primary == name).sum())
+        row["rescued_low_rna_immune"] = int(adata.obs["low_rna_immune"].to_numpy()[mask].sum())
+        thr = thresholds.loc[sample]
+        for name in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt"):
+            row[name] = float(thr[name]) if name in thr else np.nan
+        if sample in doublets.index:
+            row["expected_doublet_rate"] = float(doublets.loc[sample, "expected_doublet_rate"])
+            row["doublet_threshold"] = float(doublets.loc[sample, "doublet_threshold"])
+        row["empty"] = n_out == 0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def filter_cells_qc(adata: ad.AnnData, *, min_cells_per_gene: int = 0) -> ad.AnnData:
+    """Return a copy holding only the cells that passed QC (``obs["qc_outlier"] == False``).
+
+    Parameters
+    ----------
+    adata
+        AnnData annotated by :func:`run_qc`.
+    min_cells_per_gene
+        Also drop genes detected in fewer cells of the copy (0 keeps all genes; gene
+        filtering is best done once on the merged object, see :func:`merge_samples`).
+
+    Returns
+    -------
+    A new AnnData (counts stay sparse in ``layers["counts"]``).
+    """
+    if "qc_outlier" not in adata.obs:
+        raise ValueError("obs has no 'qc_outlier'; run sepsis_sc.qc.run_qc first.")
+    keep = ~adata.obs["qc_outlier"].to_numpy(dtype=bool)
+    out = adata[keep].copy()
+    if min_cells_per_gene > 0:
+        detected = np.asarray((_counts(out) > 0).sum(axis=0)).ravel()
+        out = out[:, detected >= min_cells_per_gene].copy()
+    logger.info("kept %d of %d cells after QC", out.n_obs, adata.n_obs)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# merge and normalise
+# --------------------------------------------------------------------------------------
+
+
+def merge_samples(
+    adatas: Sequence[ad.AnnData] | Mapping[str, ad.AnnData],
+    *,
+    batch_key: str = "sample_id",
+    min_cells_per_gene: int = 3,
+    drop_outliers: bool = True,
+    organism: str = "auto",
+) -> ad.AnnData:
+    """Concatenate per-sample AnnData objects into one (outer join on genes, zeros filled).
+
+    Parameters
+    ----------
+    adatas
+        Filtered per-sample objects, as a list or a mapping ``{sample_id: adata}`` (the key
+        fills ``obs[batch_key]`` when that column is missing).
+    batch_key
+        ``obs`` column naming the sample.
+    min_cells_per_gene
+        Drop genes detected in fewer cells of the merged object (Heumos et al. 2023
+        suggest about 20 for large data; 3 is permissive for small cohorts). 0 keeps all.
+    drop_outliers
+        Remove cells still marked ``qc_outlier`` (when an unfiltered object is passed).
+    organism
+        For re-flagging ``mt``/``ribo``/``hb`` on the merged gene list.
+
+    Returns
+    -------
+    The merged AnnData: ``X`` and ``layers["counts"]`` hold the raw counts (CSR), ``var``
+    keeps ``gene_ids``/``gene_symbols`` (first non-missing value) and the gene flags,
+    ``obs_names`` are unique. Call :func:`normalize` next.
+    """
+    if isinstance(adatas, Mapping):
+        items = list(adatas.items())
+    else:
+        items = [(None, a) for a in adatas]
+    if not items:
+        raise ValueError("merge_samples got no AnnData objects.")
+    parts = []
+    for i, (key, a) in enumerate(items):
+        if a.n_obs == 0:
+            logger.warning("skipping empty sample %s", key if key is not None else i)
+            continue
+        a = a.copy()
+        if batch_key not in a.obs:
+            if key is None:
+                raise ValueError(
+                    f"object {i} has no obs[{batch_key!r}]; pass a dict {{sample_id: adata}} "
+                    "or set the column."
+                )
+            a.obs[batch_key] = str(key)
+        if drop_outliers and "qc_outlier" in a.obs and a.obs["qc_outlier"].any():
+            n = int(a.obs["qc_outlier"].sum())
+            logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, n)
+            a = a[~a.obs["qc_outlier"].to_numpy(dtype=bool)].copy()
+        if "counts" not in a.layers:
+            _check_counts(a)
+            a.layers["counts"] = a.X.copy() if sparse.issparse(a.X) else sparse.csr_matrix(a.X)
+        a.X = sparse.csr_matrix(a.layers["counts"])
+        a.layers["counts"] = sparse.csr_matrix(a.layers["counts"])
+        keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
+        a.var = a.var[keep_var].copy()
+        a.uns = {}
+        parts.append(a)
+    if not parts:
+        raise ValueError("every sample passed to merge_samples is empty; nothing to merge.")
+    merged = ad.concat(parts, join="outer", fill_value=0, merge="first", index_unique=None)
+    if not merged.obs_names.is_unique:
+        raise ValueError(
+            "cell names repeat across samples; name cells '{sample_id}_{barcode}' at ingest "
+            "(sepsis_sc.io.ingest_sample does) or call adata.obs_names_make_unique()."
+        )
+    for col in merged.obs.columns:
+        if merged.obs[col].dtype == object:
+            merged.obs[col] = merged.obs[col].astype(str)
+    merged.obs[batch_key] = pd.Categorical(merged.obs[batch_key].astype(str))
+    merged.X = sparse.csr_matrix(merged.X)
+    merged.layers["counts"] = sparse.csr_matrix(merged.layers["counts"])
+    if min_cells_per_gene > 0:
+        detected = np.asarray((merged.layers["counts"] > 0).sum(axis=0)).ravel()
+        n_drop = int((detected < min_cells_per_gene).sum())
+        merged = merged[:, detected >= min_cells_per_gene].copy()
+        logger.info("dropped %d genes detected in < %d cells", n_drop, min_cells_per_gene)
+    flag_genes(merged, organism)
+    logger.info("merged %d samples: %d cells x %d genes", len(parts), *merged.shape)
+    return merged
+
+
+def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
+    """Log-normalise: ``X = log1p(counts / total * target_sum)`` from ``layers["counts"]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts in ``layers["counts"]`` (created from ``X`` when missing).
+    target_sum
+        Counts per cell after scaling (1e4: CP10k).
+
+    Returns
+    -------
+    None. Writes ``X`` (sparse CSR, float32) and ``uns["log1p"]``; ``layers["counts"]``
+    is untouched. Running it twice gives the same result.
+    """
+    if "counts" not in adata.layers:
+        _check_counts(adata)
+        adata.layers["counts"] = (
+            adata.X.copy() if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
+        )
+    _check_counts(adata)
+    adata.X = sparse.csr_matrix(adata.layers["counts"], dtype=np.float32, copy=True)
+    adata.uns.pop("log1p", None)
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum)}
+
+
+# --------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------
+
+
+def _obs(adata_or_obs: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
+    return adata_or_obs.obs if isinstance(adata_or_obs, ad.AnnData) else adata_or_obs
+
+
+def plot_qc_violins(
+    adata_or_obs: ad.AnnData | pd.DataFrame,
+    thresholds: pd.DataFrame,
+    path: str | Path,
+    *,
+    batch_key: str = "sample_id",
+) -> Path:
+    """Per-sample distributions of UMI counts, genes and mito %, with the thresholds drawn.
+
+    Parameters
+    ----------
+    adata_or_obs
+        AnnData after :func:`run_qc` or its ``obs``.
+    thresholds
+        Table from :func:`adaptive_thresholds` (or the ``uns["qc"]["thresholds"]`` frame
+        with a ``sample_id`` column).
+    path
+        Output PNG.
+    batch_key
+        ``obs`` column naming the sample.
+
+    Returns
+    -------
+    The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    from sepsis_sc.plotting import savefig, set_style
+
+    set_style()
+    obs = _obs(adata_or_obs)
+    thr = thresholds.set_index("sample_id") if "sample_id" in thresholds.columns else thresholds
+    thr.index = thr.index.astype(str)
+    samples = _sample_ids(ad.AnnData(obs=obs), batch_key) if batch_key in obs else None
+    order = list(pd.unique(samples)) if samples is not None else ["sample"]
+    if samples is None:
+        samples = pd.Series("sample", index=obs.index)
+    panels = [
+        ("total_counts", "UMI counts per cell", "min_counts", "max_counts", True),
+        ("n_genes_by_counts", "genes per cell", "min_genes", "max_genes", True),
+        ("pct_counts_mt", "mitochondrial UMIs (%)", None, "max_pct_mt", False),
+    ]
+    width = max(7.5, 1.1 * len(order) * 3)
+    fig, axes = plt.subplots(1, 3, figsize=(min(width, 24), 3.6))
+    for ax, (col, label, lo, hi, log) in zip(axes, panels):
+        data = [obs.loc[(samples == s).to_numpy(), col].to_numpy(dtype=float) for s in order]
+        if log:
+            data = [np.log10(np.maximum(d, 1)) for d in data]
+        parts = ax.violinplot(data, showmedians=True, widths=0.8)
+        for body in parts["bodies"]:
+            body.set_facecolor("#9ecae1")
+            body.set_edgecolor("#4a6f8a")
+            body.set_alpha(0.8)
+        for i, s in enumerate(order, start=1):
+            for key, style in ((lo, "--"), (hi, "-")):
+                if key is None or s not in thr.index or key not in thr.columns:
+                    continue
+                value = thr.loc[s, key]
+                if not np.isfinite(value):
+                    continue
+                y = np.log10(max(value, 1)) if log else value
+                ax.hlines(y, i - 0.45, i + 0.45, colors="#c0392b", linestyles=style, lw=1.5)
+        ax.set_xticks(range(1, len(order) + 1))
+        ax.set_xticklabels(order, rotation=45 if len(order) > 3 else 0, ha="right")
+        ax.set_ylabel(f"log10 {label}" if log else label)
+        ax.set_title(label)
+    axes[0].plot([], [], color="#c0392b", ls="--", label="lower threshold")
+    axes[0].plot([], [], color="#c0392b", ls="-", label="upper threshold")
+    axes[0].legend(loc="lower left", frameon=False)
+    fig.suptitle("QC metrics per sample with per-sample thresholds", y=1.02)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def plot_qc_scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
+    """UMI counts vs detected genes, coloured by mito %, removed cells marked by reason.
+
+    Parameters
+    ----------
+    obs
+        ``obs`` (or the AnnData) after :func:`run_qc`.
+    path
+        Output PNG.
+
+    Returns
+    -------
+    The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    from sepsis_sc.plotting import savefig, set_style
+
+    set_style()
+    obs = _obs(obs)
+    x = np.log10(np.maximum(obs["total_counts"].to_numpy(dtype=float), 1))
+    y = np.log10(np.maximum(obs["n_genes_by_counts"].to_numpy(dtype=float), 1))
+    mt = obs["pct_counts_mt"].to_numpy(dtype=float)
+    reason = obs["qc_reason"].astype(str) if "qc_reason" in obs else pd.Series("pass", obs.index)
+    primary = reason.map(_primary_reason)
+    fig, ax = plt.subplots(figsize=(6.2, 4.8))
+    vmax = float(np.nanpercentile(mt, 99)) if len(mt) else 1.0
+    sca = ax.scatter(x, y, c=mt, s=5, cmap="viridis", vmin=0, vmax=max(vmax, 1e-3), lw=0)
+    fig.colorbar(sca, ax=ax, label="mitochondrial UMIs (%)")
+    markers = {
+        "doublet": ("D", "#d62728"),
+        "high_mt": ("x", "#ff7f0e"),
+        "low_counts": ("v", "black"),
+        "low_genes": ("v", "black"),
+        "high_counts": ("^", "#7f7f7f"),
+        "high_genes": ("^", "#7f7f7f"),
+    }
+    shown: set[str] = set()
+    for name in primary.dropna().unique():
+        sel = (primary == name).to_numpy()
+        marker, colour = markers.get(name, ("s", "#7f7f7f"))
+        label = (
+            "low counts/genes" if name in ("low_counts", "low_genes") else name.replace("_", " ")
+        )
+        label = "high counts/genes" if name in ("high_counts", "high_genes") else label
+        kwargs = {"facecolors": "none", "edgecolors": colour} if marker in "Dv^s" else {"c": colour}
+        ax.scatter(
+            x[sel],
+            y[sel],
+            marker=marker,
+            s=18,
+            lw=0.8,
+            label=f"removed: {label}" if label not in shown else None,
+            **kwargs,
+        )
+        shown.add(label)
+    if "low_rna_immune" in obs and obs["low_rna_immune"].any():
+        sel = obs["low_rna_immune"].to_numpy(dtype=bool)
+        ax.scatter(
+            x[sel], y[sel], marker="o", s=22, facecolors="none", edgecolors="#e377c2", lw=0.9,
+            label="kept: low-RNA immune",
+        )  # fmt: skip
+    ax.set_xlabel("log10 UMI counts per cell")
+    ax.set_ylabel("log10 genes per cell")
+    n_removed = int(primary.notna().sum())
+    ax.set_title(f"Counts vs genes ({n_removed} of {len(obs)} cells removed)")
+    ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=1.3)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def plot_qc_removed(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Stacked bars: cells removed per sample, each cell counted once by its main reason.
+
+    Parameters
+    ----------
+    summary
+        Table returned by :func:`run_qc` (``removed_<reason>`` columns).
+    path
+        Output PNG.
+
+    Returns
+    -------
+    The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    from sepsis_sc.plotting import savefig, set_style
+
+    set_style()
+    cols = [c for c in summary.columns if c.startswith("removed_")]
+    if not cols:
+        raise ValueError("summary has no removed_<reason> columns; pass the table from run_qc.")
+    colours = {
+        "removed_doublet": "#d62728",
+        "removed_high_mt": "#ff7f0e",
+        "removed_low_counts": "#1f77b4",
+        "removed_low_genes": "#6baed6",
+        "removed_high_counts": "#7f7f7f",
+        "removed_high_genes": "#c7c7c7",
+    }
+    samples = summary["sample_id"].astype(str).to_numpy()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(samples) + 3), 3.8))
+    bottom = np.zeros(len(samples))
+    for col in cols:
+        values = summary[col].to_numpy(dtype=float)
+        if values.sum() == 0:
+            continue
+        ax.bar(
+            samples,
+            values,
+            bottom=bottom,
+            color=colours.get(col, None),
+            label=col.removeprefix("removed_").replace("_", " "),
+        )
+        bottom += values
+    if "cells_in" in summary:
+        for i, (total, n_in) in enumerate(zip(bottom, summary["cells_in"])):
+            ax.text(
+                i, total, f"{100 * total / max(n_in, 1):.1f}%", ha="center", va="bottom", fontsize=8
+            )
+    ax.set_ylabel("cells removed")
+    ax.set_title("Cells removed by QC, by main reason")
+    ax.legend(frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    if len(samples) > 4:
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return savefig(fig, path)

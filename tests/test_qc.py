@@ -1,0 +1,312 @@
+"""Tests for sepsis_sc.qc: adaptive per-sample QC, doublets, the low-RNA immune rescue,
+merging/normalisation and the QC figures."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+from conftest import shared_file
+from scipy import sparse
+from sklearn.metrics import roc_auc_score
+
+from sepsis_sc import qc
+
+NEUTRO = ["FCGR3B", "CSF3R", "CXCR2", "CMTM2", "FPR1", "S100A8", "S100A9", "G0S2", "NAMPT"]
+MT = [f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB")]
+RIBO = ["RPL3", "RPL10A", "RPS4X", "RPLP0", "RPSA", "RPS27A"]
+OTHER = ["HBB", "HBA1", "HBEGF", "RPS6KA1", "MRPL12"]
+N_FILLER = 240
+GENES = [f"GENE{i}" for i in range(N_FILLER)] + NEUTRO + MT + RIBO + OTHER
+TYPES = ("T", "B", "Mono", "NK")
+
+
+def _profiles(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Expression profiles (probabilities over GENES, mito excluded) per cell type."""
+    base = rng.lognormal(0, 1, len(GENES))
+    base[[GENES.index(g) for g in MT]] = 0
+    base[[GENES.index(g) for g in NEUTRO]] *= 0.05
+    out = {}
+    for i, t in enumerate(TYPES):
+        p = base.copy()
+        p[i * 40 : i * 40 + 30] *= 25  # a block of type-specific genes
+        out[t] = p / p.sum()
+    neut = base.copy() * 0.5
+    neut[[GENES.index(g) for g in NEUTRO]] = base.mean() * 40  # markers ~ 40% of UMIs
+    out["Neutrophil"] = neut / neut.sum()
+    return out
+
+
+def _cells(rng, profile, n, depth, pct_mt) -> np.ndarray:
+    mt = np.zeros(len(GENES))
+    mt[[GENES.index(g) for g in MT]] = 1 / len(MT)
+    p = (1 - pct_mt) * profile + pct_mt * mt
+    size = depth * rng.lognormal(0, 0.25, n)
+    return rng.poisson(size[:, None] * p[None, :])
+
+
+def make_sample(
+    name: str = "S1",
+    *,
+    seed: int = 0,
+    n_per_type: int = 100,
+    depth: float = 3000,
+    n_neutro: int = 0,
+    n_debris: int = 0,
+    n_highmt: int = 0,
+    n_doublets: int = 0,
+) -> ad.AnnData:
+    """A sample with four immune types plus optional planted populations (obs['truth'])."""
+    rng = np.random.default_rng(seed)
+    prof = _profiles(rng)
+    blocks, truth = [], []
+    for t in TYPES:
+        blocks.append(_cells(rng, prof[t], n_per_type, depth, 0.03))
+        truth += [t] * n_per_type
+    if n_neutro:  # low-density neutrophils: few UMIs, low mito, neutrophil markers
+        blocks.append(_cells(rng, prof["Neutrophil"], n_neutro, depth / 10, 0.01))
+        truth += ["neutrophil"] * n_neutro
+    if n_debris:  # broken cells: few UMIs, high mito
+        blocks.append(_cells(rng, prof["T"], n_debris, depth / 10, 0.35))
+        truth += ["debris"] * n_debris
+    if n_highmt:  # dying cells with normal depth and high mito
+        blocks.append(_cells(rng, prof["Mono"], n_highmt, depth, 0.30))
+        truth += ["high_mt"] * n_highmt
+    x = np.vstack(blocks)
+    if n_doublets:  # sum of two singlets of different types
+        singlets = x[: n_per_type * len(TYPES)]
+        a = rng.integers(0, n_per_type, n_doublets)  # T
+        b = rng.integers(2 * n_per_type, 3 * n_per_type, n_doublets)  # Mono
+        x = np.vstack([x, singlets[a] + singlets[b]])
+        truth += ["doublet"] * n_doublets
+    adata = ad.AnnData(X=sparse.csr_matrix(x.astype(np.float32)))
+    adata.var_names = GENES
+    adata.obs_names = [f"{name}_cell{i}" for i in range(adata.n_obs)]
+    adata.obs["sample_id"] = name
+    adata.obs["truth"] = truth
+    return adata
+
+
+# --------------------------------------------------------------------------------------
+
+
+def test_flag_genes_human_and_mouse():
+    adata = make_sample(n_per_type=5)
+    assert qc.flag_genes(adata) == "human"
+    var = adata.var
+    assert set(var.index[var["mt"]]) == set(MT)
+    assert set(var.index[var["ribo"]]) == set(RIBO)  # not RPS6KA1 (kinase), not MRPL12
+    assert set(var.index[var["hb"]]) == {"HBB", "HBA1"}  # not HBEGF
+    mouse = ad.AnnData(X=sparse.csr_matrix(np.ones((3, 6), dtype=np.float32)))
+    mouse.var_names = ["mt-Co1", "Rpl3", "Rps6ka1", "Hbb-bs", "Hbegf", "Cd3e"]
+    assert qc.flag_genes(mouse, organism="mouse") == "mouse"
+    assert mouse.var["mt"].tolist() == [True, False, False, False, False, False]
+    assert mouse.var["ribo"].tolist() == [False, True, False, False, False, False]
+    assert mouse.var["hb"].tolist() == [False, False, False, True, False, False]
+
+
+def test_qc_metrics_use_counts_layer():
+    adata = make_sample(n_per_type=20)
+    counts = adata.X.copy()
+    adata.layers["counts"] = counts
+    adata.X = sparse.csr_matrix(np.log1p(counts.toarray()))  # X normalised, counts in layer
+    qc.qc_metrics(adata)
+    np.testing.assert_allclose(adata.obs["total_counts"], np.asarray(counts.sum(1)).ravel())
+    assert {"log1p_total_counts", "pct_counts_mt", "pct_counts_ribo", "pct_counts_hb"} <= set(
+        adata.obs
+    )
+
+
+def test_thresholds_adapt_per_sample():
+    shallow = make_sample("shallow", seed=1, depth=1000)
+    deep = make_sample("deep", seed=2, depth=8000)
+    adata = ad.concat([shallow, deep])
+    qc.qc_metrics(adata)
+    thr = qc.adaptive_thresholds(adata, batch_key="sample_id")
+    assert set(thr.index) == {"shallow", "deep"}
+    ratio = thr.loc["deep", "min_counts"] / thr.loc["shallow", "min_counts"]
+    assert 5 < ratio < 13  # follows the 8x depth difference
+    assert thr.loc["deep", "max_counts"] > 4 * thr.loc["shallow", "max_counts"]
+    # pooled thresholds would sit between the two
+    pooled = qc.adaptive_thresholds(adata, batch_key=None)
+    assert thr.loc["shallow", "min_counts"] < pooled.iloc[0]["min_counts"] or (
+        pooled.iloc[0]["min_counts"] < thr.loc["deep", "min_counts"]
+    )
+    # hard floors tighten the adaptive value
+    floored = qc.adaptive_thresholds(adata, batch_key="sample_id", min_counts=2000)
+    assert floored.loc["shallow", "min_counts"] == 2000
+    assert floored.loc["deep", "min_counts"] == thr.loc["deep", "min_counts"]
+
+
+def test_high_mito_cells_flagged():
+    adata = make_sample(n_highmt=20, seed=3)
+    summary = qc.run_qc(adata, doublet_method="none")
+    truth = adata.obs["truth"]
+    assert adata.obs.loc[truth == "high_mt", "qc_reason"].str.contains("high_mt").all()
+    assert adata.obs.loc[truth == "high_mt", "qc_outlier"].all()
+    assert adata.obs.loc[truth != "high_mt", "qc_outlier"].mean() < 0.05
+    assert summary.loc[0, "flagged_high_mt"] >= 20
+    assert not adata.obs["low_rna_immune"].any()
+
+
+def test_mt_threshold_floor_protects_moderate_mito():
+    adata = make_sample(seed=4)
+    qc.qc_metrics(adata)
+    strict = qc.adaptive_thresholds(adata, mt_threshold_floor=None)
+    floored = qc.adaptive_thresholds(adata, mt_threshold_floor=8.0)
+    assert strict.iloc[0]["max_pct_mt"] < 8.0
+    assert floored.iloc[0]["max_pct_mt"] == 8.0
+    capped = qc.adaptive_thresholds(adata, mt_threshold_floor=8.0, max_pct_mt=6.0)
+    assert capped.iloc[0]["max_pct_mt"] == 6.0  # hard ceiling wins
+
+
+def test_doublet_scores_higher_for_synthetic_doublets():
+    adata = make_sample(n_per_type=150, n_doublets=30, seed=5)
+    table = qc.detect_doublets(adata, seed=0)
+    is_dbl = (adata.obs["truth"] == "doublet").to_numpy()
+    score = adata.obs["doublet_score"].to_numpy()
+    assert np.isfinite(score).all()
+    assert roc_auc_score(is_dbl, score) > 0.85
+    assert score[is_dbl].mean() > score[~is_dbl].mean()
+    assert adata.obs["predicted_doublet"].dtype == bool
+    # 10x rule of thumb: 0.8% per 1,000 cells recovered
+    assert table.iloc[0]["expected_doublet_rate"] == pytest.approx(0.008 * adata.n_obs / 1000)
+    assert qc.expected_doublet_rate(1000, cells_loaded=3300) == pytest.approx(0.016)
+
+
+def test_low_rna_neutrophils_kept_and_debris_removed():
+    adata = make_sample(n_neutro=40, n_debris=30, seed=6)
+    summary = qc.run_qc(adata, doublet_method="none")
+    obs = adata.obs
+    neut, debris = obs["truth"] == "neutrophil", obs["truth"] == "debris"
+    assert obs.loc[neut, "low_rna_immune"].mean() >= 0.9
+    assert (~obs.loc[neut, "qc_outlier"]).mean() >= 0.9
+    assert obs.loc[debris, "qc_outlier"].all()
+    assert not obs.loc[debris, "low_rna_immune"].any()  # high mito is never rescued
+    assert summary.loc[0, "rescued_low_rna_immune"] == int(obs["low_rna_immune"].sum())
+    # the same cells fail without the rescue: they are below the lower thresholds
+    plain = make_sample(n_neutro=40, n_debris=30, seed=6)
+    qc.run_qc(plain, doublet_method="none", rescue_low_rna_immune=False)
+    assert plain.obs.loc[neut.to_numpy(), "qc_outlier"].mean() >= 0.9
+    assert plain.obs.loc[neut.to_numpy(), "qc_reason"].str.contains("low_").all()
+
+
+def test_rescue_needs_marker_evidence():
+    """Low-UMI, low-mito cells without neutrophil markers (e.g. empty droplets) stay out."""
+    adata = make_sample(seed=7)
+    rng = np.random.default_rng(7)
+    prof = _profiles(rng)
+    low_t = _cells(rng, prof["T"], 30, 300, 0.01)
+    x = sparse.vstack([adata.X, sparse.csr_matrix(low_t.astype(np.float32))]).tocsr()
+    low = ad.AnnData(X=x, var=adata.var)
+    low.obs_names = [f"c{i}" for i in range(x.shape[0])]
+    low.obs["sample_id"] = "S1"
+    qc.run_qc(low, doublet_method="none")
+    tail = low.obs.iloc[-30:]
+    assert tail["qc_outlier"].mean() > 0.9
+    assert not tail["low_rna_immune"].any()
+
+
+def test_empty_sample_names_sample_and_thresholds():
+    adata = make_sample("patient_07", seed=8)
+    with pytest.raises(ValueError, match=r"patient_07.*min_counts=1e\+06"):
+        qc.run_qc(adata, min_counts=1e6, doublet_method="none")
+    again = make_sample("patient_07", seed=8)
+    summary = qc.run_qc(again, min_counts=1e6, doublet_method="none", on_empty="drop")
+    assert bool(summary.loc[0, "empty"]) and summary.loc[0, "cells_out"] == 0
+
+
+def test_non_integer_counts_rejected():
+    adata = make_sample(n_per_type=10)
+    adata.X = sparse.csr_matrix(np.log1p(adata.X.toarray()))
+    with pytest.raises(ValueError, match="non-integer"):
+        qc.run_qc(adata)
+
+
+def test_sample_id_mismatch_rejected():
+    adata = make_sample("A", n_per_type=10)
+    with pytest.raises(ValueError, match="sample_id='B'"):
+        qc.run_qc(adata, sample_id="B")
+
+
+def test_run_qc_summary_and_filter():
+    adata = make_sample(n_highmt=10, n_debris=10, n_doublets=20, n_per_type=60, seed=9)
+    summary = qc.run_qc(adata, seed=0)
+    row = summary.iloc[0]
+    assert row["cells_in"] == adata.n_obs
+    assert row["cells_out"] == int((adata.obs["qc_reason"] == "pass").sum())
+    removed_cols = [c for c in summary if c.startswith("removed_")]
+    assert summary[removed_cols].sum(axis=1).iloc[0] == row["cells_in"] - row["cells_out"]
+    assert set(adata.obs["qc_outlier"]) <= {True, False}
+    assert (adata.obs["qc_outlier"] == adata.obs["qc_reason"].ne("pass")).all()
+    assert "counts" in adata.layers and sparse.issparse(adata.layers["counts"])
+    filtered = qc.filter_cells_qc(adata)
+    assert filtered.n_obs == row["cells_out"]
+    assert not filtered.obs["qc_outlier"].any()
+
+
+def test_merge_keeps_counts_and_normalises():
+    a = make_sample("A", n_per_type=20, seed=10)
+    b = make_sample("B", n_per_type=20, seed=11)
+    b = b[:, [g for g in GENES if g != "GENE0"]].copy()  # one gene absent in B
+    b.var_names = [g if g != "GENE1" else "ONLY_IN_B" for g in b.var_names]
+    for x in (a, b):
+        qc.run_qc(x, doublet_method="none")
+    fa, fb = qc.filter_cells_qc(a), qc.filter_cells_qc(b)
+    merged = qc.merge_samples({"A": fa, "B": fb}, min_cells_per_gene=0)
+    assert merged.n_obs == fa.n_obs + fb.n_obs
+    assert {"GENE0", "ONLY_IN_B"} <= set(merged.var_names)
+    assert sparse.issparse(merged.layers["counts"])
+    counts = merged.layers["counts"]
+    np.testing.assert_array_equal(
+        counts[: fa.n_obs][:, merged.var_names.get_indexer(fa.var_names)].toarray(),
+        fa.layers["counts"].toarray(),
+    )
+    assert counts[fa.n_obs :, merged.var_names.get_loc("GENE0")].sum() == 0  # filled zeros
+    assert merged.var["mt"].sum() == len(MT)
+    assert set(merged.obs["sample_id"]) == {"A", "B"}
+    qc.normalize(merged)
+    assert sparse.issparse(merged.X)
+    assert "log1p" in merged.uns
+    np.testing.assert_allclose(np.expm1(merged.X.toarray()).sum(1), 1e4, rtol=1e-3)
+    assert merged.layers["counts"].data.max() > 20  # still raw counts
+    # the gene filter acts on the merged object
+    n_min = max(fa.n_obs, fb.n_obs) + 1  # only genes seen in both samples can reach it
+    filtered = qc.merge_samples({"A": fa, "B": fb}, min_cells_per_gene=n_min)
+    assert "ONLY_IN_B" not in filtered.var_names and "GENE0" not in filtered.var_names
+    assert filtered.n_vars > 100
+
+
+def test_figures(tmp_path):
+    adata = ad.concat(
+        [make_sample("A", n_highmt=10, n_neutro=10, seed=12), make_sample("B", seed=13)]
+    )
+    summary = qc.run_qc(adata, doublet_method="none")
+    thr = adata.uns["qc"]["thresholds"]
+    paths = [
+        qc.plot_qc_violins(adata, thr, tmp_path / "v.png"),
+        qc.plot_qc_scatter(adata.obs, tmp_path / "s.png"),
+        qc.plot_qc_removed(summary, tmp_path / "r.png"),
+    ]
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 5000
+
+
+@pytest.mark.realdata
+def test_real_pbmc4k_removed_fraction_and_reasons():
+    adata = ad.read_h5ad(shared_file("soupx_pbmc4k.h5ad"))
+    summary = qc.run_qc(adata, sample_id="pbmc4k", seed=0)
+    frac = summary.loc[0, "frac_removed"]
+    assert 0.02 <= frac <= 0.15
+    obs = adata.obs
+    removed = obs["qc_outlier"]
+    # removed cells are enriched for high mito or doublets
+    assert (
+        obs.loc[removed, "pct_counts_mt"].mean() > 1.5 * obs.loc[~removed, "pct_counts_mt"].mean()
+    )
+    assert obs.loc[removed, "doublet_score"].mean() > obs.loc[~removed, "doublet_score"].mean()
+    mt_or_dbl = obs.loc[removed, "qc_reason"].str.contains("high_mt|doublet")
+    assert mt_or_dbl.mean() >= 0.4
+    # monocytes (higher healthy mito) are not removed as a population
+    mnp = obs["Annotation"] == "MNP"
+    assert obs.loc[mnp, "qc_outlier"].mean() < 0.15
