@@ -37,6 +37,8 @@ rule download:
         dlfile=_one_of(DOWNLOADS.files),
     retries: 1
     localrule: True
+    conda:
+        "../envs/sepsis_sc.yaml"
     resources:
         downloads=1,  # cap parallel downloads with --resources downloads=N
     params:
@@ -64,7 +66,7 @@ for _stem in DOWNLOADS.archives:
         log:
             f"{LOGS}/download/unpack_{_stem}.log",
         localrule: True
-        params:
-            outdir=DOWNLOADS.unpack_dir(_stem),
+        conda:
+            "../envs/sepsis_sc.yaml"
         script:
             "../scripts/unpack.py"

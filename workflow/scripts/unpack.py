@@ -8,19 +8,21 @@ logging.basicConfig(
     level=logging.INFO,
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
 )
-from sepsis_sc.download import unpack_archive  # noqa: E402
+from sepsis_sc.download import archive_stem, unpack_archive  # noqa: E402
 
 log = logging.getLogger("unpack")
+archive = Path(snakemake.input.archive)
+outdir = archive.parent / archive_stem(archive)  # <download.dir>/<stem>, as download_plan says
 try:
-    files = unpack_archive(snakemake.input.archive, snakemake.params.outdir, nested=True)
+    files = unpack_archive(archive, outdir, nested=True)
     missing = [p for p in snakemake.output if not Path(p).is_file()]
     if missing:
-        held = sorted(str(p.relative_to(snakemake.params.outdir)) for p in files)
+        held = sorted(str(p.relative_to(outdir)) for p in files)
         raise FileNotFoundError(
-            f"archive {snakemake.input.archive} does not contain {missing}; it holds "
+            f"archive {archive} does not contain {missing}; it holds "
             f"{len(held)} files: {', '.join(held[:40])}{' ...' if len(held) > 40 else ''}. "
             "Fix the 'path' column of the sample sheet to name files that are in the archive."
         )
 except Exception:
-    log.exception("unpacking %s failed", snakemake.input.archive)
+    log.exception("unpacking %s failed", archive)
     raise
