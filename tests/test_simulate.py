@@ -1,0 +1,301 @@
+"""Tests for sepsis_sc.simulate: determinism, truth, calibration, planted effects, writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import shared_file
+
+from sepsis_sc import io, simulate
+
+N_GENES = 10_000
+
+
+def _sheet(n_per_group: int = 2, case: str = "sepsis", control: str = "control") -> pd.DataFrame:
+    n = 2 * n_per_group
+    return pd.DataFrame(
+        {
+            "sample_id": [f"S{i + 1}" for i in range(n)],
+            "condition": [case] * n_per_group + [control] * n_per_group,
+            "donor": [f"D{i + 1}" for i in range(n)],
+            "batch": ["b1", "b2"] * n_per_group,
+            "age": [60 + i for i in range(n)],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """4 sepsis vs 4 control samples, 400 cells each (about 2 s)."""
+    return simulate.simulate_cohort(_sheet(4), cells_per_sample=400, n_genes=N_GENES, seed=7)
+
+
+def _fraction(truth: pd.DataFrame, mask: pd.Series, within: pd.Series | None = None) -> pd.Series:
+    """Per-sample fraction of cells with `mask` among cells in `within` (default all)."""
+    within = pd.Series(True, index=truth.index) if within is None else within
+    t = truth[within]
+    return mask[within].groupby(t["sample_id"]).mean()
+
+
+def _by_condition(values: pd.Series, truth: pd.DataFrame) -> pd.Series:
+    cond = truth.drop_duplicates("sample_id").set_index("sample_id")["condition"]
+    return values.groupby(cond).mean()
+
+
+def test_deterministic_from_seed():
+    sheet = _sheet(1)
+    a1, t1 = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
+    a2, t2 = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
+    a3, _ = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=4)
+    pd.testing.assert_frame_equal(t1, t2)
+    for sid in a1:
+        assert (a1[sid].X != a2[sid].X).nnz == 0
+        assert list(a1[sid].obs_names) == list(a2[sid].obs_names)
+    assert (a1["S1"].X != a3["S1"].X).nnz > 0
+
+
+def test_anndata_contract_and_truth_join(cohort):
+    adatas, truth = cohort
+    assert set(adatas) == {f"S{i}" for i in range(1, 9)}
+    a = adatas["S1"]
+    assert a.n_vars >= 10_000
+    assert sum(a.var_names.str.startswith("MT-")) == 13
+    assert a.var_names.is_unique and {"gene_ids", "gene_symbols"} <= set(a.var.columns)
+    assert isinstance(a.X, sp.csr_matrix) and a.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X.data, np.round(a.X.data))
+    assert (a.layers["counts"] != a.X).nnz == 0
+    assert a.obs_names[0].startswith("S1_") and a.obs_names[0].endswith("-1")
+    assert len(a.obs["barcode"].iloc[0]) == 18  # 16 nt + "-1"
+    assert a.obs["condition"].iloc[0] == "sepsis" and a.obs["age"].iloc[0] == "60"
+    # one truth row per cell, joined on cell_id
+    assert truth["cell_id"].is_unique
+    obs_names = np.concatenate([ad_.obs_names for ad_ in adatas.values()])
+    assert set(obs_names) == set(truth["cell_id"])
+    t = truth.set_index("cell_id").loc[a.obs_names]
+    np.testing.assert_array_equal(t["total_counts"], np.asarray(a.X.sum(1)).ravel())
+    vocab = set(simulate.cell_type_table()["cell_type"])
+    assert set(truth["cell_type"]) <= vocab
+    assert {"Immature neutrophil", "Classical monocyte", "CD4 naive T"} <= set(truth["cell_type"])
+    for col in ("lineage", "is_doublet", "is_low_quality", *simulate.STATES):
+        assert col in truth.columns
+
+
+def test_nuisance_rates(cohort):
+    adatas, truth = cohort
+    assert 0.03 <= truth["is_doublet"].mean() <= 0.07
+    assert 0.03 <= truth["is_low_quality"].mean() <= 0.08
+    dbl = truth[truth["is_doublet"]]
+    assert (dbl["doublet_partner_type"] != dbl["cell_type"]).all()  # heterotypic
+    a = adatas["S1"]
+    t = truth.set_index("cell_id").loc[a.obs_names]
+    lib = np.asarray(a.X.sum(1)).ravel()
+    mt = np.asarray(a.X[:, a.var_names.str.startswith("MT-")].sum(1)).ravel() / lib
+    lowq = t["is_low_quality"].to_numpy()
+    assert 0.15 <= np.median(mt[lowq]) <= 0.6
+    assert np.median(mt[~lowq]) < 0.06
+    assert np.median(lib[lowq]) < 0.6 * np.median(lib[~lowq])
+    singlet = ~(lowq | t["is_doublet"].to_numpy())
+    assert np.median(lib[t["is_doublet"].to_numpy()]) > 1.3 * np.median(lib[singlet])
+
+
+def test_calibration_ranges(cohort):
+    """Real 10x PBMC (soupx_pbmc4k): median 3,897 UMIs, 1,236 genes, zero fraction 0.91."""
+    adatas, truth = cohort
+    a = adatas["S5"]  # a control sample
+    t = truth.set_index("cell_id").loc[a.obs_names]
+    clean = ~(t["is_doublet"] | t["is_low_quality"]).to_numpy()
+    x = a.X[clean]
+    lib = np.asarray(x.sum(1)).ravel()
+    genes = np.diff(x.indptr)
+    assert 3000 <= np.median(lib) <= 5500
+    assert 800 <= np.median(genes) <= 1700
+    assert 0.85 <= 1 - x.nnz / np.prod(x.shape) <= 0.95
+    # low-density neutrophils: low RNA but clear identity
+    neut = (t["lineage"] == "Neutrophil").to_numpy()
+    all_neut = truth["lineage"].eq("Neutrophil") & ~truth["is_doublet"] & ~truth["is_low_quality"]
+    nlib = truth.loc[all_neut, "total_counts"]
+    assert 500 <= nlib.median() <= 1500
+    assert neut.sum() > 0
+    fcgr3b = np.asarray(a[:, "FCGR3B"].X.todense()).ravel()
+    assert fcgr3b[neut & clean].mean() > 20 * fcgr3b[(t["lineage"] == "T").to_numpy()].mean()
+
+
+def test_calibration_against_real_pbmc(cohort):
+    import anndata as ad
+
+    real = ad.read_h5ad(shared_file("soupx_pbmc4k.h5ad"))
+    adatas, truth = cohort
+    a = adatas["S6"]
+    t = truth.set_index("cell_id").loc[a.obs_names]
+    real_lib = np.asarray(real.X.sum(1)).ravel()
+    real_genes = np.diff(real.X.tocsr().indptr)
+    for real_label, sim_types in [
+        ("T_CD4", ["CD4 naive T", "CD4 memory T"]),
+        ("B", ["naive B", "memory B"]),
+        ("NK", ["NK CD56dim"]),
+    ]:
+        rm = (real.obs["Annotation"] == real_label).to_numpy()
+        sm = (t["cell_type"].isin(sim_types) & ~t["is_doublet"] & ~t["is_low_quality"]).to_numpy()
+        sim_lib = np.asarray(a.X[sm].sum(1)).ravel()
+        ratio = np.median(sim_lib) / np.median(real_lib[rm])
+        assert 0.7 <= ratio <= 1.4, (real_label, ratio)
+        gratio = np.median(np.diff(a.X[sm].indptr)) / np.median(real_genes[rm])
+        assert 0.7 <= gratio <= 1.4, (real_label, gratio)
+
+
+def test_planted_sample_level_effects(cohort):
+    adatas, truth = cohort
+    cmono = truth["cell_type"] == "Classical monocyte"
+    ms1 = _by_condition(_fraction(truth, truth["ms1_like"], cmono), truth)
+    assert ms1["sepsis"] > 1.8 * ms1["control"]
+    mono_dc = truth["lineage"].isin(["Monocyte", "DC"])
+    hla = _by_condition(_fraction(truth, truth["hla_low"], mono_dc), truth)
+    assert hla["sepsis"] > 1.8 * hla["control"]
+    tcell = truth["lineage"] == "T"
+    exh = _by_condition(_fraction(truth, truth["exhausted"], tcell), truth)
+    assert exh["sepsis"] > 1.8 * exh["control"]
+    lymph = _by_condition(_fraction(truth, truth["lineage"].isin(["T", "NK", "B"])), truth)
+    assert lymph["sepsis"] < 0.8 * lymph["control"]
+    imm = _by_condition(_fraction(truth, truth["cell_type"] == "Immature neutrophil"), truth)
+    assert imm["sepsis"] > 2 * imm["control"]
+    trem2 = _by_condition(_fraction(truth, truth["trem2_high"]), truth)
+    assert trem2["sepsis"] > 1.5 * trem2["control"]
+    # not trivially perfect: donor variation makes samples within a condition differ
+    per_sample = _fraction(truth, truth["ms1_like"], cmono)
+    assert per_sample.groupby(truth.drop_duplicates("sample_id").set_index("sample_id")[
+        "condition"]).std().min() > 0.005  # fmt: skip
+
+
+def test_state_flags_match_expression(cohort):
+    adatas, truth = cohort
+    a = adatas["S1"]
+    t = truth.set_index("cell_id").loc[a.obs_names]
+    cp10k = sp.diags(1e4 / np.asarray(a.X.sum(1)).ravel()) @ a.X
+
+    def mean(gene: str, mask: np.ndarray) -> float:
+        return float(cp10k[mask][:, a.var_names.get_loc(gene)].mean())
+
+    ok = ~(t["is_doublet"] | t["is_low_quality"]).to_numpy()
+    cm = ok & (t["cell_type"] == "Classical monocyte").to_numpy()
+    ms1 = t["ms1_like"].to_numpy()
+    assert mean("RETN", cm & ms1) > 3 * mean("RETN", cm & ~ms1)
+    assert mean("IL1R2", cm & ms1) > 3 * mean("IL1R2", cm & ~ms1)
+    hla = t["hla_low"].to_numpy()
+    assert mean("HLA-DRA", cm & hla) < 0.6 * mean("HLA-DRA", cm & ~hla)
+    tc = ok & (t["lineage"] == "T").to_numpy()
+    exh = t["exhausted"].to_numpy()
+    assert mean("PDCD1", tc & exh) > 3 * mean("PDCD1", tc & ~exh)
+    assert mean("IL7R", tc & exh) < 0.6 * mean("IL7R", tc & ~exh)
+    tr = ok & t["trem2_high"].to_numpy()
+    if tr.any():
+        assert mean("TREM2", tr) > 10 * mean("TREM2", cm)
+
+
+def test_no_condition_effect_without_effects():
+    """effects=False: the condition label does not enter the model at all."""
+    sheet = _sheet(1)
+    swapped = sheet.assign(
+        condition=sheet["condition"].map({"sepsis": "control", "control": "sepsis"})
+    )
+    kw = dict(cells_per_sample=150, n_genes=N_GENES, seed=11)
+    a1, t1 = simulate.simulate_cohort(sheet, effects=False, **kw)
+    a2, t2 = simulate.simulate_cohort(swapped, effects=False, **kw)
+    for sid in a1:
+        assert (a1[sid].X != a2[sid].X).nnz == 0
+    cols = ["cell_type", *simulate.STATES]
+    pd.testing.assert_frame_equal(t1[cols], t2[cols])
+    # ... whereas with effects the same swap changes the cells
+    e1, _ = simulate.simulate_cohort(sheet, effects=True, **kw)
+    e2, _ = simulate.simulate_cohort(swapped, effects=True, **kw)
+    assert (e1["S1"].X != e2["S1"].X).nnz > 0
+
+
+def test_batch_effect_and_ambient():
+    sheet = pd.DataFrame(
+        {
+            "sample_id": ["A", "B", "C"],
+            "condition": "control",
+            "donor": ["D1", "D1", "D1"],
+            "batch": ["b1", "b1", "b2"],
+        }
+    )
+    kw = dict(cells_per_sample=600, n_genes=N_GENES, seed=5)
+    adatas, truth = simulate.simulate_cohort(sheet, batch_effect=0.5, **kw)
+
+    def logmean(a):
+        m = np.asarray(a.X.mean(0)).ravel()
+        return np.log(m + 0.05), m > 0.2
+
+    (la, ma), (lb, mb), (lc, mc) = (logmean(adatas[s]) for s in "ABC")
+    keep = ma & mb & mc
+    same = np.std((la - lb)[keep])
+    across = np.std((la - lc)[keep])
+    assert across > 1.5 * same
+    # ambient: monocyte transcripts leak into T cells
+    no_amb, t0 = simulate.simulate_cohort(sheet.iloc[:1], ambient=0.0, **kw)
+    hi_amb, t1 = simulate.simulate_cohort(sheet.iloc[:1], ambient=0.15, **kw)
+
+    def lyz_in_t(adatas, truth):
+        a = adatas["A"]
+        t = truth.set_index("cell_id").loc[a.obs_names]
+        m = ((t["lineage"] == "T") & ~t["is_doublet"]).to_numpy()
+        x = a[:, "LYZ"].X[m]
+        return float(x.sum() / a.X[m].sum())
+
+    assert lyz_in_t(hi_amb, t1) > 3 * lyz_in_t(no_amb, t0)
+
+
+def test_write_10x_h5_reads_back(tmp_path):
+    sheet = _sheet(1)
+    sheet["path"] = [
+        str(tmp_path / "data" / s / "filtered_feature_bc_matrix.h5") for s in sheet.sample_id
+    ]
+    out = simulate.write_demo_cohort(
+        sheet, truth_dir=tmp_path / "truth", cells_per_sample=100, n_genes=N_GENES, seed=2
+    )
+    truth = pd.read_csv(tmp_path / "truth" / "truth.tsv.gz", sep="\t")
+    assert (tmp_path / "truth" / "samples.tsv").exists()
+    adatas, _ = simulate.simulate_cohort(
+        sheet.drop(columns="path"), cells_per_sample=100, n_genes=N_GENES, seed=2
+    )
+    for row in out.itertuples():
+        back = io.read_counts(row.path)
+        ref = adatas[row.sample_id]
+        assert back.n_vars >= 10_000 and "MT-CO1" in back.var_names
+        assert (back.X != ref.layers["counts"]).nnz == 0
+        ing = io.ingest_sample(row.path, row._asdict(), organism="human")
+        assert set(ing.obs_names) == set(truth.loc[truth.sample_id == row.sample_id, "cell_id"])
+
+
+def test_write_mtx(tmp_path):
+    sheet = _sheet(1)
+    out = simulate.write_demo_cohort(
+        sheet, tmp_path, fmt="mtx", cells_per_sample=80, n_genes=N_GENES, seed=2
+    )
+    back = io.read_counts(out["path"].iloc[0])
+    assert back.n_obs == 80 and back.n_vars >= 10_000
+    assert (tmp_path / "truth.tsv.gz").exists()
+
+
+def test_mouse_variant_and_custom_labels():
+    sheet = _sheet(1, case="CLP", control="sham")
+    adatas, truth = simulate.simulate_cohort(
+        sheet, cells_per_sample=100, n_genes=N_GENES, seed=1, organism="mouse",
+        case="CLP", control="sham",
+    )  # fmt: skip
+    a = adatas["S1"]
+    assert {"mt-Co1", "Ptprc", "Cd3e", "Lyz2", "Ly6g", "H2-Ab1"} <= set(a.var_names)
+    assert not any(a.var_names.str.startswith("MT-"))
+    assert io.detect_organism(a.var_names) == "mouse"
+    assert set(truth["condition"]) == {"CLP", "sham"}
+    with pytest.raises(ValueError, match="neither case"):
+        simulate.simulate_cohort(sheet, cells_per_sample=50, n_genes=N_GENES)
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="lacks column"):
+        simulate.simulate_cohort(pd.DataFrame({"sample_id": ["a"]}))
+    with pytest.raises(ValueError, match="n_genes=100"):
+        simulate.simulate_cohort(_sheet(1), n_genes=100)
