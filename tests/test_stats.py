@@ -1,0 +1,236 @@
+"""Tests for sepsis_sc.stats: sample-level tables, condition effects, composition, targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_score import make_cohort
+
+from sepsis_sc import stats
+from sepsis_sc.score import score_states
+
+CASE, CONTROL = "sepsis", "control"
+
+
+@pytest.fixture(scope="module")
+def scored():
+    adata = make_cohort(n_case=4, n_control=4, cells_per_type=50, seed=1)
+    score_states(adata, organism="human", control=CONTROL)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def table(scored):
+    return stats.sample_table(scored, min_cells=20)
+
+
+def test_bh_fdr_matches_reference():
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.2])
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.2), "BH") = 0.04 0.0533 0.0533 0.2
+    np.testing.assert_allclose(stats.bh_fdr(p)[[0, 1, 2, 4]], [0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    assert np.isnan(stats.bh_fdr(p)[3])
+
+
+def test_sample_table_values(scored, table):
+    assert set(table["metric"]) == {"fraction", "mean_score", "pseudobulk_score"}
+    row = table[(table["state"] == "mono_hladr_low") & (table["metric"] == "mean_score")]
+    assert len(row) == 8  # one per sample
+    obs = scored.obs
+    s0 = obs[(obs["sample_id"] == "C0") & (obs["lineage"] == "Monocyte")]
+    r = row.set_index("sample_id").loc["C0"]
+    assert r["value"] == pytest.approx(s0["mono_hladr_low_score"].mean())
+    assert r["n_cells"] == len(s0)
+    frac = table[(table["state"] == "t_exhaustion") & (table["metric"] == "fraction")]
+    cd8 = obs[(obs["sample_id"] == "S1") & (obs["cell_type"] == "CD8 effector/memory T")]
+    f = frac.set_index("sample_id").loc["S1"]
+    assert f["n_cells"] == len(cd8)  # call population, not all T
+    assert f["value"] == pytest.approx(cd8["t_exhaustion"].astype(bool).mean())
+    assert (table["reason"] == "").all()
+    # states without a discrete call have no fraction rows
+    assert not ((table["state"] == "ifn_response") & (table["metric"] == "fraction")).any()
+
+
+def test_too_few_cells_gives_na_with_reason(scored):
+    small = scored[~((scored.obs["sample_id"] == "S0") & (scored.obs["lineage"] == "Monocyte"))
+                   | (np.arange(scored.n_obs) % 10 == 0)].copy()  # fmt: skip
+    tab = stats.sample_table(small, min_cells=20, states=["mono_hladr_low"])
+    s0 = tab[tab["sample_id"] == "S0"]
+    assert s0["value"].isna().all()
+    assert s0["reason"].str.contains("< min_cells=20").all()
+    eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
+    assert (eff["n_case"] == 3).all()
+    assert eff["note"].str.contains("1 sample").all()
+
+
+def test_planted_effects_detected_in_right_direction(table):
+    eff = stats.condition_effects(table, case=CASE, control=CONTROL)
+    e = eff.set_index(["state", "metric"])
+    for state in ("mono_hladr_low", "t_exhaustion", "trem2_high_macrophage"):
+        r = e.loc[(state, "fraction")]
+        assert r["fdr"] <= 0.05 and r["effect"] > 0 and r["ci_low"] > 0, state
+        assert r["test"] == "Welch t-test" and r["n_case"] == 4 and r["n_control"] == 4
+        assert r["mean_case"] > r["mean_control"]
+        assert "more frequent in sepsis" in r["meaning"]
+    r = e.loc[("ifn_response", "mean_score")]
+    assert r["fdr"] <= 0.05 and r["direction"] == "higher in sepsis"
+    # states without a planted effect are not called
+    assert e.loc[("neutrophil_immature", "mean_score"), "fdr"] > 0.05
+    assert e.loc[("dc_tolerogenic", "mean_score"), "fdr"] > 0.05
+    # BH over all tests: fdr >= p and monotone in p
+    assert (eff["fdr"] >= eff["pvalue"] - 1e-15).all()
+    order = np.argsort(eff["pvalue"].to_numpy())
+    assert np.all(np.diff(eff["fdr"].to_numpy()[order]) >= -1e-12)
+
+
+def test_welch_ci_and_p_match_scipy(table):
+    from scipy import stats as ss
+
+    eff = stats.condition_effects(table, case=CASE, control=CONTROL, metrics=["mean_score"])
+    r = eff.set_index("state").loc["ms1_monocyte"]
+    d = table[(table["state"] == "ms1_monocyte") & (table["metric"] == "mean_score")]
+    a = d.loc[d["condition"] == CASE, "value"]
+    b = d.loc[d["condition"] == CONTROL, "value"]
+    ref = ss.ttest_ind(a, b, equal_var=False)
+    assert r["pvalue"] == pytest.approx(ref.pvalue)
+    ci = ref.confidence_interval()
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high))
+    rank = stats.condition_effects(
+        table, case=CASE, control=CONTROL, test="rank", metrics=["mean_score"]
+    )
+    rr = rank.set_index("state").loc["ms1_monocyte"]
+    assert rr["pvalue"] == pytest.approx(ss.mannwhitneyu(a, b).pvalue)
+    assert rr["effect"] == pytest.approx(r["effect"])
+
+
+def test_paired_design_uses_paired_test():
+    adata = make_cohort(n_case=4, paired=True, cells_per_type=40, seed=2)
+    score_states(adata, control=CONTROL, states=["mono_hladr_low", "ifn_response"])
+    tab = stats.sample_table(adata)
+    eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
+    assert (eff["test"] == "paired t-test").all() and (eff["n_pairs"] == 4).all()
+    r = eff.set_index(["state", "metric"]).loc[("ifn_response", "mean_score")]
+    d = tab[(tab["state"] == "ifn_response") & (tab["metric"] == "mean_score")]
+    piv = d.pivot(index="donor", columns="condition", values="value")
+    from scipy import stats as ss
+
+    assert r["pvalue"] == pytest.approx(ss.ttest_rel(piv[CASE], piv[CONTROL]).pvalue)
+    unpaired = stats.condition_effects(tab, case=CASE, control=CONTROL, paired=False)
+    assert (unpaired["test"] == "Welch t-test").all()
+    assert unpaired["note"].str.contains("treated as independent").all()
+
+
+def test_fewer_than_two_samples_gives_effect_without_p(scored):
+    keep = scored.obs["sample_id"].isin(["C0", "C1", "C2", "S0"]).to_numpy()
+    tab = stats.sample_table(scored[keep].copy())
+    eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
+    assert eff["pvalue"].isna().all() and eff["fdr"].isna().all()
+    assert eff["effect"].notna().all()
+    assert eff["note"].str.contains("fewer than 2 samples in sepsis").all()
+    assert eff["meaning"].str.contains("no test").all()
+    with pytest.raises(ValueError, match="conditions present"):
+        stats.condition_effects(tab, case="sepsis", control="healthy")
+
+
+def _null_table(rng, n=4, donor_sd=0.3, cells=60, n_states=1):
+    """Sample-level values from a null model with donor variation and cell-level noise."""
+    rows = []
+    for cond, st in [(c, f"s{j}") for j in range(n_states) for c in (CASE, CONTROL)]:
+        for i in range(n):
+            p = 1 / (1 + np.exp(-(-2.0 + rng.normal(0, donor_sd))))
+            k = rng.binomial(cells, p)
+            base = dict(sample_id=f"{cond}{i}", condition=cond, donor=f"{cond}{i}", label="x",
+                        population="p", n_cells=cells, reason="")  # fmt: skip
+            rows.append(
+                {**base, "state": st, "metric": "fraction", "value": k / cells, "n_called": k}
+            )
+            score = rng.normal(0.2, 0.05) + rng.normal(0, 0.1, cells).mean()
+            rows.append(
+                {**base, "state": st, "metric": "mean_score", "value": score, "n_called": np.nan}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_null_false_positive_rate_near_alpha():
+    rng = np.random.default_rng(7)
+    eff = stats.condition_effects(_null_table(rng, n_states=200), case=CASE, control=CONTROL)
+    assert len(eff) == 400
+    fpr = np.mean(eff["pvalue"].to_numpy() < 0.05)
+    assert 0.01 < fpr < 0.08, fpr  # 400 tests; Welch on 4 vs 4 is slightly conservative (0.03)
+
+
+def test_null_cohort_end_to_end_few_false_positives():
+    hits = tests = 0
+    for seed in range(3):
+        adata = make_cohort(n_case=4, n_control=4, cells_per_type=40, effects=False, seed=10 + seed)
+        score_states(adata, control=CONTROL)
+        eff = stats.condition_effects(stats.sample_table(adata), case=CASE, control=CONTROL)
+        hits += int((eff["pvalue"] < 0.05).sum())
+        tests += int(eff["pvalue"].notna().sum())
+        assert not eff["significant"].any()
+    assert tests >= 60 and hits / tests <= 0.1, (hits, tests)
+
+
+def test_composition_test_planted_and_null():
+    adata = make_cohort(n_case=4, n_control=4, cells_per_type=50, seed=3)
+    comp = stats.composition_test(adata, case=CASE, control=CONTROL, level="lineage")
+    t = comp.set_index("label").loc["T"]
+    assert t["significant"] and t["effect"] < 0 and t["log2_prop_ratio"] < -0.5
+    assert "smaller in sepsis" in t["meaning"]
+    assert comp["design"].iloc[0] == "~ condition"
+    fp = 0
+    for seed in range(5):
+        null = make_cohort(n_case=4, n_control=4, cells_per_type=50, effects=False, seed=20 + seed)
+        c = stats.composition_test(null, case=CASE, control=CONTROL, level="cell_type")
+        fp += int((c["pvalue"] < 0.05).sum())
+    assert fp <= 3  # 30 null tests
+    asin = stats.composition_test(adata, case=CASE, control=CONTROL, transform="asin")
+    assert asin.set_index("label").loc["T", "significant"]
+
+
+def test_composition_paired_and_unreplicated():
+    adata = make_cohort(n_case=4, paired=True, cells_per_type=40, seed=4)
+    comp = stats.composition_test(adata, case=CASE, control=CONTROL)
+    assert "donor (3 blocks)" in comp["design"].iloc[0]
+    assert comp.set_index("label").loc["T", "significant"]
+    one = adata[adata.obs["donor"] == "D0"].copy()
+    c1 = stats.composition_test(one, case=CASE, control=CONTROL)
+    assert c1["pvalue"].isna().all() and c1["note"].str.contains("no residual").all()
+
+
+def test_therapy_targets_ranking(table):
+    eff = stats.condition_effects(table, case=CASE, control=CONTROL)
+    tt = stats.therapy_targets(eff)
+    t = tt.set_index("state")
+    assert t.loc["mono_hladr_low", "evidence"] == "supported"
+    assert t.loc["t_exhaustion", "evidence"] == "supported"
+    assert "PD-1" in t.loc["t_exhaustion", "therapy"]
+    assert t.loc["trem2_high_macrophage", "evidence"] == "opposite"  # more, not fewer
+    assert t.loc["neutrophil_immature", "evidence"] == "not significant"
+    assert tt["rank"].tolist() == list(range(1, len(tt) + 1))
+    ev = tt["evidence"].tolist()
+    assert ev.index("supported") == 0 and ev[-1] in ("not significant", "not tested")
+
+
+def test_figures_render(scored, table, tmp_path):
+    from sepsis_sc.plotting import savefig
+
+    rng = np.random.default_rng(0)
+    scored.obsm["X_umap"] = (
+        rng.normal(size=(scored.n_obs, 2)) + pd.factorize(scored.obs["cell_type"])[0][:, None] * 3
+    )
+    eff = stats.condition_effects(table, case=CASE, control=CONTROL)
+    tt = stats.therapy_targets(eff)
+    figs = {
+        "forest": stats.plot_forest(eff, case=CASE, control=CONTROL),
+        "points": stats.plot_sample_values(table, case=CASE, control=CONTROL, metric="fraction"),
+        "umap": stats.plot_score_umaps(scored, ["mono_hladr_low", "t_exhaustion", "ifn_response"]),
+        "composition": stats.plot_composition(scored, case=CASE, control=CONTROL),
+        "targets": stats.plot_therapy_targets(tt),
+    }
+    for name, fig in figs.items():
+        assert fig.axes, name
+        path = savefig(fig, tmp_path / f"{name}.png")
+        assert path.stat().st_size > 5000
+    with pytest.raises(KeyError, match="UMAP"):
+        stats.plot_score_umaps(scored[:, :].copy().__class__(scored.X[:5]))
