@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import shared_file
 from scipy import sparse
@@ -310,3 +311,33 @@ def test_real_pbmc4k_removed_fraction_and_reasons():
     # monocytes (higher healthy mito) are not removed as a population
     mnp = obs["Annotation"] == "MNP"
     assert obs.loc[mnp, "qc_outlier"].mean() < 0.15
+
+
+def test_simulated_cohort_targets():
+    """On the planted-truth demo cohort: low-quality recall, doublet AUROC, neutrophils kept."""
+    from sepsis_sc.simulate import simulate_cohort
+
+    sheet = pd.DataFrame(
+        {
+            "sample_id": ["S0", "S1"],
+            "condition": ["sepsis", "control"],
+            "donor": ["D0", "D1"],
+            "batch": ["b1", "b2"],
+        }
+    )
+    adatas, truth = simulate_cohort(sheet, cells_per_sample=1000, n_genes=4000, seed=0)
+    truth = truth.set_index("cell_id")
+    obs = []
+    for adata in adatas.values():
+        qc.run_qc(adata, seed=0)
+        obs.append(adata.obs)
+    obs = pd.concat(obs)
+    tr = truth.loc[obs.index]
+    low_q, dbl = tr["is_low_quality"].to_numpy(), tr["is_doublet"].to_numpy()
+    removed = obs["qc_outlier"].to_numpy()
+    assert removed[low_q].mean() >= 0.90
+    assert roc_auc_score(dbl, obs["doublet_score"]) >= 0.85
+    neut = (tr["lineage"] == "Neutrophil").to_numpy() & ~low_q & ~dbl
+    assert neut.sum() > 50
+    assert (~removed[neut]).mean() >= 0.90
+    assert removed[~low_q & ~dbl].mean() < 0.05  # intact singlets are rarely removed

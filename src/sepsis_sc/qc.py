@@ -24,15 +24,17 @@ analysis across modalities") and its online book:
    lymphocytes and monocytes. A cell that fails *only* the lower count/gene thresholds is
    kept, and marked ``obs["low_rna_immune"] = True``, when all of these hold:
 
-   * its mitochondrial percentage is low (at or below the sample's median, or below
+   * its mitochondrial percentage is low (within the sample's median + 2 MADs, or below
      ``rescue_max_pct_mt``): damaged cells lose cytoplasmic RNA and keep mitochondrial RNA,
      so high-mito cells are never rescued;
    * it is not a predicted doublet and it has at least ``rescue_min_counts`` UMIs and
      ``rescue_min_genes`` genes (below that it is an empty droplet whatever it contains);
    * its UMIs carry a clear immune identity: at least ``rescue_min_markers`` distinct
-     genes of a marker set are detected (default: neutrophil markers FCGR3B, CSF3R,
+     genes of a marker set are detected (defaults: neutrophil markers FCGR3B, CSF3R,
      CXCR2, CMTM2, FPR1, S100A8/9/12, G0S2, NAMPT ...; mouse Ly6g, S100a8/9, Retnlg,
-     Ngp, Camp, Ltf ...), and the fraction of its UMIs in the set is at least
+     Ngp, Camp, Ltf ...; and platelet markers PPBP, PF4, GP9, ITGA2B, TUBB1 ..., because
+     platelets are also low-RNA and their expansion is a sepsis read-out, Qiu et al.
+     2021), and the fraction of its UMIs in the set is at least
      ``rescue_min_enrichment`` times the pooled fraction in the sample's passing cells,
      with a one-sided binomial test against that pooled fraction below ``rescue_alpha``.
      The pooled profile of the sample stands in for ambient RNA: an empty or broken
@@ -100,19 +102,22 @@ DEFAULT_NMADS: dict[str, float] = {
 }
 
 #: marker sets for the low-RNA immune rescue (biology reference §1.2, neutrophil row:
-#: Wigerblad 2022 PMID 35858733; Kwok 2023 PMID 37095375; mouse Xie 2020 GSE137539)
+#: Wigerblad 2022 PMID 35858733; Kwok 2023 PMID 37095375; mouse Xie 2020 GSE137539;
+#: platelet row: Azimuth PBMC, Hao 2021 PMID 34062119)
 RESCUE_MARKERS: dict[str, dict[str, list[str]]] = {
     "human": {
         "neutrophil": [
             "FCGR3B", "CSF3R", "CXCR2", "CXCR1", "CMTM2", "FPR1", "MNDA", "S100A8",
             "S100A9", "S100A12", "G0S2", "NAMPT", "PROK2",
         ],
+        "platelet": ["PPBP", "PF4", "GP9", "ITGA2B", "TUBB1", "GNG11", "NRGN", "CAVIN2", "CLU"],
     },
     "mouse": {
         "neutrophil": [
             "Ly6g", "S100a8", "S100a9", "Retnlg", "Cxcr2", "Csf3r", "Ngp", "Camp", "Ltf",
             "Lcn2", "Mmp9", "G0s2",
         ],
+        "platelet": ["Ppbp", "Pf4", "Itga2b", "Gp9", "Gp1bb", "Tubb1"],
     },
 }  # fmt: skip
 
@@ -751,7 +756,8 @@ def rescue_low_rna_immune(
         Marker sets ``{name: [genes]}``; default :data:`RESCUE_MARKERS` for the organism.
     max_pct_mt
         Highest mitochondrial percentage a rescued cell may have; ``None`` uses the
-        sample's median ``pct_counts_mt``.
+        sample's median ``pct_counts_mt`` + 2 MADs (the typical range of intact cells;
+        broken cells lose cytoplasmic RNA and sit far above it).
     min_counts, min_genes
         Absolute floors below which a droplet is never rescued.
     min_markers
@@ -813,7 +819,11 @@ def rescue_low_rna_immune(
                 ref = in_sample
             p0 = float(k[ref].sum() / max(total[ref].sum(), 1.0))
             p0 = max(p0, 1e-6)
-            mt_cap = float(np.nanmedian(pct_mt[in_sample])) if max_pct_mt is None else max_pct_mt
+            if max_pct_mt is None:
+                mt_in = pct_mt[in_sample]
+                mt_cap = float(np.nanmedian(mt_in) + 2 * _mad(mt_in))
+            else:
+                mt_cap = float(max_pct_mt)
             cand = (
                 in_sample
                 & only_low
