@@ -500,6 +500,13 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _sim_defaults() -> dict[str, Any]:
+    import inspect
+
+    sig = inspect.signature(simulate_cohort)
+    return {k: v.default for k, v in sig.parameters.items() if v.default is not inspect._empty}
+
+
 def simulate_cohort(
     samples: pd.DataFrame,
     *,
@@ -557,6 +564,51 @@ def simulate_cohort(
         ``is_low_quality``, the state flags in :data:`STATES`, ``total_counts``.
     """
     t0 = time.perf_counter()
+    adatas: dict[str, ad.AnnData] = {}
+    truths = []
+    for sid, adata, truth in _iter_cohort(
+        samples,
+        cells_per_sample=cells_per_sample,
+        n_genes=n_genes,
+        effects=effects,
+        batch_effect=batch_effect,
+        ambient=ambient,
+        low_quality_rate=low_quality_rate,
+        doublets=doublets,
+        seed=seed,
+        organism=organism,
+        case=case,
+        control=control,
+    ):
+        adatas[sid] = adata
+        truths.append(truth)
+    truth = pd.concat(truths, ignore_index=True)
+    logger.info(
+        "simulated %d samples, %d cells x %d genes in %.1f s",
+        len(adatas),
+        len(truth),
+        next(iter(adatas.values())).n_vars if adatas else 0,
+        time.perf_counter() - t0,
+    )
+    return adatas, truth
+
+
+def _iter_cohort(
+    samples: pd.DataFrame,
+    *,
+    cells_per_sample: int,
+    n_genes: int,
+    effects: bool,
+    batch_effect: float,
+    ambient: float,
+    low_quality_rate: float,
+    doublets: bool,
+    seed: int,
+    organism: str,
+    case: str,
+    control: str,
+):
+    """Yield ``(sample_id, AnnData, truth)`` one sample at a time (bounded memory)."""
     samples = samples.reset_index(drop=True).copy()
     _check_sheet(samples, case, control)
     if organism not in ("human", "mouse"):
@@ -599,10 +651,13 @@ def simulate_cohort(
     type_idx_of = {t: k for k, t in enumerate(types)}
     is_mt = np.asarray(gene_table["gene_symbol"].str.startswith("MT-"))
 
-    adatas: dict[str, ad.AnnData] = {}
-    truths = []
-    for row, sseed in zip(samples.itertuples(index=False), sample_seeds):
-        row = row._asdict()
+    if organism == "mouse":
+        mouse = pd.Series(_mouse_symbols(list(gene_table["gene_symbol"])), dtype=object)
+        # genes without a mouse name are dropped; on a name collision the first gene wins
+        keep_g = (mouse.notna() & ~mouse.duplicated()).to_numpy()
+        mouse_names = pd.Index(mouse[keep_g].astype(str))
+
+    for row, sseed in zip(samples.to_dict("records"), sample_seeds):
         rng = np.random.default_rng(sseed)
         sid, cond, donor, batch = (
             str(row[k]) for k in ("sample_id", "condition", "donor", "batch")
@@ -738,27 +793,12 @@ def simulate_cohort(
             "ambient": float(ambient),
             "organism": organism,
         }
-        adatas[sid] = adata
-        truths.append(truth)
-
-    if organism == "mouse":
-        mouse = pd.Series(_mouse_symbols(list(gene_table["gene_symbol"])), dtype=object)
-        # genes without a mouse name are dropped; on a name collision the first gene wins
-        keep_g = (mouse.notna() & ~mouse.duplicated()).to_numpy()
-        names = pd.Index(mouse[keep_g].astype(str))
-        for sid, adata in adatas.items():
-            sub = adata[:, keep_g].copy()
-            sub.var = pd.DataFrame({"gene_ids": "", "gene_symbols": np.asarray(names)}, index=names)
-            adatas[sid] = sub
-    truth = pd.concat(truths, ignore_index=True)
-    logger.info(
-        "simulated %d samples, %d cells x %d genes in %.1f s",
-        len(adatas),
-        len(truth),
-        next(iter(adatas.values())).n_vars if adatas else 0,
-        time.perf_counter() - t0,
-    )
-    return adatas, truth
+        if organism == "mouse":
+            adata = adata[:, keep_g].copy()
+            adata.var = pd.DataFrame(
+                {"gene_ids": "", "gene_symbols": np.asarray(mouse_names)}, index=mouse_names
+            )
+        yield sid, adata, truth
 
 
 def write_demo_cohort(
@@ -808,11 +848,19 @@ def write_demo_cohort(
         else:
             sheet["path"] = default
     truth_dir = Path(truth_dir if truth_dir is not None else (outdir or "."))
-    adatas, truth = simulate_cohort(sheet.drop(columns=["path"]), **simulate_kwargs)
-    genome = "mm10" if simulate_kwargs.get("organism") == "mouse" else "GRCh38"
+    params = _sim_defaults()
+    unknown = set(simulate_kwargs) - set(params)
+    if unknown:
+        raise TypeError(f"unknown simulate_cohort argument(s): {sorted(unknown)}")
+    params.update(simulate_kwargs)
+    genome = "mm10" if params["organism"] == "mouse" else "GRCh38"
+    paths = dict(zip(sheet["sample_id"].astype(str), sheet["path"].astype(str)))
     written = []
-    for sid, path in zip(sheet["sample_id"].astype(str), sheet["path"].astype(str)):
-        adata = adatas[sid]
+    truths = []
+    # one sample in memory at a time, so large benchmark cohorts fit
+    for sid, adata, truth in _iter_cohort(sheet.drop(columns=["path"]), **params):
+        truths.append(truth)
+        path = paths[sid]
         barcodes = adata.obs["barcode"].astype(str).to_numpy()
         ids = adata.var["gene_ids"].to_numpy()
         syms = adata.var["gene_symbols"].to_numpy()
@@ -834,7 +882,9 @@ def write_demo_cohort(
             target = folder
         written.append(str(target))
         logger.info("wrote %s (%d cells)", target, adata.n_obs)
+        del adata
     sheet["path"] = written
+    truth = pd.concat(truths, ignore_index=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     truth.to_csv(truth_dir / "truth.tsv.gz", sep="\t", index=False)
     sheet.to_csv(truth_dir / "samples.tsv", sep="\t", index=False)
