@@ -110,3 +110,14 @@ def test_demo_sheet_is_valid(repo_root):
     assert samples["batch"].nunique() == 2
     # the batch is not confounded with condition
     assert (samples.groupby("batch")["condition"].nunique() == 2).all()
+
+
+def test_command_line_strings_are_coerced_to_schema_types():
+    cfg = validate_config(
+        {"integration": {"max_epochs": "30", "early_stopping": "false"}, "qc": {"max_pct_mt": "null"}}
+    )
+    assert cfg["integration"]["max_epochs"] == 30
+    assert cfg["integration"]["early_stopping"] is False
+    assert cfg["qc"]["max_pct_mt"] is None
+    with pytest.raises(ConfigError, match="integration.max_epochs"):
+        validate_config({"integration": {"max_epochs": "thirty"}})

@@ -142,6 +142,7 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
     """
     schema = schema if schema is not None else load_schema("config")
     instance = yaml.safe_load(yaml.safe_dump(dict(config)))  # deep copy, plain types
+    instance = _coerce(instance, schema)
     validator = _DefaultFillingValidator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
@@ -149,6 +150,40 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
         raise ConfigError(_explain(best, "config"))
     _check_semantics(instance)
     return instance
+
+
+def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
+    """Turn command-line strings into the types the schema asks for.
+
+    ``snakemake --config integration="{max_epochs: 30}"`` delivers nested values as strings
+    ('30'); they are parsed as YAML scalars where the schema expects a number, boolean or
+    null, so command-line overrides behave like the same values written in the file.
+    """
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        return {k: _coerce(v, props.get(k, {})) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_coerce(v, schema.get("items", {})) for v in value]
+    if isinstance(value, str):
+        types = schema.get("type", [])
+        types = [types] if isinstance(types, str) else list(types)
+        if "string" in types or not types:
+            return value
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, bool) and "boolean" in types:
+            return parsed
+        if parsed is None and "null" in types:
+            return None
+        if isinstance(parsed, int) and not isinstance(parsed, bool) and {"integer", "number"} & set(types):
+            return parsed
+        if isinstance(parsed, float) and "number" in types:
+            return parsed
+        if isinstance(parsed, (list, dict)) and {"array", "object"} & set(types):
+            return _coerce(parsed, schema)
+    return value
 
 
 def _check_semantics(config: dict[str, Any]) -> None:

@@ -1353,8 +1353,9 @@ def plot_qc_violins(
         ("n_genes_by_counts", "genes per cell", "min_genes", "max_genes", True),
         ("pct_counts_mt", "mitochondrial UMIs (%)", None, "max_pct_mt", False),
     ]
-    width = max(7.5, 1.1 * len(order) * 3)
-    fig, axes = plt.subplots(1, 3, figsize=(min(width, 24), 3.6))
+    # one panel per metric, stacked, so sample names stay readable for large cohorts
+    width = min(max(6.0, 0.55 * len(order) + 1.5), 20)
+    fig, axes = plt.subplots(3, 1, figsize=(width, 8.4), sharex=True)
     for ax, (col, label, lo, hi, log) in zip(axes, panels):
         data = [obs.loc[(samples == s).to_numpy(), col].to_numpy(dtype=float) for s in order]
         if log:
@@ -1376,11 +1377,10 @@ def plot_qc_violins(
         ax.set_xticks(range(1, len(order) + 1))
         ax.set_xticklabels(order, rotation=45 if len(order) > 3 else 0, ha="right")
         ax.set_ylabel(f"log10 {label}" if log else label)
-        ax.set_title(label)
     axes[0].plot([], [], color="#c0392b", ls="--", label="lower threshold")
     axes[0].plot([], [], color="#c0392b", ls="-", label="upper threshold")
-    axes[0].legend(loc="lower left", frameon=False)
-    fig.suptitle("QC metrics per sample with per-sample thresholds", y=1.02)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    axes[0].set_title("QC metrics per sample, with each sample's own thresholds")
     fig.tight_layout()
     return savefig(fig, path)
 

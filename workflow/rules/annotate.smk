@@ -14,6 +14,8 @@ rule annotate:
     params:
         annotation=config["annotation"],
         organism=config["organism"],
+        use_rep=EMBEDDING_KEYS[config["integration"]["method"]],
+        seed=config["seed"],
     threads: config["resources"]["threads"]
     log:
         f"{LOGS}/annotate.log",

@@ -14,7 +14,7 @@ rule cluster:
         markers=f"{RESULTS}/cluster/markers.tsv",
     params:
         clustering=config["clustering"],
-        use_rep=config["integration"]["method"],
+        use_rep=EMBEDDING_KEYS[config["integration"]["method"]],
         seed=config["seed"],
     threads: config["resources"]["threads"]
     log:

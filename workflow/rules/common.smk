@@ -17,16 +17,33 @@ config.update(_validated)
 
 samples = validate_samples(load_samples(config["samples"]), config)
 SAMPLES = list(samples.index)
+# obsm key of each integration method (= sepsis_sc.integrate.EMBEDDING_KEYS; not imported
+# here because importing scanpy at parse time would slow every dry run by ~10 s)
+EMBEDDING_KEYS = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
 RESULTS = f"results/{config['run_name']}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 
 def demo_sample_paths():
-    """Inputs the demo simulator writes (empty unless demo.simulate is set)."""
+    """Inputs the demo simulator writes: sheet paths inside demo.dir (when demo.simulate).
+
+    Paths elsewhere are real data and are never simulated, so running a real cohort with
+    `--config samples=...` cannot overwrite it with simulated counts.
+    """
     if not config["demo"]["simulate"]:
         return []
-    return [samples.loc[s, "path"] for s in SAMPLES]
+    demo_dir = Path(config["demo"]["dir"]).resolve()
+    return [
+        samples.loc[s, "path"]
+        for s in SAMPLES
+        if demo_dir in Path(samples.loc[s, "path"]).resolve().parents
+    ]
+
+
+def demo_sheet():
+    """The sheet rows the demo simulator writes."""
+    return samples[samples["path"].isin(demo_sample_paths())]
 
 
 check_sample_inputs(

@@ -1,15 +1,15 @@
 # The simulated demo cohort: written as per-sample 10x HDF5 files, then ingested like real data.
 
 
-if config["demo"]["simulate"]:
+if demo_sample_paths():
 
     rule simulate_demo:
         output:
             samples=demo_sample_paths(),
-            truth=f"{config['demo']['truth_dir']}/truth.tsv.gz",
-            sheet=f"{config['demo']['truth_dir']}/samples.tsv",
+            truth=f"{config['demo']['dir']}/truth.tsv.gz",
+            sheet=f"{config['demo']['dir']}/samples.tsv",
         params:
-            sheet=samples,
+            sheet=demo_sheet(),
             cells_per_sample=config["demo"]["cells_per_sample"],
             n_genes=config["demo"]["n_genes"],
             effects=config["demo"]["effects"],

@@ -1,0 +1,28 @@
+"""Snakemake script (rule annotate): hierarchical marker-based immune annotation."""
+
+import anndata as ad
+
+from sepsis_sc.annotate import annotate
+from sepsis_sc.utils import setup_logging, write_h5ad, write_table
+
+setup_logging(snakemake.log[0])
+
+a = snakemake.params.annotation
+adata = ad.read_h5ad(snakemake.input[0])
+summary = annotate(
+    adata,
+    organism="auto",
+    expected_organism=snakemake.params.organism,
+    cluster_key=a["cluster_key"],
+    markers=a["markers"],
+    use_rep=snakemake.params.use_rep,
+    seed=snakemake.params.seed,
+)
+if a["celltypist_model"]:
+    from sepsis_sc.annotate import annotate_celltypist, annotation_agreement
+
+    annotate_celltypist(adata, a["celltypist_model"])
+    agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
+    write_table(agreement, snakemake.output.table.replace(".tsv", ".celltypist_agreement.tsv"))
+write_table(summary, snakemake.output.table)
+write_h5ad(adata, snakemake.output.h5ad)

@@ -1,0 +1,58 @@
+"""Snakemake script (rule integrate): scVI (or Harmony / PCA) latent spaces on shared HVGs."""
+
+import logging
+
+import anndata as ad
+
+from sepsis_sc.integrate import integrate, select_hvgs
+from sepsis_sc.utils import dump_yaml, setup_logging, write_h5ad
+
+setup_logging(snakemake.log[0])
+log = logging.getLogger("integrate")
+
+cfg = snakemake.params.integration
+seed = snakemake.params.seed
+adata = ad.read_h5ad(snakemake.input[0])
+select_hvgs(adata, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_key"])
+
+method_kwargs = {
+    "scvi": {
+        "categorical_covariates": cfg["categorical_covariates"],
+        "continuous_covariates": cfg["continuous_covariates"],
+        "n_latent": cfg["n_latent"],
+        "max_epochs": cfg["max_epochs"],
+        "early_stopping": cfg["early_stopping"],
+        "batch_size": cfg["batch_size"],
+        "accelerator": cfg["accelerator"],
+        "model_dir": snakemake.output.model,
+        "threads": snakemake.threads,
+    },
+    "harmony": {},
+    "pca": {},
+}
+records = {}
+for method in snakemake.params.methods:  # the downstream method first
+    key = integrate(
+        adata,
+        method=method,
+        batch_key=cfg["batch_key"],
+        n_hvg=cfg["n_hvg"],
+        n_pcs=cfg["n_pcs"],
+        seed=seed,
+        **method_kwargs[method],
+    )
+    records[method] = dict(adata.uns["integration"], embedding=key)
+    log.info("%s -> obsm[%r] on %s", method, key, records[method].get("device"))
+
+main = snakemake.params.methods[0]
+adata.uns["integration"] = records[main]
+adata.uns["integration_runs"] = {m: {k: v for k, v in r.items() if v is not None} for m, r in records.items()}
+if main != "scvi":  # keep the declared output directory even without a scVI model
+    import pathlib
+
+    pathlib.Path(snakemake.output.model, "NOT_TRAINED.txt").parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(snakemake.output.model, "NOT_TRAINED.txt").write_text(
+        f"integration.method is {main!r}; no scVI model was trained.\n"
+    )
+dump_yaml({"method": main, **records[main], "runs": records}, snakemake.output.record)
+write_h5ad(adata, snakemake.output.h5ad)

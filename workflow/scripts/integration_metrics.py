@@ -1,0 +1,39 @@
+"""Snakemake script (rule integration_metrics): scib-style metrics and UMAPs per method."""
+
+import anndata as ad
+
+from sepsis_sc.integrate import (
+    EMBEDDING_KEYS,
+    integration_metrics,
+    plot_embedding_umaps,
+    plot_integration_metrics,
+)
+from sepsis_sc.plotting import set_style
+from sepsis_sc.utils import setup_logging, write_table
+
+setup_logging(snakemake.log[0])
+set_style()
+
+p = snakemake.params
+adata = ad.read_h5ad(snakemake.input[0])
+keys = [EMBEDDING_KEYS[m] for m in p.methods]
+label_key = p.label_key if p.label_key and p.label_key in adata.obs else None
+table = integration_metrics(
+    adata,
+    embed_keys=keys,
+    batch_key=p.batch_key,
+    label_key=label_key,
+    n_neighbors=p.n_neighbors,
+    seed=p.seed,
+)
+write_table(table, snakemake.output.table)
+plot_integration_metrics(table, snakemake.output.figure)
+plot_embedding_umaps(
+    adata,
+    snakemake.output.umaps,
+    embed_keys=keys,
+    batch_key=p.batch_key,
+    label_key=label_key,
+    n_neighbors=p.n_neighbors,
+    seed=p.seed,
+)

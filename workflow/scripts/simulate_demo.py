@@ -1,0 +1,20 @@
+"""Snakemake script (rule simulate_demo): write the simulated demo cohort as 10x HDF5 files."""
+
+from sepsis_sc.simulate import write_demo_cohort
+from sepsis_sc.utils import setup_logging
+
+setup_logging(snakemake.log[0])
+
+p = snakemake.params
+write_demo_cohort(
+    p.sheet.reset_index(drop=True),
+    truth_dir=snakemake.output.truth.rsplit("/", 1)[0],
+    fmt="10x_h5",
+    cells_per_sample=p.cells_per_sample,
+    n_genes=p.n_genes,
+    effects=p.effects,
+    organism=p.organism,
+    case=p.case,
+    control=p.control,
+    seed=p.seed,
+)
