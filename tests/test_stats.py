@@ -61,6 +61,10 @@ def test_too_few_cells_gives_na_with_reason(scored):
     eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
     assert (eff["n_case"] == 3).all()
     assert eff["note"].str.contains("1 sample").all()
+    none = stats.sample_table(small, min_cells=10_000, states=["mono_hladr_low"])
+    assert none["value"].isna().all()
+    e2 = stats.condition_effects(none, case=CASE, control=CONTROL)
+    assert e2["pvalue"].isna().all() and e2["note"].str.contains("no sample with enough").all()
 
 
 def test_planted_effects_detected_in_right_direction(table):
@@ -234,3 +238,61 @@ def test_figures_render(scored, table, tmp_path):
         assert path.stat().st_size > 5000
     with pytest.raises(KeyError, match="UMAP"):
         stats.plot_score_umaps(scored[:, :].copy().__class__(scored.X[:5]))
+
+
+# --------------------------------------------------------------------------------------
+# the project's simulator (planted truth): effects found, null cohort clean
+# --------------------------------------------------------------------------------------
+def _simulated(effects: bool, seed: int = 0, n: int = 6):
+    simulate = pytest.importorskip("sepsis_sc.simulate")
+    import anndata as ad
+
+    sheet = pd.DataFrame(
+        {
+            "sample_id": [f"C{i}" for i in range(n)] + [f"S{i}" for i in range(n)],
+            "condition": [CONTROL] * n + [CASE] * n,
+            "donor": [f"DC{i}" for i in range(n)] + [f"DS{i}" for i in range(n)],
+            "batch": ["b1", "b2"] * n,
+        }
+    )
+    ads, truth = simulate.simulate_cohort(
+        sheet, cells_per_sample=600, n_genes=3000, effects=effects, seed=seed
+    )
+    adata = ad.concat(list(ads.values()))
+    truth = truth.set_index("cell_id").loc[adata.obs_names]
+    keep = ~(truth["is_doublet"] | truth["is_low_quality"]).to_numpy()
+    adata, truth = adata[keep].copy(), truth[keep]
+    adata.obs["lineage"] = truth["lineage"].to_numpy()  # truth labels stand in for annotate
+    adata.obs["cell_type"] = truth["cell_type"].to_numpy()
+    rules = score_states(adata, control=CONTROL).set_index("state")
+    return adata, truth, rules
+
+
+def test_simulator_planted_effects_found_at_fdr_005():
+    adata, truth, rules = _simulated(effects=True)
+    # 3,000 simulated genes hold only 8 of the 25 IFN genes: skipped and reported
+    assert rules.loc["ifn_response", "status"] == "skipped"
+    # calls agree with the planted per-cell truth
+    c = adata.obs["mono_hladr_low"].dropna().astype(bool)
+    assert truth.loc[c.index[c], "hla_low"].mean() > 0.9
+    eff = stats.condition_effects(stats.sample_table(adata), case=CASE, control=CONTROL)
+    e = eff.set_index(["state", "metric"])
+    for key in [("mono_hladr_low", "fraction"), ("mono_hladr_low", "pseudobulk_score"),
+                ("ms1_monocyte", "mean_score"), ("ms1_monocyte", "pseudobulk_score"),
+                ("cytokine_storm", "pseudobulk_score")]:  # fmt: skip
+        assert e.loc[key, "fdr"] <= 0.05 and e.loc[key, "effect"] > 0, key
+    comp = stats.composition_test(adata, case=CASE, control=CONTROL, level="cell_type")
+    c = comp.set_index("label")
+    for label in ("Classical monocyte", "Immature neutrophil", "TREM2-high macrophage"):
+        assert c.loc[label, "fdr"] <= 0.05 and c.loc[label, "effect"] > 0, label
+    assert c.loc["CD4 naive T", "effect"] < 0
+
+
+def test_simulator_null_cohort_has_no_findings():
+    adata, _, _ = _simulated(effects=False, seed=1)
+    eff = stats.condition_effects(stats.sample_table(adata), case=CASE, control=CONTROL)
+    comp = stats.composition_test(adata, case=CASE, control=CONTROL, level="cell_type")
+    p = np.concatenate([eff["pvalue"].dropna(), comp["pvalue"].dropna()])
+    assert len(p) >= 30
+    assert np.mean(p < 0.05) <= 0.1  # measured: 1 of 34
+    assert not eff["significant"].any() and not comp["significant"].any()

@@ -312,6 +312,8 @@ def _pseudobulk_scores(
 # --------------------------------------------------------------------------------------
 def _donor_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Sample values on the test scale, averaged per donor x condition."""
+    if df.empty:
+        return pd.DataFrame(columns=["donor", "condition", "y", "raw", "n_samples"])
     if metric == "fraction":
         y = np.log2((df["n_called"].to_numpy(float) + 0.5) / (df["n_cells"].to_numpy(float) + 1.0))
     else:
@@ -518,6 +520,8 @@ def condition_effects(
                 if test == "rank" and np.isfinite(p):
                     p = stats.mannwhitneyu(a, b, alternative="two-sided").pvalue
             test_name = "Welch t-test" if test == "t" else "Mann-Whitney U"
+        if not len(a_df) or not len(b_df):
+            notes.append("no sample with enough cells in one condition")
         if not np.isfinite(p) and not notes:
             notes.append("no between-donor variance: no p-value")
         rows.append(
