@@ -121,3 +121,13 @@ def test_command_line_strings_are_coerced_to_schema_types():
     assert cfg["qc"]["max_pct_mt"] is None
     with pytest.raises(ConfigError, match="integration.max_epochs"):
         validate_config({"integration": {"max_epochs": "thirty"}})
+
+
+def test_config_readme_documents_every_key(repo_root):
+    """config/README.md embeds the tables generated from the schemas (regenerate if this fails:
+    see the comment in the file)."""
+    from sepsis_sc.config import schema_markdown
+
+    text = (repo_root / "config" / "README.md").read_text()
+    assert schema_markdown("config") in text
+    assert schema_markdown("samples") in text

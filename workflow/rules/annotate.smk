@@ -11,6 +11,7 @@ rule annotate:
             caption="../report/cell_types_table.rst",
             category="4. Annotation",
         ),
+        **celltypist_outputs(),
     params:
         annotation=config["annotation"],
         organism=config["organism"],

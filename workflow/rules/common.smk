@@ -94,6 +94,13 @@ def integration_methods():
     return methods
 
 
+def celltypist_outputs():
+    """The CellTypist agreement table, declared only when a model is configured."""
+    if not config["annotation"]["celltypist_model"]:
+        return {}
+    return {"agreement": f"{RESULTS}/annotate/celltypist_agreement.tsv"}
+
+
 def final_outputs():
     """Every file `rule all` asks for."""
     return [

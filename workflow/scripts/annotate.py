@@ -23,6 +23,6 @@ if a["celltypist_model"]:
 
     annotate_celltypist(adata, a["celltypist_model"])
     agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
-    write_table(agreement, snakemake.output.table.replace(".tsv", ".celltypist_agreement.tsv"))
+    write_table(agreement, snakemake.output.agreement)
 write_table(summary, snakemake.output.table)
 write_h5ad(adata, snakemake.output.h5ad)
