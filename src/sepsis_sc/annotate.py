@@ -453,18 +453,25 @@ def _weight_matrix(
     down_weight: float,
     min_genes: int,
 ) -> tuple[np.ndarray, list[int], list[dict[str, Any]]]:
-    """Genes x sets signed weights: +1/n_up per up-gene, -down_weight/n_down per down-gene."""
+    """Genes x sets signed weights: +1/n_up per up-gene, -down_weight/n_down per down-gene.
+
+    ``n_up`` is the number of up-genes found, but at least half of the set's size: a set of
+    which most genes are missing from the data (gene panel, filtered genes) is shrunk towards
+    0 instead of being represented by its few generic genes (e.g. S100A8/9 for neutrophils).
+    """
     W = np.zeros((len(gene_order), len(sets)), dtype=np.float32)
     kept: list[int] = []
     report = []
+    skipped = []
     for j, s in enumerate(sets):
         up = [g for g in dict.fromkeys(s["up"]) if g in gene_pos]
         down = [g for g in dict.fromkeys(s["down"]) if g in gene_pos and g not in up]
+        n_up_total = len(dict.fromkeys(s["up"]))
         report.append(
             {
                 "set": s["name"],
                 "target": s["target"],
-                "n_up": len(s["up"]),
+                "n_up": n_up_total,
                 "n_up_found": len(up),
                 "n_down": len(s["down"]),
                 "n_down_found": len(down),
@@ -472,18 +479,21 @@ def _weight_matrix(
             }
         )
         if len(up) < min_genes:
-            logger.warning(
-                "marker set %s: only %d of %d up-genes found; set skipped",
-                s["name"],
-                len(up),
-                len(s["up"]),
-            )
+            skipped.append(f"{s['name']} ({len(up)}/{n_up_total})")
             continue
+        denom = max(len(up), int(np.ceil(0.5 * n_up_total)))
         for g in up:
-            W[gene_order[g], j] += 1.0 / len(up)
+            W[gene_order[g], j] += 1.0 / denom
         for g in down:
             W[gene_order[g], j] -= down_weight / len(down)
         kept.append(j)
+    if skipped:
+        logger.warning(
+            "%d marker sets skipped, fewer than %d up-genes in the data: %s",
+            len(skipped),
+            min_genes,
+            ", ".join(skipped),
+        )
     return W, kept, report
 
 

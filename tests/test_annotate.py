@@ -1,0 +1,391 @@
+"""Tests for sepsis_sc.annotate: vocabulary, marker files, hierarchical annotation, figures."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import shared_file
+
+from sepsis_sc import annotate as an
+from sepsis_sc.resources import load_yaml, resource_path
+
+VOCAB_LABELS = [
+    "CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T", "CD8 effector/memory T", "MAIT",
+    "gamma-delta T", "NK CD56bright", "NK CD56dim", "naive B", "memory B", "Plasmablast",
+    "Classical monocyte", "Non-classical monocyte", "cDC1", "cDC2", "pDC", "Mature neutrophil",
+    "Immature neutrophil", "TREM2-high macrophage", "Macrophage", "Platelet", "Erythroid",
+    "HSPC", "Unassigned",
+]  # fmt: skip
+
+# Toy populations: label -> genes expressed at a high rate.
+_T = ["CD3D", "CD3E", "CD3G", "TRAC", "TRBC2", "CD2", "LCK", "CD247"]
+_POPS = {
+    "CD4 naive T": _T + ["CD4", "CCR7", "LEF1", "TCF7", "IL7R", "MAL", "NOSIP", "LDHB"],
+    "CD8 effector/memory T": _T + ["CD8A", "CD8B", "CCL5", "GZMH", "GZMK", "NKG7", "CST7"],
+    "NK CD56dim": ["NKG7", "GNLY", "KLRD1", "KLRF1", "PRF1", "GZMB", "FCGR3A", "FCER1G",
+                   "TYROBP", "FGFBP2", "SPON2", "CD247"],
+    "naive B": ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "PAX5", "CD22", "IGHM", "IGHD",
+                "TCL1A", "IL4R", "FCER2"],
+    "Classical monocyte": ["CD14", "LYZ", "FCN1", "VCAN", "S100A8", "S100A9", "CSF1R", "CTSS",
+                           "MNDA", "S100A12"],
+}  # fmt: skip
+_BACKGROUND = [f"GENE{i}" for i in range(150)]
+
+
+def _toy(n_per: int = 80, n_empty: int = 20, seed: int = 0, mouse: bool = False) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    markers = sorted({g for gs in _POPS.values() for g in gs})
+    genes = markers + _BACKGROUND
+    col = {g: i for i, g in enumerate(genes)}
+    blocks, labels = [], []
+    for label, gs in _POPS.items():
+        lam = np.full((n_per, len(genes)), 0.02)
+        lam[:, len(markers) :] = 1.0
+        lam[:, [col[g] for g in gs]] = 4.0
+        blocks.append(rng.poisson(lam))
+        labels += [label] * n_per
+    # debris-like droplets: background genes only, no marker signal
+    lam = np.full((n_empty, len(genes)), 0.02)
+    lam[:, len(markers) :] = 1.0
+    blocks.append(rng.poisson(lam))
+    labels += ["debris"] * n_empty
+    X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
+    names = [g.capitalize() if mouse and not g.startswith("GENE") else g for g in genes]
+    adata = ad.AnnData(
+        X=X.copy(),
+        obs=pd.DataFrame(
+            {"truth": labels, "cl": [lab.replace(" ", "_") for lab in labels]},
+            index=[f"c{i}" for i in range(len(labels))],
+        ),
+        var=pd.DataFrame(index=names),
+    )
+    adata.layers["counts"] = X
+    return adata
+
+
+def _mouse_markers() -> dict:
+    """Packaged human sets with capitalised symbols, to test the mouse code path on the toy."""
+    mk = load_yaml(resource_path("markers", "human.yaml"))
+
+    def cap(sets):
+        return [
+            {
+                **s,
+                "up": [g.capitalize() for g in s["up"]],
+                "down": [g.capitalize() for g in s["down"]],
+            }
+            for s in sets
+        ]
+
+    return {"lineage_sets": cap(mk["lineage_sets"]), "subset_sets": cap(mk["subset_sets"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# vocabulary and marker resources
+# ---------------------------------------------------------------------------------------------
+def test_vocabulary_matches_architecture_contract():
+    vocab = an.load_vocabulary()
+    assert list(vocab.cell_types.index) == VOCAB_LABELS
+    assert list(vocab.lineages.index) == list(an.LINEAGES)
+    ct = vocab.cell_types
+    expected_cl = {
+        "CD4 naive T": "CL:0000895", "Treg": "CL:0000815", "Classical monocyte": "CL:0000860",
+        "Non-classical monocyte": "CL:0000875", "pDC": "CL:0000784", "Plasmablast": "CL:0000980",
+        "NK CD56dim": "CL:0000939", "NK CD56bright": "CL:0000938", "MAIT": "CL:0000940",
+        "gamma-delta T": "CL:0000798", "naive B": "CL:0000788", "memory B": "CL:0000787",
+    }  # fmt: skip
+    for label, cl in expected_cl.items():
+        assert ct.at[label, "cl"] == cl, label
+    assert vocab.lineages.at["NK", "cl"] == "CL:0000623"
+    # labels without an exact CL term say so and carry the parent term
+    assert not ct.at["TREM2-high macrophage", "cl_exact"]
+    assert ct.at["TREM2-high macrophage", "cl"] == vocab.lineages.at["Macrophage", "cl"]
+    assert ct.at["CD4 naive T", "cl_exact"]
+    for label, row in ct.drop(index="Unassigned").iterrows():
+        assert row["lineage"] in an.LINEAGES
+        assert isinstance(row["definition"], str) and len(row["definition"]) > 10, label
+
+
+@pytest.mark.parametrize("organism", ["human", "mouse"])
+def test_marker_files_cover_vocabulary(organism):
+    vocab = an.load_vocabulary()
+    mk = an.load_markers(None, organism)
+    lineages = {s["target"] for s in mk["lineage_sets"]}
+    assert set(an.LINEAGES) <= lineages
+    labels = {s["target"] for s in mk["subset_sets"]}
+    for lineage in an.LINEAGES:
+        subsets = vocab.subsets_of(lineage)
+        default = vocab.lineages.at[lineage, "default_subset"]
+        if len(subsets) > 1:  # every multi-subset lineage can tell its subsets apart
+            assert set(subsets) - {default} <= labels, lineage
+    for s in mk["lineage_sets"] + mk["subset_sets"]:
+        assert s["source"], s["name"]
+        genes = s["up"] + s["down"]
+        if organism == "mouse":  # MGI case, not human symbols
+            assert not any(g.isupper() and len(g) > 3 for g in genes), s["name"]
+        else:
+            assert all(g == g.upper() or g.startswith(("C1orf", "LINC")) for g in genes), s["name"]
+
+
+def test_load_markers_rejects_unknown_label():
+    bad = {"lineage_sets": [{"name": "x", "lineage": "Tcell", "up": ["CD3E"]}]}
+    with pytest.raises(ValueError, match="unknown lineage"):
+        an.load_markers(bad)
+    bad = {
+        "lineage_sets": [{"name": "x", "lineage": "T", "up": ["CD3E"]}],
+        "subset_sets": [{"name": "y", "cell_type": "CD4 T", "up": ["CD4"]}],
+    }
+    with pytest.raises(ValueError, match="unknown cell_type"):
+        an.load_markers(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# annotate on toy data
+# ---------------------------------------------------------------------------------------------
+def test_annotate_toy_recovers_lineages_and_subsets():
+    adata = _toy()
+    X_before = adata.X.copy()
+    summary = an.annotate(adata, cluster_key="cl")
+    obs = adata.obs
+    for col in an._OBS_KEYS:
+        assert col in obs
+    real = obs["truth"] != "debris"
+    assert (obs.loc[real, "cell_type"].astype(str) == obs.loc[real, "truth"]).mean() >= 0.95
+    vocab = an.load_vocabulary()
+    truth_lin = obs.loc[real, "truth"].map(vocab.lineage_of)
+    assert (obs.loc[real, "lineage"].astype(str) == truth_lin).mean() >= 0.98
+    # ontology ids follow the labels; confidence is a 0-1 number, 0 for Unassigned
+    ids = obs["cell_type"].astype(str).map(vocab.cell_types["cl"])
+    assert (obs["cell_type_ontology_term_id"].astype(str) == ids).all()
+    conf = obs["annotation_confidence"]
+    assert conf.between(0, 1).all()
+    assert (conf[obs["lineage"] == "Unassigned"] == 0).all()
+    assert conf[real].median() > 0.5
+    # X untouched, summary per cluster
+    assert (adata.X != X_before).nnz == 0
+    assert set(summary["cluster"]) == set(obs["cl"])
+    assert {"n_cells", "lineage", "cell_type", "mean_confidence", "score_T"} <= set(summary)
+    assert "annotation_lineage_scores" in adata.obsm
+    assert adata.uns["annotation"]["params"]["organism"] == "human"
+
+
+def test_debris_is_unassigned_not_forced():
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl")
+    debris = adata.obs["truth"] == "debris"
+    assert (adata.obs.loc[debris, "cell_type"] == "Unassigned").all()
+    assert adata.obs.loc[debris, "annotation_source"].str.startswith("markers:unassigned").all()
+
+
+def test_cell_level_evidence_overrides_mixed_cluster():
+    """A B cell inside a T-cell cluster keeps its own lineage (cell + cluster evidence)."""
+    adata = _toy()
+    b_idx = np.flatnonzero(adata.obs["truth"] == "naive B")[:3]
+    cl = adata.obs["cl"].astype(str).to_numpy()
+    cl[b_idx] = "CD4_naive_T"
+    adata.obs["cl"] = cl
+    an.annotate(adata, cluster_key="cl", cluster_weight=0.3)
+    assert (adata.obs["lineage"].iloc[b_idx] == "B").all()
+    # and with cluster evidence only, the same cells follow their cluster
+    an.annotate(adata, cluster_key="cl", cluster_weight=1.0, key_added="clu")
+    assert (adata.obs["clu_lineage"].iloc[b_idx] == "T").all()
+
+
+def test_annotate_own_overclustering_and_prefix():
+    adata = _toy(n_per=60, seed=1)
+    an.annotate(adata, cluster_key=None, key_added="mk", resolution=1.0, seed=0)
+    assert "mk_cell_type" in adata.obs and "cell_type" not in adata.obs
+    assert "mk_annotation_cluster" in adata.obs
+    real = adata.obs["truth"] != "debris"
+    acc = (adata.obs.loc[real, "mk_cell_type"].astype(str) == adata.obs.loc[real, "truth"]).mean()
+    assert acc >= 0.9
+
+
+def test_counts_from_integer_X_and_errors_for_normalised_X():
+    adata = _toy()
+    del adata.layers["counts"]
+    an.annotate(adata, cluster_key="cl")  # integer X accepted as counts
+    assert (adata.obs["lineage"] == "T").sum() > 100
+    adata.X = adata.X.copy()
+    adata.X.data = np.log1p(adata.X.data)
+    with pytest.raises(ValueError, match="raw"):
+        an.annotate(adata, cluster_key="cl")
+
+
+def test_organism_detection_and_mismatch():
+    mouse = _toy(mouse=True)
+    mk = _mouse_markers()
+    an.annotate(mouse, organism="auto", markers=mk, cluster_key="cl")
+    assert mouse.uns["annotation"]["params"]["organism"] == "mouse"
+    with pytest.raises(ValueError, match="expects organism 'human'"):
+        an.annotate(mouse, markers=mk, cluster_key="cl", expected_organism="human")
+    with pytest.raises(ValueError, match="look mouse"):
+        an.annotate(mouse, organism="human", cluster_key="cl")
+    human = _toy()
+    with pytest.raises(ValueError, match="expects organism 'mouse'"):
+        an.annotate(human, cluster_key="cl", expected_organism="mouse")
+    ens = _toy()
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    with pytest.raises(ValueError, match="gene symbols"):
+        an.annotate(ens, cluster_key="cl")
+
+
+def test_missing_cluster_key_is_a_clear_error():
+    with pytest.raises(KeyError, match="cluster_key"):
+        an.annotate(_toy(), cluster_key="leiden")
+
+
+def test_annotation_agreement_reports_lineage_accuracy():
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl")
+    adata.obs["coarse"] = adata.obs["truth"].map(
+        {"CD4 naive T": "T_CD4", "CD8 effector/memory T": "T_CD8", "NK CD56dim": "NK",
+         "naive B": "B", "Classical monocyte": "MNP", "debris": "Unassigned"}
+    )  # fmt: skip
+    tab = an.annotation_agreement(adata, "coarse", "cell_type", label_map={"MNP": "Monocyte"})
+    assert tab.attrs["lineage_accuracy"] >= 0.98
+    row = tab.set_index("label").loc["T_CD8"]
+    assert row["best_match"] == "CD8 effector/memory T" and row["lineage"] == "T"
+    # a deliberately wrong annotation drops the accuracy
+    adata.obs["wrong"] = "naive B"
+    assert an.annotation_agreement(adata, "coarse", "wrong").attrs["lineage_accuracy"] < 0.3
+
+
+def test_figures_are_written(tmp_path):
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl")
+    rng = np.random.default_rng(0)
+    adata.obsm["X_umap"] = rng.normal(size=(adata.n_obs, 2))
+    p1 = an.plot_marker_dotplot(adata, tmp_path / "dot.png")
+    p2 = an.plot_umap_cell_types(adata, tmp_path / "umap.png")
+    assert p1.stat().st_size > 5000 and p2.stat().st_size > 5000
+    del adata.obsm["X_umap"]
+    with pytest.raises(KeyError, match="UMAP"):
+        an.plot_umap_cell_types(adata, tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# CellTypist path (optional dependency)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(
+    importlib.util.find_spec("celltypist") is None, reason="celltypist not installed"
+)
+def test_annotate_celltypist_with_locally_trained_model(tmp_path):
+    import celltypist
+
+    train = _toy(n_per=60, n_empty=0, seed=3)
+    ref = train.copy()
+    ref.X = ref.layers["counts"].copy()
+    tot = np.asarray(ref.X.sum(axis=1)).ravel()
+    ref.X = sp.csr_matrix(sp.diags(1e4 / tot) @ ref.X)
+    ref.X.data = np.log1p(ref.X.data)
+    # SGD path: celltypist 1.7 passes `multi_class` to sklearn>=1.8 LogisticRegression (removed)
+    model = celltypist.train(
+        ref, labels=ref.obs["truth"].to_numpy(), use_SGD=True, max_iter=200, n_jobs=1
+    )
+    path = tmp_path / "toy.pkl"
+    model.write(str(path))
+    query = _toy(seed=4)
+    summary = an.annotate_celltypist(query, path)
+    real = query.obs["truth"] != "debris"
+    assert (
+        query.obs.loc[real, "celltypist_label"].astype(str) == query.obs.loc[real, "truth"]
+    ).mean() > 0.95
+    assert set(summary["lineage"]) >= {"T", "NK", "B", "Monocyte"}
+    an.annotate(query, cluster_key="cl")
+    tab = an.annotation_agreement(query, "celltypist_label", "cell_type")
+    assert tab.attrs["lineage_accuracy"] > 0.9
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        an.annotate_celltypist(query, tmp_path / "Immune_All_Low.pkl")
+
+
+# ---------------------------------------------------------------------------------------------
+# real data (skipped when ../shared/data is absent)
+# ---------------------------------------------------------------------------------------------
+def test_pbmc4k_lineage_and_cd4_cd8_accuracy():
+    adata = ad.read_h5ad(shared_file("soupx_pbmc4k.h5ad"))
+    adata.layers["counts"] = adata.X.copy()
+    an.annotate(adata, organism="auto", expected_organism="human", seed=0)
+    obs = adata.obs
+    lab = obs["Annotation"].astype(str)
+    pred = obs["lineage"].astype(str)
+    ok_map = {"T_CD4": {"T"}, "T_CD8": {"T"}, "NK": {"NK"}, "B": {"B"}, "MNP": {"Monocyte", "DC"}}
+    # SoupX's coarse label calls reference cluster 6 "NK", but it is a CD3+ TRDC+/KLRB1+
+    # gamma-delta / MAIT-like T cluster (CD3D detected in >90 % of its cells vs ~10 % in the
+    # reference NK cluster 8); T is accepted there too. See the task report for both numbers.
+    ok_map_c6 = {"T", "NK"}
+    labelled = lab != "?"
+    ok = [
+        p in (ok_map_c6 if (a == "NK" and str(c) == "6") else ok_map[a])
+        for a, p, c in zip(lab[labelled], pred[labelled], obs["Cluster"][labelled], strict=True)
+    ]
+    assert np.mean(ok) >= 0.95
+    raw = np.mean([p in ok_map[a] for a, p in zip(lab[labelled], pred[labelled], strict=True)])
+    assert raw >= 0.90
+    t = lab.isin(["T_CD4", "T_CD8"])
+    ct = obs["cell_type"].astype(str)
+    cd4 = ct.isin(["CD4 naive T", "CD4 memory T", "Treg"])
+    cd8 = ct.isin(["CD8 naive T", "CD8 effector/memory T"])
+    assert (((lab == "T_CD4") & cd4) | ((lab == "T_CD8") & cd8))[t].mean() >= 0.90
+    assert (pred == "Unassigned").mean() < 0.05
+    assert obs.loc[lab == "?", "cell_type"].eq("pDC").mean() > 0.9  # reference "?" = pDC
+
+
+def _otsu_free_gate(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Two-component Gaussian mixture gate: 1 positive, 0 negative, -1 ambiguous."""
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(2, random_state=seed).fit(x.reshape(-1, 1))
+    p = gm.predict_proba(x.reshape(-1, 1))[:, int(np.argmax(gm.means_.ravel()))]
+    return np.where(p > 0.9, 1, np.where(p < 0.1, 0, -1))
+
+
+def test_eccite_rna_lineage_agrees_with_protein_gates():
+    adata = ad.read_h5ad(shared_file("eccite_pbmc_citefuse.h5ad"))
+    an.annotate(adata, expected_organism="human", seed=0)
+    adt = adata.obsm["ADT_counts"].astype(float)
+    lg = np.log1p(adt)
+    clr = lg.sub(lg.mean(axis=1), axis=0)  # CLR per cell
+    g = {
+        m: _otsu_free_gate(clr[m].to_numpy()) for m in ["CD3", "CD4", "CD8", "CD14", "CD19", "CD56"]
+    }
+
+    def pos(m):
+        return g[m] == 1
+
+    def neg(m):
+        return g[m] == 0
+
+    gate = pd.Series("none", index=adata.obs_names)
+    gate[pos("CD19") & neg("CD3")] = "B"
+    gate[pos("CD3") & neg("CD19") & neg("CD14") & (pos("CD4") | pos("CD8"))] = "T"
+    gate[pos("CD14") & neg("CD3") & neg("CD19") & ~pos("CD56")] = "Monocyte"
+    gate[pos("CD56") & neg("CD3") & neg("CD19") & neg("CD14")] = "NK"
+    gated = gate != "none"
+    assert gated.sum() >= 100
+    agree = (gate[gated] == adata.obs.loc[gated, "lineage"].astype(str)).mean()
+    assert agree >= 0.90
+
+
+def test_celltypist_sample_trem2_macrophages():
+    adata = ad.read_h5ad(shared_file("celltypist_sample.h5ad"))
+    an.annotate(adata, expected_organism="human", seed=0)
+    X = adata.X.tocsc()
+    col = {g: i for i, g in enumerate(adata.var_names)}
+    trip = np.ones(adata.n_obs, dtype=bool)
+    for g in ["TREM2", "SPP1", "GPNMB"]:
+        trip &= X[:, col[g]].toarray().ravel() > 0
+    assert trip.sum() >= 100
+    assert (adata.obs["cell_type"][trip] == "TREM2-high macrophage").mean() >= 0.95
+    cd68 = X[:, col["CD68"]].toarray().ravel() > 0
+    c1q = X[:, col["C1QB"]].toarray().ravel() > 0
+    mac_like = cd68 & (X[:, col["APOE"]].toarray().ravel() > 0) & ~trip
+    lin = adata.obs["lineage"].astype(str)
+    assert (lin[trip] == "Macrophage").mean() >= 0.95
+    if mac_like.sum() >= 5:
+        assert (lin[mac_like | (cd68 & c1q)] == "Macrophage").mean() >= 0.8
