@@ -1,0 +1,315 @@
+"""Tests for sepsis_sc.integrate: HVGs, accelerator, scVI / PCA / Harmony, scib-style metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from conftest import shared_file
+
+from sepsis_sc import integrate as ig
+
+logging.getLogger("lightning").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def toy_counts(
+    n_cells: int = 300,
+    n_genes: int = 200,
+    n_types: int = 3,
+    n_batches: int = 2,
+    batch_shift: float = 2.0,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Counts with planted cell types (20 marker genes each) and a multiplicative batch effect."""
+    rng = np.random.default_rng(seed)
+    cell_type = rng.integers(0, n_types, n_cells)
+    batch = rng.integers(0, n_batches, n_cells)
+    base = rng.gamma(2.0, 0.5, n_genes)
+    profile = np.ones((n_types, n_genes))
+    for t in range(n_types):
+        profile[t, 20 * t : 20 * (t + 1)] = 8.0
+    batch_fx = np.exp(rng.normal(0, np.log(batch_shift), (n_batches, n_genes)))
+    size = rng.lognormal(0, 0.3, n_cells)[:, None]
+    lam = base[None, :] * profile[cell_type] * batch_fx[batch] * size
+    counts = sp.csr_matrix(rng.poisson(lam).astype(np.float32))
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical([f"b{b}" for b in batch]),
+            "sample_id": pd.Categorical([f"s{b}" for b in batch]),
+            "cell_type": pd.Categorical([f"type{t}" for t in cell_type]),
+        },
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    genes = [f"G{i}" for i in range(n_genes)]
+    adata = ad.AnnData(X=counts.copy(), obs=obs, var=pd.DataFrame(index=genes))
+    adata.var["mt"] = False
+    adata.var["ribo"] = False
+    adata.var["hb"] = False
+    adata.layers["counts"] = counts
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+# ------------------------------------------------------------------ HVGs
+def test_select_hvgs_excludes_flagged_genes():
+    adata = toy_counts()
+    # the marker genes of type0 are the most variable: flag them as mitochondrial
+    adata.var.loc[adata.var_names[:20], "mt"] = True
+    ig.select_hvgs(adata, n_top_genes=50, batch_key="batch")
+    hv = adata.var["highly_variable"]
+    assert hv.sum() == 50
+    assert not hv[adata.var["mt"]].any()
+    # type1/type2 markers (unflagged, highly variable) are chosen
+    assert hv.iloc[20:60].sum() >= 35
+    assert adata.uns["hvg"]["n_excluded"] == 20
+    assert np.isnan(adata.var["highly_variable_rank"].iloc[:20]).all()
+
+    ig.select_hvgs(adata, n_top_genes=50, batch_key="batch", exclude_flags=())
+    assert adata.var["highly_variable"].iloc[:20].sum() >= 15
+
+
+def test_select_hvgs_needs_raw_counts():
+    adata = toy_counts(n_cells=100)
+    adata.layers["counts"] = adata.X.copy()  # log-normalised, not counts
+    with pytest.raises(ValueError, match="raw counts"):
+        ig.select_hvgs(adata, n_top_genes=50)
+    del adata.layers["counts"]
+    with pytest.raises(KeyError, match="counts"):
+        ig.select_hvgs(adata, n_top_genes=50)
+
+
+# ------------------------------------------------------------------ accelerator / epochs
+def test_resolve_accelerator(monkeypatch):
+    import torch
+
+    assert ig.resolve_accelerator("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ig.resolve_accelerator("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA GPU.*integration.accelerator"):
+        ig.resolve_accelerator("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ig.resolve_accelerator("auto") == "cuda"
+    assert ig.resolve_accelerator("gpu") == "cuda"
+    with pytest.raises(ValueError, match="accelerator must be"):
+        ig.resolve_accelerator("tpu")
+
+
+def test_default_max_epochs_scales_with_cells():
+    assert ig.default_max_epochs(1_000) == 400  # small data: capped like scvi-tools
+    assert ig.default_max_epochs(12_800) == 100  # 10,000 updates of 128 cells
+    assert ig.default_max_epochs(2_000_000) == 10  # floor
+    assert ig.default_max_epochs(12_800, batch_size=256) == 200
+    epochs = [ig.default_max_epochs(n) for n in (5_000, 20_000, 80_000, 320_000)]
+    assert epochs == sorted(epochs, reverse=True)
+    with pytest.raises(ValueError):
+        ig.default_max_epochs(0)
+
+
+# ------------------------------------------------------------------ scVI
+def test_run_scvi_writes_latent_record_and_model(tmp_path):
+    adata = toy_counts(n_cells=300)
+    counts_before = adata.layers["counts"].copy()
+    ig.select_hvgs(adata, n_top_genes=100, batch_key="batch")
+    rec = ig.run_scvi(
+        adata,
+        batch_key="batch",
+        n_latent=8,
+        n_hidden=32,
+        max_epochs=3,
+        seed=1,
+        threads=1,
+        accelerator="cpu",
+        model_dir=tmp_path / "model",
+    )
+    assert adata.obsm["X_scVI"].shape == (300, 8)
+    assert np.isfinite(adata.obsm["X_scVI"]).all()
+    rec_uns = adata.uns["integration"]
+    assert rec_uns is not None and rec_uns["method"] == "scvi"
+    for key in (
+        "method",
+        "device",
+        "epochs_trained",
+        "max_epochs",
+        "early_stopped",
+        "seed",
+        "batch_key",
+        "n_hvg",
+        "elbo_train_final",
+        "elbo_validation_final",
+        "seconds",
+    ):
+        assert key in rec, key
+    assert rec["device"] == "cpu"
+    assert rec["epochs_trained"] == 3 and rec["max_epochs"] == 3
+    assert rec["n_hvg"] == 100 and rec["seed"] == 1 and rec["batch_key"] == "batch"
+    assert np.isfinite(rec["elbo_train_final"]) and np.isfinite(rec["elbo_validation_final"])
+    assert (tmp_path / "model" / "model.pt").exists()
+    # raw counts untouched and still sparse
+    assert sp.issparse(adata.layers["counts"])
+    assert (adata.layers["counts"] != counts_before).nnz == 0
+
+
+def test_run_scvi_reproducible_on_cpu():
+    adata = toy_counts(n_cells=200, n_genes=120)
+    ig.select_hvgs(adata, n_top_genes=60, batch_key="batch")
+    kw = dict(n_latent=5, n_hidden=16, max_epochs=2, threads=1, accelerator="cpu")
+    ig.run_scvi(adata, seed=3, **kw)
+    first = adata.obsm["X_scVI"].copy()
+    ig.run_scvi(adata, seed=3, **kw)
+    np.testing.assert_array_equal(first, adata.obsm["X_scVI"])
+    ig.run_scvi(adata, seed=4, **kw)
+    assert not np.allclose(first, adata.obsm["X_scVI"])
+
+
+def test_run_scvi_bad_input():
+    adata = toy_counts(n_cells=100)
+    with pytest.raises(KeyError, match="select_hvgs"):
+        ig.run_scvi(adata, max_epochs=1)
+    ig.select_hvgs(adata, n_top_genes=50)
+    with pytest.raises(KeyError, match="donor"):
+        ig.run_scvi(adata, categorical_covariates=["donor"], max_epochs=1)
+
+
+# ------------------------------------------------------------------ PCA / Harmony
+def test_run_pca_sparse_equals_dense_scaled_pca():
+    adata = toy_counts(n_cells=250)
+    ig.select_hvgs(adata, n_top_genes=80, batch_key="batch")
+    ig.run_pca(adata, n_pcs=10)
+    assert adata.obsm["X_pca"].shape == (250, 10)
+    assert sp.issparse(adata.X)  # X untouched
+    ref = adata[:, adata.var["highly_variable"]].copy()
+    ref.X = ref.X.toarray()
+    sc.pp.scale(ref, max_value=10)
+    sc.pp.pca(ref, n_comps=10, svd_solver="arpack", random_state=0)
+    for i in range(5):  # leading PCs agree up to sign
+        r = np.corrcoef(adata.obsm["X_pca"][:, i], ref.obsm["X_pca"][:, i])[0, 1]
+        assert abs(r) > 0.999, (i, r)
+    assert adata.varm["PCs"].shape == (adata.n_vars, 10)
+
+
+def test_harmony_mixes_batches_better_than_pca():
+    adata = toy_counts(n_cells=400, batch_shift=2.0, seed=2)
+    ig.select_hvgs(adata, n_top_genes=100, batch_key="batch")
+    key = ig.integrate(adata, method="harmony", batch_key="batch", n_pcs=10, seed=0)
+    assert key == "X_harmony" and adata.obsm["X_harmony"].shape == (400, 10)
+    assert adata.uns["integration"]["method"] == "harmony"
+    tab = ig.integration_metrics(
+        adata, embed_keys=["X_pca", "X_harmony"], batch_key="batch", label_key="cell_type"
+    ).set_index("embedding")
+    assert tab.loc["X_harmony", "ilisi"] > tab.loc["X_pca", "ilisi"] + 0.2
+    assert tab.loc["X_harmony", "ari"] > 0.8  # cell types kept
+
+
+def test_integrate_dispatcher():
+    adata = toy_counts(n_cells=150)
+    assert ig.integrate(adata, method="pca", n_pcs=5, n_hvg=60) == "X_pca"
+    assert adata.var["highly_variable"].sum() == 60
+    assert adata.uns["integration"]["method"] == "pca"
+    with pytest.raises(ValueError, match="integration.method"):
+        ig.integrate(adata, method="bbknn")
+
+
+# ------------------------------------------------------------------ metrics
+def test_lisi_extremes():
+    # 1-D points: neighbours of each cell at equal distances
+    n, k = 60, 9
+    idx = np.array([[(i + j) % n for j in range(1, k + 1)] for i in range(n)])
+    dist = np.ones((n, k))
+    same = np.zeros(n, dtype=int)
+    np.testing.assert_allclose(ig.lisi(dist, idx, same), 1.0)
+    alternating = np.arange(n) % 3  # neighbours split evenly over 3 labels
+    np.testing.assert_allclose(ig.lisi(dist, idx, alternating), 3.0, rtol=1e-6)
+
+
+def _embedding_toy(offset: float, n: int = 400, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    batches = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, 5))
+    x[:, 0] += 10 * labels  # two well separated cell types
+    x[:, 1] += offset * batches  # batch effect
+    obs = pd.DataFrame(
+        {"batch": [f"b{b}" for b in batches], "label": [f"l{v}" for v in labels]},
+        index=[f"c{i}" for i in range(n)],
+    )
+    return ad.AnnData(obs=obs, obsm={"X_emb": x.astype(np.float32)})
+
+
+def test_metrics_direction_separated_vs_mixed():
+    mixed = ig.integration_metrics(
+        _embedding_toy(0.0), embed_keys=["X_emb"], batch_key="batch", label_key="label"
+    ).iloc[0]
+    separated = ig.integration_metrics(
+        _embedding_toy(30.0), embed_keys=["X_emb"], batch_key="batch", label_key="label"
+    ).iloc[0]
+    assert mixed["ilisi"] > 0.8 and separated["ilisi"] < 0.05
+    assert mixed["batch_asw"] > 0.9 and separated["batch_asw"] < 0.3
+    # cell types stay locally pure in both
+    assert mixed["clisi"] > 0.95 and separated["clisi"] > 0.95
+    assert mixed["label_asw"] > 0.7 and mixed["ari"] > 0.95 and mixed["nmi"] > 0.9
+    # each cell type split into one island per batch: graph connectivity drops
+    assert mixed["graph_connectivity"] > 0.95 and separated["graph_connectivity"] < 0.7
+    assert mixed["batch_correction"] > separated["batch_correction"]
+    cols = {"embedding", "ilisi", "clisi", "batch_asw", "label_asw", "graph_connectivity"}
+    assert cols <= set(mixed.index)
+
+
+def test_metrics_without_labels_and_subsampling():
+    adata = _embedding_toy(0.0, n=300)
+    tab = ig.integration_metrics(
+        adata, embed_keys=["X_emb"], batch_key="batch", max_cells_silhouette=100
+    )
+    row = tab.iloc[0]
+    assert 0 <= row["ilisi"] <= 1 and 0 <= row["batch_asw"] <= 1
+    assert np.isnan(row["clisi"]) and np.isnan(row["ari"])
+    with pytest.raises(KeyError, match="X_missing"):
+        ig.integration_metrics(adata, embed_keys=["X_missing"], batch_key="batch")
+    with pytest.raises(KeyError, match="nonexistent"):
+        ig.integration_metrics(adata, embed_keys=["X_emb"], batch_key="nonexistent")
+
+
+def test_metric_and_umap_figures(tmp_path):
+    adata = _embedding_toy(5.0, n=200)
+    adata.obsm["X_other"] = adata.obsm["X_emb"][:, ::-1].copy()
+    tab = ig.integration_metrics(
+        adata, embed_keys=["X_emb", "X_other"], batch_key="batch", label_key="label"
+    )
+    p1 = ig.plot_integration_metrics(tab, tmp_path / "metrics.png")
+    p2 = ig.plot_embedding_umaps(
+        adata,
+        tmp_path / "umaps.png",
+        embed_keys=["X_emb", "X_other"],
+        batch_key="batch",
+        label_key="label",
+    )
+    assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
+    assert "X_umap" not in adata.obsm  # the figure does not modify the object
+
+
+# ------------------------------------------------------------------ real data
+@pytest.mark.realdata
+def test_kang_condition_as_batch_metrics():
+    adata = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    ig.select_hvgs(adata, n_top_genes=1500, batch_key="stim")
+    ig.run_pca(adata, n_pcs=30)
+    ig.run_harmony(adata, batch_key="stim", n_pcs=30, seed=0)
+    ig.run_scvi(adata, batch_key="stim", max_epochs=3, threads=1, batch_size=256, seed=0)
+    tab = ig.integration_metrics(
+        adata, embed_keys=["X_pca", "X_harmony", "X_scVI"], batch_key="stim"
+    ).set_index("embedding")
+    metrics = tab[["ilisi", "batch_asw"]]
+    assert ((metrics >= 0) & (metrics <= 1)).all().all()
+    # the IFN-beta response separates ctrl and stim in PCA; Harmony mixes them
+    assert tab.loc["X_pca", "ilisi"] < 0.2
+    assert tab.loc["X_harmony", "ilisi"] > 0.6
+    assert tab.loc["X_harmony", "batch_asw"] > tab.loc["X_pca", "batch_asw"]
