@@ -324,6 +324,34 @@ def _torch_threads(threads: int | None):
 # --------------------------------------------------------------------------------------
 # scVI
 # --------------------------------------------------------------------------------------
+def _epoch_logger(max_epochs: int):
+    """Lightning callback that logs the ELBOs about 10 times per training (for rule logs)."""
+    import lightning.pytorch as pl
+
+    every = max(1, max_epochs // 10)
+
+    class _EpochLogger(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ARG002
+            epoch = trainer.current_epoch + 1
+            if epoch % every and epoch != max_epochs:
+                return
+            m = trainer.callback_metrics
+            val = m.get("elbo_validation")
+            logger.info(
+                "scVI epoch %d/%d: ELBO train %.2f, validation %s (%.1f s)",
+                epoch,
+                max_epochs,
+                float(m.get("elbo_train", float("nan"))),
+                f"{float(val):.2f}" if val is not None else "n/a",
+                time.perf_counter() - self.t0,
+            )
+
+    return _EpochLogger()
+
+
 def run_scvi(
     adata: ad.AnnData,
     *,
@@ -475,6 +503,7 @@ def run_scvi(
             check_val_every_n_epoch=1 if use_validation else None,
             datasplitter_kwargs={"drop_last": True} if drop_last else None,
             enable_progress_bar=False,
+            callbacks=[_epoch_logger(max_epochs)],
         )
         latent = model.get_latent_representation()
     seconds = time.perf_counter() - t0

@@ -1,0 +1,540 @@
+"""Clustering: kNN graph on the integrated space, Leiden at several resolutions, UMAP, markers.
+
+The stage reads the integrated AnnData (``obsm["X_scVI"]`` or another latent space) and adds
+
+- ``obsp["connectivities"]``, ``obsp["distances"]``, ``uns["neighbors"]`` (kNN graph, built once);
+- ``obs["leiden_r{res}"]`` for each resolution tried and ``obs["leiden"]`` (the chosen one);
+- ``obsm["X_umap"]`` (seeded);
+- ``uns["leiden_multi"]`` (settings and the chosen resolution);
+- ``uns["rank_genes_{groupby}"]`` (:func:`cluster_markers`).
+
+Clusters are kept as cluster IDs; cell-type labels are added by ``sepsis_sc.annotate`` in
+separate columns. The resolution is an explicit analyst choice (config
+``clustering.resolution``); :func:`resolution_summary` gives the numbers to make it:
+number of clusters, modularity, smallest cluster, and two stability measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "leiden_key",
+    "leiden_multi",
+    "resolution_summary",
+    "cluster_markers",
+    "plot_resolution_summary",
+    "plot_cluster_umaps",
+]
+
+DEFAULT_RESOLUTIONS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0)
+
+
+def leiden_key(resolution: float) -> str:
+    """``obs`` column of the Leiden clusters at ``resolution`` (``leiden_r1.0``, ``leiden_r0.2``)."""
+    return f"leiden_r{float(resolution)}"
+
+
+def _check_resolutions(resolutions: Sequence[float]) -> list[float]:
+    res = sorted({float(r) for r in resolutions})
+    if not res:
+        raise ValueError("resolutions is empty (config key clustering.resolutions)")
+    if any(r <= 0 for r in res):
+        raise ValueError(f"resolutions must be positive, got {res}")
+    return res
+
+
+def _run_leiden(
+    adjacency: sp.spmatrix,
+    resolution: float,
+    seed: int,
+    n_iterations: int,
+    flavor: str,
+) -> np.ndarray:
+    """Leiden partition of ``adjacency`` as an integer array (does not touch any AnnData)."""
+    tmp = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(adjacency.shape[0])]))
+    sc.tl.leiden(
+        tmp,
+        resolution=resolution,
+        adjacency=adjacency,
+        random_state=seed,
+        n_iterations=n_iterations,
+        flavor=flavor,
+        directed=False if flavor == "igraph" else None,
+        key_added="leiden",
+    )
+    return tmp.obs["leiden"].astype(int).to_numpy()
+
+
+def _modularity(adjacency: sp.spmatrix, membership: np.ndarray) -> float:
+    """Newman-Girvan modularity (resolution 1) of a partition of the weighted, undirected graph."""
+    import igraph as ig
+
+    adj = sp.triu(sp.csr_matrix(adjacency), k=0).tocoo()
+    g = ig.Graph(n=adjacency.shape[0], edges=list(zip(adj.row.tolist(), adj.col.tolist())))
+    return float(g.modularity(membership.tolist(), weights=adj.data.tolist(), directed=False))
+
+
+def resolution_summary(
+    adata: ad.AnnData,
+    *,
+    resolutions: Sequence[float] | None = None,
+    seed: int = 0,
+    n_stability_runs: int = 3,
+    n_iterations: int = 2,
+    flavor: Literal["igraph", "leidenalg"] = "igraph",
+    chosen: float | None = None,
+) -> pd.DataFrame:
+    """Per-resolution numbers for choosing the Leiden resolution.
+
+    Needs the kNN graph (``obsp["connectivities"]``) and the ``obs["leiden_r{res}"]``
+    columns written by :func:`leiden_multi`.
+
+    - ``n_clusters``, ``smallest_cluster`` (cells), ``largest_cluster_fraction``;
+    - ``modularity``: Newman-Girvan modularity (at resolution 1, so comparable across
+      resolutions) of the partition on the weighted kNN graph;
+    - ``stability_ari``: mean adjusted Rand index between the clusters and
+      ``n_stability_runs`` Leiden runs with other seeds (``seed + 1``, ...) at the same
+      resolution; near 1 = the partition does not depend on the seed;
+    - ``ari_previous``: ARI with the next lower resolution tried (NaN for the lowest); a
+      plateau of high values marks a robust range of resolutions.
+
+    Parameters
+    ----------
+    adata
+        Clustered AnnData.
+    resolutions
+        Resolutions to summarise (default: every ``leiden_r*`` column).
+    seed
+        Seed of the stored clusters; the stability runs use ``seed + 1 ...``.
+    n_stability_runs
+        Extra Leiden runs per resolution (0 skips the stability column).
+    n_iterations, flavor
+        Leiden settings of the stability runs (use those of the stored clusters).
+    chosen
+        Resolution used downstream (``chosen`` column); default ``uns["leiden_multi"]``.
+
+    Returns
+    -------
+    One row per resolution: ``resolution``, ``key``, ``n_clusters``, ``smallest_cluster``,
+    ``largest_cluster_fraction``, ``modularity``, ``stability_ari``, ``ari_previous``,
+    ``chosen``.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    if "connectivities" not in adata.obsp:
+        raise KeyError("obsp['connectivities'] is missing; run leiden_multi (or sc.pp.neighbors).")
+    if resolutions is None:
+        resolutions = [
+            float(c[len("leiden_r") :]) for c in adata.obs.columns if c.startswith("leiden_r")
+        ]
+    resolutions = _check_resolutions(resolutions)
+    if chosen is None and "leiden_multi" in adata.uns:
+        chosen = adata.uns["leiden_multi"].get("resolution")
+    conn = adata.obsp["connectivities"]
+    rows = []
+    previous = None
+    for res in resolutions:
+        key = leiden_key(res)
+        if key not in adata.obs:
+            raise KeyError(f"obs[{key!r}] not found; run leiden_multi with this resolution")
+        labels = adata.obs[key].astype(str).to_numpy()
+        codes = pd.factorize(labels)[0]
+        sizes = np.bincount(codes)
+        stability = np.nan
+        if n_stability_runs > 0:
+            aris = [
+                adjusted_rand_score(
+                    codes,
+                    _run_leiden(conn, res, seed + i, n_iterations=n_iterations, flavor=flavor),
+                )
+                for i in range(1, n_stability_runs + 1)
+            ]
+            stability = float(np.mean(aris))
+        rows.append(
+            {
+                "resolution": res,
+                "key": key,
+                "n_clusters": int(len(sizes)),
+                "smallest_cluster": int(sizes.min()),
+                "largest_cluster_fraction": float(sizes.max() / sizes.sum()),
+                "modularity": _modularity(conn, codes),
+                "stability_ari": stability,
+                "ari_previous": np.nan
+                if previous is None
+                else float(adjusted_rand_score(previous, codes)),
+                "chosen": chosen is not None and np.isclose(res, float(chosen)),
+            }
+        )
+        previous = codes
+    return pd.DataFrame(rows)
+
+
+def leiden_multi(
+    adata: ad.AnnData,
+    *,
+    use_rep: str = "X_scVI",
+    n_neighbors: int = 15,
+    resolutions: Sequence[float] = DEFAULT_RESOLUTIONS,
+    default_resolution: float = 1.0,
+    seed: int = 0,
+    n_iterations: int = 2,
+    flavor: Literal["igraph", "leidenalg"] = "igraph",
+    n_stability_runs: int = 3,
+    umap: bool = True,
+    umap_min_dist: float = 0.5,
+    umap_maxiter: int | None = None,
+) -> pd.DataFrame:
+    """kNN graph on the integrated space, Leiden at several resolutions, and UMAP.
+
+    The graph is built once (``sc.pp.neighbors`` on ``obsm[use_rep]``, UMAP-weighted
+    connectivities; exact kNN below ~8,000 cells, pynndescent above) and reused by every
+    resolution, so the clusterings differ only by resolution. Same ``seed`` on the same
+    machine gives the same clusters and UMAP.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the integrated embedding in ``obsm[use_rep]``.
+    use_rep
+        ``obsm`` key of the latent space (``X_scVI``, ``X_harmony``, ``X_pca``); the method
+        names ``scvi``, ``harmony``, ``pca`` (config ``integration.method``) are accepted too.
+    n_neighbors
+        Neighbours per cell in the kNN graph.
+    resolutions
+        Leiden resolutions to compute.
+    default_resolution
+        The resolution copied to ``obs["leiden"]`` (must be in ``resolutions``).
+    seed
+        Seed of the kNN search, Leiden and UMAP.
+    n_iterations
+        Leiden iterations (2 is scanpy's recommendation with the igraph flavor; -1 runs
+        to convergence).
+    flavor
+        ``"igraph"`` (fast, default) or ``"leidenalg"``.
+    n_stability_runs
+        Extra Leiden runs per resolution for ``stability_ari`` (see :func:`resolution_summary`).
+    umap
+        Compute ``obsm["X_umap"]``.
+    umap_min_dist, umap_maxiter
+        UMAP settings (``maxiter`` None = scanpy's default: 500 epochs below 10,000 cells,
+        200 above).
+
+    Returns
+    -------
+    The per-resolution summary of :func:`resolution_summary` (also what the workflow writes
+    to ``cluster/resolutions.tsv``). Writes ``obsp["connectivities"]``, ``obsp["distances"]``,
+    ``uns["neighbors"]``, ``obs["leiden_r{res}"]`` per resolution, ``obs["leiden"]``,
+    ``obsm["X_umap"]``, ``uns["umap"]`` and ``uns["leiden_multi"]``.
+    """
+    aliases = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
+    if use_rep not in adata.obsm and use_rep.lower() in aliases:
+        use_rep = aliases[use_rep.lower()]
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"obsm[{use_rep!r}] not found (available: {list(adata.obsm)}); run the integration "
+            "first or set integration.method to the embedding you computed."
+        )
+    x = adata.obsm[use_rep]
+    if not np.isfinite(np.asarray(x)).all():
+        raise ValueError(f"obsm[{use_rep!r}] contains NaN or infinite values")
+    if adata.n_obs <= n_neighbors:
+        raise ValueError(f"{adata.n_obs} cells is too few for n_neighbors={n_neighbors}")
+    res_list = _check_resolutions(resolutions)
+    if not any(np.isclose(float(default_resolution), r) for r in res_list):
+        raise ValueError(
+            f"default_resolution {default_resolution} is not one of the resolutions {res_list} "
+            "(config keys clustering.resolution and clustering.resolutions)."
+        )
+
+    logger.info("kNN graph: %d neighbours on %s (%d cells)", n_neighbors, use_rep, adata.n_obs)
+    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, random_state=seed)
+    conn = adata.obsp["connectivities"]
+    for res in res_list:
+        key = leiden_key(res)
+        labels = _run_leiden(conn, res, seed, n_iterations=n_iterations, flavor=flavor)
+        # order clusters by size (0 = largest), scanpy's convention is arbitrary order
+        order = np.argsort(-np.bincount(labels), kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        adata.obs[key] = pd.Categorical(
+            rank[labels].astype(str), categories=[str(i) for i in range(len(order))]
+        )
+        logger.info("Leiden resolution %s: %d clusters", res, len(order))
+    chosen = float(default_resolution)
+    adata.obs["leiden"] = adata.obs[leiden_key(chosen)].copy()
+    adata.uns["leiden_multi"] = {
+        "use_rep": use_rep,
+        "n_neighbors": int(n_neighbors),
+        "resolutions": res_list,
+        "resolution": chosen,
+        "seed": int(seed),
+        "n_iterations": int(n_iterations),
+        "flavor": flavor,
+    }
+    if umap:
+        sc.tl.umap(adata, min_dist=umap_min_dist, random_state=seed, maxiter=umap_maxiter)
+    summary = resolution_summary(
+        adata,
+        resolutions=res_list,
+        seed=seed,
+        n_stability_runs=n_stability_runs,
+        n_iterations=n_iterations,
+        flavor=flavor,
+        chosen=chosen,
+    )
+    logger.info("resolution summary:\n%s", summary.to_string(index=False))
+    return summary
+
+
+def _looks_like_counts(x) -> bool:
+    vals = x.data[:100_000] if sp.issparse(x) else np.asarray(x).ravel()[:100_000]
+    vals = np.asarray(vals)
+    return bool(vals.size) and np.allclose(vals, np.round(vals)) and float(vals.max()) > 30
+
+
+def cluster_markers(
+    adata: ad.AnnData,
+    *,
+    groupby: str = "leiden",
+    n_genes: int = 25,
+    method: Literal["wilcoxon", "t-test", "t-test_overestim_var", "logreg"] = "wilcoxon",
+) -> pd.DataFrame:
+    """Top marker genes per cluster (one cluster vs the rest) from the log-normalised ``X``.
+
+    These describe clusters for annotation; they are not condition tests. Their p-values are
+    cell-level and computed on the same data that defined the clusters ("double dipping"),
+    so use them to rank genes, not as evidence.
+
+    Parameters
+    ----------
+    adata
+        AnnData with log-normalised ``X`` and ``obs[groupby]``.
+    groupby
+        ``obs`` column with clusters.
+    n_genes
+        Markers kept per cluster (the highest scores, i.e. up-regulated).
+    method
+        Test of ``sc.tl.rank_genes_groups``.
+
+    Returns
+    -------
+    Tidy table: ``cluster``, ``rank`` (1 = best), ``gene``, ``score``, ``logfoldchange``,
+    ``pval``, ``pval_adj``, ``pct_in_cluster``, ``pct_out_cluster``. The full result is in
+    ``uns["rank_genes_{groupby}"]``.
+    """
+    if groupby not in adata.obs:
+        raise KeyError(f"obs[{groupby!r}] not found; run leiden_multi first or pick a column.")
+    if _looks_like_counts(adata.X):
+        raise ValueError(
+            "X looks like raw counts (integers > 30); markers are ranked on log-normalised X. "
+            "Normalise first (sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata))."
+        )
+    if not isinstance(adata.obs[groupby].dtype, pd.CategoricalDtype):
+        adata.obs[groupby] = adata.obs[groupby].astype(str).astype("category")
+    sizes = adata.obs[groupby].value_counts()
+    groups = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) >= 2]
+    if len(groups) < 2:
+        raise ValueError(f"obs[{groupby!r}] needs at least two groups with >= 2 cells")
+    skipped = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) < 2]
+    if skipped:
+        logger.warning("no markers for groups with < 2 cells: %s", skipped)
+    key = f"rank_genes_{groupby}"
+    sc.tl.rank_genes_groups(
+        adata,
+        groupby,
+        groups=groups if skipped else "all",
+        reference="rest",
+        method=method,
+        use_raw=False,
+        n_genes=n_genes,
+        pts=True,
+        key_added=key,
+    )
+    df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
+    if "group" not in df:  # a single group comes back without the column
+        df.insert(0, "group", groups[0])
+    df["rank"] = df.groupby("group", observed=True).cumcount() + 1
+    df = df.rename(
+        columns={
+            "group": "cluster",
+            "names": "gene",
+            "scores": "score",
+            "logfoldchanges": "logfoldchange",
+            "pvals": "pval",
+            "pvals_adj": "pval_adj",
+            "pct_nz_group": "pct_in_cluster",
+            "pct_nz_reference": "pct_out_cluster",
+        }
+    )
+    cols = [
+        "cluster",
+        "rank",
+        "gene",
+        "score",
+        "logfoldchange",
+        "pval",
+        "pval_adj",
+        "pct_in_cluster",
+        "pct_out_cluster",
+    ]
+    df = df[[c for c in cols if c in df]]
+    df = df[df["rank"] <= n_genes].reset_index(drop=True)
+    logger.info("markers: top %d genes for %d groups of %s", n_genes, len(groups), groupby)
+    return df
+
+
+# --------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------
+def plot_resolution_summary(
+    table: pd.DataFrame, path: str | os.PathLike[str], *, chosen: float | None = None
+) -> Path:
+    """Number of clusters and stability against the Leiden resolution; chosen one marked.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`resolution_summary` / :func:`leiden_multi`.
+    path
+        PNG path.
+    chosen
+        Resolution used downstream (default: the ``chosen`` column).
+
+    Returns
+    -------
+    The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plotting import savefig, set_style
+
+    set_style()
+    if chosen is None and "chosen" in table and table["chosen"].any():
+        chosen = float(table.loc[table["chosen"].astype(bool), "resolution"].iloc[0])
+    res = table["resolution"].to_numpy(dtype=float)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    ax1.plot(res, table["n_clusters"], "o-", color="#1f77b4")
+    for r, n in zip(res, table["n_clusters"]):
+        ax1.annotate(str(int(n)), (r, n), textcoords="offset points", xytext=(0, 6), ha="center")
+    ax1.set_xlabel("Leiden resolution")
+    ax1.set_ylabel("number of clusters")
+    ax1.set_ylim(0, table["n_clusters"].max() * 1.2 + 1)
+    ax1.set_title("Clusters per resolution")
+    if "stability_ari" in table and table["stability_ari"].notna().any():
+        ax2.plot(res, table["stability_ari"], "o-", color="#2ca02c", label="vs other seeds")
+    ax2.plot(res, table["ari_previous"], "s--", color="#ff7f0e", label="vs previous resolution")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("Leiden resolution")
+    ax2.set_ylabel("adjusted Rand index")
+    ax2.set_title("Stability of the clusters")
+    ax2.legend(frameon=False, loc="lower left")
+    if chosen is not None:
+        for ax in (ax1, ax2):
+            ax.axvline(chosen, color="0.4", ls=":", lw=1)
+        ax1.text(chosen, ax1.get_ylim()[1], f" chosen {chosen:g}", va="top", ha="left", fontsize=9)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def plot_cluster_umaps(
+    adata: ad.AnnData,
+    path: str | os.PathLike[str],
+    *,
+    keys: Sequence[str] = ("leiden", "sample_id", "batch", "condition"),
+    case: str | None = None,
+    control: str | None = None,
+    condition_key: str = "condition",
+) -> Path:
+    """UMAP panels coloured by clusters, sample, batch and condition.
+
+    Clusters are labelled at their centroids; the other panels have legends. Condition uses
+    the shared case/control palette when ``case`` and ``control`` are given.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm["X_umap"]``.
+    path
+        PNG path.
+    keys
+        ``obs`` columns, one panel each (absent columns are skipped with a warning).
+    case, control
+        Condition levels of the contrast (colours of :func:`sepsis_sc.plotting.condition_palette`).
+    condition_key
+        Column coloured with the condition palette.
+
+    Returns
+    -------
+    The path written.
+    """
+    import matplotlib.pyplot as plt
+
+    from .plotting import categorical_palette, condition_palette, savefig, set_style
+
+    set_style()
+    if "X_umap" not in adata.obsm:
+        raise KeyError("obsm['X_umap'] not found; run leiden_multi(umap=True) first")
+    present = [k for k in keys if k in adata.obs]
+    missing = [k for k in keys if k not in adata.obs]
+    if missing:
+        logger.warning("UMAP panels skipped for missing obs columns: %s", missing)
+    if not present:
+        raise KeyError(f"none of the obs columns {list(keys)} exist")
+    n = len(present)
+    n_cols = 2 if n > 1 else 1
+    n_rows = int(np.ceil(n / n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5.6 * n_cols, 4.4 * n_rows), squeeze=False)
+    um = np.asarray(adata.obsm["X_umap"])
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    size = max(1.5, min(20.0, 60_000 / adata.n_obs))
+    for ax, key in zip(axes.ravel(), present):
+        values = adata.obs[key].astype(str)
+        cats = (
+            list(adata.obs[key].cat.categories)
+            if isinstance(adata.obs[key].dtype, pd.CategoricalDtype)
+            else sorted(values.unique())
+        )
+        cats = [str(c) for c in cats]
+        if key == condition_key and case is not None and control is not None:
+            pal = {**categorical_palette(cats), **condition_palette(case, control)}
+        else:
+            pal = categorical_palette(cats)
+        v = values.to_numpy()[order]
+        ax.scatter(um[order, 0], um[order, 1], c=[pal[c] for c in v], s=size, lw=0, rasterized=True)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.set_title(key)
+        if key.startswith("leiden"):
+            for c in cats:
+                m = values.to_numpy() == c
+                if m.any():
+                    cx, cy = np.median(um[m], axis=0)
+                    ax.text(cx, cy, c, ha="center", va="center", fontsize=8, weight="bold")
+        elif len(cats) <= 30:
+            handles = [plt.Line2D([], [], marker="o", ls="", color=pal[c], label=c) for c in cats]
+            ax.legend(
+                handles=handles,
+                frameon=False,
+                loc="center left",
+                bbox_to_anchor=(1.0, 0.5),
+                fontsize=8,
+            )
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return savefig(fig, path)

@@ -1,0 +1,200 @@
+"""Tests for sepsis_sc.cluster: multi-resolution Leiden, stability summary, UMAP, markers."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from sepsis_sc import cluster as cl
+
+SUMMARY_COLUMNS = [
+    "resolution",
+    "key",
+    "n_clusters",
+    "smallest_cluster",
+    "largest_cluster_fraction",
+    "modularity",
+    "stability_ari",
+    "ari_previous",
+    "chosen",
+]
+
+
+def blobs(n_cells: int = 600, n_blobs: int = 4, dim: int = 10, seed: int = 0) -> ad.AnnData:
+    """Well separated Gaussian blobs in obsm['X_pca'] with sample/batch/condition columns."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, n_blobs, n_cells)
+    centres = rng.normal(0, 8, (n_blobs, dim))
+    x = centres[truth] + rng.normal(0, 1, (n_cells, dim))
+    sample = rng.integers(0, 4, n_cells)
+    obs = pd.DataFrame(
+        {
+            "truth": pd.Categorical(truth.astype(str)),
+            "sample_id": pd.Categorical([f"S{s}" for s in sample]),
+            "batch": pd.Categorical([f"b{s // 2}" for s in sample]),
+            "condition": pd.Categorical(["sepsis" if s % 2 else "control" for s in sample]),
+        },
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(obs=obs, obsm={"X_pca": x.astype(np.float32)})
+
+
+def test_leiden_multi_writes_slots_and_summary():
+    adata = blobs()
+    summary = cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        resolutions=(0.1, 0.5, 1.0),
+        default_resolution=0.5,
+        seed=0,
+        n_stability_runs=2,
+        umap_maxiter=50,
+    )
+    for res in (0.1, 0.5, 1.0):
+        assert cl.leiden_key(res) in adata.obs
+    assert cl.leiden_key(1.0) == "leiden_r1.0"
+    assert (adata.obs["leiden"] == adata.obs["leiden_r0.5"]).all()
+    assert adata.obsm["X_umap"].shape == (600, 2)
+    assert "connectivities" in adata.obsp
+    assert adata.uns["leiden_multi"]["resolution"] == 0.5
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert summary["resolution"].tolist() == [0.1, 0.5, 1.0]
+    assert summary["chosen"].tolist() == [False, True, False]
+    # more clusters at higher resolution; well separated blobs give stable partitions
+    assert summary["n_clusters"].is_monotonic_increasing
+    assert (summary["stability_ari"] > 0.9).iloc[:2].all()
+    assert np.isnan(summary["ari_previous"].iloc[0]) and summary["ari_previous"].iloc[1] > 0
+    assert summary["modularity"].between(0, 1).all() and summary["modularity"].iloc[1] > 0.5
+    # clusters are ordered by size: 0 is the largest
+    sizes = adata.obs["leiden"].value_counts()
+    assert sizes.idxmax() == "0"
+    assert adjusted_rand_score(adata.obs["truth"], adata.obs["leiden_r0.1"]) > 0.95
+    # the stored summary can be recomputed from the object alone
+    again = cl.resolution_summary(adata, n_stability_runs=0)
+    assert again["n_clusters"].tolist() == summary["n_clusters"].tolist()
+    assert again["chosen"].tolist() == [False, True, False]
+
+
+def test_leiden_multi_same_seed_same_result():
+    results = []
+    for seed in (7, 7, 8):
+        adata = blobs(n_cells=500, n_blobs=6, seed=1)
+        cl.leiden_multi(
+            adata,
+            use_rep="X_pca",
+            resolutions=(1.0, 2.0),
+            default_resolution=2.0,
+            seed=seed,
+            n_stability_runs=0,
+            umap_maxiter=30,
+        )
+        results.append(adata)
+    a, b, c = results
+    for key in ("leiden_r1.0", "leiden_r2.0", "leiden"):
+        assert (a.obs[key] == b.obs[key]).all()
+    np.testing.assert_array_equal(a.obsm["X_umap"], b.obsm["X_umap"])
+    assert not np.allclose(a.obsm["X_umap"], c.obsm["X_umap"])
+
+
+def test_leiden_multi_bad_input():
+    adata = blobs(n_cells=100)
+    with pytest.raises(ValueError, match="clustering.resolution"):
+        cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5, 1.0), default_resolution=0.8)
+    with pytest.raises(KeyError, match="X_scVI"):
+        cl.leiden_multi(adata, use_rep="X_scVI")
+    # the config's method name resolves to its embedding
+    adata.obsm["X_harmony"] = adata.obsm["X_pca"]
+    cl.leiden_multi(adata, use_rep="harmony", resolutions=(1.0,), n_stability_runs=0, umap=False)
+    assert adata.uns["leiden_multi"]["use_rep"] == "X_harmony"
+
+
+def test_large_cohort_pynndescent_path():
+    """>= 10,000 cells: scanpy's kNN switches to pynndescent; the whole path must work."""
+    adata = blobs(n_cells=10_500, n_blobs=8, dim=15, seed=3)
+    summary = cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        n_neighbors=15,
+        resolutions=(0.2, 0.5),
+        default_resolution=0.2,
+        seed=0,
+        n_stability_runs=1,
+        umap_maxiter=20,
+    )
+    assert adata.n_obs == 10_500
+    assert adata.obsp["connectivities"].shape == (10_500, 10_500)
+    # each cell keeps ~n_neighbors - 1 outgoing edges (the symmetrised graph has at least that)
+    assert (adata.obsp["distances"].getnnz(axis=1) >= 14).all()
+    assert adata.obsm["X_umap"].shape == (10_500, 2)
+    assert np.isfinite(adata.obsm["X_umap"]).all()
+    assert adjusted_rand_score(adata.obs["truth"], adata.obs["leiden"]) > 0.9
+    assert summary.loc[summary["chosen"], "n_clusters"].item() >= 8
+
+
+def marker_data(n_cells: int = 300, seed: int = 0) -> ad.AnnData:
+    """Three clusters, each with one planted marker gene (G0, G1, G2)."""
+    rng = np.random.default_rng(seed)
+    n_genes = 60
+    cluster = rng.integers(0, 3, n_cells)
+    lam = np.full((n_cells, n_genes), 2.0)
+    lam[np.arange(n_cells), cluster] = 30.0
+    counts = sp.csr_matrix(rng.poisson(lam).astype(np.float32))
+    adata = ad.AnnData(
+        X=counts,
+        obs=pd.DataFrame(
+            {"leiden": pd.Categorical(cluster.astype(str))}, index=[f"c{i}" for i in range(n_cells)]
+        ),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]),
+    )
+    adata.layers["counts"] = counts.copy()
+    return adata
+
+
+def test_cluster_markers_recovers_planted_genes():
+    adata = marker_data()
+    with pytest.raises(ValueError, match="raw counts"):
+        cl.cluster_markers(adata)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    markers = cl.cluster_markers(adata, n_genes=5)
+    assert list(markers.columns) == [
+        "cluster",
+        "rank",
+        "gene",
+        "score",
+        "logfoldchange",
+        "pval",
+        "pval_adj",
+        "pct_in_cluster",
+        "pct_out_cluster",
+    ]
+    assert len(markers) == 15
+    top = markers[markers["rank"] == 1].set_index("cluster")["gene"]
+    assert top.to_dict() == {"0": "G0", "1": "G1", "2": "G2"}
+    assert (markers.loc[markers["rank"] == 1, "logfoldchange"] > 2).all()
+    assert "rank_genes_leiden" in adata.uns
+    with pytest.raises(KeyError, match="missing_column"):
+        cl.cluster_markers(adata, groupby="missing_column")
+
+
+def test_cluster_figures(tmp_path):
+    adata = blobs(n_cells=300)
+    summary = cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        resolutions=(0.2, 0.6, 1.0),
+        default_resolution=0.6,
+        n_stability_runs=1,
+        umap_maxiter=30,
+    )
+    p1 = cl.plot_resolution_summary(summary, tmp_path / "res.png")
+    p2 = cl.plot_cluster_umaps(adata, tmp_path / "umap.png", case="sepsis", control="control")
+    assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
+    del adata.obsm["X_umap"]
+    with pytest.raises(KeyError, match="X_umap"):
+        cl.plot_cluster_umaps(adata, tmp_path / "none.png")
