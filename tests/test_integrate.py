@@ -192,6 +192,9 @@ def test_run_pca_sparse_equals_dense_scaled_pca():
         r = np.corrcoef(adata.obsm["X_pca"][:, i], ref.obsm["X_pca"][:, i])[0, 1]
         assert abs(r) > 0.999, (i, r)
     assert adata.varm["PCs"].shape == (adata.n_vars, 10)
+    adata.X = adata.layers["counts"].copy()
+    with pytest.raises(ValueError, match="log-normalised"):
+        ig.run_pca(adata, n_pcs=10)
 
 
 def test_harmony_mixes_batches_better_than_pca():

@@ -620,8 +620,13 @@ def run_pca(
     and ``uns["pca"]`` (``variance``, ``variance_ratio``, ``params``).
     """
     hvg = _require_hvgs(adata)
-    if "counts" in adata.layers and adata.X is adata.layers["counts"]:
-        raise ValueError("X is the counts layer; run_pca expects log-normalised X.")
+    x = adata.X
+    vals = np.asarray(x.data[:100_000] if sp.issparse(x) else np.asarray(x).ravel()[:100_000])
+    if vals.size and np.allclose(vals, np.round(vals)) and vals.max() > 30:
+        raise ValueError(
+            "X looks like raw counts (integers > 30); run_pca expects log-normalised X "
+            "(sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata))."
+        )
     n_comp = min(n_pcs, adata.n_obs - 1, int(hvg.sum()) - 1)
     if n_comp < 1:
         raise ValueError(f"too few cells ({adata.n_obs}) or HVGs ({int(hvg.sum())}) for PCA")
