@@ -15,6 +15,8 @@ rules = score_states(
     signatures=p.scoring["signatures"],
     min_genes_fraction=p.scoring["min_genes_fraction"],
     min_cells_parent=p.min_cells,
+    call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
+    max_rank=p.scoring["max_rank"],
     control=p.contrast["control"],
     condition_key=p.contrast["column"],
 )

@@ -15,7 +15,7 @@ paired = {"auto": "auto", "yes": True, "no": False}[p.stats["paired"]]
 
 table = sample_table(adata, condition_key=column, min_cells=p.stats["min_cells"])
 effects = condition_effects(
-    table, case=case, control=control, paired=paired, alpha=p.stats["alpha"]
+    table, case=case, control=control, paired=paired, alpha=p.stats["alpha"], test=p.stats["test"]
 )
 composition = pd.concat(
     [
