@@ -389,3 +389,26 @@ def test_celltypist_sample_trem2_macrophages():
     assert (lin[trip] == "Macrophage").mean() >= 0.95
     if mac_like.sum() >= 5:
         assert (lin[mac_like | (cd68 & c1q)] == "Macrophage").mean() >= 0.8
+
+
+def test_simulated_cohort_subset_precision_recall():
+    """Planted truth of sepsis_sc.simulate (same vocabulary): lineage and subset accuracy."""
+    simulate = pytest.importorskip("sepsis_sc.simulate")
+    sheet = pd.DataFrame(
+        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
+         "batch": ["b1", "b1"]}
+    )  # fmt: skip
+    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=1200, n_genes=4000, seed=0)
+    adata = ad.concat(list(adatas.values()))
+    an.annotate(adata, expected_organism="human", seed=0)
+    tr = truth.set_index("cell_id").reindex(adata.obs_names)
+    clean = (~tr["is_doublet"] & ~tr["is_low_quality"]).to_numpy()
+    y = tr["cell_type"].astype(str).to_numpy()[clean]
+    p = adata.obs["cell_type"].astype(str).to_numpy()[clean]
+    lin = adata.obs["lineage"].astype(str).to_numpy()[clean]
+    assert (lin == tr["lineage"].astype(str).to_numpy()[clean]).mean() >= 0.98
+    assert (y == p).mean() >= 0.93
+    for label in ["CD4 naive T", "CD8 naive T", "Classical monocyte", "naive B", "NK CD56dim"]:
+        recall = (p[y == label] == label).mean()
+        precision = (y[p == label] == label).mean()
+        assert recall >= 0.9 and precision >= 0.9, (label, precision, recall)

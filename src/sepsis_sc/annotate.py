@@ -529,8 +529,9 @@ def annotate(
     layer: str | None = "counts",
     min_score: float = 0.2,
     min_margin: float = 0.05,
-    subset_min_score: float = 0.25,
+    subset_min_score: float = 0.2,
     cluster_weight: float = 0.5,
+    subset_cluster_weight: float = 0.25,
     down_weight: float = 1.0,
     min_genes: int = 2,
     min_cluster_size: int = 10,
@@ -570,7 +571,13 @@ def annotate(
         Minimum absolute score for a specific subset in lineages that have a default subset
         (e.g. Non-classical vs the default Classical monocyte; TREM2-high vs Macrophage).
     cluster_weight
-        Weight of the cluster mean in ``(1 - w) * cell + w * cluster`` (0 = per cell only).
+        Weight of the cluster mean in ``(1 - w) * cell + w * cluster`` for lineages
+        (0 = per cell only).
+    subset_cluster_weight
+        Cluster weight for the absolute score that gates a specific subset against the
+        lineage's default (lower than ``cluster_weight``, because rare subsets such as
+        TREM2-high macrophages or CD56bright NK often share a cluster with their siblings).
+        The choice among sibling subsets uses ``cluster_weight``.
     down_weight
         Weight of the negative markers relative to the positive ones.
     min_genes
@@ -603,8 +610,12 @@ def annotate(
     ``<prefix>annotation_lineage_scores`` (combined lineage scores, DataFrame); ``uns``:
     ``<prefix>annotation`` (parameters, organism, marker genes found per set).
     """
-    if not 0.0 <= cluster_weight <= 1.0:
-        raise ValueError(f"cluster_weight must be within [0, 1], got {cluster_weight}.")
+    for name, w in (
+        ("cluster_weight", cluster_weight),
+        ("subset_cluster_weight", subset_cluster_weight),
+    ):
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"{name} must be within [0, 1], got {w}.")
     if adata.n_obs == 0:
         raise ValueError("adata has no cells.")
     prefix = f"{key_added}_" if key_added else ""
@@ -740,7 +751,8 @@ def annotate(
         kept_local = list(range(len(set_idx)))
         A_cell = _max_by_target(A_sets, sets_l, kept_local, scored)
         R_cell = _max_by_target(R_sets, sets_l, kept_local, scored)
-        A = (1 - cluster_weight) * A_cell + cluster_weight * np.asarray(G_l @ A_cell)[local]
+        w = subset_cluster_weight
+        A = (1 - w) * A_cell + w * np.asarray(G_l @ A_cell)[local]
         R = (1 - cluster_weight) * R_cell + cluster_weight * np.asarray(G_l @ R_cell)[local]
         s_arg, s_best, s_second = _top2(R)
         call = np.array(scored, dtype=object)[s_arg]
@@ -780,6 +792,7 @@ def annotate(
         "min_margin": min_margin,
         "subset_min_score": subset_min_score,
         "cluster_weight": cluster_weight,
+        "subset_cluster_weight": subset_cluster_weight,
         "down_weight": down_weight,
         "min_genes": min_genes,
         "min_cluster_size": min_cluster_size,
@@ -1108,24 +1121,36 @@ def plot_marker_dotplot(
     by_target: dict[str, list[str]] = {}
     for s in mk["subset_sets"] + mk["lineage_sets"]:
         by_target.setdefault(s["target"], []).extend(s["up"])
+    cand: dict[str, list[str]] = {}
+    for lab in present:
+        lin = vocab.lineage_of(lab)
+        genes = list(by_target.get(lab, []))
+        if lab in vocab.lineages.index or len(vocab.subsets_of(lin)) == 1 or not genes:
+            genes += by_target.get(lab if lab in vocab.lineages.index else lin, [])
+        cand[lab] = [g for g in dict.fromkeys(genes) if g in gene_pos]
+    all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
+    if not all_genes:
+        raise ValueError("None of the marker genes of the plotted labels are in the data.")
+    E_all = _lognorm_columns(counts, np.array([gene_pos[g] for g in all_genes]))
+    keep = groups.isin(present).to_numpy()
+    codes = pd.Categorical(groups[keep], categories=present).codes
+    means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
+    col_of = {g: i for i, g in enumerate(all_genes)}
     var_groups: dict[str, list[str]] = {}
     used: set[str] = set()
-    for lab in present:
-        cands = by_target.get(lab) or by_target.get(vocab.lineage_of(lab), [])
-        if (
-            lab in vocab.cell_types.index
-            and vocab.lineage_of(lab) in by_target
-            and len(vocab.subsets_of(vocab.lineage_of(lab))) == 1
-        ):
-            cands = by_target[vocab.lineage_of(lab)]
-        genes = [g for g in dict.fromkeys(cands) if g in gene_pos and g not in used][:n_genes]
+    for k, lab in enumerate(present):  # most specific markers first: own mean - others' max
+        others = np.delete(means, k, axis=0)
+        spec = {
+            g: means[k, col_of[g]] - (others[:, col_of[g]].max() if len(others) else 0.0)
+            for g in cand[lab]
+            if g not in used
+        }
+        genes = sorted(spec, key=spec.get, reverse=True)[:n_genes]
         if genes:
             var_groups[lab] = genes
             used.update(genes)
-    cols = np.array([gene_pos[g] for gs in var_groups.values() for g in gs])
-    E = _lognorm_columns(counts, cols)
     names = [g for gs in var_groups.values() for g in gs]
-    keep = groups.isin(present).to_numpy()
+    E = E_all[:, [col_of[g] for g in names]]
     plot_ad = AnnData(
         X=E[keep],
         obs=pd.DataFrame(
@@ -1142,10 +1167,11 @@ def plot_marker_dotplot(
         standard_scale="var",
         show=False,
         return_fig=True,
-        title=f"Marker genes by {groupby.replace('_', ' ')} (log1p CP10k, scaled per gene)",
+        colorbar_title="mean log1p CP10k\n(scaled per gene)",
     )
     dp.make_figure()
     fig = plt.gcf()
+    fig.suptitle(f"Marker genes by {groupby.replace('_', ' ')}", y=1.02, fontsize=12)
     return savefig(fig, path)
 
 
