@@ -16,6 +16,11 @@ summary = annotate(
     cluster_key=a["cluster_key"],
     markers=a["markers"],
     use_rep=snakemake.params.use_rep,
+    resolution=a["resolution"],
+    min_score=a["min_score"],
+    min_margin=a["min_margin"],
+    subset_min_score=a["subset_min_score"],
+    cluster_weight=a["cluster_weight"],
     seed=snakemake.params.seed,
 )
 if a["celltypist_model"]:
