@@ -5,28 +5,28 @@ rule annotate:
     input:
         f"{RESULTS}/cluster/clustered.h5ad",
     output:
+        **celltypist_outputs(),
         h5ad=f"{RESULTS}/annotated.h5ad",
         table=report(
             f"{RESULTS}/annotate/cell_types.tsv",
             caption="../report/cell_types_table.rst",
             category="4. Annotation",
         ),
-        **celltypist_outputs(),
+    log:
+        f"{LOGS}/annotate.log",
+    benchmark:
+        f"{BENCH}/annotate.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    threads: config["resources"]["threads"]
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=60,
     params:
         annotation=config["annotation"],
         organism=config["organism"],
         use_rep=EMBEDDING_KEYS[config["integration"]["method"]],
         seed=config["seed"],
-    threads: config["resources"]["threads"]
-    log:
-        f"{LOGS}/annotate.log",
-    benchmark:
-        f"{BENCH}/annotate.tsv"
-    resources:
-        mem_mb=cohort_mem_mb,
-        runtime=60,
-    conda:
-        "../envs/sepsis_sc.yaml"
     script:
         "../scripts/annotate.py"
 
@@ -45,12 +45,12 @@ rule annotation_figures:
             caption="../report/marker_dotplot.rst",
             category="4. Annotation",
         ),
-    params:
-        annotation=config["annotation"],
-        organism=config["organism"],
     log:
         f"{LOGS}/annotation_figures.log",
     conda:
         "../envs/sepsis_sc.yaml"
+    params:
+        annotation=config["annotation"],
+        organism=config["organism"],
     script:
         "../scripts/annotation_figures.py"

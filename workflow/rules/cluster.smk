@@ -12,20 +12,20 @@ rule cluster:
             category="3. Clustering",
         ),
         markers=f"{RESULTS}/cluster/markers.tsv",
-    params:
-        clustering=config["clustering"],
-        use_rep=EMBEDDING_KEYS[config["integration"]["method"]],
-        seed=config["seed"],
-    threads: config["resources"]["threads"]
     log:
         f"{LOGS}/cluster.log",
     benchmark:
         f"{BENCH}/cluster.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    threads: config["resources"]["threads"]
     resources:
         mem_mb=cohort_mem_mb,
         runtime=120,
-    conda:
-        "../envs/sepsis_sc.yaml"
+    params:
+        clustering=config["clustering"],
+        use_rep=EMBEDDING_KEYS[config["integration"]["method"]],
+        seed=config["seed"],
     script:
         "../scripts/cluster.py"
 
@@ -45,12 +45,12 @@ rule cluster_figures:
             caption="../report/umap_clusters.rst",
             category="3. Clustering",
         ),
-    params:
-        resolution=config["clustering"]["resolution"],
-        contrast=config["contrast"],
     log:
         f"{LOGS}/cluster_figures.log",
     conda:
         "../envs/sepsis_sc.yaml"
+    params:
+        resolution=config["clustering"]["resolution"],
+        contrast=config["contrast"],
     script:
         "../scripts/cluster_figures.py"

@@ -1,8 +1,10 @@
 # Shared set-up: config and sample-sheet validation (before any job), paths and input
 # functions. Named functions only, so every rule reads plainly.
 import math
+import re
 from pathlib import Path
 
+from sepsis_sc.download import download_plan
 from sepsis_sc.config import (
     check_sample_inputs,
     load_samples,
@@ -65,13 +67,17 @@ def sample_record(wildcards):
 
 def n_cells_estimate():
     """Rough cohort size for memory requests (cells per sample x samples)."""
-    per_sample = config["demo"]["cells_per_sample"] if config["demo"]["simulate"] else 10000
+    per_sample = (
+        config["demo"]["cells_per_sample"] if config["demo"]["simulate"] else 10000
+    )
     return per_sample * len(SAMPLES)
 
 
 def cohort_mem_mb(wildcards, input, attempt):
     """Memory for cohort-level rules: scaled from input size and cohort size, grows on retry."""
-    by_cells = config["resources"]["mem_mb_per_10k_cells"] * max(1.0, n_cells_estimate() / 1e4)
+    by_cells = config["resources"]["mem_mb_per_10k_cells"] * max(
+        1.0, n_cells_estimate() / 1e4
+    )
     by_input = 6 * input.size_mb
     return int(max(4000, by_cells, by_input) * attempt)
 
@@ -83,7 +89,10 @@ def sample_mem_mb(wildcards, input, attempt):
 
 def scvi_gpu_count():
     """GPUs requested from the cluster for scVI (resources.gpu, integration.method scvi)."""
-    uses_scvi = config["integration"]["method"] == "scvi" or "scvi" in config["integration"]["compare"]
+    uses_scvi = (
+        config["integration"]["method"] == "scvi"
+        or "scvi" in config["integration"]["compare"]
+    )
     return 1 if (config["resources"]["gpu"] and uses_scvi) else 0
 
 
@@ -132,3 +141,22 @@ def final_outputs():
         f"{RESULTS}/targets/figures/therapy_targets.png",
         f"{RESULTS}/provenance.yaml",
     ]
+
+
+# ---- downloads (rules in download.smk) ----
+DOWNLOADS = download_plan(samples, config["download"]["dir"])
+
+
+def _one_of(names):
+    """Regex matching exactly the given names (a never-matching one when there are none)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+def download_url(wildcards):
+    """URL of one file to download."""
+    return DOWNLOADS.files[wildcards.dlfile].url
+
+
+def download_checksum(wildcards):
+    """Expected checksum of one download ('' when the sheet gives none)."""
+    return DOWNLOADS.files[wildcards.dlfile].checksum or ""

@@ -8,6 +8,12 @@ if demo_sample_paths():
             samples=demo_sample_paths(),
             truth=f"{config['demo']['dir']}/truth.tsv.gz",
             sheet=f"{config['demo']['dir']}/samples.tsv",
+        log:
+            f"{LOGS}/simulate_demo.log",
+        benchmark:
+            f"{BENCH}/simulate_demo.tsv"
+        conda:
+            "../envs/sepsis_sc.yaml"
         params:
             sheet=demo_sheet(),
             cells_per_sample=config["demo"]["cells_per_sample"],
@@ -17,11 +23,5 @@ if demo_sample_paths():
             case=config["contrast"]["case"],
             control=config["contrast"]["control"],
             seed=config["seed"],
-        log:
-            f"{LOGS}/simulate_demo.log",
-        benchmark:
-            f"{BENCH}/simulate_demo.tsv"
-        conda:
-            "../envs/sepsis_sc.yaml"
         script:
             "../scripts/simulate_demo.py"

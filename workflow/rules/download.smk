@@ -6,28 +6,6 @@
 # Targets live under config key download.dir: direct downloads at <dir>/<file>, archives at
 # <dir>/<archive file> and unpacked into <dir>/<archive stem>/. The plan (and its checks)
 # comes from sepsis_sc.download.download_plan, so it is unit-tested with the library.
-import re
-
-from sepsis_sc.download import download_plan
-
-DOWNLOADS = download_plan(samples, config["download"]["dir"])
-
-
-def _one_of(names):
-    """Regex matching exactly the given names (a never-matching one when there are none)."""
-    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
-
-
-def download_url(wildcards):
-    """URL of one file to download."""
-    return DOWNLOADS.files[wildcards.dlfile].url
-
-
-def download_checksum(wildcards):
-    """Expected checksum of one download ('' when the sheet gives none)."""
-    return DOWNLOADS.files[wildcards.dlfile].checksum or ""
-
-
 rule download:
     output:
         f"{DOWNLOADS.download_dir}/{{dlfile}}",

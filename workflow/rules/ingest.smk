@@ -6,18 +6,18 @@ rule ingest:
         sample_input,
     output:
         f"{RESULTS}/ingest/{{sample}}.h5ad",
-    params:
-        record=sample_record,
-        organism=config["organism"],
-        min_cells=config["ingest"]["min_cells"],
     log:
         f"{LOGS}/ingest/{{sample}}.log",
     benchmark:
         f"{BENCH}/ingest/{{sample}}.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
     resources:
         mem_mb=sample_mem_mb,
         runtime=30,
-    conda:
-        "../envs/sepsis_sc.yaml"
+    params:
+        record=sample_record,
+        organism=config["organism"],
+        min_cells=config["ingest"]["min_cells"],
     script:
         "../scripts/ingest.py"

@@ -8,21 +8,21 @@ rule integrate:
         h5ad=f"{RESULTS}/integrate/integrated.h5ad",
         model=directory(f"{RESULTS}/integrate/scvi_model"),
         record=f"{RESULTS}/integrate/integration.yaml",
-    params:
-        integration=config["integration"],
-        methods=integration_methods(),
-        seed=config["seed"],
-    threads: config["resources"]["threads"]
     log:
         f"{LOGS}/integrate.log",
     benchmark:
         f"{BENCH}/integrate.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    threads: config["resources"]["threads"]
     resources:
         mem_mb=cohort_mem_mb,
         runtime=240,
         gpu=scvi_gpu_count(),
-    conda:
-        "../envs/sepsis_sc.yaml"
+    params:
+        integration=config["integration"],
+        methods=integration_methods(),
+        seed=config["seed"],
     script:
         "../scripts/integrate.py"
 
@@ -46,21 +46,21 @@ rule integration_metrics:
             caption="../report/integration_umaps.rst",
             category="2. Integration",
         ),
+    log:
+        f"{LOGS}/integration_metrics.log",
+    benchmark:
+        f"{BENCH}/integration_metrics.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    threads: config["resources"]["threads"]
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=120,
     params:
         methods=integration_methods(),
         batch_key=config["integration"]["batch_key"],
         label_key=config["integration"]["metrics_label_key"],
         n_neighbors=config["clustering"]["n_neighbors"],
         seed=config["seed"],
-    threads: config["resources"]["threads"]
-    log:
-        f"{LOGS}/integration_metrics.log",
-    benchmark:
-        f"{BENCH}/integration_metrics.tsv"
-    resources:
-        mem_mb=cohort_mem_mb,
-        runtime=120,
-    conda:
-        "../envs/sepsis_sc.yaml"
     script:
         "../scripts/integration_metrics.py"

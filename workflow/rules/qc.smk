@@ -9,19 +9,19 @@ rule qc_sample:
         h5ad=f"{RESULTS}/qc/{{sample}}.h5ad",
         summary=f"{RESULTS}/qc/{{sample}}.qc.tsv",
         cells=f"{RESULTS}/qc/{{sample}}.cells.tsv.gz",
-    params:
-        qc=config["qc"],
-        organism=config["organism"],
-        seed=config["seed"],
     log:
         f"{LOGS}/qc/{{sample}}.log",
     benchmark:
         f"{BENCH}/qc/{{sample}}.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
     resources:
         mem_mb=sample_mem_mb,
         runtime=60,
-    conda:
-        "../envs/sepsis_sc.yaml"
+    params:
+        qc=config["qc"],
+        organism=config["organism"],
+        seed=config["seed"],
     script:
         "../scripts/qc_sample.py"
 
@@ -33,17 +33,17 @@ rule qc_merge:
     output:
         h5ad=f"{RESULTS}/qc/merged.h5ad",
         summary=f"{RESULTS}/qc/qc_summary.tsv",
-    params:
-        min_cells_per_gene=config["qc"]["min_cells_per_gene"],
     log:
         f"{LOGS}/qc_merge.log",
     benchmark:
         f"{BENCH}/qc_merge.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
     resources:
         mem_mb=cohort_mem_mb,
         runtime=60,
-    conda:
-        "../envs/sepsis_sc.yaml"
+    params:
+        min_cells_per_gene=config["qc"]["min_cells_per_gene"],
     script:
         "../scripts/qc_merge.py"
 

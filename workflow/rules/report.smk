@@ -12,11 +12,11 @@ rule provenance:
             caption="../report/provenance.rst",
             category="0. Provenance",
         ),
-    params:
-        config=config,
     log:
         f"{LOGS}/provenance.log",
     conda:
         "../envs/sepsis_sc.yaml"
+    params:
+        config=config,
     script:
         "../scripts/provenance.py"

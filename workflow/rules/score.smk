@@ -12,21 +12,21 @@ rule score:
             caption="../report/state_rules.rst",
             category="5. Therapy targets",
         ),
+    log:
+        f"{LOGS}/score.log",
+    benchmark:
+        f"{BENCH}/score.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    threads: config["resources"]["threads"]
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=60,
     params:
         scoring=config["scoring"],
         organism=config["organism"],
         contrast=config["contrast"],
         min_cells=config["stats"]["min_cells"],
-    threads: config["resources"]["threads"]
-    log:
-        f"{LOGS}/score.log",
-    benchmark:
-        f"{BENCH}/score.tsv"
-    resources:
-        mem_mb=cohort_mem_mb,
-        runtime=60,
-    conda:
-        "../envs/sepsis_sc.yaml"
     script:
         "../scripts/score.py"
 
@@ -55,15 +55,15 @@ rule stats:
             caption="../report/therapy_targets_table.rst",
             category="5. Therapy targets",
         ),
-    params:
-        stats=config["stats"],
-        contrast=config["contrast"],
     log:
         f"{LOGS}/stats.log",
     benchmark:
         f"{BENCH}/stats.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
+    params:
+        stats=config["stats"],
+        contrast=config["contrast"],
     script:
         "../scripts/stats.py"
 
@@ -101,12 +101,12 @@ rule target_figures:
             caption="../report/therapy_targets.rst",
             category="5. Therapy targets",
         ),
-    params:
-        contrast=config["contrast"],
-        alpha=config["stats"]["alpha"],
     log:
         f"{LOGS}/target_figures.log",
     conda:
         "../envs/sepsis_sc.yaml"
+    params:
+        contrast=config["contrast"],
+        alpha=config["stats"]["alpha"],
     script:
         "../scripts/target_figures.py"
