@@ -208,3 +208,23 @@ def test_real_cohort_configs_resolve_their_dag(cohort, tmp_path):
     for rule in ("download", "ingest", "qc_sample", "integrate", "annotate", "stats"):
         assert rule in out, f"{cohort}: rule {rule} missing from the dry run"
     assert "simulate_demo" not in out
+
+
+def test_slurm_profile_dry_run_shows_rule_resources(tmp_path):
+    """The SLURM profile parses; scVI asks for a GPU (resources.gpu) and its threads/runtime,
+    QC jobs for their own memory and runtime."""
+    cfg = dict(TINY_CONFIG, resources={"gpu": True})
+    work = _write_workdir(tmp_path, cfg)
+    res = _snakemake(work, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    jobs = {block.split(":", 1)[0].strip(): block for block in out.split("\nrule ")[1:]}
+    integrate = jobs["integrate"]
+    assert "gpu=1" in integrate and "runtime=360" in integrate and "threads: 8" in integrate
+    qc = jobs["qc_sample"]
+    assert "mem_mb=" in qc and "runtime=60" in qc and "gpu" not in qc
+    # without resources.gpu no GPU is requested
+    work2 = _write_workdir(tmp_path / "nogpu")
+    res = _snakemake(work2, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"))
+    integrate = res.stdout.split("\nrule integrate:")[1].split("\nrule ")[0]
+    assert "gpu=" not in integrate.replace("gpu=0", "")
