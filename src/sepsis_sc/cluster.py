@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -352,17 +353,19 @@ def cluster_markers(
     if skipped:
         logger.warning("no markers for groups with < 2 cells: %s", skipped)
     key = f"rank_genes_{groupby}"
-    sc.tl.rank_genes_groups(
-        adata,
-        groupby,
-        groups=groups if skipped else "all",
-        reference="rest",
-        method=method,
-        use_raw=False,
-        n_genes=n_genes,
-        pts=True,
-        key_added=key,
-    )
+    with warnings.catch_warnings():  # scanpy fills its result table column by column
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(
+            adata,
+            groupby,
+            groups=groups if skipped else "all",
+            reference="rest",
+            method=method,
+            use_raw=False,
+            n_genes=n_genes,
+            pts=True,
+            key_added=key,
+        )
     df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
     if "group" not in df:  # a single group comes back without the column
         df.insert(0, "group", groups[0])
