@@ -106,6 +106,7 @@ def test_demo_sheet_is_valid(repo_root):
     cfg = load_config(repo_root / "config" / "config.yaml")
     samples = validate_samples(load_samples(repo_root / cfg["samples"]), cfg)
     assert len(samples) >= 8
+    assert (samples.groupby(["batch", "condition"]).size() >= 2).all()
     assert set(samples["condition"]) == {"sepsis", "control"}
     assert samples["batch"].nunique() == 2
     # the batch is not confounded with condition

@@ -299,3 +299,36 @@ def test_bad_input_messages():
         simulate.simulate_cohort(pd.DataFrame({"sample_id": ["a"]}))
     with pytest.raises(ValueError, match="n_genes=100"):
         simulate.simulate_cohort(_sheet(1), n_genes=100)
+
+
+def test_check_planted_effects_scores_direction_and_fdr():
+    """The demo self-check marks an effect detected only at FDR <= alpha in its planted
+    direction, and a missing row (not tested) as not detected."""
+    import pandas as pd
+
+    from sepsis_sc.simulate import PLANTED_EFFECTS, check_planted_effects, null_calibration
+
+    comp_rows, eff_rows = [], []
+    for spec in PLANTED_EFFECTS:
+        sign = 1.0 if spec["direction"] == "up" else -1.0
+        if spec["table"] == "composition":
+            comp_rows.append({"level": spec["level"], "label": spec["label"], "effect": sign, "pvalue": 0.001, "fdr": 0.01})
+        else:
+            eff_rows.append({"state": spec["level"], "metric": spec["label"], "effect": sign, "pvalue": 0.001, "fdr": 0.01})
+    effects, composition = pd.DataFrame(eff_rows), pd.DataFrame(comp_rows)
+    assert check_planted_effects(effects, composition)["detected"].all()
+
+    flipped = effects.assign(effect=-effects["effect"])
+    res = check_planted_effects(flipped, composition)
+    assert not res.loc[res["tested_as"].str.startswith("state"), "detected"].any()
+
+    weak = composition.assign(fdr=0.2)
+    res = check_planted_effects(effects, weak)
+    assert not res.loc[res["tested_as"].str.startswith("composition"), "detected"].any()
+
+    res = check_planted_effects(effects.iloc[1:], composition)
+    assert res["observed_direction"].eq("not tested").sum() == 1
+
+    summary = null_calibration(effects, composition)
+    assert summary["n_tests"] == len(PLANTED_EFFECTS)
+    assert summary["n_p_below_alpha"] == len(PLANTED_EFFECTS)

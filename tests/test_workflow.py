@@ -162,7 +162,7 @@ def test_end_to_end_outputs(tiny_run):
     table = pd.read_csv(res / "targets" / "sample_table.tsv", sep="\t")
     assert set(table["sample_id"]) == {"T1", "T2", "T3", "T4"}
     effects = pd.read_csv(res / "targets" / "condition_effects.tsv", sep="\t")
-    for col in ["state", "effect", "ci_low", "ci_high", "p_value", "fdr", "n_case", "n_control"]:
+    for col in ["state", "effect", "ci_low", "ci_high", "pvalue", "fdr", "n_case", "n_control"]:
         assert col in effects.columns, col
     assert (effects["n_case"] <= 2).all()  # sample-level: never more units than samples
     qc = pd.read_csv(res / "qc" / "qc_summary.tsv", sep="\t")
@@ -228,3 +228,17 @@ def test_slurm_profile_dry_run_shows_rule_resources(tmp_path):
     res = _snakemake(work2, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"))
     integrate = res.stdout.split("\nrule integrate:")[1].split("\nrule ")[0]
     assert "gpu=" not in integrate.replace("gpu=0", "")
+
+
+@pytest.mark.slow
+def test_report_contains_every_figure(tiny_run):
+    """`snakemake --report` yields one self-contained HTML file with every figure of the run."""
+    report = tiny_run / "report.html"
+    res = _snakemake(tiny_run, "--report", str(report))
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    html = report.read_text(errors="replace")
+    figures = sorted((tiny_run / "results" / "tiny").rglob("*.png"))
+    assert len(figures) >= 13
+    for png in figures:
+        assert png.name in html, f"{png.name} missing from the report"
+    assert "provenance.yaml" in html and "condition_effects.tsv" in html

@@ -84,7 +84,15 @@ from sepsis_sc.resources import resource_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["simulate_cohort", "write_demo_cohort", "cell_type_table", "STATES"]
+__all__ = [
+    "simulate_cohort",
+    "write_demo_cohort",
+    "cell_type_table",
+    "check_planted_effects",
+    "null_calibration",
+    "PLANTED_EFFECTS",
+    "STATES",
+]
 
 _CHUNK = 512  # cells per dense block while sampling
 _EXACT_MU = 0.1  # below this mean, NB draws use the fast exact-zero scheme (_sample_nb)
@@ -889,3 +897,88 @@ def write_demo_cohort(
     truth.to_csv(truth_dir / "truth.tsv.gz", sep="\t", index=False)
     sheet.to_csv(truth_dir / "samples.tsv", sep="\t", index=False)
     return sheet
+
+
+#: The sample-level effects the simulator plants in sepsis (``effects=True``), each with the
+#: pre-specified table row that must detect it: (source table, level/state, label or metric,
+#: expected direction). Metrics are fixed in advance (fraction for discrete states, mean
+#: per-cell score for continuous ones) so the check cannot pick the luckiest metric.
+PLANTED_EFFECTS: tuple[dict[str, str], ...] = (
+    {"effect": "fewer T cells", "table": "composition", "level": "lineage", "label": "T", "direction": "down"},
+    {"effect": "fewer NK cells", "table": "composition", "level": "lineage", "label": "NK", "direction": "down"},
+    {"effect": "fewer B cells", "table": "composition", "level": "lineage", "label": "B", "direction": "down"},
+    {"effect": "classical monocyte expansion", "table": "composition", "level": "cell_type", "label": "Classical monocyte", "direction": "up"},
+    {"effect": "more immature neutrophils", "table": "composition", "level": "cell_type", "label": "Immature neutrophil", "direction": "up"},
+    {"effect": "more TREM2-high macrophages", "table": "composition", "level": "cell_type", "label": "TREM2-high macrophage", "direction": "up"},
+    {"effect": "MS1-like monocyte state", "table": "effects", "level": "ms1_monocyte", "label": "mean_score", "direction": "up"},
+    {"effect": "HLA class II loss in monocytes", "table": "effects", "level": "mono_hladr_low", "label": "fraction", "direction": "up"},
+    {"effect": "HLA class II loss in DCs", "table": "effects", "level": "dc_tolerogenic", "label": "mean_score", "direction": "up"},
+    {"effect": "T-cell exhaustion programme", "table": "effects", "level": "t_exhaustion", "label": "fraction", "direction": "up"},
+    {"effect": "monocyte cytokine programme", "table": "effects", "level": "cytokine_storm", "label": "mean_score", "direction": "up"},
+)  # fmt: skip
+
+
+def check_planted_effects(
+    effects: pd.DataFrame, composition: pd.DataFrame, *, alpha: float = 0.05
+) -> pd.DataFrame:
+    """Score a run's sample-level results against the effects the simulator planted.
+
+    Parameters
+    ----------
+    effects
+        ``targets/condition_effects.tsv`` (:func:`sepsis_sc.stats.condition_effects`).
+    composition
+        ``targets/composition.tsv`` (:func:`sepsis_sc.stats.composition_test`).
+    alpha
+        FDR level.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per entry of :data:`PLANTED_EFFECTS`: the pre-specified row's ``effect_size``,
+        ``fdr``, observed ``observed_direction`` and ``detected`` (FDR <= alpha in the planted
+        direction). A row missing from the results (e.g. too few cells) is not detected.
+    """
+    rows = []
+    for spec in PLANTED_EFFECTS:
+        if spec["table"] == "composition":
+            hit = composition[
+                (composition["level"] == spec["level"]) & (composition["label"] == spec["label"])
+            ]
+            where = f"composition {spec['level']} {spec['label']}"
+        else:
+            hit = effects[(effects["state"] == spec["level"]) & (effects["metric"] == spec["label"])]
+            where = f"state {spec['level']} ({spec['label']})"
+        effect = float(hit["effect"].iloc[0]) if len(hit) else np.nan
+        fdr = float(hit["fdr"].iloc[0]) if len(hit) else np.nan
+        observed = "up" if effect > 0 else "down" if effect < 0 else "none"
+        rows.append(
+            {
+                "planted_effect": spec["effect"],
+                "tested_as": where,
+                "expected_direction": spec["direction"],
+                "effect_size": effect,
+                "fdr": fdr,
+                "observed_direction": observed if np.isfinite(effect) else "not tested",
+                "detected": bool(np.isfinite(fdr) and fdr <= alpha and observed == spec["direction"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def null_calibration(
+    effects: pd.DataFrame, composition: pd.DataFrame, *, alpha: float = 0.05
+) -> dict[str, float]:
+    """False-positive summary for a cohort simulated with ``effects=False``.
+
+    Returns the number of sample-level tests, how many have p < ``alpha`` and FDR <=
+    ``alpha``, and the fraction with p < ``alpha`` (expected about ``alpha``).
+    """
+    p = pd.concat([effects["pvalue"], composition["pvalue"]]).dropna().to_numpy(dtype=float)
+    fdr = pd.concat([effects["fdr"], composition["fdr"]]).dropna().to_numpy(dtype=float)
+    return {
+        "n_tests": int(p.size),
+        "n_p_below_alpha": int((p < alpha).sum()),
+        "fraction_p_below_alpha": float((p < alpha).mean()) if p.size else float("nan"),
+        "n_fdr_below_alpha": int((fdr <= alpha).sum()),
+    }

@@ -140,7 +140,7 @@ def final_outputs():
         f"{RESULTS}/targets/figures/composition.png",
         f"{RESULTS}/targets/figures/therapy_targets.png",
         f"{RESULTS}/provenance.yaml",
-    ]
+    ] + ([f"{RESULTS}/targets/demo_check.tsv"] if demo_sample_paths() else [])
 
 
 # ---- downloads (rules in download.smk) ----

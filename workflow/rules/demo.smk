@@ -25,3 +25,26 @@ if demo_sample_paths():
             seed=config["seed"],
         script:
             "../scripts/simulate_demo.py"
+
+
+if demo_sample_paths():
+
+    rule demo_check:
+        input:
+            effects=f"{RESULTS}/targets/condition_effects.tsv",
+            composition=f"{RESULTS}/targets/composition.tsv",
+        output:
+            report(
+                f"{RESULTS}/targets/demo_check.tsv",
+                caption="../report/demo_check.rst",
+                category="6. Demo: planted truth",
+            ),
+        log:
+            f"{LOGS}/demo_check.log",
+        conda:
+            "../envs/sepsis_sc.yaml"
+        params:
+            effects=config["demo"]["effects"],
+            alpha=config["stats"]["alpha"],
+        script:
+            "../scripts/demo_check.py"
