@@ -41,7 +41,8 @@ Planted sepsis effects (``effects=True``; sample level, sizes as multipliers on 
   S100A12 x4, PLAC8/CLU/SELL ... up; HLA class II x0.35, CD74 x0.5. MS1 cells are also
   ``hla_low``.
 * HLA class II loss (``hla_low``) in monocytes and DCs: 10 % -> 35 % of cells; HLA-D* x0.3,
-  CD74 x0.45, CD86 x0.4, CIITA x0.4.
+  CD74 x0.45, CD86 x0.4, CIITA x0.4, with the tolerogenic shift that accompanies it: CD274
+  (PD-L1) x4, IL10 x3, IDO1 x3.
 * T-cell exhaustion (``exhausted``): 5 % -> 16 % of T cells; PDCD1 x8, CTLA4 x6, HAVCR2 x6,
   LAG3 x6, TIGIT x4, TOX x4, BTLA/CD160/CD244/ENTPD1 x3; IL7R x0.3, CD28 x0.35, TCF7 x0.4.
 * Cytokine programme in monocytes (``cytokine_high``): 5 % -> 20 % of monocytes; IL6 x15,
@@ -276,6 +277,9 @@ _STATE_PROGRAMMES: dict[str, dict[str, tuple[float, float]]] = {
         "HLA-DRA": (0.3, 0), "HLA-DRB1": (0.3, 0), "HLA-DRB5": (0.3, 0), "HLA-DPA1": (0.3, 0),
         "HLA-DPB1": (0.3, 0), "HLA-DQA1": (0.3, 0), "HLA-DQB1": (0.3, 0), "HLA-DMA": (0.3, 0),
         "HLA-DMB": (0.3, 0), "CD74": (0.45, 0), "CD86": (0.4, 0), "CIITA": (0.4, 0),
+        # tolerogenic shift that accompanies MHC-II loss in septic monocytes and DCs
+        # (PD-L1 up: Guignant 2011 Crit Care; IL-10/IDO: Hotchkiss 2013 Nat Rev Immunol)
+        "CD274": (4, 1.0), "IL10": (3, 0.5), "IDO1": (3, 0.5),
     },
     "exhausted": {
         "PDCD1": (8, 1.5), "CTLA4": (6, 1.5), "HAVCR2": (6, 1.5), "LAG3": (6, 1.5),

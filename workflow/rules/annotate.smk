@@ -3,7 +3,8 @@
 
 rule annotate:
     input:
-        f"{RESULTS}/cluster/clustered.h5ad",
+        h5ad=f"{RESULTS}/cluster/clustered.h5ad",
+        markers=marker_file(),
     output:
         **celltypist_outputs(),
         h5ad=f"{RESULTS}/annotated.h5ad",

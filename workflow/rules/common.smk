@@ -110,6 +110,41 @@ def celltypist_outputs():
     return {"agreement": f"{RESULTS}/annotate/celltypist_agreement.tsv"}
 
 
+def metrics_labels_input():
+    """Known-label table for the integration metrics: integration.metrics_labels, or the
+    planted truth of the simulated demo, or nothing."""
+    path = config["integration"]["metrics_labels"]
+    if path:
+        return [path]
+    if demo_sample_paths():
+        return [f"{config['demo']['dir']}/truth.tsv.gz"]
+    return []
+
+
+def metrics_label_key():
+    """Label column for the integration metrics (the demo truth's cell_type by default)."""
+    key = config["integration"]["metrics_label_key"]
+    if (
+        key is None
+        and demo_sample_paths()
+        and not config["integration"]["metrics_labels"]
+    ):
+        return "cell_type"
+    return key
+
+
+def signature_file():
+    """The signature YAML the scoring uses (an input, so editing a signature reruns scoring)."""
+    path = config["scoring"]["signatures"]
+    return path or f"{workflow.basedir}/resources/signatures/{config['organism']}.yaml"
+
+
+def marker_file():
+    """The marker YAML the annotation uses (an input, so editing markers reruns annotation)."""
+    path = config["annotation"]["markers"]
+    return path or f"{workflow.basedir}/resources/markers/{config['organism']}.yaml"
+
+
 def final_outputs():
     """Every file `rule all` asks for."""
     return [

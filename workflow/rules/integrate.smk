@@ -29,7 +29,8 @@ rule integrate:
 
 rule integration_metrics:
     input:
-        f"{RESULTS}/integrate/integrated.h5ad",
+        h5ad=f"{RESULTS}/integrate/integrated.h5ad",
+        labels=metrics_labels_input(),
     output:
         table=report(
             f"{RESULTS}/integrate/metrics.tsv",
@@ -59,7 +60,7 @@ rule integration_metrics:
     params:
         methods=integration_methods(),
         batch_key=config["integration"]["batch_key"],
-        label_key=config["integration"]["metrics_label_key"],
+        label_key=metrics_label_key(),
         n_neighbors=config["clustering"]["n_neighbors"],
         seed=config["seed"],
     script:

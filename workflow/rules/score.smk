@@ -4,7 +4,8 @@
 
 rule score:
     input:
-        f"{RESULTS}/annotated.h5ad",
+        h5ad=f"{RESULTS}/annotated.h5ad",
+        signatures=signature_file(),
     output:
         h5ad=f"{RESULTS}/targets/scored.h5ad",
         rules=report(

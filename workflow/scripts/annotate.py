@@ -8,13 +8,13 @@ from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 setup_logging(snakemake.log[0])
 
 a = snakemake.params.annotation
-adata = ad.read_h5ad(snakemake.input[0])
+adata = ad.read_h5ad(snakemake.input.h5ad)
 summary = annotate(
     adata,
     organism="auto",
     expected_organism=snakemake.params.organism,
     cluster_key=a["cluster_key"],
-    markers=a["markers"],
+    markers=snakemake.input.markers,
     use_rep=snakemake.params.use_rep,
     resolution=a["resolution"],
     min_score=a["min_score"],

@@ -1,6 +1,7 @@
 """Snakemake script (rule integration_metrics): scib-style metrics and UMAPs per method."""
 
 import anndata as ad
+import pandas as pd
 
 from sepsis_sc.integrate import (
     EMBEDDING_KEYS,
@@ -15,7 +16,10 @@ setup_logging(snakemake.log[0])
 set_style()
 
 p = snakemake.params
-adata = ad.read_h5ad(snakemake.input[0])
+adata = ad.read_h5ad(snakemake.input.h5ad)
+if snakemake.input.labels:
+    labels = pd.read_csv(snakemake.input.labels[0], sep="\t", index_col="cell_id")
+    adata.obs[p.label_key] = labels[p.label_key].reindex(adata.obs_names).astype("category")
 keys = [EMBEDDING_KEYS[m] for m in p.methods]
 label_key = p.label_key if p.label_key and p.label_key in adata.obs else None
 table = integration_metrics(

@@ -8,11 +8,11 @@ from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 setup_logging(snakemake.log[0])
 
 p = snakemake.params
-adata = ad.read_h5ad(snakemake.input[0])
+adata = ad.read_h5ad(snakemake.input.h5ad)
 rules = score_states(
     adata,
     organism=p.organism,
-    signatures=p.scoring["signatures"],
+    signatures=snakemake.input.signatures,
     min_genes_fraction=p.scoring["min_genes_fraction"],
     min_cells_parent=p.min_cells,
     call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
