@@ -296,3 +296,24 @@ def test_simulator_null_cohort_has_no_findings():
     assert len(p) >= 30
     assert np.mean(p < 0.05) <= 0.1  # measured: 1 of 34
     assert not eff["significant"].any() and not comp["significant"].any()
+
+
+def test_score_umaps_show_only_scored_states():
+    """QC's doublet_score (or any other *_score column) is not drawn as a therapy state."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from sepsis_sc.stats import plot_score_umaps
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {"doublet_score": rng.random(50), "t_exhaustion_score": rng.random(50)},
+        index=[f"c{i}" for i in range(50)],
+    )
+    adata = ad.AnnData(obs=obs)
+    adata.obsm["X_umap"] = rng.normal(size=(50, 2))
+    adata.uns["state_rules"] = {"t_exhaustion": {"label": "exhausted T"}}
+    fig = plot_score_umaps(adata)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["exhausted T"]

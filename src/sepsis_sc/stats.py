@@ -960,7 +960,13 @@ def plot_score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, 
     if basis not in adata.obsm:
         raise KeyError(f"obsm[{basis!r}] missing; compute a UMAP (sepsis_sc.cluster) first")
     if states is None:
-        states = [c[:-6] for c in adata.obs.columns if c.endswith("_score")]
+        # the states score_states recorded (not other *_score columns such as doublet_score)
+        rules = adata.uns.get("state_rules", {})
+        states = [
+            c[:-6]
+            for c in adata.obs.columns
+            if c.endswith("_score") and (c[:-6] in rules if len(rules) else c != "doublet_score")
+        ]
     if not states:
         raise ValueError("no <state>_score columns in obs; run sepsis_sc.score.score_states first")
     xy = np.asarray(adata.obsm[basis])[:, :2]
