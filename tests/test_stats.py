@@ -33,7 +33,12 @@ def test_bh_fdr_matches_reference():
 
 
 def test_sample_table_values(scored, table):
-    assert set(table["metric"]) == {"fraction", "mean_score", "pseudobulk_score"}
+    assert set(table["metric"]) == {
+        "fraction",
+        "mean_score",
+        "pseudobulk_score",
+        "pseudobulk_expression",
+    }
     row = table[(table["state"] == "mono_hladr_low") & (table["metric"] == "mean_score")]
     assert len(row) == 8  # one per sample
     obs = scored.obs
@@ -317,3 +322,26 @@ def test_score_umaps_show_only_scored_states():
     fig = plot_score_umaps(adata)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["exhausted T"]
+
+
+def test_pseudobulk_expression_is_log_cpm_of_summed_counts(scored, table):
+    """pseudobulk_expression = mean log2(CPM+1) of up genes minus down genes in the summed
+    counts of the parent population of one sample (checked by hand for one sample)."""
+    from sepsis_sc.score import load_signatures
+
+    sig = {s["name"]: s for s in load_signatures("human")}["mono_hladr_low"]
+    sample = str(scored.obs["sample_id"].iloc[0])
+    cells = (scored.obs["sample_id"].astype(str) == sample).to_numpy() & np.isfinite(
+        scored.obs["mono_hladr_low_score"].to_numpy(float)
+    )
+    summed = np.asarray(scored.layers["counts"][cells].sum(axis=0)).ravel()
+    logcpm = pd.Series(np.log2(summed / summed.sum() * 1e6 + 1.0), index=scored.var_names)
+    up = [g for g in sig["up"] if g in logcpm.index]
+    down = [g for g in sig["down"] if g in logcpm.index]
+    expected = logcpm[up].mean() - logcpm[down].mean()
+    row = table[
+        (table["state"] == "mono_hladr_low")
+        & (table["metric"] == "pseudobulk_expression")
+        & (table["sample_id"].astype(str) == sample)
+    ]
+    assert row["value"].iloc[0] == pytest.approx(expected, rel=1e-6)

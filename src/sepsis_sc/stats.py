@@ -52,11 +52,13 @@ _METRIC_TEXT = {
     "fraction": "fraction within {pop}",
     "mean_score": "mean score",
     "pseudobulk_score": "pseudobulk score",
+    "pseudobulk_expression": "pseudobulk expression",
 }
 _EFFECT_TYPE = {
     "fraction": "log2 ratio of geometric-mean fractions (case/control)",
     "mean_score": "difference in mean score (case - control)",
     "pseudobulk_score": "difference in mean pseudobulk score (case - control)",
+    "pseudobulk_expression": "difference in pseudobulk log2 CPM, up - down genes (case - control)",
 }
 
 
@@ -161,7 +163,10 @@ def sample_table(
     states
         States to aggregate (default: every scored state in ``uns["state_rules"]``).
     pseudobulk
-        Also compute ``pseudobulk_score``: the parent cells' raw counts are summed per sample
+        Also compute ``pseudobulk_score`` and ``pseudobulk_expression`` (mean log2 CPM of the
+        up genes minus the down genes in the summed counts; tracks a few-fold loss of highly
+        expressed genes such as MHC class II, which rank scores barely register): the parent
+        cells' raw counts are summed per sample
         and the summed profile is UCell-scored with the same genes (needs ``layer``).
     layer, max_rank, w_neg
         Count layer and UCell settings for the pseudobulk score (default: those recorded in
@@ -173,7 +178,7 @@ def sample_table(
         Long format, one row per sample x state x metric: ``sample_id``, ``condition``,
         ``donor``, ``state``, ``label``, ``metric`` (``fraction`` of called cells within the
         call population, ``mean_score`` = mean per-cell score in the parent,
-        ``pseudobulk_score``), ``value``, ``n_cells`` (cells of the population in that
+        ``pseudobulk_score``, ``pseudobulk_expression``), ``value``, ``n_cells`` (cells of the population in that
         sample), ``n_called``, ``reason`` (empty when the value is valid). Nothing is written
         to ``adata``.
     """
@@ -220,9 +225,9 @@ def sample_table(
         call = None
         if state in adata.obs:
             call = adata.obs[state].astype("boolean")
-        pb_scores = None
+        pb_scores = pb_expr = None
         if pseudobulk and (si["up"] or si["down"]):
-            pb_scores = _pseudobulk_scores(
+            pb_scores, pb_expr = _pseudobulk_scores(
                 counts, adata.var_names, samples, parent, sample_ids, si, min_cells, max_rank, w_neg
             )
         for sid in sample_ids:
@@ -245,6 +250,15 @@ def sample_table(
                     state,
                     "pseudobulk_score",
                     float(pb_scores.get(sid, np.nan)),
+                    n_par,
+                    np.nan,
+                    reason,
+                )
+                add(
+                    sid,
+                    state,
+                    "pseudobulk_expression",
+                    float(pb_expr.get(sid, np.nan)),
                     n_par,
                     np.nan,
                     reason,
@@ -284,10 +298,16 @@ def _pseudobulk_scores(
     min_cells: int,
     max_rank: int,
     w_neg: float,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-sample pseudobulk of the parent cells: (UCell score, expression score).
+
+    The expression score is mean log2(CPM + 1) of the set's up genes minus that of its down
+    genes in the summed counts. Unlike rank scores it moves when very highly expressed genes
+    (MHC class II in monocytes and DCs) drop a few-fold, which is what flow mHLA-DR measures.
+    """
     keep = [s for s in sample_ids if int((parent & (samples == s)).sum()) >= min_cells]
     if not keep:
-        return {}
+        return {}, {}
     codes = pd.Categorical(samples, categories=keep).codes
     sel = np.flatnonzero(parent & (codes >= 0))
     indicator = sp.csr_matrix(
@@ -304,7 +324,17 @@ def _pseudobulk_scores(
         w_neg=w_neg,
         layer=None,
     )
-    return dict(zip(keep, res["s"].to_numpy()))
+    # samples x genes is small (dense is fine even for hundreds of samples)
+    pb = sp.csr_matrix(pb)
+    libsize = np.maximum(np.asarray(pb.sum(axis=1)).ravel(), 1.0)
+    logcpm = np.log2(pb.multiply(1e6 / libsize[:, None]).toarray() + 1.0)
+    expr = np.zeros(len(keep))
+    for genes, sign in ((si["up"], 1.0), (si["down"], -1.0)):
+        idx = var_names.get_indexer([g for g in genes if g in var_names])
+        idx = idx[idx >= 0]
+        if idx.size:
+            expr += sign * logcpm[:, idx].mean(axis=1)
+    return dict(zip(keep, res["s"].to_numpy())), dict(zip(keep, expr))
 
 
 # --------------------------------------------------------------------------------------
@@ -379,7 +409,10 @@ def _meaning(
             f"{mean_case:.1%} vs {mean_control:.1%} of cells, " if np.isfinite(mean_case) else ""
         )
     else:
-        what = f"the {'pseudobulk ' if metric == 'pseudobulk_score' else ''}{label} score"
+        what = {
+            "pseudobulk_score": f"the pseudobulk {label} score",
+            "pseudobulk_expression": f"the pseudobulk {label} expression (up - down genes)",
+        }.get(metric, f"the {label} score")
         extra = ""
     if not np.isfinite(effect):
         return f"{what}: not estimable ({note})"
@@ -862,7 +895,9 @@ def plot_forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float 
     """
     plt = _plt()
     metrics = [
-        m for m in ("fraction", "mean_score", "pseudobulk_score") if m in set(effects["metric"])
+        m
+        for m in ("fraction", "mean_score", "pseudobulk_score", "pseudobulk_expression")
+        if m in set(effects["metric"])
     ]
     heights = [max(1, (effects["metric"] == m).sum()) for m in metrics]
     fig, axes = plt.subplots(
@@ -892,6 +927,7 @@ def plot_forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float 
                 "fraction": "State frequency",
                 "mean_score": "Mean state score",
                 "pseudobulk_score": "Pseudobulk state score",
+                "pseudobulk_expression": "Pseudobulk expression of the state genes",
             }[m],
             loc="left",
         )
@@ -942,6 +978,7 @@ def plot_sample_values(
         "fraction": "fraction of population",
         "mean_score": "mean score",
         "pseudobulk_score": "pseudobulk score",
+        "pseudobulk_expression": "pseudobulk log2 CPM (up - down)",
     }[metric]
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
