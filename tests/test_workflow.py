@@ -7,7 +7,6 @@ in a temporary working directory and checks the contents of the final outputs.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +185,6 @@ def test_rerun_is_a_no_op_and_resolution_change_reruns_from_clustering(tiny_run)
     assert "cluster" in out and "annotate" in out
     for upstream in ["ingest", "qc_sample", "qc_merge", "integrate"]:
         assert f"rule {upstream}:" not in out and f"\n{upstream} " not in out.split("Job stats")[-1], upstream
-    shutil.rmtree(tiny_run / ".snakemake" / "locks", ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from sepsis_sc.config import EMBEDDING_KEYS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
 ]
 
 #: obsm key written by each integration method.
-EMBEDDING_KEYS: dict[str, str] = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
 
 _FLAG_COLUMNS = ("mt", "ribo", "hb")
 

@@ -1,11 +1,11 @@
 # Shared set-up: config and sample-sheet validation (before any job), paths and input
 # functions. Named functions only, so every rule reads plainly.
-import math
 import re
 from pathlib import Path
 
 from sepsis_sc.download import download_plan
 from sepsis_sc.config import (
+    EMBEDDING_KEYS,
     check_sample_inputs,
     load_samples,
     validate_config,
@@ -19,9 +19,6 @@ config.update(_validated)
 
 samples = validate_samples(load_samples(config["samples"]), config)
 SAMPLES = list(samples.index)
-# obsm key of each integration method (= sepsis_sc.integrate.EMBEDDING_KEYS; not imported
-# here because importing scanpy at parse time would slow every dry run by ~10 s)
-EMBEDDING_KEYS = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
 RESULTS = f"results/{config['run_name']}"
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
