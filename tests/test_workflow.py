@@ -240,3 +240,21 @@ def test_report_contains_every_figure(tiny_run):
     for png in figures:
         assert png.name in html, f"{png.name} missing from the report"
     assert "provenance.yaml" in html and "condition_effects.tsv" in html
+
+
+def test_scvi_as_comparison_method_keeps_its_model(tmp_path):
+    """With Harmony downstream and scVI only compared, the scVI model is saved and the
+    model folder does not claim that no model was trained."""
+    cfg = dict(
+        TINY_CONFIG,
+        demo=dict(TINY_CONFIG["demo"], cells_per_sample=150, n_genes=3000),
+        integration={"method": "harmony", "compare": ["scvi"], "max_epochs": 2, "n_hvg": 500},
+    )
+    work = _write_workdir(tmp_path, cfg)
+    res = _snakemake(work, "--cores", "2", "results/tiny/integrate/integration.yaml")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    model = work / "results" / "tiny" / "integrate" / "scvi_model"
+    assert (model / "model.pt").exists()
+    assert not (model / "NOT_TRAINED.txt").exists()
+    record = yaml.safe_load((work / "results" / "tiny" / "integrate" / "integration.yaml").read_text())
+    assert record["method"] == "harmony" and "scvi" in record["runs"]

@@ -1,6 +1,7 @@
 """Snakemake script (rule integrate): scVI (or Harmony / PCA) latent spaces on shared HVGs."""
 
 import logging
+from pathlib import Path
 
 import anndata as ad
 
@@ -47,12 +48,9 @@ for method in snakemake.params.methods:  # the downstream method first
 main = snakemake.params.methods[0]
 adata.uns["integration"] = records[main]
 adata.uns["integration_runs"] = {m: {k: v for k, v in r.items() if v is not None} for m, r in records.items()}
-if main != "scvi":  # keep the declared output directory even without a scVI model
-    import pathlib
-
-    pathlib.Path(snakemake.output.model, "NOT_TRAINED.txt").parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(snakemake.output.model, "NOT_TRAINED.txt").write_text(
-        f"integration.method is {main!r}; no scVI model was trained.\n"
-    )
+if "scvi" not in records:  # keep the declared output directory even without a scVI model
+    marker = Path(snakemake.output.model) / "NOT_TRAINED.txt"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"integration.method is {main!r} and scvi is not compared; no model.\n")
 dump_yaml({"method": main, **records[main], "runs": records}, snakemake.output.record)
 write_h5ad(adata, snakemake.output.h5ad)
