@@ -332,3 +332,45 @@ def test_check_planted_effects_scores_direction_and_fdr():
     summary = null_calibration(effects, composition)
     assert summary["n_tests"] == len(PLANTED_EFFECTS)
     assert summary["n_p_below_alpha"] == len(PLANTED_EFFECTS)
+
+
+def test_oracle_tests_find_planted_effects_and_not_null_ones():
+    """The oracle (planted effects tested on the true labels) detects the planted effects of
+    a demo-sized design and finds (almost) nothing when no effects were planted; septic DCs
+    lose HLA class II more often than monocytes (per-type rate)."""
+    from sepsis_sc.simulate import PLANTED_EFFECTS, oracle_tests
+
+    sheet = _sheet(6)
+    _, truth = simulate.simulate_cohort(sheet, cells_per_sample=1500, n_genes=800, seed=3)
+    oracle = oracle_tests(truth)
+    assert len(oracle) == len(PLANTED_EFFECTS)
+    signs = np.array([1 if s["direction"] == "up" else -1 for s in PLANTED_EFFECTS])
+    assert (np.sign(oracle["oracle_effect"]) == signs).all()
+    assert (oracle["oracle_fdr"] <= 0.05).mean() >= 0.9
+    sepsis = truth[(truth["condition"] == "sepsis") & ~truth["is_doublet"]]
+    dc = sepsis[sepsis["lineage"] == "DC"]["hla_low"].mean()
+    mono = sepsis[sepsis["cell_type"] == "Non-classical monocyte"]["hla_low"].mean()
+    assert dc > 0.45 and mono < 0.45
+
+    _, null_truth = simulate.simulate_cohort(sheet, cells_per_sample=600, n_genes=800, seed=3,
+                                             effects=False)
+    null = oracle_tests(null_truth)
+    assert (null["oracle_fdr"] > 0.05).all()
+
+
+def test_check_planted_effects_adds_oracle_columns():
+    from sepsis_sc.simulate import PLANTED_EFFECTS, check_planted_effects, null_calibration
+
+    sheet = _sheet(3)
+    _, truth = simulate.simulate_cohort(sheet, cells_per_sample=800, n_genes=800, seed=1)
+    comp = pd.DataFrame([{"level": s["level"], "label": s["label"], "effect": 1.0, "pvalue": 0.5,
+                          "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "composition"])
+    eff = pd.DataFrame([{"state": s["level"], "metric": s["label"], "effect": 1.0, "pvalue": 0.5,
+                         "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "effects"])
+    res = check_planted_effects(eff, comp, truth=truth)
+    assert {"oracle_fdr", "oracle_detected"} <= set(res.columns)
+    assert not res["detected"].any()  # FDR 0.5 everywhere
+    assert res["oracle_detected"].dtype == bool
+    summary = null_calibration(eff, comp, truth=truth)
+    assert summary["n_oracle_tests"] == len(PLANTED_EFFECTS)
+    assert isinstance(summary["oracle_p_below_alpha"], str)

@@ -33,6 +33,7 @@ if demo_sample_paths():
         input:
             effects=f"{RESULTS}/targets/condition_effects.tsv",
             composition=f"{RESULTS}/targets/composition.tsv",
+            truth=f"{config['demo']['dir']}/truth.tsv.gz",
         output:
             report(
                 f"{RESULTS}/targets/demo_check.tsv",
@@ -46,5 +47,6 @@ if demo_sample_paths():
         params:
             effects=config["demo"]["effects"],
             alpha=config["stats"]["alpha"],
+            contrast=config["contrast"],
         script:
             "../scripts/demo_check.py"
