@@ -412,3 +412,24 @@ def test_simulated_cohort_subset_precision_recall():
         recall = (p[y == label] == label).mean()
         precision = (y[p == label] == label).mean()
         assert recall >= 0.9 and precision >= 0.9, (label, precision, recall)
+
+
+def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
+    """With the clustering stage's Leiden run on the same embedding, neighbours, seed and
+    resolution, annotate reuses that partition instead of building a second kNN graph; any
+    difference (other resolution or embedding) falls back to its own over-clustering."""
+    from sepsis_sc.cluster import leiden_multi
+
+    adata = _toy(n_per=60, seed=1)
+    adata.obsm["X_emb"] = np.asarray(np.log1p(adata.layers["counts"][:, :30].toarray()), dtype=np.float32)
+    leiden_multi(adata, use_rep="X_emb", n_neighbors=15, resolutions=[1.0, 2.0],
+                 default_resolution=1.0, seed=0, umap=False)
+    an.annotate(adata, cluster_key=None, use_rep="X_emb", resolution=2.0, seed=0)
+    clusters = adata.obs["annotation_cluster"].astype(str)
+    assert (clusters == adata.obs["leiden_r2.0"].astype(str)).all()
+    assert "reused" in adata.uns["annotation"]["params"]["cluster_source"]
+    other = an._reusable_leiden(adata, "X_emb", 1.5, 15, 0)
+    assert other is None
+    assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 1) is None
+    assert an._reusable_leiden(adata, "X_pca", 2.0, 15, 0) is None
+    assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 0) == "leiden_r2.0"

@@ -393,6 +393,27 @@ def _group_matrix(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(inv) @ G)
 
 
+def _reusable_leiden(
+    adata: AnnData, use_rep: str | None, resolution: float, n_neighbors: int, seed: int
+) -> str | None:
+    """``obs`` key of a :func:`sepsis_sc.cluster.leiden_multi` partition equal to the
+    over-clustering :func:`annotate` would compute (same embedding, neighbours, seed and
+    resolution), or ``None``. Saves a second kNN graph on large cohorts."""
+    run = adata.uns.get("leiden_multi")
+    if use_rep is None or not isinstance(run, Mapping):
+        return None
+    key = f"leiden_r{float(resolution)}"  # sepsis_sc.cluster.leiden_key
+    same = (
+        run.get("use_rep") == use_rep
+        and int(run.get("n_neighbors", -1)) == int(n_neighbors)
+        and int(run.get("seed", -1)) == int(seed)
+        and run.get("flavor", "igraph") == "igraph"
+        and int(run.get("n_iterations", 2)) == 2
+        and any(np.isclose(float(r), float(resolution)) for r in run.get("resolutions", []))
+    )
+    return key if same and key in adata.obs else None
+
+
 def _overcluster(
     counts: sp.csr_matrix,
     var_names: pd.Index,
@@ -634,6 +655,11 @@ def annotate(
             )
         clusters = adata.obs[cluster_key].astype(str).to_numpy()
         cluster_source = cluster_key
+    elif (reused := _reusable_leiden(adata, use_rep, resolution, n_neighbors, seed)) is not None:
+        # the clustering stage already ran Leiden at this resolution on the same kNN graph
+        clusters = adata.obs[reused].astype(str).to_numpy()
+        cluster_source = f"{reused} (leiden_multi on {use_rep}, reused)"
+        adata.obs[f"{prefix}annotation_cluster"] = pd.Categorical(clusters)
     else:
         emb = None
         if use_rep is not None:
