@@ -81,6 +81,19 @@ def test_dry_run_shows_every_stage(tmp_path):
         assert rule in out, f"rule {rule} missing from the dry run"
 
 
+def test_integration_metrics_can_be_switched_off(tmp_path):
+    """integration.metrics false drops the metrics job (and its kNN graphs) from the DAG."""
+    work = _write_workdir(tmp_path)
+    res = _snakemake(work, "-n", "--cores", "1")
+    assert "rule integration_metrics:" in res.stdout + res.stderr
+    cfg = dict(TINY_CONFIG, integration={**TINY_CONFIG["integration"], "metrics": False})
+    work = _write_workdir(tmp_path / "off", cfg)
+    res = _snakemake(work, "-n", "--cores", "1")
+    assert res.returncode == 0, res.stderr + res.stdout
+    out = res.stdout + res.stderr
+    assert "rule integration_metrics:" not in out and "rule cluster:" in out
+
+
 def _fails_before_any_job(work: Path, *expected: str) -> None:
     res = _snakemake(work, "--cores", "1")
     out = res.stdout + res.stderr

@@ -144,35 +144,44 @@ def marker_file():
 
 def final_outputs():
     """Every file `rule all` asks for."""
-    return [
-        f"{RESULTS}/qc/qc_summary.tsv",
-        f"{RESULTS}/qc/figures/qc_violins.png",
-        f"{RESULTS}/qc/figures/qc_scatter.png",
-        f"{RESULTS}/qc/figures/qc_removed.png",
-        f"{RESULTS}/integrate/metrics.tsv",
-        f"{RESULTS}/integrate/figures/integration_metrics.png",
-        f"{RESULTS}/integrate/figures/umap_by_batch.png",
-        f"{RESULTS}/cluster/resolutions.tsv",
-        f"{RESULTS}/cluster/markers.tsv",
-        f"{RESULTS}/cluster/figures/resolutions.png",
-        f"{RESULTS}/cluster/figures/umap_clusters.png",
-        f"{RESULTS}/annotated.h5ad",
-        f"{RESULTS}/annotate/cell_types.tsv",
-        f"{RESULTS}/annotate/figures/umap_cell_types.png",
-        f"{RESULTS}/annotate/figures/marker_dotplot.png",
-        f"{RESULTS}/targets/scored.h5ad",
-        f"{RESULTS}/targets/state_rules.tsv",
-        f"{RESULTS}/targets/sample_table.tsv",
-        f"{RESULTS}/targets/condition_effects.tsv",
-        f"{RESULTS}/targets/composition.tsv",
-        f"{RESULTS}/targets/therapy_targets.tsv",
-        f"{RESULTS}/targets/figures/forest_plot.png",
-        f"{RESULTS}/targets/figures/sample_points.png",
-        f"{RESULTS}/targets/figures/umap_scores.png",
-        f"{RESULTS}/targets/figures/composition.png",
-        f"{RESULTS}/targets/figures/therapy_targets.png",
-        f"{RESULTS}/provenance.yaml",
-    ] + ([f"{RESULTS}/targets/demo_check.tsv"] if demo_sample_paths() else [])
+    return (
+        [
+            f"{RESULTS}/qc/qc_summary.tsv",
+            f"{RESULTS}/qc/figures/qc_violins.png",
+            f"{RESULTS}/qc/figures/qc_scatter.png",
+            f"{RESULTS}/qc/figures/qc_removed.png",
+            f"{RESULTS}/cluster/resolutions.tsv",
+            f"{RESULTS}/cluster/markers.tsv",
+            f"{RESULTS}/cluster/figures/resolutions.png",
+            f"{RESULTS}/cluster/figures/umap_clusters.png",
+            f"{RESULTS}/annotated.h5ad",
+            f"{RESULTS}/annotate/cell_types.tsv",
+            f"{RESULTS}/annotate/figures/umap_cell_types.png",
+            f"{RESULTS}/annotate/figures/marker_dotplot.png",
+            f"{RESULTS}/targets/scored.h5ad",
+            f"{RESULTS}/targets/state_rules.tsv",
+            f"{RESULTS}/targets/sample_table.tsv",
+            f"{RESULTS}/targets/condition_effects.tsv",
+            f"{RESULTS}/targets/composition.tsv",
+            f"{RESULTS}/targets/therapy_targets.tsv",
+            f"{RESULTS}/targets/figures/forest_plot.png",
+            f"{RESULTS}/targets/figures/sample_points.png",
+            f"{RESULTS}/targets/figures/umap_scores.png",
+            f"{RESULTS}/targets/figures/composition.png",
+            f"{RESULTS}/targets/figures/therapy_targets.png",
+            f"{RESULTS}/provenance.yaml",
+        ]
+        + ([f"{RESULTS}/targets/demo_check.tsv"] if demo_sample_paths() else [])
+        + (
+            [
+                f"{RESULTS}/integrate/metrics.tsv",
+                f"{RESULTS}/integrate/figures/integration_metrics.png",
+                f"{RESULTS}/integrate/figures/umap_by_batch.png",
+            ]
+            if config["integration"]["metrics"]
+            else []
+        )
+    )
 
 
 # ---- downloads (rules in download.smk) ----

@@ -20,7 +20,7 @@ set_style()
 case, control = snakemake.params.contrast["case"], snakemake.params.contrast["control"]
 column = snakemake.params.contrast["column"]
 alpha = snakemake.params.alpha
-adata = ad.read_h5ad(snakemake.input.h5ad)
+adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")  # obs + obsm only: X stays on disk
 effects = pd.read_csv(snakemake.input.effects, sep="\t")
 table = pd.read_csv(snakemake.input.sample_table, sep="\t")
 targets = pd.read_csv(snakemake.input.targets, sep="\t")
