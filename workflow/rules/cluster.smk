@@ -1,4 +1,6 @@
-# Clustering: kNN graph on the integrated space, Leiden over several resolutions, UMAP, markers.
+# Clustering: kNN graph on the integrated space, Leiden over several resolutions and UMAP
+# (the critical path), then the resolution summary (seed-stability runs) and cluster markers
+# in a side job that runs beside annotation and scoring.
 
 
 rule cluster:
@@ -6,12 +8,6 @@ rule cluster:
         f"{RESULTS}/integrate/integrated.h5ad",
     output:
         h5ad=f"{RESULTS}/cluster/clustered.h5ad",
-        resolutions=report(
-            f"{RESULTS}/cluster/resolutions.tsv",
-            caption="../report/resolutions_table.rst",
-            category="3. Clustering",
-        ),
-        markers=f"{RESULTS}/cluster/markers.tsv",
     log:
         f"{LOGS}/cluster.log",
     benchmark:
@@ -28,6 +24,32 @@ rule cluster:
         seed=config["seed"],
     script:
         "../scripts/cluster.py"
+
+
+rule cluster_summary:
+    input:
+        f"{RESULTS}/cluster/clustered.h5ad",
+    output:
+        resolutions=report(
+            f"{RESULTS}/cluster/resolutions.tsv",
+            caption="../report/resolutions_table.rst",
+            category="3. Clustering",
+        ),
+        markers=f"{RESULTS}/cluster/markers.tsv",
+    log:
+        f"{LOGS}/cluster_summary.log",
+    benchmark:
+        f"{BENCH}/cluster_summary.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=120,
+    params:
+        clustering=config["clustering"],
+        seed=config["seed"],
+    script:
+        "../scripts/cluster_summary.py"
 
 
 rule cluster_figures:
