@@ -1,0 +1,170 @@
+"""scVI on CPU: training throughput and quality of training settings against scvi-tools' defaults.
+
+A simulated cohort (the demo simulator; ``--samples`` samples of ``--cells`` cells, two
+batches, no doublets or low-quality cells, planted cell types as labels) is reduced to 2,000
+HVGs (seurat_v3 across batches), then scVI is trained with each setting below. For each:
+wall seconds of ``train()``, epochs run, throughput (cells x epochs per second), the validation
+ELBO of the same held-out 10 % of cells (computed after training, so no setting pays for
+per-epoch validation it does not use), and the integration metrics of the latent space
+(``sepsis_sc.integrate.integration_metrics``: iLISI, batch ASW, NMI, ARI against the planted
+cell types).
+
+Settings:
+
+* ``scvi-tools default``: ``SCVI(adata)`` (1 layer, 10 latent) and ``train()`` with no
+  arguments: batch 128, ``min(400, 400 * 20000 / n)`` epochs, no early stopping, torch's
+  default thread count;
+* ``sepsis-sc default``: ``sepsis_sc.integrate.run_scvi`` defaults (2 layers, 30 latent,
+  batch 128, ``default_max_epochs`` with early stopping on the validation ELBO) with
+  ``threads`` = the cores;
+* variants given with ``--variants`` (``name:batch_size:epochs[:threads]``).
+
+Usage::
+
+    python benchmarks/scvi_cpu.py --samples 4 --cells 1500 [--out benchmarks/out]
+
+Run with nothing else on the machine: scVI on CPU slows ~10x when another process shares the
+cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cohort(n_samples: int, cells: int, seed: int):
+    import anndata as ad
+
+    from sepsis_sc.integrate import select_hvgs
+    from sepsis_sc.qc import normalize
+    from sepsis_sc.simulate import simulate_cohort
+
+    sheet = pd.DataFrame({
+        "sample_id": [f"S{i}" for i in range(n_samples)],
+        "condition": ["sepsis" if i % 2 == 0 else "control" for i in range(n_samples)],
+        "donor": [f"D{i}" for i in range(n_samples)],
+        "batch": [f"b{(i // 2) % 2}" for i in range(n_samples)],
+    })
+    adatas, truth = simulate_cohort(sheet, cells_per_sample=cells, n_genes=12000, seed=seed,
+                                    doublets=False, low_quality_rate=0.0)
+    adata = ad.concat(list(adatas.values()), merge="same")
+    adata.obs["cell_type"] = truth.set_index("cell_id").loc[adata.obs_names, "cell_type"].to_numpy()
+    adata = adata[:, np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3].copy()
+    adata.layers["counts"] = adata.X.copy()
+    normalize(adata)
+    select_hvgs(adata, n_top_genes=2000, batch_key="batch")
+    return adata
+
+
+def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping, threads, seed,
+           dense=False):
+    import scvi
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        scvi.settings.seed = seed
+        hvg = adata[:, adata.var["highly_variable"]].copy()
+        if dense:  # minibatches sliced from a dense array instead of a CSR matrix
+            hvg.layers["counts"] = np.asarray(hvg.layers["counts"].toarray(), dtype=np.float32)
+        scvi.model.SCVI.setup_anndata(hvg, layer="counts", batch_key="batch")
+        model = scvi.model.SCVI(hvg, n_layers=n_layers, n_latent=n_latent)
+        kwargs = {"enable_progress_bar": False, "accelerator": "cpu"}
+        if batch_size:
+            kwargs["batch_size"] = batch_size
+        if max_epochs:
+            kwargs["max_epochs"] = max_epochs
+        if early_stopping:
+            kwargs.update(early_stopping=True, early_stopping_patience=10,
+                          check_val_every_n_epoch=1)
+        t0 = time.perf_counter()
+        model.train(**kwargs)
+        seconds = time.perf_counter() - t0
+        epochs = len(model.history["elbo_train"])
+        val_idx = model.validation_indices
+        elbo_val = float(model.get_elbo(indices=val_idx))
+        latent = model.get_latent_representation()
+        return seconds, epochs, elbo_val, latent, int(model.train_indices.size)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--cells", type=int, default=1500)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra settings name:batch_size:epochs[:threads[:dense]] (2 layers, "
+                         "30 latent, early stopping; dense = densify the HVG counts first)")
+    ap.add_argument("--skip-default", action="store_true", help="skip the scvi-tools default run")
+    ap.add_argument("--cap-epochs", type=int, default=None,
+                    help="cap every setting's epochs (smoke tests only: breaks the comparison)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/out")
+    args = ap.parse_args(argv)
+
+    from sepsis_sc.integrate import default_max_epochs, integration_metrics
+
+    adata = _cohort(args.samples, args.cells, args.seed)
+    n = adata.n_obs
+    settings = []
+    if not args.skip_default:
+        settings.append(("scvi-tools default", dict(n_layers=1, n_latent=10, batch_size=None,
+                                                    max_epochs=None, early_stopping=False,
+                                                    threads=None)))
+    settings.append(("sepsis-sc default", dict(n_layers=2, n_latent=30, batch_size=128,
+                                               max_epochs=default_max_epochs(int(0.9 * n)),
+                                               early_stopping=True, threads=args.cores)))
+    for v in args.variants:
+        name, bs, ep, *rest = v.split(":")
+        settings.append((name, dict(n_layers=2, n_latent=30, batch_size=int(bs),
+                                    max_epochs=int(ep), early_stopping=True,
+                                    threads=int(rest[0]) if rest else args.cores,
+                                    dense=len(rest) > 1 and rest[1] == "dense")))
+    if args.cap_epochs:
+        for _, kw in settings:
+            kw["max_epochs"] = min(kw["max_epochs"] or 400, args.cap_epochs)
+    rows = []
+    out_file = args.out / "scvi_cpu.tsv"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, kw in settings:
+        seconds, epochs, elbo_val, latent, n_train = _train(adata, seed=args.seed, **kw)
+        key = "X_" + name.replace(" ", "_")
+        adata.obsm[key] = latent
+        m = integration_metrics(adata, embed_keys=[key], batch_key="batch",
+                                label_key="cell_type", seed=args.seed).iloc[0]
+        rows.append({
+            "setting": name, "cells": n, "layers/latent": f"{kw['n_layers']}/{kw['n_latent']}",
+            "batch_size": kw["batch_size"] or 128, "threads": kw["threads"] or "torch default",
+            "data": "dense" if kw.get("dense") else "sparse",
+            "epochs_run": epochs, "train_s": round(seconds, 1),
+            "cells_x_epochs_per_s": round(n_train * epochs / seconds),
+            "elbo_validation": round(elbo_val, 1), "ilisi": round(float(m["ilisi"]), 3),
+            "batch_asw": round(float(m["batch_asw"]), 3), "nmi": round(float(m["nmi"]), 3),
+            "ari": round(float(m["ari"]), 3),
+        })
+        print(rows[-1], flush=True)
+        pd.DataFrame(rows).to_csv(out_file, sep="\t", index=False)
+    table = pd.DataFrame(rows)
+    if "scvi-tools default" in set(table["setting"]):
+        base = table.set_index("setting").loc["scvi-tools default", "train_s"]
+        table["speed-up vs scvi-tools default"] = (base / table["train_s"]).round(2)
+    table.to_csv(out_file, sep="\t", index=False)
+    print(table.to_string(index=False))
+    return None
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main(sys.argv[1:])

@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end at a tiny size (a smoke test, never a timing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
+    work = tmp_path / "bench"
+    size = 1600
+    try:
+        subprocess.run(
+            [sys.executable, str(REPO / "benchmarks/scaling.py"), "--sizes", str(size),
+             "--cells-per-sample", "400", "--epochs", "2", "--workdir", str(work), "--no-report"],
+            check=True, cwd=REPO, capture_output=True, text=True,
+        )
+    except subprocess.CalledProcessError as err:  # pragma: no cover - shown on failure
+        pytest.fail(f"scaling.py failed:\n{err.stdout[-3000:]}\n{err.stderr[-3000:]}")
+    finally:
+        subprocess.run(["rm", "-rf", str(REPO / "results" / f"bench_{size}")], check=False)
+    res = pd.read_csv(work / "scaling.tsv", sep="\t")
+    assert set(res["tool"]) == {"pipeline", "reference"}
+    assert (res["wall_s"] > 0).all() and (res["peak_rss_gb"] > 0.05).all()
+    # both analysed (nearly) the same cells: the same QC rule on the same files
+    after = res.set_index("tool")["cells_after_qc"]
+    assert abs(after["pipeline"] - after["reference"]) < 0.1 * after["reference"]
+    stages = pd.read_csv(work / "stages.tsv", sep="\t")
+    assert {"ingest", "qc", "integrate", "cluster", "annotate", "score"} <= set(stages["stage"])
+    assert (stages.loc[stages["stage"] == "ingest", "jobs"] == 4).all()
+
+    docs = tmp_path / "docs"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/report.py"), "--workdir", str(work),
+                    "--docs", str(docs)], check=True, cwd=REPO)
+    text = (docs / "benchmarks.md").read_text()
+    assert "time ratio" in text and "| 1600 |" in text
+    assert (docs / "img" / "benchmark_scaling.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/scvi_cpu.py"), "--samples", "4", "--cells", "300",
+         "--skip-default", "--variants", "tiny:256:3", "--cap-epochs", "5", "--out", str(tmp_path)],
+        check=True, cwd=REPO, capture_output=True,
+    )
+    table = pd.read_csv(tmp_path / "scvi_cpu.tsv", sep="\t")
+    assert list(table["setting"]) == ["sepsis-sc default", "tiny"]
+    assert table.loc[1, "epochs_run"] <= 3
+    assert (table["cells_x_epochs_per_s"] > 0).all()
+    assert table[["elbo_validation", "ilisi", "ari"]].notna().all().all()
