@@ -117,9 +117,26 @@ def main(argv: list[str] | None = None) -> None:
     scvi_file = args.workdir / "scvi_cpu.tsv"
     if scvi_file.exists():
         sv = pd.read_csv(scvi_file, sep="\t")
-        parts += ["## scVI on CPU: training settings", "",
-                  (args.workdir / "scvi_cpu.md").read_text()
-                  if (args.workdir / "scvi_cpu.md").exists() else "", "", _md(sv), ""]
+        parts += [
+            "## scVI on CPU: training settings", "",
+            f"`python benchmarks/scvi_cpu.py`: one simulated cohort ({int(sv['cells'].iloc[0]):,} "
+            "cells, two batches, 2,000 HVGs), scVI trained with each setting on 2 idle cores. "
+            "`train_s` is the wall time of `train()`; throughput is training cells x epochs per "
+            "second; `elbo_validation` is the ELBO of the same held-out 10 % of cells, computed "
+            "after training (higher is better); iLISI, batch ASW, NMI and ARI (against the "
+            "planted cell types, Leiden optimised over resolutions) come from "
+            "`sepsis_sc.integrate.integration_metrics`.", "",
+            _md(sv), "",
+        ]
+    null_file = args.workdir / "null_calibration.tsv"
+    if null_file.exists():
+        parts += [
+            "## False-positive rate over null cohorts", "",
+            "`python benchmarks/null_calibration.py`: cohorts with the demo design and no planted "
+            "effects, true cell types as the annotation, the pipeline's scoring and sample-level "
+            "statistics. Expected: about 5 % of p-values below 0.05 and no FDR hits.", "",
+            _md(pd.read_csv(null_file, sep="\t")), "",
+        ]
     out = args.docs / "benchmarks.md"
     out.write_text("\n".join(parts))
     print(f"wrote {out} and {plot}")
