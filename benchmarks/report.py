@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,13 @@ def scaling_plot(res: pd.DataFrame, path: Path) -> None:
                         label="linear in cells")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        kilo = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k")
+        ax.xaxis.set_major_formatter(kilo)
+        ax.xaxis.set_minor_formatter(kilo)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="both", which="minor", labelsize=8)
         ax.set_xlabel("cells simulated")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
