@@ -31,7 +31,7 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
 
     from sepsis_sc.qc import normalize
     from sepsis_sc.score import score_states
-    from sepsis_sc.simulate import simulate_cohort
+    from sepsis_sc.simulate import null_calibration, simulate_cohort
     from sepsis_sc.stats import composition_test, condition_effects, sample_table
 
     sheet = pd.read_csv(REPO / "config/samples.tsv", sep="\t")
@@ -54,11 +54,11 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
     effects = condition_effects(table, case="sepsis", control="control", test=st["test"])
     comp = pd.concat([composition_test(adata, case="sepsis", control="control", level=lv)
                       for lv in ("lineage", "cell_type")])
-    p = pd.concat([effects["pvalue"], comp["pvalue"]]).dropna().to_numpy(float)
-    fdr = pd.concat([effects["fdr"], comp["fdr"]]).dropna().to_numpy(float)
-    return {"seed": seed, "n_tests": p.size, "n_p_below_0.05": int((p < 0.05).sum()),
-            "fraction_p_below_0.05": round(float((p < 0.05).mean()), 4),
-            "n_fdr_below_0.05": int((fdr <= 0.05).sum())}
+    summary = null_calibration(effects, comp, alpha=0.05)
+    return {"seed": seed, "n_tests": summary["n_tests"],
+            "n_p_below_0.05": summary["n_p_below_alpha"],
+            "fraction_p_below_0.05": round(summary["fraction_p_below_alpha"], 4),
+            "n_fdr_below_0.05": summary["n_fdr_below_alpha"]}
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

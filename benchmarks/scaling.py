@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"cells": size, "tool": "pipeline", "wall_s": round(wall, 1),
                          "peak_rss_gb": round(peak, 3), "cells_after_qc": n_cells,
                          "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t"))})
-            old_stages = pd.concat([old_stages[old_stages.get("cells", pd.Series(dtype=int)) != size]
-                                    if len(old_stages) else old_stages, st], ignore_index=True)
+            if len(old_stages):
+                old_stages = old_stages[old_stages["cells"] != size]
+            old_stages = pd.concat([old_stages, st], ignore_index=True)
             print(f"pipeline {size}: {wall:.0f} s, peak {peak:.2f} GB", flush=True)
         if args.skip != "reference":
             rec_file = args.workdir / f"reference_{size}.json"

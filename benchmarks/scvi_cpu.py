@@ -30,6 +30,7 @@ cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -67,12 +68,11 @@ def _cohort(n_samples: int, cells: int, seed: int):
 def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping, threads, seed,
            dense=False):
     import scvi
-    import torch
 
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    from sepsis_sc.integrate import _torch_threads
+
+    # None = leave torch's own default thread count, as a plain scvi-tools user would
+    with contextlib.nullcontext() if threads is None else _torch_threads(threads):
         scvi.settings.seed = seed
         hvg = adata[:, adata.var["highly_variable"]].copy()
         if dense:  # minibatches sliced from a dense array instead of a CSR matrix
@@ -95,8 +95,6 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
         elbo_val = float(model.get_elbo(indices=val_idx))
         latent = model.get_latent_representation()
         return seconds, epochs, elbo_val, latent, int(model.train_indices.size)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -961,7 +961,8 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
     scoring error). Composition rows run the pipeline's own test
     (:func:`sepsis_sc.stats.composition_test`, propeller style) on the true labels; state
     rows compare the per-sample logit fraction of flagged cells within the true parent
-    population (0.5-cell pseudo-counts) with Welch's t-test. BH over the planted effects. An effect the oracle misses is beyond the design (too few samples or
+    population (0.5-cell pseudo-counts) with the Welch t-test of the condition effects. BH over
+    the planted effects. An effect the oracle misses is beyond the design (too few samples or
     cells); one the oracle finds and the pipeline misses points at the pipeline.
 
     Parameters
@@ -977,7 +978,7 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
         One row per entry of :data:`PLANTED_EFFECTS`: ``oracle_effect`` (case minus control
         mean of the sample values), ``oracle_pvalue`` and ``oracle_fdr``.
     """
-    from sepsis_sc.stats import bh_fdr, composition_test
+    from sepsis_sc.stats import _welch, bh_fdr, composition_test
 
     cells = truth[~truth["is_doublet"].astype(bool) & ~truth["is_low_quality"].astype(bool)]
     cells = cells.reset_index(drop=True)
@@ -1006,19 +1007,12 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
         k = sub.groupby("sample_id", observed=True)[flag].sum().reindex(n_all.index, fill_value=0)
         value = np.log((k + 0.5) / (n - k + 0.5))
         a, b = value[cond == case].to_numpy(float), value[cond == control].to_numpy(float)
-        pval = _welch_p(a, b) if len(a) >= 2 and len(b) >= 2 else np.nan
+        pval = _welch(a, b)[3] if len(a) >= 2 and len(b) >= 2 else np.nan  # the pipeline's Welch test
         effect = float(a.mean() - b.mean()) if len(a) and len(b) else np.nan
         rows.append({"oracle_effect": effect, "oracle_pvalue": pval})
     out = pd.DataFrame(rows)
     out["oracle_fdr"] = bh_fdr(out["oracle_pvalue"].to_numpy())
     return out
-
-
-def _welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided Welch t-test p-value."""
-    from scipy import stats
-
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def check_planted_effects(
