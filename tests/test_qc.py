@@ -175,6 +175,26 @@ def test_doublet_scores_higher_for_synthetic_doublets():
     assert qc.expected_doublet_rate(1000, cells_loaded=3300) == pytest.approx(0.016)
 
 
+def test_doublets_use_exact_knn_for_ordinary_samples(monkeypatch):
+    """Exact kNN below EXACT_KNN_MAX_CELLS (pynndescent's compile costs ~1 min per process)."""
+    seen = []
+    real = qc.sc.pp.scrublet
+
+    def spy(adata, **kwargs):
+        seen.append(kwargs["use_approx_neighbors"])
+        return real(adata, **kwargs)
+
+    monkeypatch.setattr(qc.sc.pp, "scrublet", spy)
+    adata = make_sample(n_per_type=60, n_doublets=10, seed=5)
+    qc.detect_doublets(adata, seed=0)
+    assert seen == [False]
+    monkeypatch.setattr(qc, "EXACT_KNN_MAX_CELLS", 50)
+    qc.detect_doublets(adata, seed=0)
+    assert seen == [False, True]
+    qc.detect_doublets(adata, seed=0, use_approx_neighbors=False)
+    assert seen[-1] is False
+
+
 def test_low_rna_neutrophils_kept_and_debris_removed():
     adata = make_sample(n_neutro=40, n_debris=30, seed=6)
     summary = qc.run_qc(adata, doublet_method="none")

@@ -581,6 +581,12 @@ def _threshold_minimum(values: np.ndarray, nbins: int = 256, max_iter: int = 10_
     return float(centers[peaks[0] + i])
 
 
+#: Largest sample (cells) for which :func:`detect_doublets` uses exact kNN by default.
+#: Measured on 2 cores: 5,000 cells 8 s exact vs 71 s approximate; 20,000 cells 33 s vs
+#: 152 s (exact search grows quadratically, so very large samples go approximate).
+EXACT_KNN_MAX_CELLS = 30_000
+
+
 def detect_doublets(
     adata: ad.AnnData,
     *,
@@ -589,6 +595,7 @@ def detect_doublets(
     cells_loaded: float | Mapping[str, float] | None = None,
     threshold: float | None = None,
     min_cells: int = 100,
+    use_approx_neighbors: bool | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Score and call doublets with Scrublet, separately in each sample.
@@ -615,6 +622,12 @@ def detect_doublets(
         histogram is not bimodal.
     min_cells
         Samples with fewer cells are not scored (a warning is logged; scores NaN).
+    use_approx_neighbors
+        Scrublet's kNN search: ``False`` exact (scikit-learn), ``True`` approximate
+        (pynndescent). ``None`` chooses exact for samples of up to
+        :data:`EXACT_KNN_MAX_CELLS` cells: same scores (r > 0.9999 on a 5,000-cell
+        sample) and 5-9x faster there, because pynndescent's numba compilation (about a
+        minute) is paid again in every per-sample process.
     seed
         Random seed for doublet simulation and PCA.
 
@@ -661,6 +674,7 @@ def detect_doublets(
         sub.obs_names = adata.obs_names[idx]
         sub.var_names = adata.var_names
         n_pcs = int(min(30, n - 1, max(2, n // 10)))
+        approx = n > EXACT_KNN_MAX_CELLS if use_approx_neighbors is None else use_approx_neighbors
         with warnings.catch_warnings():
             # threshold=inf makes scrublet's own "detectable fraction" 0/0; we call below
             warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
@@ -669,6 +683,7 @@ def detect_doublets(
                 expected_doublet_rate=rate,
                 n_prin_comps=n_pcs,
                 threshold=np.inf,  # doublets are called below (no scikit-image needed)
+                use_approx_neighbors=bool(approx),
                 random_state=seed,
                 verbose=False,
             )
