@@ -17,7 +17,10 @@ Settings:
 * ``sepsis-sc default``: ``sepsis_sc.integrate.run_scvi`` defaults (2 layers, 30 latent,
   batch 128, ``default_max_epochs`` with early stopping on the validation ELBO) with
   ``threads`` = the cores;
-* variants given with ``--variants`` (``name:batch_size:epochs[:threads]``).
+* variants given with ``--variants``, each ``name:key=value,...`` with keys ``bs`` (batch
+  size), ``epochs`` (cap), ``es`` (early stopping 1/0), ``layers``, ``latent``, ``lr``,
+  ``threads`` and ``dense`` (1 = densify the HVG counts first); unset keys take the
+  sepsis-sc defaults. Example: ``b512:bs=512,epochs=200,lr=0.002``.
 
 Usage::
 
@@ -66,7 +69,7 @@ def _cohort(n_samples: int, cells: int, seed: int):
 
 
 def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping, threads, seed,
-           dense=False):
+           dense=False, lr=None):
     import scvi
 
     from sepsis_sc.integrate import _torch_threads
@@ -80,6 +83,8 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
         scvi.model.SCVI.setup_anndata(hvg, layer="counts", batch_key="batch")
         model = scvi.model.SCVI(hvg, n_layers=n_layers, n_latent=n_latent)
         kwargs = {"enable_progress_bar": False, "accelerator": "cpu"}
+        if lr:
+            kwargs["plan_kwargs"] = {"lr": lr}
         if batch_size:
             kwargs["batch_size"] = batch_size
         if max_epochs:
@@ -97,6 +102,34 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
         return seconds, epochs, elbo_val, latent, int(model.train_indices.size)
 
 
+def _sepsis_defaults(n_train: int, cores: int) -> dict:
+    """The settings :func:`sepsis_sc.integrate.run_scvi` uses when given none."""
+    import inspect
+
+    from sepsis_sc.integrate import default_max_epochs, run_scvi
+
+    d = {k: p.default for k, p in inspect.signature(run_scvi).parameters.items()}
+    return dict(n_layers=d["n_layers"], n_latent=d["n_latent"], batch_size=d["batch_size"],
+                max_epochs=default_max_epochs(n_train, batch_size=d["batch_size"]),
+                early_stopping=d["early_stopping"], threads=cores, lr=d.get("lr"))
+
+
+def _variant(spec: str, base: dict) -> tuple[str, dict]:
+    """Parse ``name:key=value,...`` into a setting, starting from ``base``."""
+    name, _, rest = spec.partition(":")
+    keys = {"bs": ("batch_size", int), "epochs": ("max_epochs", int), "layers": ("n_layers", int),
+            "latent": ("n_latent", int), "lr": ("lr", float), "threads": ("threads", int),
+            "es": ("early_stopping", lambda v: v == "1"), "dense": ("dense", lambda v: v == "1")}
+    kw = dict(base)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in keys:
+            raise SystemExit(f"--variants {spec!r}: unknown key {key!r} (known: {sorted(keys)})")
+        field, conv = keys[key]
+        kw[field] = conv(value)
+    return name, kw
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=4)
@@ -104,15 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra settings name:batch_size:epochs[:threads[:dense]] (2 layers, "
-                         "30 latent, early stopping; dense = densify the HVG counts first)")
+                    help="extra settings name:key=value,... (keys bs, epochs, es, layers, latent, "
+                         "lr, threads, dense; unset keys take the sepsis-sc defaults)")
     ap.add_argument("--skip-default", action="store_true", help="skip the scvi-tools default run")
     ap.add_argument("--cap-epochs", type=int, default=None,
                     help="cap every setting's epochs (smoke tests only: breaks the comparison)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/out")
     args = ap.parse_args(argv)
 
-    from sepsis_sc.integrate import default_max_epochs, integration_metrics
+    from sepsis_sc.integrate import integration_metrics
 
     adata = _cohort(args.samples, args.cells, args.seed)
     n = adata.n_obs
@@ -121,15 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.append(("scvi-tools default", dict(n_layers=1, n_latent=10, batch_size=None,
                                                     max_epochs=None, early_stopping=False,
                                                     threads=None)))
-    settings.append(("sepsis-sc default", dict(n_layers=2, n_latent=30, batch_size=128,
-                                               max_epochs=default_max_epochs(int(0.9 * n)),
-                                               early_stopping=True, threads=args.cores)))
+    sepsis = _sepsis_defaults(int(0.9 * n), args.cores)
+    settings.append(("sepsis-sc default", sepsis))
     for v in args.variants:
-        name, bs, ep, *rest = v.split(":")
-        settings.append((name, dict(n_layers=2, n_latent=30, batch_size=int(bs),
-                                    max_epochs=int(ep), early_stopping=True,
-                                    threads=int(rest[0]) if rest else args.cores,
-                                    dense=len(rest) > 1 and rest[1] == "dense")))
+        settings.append(_variant(v, sepsis))
     if args.cap_epochs:
         for _, kw in settings:
             kw["max_epochs"] = min(kw["max_epochs"] or 400, args.cap_epochs)

@@ -48,11 +48,14 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
 def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks/scvi_cpu.py"), "--samples", "4", "--cells", "300",
-         "--skip-default", "--variants", "tiny:256:3", "--cap-epochs", "5", "--out", str(tmp_path)],
+         "--skip-default", "--variants", "tiny:bs=256,epochs=3,layers=1,lr=0.002", "--cap-epochs",
+         "5", "--out", str(tmp_path)],
         check=True, cwd=REPO, capture_output=True,
     )
     table = pd.read_csv(tmp_path / "scvi_cpu.tsv", sep="\t")
     assert list(table["setting"]) == ["sepsis-sc default", "tiny"]
     assert table.loc[1, "epochs_run"] <= 3
+    assert (table.loc[1, "batch_size"], table.loc[1, "layers/latent"]) == (256, "1/30")
+    assert table.loc[1, "lr"] == 0.002
     assert (table["cells_x_epochs_per_s"] > 0).all()
     assert table[["elbo_validation", "ilisi", "ari"]].notna().all().all()

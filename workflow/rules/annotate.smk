@@ -19,7 +19,7 @@ rule annotate:
         f"{BENCH}/annotate.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
-    threads: config["resources"]["threads"]
+    threads: 1  # numpy-bound and short: leaves the other core to cluster_summary
     resources:
         mem_mb=cohort_mem_mb,
         runtime=60,
