@@ -15,7 +15,7 @@ Settings:
   arguments: batch 128, ``min(400, 400 * 20000 / n)`` epochs, no early stopping, torch's
   default thread count;
 * ``sepsis-sc default``: ``sepsis_sc.integrate.run_scvi`` defaults (2 layers, 30 latent,
-  batch 128, ``default_max_epochs`` with early stopping on the validation ELBO) with
+  batch 256, ``default_max_epochs`` with early stopping on the validation ELBO) with
   ``threads`` = the cores;
 * variants given with ``--variants``, each ``name:key=value,...`` with keys ``bs`` (batch
   size), ``epochs`` (cap), ``es`` (early stopping 1/0), ``layers``, ``latent``, ``lr``,

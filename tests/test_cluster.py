@@ -113,8 +113,32 @@ def test_leiden_multi_bad_input():
     assert adata.uns["leiden_multi"]["use_rep"] == "X_harmony"
 
 
+def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
+    assert cl.knn_method(10_000) == "exact"
+    assert cl.knn_method(cl.EXACT_KNN_MAX_CELLS + 1) == "approx"
+    assert cl.knn_method(10, "approx") == "approx"
+    with pytest.raises(ValueError, match="knn must be"):
+        cl.knn_method(10, "fast")
+    adata = blobs(n_cells=400, seed=2)
+    cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5,), default_resolution=0.5,
+                    n_stability_runs=0, umap=False)
+    assert adata.uns["leiden_multi"]["knn"] == "exact"
+    # exact: every cell's neighbours are its true nearest neighbours
+    x = adata.obsm["X_pca"]
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    true_nn = np.argsort(d, axis=1)[:, :14]
+    dist = adata.obsp["distances"].tocsr()
+    found = [set(dist[i].indices) for i in range(adata.n_obs)]
+    assert np.mean([len(set(t) & f) / 14 for t, f in zip(true_nn, found, strict=True)]) > 0.999
+    monkeypatch.setattr(cl, "EXACT_KNN_MAX_CELLS", 100)
+    cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5,), default_resolution=0.5,
+                    n_stability_runs=0, umap=False)
+    assert adata.uns["leiden_multi"]["knn"] == "approx"
+
+
 def test_large_cohort_pynndescent_path():
-    """>= 10,000 cells: scanpy's kNN switches to pynndescent; the whole path must work."""
+    """The approximate (pynndescent) kNN path, used above EXACT_KNN_MAX_CELLS, must work."""
     adata = blobs(n_cells=10_500, n_blobs=8, dim=15, seed=3)
     summary = cl.leiden_multi(
         adata,
@@ -125,7 +149,9 @@ def test_large_cohort_pynndescent_path():
         seed=0,
         n_stability_runs=1,
         umap_maxiter=20,
+        knn="approx",
     )
+    assert adata.uns["leiden_multi"]["knn"] == "approx"
     assert adata.n_obs == 10_500
     assert adata.obsp["connectivities"].shape == (10_500, 10_500)
     # each cell keeps ~n_neighbors - 1 outgoing edges (the symmetrised graph has at least that)

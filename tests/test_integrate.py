@@ -104,9 +104,9 @@ def test_resolve_accelerator(monkeypatch):
 
 def test_default_max_epochs_scales_with_cells():
     assert ig.default_max_epochs(1_000) == 400  # small data: capped like scvi-tools
-    assert ig.default_max_epochs(12_800) == 100  # 10,000 updates of 128 cells
+    assert ig.default_max_epochs(25_600) == 100  # 10,000 updates of 256 cells (the default)
     assert ig.default_max_epochs(2_000_000) == 10  # floor
-    assert ig.default_max_epochs(12_800, batch_size=256) == 200
+    assert ig.default_max_epochs(12_800, batch_size=128) == 100
     epochs = [ig.default_max_epochs(n) for n in (5_000, 20_000, 80_000, 320_000)]
     assert epochs == sorted(epochs, reverse=True)
     with pytest.raises(ValueError):

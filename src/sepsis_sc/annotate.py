@@ -399,6 +399,8 @@ def _reusable_leiden(
     """``obs`` key of a :func:`sepsis_sc.cluster.leiden_multi` partition equal to the
     over-clustering :func:`annotate` would compute (same embedding, neighbours, seed and
     resolution), or ``None``. Saves a second kNN graph on large cohorts."""
+    from .cluster import knn_method
+
     run = adata.uns.get("leiden_multi")
     if use_rep is None or not isinstance(run, Mapping):
         return None
@@ -409,6 +411,7 @@ def _reusable_leiden(
         and int(run.get("seed", -1)) == int(seed)
         and run.get("flavor", "igraph") == "igraph"
         and int(run.get("n_iterations", 2)) == 2
+        and run.get("knn", "approx") == knn_method(adata.n_obs)
         and any(np.isclose(float(r), float(resolution)) for r in run.get("resolutions", []))
     )
     return key if same and key in adata.obs else None
@@ -426,6 +429,8 @@ def _overcluster(
 ) -> np.ndarray:
     """Leiden over-clustering on a PCA (or a given embedding) of a normalised copy."""
     import scanpy as sc
+
+    from .cluster import neighbors
 
     work = AnnData(X=counts.copy(), var=pd.DataFrame(index=var_names.astype(str)))
     work.var_names_make_unique()
@@ -445,12 +450,13 @@ def _overcluster(
         work.obsm["X_emb"] = np.asarray(embedding, dtype=np.float32)
         rep = "X_emb"
         n_comps = None
-    sc.pp.neighbors(
+    if n_comps is not None:
+        work.obsm[rep] = work.obsm[rep][:, :n_comps]
+    neighbors(  # the same kNN search as sepsis_sc.cluster.leiden_multi
         work,
         n_neighbors=int(min(n_neighbors, max(2, work.n_obs - 1))),
         use_rep=rep,
-        n_pcs=n_comps,
-        random_state=seed,
+        seed=seed,
     )
     sc.tl.leiden(
         work,

@@ -183,6 +183,47 @@ def resolution_summary(
     return pd.DataFrame(rows)
 
 
+#: Largest cohort (cells) for which the kNN graph is exact by default (see :func:`knn_method`).
+EXACT_KNN_MAX_CELLS = 150_000
+
+
+def knn_method(n_obs: int, knn: Literal["auto", "exact", "approx"] = "auto") -> str:
+    """The kNN search :func:`leiden_multi` uses for ``n_obs`` cells: ``"exact"`` or ``"approx"``.
+
+    ``"auto"`` is exact (scikit-learn, brute force on the latent space) up to
+    :data:`EXACT_KNN_MAX_CELLS` cells and approximate (pynndescent) above. On a latent space
+    of 10-50 dimensions exact search is cheap at these sizes, and it avoids pynndescent's
+    numba compilation (about 50 s in every fresh process, 75 % of the clustering job at
+    10,000 cells). Measured on 2 cores, 30 dimensions: exact 43 s at 100,000 cells and
+    105 s at 200,000, pynndescent 85 s at 200,000 (compilation included).
+    """
+    if knn not in ("auto", "exact", "approx"):
+        raise ValueError(f"knn must be 'auto', 'exact' or 'approx', not {knn!r}")
+    if knn == "auto":
+        return "exact" if n_obs <= EXACT_KNN_MAX_CELLS else "approx"
+    return knn
+
+
+def neighbors(
+    adata: ad.AnnData,
+    *,
+    n_neighbors: int,
+    use_rep: str | None,
+    seed: int,
+    knn: Literal["auto", "exact", "approx"] = "auto",
+) -> str:
+    """``sc.pp.neighbors`` with the kNN search of :func:`knn_method`; returns the method used."""
+    method = knn_method(adata.n_obs, knn)
+    sc.pp.neighbors(
+        adata,
+        n_neighbors=n_neighbors,
+        use_rep=use_rep,
+        random_state=seed,
+        transformer="sklearn" if method == "exact" else "pynndescent",
+    )
+    return method
+
+
 def leiden_multi(
     adata: ad.AnnData,
     *,
@@ -197,11 +238,12 @@ def leiden_multi(
     umap: bool = True,
     umap_min_dist: float = 0.5,
     umap_maxiter: int | None = None,
+    knn: Literal["auto", "exact", "approx"] = "auto",
 ) -> pd.DataFrame:
     """kNN graph on the integrated space, Leiden at several resolutions, and UMAP.
 
     The graph is built once (``sc.pp.neighbors`` on ``obsm[use_rep]``, UMAP-weighted
-    connectivities; exact kNN below ~8,000 cells, pynndescent above) and reused by every
+    connectivities; exact or approximate kNN as :func:`knn_method` says) and reused by every
     resolution, so the clusterings differ only by resolution. Same ``seed`` on the same
     machine gives the same clusters and UMAP.
 
@@ -232,6 +274,8 @@ def leiden_multi(
     umap_min_dist, umap_maxiter
         UMAP settings (``maxiter`` None = scanpy's default: 500 epochs below 10,000 cells,
         200 above).
+    knn
+        kNN search: ``"auto"`` (:func:`knn_method`), ``"exact"`` or ``"approx"``.
 
     Returns
     -------
@@ -260,8 +304,14 @@ def leiden_multi(
             "(config keys clustering.resolution and clustering.resolutions)."
         )
 
-    logger.info("kNN graph: %d neighbours on %s (%d cells)", n_neighbors, use_rep, adata.n_obs)
-    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, random_state=seed)
+    method = neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, seed=seed, knn=knn)
+    logger.info(
+        "kNN graph: %d neighbours on %s (%d cells, %s search)",
+        n_neighbors,
+        use_rep,
+        adata.n_obs,
+        method,
+    )
     conn = adata.obsp["connectivities"]
     for res in res_list:
         key = leiden_key(res)
@@ -284,6 +334,7 @@ def leiden_multi(
         "seed": int(seed),
         "n_iterations": int(n_iterations),
         "flavor": flavor,
+        "knn": method,
     }
     if umap:
         sc.tl.umap(adata, min_dist=umap_min_dist, random_state=seed, maxiter=umap_maxiter)
