@@ -5,7 +5,8 @@ per-sample MAD filters, Scrublet per sample, gene filter, normalise, HVGs across
 scVI with a fixed number of epochs, kNN graph, Leiden at every configured resolution, UMAP,
 cluster markers (Wilcoxon), lineage marker scores and therapy-target signature scores
 (``sc.tl.score_genes``). Parameters come from the same config file the pipeline reads, so
-both do the same work; what the pipeline adds on top (rescue of low-RNA immune cells,
+both do the same work with the same settings (exact kNN for Scrublet and for the graph up to
+the pipeline's cut-offs, scVI batch size from the config); what the pipeline adds on top (rescue of low-RNA immune cells,
 subset annotation with an Unassigned outcome, UCell within parent populations, sample-level
 statistics, figures, provenance) is the price of its outputs and shows up in the ratio.
 
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
         del hvg, model
 
     with _step(timings, "neighbors"):
-        sc.pp.neighbors(adata, n_neighbors=clus["n_neighbors"], use_rep="X_scVI", random_state=seed)
+        # exact kNN up to 150,000 cells, pynndescent above: the pipeline's rule
+        # (sepsis_sc.cluster.knn_method), so both build the same graph
+        sc.pp.neighbors(adata, n_neighbors=clus["n_neighbors"], use_rep="X_scVI", random_state=seed,
+                        transformer="sklearn" if adata.n_obs <= 150_000 else "pynndescent")
 
     with _step(timings, "leiden"):
         for res in clus["resolutions"]:

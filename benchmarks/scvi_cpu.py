@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                                 label_key="cell_type", seed=args.seed).iloc[0]
         rows.append({
             "setting": name, "cells": n, "layers/latent": f"{kw['n_layers']}/{kw['n_latent']}",
-            "batch_size": kw["batch_size"] or 128, "threads": kw["threads"] or "torch default",
+            "batch_size": kw["batch_size"] or 128, "lr": kw.get("lr") or 0.001,
+            "max_epochs": kw["max_epochs"] or 400, "early_stopping": bool(kw["early_stopping"]),
+            "threads": kw["threads"] or "torch default",
             "data": "dense" if kw.get("dense") else "sparse",
             "epochs_run": epochs, "train_s": round(seconds, 1),
             "cells_x_epochs_per_s": round(n_train * epochs / seconds),
