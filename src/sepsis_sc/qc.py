@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1203,7 +1203,7 @@ def filter_cells_qc(adata: ad.AnnData, *, min_cells_per_gene: int = 0) -> ad.Ann
 
 
 def merge_samples(
-    adatas: Sequence[ad.AnnData] | Mapping[str, ad.AnnData],
+    adatas: Iterable[ad.AnnData] | Mapping[str, ad.AnnData],
     *,
     batch_key: str = "sample_id",
     min_cells_per_gene: int = 3,
@@ -1212,11 +1212,18 @@ def merge_samples(
 ) -> ad.AnnData:
     """Concatenate per-sample AnnData objects into one (outer join on genes, zeros filled).
 
+    Each object is reduced to its raw counts, ``obs`` and gene identifiers as it arrives, so
+    a generator that reads the samples one at a time (as the workflow's ``qc_merge`` does)
+    keeps peak memory near three copies of the merged count matrix, not one per layer and
+    per intermediate object.
+
     Parameters
     ----------
     adatas
-        Filtered per-sample objects, as a list or a mapping ``{sample_id: adata}`` (the key
-        fills ``obs[batch_key]`` when that column is missing).
+        Filtered per-sample objects: a list, any iterable (e.g. a generator of
+        ``anndata.read_h5ad`` calls) or a mapping ``{sample_id: adata}`` (the key fills
+        ``obs[batch_key]`` when that column is missing). Only ``layers["counts"]`` (or ``X``
+        when there is no such layer), ``obs`` and ``var["gene_ids"/"gene_symbols"]`` are used.
     batch_key
         ``obs`` column naming the sample.
     min_cells_per_gene
@@ -1229,45 +1236,46 @@ def merge_samples(
 
     Returns
     -------
-    The merged AnnData: ``X`` and ``layers["counts"]`` hold the raw counts (CSR), ``var``
-    keeps ``gene_ids``/``gene_symbols`` (first non-missing value) and the gene flags,
-    ``obs_names`` are unique. Call :func:`normalize` next.
+    The merged AnnData: ``X`` and ``layers["counts"]`` hold the raw counts (CSR, separate
+    matrices), ``var`` keeps ``gene_ids``/``gene_symbols`` (first non-missing value) and the
+    gene flags, ``obs_names`` are unique. Call :func:`normalize` next.
     """
-    if isinstance(adatas, Mapping):
-        items = list(adatas.items())
-    else:
-        items = [(None, a) for a in adatas]
-    if not items:
-        raise ValueError("merge_samples got no AnnData objects.")
+    items = adatas.items() if isinstance(adatas, Mapping) else ((None, a) for a in adatas)
     parts = []
+    n_seen = 0
     for i, (key, a) in enumerate(items):
+        n_seen += 1
         if a.n_obs == 0:
             logger.warning("skipping empty sample %s", key if key is not None else i)
             continue
-        a = a.copy()
-        if batch_key not in a.obs:
+        obs = a.obs.copy()
+        if batch_key not in obs:
             if key is None:
                 raise ValueError(
                     f"object {i} has no obs[{batch_key!r}]; pass a dict {{sample_id: adata}} "
                     "or set the column."
                 )
-            a.obs[batch_key] = str(key)
-        if drop_outliers and "qc_outlier" in a.obs and a.obs["qc_outlier"].any():
-            n = int(a.obs["qc_outlier"].sum())
-            logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, n)
-            a = a[~a.obs["qc_outlier"].to_numpy(dtype=bool)].copy()
-        if "counts" not in a.layers:
+            obs[batch_key] = str(key)
+        if "counts" in a.layers:
+            counts = a.layers["counts"]
+        else:
             _check_counts(a)
-            a.layers["counts"] = a.X.copy() if sparse.issparse(a.X) else sparse.csr_matrix(a.X)
-        a.X = sparse.csr_matrix(a.layers["counts"])
-        a.layers["counts"] = sparse.csr_matrix(a.layers["counts"])
+            counts = a.X
+        counts = sparse.csr_matrix(counts)  # no copy when already CSR
+        if drop_outliers and "qc_outlier" in obs and obs["qc_outlier"].any():
+            keep = ~obs["qc_outlier"].to_numpy(dtype=bool)
+            logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, (~keep).sum())
+            counts, obs = counts[keep], obs.loc[keep]
         keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
-        a.var = a.var[keep_var].copy()
-        a.uns = {}
-        parts.append(a)
+        parts.append(ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy()))
+        del a, counts  # the sample's other layers can be freed now
+    if n_seen == 0:
+        raise ValueError("merge_samples got no AnnData objects.")
     if not parts:
         raise ValueError("every sample passed to merge_samples is empty; nothing to merge.")
+    n_parts = len(parts)
     merged = ad.concat(parts, join="outer", fill_value=0, merge="first", index_unique=None)
+    del parts
     if not merged.obs_names.is_unique:
         raise ValueError(
             "cell names repeat across samples; name cells '{sample_id}_{barcode}' at ingest "
@@ -1278,14 +1286,16 @@ def merge_samples(
             merged.obs[col] = merged.obs[col].astype(str)
     merged.obs[batch_key] = pd.Categorical(merged.obs[batch_key].astype(str))
     merged.X = sparse.csr_matrix(merged.X)
-    merged.layers["counts"] = sparse.csr_matrix(merged.layers["counts"])
     if min_cells_per_gene > 0:
-        detected = np.asarray((merged.layers["counts"] > 0).sum(axis=0)).ravel()
+        x = merged.X
+        detected = np.bincount(x.indices[x.data > 0], minlength=merged.n_vars)
         n_drop = int((detected < min_cells_per_gene).sum())
-        merged = merged[:, detected >= min_cells_per_gene].copy()
+        if n_drop:
+            merged = merged[:, detected >= min_cells_per_gene].copy()
         logger.info("dropped %d genes detected in < %d cells", n_drop, min_cells_per_gene)
+    merged.layers["counts"] = merged.X.copy()
     flag_genes(merged, organism)
-    logger.info("merged %d samples: %d cells x %d genes", len(parts), *merged.shape)
+    logger.info("merged %d samples: %d cells x %d genes", n_parts, *merged.shape)
     return merged
 
 

@@ -48,6 +48,8 @@ rule annotation_figures:
         ),
     log:
         f"{LOGS}/annotation_figures.log",
+    benchmark:
+        f"{BENCH}/annotation_figures.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
     params:

@@ -69,6 +69,8 @@ rule cluster_figures:
         ),
     log:
         f"{LOGS}/cluster_figures.log",
+    benchmark:
+        f"{BENCH}/cluster_figures.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
     params:

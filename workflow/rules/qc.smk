@@ -70,6 +70,8 @@ rule qc_figures:
         ),
     log:
         f"{LOGS}/qc_figures.log",
+    benchmark:
+        f"{BENCH}/qc_figures.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
     script:

@@ -14,6 +14,8 @@ rule provenance:
         ),
     log:
         f"{LOGS}/provenance.log",
+    benchmark:
+        f"{BENCH}/provenance.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
     params:

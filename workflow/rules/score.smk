@@ -104,6 +104,8 @@ rule target_figures:
         ),
     log:
         f"{LOGS}/target_figures.log",
+    benchmark:
+        f"{BENCH}/target_figures.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
     params:

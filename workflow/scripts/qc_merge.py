@@ -10,8 +10,8 @@ setup_logging(snakemake.log[0])
 
 summary = pd.concat([pd.read_csv(p, sep="\t") for p in snakemake.input.summaries])
 kept = [p for p, n in zip(snakemake.input.h5ad, summary["cells_out"], strict=True) if n > 0]
-adata = merge_samples(
-    [ad.read_h5ad(p) for p in kept], min_cells_per_gene=snakemake.params.min_cells_per_gene
+adata = merge_samples(  # a generator: one sample in memory at a time besides the merged counts
+    (ad.read_h5ad(p) for p in kept), min_cells_per_gene=snakemake.params.min_cells_per_gene
 )
 normalize(adata)
 write_table(summary, snakemake.output.summary)
