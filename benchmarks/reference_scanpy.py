@@ -138,10 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
         del hvg, model
 
     with _step(timings, "neighbors"):
-        # exact kNN up to 150,000 cells, pynndescent above: the pipeline's rule
-        # (sepsis_sc.cluster.knn_method), so both build the same graph
+        # the pipeline's rule (exact kNN up to sepsis_sc.cluster.EXACT_KNN_MAX_CELLS cells,
+        # pynndescent above), so both build the same graph
+        from sepsis_sc.cluster import EXACT_KNN_MAX_CELLS
+
+        exact = adata.n_obs <= EXACT_KNN_MAX_CELLS
         sc.pp.neighbors(adata, n_neighbors=clus["n_neighbors"], use_rep="X_scVI", random_state=seed,
-                        transformer="sklearn" if adata.n_obs <= 150_000 else "pynndescent")
+                        transformer="sklearn" if exact else "pynndescent")
 
     with _step(timings, "leiden"):
         for res in clus["resolutions"]:

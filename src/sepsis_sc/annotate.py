@@ -449,9 +449,6 @@ def _overcluster(
     else:
         work.obsm["X_emb"] = np.asarray(embedding, dtype=np.float32)
         rep = "X_emb"
-        n_comps = None
-    if n_comps is not None:
-        work.obsm[rep] = work.obsm[rep][:, :n_comps]
     neighbors(  # the same kNN search as sepsis_sc.cluster.leiden_multi
         work,
         n_neighbors=int(min(n_neighbors, max(2, work.n_obs - 1))),
