@@ -120,8 +120,14 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
     with pytest.raises(ValueError, match="knn must be"):
         cl.knn_method(10, "fast")
     adata = blobs(n_cells=400, seed=2)
-    cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5,), default_resolution=0.5,
-                    n_stability_runs=0, umap=False)
+    cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        resolutions=(0.5,),
+        default_resolution=0.5,
+        n_stability_runs=0,
+        umap=False,
+    )
     assert adata.uns["leiden_multi"]["knn"] == "exact"
     # exact: every cell's neighbours are its true nearest neighbours
     x = adata.obsm["X_pca"]
@@ -132,8 +138,14 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
     found = [set(dist[i].indices) for i in range(adata.n_obs)]
     assert np.mean([len(set(t) & f) / 14 for t, f in zip(true_nn, found, strict=True)]) > 0.999
     monkeypatch.setattr(cl, "EXACT_KNN_MAX_CELLS", 100)
-    cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5,), default_resolution=0.5,
-                    n_stability_runs=0, umap=False)
+    cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        resolutions=(0.5,),
+        default_resolution=0.5,
+        n_stability_runs=0,
+        umap=False,
+    )
     assert adata.uns["leiden_multi"]["knn"] == "approx"
 
 
@@ -206,6 +218,83 @@ def test_cluster_markers_recovers_planted_genes():
     assert "rank_genes_leiden" in adata.uns
     with pytest.raises(KeyError, match="missing_column"):
         cl.cluster_markers(adata, groupby="missing_column")
+
+
+def test_cluster_markers_equal_scanpy_without_calling_it(monkeypatch):
+    """The sparse Wilcoxon gives scanpy's numbers (scores, p-values, fold changes, detection
+    rates, gene order) in scanpy's uns layout, without running sc.tl.rank_genes_groups."""
+    rng = np.random.default_rng(3)
+    n_cells, n_genes = 700, 60
+    groups = rng.integers(0, 4, n_cells)
+    groups[:1] = 9  # a one-cell group: not tested, but part of every "rest"
+    lam = rng.gamma(0.6, 1.0, (5, n_genes))
+    lam[0, :5] *= 6
+    counts = rng.poisson(lam[np.minimum(groups, 4)]).astype(np.float32)
+    counts[rng.random(counts.shape) < 0.3] = 0
+    x = sp.csr_matrix(counts)
+    x.data[:5] = 0  # stored zeros tie with the implicit ones
+    obs = pd.DataFrame(
+        {"leiden": pd.Categorical(groups.astype(str))}, index=[f"c{i}" for i in range(n_cells)]
+    )
+    ref = ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]))
+    sc.pp.log1p(ref)
+    fast = ref.copy()
+    sc.tl.rank_genes_groups(
+        ref,
+        "leiden",
+        groups=["0", "1", "2", "3"],
+        method="wilcoxon",
+        use_raw=False,
+        n_genes=8,
+        pts=True,
+        key_added="ref",
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scanpy's rank_genes_groups ran")
+
+    monkeypatch.setattr(sc.tl, "rank_genes_groups", refuse)
+    got = cl.cluster_markers(fast, n_genes=8)
+    assert len(got) == 4 * 8
+    want = sc.get.rank_genes_groups_df(ref, group=None, key="ref")
+    have = sc.get.rank_genes_groups_df(fast, group=None, key="rank_genes_leiden")
+    assert list(have["group"]) == list(want["group"])
+    assert list(have["names"]) == list(want["names"])
+    for col in ("scores", "logfoldchanges", "pvals", "pvals_adj", "pct_nz_group"):
+        np.testing.assert_allclose(have[col], want[col], rtol=1e-6, atol=1e-12, err_msg=col)
+    np.testing.assert_allclose(
+        fast.uns["rank_genes_leiden"]["pts_rest"]["2"], ref.uns["ref"]["pts_rest"]["2"]
+    )
+
+
+def test_leiden_reuses_one_graph_and_matches_scanpy(monkeypatch):
+    """Every Leiden run and modularity on a kNN graph share one igraph graph (scanpy builds
+    it again per call), and the partition is the one sc.tl.leiden gives for the same seed."""
+    adata = blobs(n_cells=500)
+    sc.pp.neighbors(adata, use_rep="X_pca", n_neighbors=15, random_state=0)
+    sc.tl.leiden(
+        adata, resolution=0.8, random_state=4, flavor="igraph", n_iterations=2, directed=False
+    )
+    got = cl._run_leiden(adata.obsp["connectivities"], 0.8, 4, n_iterations=2, flavor="igraph")
+    assert adjusted_rand_score(adata.obs["leiden"], got) == 1.0
+    assert np.array_equal(adata.obs["leiden"].astype(int).to_numpy(), got)
+
+    builds = []
+    real = cl._igraph
+    monkeypatch.setattr(cl, "_igraph", lambda adj: builds.append(1) or real(adj))
+    monkeypatch.setattr(
+        sc._utils, "get_igraph_from_adjacency", lambda *a, **k: pytest.fail("scanpy graph build")
+    )
+    summary = cl.leiden_multi(
+        adata,
+        use_rep="X_pca",
+        resolutions=(0.5, 1.0),
+        default_resolution=1.0,
+        n_stability_runs=2,
+        umap=False,
+    )
+    assert len(builds) == 2  # one in leiden_multi, one in resolution_summary
+    assert summary["stability_ari"].notna().all()
 
 
 def test_cluster_figures(tmp_path):

@@ -57,14 +57,72 @@ def _check_resolutions(resolutions: Sequence[float]) -> list[float]:
     return res
 
 
+class _IgraphRNG:
+    """Random numbers for igraph drawn from a seeded ``numpy.random.RandomState``.
+
+    The same generator scanpy's ``sc.tl.leiden(flavor="igraph", random_state=seed)`` installs,
+    so :func:`_run_leiden` gives the partition scanpy gives for the same graph and seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.RandomState(seed)
+
+    def getrandbits(self, k: int) -> int:
+        return self._rng.tomaxint() & ((1 << k) - 1)
+
+    def randint(self, a: int, b: int) -> int:
+        return self._rng.randint(a, b + 1)
+
+    def __getattr__(self, attr: str):
+        return getattr(self._rng, "normal" if attr == "gauss" else attr)
+
+
+def _igraph(adjacency: sp.spmatrix):
+    """Undirected, weighted igraph graph of ``adjacency``, with scanpy's edge order.
+
+    Built once and shared by every Leiden run and modularity on the same kNN graph (scanpy
+    builds it again, through a Python list of edges, on each ``sc.tl.leiden`` call).
+    """
+    import igraph as ig
+
+    coo = sp.csr_matrix(adjacency).tocoo()
+    keep = coo.data != 0
+    edges = list(zip(coo.row[keep].tolist(), coo.col[keep].tolist(), strict=True))  # fastest
+    g = ig.Graph(n=adjacency.shape[0], edges=edges, directed=False)
+    g.es["weight"] = coo.data[keep].astype(np.float64)
+    return g
+
+
 def _run_leiden(
     adjacency: sp.spmatrix,
     resolution: float,
     seed: int,
     n_iterations: int,
     flavor: str,
+    graph=None,
 ) -> np.ndarray:
-    """Leiden partition of ``adjacency`` as an integer array (does not touch any AnnData)."""
+    """Leiden partition of ``adjacency`` as an integer array (does not touch any AnnData).
+
+    With ``flavor="igraph"`` this is ``sc.tl.leiden(flavor="igraph", directed=False)`` on a
+    graph built once (pass ``graph=_igraph(adjacency)`` to reuse it); the result is the same.
+    """
+    if flavor == "igraph":
+        import igraph as ig
+
+        g = _igraph(adjacency) if graph is None else graph
+        try:
+            ig.set_random_number_generator(_IgraphRNG(seed))
+            part = g.community_leiden(
+                objective_function="modularity",
+                weights="weight",
+                resolution=resolution,
+                n_iterations=n_iterations,
+            )
+        finally:
+            import random
+
+            ig.set_random_number_generator(random)
+        return np.asarray(part.membership, dtype=np.int64)
     tmp = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(adjacency.shape[0])]))
     sc.tl.leiden(
         tmp,
@@ -73,19 +131,19 @@ def _run_leiden(
         random_state=seed,
         n_iterations=n_iterations,
         flavor=flavor,
-        directed=False if flavor == "igraph" else None,
         key_added="leiden",
     )
     return tmp.obs["leiden"].astype(int).to_numpy()
 
 
-def _modularity(adjacency: sp.spmatrix, membership: np.ndarray) -> float:
-    """Newman-Girvan modularity (resolution 1) of a partition of the weighted, undirected graph."""
-    import igraph as ig
+def _modularity(adjacency: sp.spmatrix, membership: np.ndarray, graph=None) -> float:
+    """Newman-Girvan modularity (resolution 1) of a partition of the weighted, undirected graph.
 
-    adj = sp.triu(sp.csr_matrix(adjacency), k=0).tocoo()
-    g = ig.Graph(n=adjacency.shape[0], edges=list(zip(adj.row.tolist(), adj.col.tolist())))
-    return float(g.modularity(membership.tolist(), weights=adj.data.tolist(), directed=False))
+    ``graph`` (from :func:`_igraph`) holds each edge of the symmetric kNN graph in both
+    directions; doubling every weight leaves modularity unchanged.
+    """
+    g = _igraph(adjacency) if graph is None else graph
+    return float(g.modularity(np.asarray(membership).tolist(), weights="weight", directed=False))
 
 
 def resolution_summary(
@@ -145,6 +203,7 @@ def resolution_summary(
     if chosen is None and "leiden_multi" in adata.uns:
         chosen = adata.uns["leiden_multi"].get("resolution")
     conn = adata.obsp["connectivities"]
+    graph = _igraph(conn)
     rows = []
     previous = None
     for res in resolutions:
@@ -159,7 +218,9 @@ def resolution_summary(
             aris = [
                 adjusted_rand_score(
                     codes,
-                    _run_leiden(conn, res, seed + i, n_iterations=n_iterations, flavor=flavor),
+                    _run_leiden(
+                        conn, res, seed + i, n_iterations=n_iterations, flavor=flavor, graph=graph
+                    ),
                 )
                 for i in range(1, n_stability_runs + 1)
             ]
@@ -171,7 +232,7 @@ def resolution_summary(
                 "n_clusters": int(len(sizes)),
                 "smallest_cluster": int(sizes.min()),
                 "largest_cluster_fraction": float(sizes.max() / sizes.sum()),
-                "modularity": _modularity(conn, codes),
+                "modularity": _modularity(conn, codes, graph=graph),
                 "stability_ari": stability,
                 "ari_previous": np.nan
                 if previous is None
@@ -313,9 +374,10 @@ def leiden_multi(
         method,
     )
     conn = adata.obsp["connectivities"]
+    graph = _igraph(conn) if flavor == "igraph" else None
     for res in res_list:
         key = leiden_key(res)
-        labels = _run_leiden(conn, res, seed, n_iterations=n_iterations, flavor=flavor)
+        labels = _run_leiden(conn, res, seed, n_iterations=n_iterations, flavor=flavor, graph=graph)
         # order clusters by size (0 = largest), scanpy's convention is arbitrary order
         order = np.argsort(-np.bincount(labels), kind="stable")
         rank = np.empty_like(order)
@@ -355,6 +417,106 @@ def _looks_like_counts(x) -> bool:
     vals = x.data[:100_000] if sp.issparse(x) else np.asarray(x).ravel()[:100_000]
     vals = np.asarray(vals)
     return bool(vals.size) and np.allclose(vals, np.round(vals)) and float(vals.max()) > 30
+
+
+def _wilcoxon_vs_rest_sparse(
+    x: sp.spmatrix,
+    codes: np.ndarray,
+    tested: Sequence[int],
+    *,
+    n_genes: int,
+    var_names: pd.Index,
+    groups: Sequence[str],
+    expm1=np.expm1,
+) -> dict[str, object]:
+    """Scanpy's Wilcoxon rank-sum test (each group vs the rest), computed on the non-zeros.
+
+    Gives what ``sc.tl.rank_genes_groups(method="wilcoxon", reference="rest", pts=True,
+    tie_correct=False)`` gives, in the same ``uns`` layout, for a sparse, non-negative ``x``.
+    scanpy ranks every cell of every gene (a dense chunk per 1,000 genes or so) and subsets
+    rows once per group for means and detection rates; here all cells with a zero share one
+    tied rank, ``(n_zero + 1) / 2``, so only the non-zeros are sorted, and the group sums,
+    means and non-zero counts come from one pass over each gene's column (about 10x faster
+    at 100k cells and 10% density, no dense copy).
+
+    ``codes`` is the group code of each cell (-1 = in no group: counted in every "rest");
+    ``tested`` the codes to test.
+    """
+    from scipy.stats import norm, rankdata
+    from statsmodels.stats.multitest import multipletests
+
+    csc = sp.csc_matrix(x, copy=True)
+    csc.eliminate_zeros()  # stored zeros tie with the implicit ones
+    csc.sort_indices()
+    n_cells, n_var = csc.shape
+    n_codes = int(codes.max()) + 2  # slot 0 holds cells outside every group (code -1)
+    slot = codes.astype(np.int64) + 1
+    sizes = np.bincount(slot, minlength=n_codes).astype(np.float64)
+    rank_sum = np.empty((n_codes, n_var))
+    nnz = np.empty((n_codes, n_var))
+    total = np.empty((n_codes, n_var))
+    indptr, indices, data = csc.indptr, csc.indices, csc.data
+    for j in range(n_var):
+        lo, hi = indptr[j], indptr[j + 1]
+        where = slot[indices[lo:hi]]
+        vals = data[lo:hi]
+        n_zero = n_cells - (hi - lo)
+        nz_in = np.bincount(where, minlength=n_codes)
+        # ranks over all cells: zeros take the mean rank (n_zero + 1) / 2, non-zeros follow
+        rank_sum[:, j] = (
+            np.bincount(where, weights=rankdata(vals) + n_zero, minlength=n_codes)
+            + (sizes - nz_in) * (n_zero + 1) / 2.0
+        )
+        nnz[:, j] = nz_in
+        total[:, j] = np.bincount(where, weights=vals, minlength=n_codes)
+    all_nnz = nnz.sum(axis=0)
+    all_total = total.sum(axis=0)
+
+    out: dict[str, dict[str, np.ndarray]] = {
+        k: {} for k in ("names", "scores", "pvals", "pvals_adj", "logfoldchanges")
+    }
+    pts, pts_rest = {}, {}
+    for name, code in zip(groups, tested, strict=True):
+        s = code + 1
+        n1 = sizes[s]
+        n2 = n_cells - n1
+        std = np.sqrt(n1 * n2 * (n_cells + 1) / 12.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = (rank_sum[s] - n1 * (n_cells + 1) / 2.0) / std
+        scores[np.isnan(scores)] = 0
+        pvals = 2 * norm.sf(np.abs(scores))
+        pvals_adj = multipletests(pvals, alpha=0.05, method="fdr_bh")[1]
+        mean_in = total[s] / n1
+        mean_rest = (all_total - total[s]) / n2
+        lfc = np.log2((expm1(mean_in) + 1e-9) / (expm1(mean_rest) + 1e-9))
+        top = _top_n(scores, n_genes)
+        out["names"][name] = np.asarray(var_names[top], dtype=object)
+        out["scores"][name] = scores[top]
+        out["pvals"][name] = pvals[top]
+        out["pvals_adj"][name] = pvals_adj[top]
+        out["logfoldchanges"][name] = lfc[top]
+        pts[name] = nnz[s] / n1
+        pts_rest[name] = (all_nnz - nnz[s]) / n2
+    dtypes = {
+        "names": "O",
+        "scores": "float32",
+        "logfoldchanges": "float32",
+        "pvals": "float64",
+        "pvals_adj": "float64",
+    }
+    result: dict[str, object] = {
+        k: pd.DataFrame(v).to_records(index=False, column_dtypes=dtypes[k]) for k, v in out.items()
+    }
+    result["pts"] = pd.DataFrame(pts, index=var_names)
+    result["pts_rest"] = pd.DataFrame(pts_rest, index=var_names)
+    return result
+
+
+def _top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` highest scores, best first (scanpy's ``_select_top_n``)."""
+    n = min(n, len(scores))
+    part = np.argpartition(scores, -n)[-n:]
+    return part[np.argsort(scores[part])[::-1]]
 
 
 def cluster_markers(
@@ -404,19 +566,47 @@ def cluster_markers(
     if skipped:
         logger.warning("no markers for groups with < 2 cells: %s", skipped)
     key = f"rank_genes_{groupby}"
-    with warnings.catch_warnings():  # scanpy fills its result table column by column
-        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        sc.tl.rank_genes_groups(
-            adata,
-            groupby,
-            groups=groups if skipped else "all",
-            reference="rest",
-            method=method,
-            use_raw=False,
-            n_genes=n_genes,
-            pts=True,
-            key_added=key,
+    x = adata.X
+    if method == "wilcoxon" and sp.issparse(x) and (x.nnz == 0 or x.data.min() >= 0):
+        base = adata.uns.get("log1p", {}).get("base")
+        cats = adata.obs[groupby].cat.categories
+        codes = adata.obs[groupby].cat.codes.to_numpy().astype(np.int64)
+        tested = [int(np.flatnonzero(cats.astype(str) == g)[0]) for g in groups]
+        n_top = min(int(n_genes), adata.n_vars)
+        result = _wilcoxon_vs_rest_sparse(
+            x,
+            codes,
+            tested,
+            n_genes=n_top,
+            var_names=adata.var_names,
+            groups=groups,
+            expm1=np.expm1 if base is None else (lambda v: np.expm1(v * np.log(base))),
         )
+        adata.uns[key] = {
+            "params": {
+                "groupby": groupby,
+                "reference": "rest",
+                "method": method,
+                "use_raw": False,
+                "layer": None,
+                "corr_method": "benjamini-hochberg",
+            },
+            **result,
+        }
+    else:
+        with warnings.catch_warnings():  # scanpy fills its result table column by column
+            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+            sc.tl.rank_genes_groups(
+                adata,
+                groupby,
+                groups=groups if skipped else "all",
+                reference="rest",
+                method=method,
+                use_raw=False,
+                n_genes=n_genes,
+                pts=True,
+                key_added=key,
+            )
     df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
     if "group" not in df:  # a single group comes back without the column
         df.insert(0, "group", groups[0])
