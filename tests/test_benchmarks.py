@@ -33,8 +33,8 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
     after = res.set_index("tool")["cells_after_qc"]
     assert abs(after["pipeline"] - after["reference"]) < 0.1 * after["reference"]
     stages = pd.read_csv(work / "stages.tsv", sep="\t")
-    assert {"ingest", "qc", "integrate", "cluster", "annotate", "score"} <= set(stages["stage"])
-    assert (stages.loc[stages["stage"] == "ingest", "jobs"] == 4).all()
+    assert {"qc", "integrate", "cluster", "annotate", "score"} <= set(stages["stage"])
+    assert (stages.loc[stages["stage"] == "qc", "jobs"] == 4).all()
 
     docs = tmp_path / "docs"
     subprocess.run([sys.executable, str(REPO / "benchmarks/report.py"), "--workdir", str(work),

@@ -67,7 +67,6 @@ def test_dry_run_shows_every_stage(tmp_path):
     out = res.stdout + res.stderr
     for rule in [
         "simulate_demo",
-        "ingest",
         "qc_sample",
         "qc_merge",
         "integrate",
@@ -79,6 +78,10 @@ def test_dry_run_shows_every_stage(tmp_path):
         "provenance",
     ]:
         assert rule in out, f"rule {rule} missing from the dry run"
+    # one job per sample reads the raw file and does QC: no separate ingest job or h5ad
+    qc_job = out.split("\nrule qc_sample:")[1].split("\nrule ")[0]
+    assert "demo/T" in qc_job and "filtered_feature_bc_matrix.h5" in qc_job
+    assert "rule ingest:" not in out and "/ingest/" not in out
 
 
 def test_integration_metrics_can_be_switched_off(tmp_path):
@@ -134,7 +137,7 @@ def test_cli_overrides_run_name_and_samples(tmp_path):
     other.write_text(TINY_SHEET.replace("T4\t", "T5\t").replace("/T4/", "/T5/"))
     res = _snakemake(work, "-n", "--cores", "1", "--config", "run_name=cohort2", f"samples={other}")
     assert res.returncode == 0, res.stderr
-    assert "results/cohort2/ingest/T5.h5ad" in res.stdout
+    assert "results/cohort2/qc/T5.h5ad" in res.stdout
     assert "results/tiny" not in res.stdout
 
 
@@ -196,7 +199,7 @@ def test_rerun_is_a_no_op_and_resolution_change_reruns_from_clustering(tiny_run)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "cluster" in out and "annotate" in out
-    for upstream in ["ingest", "qc_sample", "qc_merge", "integrate"]:
+    for upstream in ["qc_sample", "qc_merge", "integrate"]:
         assert f"rule {upstream}:" not in out and f"\n{upstream} " not in out.split("Job stats")[-1], upstream
 
 
@@ -216,7 +219,7 @@ def test_real_cohort_configs_resolve_their_dag(cohort, tmp_path):
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    for rule in ("download", "ingest", "qc_sample", "integrate", "annotate", "stats"):
+    for rule in ("download", "qc_sample", "integrate", "annotate", "stats"):
         assert rule in out, f"{cohort}: rule {rule} missing from the dry run"
     assert "simulate_demo" not in out
 

@@ -29,7 +29,7 @@ rule download:
 
 
 # One unpack rule per archive: its outputs are the files the sheet's `path`s point to, so
-# the ingest jobs depend on them directly (no checkpoint). The whole archive is unpacked
+# the per-sample QC jobs depend on them directly (no checkpoint). The whole archive is unpacked
 # (nested per-sample archives too, as in GSE190856),
 # since MTX triplets need their barcodes/features siblings next to the matrix.
 for _stem in DOWNLOADS.archives:

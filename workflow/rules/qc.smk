@@ -1,10 +1,13 @@
-# QC: adaptive per-sample thresholds and doublets (one job per sample), then a merge that
+# Ingest and QC, one job per sample: read the raw counts (10x HDF5/MTX, h5ad, text), check
+# them and label the cells from the sheet (sepsis_sc.io.ingest_sample), then adaptive
+# thresholds and doublets. One process per sample: a separate ingest job cost a Python
+# start-up, imports and an h5ad round trip per sample (about 5 s each). Then a merge that
 # normalises the cohort. Figures use every cell (kept and removed) with the thresholds drawn.
 
 
 rule qc_sample:
     input:
-        f"{RESULTS}/ingest/{{sample}}.h5ad",
+        sample_input,
     output:
         h5ad=f"{RESULTS}/qc/{{sample}}.h5ad",
         summary=f"{RESULTS}/qc/{{sample}}.qc.tsv",
@@ -19,6 +22,8 @@ rule qc_sample:
         mem_mb=sample_mem_mb,
         runtime=60,
     params:
+        record=sample_record,
+        min_cells=config["ingest"]["min_cells"],
         qc=config["qc"],
         organism=config["organism"],
         seed=config["seed"],

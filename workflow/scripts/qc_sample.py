@@ -1,14 +1,19 @@
-"""Snakemake script (rule qc_sample): adaptive QC and doublets for one sample."""
+"""Snakemake script (rule qc_sample): read one sample's raw counts and label its cells from the
+sheet (ingest), then adaptive QC and doublets."""
 
-import anndata as ad
-
+from sepsis_sc.io import ingest_sample
 from sepsis_sc.qc import filter_cells_qc, run_qc
 from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 
 setup_logging(snakemake.log[0])
 
 q = snakemake.params.qc
-adata = ad.read_h5ad(snakemake.input[0])
+adata = ingest_sample(
+    snakemake.input[0],
+    snakemake.params.record,
+    organism=snakemake.params.organism,
+    min_cells=snakemake.params.min_cells,
+)
 sample_id = snakemake.wildcards.sample
 cells_loaded = adata.obs["cells_loaded"].iloc[0] if "cells_loaded" in adata.obs else None
 summary = run_qc(
