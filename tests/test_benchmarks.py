@@ -59,3 +59,14 @@ def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
     assert table.loc[1, "lr"] == 0.002
     assert (table["cells_x_epochs_per_s"] > 0).all()
     assert table[["elbo_validation", "ilisi", "ari"]].notna().all().all()
+    # another training seed of the default setting is added to the saved rows
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/scvi_cpu.py"), "--samples", "4", "--cells", "300",
+         "--skip-default", "--cap-epochs", "2", "--train-seeds", "1", "--append",
+         "--out", str(tmp_path)],
+        check=True, cwd=REPO, capture_output=True,
+    )
+    table = pd.read_csv(tmp_path / "scvi_cpu.tsv", sep="\t")
+    assert list(zip(table["setting"], table["seed"])) == [
+        ("sepsis-sc default", 0), ("tiny", 0), ("sepsis-sc default", 1)
+    ]
