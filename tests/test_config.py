@@ -91,6 +91,13 @@ def test_sample_sheet_ids_must_be_filename_safe():
         validate_samples(sheet, validate_config({}))
 
 
+def test_sample_sheet_reserved_id():
+    sheet = _sheet()
+    sheet.loc[1, "sample_id"] = "merged"
+    with pytest.raises(SampleSheetError, match="'merged'.*reserved"):
+        validate_samples(sheet, validate_config({}))
+
+
 def test_missing_input_files_are_listed(tmp_path):
     (tmp_path / "a.h5").write_text("x")
     samples = validate_samples(_sheet(), validate_config({}))

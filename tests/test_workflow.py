@@ -82,6 +82,8 @@ def test_dry_run_shows_every_stage(tmp_path):
     qc_job = out.split("\nrule qc_sample:")[1].split("\nrule ")[0]
     assert "demo/T" in qc_job and "filtered_feature_bc_matrix.h5" in qc_job
     assert "rule ingest:" not in out and "/ingest/" not in out
+    # qc/merged.h5ad must not be taken for a sample (an input-function error in the log)
+    assert "Exception" not in out, out[:3000]
 
 
 def test_integration_metrics_can_be_switched_off(tmp_path):

@@ -46,6 +46,8 @@ SHEET_RESERVED_COLUMNS = ("path", "url", "checksum", "archive_url", "archive_che
 EMBEDDING_KEYS: dict[str, str] = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
 _REQUIRED_SAMPLE_COLUMNS = ("sample_id", "condition", "donor", "batch", "path")
 _SAMPLE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: sample_ids that would collide with a cohort-level file next to the per-sample ones
+RESERVED_SAMPLE_IDS = frozenset({"merged"})
 
 
 class ConfigError(ValueError):
@@ -280,6 +282,12 @@ def validate_samples(
         raise SampleSheetError(
             f"{sheet_name}: sample_id(s) {bad_ids} are not usable as file names; use letters, "
             "digits, '_', '.' and '-' only, starting with a letter or digit."
+        )
+    reserved = sorted(set(sheet["sample_id"]) & RESERVED_SAMPLE_IDS)
+    if reserved:
+        raise SampleSheetError(
+            f"{sheet_name}: sample_id(s) {reserved} are reserved (the workflow writes "
+            "qc/merged.h5ad for the whole cohort); rename the sample(s), e.g. 'merged_1'."
         )
     contrast = config["contrast"]
     column = contrast["column"]

@@ -16,6 +16,8 @@ rule qc_sample:
         f"{LOGS}/qc/{{sample}}.log",
     benchmark:
         f"{BENCH}/qc/{{sample}}.tsv"
+    wildcard_constraints:
+        sample=_one_of(SAMPLES),  # so qc/merged.h5ad is never taken for a sample
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
