@@ -120,15 +120,19 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
     with pytest.raises(ValueError, match="knn must be"):
         cl.knn_method(10, "fast")
     adata = blobs(n_cells=400, seed=2)
-    cl.leiden_multi(
-        adata,
-        use_rep="X_pca",
-        resolutions=(0.5,),
-        default_resolution=0.5,
-        n_stability_runs=0,
-        umap=False,
-    )
-    assert adata.uns["leiden_multi"]["knn"] == "exact"
+
+    def knn_used(a: ad.AnnData) -> str:
+        cl.leiden_multi(
+            a,
+            use_rep="X_pca",
+            resolutions=(0.5,),
+            default_resolution=0.5,
+            n_stability_runs=0,
+            umap=False,
+        )
+        return a.uns["leiden_multi"]["knn"]
+
+    assert knn_used(adata) == "exact"
     # exact: every cell's neighbours are its true nearest neighbours
     x = adata.obsm["X_pca"]
     d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
@@ -138,15 +142,7 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
     found = [set(dist[i].indices) for i in range(adata.n_obs)]
     assert np.mean([len(set(t) & f) / 14 for t, f in zip(true_nn, found, strict=True)]) > 0.999
     monkeypatch.setattr(cl, "EXACT_KNN_MAX_CELLS", 100)
-    cl.leiden_multi(
-        adata,
-        use_rep="X_pca",
-        resolutions=(0.5,),
-        default_resolution=0.5,
-        n_stability_runs=0,
-        umap=False,
-    )
-    assert adata.uns["leiden_multi"]["knn"] == "approx"
+    assert knn_used(adata) == "approx"
 
 
 def test_large_cohort_pynndescent_path():
@@ -293,7 +289,7 @@ def test_leiden_reuses_one_graph_and_matches_scanpy(monkeypatch):
         n_stability_runs=2,
         umap=False,
     )
-    assert len(builds) == 2  # one in leiden_multi, one in resolution_summary
+    assert len(builds) == 1  # leiden_multi's graph serves its summary too
     assert summary["stability_ari"].notna().all()
 
 

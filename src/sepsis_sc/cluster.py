@@ -191,8 +191,6 @@ def resolution_summary(
     ``largest_cluster_fraction``, ``modularity``, ``stability_ari``, ``ari_previous``,
     ``chosen``.
     """
-    from sklearn.metrics import adjusted_rand_score
-
     if "connectivities" not in adata.obsp:
         raise KeyError("obsp['connectivities'] is missing; run leiden_multi (or sc.pp.neighbors).")
     if resolutions is None:
@@ -202,8 +200,35 @@ def resolution_summary(
     resolutions = _check_resolutions(resolutions)
     if chosen is None and "leiden_multi" in adata.uns:
         chosen = adata.uns["leiden_multi"].get("resolution")
+    return _resolution_rows(
+        adata,
+        resolutions,
+        seed=seed,
+        n_stability_runs=n_stability_runs,
+        n_iterations=n_iterations,
+        flavor=flavor,
+        chosen=chosen,
+    )
+
+
+def _resolution_rows(
+    adata: ad.AnnData,
+    resolutions: list[float],
+    *,
+    seed: int,
+    n_stability_runs: int,
+    n_iterations: int,
+    flavor: str,
+    chosen: float | None,
+    graph=None,
+) -> pd.DataFrame:
+    """The rows of :func:`resolution_summary` for checked ``resolutions``; ``graph`` is the
+    igraph graph of ``obsp["connectivities"]`` when the caller already built it."""
+    from sklearn.metrics import adjusted_rand_score
+
     conn = adata.obsp["connectivities"]
-    graph = _igraph(conn)
+    if graph is None:
+        graph = _igraph(conn)
     rows = []
     previous = None
     for res in resolutions:
@@ -400,14 +425,15 @@ def leiden_multi(
     }
     if umap:
         sc.tl.umap(adata, min_dist=umap_min_dist, random_state=seed, maxiter=umap_maxiter)
-    summary = resolution_summary(
+    summary = _resolution_rows(
         adata,
-        resolutions=res_list,
+        res_list,
         seed=seed,
         n_stability_runs=n_stability_runs,
         n_iterations=n_iterations,
         flavor=flavor,
         chosen=chosen,
+        graph=graph,
     )
     logger.info("resolution summary:\n%s", summary.to_string(index=False))
     return summary
