@@ -78,7 +78,7 @@ def test_planted_effects_detected_in_right_direction(table):
     for state in ("mono_hladr_low", "t_exhaustion", "trem2_high_macrophage"):
         r = e.loc[(state, "fraction")]
         assert r["fdr"] <= 0.05 and r["effect"] > 0 and r["ci_low"] > 0, state
-        assert r["test"] == "Welch t-test" and r["n_case"] == 4 and r["n_control"] == 4
+        assert r["test"] == "moderated t" and r["n_case"] == 4 and r["n_control"] == 4
         assert r["mean_case"] > r["mean_control"]
         assert "more frequent in sepsis" in r["meaning"]
     r = e.loc[("ifn_response", "mean_score")]
@@ -86,24 +86,36 @@ def test_planted_effects_detected_in_right_direction(table):
     # states without a planted effect are not called
     assert e.loc[("neutrophil_immature", "mean_score"), "fdr"] > 0.05
     assert e.loc[("dc_tolerogenic", "mean_score"), "fdr"] > 0.05
-    # BH over all tests: fdr >= p and monotone in p
+    # BH within each family (primary / secondary): fdr >= p and monotone in p
     assert (eff["fdr"] >= eff["pvalue"] - 1e-15).all()
-    order = np.argsort(eff["pvalue"].to_numpy())
-    assert np.all(np.diff(eff["fdr"].to_numpy()[order]) >= -1e-12)
+    for _, fam in eff.groupby("role"):
+        order = np.argsort(fam["pvalue"].to_numpy())
+        assert np.all(np.diff(fam["fdr"].to_numpy()[order]) >= -1e-12)
+    # one pre-specified primary metric per state; HLA-DR-low monocytes: pseudobulk expression
+    prim = eff[eff["role"] == "primary"].set_index("state")["metric"]
+    assert prim.index.is_unique and prim["mono_hladr_low"] == "pseudobulk_expression"
+    assert prim["t_exhaustion"] == "fraction" and prim["ifn_response"] == "mean_score"
 
 
-def test_welch_ci_and_p_match_scipy(table):
+def test_linear_model_ci_and_p_match_scipy(table):
     from scipy import stats as ss
 
-    eff = stats.condition_effects(table, case=CASE, control=CONTROL, metrics=["mean_score"])
-    r = eff.set_index("state").loc["ms1_monocyte"]
+    plain = stats.condition_effects(
+        table, case=CASE, control=CONTROL, metrics=["mean_score"], moderate=False
+    )
+    r = plain.set_index("state").loc["ms1_monocyte"]
     d = table[(table["state"] == "ms1_monocyte") & (table["metric"] == "mean_score")]
     a = d.loc[d["condition"] == CASE, "value"]
     b = d.loc[d["condition"] == CONTROL, "value"]
-    ref = ss.ttest_ind(a, b, equal_var=False)
+    ref = ss.ttest_ind(a, b, equal_var=True)  # ~ condition without moderation = pooled t-test
     assert r["pvalue"] == pytest.approx(ref.pvalue)
     ci = ref.confidence_interval()
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high))
+    # moderated: same effect, a CI from the moderated t that still contains it
+    eff = stats.condition_effects(table, case=CASE, control=CONTROL, metrics=["mean_score"])
+    m = eff.set_index("state").loc["ms1_monocyte"]
+    assert m["effect"] == pytest.approx(r["effect"]) and m["ci_low"] < m["effect"] < m["ci_high"]
+    assert m["test"] == "moderated t" and r["test"] == "t"
     rank = stats.condition_effects(
         table, case=CASE, control=CONTROL, test="rank", metrics=["mean_score"]
     )
@@ -117,15 +129,16 @@ def test_paired_design_uses_paired_test():
     score_states(adata, control=CONTROL, states=["mono_hladr_low", "ifn_response"])
     tab = stats.sample_table(adata)
     eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
-    assert (eff["test"] == "paired t-test").all() and (eff["n_pairs"] == 4).all()
-    r = eff.set_index(["state", "metric"]).loc[("ifn_response", "mean_score")]
+    assert (eff["test"] == "paired moderated t").all() and (eff["n_pairs"] == 4).all()
+    plain = stats.condition_effects(tab, case=CASE, control=CONTROL, moderate=False)
+    r = plain.set_index(["state", "metric"]).loc[("ifn_response", "mean_score")]
     d = tab[(tab["state"] == "ifn_response") & (tab["metric"] == "mean_score")]
     piv = d.pivot(index="donor", columns="condition", values="value")
     from scipy import stats as ss
 
     assert r["pvalue"] == pytest.approx(ss.ttest_rel(piv[CASE], piv[CONTROL]).pvalue)
     unpaired = stats.condition_effects(tab, case=CASE, control=CONTROL, paired=False)
-    assert (unpaired["test"] == "Welch t-test").all()
+    assert (unpaired["test"] == "moderated t").all()
     assert unpaired["note"].str.contains("treated as independent").all()
 
 
@@ -135,8 +148,9 @@ def test_fewer_than_two_samples_gives_effect_without_p(scored):
     eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
     assert eff["pvalue"].isna().all() and eff["fdr"].isna().all()
     assert eff["effect"].notna().all()
-    assert eff["note"].str.contains("fewer than 2 samples in sepsis").all()
-    assert eff["meaning"].str.contains("no test").all()
+    assert eff["note"].str.contains("fewer than 2 units in sepsis").all()
+    assert eff["meaning"].str.contains("not tested").all()
+    assert (eff["direction"] == "").all()  # direction only where a test is significant
     with pytest.raises(ValueError, match="conditions present"):
         stats.condition_effects(tab, case="sepsis", control="healthy")
 
@@ -176,7 +190,7 @@ def test_null_cohort_end_to_end_few_false_positives():
         eff = stats.condition_effects(stats.sample_table(adata), case=CASE, control=CONTROL)
         hits += int((eff["pvalue"] < 0.05).sum())
         tests += int(eff["pvalue"].notna().sum())
-        assert not eff["significant"].any()
+        assert not eff.loc[eff["role"] == "primary", "significant"].any()
     assert tests >= 60 and hits / tests <= 0.1, (hits, tests)
 
 
@@ -186,7 +200,7 @@ def test_composition_test_planted_and_null():
     t = comp.set_index("label").loc["T"]
     assert t["significant"] and t["effect"] < 0 and t["log2_prop_ratio"] < -0.5
     assert "smaller in sepsis" in t["meaning"]
-    assert comp["design"].iloc[0] == "~ condition"
+    assert comp["design"].iloc[0].startswith("~ condition (columns: case_vs_control); 4 vs 4")
     fp = 0
     for seed in range(5):
         null = make_cohort(n_case=4, n_control=4, cells_per_type=50, effects=False, seed=20 + seed)
@@ -200,7 +214,7 @@ def test_composition_test_planted_and_null():
 def test_composition_paired_and_unreplicated():
     adata = make_cohort(n_case=4, paired=True, cells_per_type=40, seed=4)
     comp = stats.composition_test(adata, case=CASE, control=CONTROL)
-    assert "donor (3 blocks)" in comp["design"].iloc[0]
+    assert "donor blocks" in comp["design"].iloc[0] and "4 vs 4 paired" in comp["design"].iloc[0]
     assert comp.set_index("label").loc["T", "significant"]
     one = adata[adata.obs["donor"] == "D0"].copy()
     c1 = stats.composition_test(one, case=CASE, control=CONTROL)

@@ -27,8 +27,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy import special, stats
+from scipy import stats
 
+from sepsis_sc.design import COEF, Contrast, SampleDesign, linear_test, resolve_design, sample_meta
 from sepsis_sc.plotting import cell_type_palette, condition_palette, lineage_palette, set_style
 from sepsis_sc.resources import load_yaml, resource_path
 from sepsis_sc.score import ucell_scores
@@ -40,6 +41,7 @@ __all__ = [
     "condition_effects",
     "composition_test",
     "therapy_targets",
+    "primary_metrics",
     "bh_fdr",
     "plot_forest",
     "plot_sample_values",
@@ -53,6 +55,12 @@ _METRIC_TEXT = {
     "mean_score": "mean score",
     "pseudobulk_score": "pseudobulk score",
     "pseudobulk_expression": "pseudobulk expression",
+}
+_UNIT = {
+    "fraction": "log2 ratio",
+    "mean_score": "score difference (UCell)",
+    "pseudobulk_score": "score difference (UCell)",
+    "pseudobulk_expression": "log2 CPM difference",
 }
 _EFFECT_TYPE = {
     "fraction": "log2 ratio of geometric-mean fractions (case/control)",
@@ -340,32 +348,15 @@ def _pseudobulk_scores(
 # --------------------------------------------------------------------------------------
 # condition effects
 # --------------------------------------------------------------------------------------
-def _donor_values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Sample values on the test scale, averaged per donor x condition."""
-    if df.empty:
-        return pd.DataFrame(columns=["donor", "condition", "y", "raw", "n_samples"])
+def _test_scale(df: pd.DataFrame, metric: str) -> np.ndarray:
+    """Sample values on the test scale: log2 fraction (0.5-cell pseudo-count) or the value."""
     if metric == "fraction":
-        y = np.log2((df["n_called"].to_numpy(float) + 0.5) / (df["n_cells"].to_numpy(float) + 1.0))
-    else:
-        y = df["value"].to_numpy(float)
-    raw = df["value"].to_numpy(float)
-    donor = df["donor"].astype(str).to_numpy()
-    cond = df["condition"].astype(str).to_numpy()
-    codes, uniq = pd.MultiIndex.from_arrays([donor, cond]).factorize()
-    n = np.bincount(codes, minlength=len(uniq))
-    parts = list(uniq)
-    return pd.DataFrame(
-        {
-            "donor": [q[0] for q in parts],
-            "condition": [q[1] for q in parts],
-            "y": np.bincount(codes, weights=y, minlength=len(uniq)) / n,
-            "raw": np.bincount(codes, weights=raw, minlength=len(uniq)) / n,
-            "n_samples": n,
-        }
-    )
+        return np.log2((df["n_called"].to_numpy(float) + 0.5) / (df["n_cells"].to_numpy(float) + 1.0))
+    return df["value"].to_numpy(float)
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    """Welch t-test: (difference, CI low, CI high, p). Kept for the simulator's oracle."""
     diff = a.mean() - b.mean()
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = np.sqrt(va + vb)
@@ -375,16 +366,6 @@ def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
     tcrit = stats.t.ppf(0.975, df)
     p = 2 * stats.t.sf(abs(diff / se), df)
     return diff, diff - tcrit * se, diff + tcrit * se, p
-
-
-def _paired(d: np.ndarray) -> tuple[float, float, float, float]:
-    mean = d.mean()
-    se = d.std(ddof=1) / np.sqrt(d.size)
-    if se == 0:
-        return mean, np.nan, np.nan, np.nan
-    tcrit = stats.t.ppf(0.975, d.size - 1)
-    p = 2 * stats.t.sf(abs(mean / se), d.size - 1)
-    return mean, mean - tcrit * se, mean + tcrit * se, p
 
 
 def _meaning(
@@ -415,12 +396,12 @@ def _meaning(
         }.get(metric, f"the {label} score")
         extra = ""
     if not np.isfinite(effect):
-        return f"{what}: not estimable ({note})"
+        return f"{what[0].upper() + what[1:]}: not estimable ({note})."
     ci = f"95% CI {lo:+.3g} to {hi:+.3g}" if np.isfinite(lo) else "no CI"
     scale = "log2 ratio" if metric == "fraction" else "difference"
     stat = f"{extra}{scale} {effect:+.3g}, {ci}"
     if not np.isfinite(fdr):
-        return f"{what[0].upper() + what[1:]}: {stat} in {case} vs {control}; no test ({note})."
+        return f"{what[0].upper() + what[1:]}: {stat} in {case} vs {control}; not tested ({note})."
     if fdr > alpha:
         verb = "differ" if metric == "fraction" else "differs"
         return (
@@ -435,56 +416,146 @@ def _meaning(
     )
 
 
+def primary_metrics(
+    states: Sequence[str],
+    discrete: Mapping[str, bool] | None = None,
+    targets: Mapping[str, Any] | str | Path | None = None,
+) -> dict[str, str]:
+    """The pre-specified primary sample-level metric of each state.
+
+    From ``primary_metric`` in ``resources/therapy_targets.yaml`` (or ``targets``); a state
+    without an entry takes ``fraction`` when it has discrete calls, else ``mean_score``. The
+    primary metric is fixed before looking at the data: FDR is taken over the primary tests,
+    and no other metric replaces it when it is missing (no metric shopping).
+    """
+    if targets is None or isinstance(targets, str | Path):
+        targets = load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
+    discrete = discrete or {}
+    out = {}
+    for s in states:
+        t = targets.get(s, {}) or {}
+        out[s] = str(
+            t.get("primary_metric") or ("fraction" if discrete.get(s, False) else "mean_score")
+        )
+    return out
+
+
+def _meta_for(
+    table: pd.DataFrame, meta: pd.DataFrame | None, condition_key: str = "condition"
+) -> pd.DataFrame:
+    """Per-sample sheet: ``meta`` when given (index sample_id), else from the table's columns."""
+    if meta is not None:
+        m = meta.copy()
+        m.index = m.index.astype(str)
+        if "donor" not in m.columns:
+            m["donor"] = m.index
+        return m
+    cols = [c for c in ("sample_id", "condition", "donor") if c in table.columns]
+    m = table[cols].astype(str).drop_duplicates("sample_id").set_index("sample_id")
+    if condition_key != "condition" and "condition" in m:
+        m[condition_key] = m["condition"]
+    return m
+
+
+def _as_design(
+    meta: pd.DataFrame,
+    *,
+    case: str | None,
+    control: str | None,
+    contrast: Contrast | None,
+    design: SampleDesign | None,
+    formula: str | None,
+    paired: bool | str,
+) -> SampleDesign:
+    if design is not None:
+        return design
+    if contrast is None:
+        if case is None or control is None:
+            raise ValueError("give case= and control= (or contrast= / design=)")
+        contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
+    if paired not in ("auto", "yes", "no", True, False):
+        raise ValueError(f"paired must be 'auto', True or False, got {paired!r}")
+    present = set(meta[contrast.column].astype(str)) if contrast.column in meta else set()
+    for c in (contrast.case, contrast.control):
+        if c not in present:
+            raise ValueError(
+                f"condition {c!r} not in the table; conditions present: {sorted(present)}"
+            )
+    return resolve_design(meta, contrast, formula, paired=paired)
+
+
 def condition_effects(
     table: pd.DataFrame,
     *,
-    case: str,
-    control: str,
+    case: str | None = None,
+    control: str | None = None,
+    contrast: Contrast | None = None,
+    design: SampleDesign | None = None,
+    meta: pd.DataFrame | None = None,
+    formula: str | None = None,
     paired: bool | str = "auto",
     alpha: float = 0.05,
     test: str = "t",
     metrics: Sequence[str] | None = None,
+    primary: Mapping[str, str] | None = None,
+    moderate: bool = True,
 ) -> pd.DataFrame:
-    """Case vs control effect of every state x metric, with samples as replicates.
+    """Case vs control effect of every state x metric, with donors as the units.
 
-    Sample values are put on the test scale (scores: as they are; fractions:
-    ``log2((n_called + 0.5) / (n_cells + 1))``), averaged per donor within a condition, and
-    compared:
+    The design comes from :mod:`sepsis_sc.design`, the same rule as composition and pseudobulk
+    DE: samples are put on the test scale (scores as they are; fractions as
+    ``log2((n_called + 0.5) / (n_cells + 1))``), **averaged per donor x contrast level** (a
+    patient sampled at T0 and T6 is one septic unit), and fitted with a linear model
+    (``formula``, default ``~ condition``; donor blocks when donors are seen at both levels,
+    i.e. the paired t-test). Residual variances are moderated across the states of each
+    metric (limma eBayes, Smyth 2004; a metric's states share its scale) and the case
+    coefficient is tested with the moderated t, which also gives the 95% CI.
+    ``test="rank"`` replaces the p-value with Mann-Whitney U (Wilcoxon signed-rank when
+    paired) on the unit values; only for designs without covariates.
 
-    * unpaired (no donor in both conditions): Welch t-test; effect = difference of group
-      means (scores) or of mean log2 fractions, i.e. the log2 ratio of geometric-mean
-      fractions; 95% CI from the Welch-Satterthwaite t distribution;
-    * paired (donors in both conditions): paired t-test on the per-donor differences of the
-      donors seen in both conditions; the note says how many unpaired donors were left out;
-    * ``test="rank"``: p-value from the Mann-Whitney U test (Wilcoxon signed-rank when
-      paired) instead; effect and CI stay those of the t model.
-
-    Benjamini-Hochberg FDR is taken over all tests of the table. A group with fewer than two
-    donors gets an effect size but no p-value, and a ``note`` says why.
+    Benjamini-Hochberg FDR is taken over the **primary** tests (one pre-specified metric per
+    state, :func:`primary_metrics`); the other metrics are ``role == "secondary"`` with an FDR
+    of their own family, reported for context. A group with fewer than two units gets an
+    effect but no p-value, and ``note`` says why; ``direction`` is filled only where the test
+    is significant.
 
     Parameters
     ----------
     table
-        Output of :func:`sample_table` (columns ``sample_id``, ``condition``, ``donor``,
-        ``state``, ``metric``, ``value``, ``n_cells``, ``n_called``).
+        Output of :func:`sample_table`.
     case, control
-        Condition labels to compare (effect = case vs control).
+        Values of ``obs["condition"]`` to compare (shorthand for ``contrast``).
+    contrast, design
+        A :class:`~sepsis_sc.design.Contrast` (any sheet column), or an already resolved
+        :class:`~sepsis_sc.design.SampleDesign`.
+    meta
+        Per-sample sheet (index sample_id; e.g. :func:`sepsis_sc.design.sample_meta`), needed
+        for contrasts on other columns and for covariates (default: the table's
+        ``condition`` and ``donor``).
+    formula
+        Model formula over sheet columns, e.g. ``"~ age + sex + condition"``.
     paired
-        ``"auto"`` (paired when at least two donors appear in both conditions), True, False.
+        ``"auto"`` (pair when >= 2 donors are seen at both levels), True / "yes", False / "no".
     alpha
-        FDR level for ``significant`` and the wording of ``meaning``.
+        FDR level for ``significant``, ``direction`` and the wording of ``meaning``.
     test
-        ``"t"`` (default) or ``"rank"``.
+        ``"t"`` (moderated t, default) or ``"rank"``.
     metrics
         Metrics to test (default all in the table).
+    primary
+        ``{state: metric}`` (default :func:`primary_metrics` from the packaged resource).
+    moderate
+        Empirical-Bayes variance moderation (False: ordinary t from each state alone).
 
     Returns
     -------
     pandas.DataFrame
-        One row per state x metric: ``state``, ``label``, ``metric``, ``effect_type``,
-        ``mean_case``, ``mean_control`` (raw scale), ``effect``, ``ci_low``, ``ci_high``,
-        ``pvalue``, ``fdr``, ``significant``, ``test``, ``n_case``, ``n_control``
-        (donors), ``n_pairs``, ``direction``, ``meaning``, ``note``.
+        One row per state x metric: ``contrast``, ``state``, ``label``, ``metric``, ``role``
+        (primary / secondary), ``population``, ``unit`` and ``effect_type`` (scale of the
+        effect), ``mean_case``, ``mean_control`` (raw scale, mean of the units), ``effect``,
+        ``ci_low``, ``ci_high``, ``pvalue``, ``fdr`` (within the role's family),
+        ``significant``, ``test``, ``design``, ``n_case``, ``n_control`` (units), ``n_pairs``,
+        ``direction``, ``meaning``, ``note``.
     """
     need = {"sample_id", "condition", "donor", "state", "metric", "value", "n_cells", "n_called"}
     missing = need - set(table.columns)
@@ -494,166 +565,148 @@ def condition_effects(
         )
     if test not in ("t", "rank"):
         raise ValueError(f"test must be 't' or 'rank', got {test!r}")
-    if paired not in ("auto", True, False):
-        raise ValueError(f"paired must be 'auto', True or False, got {paired!r}")
-    conds = set(table["condition"].astype(str))
-    for c in (case, control):
-        if c not in conds:
-            raise ValueError(
-                f"condition {c!r} not in the table; conditions present: {sorted(conds)}"
-            )
-    tab = table[table["condition"].astype(str).isin([case, control])].copy()
-    tab["condition"] = tab["condition"].astype(str)
+    meta = _meta_for(table, meta)
+    design = _as_design(meta, case=case, control=control, contrast=contrast, design=design,
+                        formula=formula, paired=paired)  # fmt: skip
+    con = design.contrast
+    n_cov = design.matrix.shape[1] - (design.n_pairs if design.paired else 1) - 1
+    if test == "rank" and n_cov > 0:
+        raise ValueError(
+            "test='rank' cannot adjust for covariates; use test='t' with this design "
+            f"({design.formula})"
+        )
+    tab = table[table["sample_id"].astype(str).isin(design.sample_unit.index)].copy()
+    tab["sample_id"] = tab["sample_id"].astype(str)
     if metrics is not None:
         tab = tab[tab["metric"].isin(metrics)]
-    rows = []
-    for (state, metric), df in tab.groupby(["state", "metric"], sort=False):
-        label = str(df["label"].iloc[0]) if "label" in df else str(state)
-        pop = str(df["population"].iloc[0]) if "population" in df else ""
-        valid = df[df["value"].notna()]
-        dv = _donor_values(valid, metric)
-        a_df = dv[dv["condition"] == case].set_index("donor")
-        b_df = dv[dv["condition"] == control].set_index("donor")
-        both = a_df.index.intersection(b_df.index)
-        use_paired = (len(both) >= 2) if paired == "auto" else bool(paired)
-        notes = []
-        n_dropped = int((df["value"].isna()).sum())
-        if n_dropped:
-            notes.append(f"{n_dropped} sample(s) NA (too few cells)")
-        effect = lo = hi = p = np.nan
-        n_pairs = len(both)
-        if use_paired:
-            d = (a_df.loc[both, "y"] - b_df.loc[both, "y"]).to_numpy()
-            left_out = len(a_df) + len(b_df) - 2 * len(both)
-            if left_out:
-                notes.append(f"paired on {len(both)} donors; {left_out} unpaired donor(s) left out")
-            if d.size >= 2:
-                effect, lo, hi, p = _paired(d)
-                if test == "rank" and np.isfinite(p):
-                    p = stats.wilcoxon(d).pvalue
-            else:
-                effect = float(d.mean()) if d.size else np.nan
-                notes.append(
-                    f"fewer than 2 paired donors (n={d.size}): effect size only, no p-value"
-                )
-            test_name = "paired t-test" if test == "t" else "Wilcoxon signed-rank"
-        else:
-            if len(both) and paired is False:
-                notes.append(f"{len(both)} donor(s) in both conditions treated as independent")
-            a, b = a_df["y"].to_numpy(), b_df["y"].to_numpy()
-            if a.size and b.size:
-                effect = float(a.mean() - b.mean())
-            small = [f"{c} (n={x.size})" for c, x in ((case, a), (control, b)) if x.size < 2]
-            if small:
-                notes.append(
-                    f"fewer than 2 samples in {', '.join(small)}: effect size only, no p-value"
-                )
-            else:
-                effect, lo, hi, p = _welch(a, b)
-                if test == "rank" and np.isfinite(p):
-                    p = stats.mannwhitneyu(a, b, alternative="two-sided").pvalue
-            test_name = "Welch t-test" if test == "t" else "Mann-Whitney U"
-        if not len(a_df) or not len(b_df):
-            notes.append("no sample with enough cells in one condition")
-        if not np.isfinite(p) and not notes:
-            notes.append("no between-donor variance: no p-value")
-        rows.append(
-            {
-                "state": state,
-                "label": label,
-                "metric": metric,
-                "effect_type": _EFFECT_TYPE.get(metric, "difference in means"),
-                "mean_case": float(a_df["raw"].mean()) if len(a_df) else np.nan,
-                "mean_control": float(b_df["raw"].mean()) if len(b_df) else np.nan,
-                "effect": effect,
-                "ci_low": lo,
-                "ci_high": hi,
-                "pvalue": p,
-                "test": test_name,
-                "n_case": len(a_df),
-                "n_control": len(b_df),
-                "n_pairs": n_pairs if use_paired else 0,
-                "note": "; ".join(notes),
-                "population": pop,
-            }
-        )
-    res = pd.DataFrame(rows)
-    if res.empty:
-        return res
-    res["fdr"] = bh_fdr(res["pvalue"].to_numpy())
+    if tab.empty:
+        return pd.DataFrame()
+    states = list(dict.fromkeys(tab["state"]))
+    discrete = {s: bool((tab[(tab["state"] == s)]["metric"] == "fraction").any()) for s in states}
+    primary = dict(primary) if primary is not None else primary_metrics(states, discrete)
+    info = tab.drop_duplicates(["state", "metric"]).set_index(["state", "metric"])
+    results = []
+    for metric, mdf in tab.groupby("metric", sort=False):
+        feats = list(dict.fromkeys(mdf["state"]))
+        y = pd.DataFrame(index=design.units.index)
+        raw = pd.DataFrame(index=design.units.index)
+        n_na = {}
+        for state in feats:
+            d = mdf[mdf["state"] == state].set_index("sample_id")
+            valid = d["value"].notna()
+            n_na[state] = int((~valid).sum())
+            ys = pd.Series(_test_scale(d, metric), index=d.index).where(valid)
+            y[state] = design.aggregate_mean(ys)
+            raw[state] = design.aggregate_mean(d["value"].where(valid))
+        fit = linear_test(design, y, moderate=moderate)
+        for state in feats:
+            r = fit.loc[state]
+            is_case = design.matrix[COEF] == 1
+            ok = y[state].notna()
+            notes = [design.reason] if not design.testable and design.reason else []
+            notes += list(design.notes)
+            if n_na[state]:
+                notes.append(f"{n_na[state]} sample(s) NA (too few cells)")
+            if r["note"]:
+                notes.append(str(r["note"]))
+            p = float(r["pvalue"])
+            small = [f"{lab} (n={n})" for lab, n in ((con.case, r["n_case"]), (con.control, r["n_control"])) if n < 2]
+            if r["n_case"] == 0 or r["n_control"] == 0:
+                notes.append("no sample with enough cells in one condition")
+            elif small and not design.paired:
+                notes.append(f"fewer than 2 units in {', '.join(small)}: effect size only, no p-value")
+                p = np.nan
+            if test == "rank" and np.isfinite(p):
+                p = _rank_p(design, y[state])
+            ptype = "moderated t" if moderate else "t"
+            test_name = ("paired " if design.paired else "") + (ptype if test == "t" else (
+                "Wilcoxon signed-rank" if design.paired else "Mann-Whitney U"))
+            row = info.loc[(state, metric)]
+            results.append(
+                {
+                    "contrast": con.name,
+                    "state": state,
+                    "label": str(row.get("label", state)),
+                    "metric": metric,
+                    "role": "primary" if primary.get(state) == metric else "secondary",
+                    "population": str(row.get("population", "")),
+                    "effect_type": _EFFECT_TYPE.get(metric, "difference in means"),
+                    "unit": _UNIT.get(metric, ""),
+                    "mean_case": float(raw.loc[ok & is_case, state].mean()),
+                    "mean_control": float(raw.loc[ok & ~is_case, state].mean()),
+                    "effect": float(r["effect"]),
+                    "ci_low": float(r["ci_low"]) if np.isfinite(p) else np.nan,
+                    "ci_high": float(r["ci_high"]) if np.isfinite(p) else np.nan,
+                    "pvalue": p,
+                    "test": test_name,
+                    "design": design.description(),
+                    "n_case": int(r["n_case"]),
+                    "n_control": int(r["n_control"]),
+                    "n_pairs": int(r["n_case"]) if design.paired else 0,
+                    "note": "; ".join(dict.fromkeys(n for n in notes if n)),
+                }
+            )
+    res = pd.DataFrame(results)
+    res["fdr"] = np.nan
+    for role in ("primary", "secondary"):
+        m = (res["role"] == role).to_numpy()
+        if m.any():
+            res.loc[m, "fdr"] = bh_fdr(res.loc[m, "pvalue"].to_numpy())
     res["significant"] = res["fdr"] <= alpha
     res["direction"] = np.where(
-        ~np.isfinite(res["effect"]),
-        "NA",
-        np.where(res["effect"] > 0, f"higher in {case}", f"lower in {case}"),
+        ~res["significant"],
+        "",
+        np.where(res["effect"] > 0, f"higher in {con.case}", f"lower in {con.case}"),
     )
     res["meaning"] = [
-        _meaning(
-            r.label,
-            r.metric,
-            r.population,
-            case,
-            control,
-            r.effect,
-            r.ci_low,
-            r.ci_high,
-            r.fdr,
-            alpha,
-            r.note,
-        )
+        _meaning(r.label, r.metric, r.population, con.case, con.control, r.effect, r.ci_low,
+                 r.ci_high, r.fdr, alpha, r.note, r.mean_case, r.mean_control)
         for r in res.itertuples()
-    ]
-    cols = [
-        "state", "label", "metric", "population", "effect_type", "mean_case", "mean_control", "effect",
-        "ci_low", "ci_high", "pvalue", "fdr", "significant", "test", "n_case", "n_control",
-        "n_pairs", "direction", "meaning", "note",
     ]  # fmt: skip
-    return res[cols]
+    cols = [
+        "contrast", "state", "label", "metric", "role", "population", "effect_type", "unit",
+        "mean_case", "mean_control", "effect", "ci_low", "ci_high", "pvalue", "fdr",
+        "significant", "test", "design", "n_case", "n_control", "n_pairs", "direction",
+        "meaning", "note",
+    ]  # fmt: skip
+    order = {"primary": 0, "secondary": 1}
+    res = res.assign(_r=res["role"].map(order)).sort_values(["_r"], kind="stable")
+    return res[cols].reset_index(drop=True)
+
+
+def _rank_p(design: SampleDesign, y: pd.Series) -> float:
+    """Mann-Whitney U on unit values, or Wilcoxon signed-rank on within-donor differences."""
+    ok = y.notna()
+    u = design.units[ok]
+    v = y[ok]
+    if design.paired:
+        piv = pd.DataFrame({"donor": u["donor"], "level": u["level"], "v": v}).pivot(
+            index="donor", columns="level", values="v"
+        )
+        piv = piv.dropna()
+        if len(piv) < 2:
+            return np.nan
+        return float(stats.wilcoxon(piv[design.contrast.case] - piv[design.contrast.control]).pvalue)
+    a = v[u["level"] == design.contrast.case].to_numpy()
+    b = v[u["level"] == design.contrast.control].to_numpy()
+    if a.size < 2 or b.size < 2:
+        return np.nan
+    return float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 # --------------------------------------------------------------------------------------
 # composition (propeller-style)
 # --------------------------------------------------------------------------------------
-def _trigamma_inverse(x: np.ndarray | float) -> float:
-    """Solve trigamma(y) = x by Newton's method (limma's trigammaInverse)."""
-    x = float(x)
-    if x > 1e7:
-        return 1 / np.sqrt(x)
-    if x < 1e-6:
-        return 1 / x
-    y = 0.5 + 1 / x
-    for _ in range(50):
-        tri = special.polygamma(1, y)
-        dif = tri * (1 - tri / x) / special.polygamma(2, y)
-        y += dif
-        if -dif / y < 1e-8:
-            break
-    return y
-
-
-def _squeeze_var(s2: np.ndarray, df: float) -> tuple[np.ndarray, float]:
-    """Empirical-Bayes moderated variances (Smyth 2004, limma squeezeVar without covariate)."""
-    s2 = np.maximum(s2, 1e-12)
-    n = s2.size
-    z = np.log(s2)
-    e = z - special.digamma(df / 2) + np.log(df / 2)
-    emean = e.mean()
-    evar = np.sum((e - emean) ** 2) / (n - 1) - special.polygamma(1, df / 2) if n > 1 else -1
-    if evar > 0:
-        d0 = 2 * _trigamma_inverse(evar)
-        s0 = np.exp(emean + special.digamma(d0 / 2) - np.log(d0 / 2))
-        post = (d0 * s0 + df * s2) / (d0 + df)
-    else:
-        d0 = np.inf
-        post = np.full_like(s2, np.exp(emean))
-    return post, d0
-
-
 def composition_test(
     adata: ad.AnnData,
     *,
-    case: str,
-    control: str,
+    case: str | None = None,
+    control: str | None = None,
+    contrast: Contrast | None = None,
+    design: SampleDesign | None = None,
+    meta: pd.DataFrame | None = None,
+    formula: str | None = None,
+    paired: bool | str = "auto",
     level: str = "lineage",
     sample_key: str = "sample_id",
     condition_key: str = "condition",
@@ -662,26 +715,30 @@ def composition_test(
     exclude: Sequence[str] = ("Unassigned",),
     alpha: float = 0.05,
 ) -> pd.DataFrame:
-    """Differential abundance of lineages or subsets, propeller style.
+    """Differential abundance of lineages or subsets, propeller style, donors as units.
 
-    Per sample, label counts become proportions (with 0.5 pseudo-counts, as speckle's
-    ``getTransformedProps``), logit- (default) or arcsine-sqrt-transformed, and each label
-    is fitted with a linear model ``~ condition`` (plus donor blocks when donors appear more
-    than once, i.e. a paired design). Residual variances are moderated with limma's
-    empirical-Bayes prior (Smyth 2004) and tested with the moderated t; BH-FDR over labels.
-    All cells of the two conditions form the denominators; labels in ``exclude`` are not
-    tested.
+    Per sample, label counts become proportions with 0.5 pseudo-counts (speckle's
+    ``getTransformedProps``), logit- (default) or arcsine-sqrt-transformed; the values are
+    averaged per unit of the design (:mod:`sepsis_sc.design`: a donor's samples at one
+    contrast level are one unit, so a patient sampled at T0 and T6 counts once; donors seen at
+    both levels are paired with donor blocks), and each label is fitted with the design's
+    linear model (covariates from ``formula``). Residual variances are
+    moderated with limma's empirical-Bayes prior across labels (Smyth 2004) and tested with
+    the moderated t (Phipson et al. 2022, DOI 10.1093/bioinformatics/btac582); BH-FDR over
+    labels. All cells of the units form the denominators; labels in ``exclude`` are not tested.
 
     Parameters
     ----------
     adata
         Annotated AnnData (``obs[level]``, sample sheet columns).
     case, control
-        Condition labels (effect = case vs control).
+        Values of ``obs[condition_key]`` (shorthand for ``contrast``; effect = case vs control).
+    contrast, design, meta, formula, paired
+        As in :func:`condition_effects` (``meta`` defaults to the sheet columns in ``obs``).
     level
         ``"lineage"`` or ``"cell_type"`` (any obs column of labels works).
     sample_key, condition_key, donor_key
-        Sample sheet columns (donor optional).
+        Sample sheet columns (donor optional: without it each sample is its own donor).
     transform
         ``"logit"`` or ``"asin"`` (arcsine square root).
     exclude
@@ -692,101 +749,82 @@ def composition_test(
     Returns
     -------
     pandas.DataFrame
-        One row per label: ``label``, ``mean_prop_case``, ``mean_prop_control``,
-        ``prop_ratio`` and ``log2_prop_ratio`` (case/control mean proportions), ``effect``
-        (difference on the transformed scale) with ``ci_low``/``ci_high``, ``t``, ``df``,
-        ``pvalue``, ``fdr``, ``significant``, ``n_case``, ``n_control``, ``design``,
-        ``direction``, ``meaning``, ``note``. Nothing is written to ``adata``.
+        One row per label: ``contrast``, ``level``, ``label``, ``mean_prop_case``,
+        ``mean_prop_control`` (mean over units), ``prop_ratio``, ``log2_prop_ratio``,
+        ``effect`` (difference on the transformed scale) with ``ci_low`` / ``ci_high``, ``unit``,
+        ``t``, ``df``, ``pvalue``, ``fdr``, ``significant``, ``n_case``, ``n_control`` (units),
+        ``design``, ``transform``, ``direction`` (only where significant), ``meaning``,
+        ``note``. Nothing is written to ``adata``.
     """
     if level not in adata.obs:
         raise KeyError(f"obs[{level!r}] missing; run sepsis_sc.annotate.annotate first")
     if transform not in ("logit", "asin"):
         raise ValueError(f"transform must be 'logit' or 'asin', got {transform!r}")
-    meta = _sample_meta(adata, sample_key, condition_key, donor_key)
-    meta = meta[meta["condition"].isin([case, control])]
-    for c in (case, control):
-        if not (meta["condition"] == c).any():
-            raise ValueError(f"no samples with {condition_key} == {c!r}")
+    if meta is None:
+        meta = _sample_meta(adata, sample_key, condition_key, donor_key)
+        if condition_key != "condition":
+            meta[condition_key] = meta["condition"]
+        if contrast is None and design is None:
+            contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
+        col = (design.contrast if design is not None else contrast).column
+        extra = sample_meta(adata, sample_key) if (formula or col not in meta) else None
+        if extra is not None:
+            meta = meta.join(extra.drop(columns=[c for c in extra.columns if c in meta]))
+    design = _as_design(meta, case=case, control=control, contrast=contrast, design=design,
+                        formula=formula, paired=paired)  # fmt: skip
+    con = design.contrast
     obs = adata.obs[[sample_key, level]].astype(str)
-    obs = obs[obs[sample_key].isin(meta.index)]
-    counts = pd.crosstab(obs[sample_key], obs[level]).reindex(meta.index, fill_value=0)
+    obs = obs[obs[sample_key].isin(design.sample_unit.index)]
+    counts = pd.crosstab(obs[sample_key], obs[level]).reindex(design.sample_unit.index, fill_value=0)
     totals = counts.sum(axis=1)
-    props = counts.div(totals, axis=0)
+    sprops = counts.div(totals.where(totals > 0), axis=0)
     pseudo = (counts + 0.5).div((counts + 0.5).sum(axis=1), axis=0)
-    y = np.log(pseudo / (1 - pseudo)) if transform == "logit" else np.arcsin(np.sqrt(props))
-    is_case = (meta["condition"] == case).to_numpy(float)
-    X = [np.ones(len(meta)), is_case]
-    donors = meta["donor"].to_numpy()
-    uniq, cnt = np.unique(donors, return_counts=True)
-    repeated = uniq[cnt > 1]
-    for dnr in repeated:
-        X.append((donors == dnr).astype(float))
-    X = np.column_stack(X)
-    # drop columns that make the design rank deficient (keep intercept and condition)
-    keep = [0, 1]
-    for j in range(2, X.shape[1]):
-        if np.linalg.matrix_rank(X[:, keep + [j]]) == len(keep) + 1:
-            keep.append(j)
-    X = X[:, keep]
-    design = "~ condition" + (f" + donor ({len(keep) - 2} blocks)" if len(keep) > 2 else "")
-    n_case, n_ctrl = int(is_case.sum()), int(len(is_case) - is_case.sum())
-    df_res = len(meta) - X.shape[1]
-    if np.linalg.matrix_rank(X) < X.shape[1]:
-        df_res = 0
+    sy = np.log(pseudo / (1 - pseudo)) if transform == "logit" else np.arcsin(np.sqrt(sprops))
+    # one value per unit: the mean of its samples on the test scale (each patient counts once)
+    y = pd.DataFrame({c: design.aggregate_mean(sy[c]) for c in sy.columns})
+    props = pd.DataFrame({c: design.aggregate_mean(sprops[c]) for c in sprops.columns})
     labels = [c for c in counts.columns if c not in set(exclude)]
-    Y = y[labels].to_numpy()
+    is_case = (design.matrix[COEF] == 1).to_numpy()
     res = pd.DataFrame({"label": labels})
-    res["mean_prop_case"] = props.loc[is_case == 1, labels].mean().to_numpy()
-    res["mean_prop_control"] = props.loc[is_case == 0, labels].mean().to_numpy()
+    res["mean_prop_case"] = props.loc[is_case, labels].mean().to_numpy()
+    res["mean_prop_control"] = props.loc[~is_case, labels].mean().to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         res["prop_ratio"] = res["mean_prop_case"] / res["mean_prop_control"]
         res["log2_prop_ratio"] = np.log2(res["prop_ratio"])
-    note = ""
-    if df_res >= 1 and n_case >= 1 and n_ctrl >= 1 and len(labels) >= 1:
-        xtx_inv = np.linalg.pinv(X.T @ X)
-        beta = xtx_inv @ X.T @ Y
-        resid = Y - X @ beta
-        s2 = (resid**2).sum(axis=0) / df_res
-        if len(labels) >= 3:
-            post, d0 = _squeeze_var(s2, df_res)
-        else:
-            post, d0 = s2, 0.0
-        df_tot = df_res + d0 if np.isfinite(d0) else 1e6
-        se = np.sqrt(post * xtx_inv[1, 1])
-        t = beta[1] / se
-        tcrit = stats.t.ppf(0.975, df_tot)
-        res["effect"] = beta[1]
-        res["ci_low"] = beta[1] - tcrit * se
-        res["ci_high"] = beta[1] + tcrit * se
-        res["t"] = t
-        res["df"] = df_tot
-        res["pvalue"] = 2 * stats.t.sf(np.abs(t), df_tot)
-    else:
-        eff = Y[is_case == 1].mean(axis=0) - Y[is_case == 0].mean(axis=0)
-        res["effect"] = eff
-        for c in ("ci_low", "ci_high", "t", "df", "pvalue"):
-            res[c] = np.nan
-        note = (
-            f"no residual degrees of freedom (n_case={n_case}, n_control={n_ctrl}, design "
-            f"{design}): effect size only, no p-value; propeller needs replicates"
-        )
+    fit = linear_test(design, y[labels], moderate=len(labels) >= 3).reindex(labels)
+    note = "; ".join(n for n in [design.reason, *design.notes] if n)
+    if not design.testable or design.df_resid < 1:
+        fit[["ci_low", "ci_high", "t", "df", "pvalue"]] = np.nan
+        note = note or "no residual degrees of freedom: effect size only, no p-value"
+        note += "; propeller needs replicates"
+    for c in ("effect", "ci_low", "ci_high", "t", "df", "pvalue"):
+        res[c] = fit[c].to_numpy(float)
     res["fdr"] = bh_fdr(res["pvalue"].to_numpy())
     res["significant"] = res["fdr"] <= alpha
-    res["n_case"], res["n_control"], res["design"], res["note"] = n_case, n_ctrl, design, note
+    res["n_case"], res["n_control"] = design.n_case, design.n_control
+    res["design"], res["note"] = design.description(), note
     res["transform"] = transform
-    res["direction"] = np.where(res["effect"] > 0, f"higher in {case}", f"lower in {case}")
+    res["unit"] = "logit proportion difference" if transform == "logit" else "arcsine-sqrt proportion difference"
+    res["direction"] = np.where(
+        ~res["significant"], "", np.where(res["effect"] > 0, f"higher in {con.case}", f"lower in {con.case}")
+    )
+    case, control = con.case, con.control
     res["meaning"] = [
         (
             f"The {r.label} share of cells is {'larger' if r.effect > 0 else 'smaller'} in "
             f"{case} than in {control} ({r.mean_prop_case:.1%} vs {r.mean_prop_control:.1%}, FDR {r.fdr:.2g})."
             if r.significant
-            else f"No evidence that the {r.label} share differs ({r.mean_prop_case:.1%} vs "
-            f"{r.mean_prop_control:.1%}"
-            + (f", FDR {r.fdr:.2g})." if np.isfinite(r.fdr) else "; not tested).")
+            else (
+                f"No evidence that the {r.label} share differs ({r.mean_prop_case:.1%} vs "
+                f"{r.mean_prop_control:.1%}, FDR {r.fdr:.2g})."
+                if np.isfinite(r.fdr)
+                else f"The {r.label} share: {r.mean_prop_case:.1%} vs {r.mean_prop_control:.1%}; not tested."
+            )
         )
         for r in res.itertuples()
     ]
     res.insert(0, "level", level)
+    res.insert(0, "contrast", con.name)
     return res.sort_values("pvalue", na_position="last").reset_index(drop=True)
 
 
@@ -802,28 +840,30 @@ def therapy_targets(
     """Rank the therapeutic ideas behind each state by the evidence in ``effects``.
 
     For each state with an entry in ``resources/therapy_targets.yaml`` (or ``targets``), the
-    row of ``effects`` for the entry's ``metric`` (fraction for discrete states, else mean
-    score; falls back to any tested metric) is classified as ``supported`` (FDR <= alpha in
-    the target direction), ``opposite`` (FDR <= alpha, other direction), ``not significant``
-    or ``not tested``, and rows are ranked: supported first, then by FDR, then by the size of
-    the effect relative to its CI width.
+    state's **primary** row of ``effects`` (``role == "primary"``: the metric fixed in advance
+    by ``primary_metric``, see :func:`primary_metrics`) is classified as ``supported``
+    (FDR <= alpha in the target direction), ``opposite`` (FDR <= alpha, other direction),
+    ``not significant`` or ``not tested``; when the primary metric could not be computed the
+    row says ``not tested`` and no other metric stands in for it. Rows are ranked: supported
+    first, then by FDR, then by the size of the effect relative to its CI width.
 
     Parameters
     ----------
     effects
         Output of :func:`condition_effects`.
     targets
-        Mapping ``state -> {target_direction, metric, therapy, rationale, references}``, a
-        YAML path, or None for the packaged resource.
+        Mapping ``state -> {target_direction, primary_metric, therapy, rationale,
+        references}``, a YAML path, or None for the packaged resource.
     alpha
         FDR level.
 
     Returns
     -------
     pandas.DataFrame
-        ``rank``, ``state``, ``label``, ``therapy``, ``evidence``, ``metric``, ``effect``,
-        ``ci_low``, ``ci_high``, ``fdr``, ``direction``, ``target_direction``, ``rationale``,
-        ``references``, ``meaning``. Hypotheses for follow-up, not treatment advice.
+        ``rank``, ``state``, ``label``, ``therapy``, ``evidence``, ``metric``, ``unit``,
+        ``effect``, ``ci_low``, ``ci_high``, ``fdr``, ``direction``, ``target_direction``,
+        ``rationale``, ``references``, ``meaning``. Hypotheses for follow-up, not treatment
+        advice.
     """
     if targets is None or isinstance(targets, str | Path):
         targets = load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
@@ -832,11 +872,20 @@ def therapy_targets(
         sub = effects[effects["state"] == state]
         if sub.empty:
             continue
-        pref = sub[sub["metric"] == t.get("metric", "mean_score")]
-        if pref.empty or not np.isfinite(pref["effect"].iloc[0]):
-            pref = sub.sort_values("fdr", na_position="last")
-        r = pref.iloc[0]
+        if "role" in sub:
+            pref = sub[sub["role"] == "primary"]
+        else:
+            want_metric = t.get("primary_metric") or t.get("metric", "mean_score")
+            pref = sub[sub["metric"] == want_metric]
         want = str(t.get("target_direction", "up"))
+        if pref.empty:
+            metric = str(t.get("primary_metric") or t.get("metric", ""))
+            r = pd.Series({"label": sub["label"].iloc[0], "metric": metric, "effect": np.nan,
+                           "ci_low": np.nan, "ci_high": np.nan, "fdr": np.nan, "direction": "",
+                           "unit": _UNIT.get(metric, ""),
+                           "meaning": f"primary metric {metric!r} not computed for this state"})  # fmt: skip
+        else:
+            r = pref.iloc[0]
         if not np.isfinite(r["fdr"]):
             evidence = "not tested"
         elif r["fdr"] > alpha:
@@ -853,6 +902,7 @@ def therapy_targets(
                 "therapy": t.get("therapy", ""),
                 "evidence": evidence,
                 "metric": r["metric"],
+                "unit": r.get("unit", _UNIT.get(str(r["metric"]), "")),
                 "effect": r["effect"],
                 "ci_low": r["ci_low"],
                 "ci_high": r["ci_high"],

@@ -1,0 +1,294 @@
+"""The design engine (sepsis_sc.design) on real cohort designs.
+
+Repeated samples of one patient, covariates confounded with condition, within-patient
+contrasts and bad designs. The calibration tests simulate sample-level data directly (cheap,
+so hundreds of null cohorts fit in seconds) with donor effects and within-donor noise.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from sepsis_sc import stats
+from sepsis_sc.design import (
+    COEF,
+    Contrast,
+    DesignError,
+    check_designs,
+    linear_test,
+    parse_contrasts,
+    resolve_design,
+    sample_meta,
+)
+
+SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
+LABELS = ["T", "Monocyte", "B", "NK", "DC", "Neutrophil"]
+# DCs at ~4 % (count noise of rarer labels alone exceeds the 0.15 tolerance at 10x sample sizes)
+BASE_LOGIT = np.array([0.8, 0.3, -1.0, -1.3, -2.2, 0.0])
+
+
+def repeated_sheet(n_patients: int = 5, n_controls: int = 3, times=("T0", "T6")) -> pd.DataFrame:
+    """GSE167363-like: patients sampled at several time points, healthy donors once."""
+    rows = []
+    for p in range(n_patients):
+        for t in times:
+            rows.append({"sample_id": f"P{p}_{t}", "condition": "sepsis", "donor": f"P{p}",
+                         "timepoint": t, "batch": "b1"})  # fmt: skip
+    for h in range(n_controls):
+        rows.append({"sample_id": f"H{h}", "condition": "control", "donor": f"H{h}",
+                     "timepoint": "none", "batch": "b1"})  # fmt: skip
+    return pd.DataFrame(rows).set_index("sample_id", drop=False)
+
+
+def _donor_logits(rng, sheet, effect, donor_sd):
+    donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
+    out = {}
+    for d, cond in donors.items():
+        out[d] = BASE_LOGIT + rng.normal(0, donor_sd, len(LABELS)) + (effect if cond == "sepsis" else 0)
+    return out
+
+
+def simulate_cells(rng, sheet, effect=None, donor_sd=0.5, time_sd=0.15, cells=(800, 2500)):
+    """An AnnData of labelled cells: per-donor label logits, per-sample noise, multinomial."""
+    effect = np.zeros(len(LABELS)) if effect is None else np.asarray(effect, float)
+    logits = _donor_logits(rng, sheet, effect, donor_sd)
+    obs, truth_p = [], {}
+    for sid, row in sheet.iterrows():
+        lg = logits[row["donor"]] + rng.normal(0, time_sd, len(LABELS))
+        p = np.exp(lg) / np.exp(lg).sum()
+        truth_p[sid] = p
+        n = rng.integers(*cells)
+        k = rng.multinomial(n, p)
+        lab = np.repeat(LABELS, k)
+        obs.append(pd.DataFrame({"sample_id": sid, "condition": row["condition"],
+                                 "donor": row["donor"], "timepoint": row["timepoint"],
+                                 "lineage": lab}))  # fmt: skip
+    obs = pd.concat(obs, ignore_index=True)
+    obs.index = obs.index.astype(str)
+    return ad.AnnData(obs=obs), truth_p
+
+
+def patient_level_truth(truth_p, sheet):
+    """Patient-level truth: each donor's true logit proportions averaged over the donor's
+    samples, then case minus control mean over donors (each patient counts once)."""
+    lg = pd.DataFrame({s: np.log(p / (1 - p)) for s, p in truth_p.items()}, index=LABELS).T
+    per_donor = lg.groupby(sheet.loc[lg.index, "donor"]).mean()
+    cond = sheet.drop_duplicates("donor").set_index("donor")["condition"]
+    cond = cond.reindex(per_donor.index)
+    return per_donor[cond == "sepsis"].mean() - per_donor[cond == "control"].mean()
+
+
+def _patient_truth(per_sample: dict[str, float], sheet: pd.DataFrame) -> float:
+    v = pd.Series(per_sample)
+    per_donor = v.groupby(sheet.loc[v.index, "donor"]).mean()
+    cond = sheet.drop_duplicates("donor").set_index("donor")["condition"]
+    cond = cond.reindex(per_donor.index)
+    return float(per_donor[cond == "sepsis"].mean() - per_donor[cond == "control"].mean())
+
+
+def simulate_state_table(rng, sheet, effect=0.0, donor_sd=0.4, time_sd=0.15, n_states=8,
+                         n_cells=300):  # fmt: skip
+    """sample_table-like rows: a discrete state fraction and a mean score per sample; the
+    truth is patient level (true values averaged per donor, then case minus control)."""
+    donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
+    rows, truth = [], {}
+    for j in range(n_states):
+        d_logit = {d: -2.0 + rng.normal(0, donor_sd) + (effect if c == "sepsis" else 0)
+                   for d, c in donors.items()}  # fmt: skip
+        d_score = {d: 0.2 + rng.normal(0, 0.04) + (effect * 0.05 if c == "sepsis" else 0)
+                   for d, c in donors.items()}  # fmt: skip
+        true_f, true_s = {}, {}
+        for sid, row in sheet.iterrows():
+            p = 1 / (1 + np.exp(-(d_logit[row["donor"]] + rng.normal(0, time_sd))))
+            true_f[sid] = np.log2(p)
+            k = rng.binomial(n_cells, p)
+            base = {"sample_id": sid, "condition": row["condition"], "donor": row["donor"],
+                    "state": f"s{j}", "label": f"s{j}", "population": "p", "n_cells": n_cells,
+                    "reason": ""}  # fmt: skip
+            rows.append({**base, "metric": "fraction", "value": k / n_cells, "n_called": k})
+            true_s[sid] = d_score[row["donor"]] + rng.normal(0, 0.01)
+            score = true_s[sid] + rng.normal(0, 0.1) / np.sqrt(n_cells)  # mean of n cells
+            rows.append({**base, "metric": "mean_score", "value": score, "n_called": np.nan})
+        truth[f"s{j}"] = (_patient_truth(true_f, sheet), _patient_truth(true_s, sheet))
+    return pd.DataFrame(rows), truth
+
+
+PRIMARY = {f"s{j}": "fraction" for j in range(8)}
+
+
+# --------------------------------------------------------------------------------------
+# units and pairing
+# --------------------------------------------------------------------------------------
+def test_repeated_samples_are_one_unit_per_donor_and_level():
+    sheet = repeated_sheet()
+    d = resolve_design(sheet, SEPSIS)
+    assert (d.n_case, d.n_control) == (5, 3) and not d.paired
+    assert d.sample_unit["P0_T0"] == d.sample_unit["P0_T6"]
+    assert "averaged into one unit" in d.notes[0]
+    assert list(d.matrix.columns) == ["Intercept", COEF]
+
+
+def test_within_patient_contrast_is_paired_and_matches_paired_t():
+    from scipy import stats as ss
+
+    sheet = repeated_sheet()
+    c = Contrast("T6_vs_T0", "timepoint", "T6", "T0")
+    d = resolve_design(sheet, c, "~ condition")  # condition is constant here: dropped, noted
+    assert d.paired and d.n_pairs == 5 and (d.n_case, d.n_control) == (5, 5)
+    assert set(sheet.index[sheet["timepoint"] == "none"]).isdisjoint(d.sample_unit.index)
+    rng = np.random.default_rng(0)
+    y = pd.Series(rng.normal(size=len(sheet)), index=sheet.index)
+    fit = linear_test(d, pd.DataFrame({"y": d.aggregate_mean(y)}), moderate=False).loc["y"]
+    t0 = y[[f"P{p}_T0" for p in range(5)]].to_numpy()
+    t6 = y[[f"P{p}_T6" for p in range(5)]].to_numpy()
+    ref = ss.ttest_rel(t6, t0)
+    assert fit["pvalue"] == pytest.approx(ref.pvalue)
+    assert fit["effect"] == pytest.approx((t6 - t0).mean())
+
+
+def test_parse_contrasts_shorthand_list_and_null():
+    one = parse_contrasts({"contrast": {"column": "condition", "case": "sepsis", "control": "control"}})
+    assert one == [Contrast("sepsis_vs_control", "condition", "sepsis", "control")]
+    many = parse_contrasts({"contrasts": [
+        {"column": "condition", "case": "sepsis", "control": "control"},
+        {"name": "late", "column": "timepoint", "case": "T6", "control": "T0"},
+    ]})  # fmt: skip
+    assert [c.name for c in many] == ["sepsis_vs_control", "late"]
+    assert parse_contrasts({"contrast": None}) == []
+    with pytest.raises(DesignError, match="used twice"):
+        parse_contrasts({"contrasts": [{"case": "a", "control": "b"}, {"case": "a", "control": "b"}]})
+
+
+# --------------------------------------------------------------------------------------
+# the GSE167363-shaped design: right sign, right size, calibrated
+# --------------------------------------------------------------------------------------
+def test_composition_with_repeated_patients_recovers_patient_level_truth():
+    sheet = repeated_sheet()
+    worst = 0.0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        effect = np.array([-0.2, 0.6, 0.0, -0.5, -0.8, 0.7])
+        adata, truth_p = simulate_cells(rng, sheet, effect, cells=(3000, 8000))
+        comp = stats.composition_test(adata, contrast=SEPSIS, level="lineage").set_index("label")
+        truth = patient_level_truth(truth_p, sheet)
+        err = (comp.loc[LABELS, "effect"] - truth[LABELS]).abs()
+        # DCs fall to 1-2 % of cells in these septic donors (30-100 cells per sample): their
+        # count noise alone is ~0.15 on the logit scale, so they get a looser bound
+        worst = max(worst, float(err.drop("DC").max()))
+        assert err["DC"] <= 0.3, err["DC"]
+        big = truth[LABELS].abs() > 0.3
+        assert (np.sign(comp.loc[LABELS, "effect"][big]) == np.sign(truth[LABELS][big])).all()
+        assert (comp["n_case"] == 5).all() and (comp["n_control"] == 3).all()
+    assert worst <= 0.15, worst
+
+
+def test_state_effects_with_repeated_patients_recover_patient_level_truth():
+    sheet = repeated_sheet()
+    worst_f = worst_s = 0.0
+    for seed in range(5):
+        tab, truth = simulate_state_table(
+            np.random.default_rng(100 + seed), sheet, effect=0.5, n_cells=2000
+        )
+        eff = stats.condition_effects(tab, contrast=SEPSIS, meta=sheet, primary=PRIMARY)
+        e = eff.set_index(["state", "metric"])
+        assert (eff["n_case"] == 5).all() and (eff["n_control"] == 3).all()
+        for s, (tf, ts) in truth.items():
+            worst_f = max(worst_f, abs(e.loc[(s, "fraction"), "effect"] - tf))
+            worst_s = max(worst_s, abs(e.loc[(s, "mean_score"), "effect"] - ts))
+    assert worst_f <= 0.15, worst_f
+    assert worst_s <= 0.15 * 0.05, worst_s  # scores are on a 20x smaller scale
+
+
+def test_null_calibration_repeated_patient_design():
+    """>= 200 null cohorts of 5 patients x 2 time points vs 3 controls: p < 0.05 in <= 8 %."""
+    sheet = repeated_sheet()
+    comp_p, state_p, prim_p = [], [], []
+    for seed in range(200):
+        rng = np.random.default_rng(1000 + seed)
+        adata, _ = simulate_cells(rng, sheet, cells=(300, 900))
+        comp = stats.composition_test(adata, contrast=SEPSIS, level="lineage")
+        comp_p += comp["pvalue"].tolist()
+        tab, _ = simulate_state_table(rng, sheet, n_states=4)
+        eff = stats.condition_effects(tab, contrast=SEPSIS, meta=sheet, primary=PRIMARY)
+        state_p += eff["pvalue"].tolist()
+        prim_p += eff.loc[eff["role"] == "primary", "pvalue"].tolist()
+    comp_fpr = np.mean(np.asarray(comp_p) < 0.05)
+    state_fpr = np.mean(np.asarray(state_p) < 0.05)
+    assert len(comp_p) == 200 * len(LABELS) and len(state_p) == 200 * 8
+    assert comp_fpr <= 0.08, comp_fpr
+    assert state_fpr <= 0.08, state_fpr
+    assert np.mean(np.asarray(prim_p) < 0.05) <= 0.08
+    # not so conservative that it could never find anything
+    assert comp_fpr >= 0.01 and state_fpr >= 0.01, (comp_fpr, state_fpr)
+
+
+# --------------------------------------------------------------------------------------
+# covariates
+# --------------------------------------------------------------------------------------
+def _age_confounded_table(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    rows, meta = [], []
+    ages = {"sepsis": [58, 63, 67, 71, 76, 80], "control": [35, 41, 47, 52, 60, 66]}
+    for cond, aa in ages.items():
+        for i, age in enumerate(aa):
+            sid = f"{cond[0]}{i}"
+            meta.append({"sample_id": sid, "condition": cond, "donor": sid, "age": str(age)})
+            for j in range(6):
+                score = 0.1 + 0.004 * age + rng.normal(0, 0.02)  # age drives it; sepsis does not
+                rows.append({"sample_id": sid, "condition": cond, "donor": sid, "state": f"s{j}",
+                             "label": f"s{j}", "population": "p", "metric": "mean_score",
+                             "value": score, "n_cells": 100, "n_called": np.nan, "reason": ""})  # fmt: skip
+    return pd.DataFrame(rows), pd.DataFrame(meta).set_index("sample_id")
+
+
+def test_age_confounded_with_condition_is_removed_by_adjusting():
+    tab, meta = _age_confounded_table()
+    plain = stats.condition_effects(tab, case="sepsis", control="control", meta=meta)
+    adj = stats.condition_effects(tab, case="sepsis", control="control", meta=meta,
+                                  formula="~ age + condition")  # fmt: skip
+    assert (plain["fdr"] < 0.05).all()  # unadjusted: age shows up as a sepsis effect
+    assert (adj["pvalue"] > 0.05).all()  # adjusted: no effect of sepsis itself
+    assert adj["design"].str.contains("age").all()
+
+
+def test_bad_designs_fail_with_the_columns_named():
+    sheet = repeated_sheet()
+    sheet["site"] = np.where(sheet["condition"] == "sepsis", "icu", "clinic")
+    with pytest.raises(DesignError, match="confounded with site"):
+        resolve_design(sheet, SEPSIS, "~ site + condition")
+    with pytest.raises(DesignError, match=r"column\(s\) \['age'\]"):
+        resolve_design(sheet, SEPSIS, "~ age + condition")
+    with pytest.raises(DesignError, match="differs between the samples of donor 'P0'"):
+        resolve_design(sheet, SEPSIS, "~ timepoint + condition")
+    with pytest.raises(DesignError, match="interactions"):
+        resolve_design(sheet.assign(sex="F"), SEPSIS, "~ sex * condition")
+    sheet["a"] = [str(v) for v in range(len(sheet))]
+    sheet["b"] = [str(2 * v) for v in range(len(sheet))]
+    sheet["donor"] = sheet.index  # each sample its own donor
+    with pytest.raises(DesignError, match="'b' is collinear"):
+        resolve_design(sheet, SEPSIS, "~ a + b + condition")
+    with pytest.raises(DesignError, match="must start with"):
+        resolve_design(sheet, SEPSIS, "a + condition")
+
+
+def test_check_designs_one_condition_is_not_tested_and_typo_is_an_error():
+    sheet = repeated_sheet(n_controls=0)
+    out = check_designs(sheet, [SEPSIS], "~ condition")
+    assert isinstance(out["sepsis_vs_control"], str)
+    assert out["sepsis_vs_control"].startswith("not tested: one condition")
+    two = repeated_sheet()
+    with pytest.raises(DesignError, match="values present: control, sepsis"):
+        check_designs(two, [Contrast("x", "condition", "sepsis", "healthy")], "~ condition")
+    res = check_designs(two, [SEPSIS], "~ condition")
+    assert res["sepsis_vs_control"].n_case == 5
+
+
+def test_sample_meta_recovers_the_sheet_from_obs():
+    sheet = repeated_sheet()
+    adata, _ = simulate_cells(np.random.default_rng(0), sheet, cells=(50, 60))
+    meta = sample_meta(adata)
+    assert set(meta.index) == set(sheet.index)
+    assert meta.loc["P1_T6", "timepoint"] == "T6" and "lineage" not in meta.columns
