@@ -297,6 +297,198 @@ def test_metric_and_umap_figures(tmp_path):
     assert "X_umap" not in adata.obsm  # the figure does not modify the object
 
 
+# ------------------------------------------------------------------ one batch level
+_FAST_LEIDEN = (0.5, 1.0)
+
+
+def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
+    """One sequencing run: no batch correction anywhere, bio metrics kept, figures render."""
+    adata = toy_counts(n_cells=300, n_genes=150, n_batches=1)
+    assert adata.obs["batch"].nunique() == 1
+    # HVGs: chosen without a batch key (same genes as batch_key=None), and recorded
+    ig.select_hvgs(adata, n_top_genes=80, batch_key=None)
+    no_key = adata.var["highly_variable"].copy()
+    ig.select_hvgs(adata, n_top_genes=80, batch_key="batch")
+    assert adata.var["highly_variable"].equals(no_key)
+    hvg = adata.uns["hvg"]
+    assert hvg["batch_key"] is None and hvg["batch_key_requested"] == "batch"
+    assert hvg["n_batches"] == 1 and "one batch level" in hvg["note"]
+
+    # scVI: no batch covariate (same latent space as batch_key=None), recorded
+    kw = dict(n_latent=5, n_hidden=16, max_epochs=2, threads=1, accelerator="cpu", seed=2)
+    ig.run_scvi(adata, batch_key=None, **kw)
+    no_batch = adata.obsm["X_scVI"].copy()
+    assert ig.integrate(adata, method="scvi", batch_key="batch", **kw) == "X_scVI"
+    np.testing.assert_array_equal(adata.obsm["X_scVI"], no_batch)
+    rec = adata.uns["integration"]
+    assert rec["batch_key"] is None and rec["batch_key_requested"] == "batch"
+    assert rec["batch_corrected"] is False and rec["n_batches"] == 1
+    assert "no batch correction" in rec["note"]
+
+    assert ig.integrate(adata, method="pca", batch_key="batch", n_pcs=10) == "X_pca"
+    # Harmony as a comparison: skipped (it would equal PCA), nothing written to obsm
+    assert (
+        ig.integrate(adata, method="harmony", batch_key="batch", n_pcs=10, comparison=True) is None
+    )
+    assert "X_harmony" not in adata.obsm
+    rec = adata.uns["integration"]
+    assert rec["skipped"] is True and rec["batch_corrected"] is False
+    assert rec["note"].startswith(ig.ONE_BATCH_NOTE)
+    harmony_note = rec["note"]
+
+    tab = ig.integration_metrics(
+        adata,
+        embed_keys=["X_scVI", "X_pca"],
+        batch_key="batch",
+        label_key="cell_type",
+        leiden_resolutions=_FAST_LEIDEN,
+        skipped={"X_harmony": harmony_note},
+    ).set_index("embedding")
+    assert list(tab.index) == ["X_scVI", "X_pca", "X_harmony"]
+    assert (tab["n_batches"] == 1).all()
+    batch_terms = ["ilisi", "batch_asw", "graph_connectivity", "batch_correction", "overall"]
+    assert tab[batch_terms].isna().all().all()
+    bio = tab.loc[["X_scVI", "X_pca"], ["clisi", "label_asw", "nmi", "ari", "bio_conservation"]]
+    assert ((bio >= 0) & (bio <= 1)).all().all()
+    assert tab.loc["X_pca", "ari"] > 0.8  # planted cell types recovered without a batch
+    assert tab["note"].str.startswith("skipped: one batch level").all()
+    assert "iLISI" in tab.loc["X_pca", "note"] and tab.loc["X_harmony", "note"] == harmony_note
+    assert tab.loc["X_harmony", ["clisi", "ari"]].isna().all()
+
+    p1 = ig.plot_integration_metrics(tab.reset_index(), tmp_path / "metrics.png")
+    p2 = ig.plot_embedding_umaps(
+        adata,
+        tmp_path / "umaps.png",
+        embed_keys=["X_scVI", "X_pca"],
+        batch_key="batch",
+        label_key="cell_type",
+    )
+    assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
+    notes = ig._metric_notes(tab.reset_index(), ["clisi", "label_asw", "nmi", "ari"])
+    assert len(notes) == 2 and notes[1].startswith("Harmony: skipped")
+
+
+def test_one_batch_harmony_downstream_is_pca_with_warning(caplog):
+    adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
+    ig.select_hvgs(adata, n_top_genes=60, batch_key="batch")
+    with caplog.at_level(logging.WARNING, logger="sepsis_sc.integrate"):
+        key = ig.integrate(adata, method="harmony", batch_key="batch", n_pcs=8, seed=0)
+    assert key == "X_harmony"
+    np.testing.assert_array_equal(adata.obsm["X_harmony"], adata.obsm["X_pca"][:, :8])
+    rec = adata.uns["integration"]
+    assert rec["method"] == "harmony" and rec["batch_corrected"] is False
+    assert "PCA embedding" in rec["note"]
+    assert any("nothing to correct" in r.getMessage() for r in caplog.records)
+
+
+def test_one_sample_as_batch_key_without_labels(tmp_path):
+    """batch_key sample_id with one sample, no known labels: every metric skipped, noted."""
+    adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
+    ig.select_hvgs(adata, n_top_genes=60, batch_key="sample_id")
+    assert adata.uns["hvg"]["batch_key"] is None
+    ig.run_pca(adata, n_pcs=8)
+    ig.run_harmony(adata, batch_key="sample_id", n_pcs=8)
+    tab = ig.integration_metrics(adata, embed_keys=["X_pca", "X_harmony"], batch_key="sample_id")
+    metric_cols = ["ilisi", "batch_asw", "graph_connectivity", "clisi", "label_asw", "nmi", "ari"]
+    assert tab[metric_cols].isna().all().all()
+    assert tab["note"].str.contains("one batch level \\('s0' in obs\\['sample_id'\\]\\)").all()
+    path = ig.plot_integration_metrics(tab, tmp_path / "metrics.png")  # notes only, no error
+    assert path.stat().st_size > 3_000
+    with pytest.raises(ValueError, match="no metric columns"):  # no values and no notes
+        ig.plot_integration_metrics(tab.drop(columns="note"), tmp_path / "bad.png")
+
+
+def test_one_batch_bio_metrics_equal_multi_batch_ones():
+    """The biology terms do not depend on the batches: same values with one batch level."""
+    adata = _embedding_toy(5.0, n=200)
+    two = ig.integration_metrics(
+        adata,
+        embed_keys=["X_emb"],
+        batch_key="batch",
+        label_key="label",
+        leiden_resolutions=_FAST_LEIDEN,
+    ).iloc[0]
+    assert "note" not in two.index  # multi-batch table: no note column
+    adata.obs["batch"] = "b0"
+    one = ig.integration_metrics(
+        adata,
+        embed_keys=["X_emb"],
+        batch_key="batch",
+        label_key="label",
+        leiden_resolutions=_FAST_LEIDEN,
+    ).iloc[0]
+    for col in ("clisi", "label_asw", "nmi", "ari", "bio_conservation", "leiden_resolution"):
+        assert one[col] == pytest.approx(two[col]), col
+    assert np.isnan(one["ilisi"]) and np.isnan(one["graph_connectivity"])
+    assert one["note"].startswith(ig.ONE_BATCH_NOTE)
+
+
+def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
+    """The integrate and integration_metrics rule scripts run with a one-batch cohort."""
+    import runpy
+    from types import SimpleNamespace
+
+    import yaml
+
+    import sepsis_sc.utils
+
+    monkeypatch.setattr(sepsis_sc.utils, "setup_logging", lambda *a, **k: None)
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
+    adata.write_h5ad(tmp_path / "merged.h5ad")
+    cfg = dict(
+        n_hvg=60,
+        batch_key="batch",
+        categorical_covariates=[],
+        continuous_covariates=[],
+        n_latent=5,
+        max_epochs=2,
+        early_stopping=True,
+        batch_size=256,
+        accelerator="cpu",
+        n_pcs=8,
+    )
+    methods = ["scvi", "pca", "harmony"]
+    out = tmp_path / "integrate"
+    smk = SimpleNamespace(
+        input=[str(tmp_path / "merged.h5ad")],
+        output=SimpleNamespace(
+            h5ad=str(out / "integrated.h5ad"),
+            model=str(out / "scvi_model"),
+            record=str(out / "integration.yaml"),
+        ),
+        log=[str(tmp_path / "integrate.log")],
+        threads=1,
+        params=SimpleNamespace(integration=cfg, methods=methods, seed=0),
+    )
+    runpy.run_path(str(scripts / "integrate.py"), init_globals={"snakemake": smk})
+    record = yaml.safe_load((out / "integration.yaml").read_text())
+    assert record["method"] == "scvi" and record["batch_corrected"] is False
+    assert record["runs"]["harmony"]["skipped"] is True
+    integrated = ad.read_h5ad(out / "integrated.h5ad")
+    assert "X_harmony" not in integrated.obsm and "X_scVI" in integrated.obsm
+
+    smk = SimpleNamespace(
+        input=SimpleNamespace(h5ad=str(out / "integrated.h5ad"), labels=[]),
+        output=SimpleNamespace(
+            table=str(out / "metrics.tsv"),
+            figure=str(out / "figures" / "integration_metrics.png"),
+            umaps=str(out / "figures" / "umap_by_batch.png"),
+        ),
+        log=[str(tmp_path / "metrics.log")],
+        params=SimpleNamespace(
+            methods=methods, batch_key="batch", label_key="cell_type", n_neighbors=15, seed=0
+        ),
+    )
+    runpy.run_path(str(scripts / "integration_metrics.py"), init_globals={"snakemake": smk})
+    tab = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("embedding")
+    assert list(tab.index) == ["X_scVI", "X_pca", "X_harmony"]
+    assert tab["ilisi"].isna().all() and tab.loc["X_pca", "ari"] > 0.5
+    assert tab["note"].str.startswith("skipped: one batch level").all()
+    for name in ("integration_metrics.png", "umap_by_batch.png"):
+        assert (out / "figures" / name).stat().st_size > 5_000
+
+
 # ------------------------------------------------------------------ real data
 @pytest.mark.realdata
 def test_kang_condition_as_batch_metrics():

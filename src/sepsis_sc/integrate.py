@@ -13,6 +13,12 @@ The stage reads the merged, QC-filtered AnnData (``layers["counts"]`` raw UMI co
 :func:`integration_metrics` scores embeddings with the definitions of scib
 (Luecken et al. 2022, Nat Methods 19:41) re-implemented here with numpy/scikit-learn, so
 no jax-based ``scib-metrics`` is needed. Each metric is scaled to [0, 1], higher = better.
+
+One batch level (one sequencing run; ``batch_key: sample_id`` with one sample) is decided from
+``obs[batch_key]`` in each function and logged: HVGs are chosen without a batch key, scVI is
+trained without a batch covariate, Harmony is skipped as a comparison (or, downstream, writes
+the PCA embedding with a warning), and the batch-mixing metrics are skipped with a ``note``.
+Records say ``batch_corrected: False`` and why. Two or more levels: nothing changes.
 """
 
 from __future__ import annotations
@@ -114,6 +120,25 @@ def _require_hvgs(adata: ad.AnnData) -> np.ndarray:
     return mask
 
 
+#: Note written where a batch step or metric is skipped because the batch key has one level.
+ONE_BATCH_NOTE = "skipped: one batch level"
+
+
+def _batch_levels(adata: ad.AnnData, keys: Sequence[str]) -> list[str]:
+    """Distinct values of ``obs[keys]`` among the cells (combinations for several keys)."""
+    obs = adata.obs[list(keys)].astype(str)
+    values = obs.iloc[:, 0] if len(keys) == 1 else obs.agg(" | ".join, axis=1)
+    return sorted(pd.unique(values.to_numpy()))
+
+
+def _one_batch_note(
+    keys: Sequence[str], levels: Sequence[str], what: str, prefix: str = ONE_BATCH_NOTE
+) -> str:
+    cols = ", ".join(f"obs[{k!r}]" for k in keys)
+    level = repr(levels[0]) if levels else "none"
+    return f"{prefix} ({level} in {cols}): {what}"
+
+
 # --------------------------------------------------------------------------------------
 # HVGs
 # --------------------------------------------------------------------------------------
@@ -165,10 +190,27 @@ def select_hvgs(
     counts_flavor = flavor.startswith("seurat_v3")
     if counts_flavor:
         _check_counts(adata, layer)
+    one_batch: dict[str, Any] = {}
     if batch_key is not None:
         _require_obs(adata, [batch_key], "batch key for HVG selection")
-        if adata.obs[batch_key].nunique() < 2:
-            logger.info("batch key %r has one level: HVGs chosen without batches", batch_key)
+        levels = _batch_levels(adata, [batch_key])
+        if len(levels) < 2:
+            one_batch = {
+                "batch_key_requested": batch_key,
+                "n_batches": len(levels),
+                "note": _one_batch_note(
+                    [batch_key],
+                    levels,
+                    "HVGs chosen over all cells, without batches",
+                    prefix="one batch level",
+                ),
+            }
+            logger.info(
+                "batch key %r has one level (%r): HVGs chosen over all cells without a "
+                "batch key (seurat_v3 with one batch ranks the same genes)",
+                batch_key,
+                levels[0] if levels else None,
+            )
             batch_key = None
 
     excluded = np.zeros(adata.n_vars, dtype=bool)
@@ -216,6 +258,7 @@ def select_hvgs(
         "batch_key": batch_key,
         "excluded_flags": used_flags,
         "n_excluded": int(excluded.sum()),
+        **one_batch,
     }
     logger.info(
         "selected %d HVGs (%s, batch_key=%s; %d genes excluded by flags %s)",
@@ -400,7 +443,10 @@ def run_scvi(
     adata
         Merged AnnData with raw counts in ``layers[layer]`` and HVGs flagged.
     batch_key
-        ``obs`` column with the batch to correct (``None``: no batch).
+        ``obs`` column with the batch to correct (``None``: no batch). When it has one level
+        (one sequencing run; or ``sample_id`` with one sample) scVI is trained without a batch
+        covariate (``batch_key=None``, the same model) and the record says so
+        (``batch_corrected: False``, ``batch_key_requested``, ``note``).
     categorical_covariates, continuous_covariates
         Extra ``obs`` columns regressed out (e.g. ``donor``; ``pct_counts_mt``).
     n_latent, n_layers, n_hidden
@@ -448,6 +494,28 @@ def run_scvi(
     if batch_key is not None:
         keys = [batch_key] + keys
     _require_obs(adata, keys, "scVI batch/covariate")
+    one_batch: dict[str, Any] = {}
+    if batch_key is not None:
+        levels = _batch_levels(adata, [batch_key])
+        if len(levels) < 2:
+            one_batch = {
+                "batch_key_requested": batch_key,
+                "n_batches": len(levels),
+                "batch_corrected": False,
+                "note": _one_batch_note(
+                    [batch_key],
+                    levels,
+                    "no batch correction; scVI trained without a batch covariate",
+                    prefix="one batch level",
+                ),
+            }
+            logger.info(
+                "batch key %r has one level (%r): training scVI without a batch covariate "
+                "(setup_anndata batch_key=None); no batch correction is done",
+                batch_key,
+                levels[0] if levels else None,
+            )
+            batch_key = None
     if not 0 < train_size <= 1:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}")
     device = resolve_accelerator(accelerator)
@@ -553,6 +621,7 @@ def run_scvi(
         "seconds": round(seconds, 2),
         "seconds_per_epoch": round(seconds / max(epochs_trained, 1), 3),
         "scvi_version": scvi.__version__,
+        **one_batch,
     }
     if model_dir is not None:
         model.save(str(model_dir), overwrite=True, save_anndata=False)
@@ -676,7 +745,11 @@ def run_harmony(
 ) -> None:
     """Harmony (Korsunsky et al. 2019) on the PCA embedding.
 
-    Uses ``obsm["X_pca"]`` (computed with :func:`run_pca` when absent or too short).
+    Uses ``obsm["X_pca"]`` (computed with :func:`run_pca` when absent or too short). When the
+    batch key has one level there is nothing to correct (harmonypy would return the PCs
+    unchanged): Harmony is not run, ``obsm[key_added]`` is a copy of the first ``n_pcs`` PCs,
+    a warning is logged and ``uns["integration"]`` records ``batch_corrected: False`` and a
+    ``note``.
 
     Parameters
     ----------
@@ -705,9 +778,45 @@ def run_harmony(
 
     keys = [batch_key] if isinstance(batch_key, str) else list(batch_key)
     _require_obs(adata, keys, "Harmony batch key")
+    levels = _batch_levels(adata, keys)
     t0 = time.perf_counter()
     if "X_pca" not in adata.obsm or adata.obsm["X_pca"].shape[1] < n_pcs:
         run_pca(adata, n_pcs=n_pcs, seed=seed)
+    if len(levels) < 2:  # nothing to correct: harmonypy returns the PCs unchanged
+        pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float32)
+        adata.obsm[key_added] = pcs.copy()
+        note = _one_batch_note(
+            keys,
+            levels,
+            f"no batch correction; Harmony not run, obsm[{key_added!r}] is the PCA embedding",
+            prefix="one batch level",
+        )
+        adata.uns["integration"] = {
+            "method": "harmony",
+            "embedding": key_added,
+            "device": "cpu",
+            "epochs_trained": 0,
+            "max_epochs": int(max_iter_harmony),
+            "seed": int(seed),
+            "batch_key": batch_key if isinstance(batch_key, str) else keys,
+            "n_hvg": int(adata.var["highly_variable"].sum()),
+            "n_cells": int(adata.n_obs),
+            "n_pcs": int(pcs.shape[1]),
+            "theta": theta,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "n_batches": len(levels),
+            "batch_corrected": False,
+            "note": note,
+        }
+        logger.warning(
+            "Harmony: batch key %s has one level (%r), so there is nothing to correct; "
+            "obsm[%r] is a copy of the first %d PCs (no batch correction)",
+            keys,
+            levels[0] if levels else None,
+            key_added,
+            pcs.shape[1],
+        )
+        return
     pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float64)
     meta = adata.obs[keys].astype(str).reset_index(drop=True)
     ho = harmonypy.run_harmony(
@@ -750,8 +859,9 @@ def integrate(
     n_hvg: int = 2000,
     n_pcs: int = 50,
     seed: int = 0,
+    comparison: bool = False,
     **kwargs: Any,
-) -> str:
+) -> str | None:
     """Compute one latent space: selects HVGs if needed, then runs the method.
 
     Parameters
@@ -769,13 +879,21 @@ def integrate(
         PCs for ``pca``/``harmony``.
     seed
         Random seed.
+    comparison
+        The embedding is computed only to be compared in the integration metrics (not used
+        downstream). A batch-correction method with nothing to correct is then skipped rather
+        than run: Harmony when ``obs[batch_key]`` has one level (it would equal PCA, which is
+        compared anyway). Downstream (``False``), Harmony with one level writes the PCA
+        embedding under ``X_harmony`` with a warning (see :func:`run_harmony`).
     **kwargs
         Passed on to the method's function (e.g. ``max_epochs``, ``accelerator``).
 
     Returns
     -------
-    The ``obsm`` key of the embedding (``X_scVI``, ``X_harmony`` or ``X_pca``). For ``pca``,
-    ``uns["integration"]`` records ``method="pca"``.
+    The ``obsm`` key of the embedding (``X_scVI``, ``X_harmony`` or ``X_pca``), or ``None``
+    when a comparison method was skipped (``uns["integration"]`` then records
+    ``skipped: True`` and a ``note``). For ``pca``, ``uns["integration"]`` records
+    ``method="pca"``.
     """
     if method not in EMBEDDING_KEYS:
         raise ValueError(
@@ -789,6 +907,30 @@ def integrate(
     elif method == "harmony":
         if batch_key is None:
             raise ValueError("method='harmony' needs a batch_key")
+        _require_obs(adata, [batch_key], "Harmony batch key")
+        levels = _batch_levels(adata, [batch_key])
+        if comparison and len(levels) < 2:
+            note = _one_batch_note(
+                [batch_key],
+                levels,
+                "Harmony not run as a comparison (nothing to correct; it equals PCA)",
+            )
+            adata.uns["integration"] = {
+                "method": "harmony",
+                "embedding": None,
+                "skipped": True,
+                "batch_key": batch_key,
+                "n_batches": len(levels),
+                "batch_corrected": False,
+                "note": note,
+            }
+            logger.info(
+                "batch key %r has one level (%r): Harmony skipped as a comparison method "
+                "(nothing to correct; it would equal PCA)",
+                batch_key,
+                levels[0] if levels else None,
+            )
+            return None
         run_harmony(adata, batch_key=batch_key, n_pcs=n_pcs, seed=seed, **kwargs)
     else:
         t0 = time.perf_counter()
@@ -986,6 +1128,7 @@ def integration_metrics(
     max_cells_silhouette: int = 20_000,
     leiden_resolutions: Sequence[float] = tuple(round(0.2 * i, 1) for i in range(1, 11)),
     seed: int = 0,
+    skipped: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Score embeddings for batch removal and, with labels, conservation of biology.
 
@@ -1012,6 +1155,13 @@ def integration_metrics(
     Silhouettes use a seeded random subsample of ``max_cells_silhouette`` cells when there
     are more cells; kNN search is exact up to 50,000 cells (pynndescent above).
 
+    With one level of ``obs[batch_key]`` (one sequencing run; ``sample_id`` with one sample)
+    there is no batch to mix: the batch-removal terms (``ilisi``, ``batch_asw``,
+    ``graph_connectivity``, hence ``batch_correction`` and ``overall``) are NaN, the
+    biology-conservation terms are computed when labels are given, and a ``note`` column says
+    ``"skipped: one batch level ..."``. With two or more levels the table has no ``note``
+    column (unless ``skipped`` is given) and is unchanged.
+
     Parameters
     ----------
     adata
@@ -1034,11 +1184,16 @@ def integration_metrics(
         Resolutions tried for NMI/ARI.
     seed
         Seed for subsampling, neighbours and Leiden.
+    skipped
+        Embeddings that were not computed, mapped to why (e.g. Harmony skipped as a
+        comparison with one batch, see :func:`integrate`): each gets a row with NaN metrics
+        and the reason in ``note``, after the scored rows.
 
     Returns
     -------
     One row per embedding: ``embedding``, ``n_cells``, ``n_batches``, ``n_labels``, the
-    metrics above, ``leiden_resolution``.
+    metrics above, ``leiden_resolution`` (and ``note`` when batch terms or embeddings were
+    skipped).
     """
     from sklearn.metrics import (
         adjusted_rand_score,
@@ -1053,8 +1208,21 @@ def integration_metrics(
         _require_obs(adata, [label_key], "label key for metrics")
     batches = adata.obs[batch_key].astype(str).to_numpy()
     n_batches = len(np.unique(batches))
-    if n_batches < 2:
-        raise ValueError(f"batch key {batch_key!r} has one level; batch metrics need >= 2")
+    one_batch = n_batches < 2
+    batch_note = None
+    if one_batch:
+        batch_note = _one_batch_note(
+            [batch_key],
+            list(np.unique(batches)),
+            "batch-removal terms (iLISI, batch ASW, graph connectivity) not computed",
+        )
+        logger.info(
+            "batch key %r has one level (%r): batch-removal metrics skipped; "
+            "biology-conservation metrics %s",
+            batch_key,
+            batches[0] if len(batches) else None,
+            "computed" if label_key is not None else "need labels (none given)",
+        )
     labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
     n_labels = 0 if labels is None else len(np.unique(labels))
     sub = _silhouette_subsample(adata.n_obs, max_cells_silhouette, seed)
@@ -1073,9 +1241,16 @@ def integration_metrics(
             "n_batches": n_batches,
             "n_labels": n_labels,
         }
-        dist, idx = _knn(x, n_neighbors_lisi, seed)
-        row["ilisi"] = (np.nanmedian(lisi(dist, idx, batches)) - 1) / (n_batches - 1)
-        row["batch_asw"] = _batch_asw(x[sub], batches[sub], None if labels is None else labels[sub])
+        if one_batch:
+            row["ilisi"] = row["batch_asw"] = np.nan
+            if labels is not None:
+                dist, idx = _knn(x, n_neighbors_lisi, seed)
+        else:
+            dist, idx = _knn(x, n_neighbors_lisi, seed)
+            row["ilisi"] = (np.nanmedian(lisi(dist, idx, batches)) - 1) / (n_batches - 1)
+            row["batch_asw"] = _batch_asw(
+                x[sub], batches[sub], None if labels is None else labels[sub]
+            )
 
         tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={"X_emb": x})
         need_graph = labels is not None
@@ -1090,7 +1265,9 @@ def integration_metrics(
             row["label_asw"] = (
                 (silhouette_score(x[sub], labels[sub]) + 1) / 2 if n_labels > 1 else np.nan
             )
-            row["graph_connectivity"] = _graph_connectivity(tmp.obsp["connectivities"], labels)
+            row["graph_connectivity"] = (
+                np.nan if one_batch else _graph_connectivity(tmp.obsp["connectivities"], labels)
+            )
             ckey = cluster_key.get(key) if isinstance(cluster_key, Mapping) else cluster_key
             if ckey is not None:
                 _require_obs(adata, [ckey], "cluster key for NMI/ARI")
@@ -1112,7 +1289,9 @@ def integration_metrics(
             )
         batch_part = [row["ilisi"], row["batch_asw"], row["graph_connectivity"]]
         bio_part = [row["clisi"], row["label_asw"], row["nmi"], row["ari"]]
-        row["batch_correction"] = float(np.nanmean(batch_part))
+        row["batch_correction"] = np.nan if one_batch else float(np.nanmean(batch_part))
+        if batch_note is not None:
+            row["note"] = batch_note
         row["bio_conservation"] = (
             float(np.nanmean(bio_part)) if not np.all(np.isnan(bio_part)) else np.nan
         )
@@ -1144,7 +1323,20 @@ def integration_metrics(
         "overall",
         "leiden_resolution",
     ]
-    return pd.DataFrame(rows)[cols]
+    for key, why in (skipped or {}).items():
+        rows.append(
+            {
+                "embedding": key,
+                "n_cells": adata.n_obs,
+                "n_batches": n_batches,
+                "n_labels": n_labels,
+                "note": why,
+            }
+        )
+        logger.info("metrics for %s skipped: %s", key, why)
+    if any("note" in row for row in rows):
+        cols.append("note")
+    return pd.DataFrame(rows).reindex(columns=cols)
 
 
 # --------------------------------------------------------------------------------------
@@ -1167,7 +1359,10 @@ def plot_integration_metrics(table: pd.DataFrame, path: str | os.PathLike[str]) 
     """Grouped bars: one group per metric, one bar per embedding.
 
     Batch-removal metrics are on the left, biology-conservation metrics (only when labels were
-    given) on the right. Colours follow the embedding (a fixed fallback palette).
+    given) on the right. Colours follow the embedding (a fixed fallback palette). Notes of the
+    table (``note`` column: batch terms skipped with one batch level, embeddings not computed)
+    are printed under the bars; rows without any value get no bars, and a table with no
+    values at all but notes gives a figure with the notes only.
 
     Parameters
     ----------
@@ -1186,8 +1381,13 @@ def plot_integration_metrics(table: pd.DataFrame, path: str | os.PathLike[str]) 
 
     set_style()
     metrics = [m for m in _METRIC_LABELS if m in table and table[m].notna().any()]
+    notes = _metric_notes(table, metrics)
     if not metrics:
-        raise ValueError("table has no metric columns with values")
+        if not notes:
+            raise ValueError("table has no metric columns with values")
+        return _plot_notes_only(notes, path)
+    if notes:  # rows with no value at all (skipped embeddings) get no bars
+        table = table[table[metrics].notna().any(axis=1)]
     names = [_METHOD_NAMES.get(k, k) for k in table["embedding"]]
     colours = categorical_palette(names, _METHOD_COLOURS)
     n_methods = len(names)
@@ -1202,6 +1402,8 @@ def plot_integration_metrics(table: pd.DataFrame, path: str | os.PathLike[str]) 
         ax.axvline(n_batch - 0.5, color="0.6", lw=0.8, ls="--")
         ax.text(n_batch / 2 - 0.5, 1.04, "batch removal", ha="center", fontsize=9)
         ax.text((n_batch + len(metrics)) / 2 - 0.5, 1.04, "biology kept", ha="center", fontsize=9)
+    elif notes and n_batch == 0:
+        ax.text((len(metrics) - 1) / 2, 1.04, "biology kept", ha="center", fontsize=9)
     ax.set_xticks(xs)
     ax.set_xticklabels([_METRIC_LABELS[m] for m in metrics])
     ax.set_ylim(0, 1.1)
@@ -1209,6 +1411,73 @@ def plot_integration_metrics(table: pd.DataFrame, path: str | os.PathLike[str]) 
     ax.set_ylabel("score (higher = better)")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Integration metrics (scib definitions)")
+    if notes:
+        ax.text(
+            0.0,
+            -0.14,
+            _wrap_notes(notes, width=max(60, int(18 * len(metrics)))),
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=8,
+            color="0.25",
+        )
+    return savefig(fig, path)
+
+
+def _metric_notes(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """Distinct notes of a metrics table, in row order.
+
+    A note found only on rows without any value (embeddings not computed) next to scored rows
+    is prefixed with their names; others (batch terms skipped) are given as they are.
+    """
+    if "note" not in table:
+        return []
+    scored = table[list(metrics)].notna().any(axis=1).to_numpy() if metrics else None
+    notes: dict[str, list[str]] = {}
+    for i, (key, note) in enumerate(zip(table["embedding"], table["note"])):
+        if not isinstance(note, str) or not note:
+            continue
+        names = notes.setdefault(note, [])
+        if scored is None or not scored[i]:
+            names.append(_METHOD_NAMES.get(key, key))
+        else:
+            names.append("")
+    out = []
+    for note, names in notes.items():
+        unscored_only = scored is not None and scored.any() and all(names)
+        out.append(f"{', '.join(names)}: {note}" if unscored_only else note)
+    return out
+
+
+def _wrap_notes(notes: Sequence[str], width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(n, width=width, subsequent_indent="  ") for n in notes)
+
+
+def _plot_notes_only(notes: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """A figure with the notes only: no metric could be computed (one batch and no labels)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import savefig
+
+    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.4 * len(notes)))
+    ax.axis("off")
+    ax.set_title("Integration metrics (scib definitions)")
+    body = (
+        "No metric could be computed: batch-removal metrics need two or more batches and "
+        "biology-conservation metrics need known labels (integration.metrics_label_key)."
+    )
+    ax.text(
+        0.0,
+        1.0,
+        _wrap_notes([body, *notes], width=80),
+        ha="left",
+        va="top",
+        fontsize=9,
+        transform=ax.transAxes,
+    )
     return savefig(fig, path)
 
 
@@ -1225,7 +1494,8 @@ def plot_embedding_umaps(
     """UMAP of each embedding, coloured by batch and (if given) by label.
 
     One row per embedding; columns: batch, label. UMAPs are computed on temporary objects,
-    so ``adata`` is not modified.
+    so ``adata`` is not modified. With one batch level the batch panels are one colour and
+    their titles say so.
 
     Parameters
     ----------
@@ -1273,7 +1543,9 @@ def plot_embedding_umaps(
             ax.scatter(um[:, 0], um[:, 1], c=[pal[v] for v in cats], s=size, lw=0, rasterized=True)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{_METHOD_NAMES.get(key, key)} — {ck}")
+            one_level = ck == batch_key and len(tmp.obs[ck].cat.categories) == 1
+            suffix = " (one level: no batch to mix)" if one_level else ""
+            ax.set_title(f"{_METHOD_NAMES.get(key, key)} — {ck}{suffix}")
             handles = [
                 plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
                 for v in tmp.obs[ck].cat.categories

@@ -15,6 +15,8 @@ cfg = snakemake.params.integration
 seed = snakemake.params.seed
 adata = ad.read_h5ad(snakemake.input[0])
 select_hvgs(adata, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_key"])
+if adata.uns["hvg"].get("note"):
+    log.info("HVGs: %s", adata.uns["hvg"]["note"])
 
 method_kwargs = {
     "scvi": {
@@ -32,7 +34,9 @@ method_kwargs = {
     "pca": {},
 }
 records = {}
+main = snakemake.params.methods[0]
 for method in snakemake.params.methods:  # the downstream method first
+    # comparison methods with nothing to correct (Harmony, one batch level) are skipped
     key = integrate(
         adata,
         method=method,
@@ -40,12 +44,17 @@ for method in snakemake.params.methods:  # the downstream method first
         n_hvg=cfg["n_hvg"],
         n_pcs=cfg["n_pcs"],
         seed=seed,
+        comparison=method != main,
         **method_kwargs[method],
     )
     records[method] = dict(adata.uns["integration"], embedding=key)
+    if key is None:
+        log.info("%s skipped: %s", method, records[method].get("note"))
+        continue
     log.info("%s -> obsm[%r] on %s", method, key, records[method].get("device"))
+    if records[method].get("note"):
+        log.info("%s: %s", method, records[method]["note"])
 
-main = snakemake.params.methods[0]
 adata.uns["integration"] = records[main]
 adata.uns["integration_runs"] = {m: {k: v for k, v in r.items() if v is not None} for m, r in records.items()}
 if "scvi" not in records:  # keep the declared output directory even without a scVI model

@@ -20,7 +20,15 @@ adata = ad.read_h5ad(snakemake.input.h5ad)
 if snakemake.input.labels:
     labels = pd.read_csv(snakemake.input.labels[0], sep="\t", index_col="cell_id")
     adata.obs[p.label_key] = labels[p.label_key].reindex(adata.obs_names).astype("category")
-keys = [EMBEDDING_KEYS[m] for m in p.methods]
+# methods the integrate rule skipped (Harmony as a comparison with one batch level) get a
+# table row with the reason instead of scores
+runs = adata.uns.get("integration_runs", {})
+skipped = {
+    EMBEDDING_KEYS[m]: str(runs[m].get("note", "skipped"))
+    for m in p.methods
+    if m in runs and bool(runs[m].get("skipped", False))
+}
+keys = [EMBEDDING_KEYS[m] for m in p.methods if EMBEDDING_KEYS[m] not in skipped]
 label_key = p.label_key if p.label_key and p.label_key in adata.obs else None
 table = integration_metrics(
     adata,
@@ -29,6 +37,7 @@ table = integration_metrics(
     label_key=label_key,
     n_neighbors=p.n_neighbors,
     seed=p.seed,
+    skipped=skipped,
 )
 write_table(table, snakemake.output.table)
 plot_integration_metrics(table, snakemake.output.figure)
