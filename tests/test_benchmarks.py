@@ -70,3 +70,15 @@ def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
     assert list(zip(table["setting"], table["seed"])) == [
         ("sepsis-sc default", 0), ("tiny", 0), ("sepsis-sc default", 1)
     ]
+
+
+def test_design_calibration_benchmark_runs(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/design_calibration.py"), "--cohorts", "3",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "design_calibration.tsv", sep="\t")
+    assert len(table) == 12 and table["fpr_0.05"].between(0, 1).all()
+    assert (tmp_path / "img" / "design_calibration.png").stat().st_size > 5000

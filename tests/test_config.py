@@ -30,7 +30,9 @@ def _sheet(**overrides):
 def test_default_config_is_valid_and_fills_defaults(repo_root):
     cfg = load_config(repo_root / "config" / "config.yaml")
     assert cfg["run_name"] == "demo"
-    assert cfg["contrast"] == {"column": "condition", "case": "sepsis", "control": "control"}
+    assert cfg["contrast"] == {"column": "condition", "case": "sepsis", "control": "control",
+                               "design": None, "paired": None}  # fmt: skip
+    assert cfg["contrasts"] is None and cfg["stats"]["design"] is None
     # a key absent from a minimal config comes from the schema default
     minimal = validate_config({"run_name": "x"})
     assert minimal["clustering"]["resolution"] == 1.0
@@ -73,9 +75,25 @@ def test_sample_sheet_missing_column():
 
 
 def test_sample_sheet_contrast_values_must_exist():
+    from sepsis_sc.design import DesignError, check_designs, parse_contrasts
+
     cfg = validate_config({"contrast": {"case": "septic_shock"}})
-    with pytest.raises(SampleSheetError, match="contrast.case.*septic_shock"):
-        validate_samples(_sheet(), cfg)
+    sheet = validate_samples(_sheet(), cfg)
+    with pytest.raises(DesignError, match="condition == 'septic_shock'.*values present"):
+        check_designs(sheet, parse_contrasts(cfg), "~ condition")
+
+
+def test_contrast_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="'contrast.case' and 'contrast.control' are both"):
+        validate_config({"contrast": {"case": "x", "control": "x"}})
+    with pytest.raises(ConfigError, match="must start with '~'"):
+        validate_config({"stats": {"design": "age + condition"}})
+    with pytest.raises(ConfigError, match="'rank' cannot adjust"):
+        validate_config({"stats": {"design": "~ age + condition", "test": "rank"}})
+    cfg = validate_config({"contrast": None})
+    assert cfg["contrast"] is None
+    cfg = validate_config({"contrasts": [{"case": "T6", "control": "T0", "column": "timepoint"}]})
+    assert cfg["contrasts"][0]["column"] == "timepoint"
 
 
 def test_sample_sheet_bad_checksum_names_row():

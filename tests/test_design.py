@@ -7,7 +7,6 @@ so hundreds of null cohorts fit in seconds) with donor effects and within-donor 
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,99 +22,15 @@ from sepsis_sc.design import (
     resolve_design,
     sample_meta,
 )
+from sepsis_sc.simulate_design import (
+    LABELS,
+    patient_level_truth,
+    repeated_sheet,
+    simulate_cells,
+    simulate_state_table,
+)
 
 SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
-LABELS = ["T", "Monocyte", "B", "NK", "DC", "Neutrophil"]
-# DCs at ~4 % (count noise of rarer labels alone exceeds the 0.15 tolerance at 10x sample sizes)
-BASE_LOGIT = np.array([0.8, 0.3, -1.0, -1.3, -2.2, 0.0])
-
-
-def repeated_sheet(n_patients: int = 5, n_controls: int = 3, times=("T0", "T6")) -> pd.DataFrame:
-    """GSE167363-like: patients sampled at several time points, healthy donors once."""
-    rows = []
-    for p in range(n_patients):
-        for t in times:
-            rows.append({"sample_id": f"P{p}_{t}", "condition": "sepsis", "donor": f"P{p}",
-                         "timepoint": t, "batch": "b1"})  # fmt: skip
-    for h in range(n_controls):
-        rows.append({"sample_id": f"H{h}", "condition": "control", "donor": f"H{h}",
-                     "timepoint": "none", "batch": "b1"})  # fmt: skip
-    return pd.DataFrame(rows).set_index("sample_id", drop=False)
-
-
-def _donor_logits(rng, sheet, effect, donor_sd):
-    donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
-    out = {}
-    for d, cond in donors.items():
-        out[d] = BASE_LOGIT + rng.normal(0, donor_sd, len(LABELS)) + (effect if cond == "sepsis" else 0)
-    return out
-
-
-def simulate_cells(rng, sheet, effect=None, donor_sd=0.5, time_sd=0.15, cells=(800, 2500)):
-    """An AnnData of labelled cells: per-donor label logits, per-sample noise, multinomial."""
-    effect = np.zeros(len(LABELS)) if effect is None else np.asarray(effect, float)
-    logits = _donor_logits(rng, sheet, effect, donor_sd)
-    obs, truth_p = [], {}
-    for sid, row in sheet.iterrows():
-        lg = logits[row["donor"]] + rng.normal(0, time_sd, len(LABELS))
-        p = np.exp(lg) / np.exp(lg).sum()
-        truth_p[sid] = p
-        n = rng.integers(*cells)
-        k = rng.multinomial(n, p)
-        lab = np.repeat(LABELS, k)
-        obs.append(pd.DataFrame({"sample_id": sid, "condition": row["condition"],
-                                 "donor": row["donor"], "timepoint": row["timepoint"],
-                                 "lineage": lab}))  # fmt: skip
-    obs = pd.concat(obs, ignore_index=True)
-    obs.index = obs.index.astype(str)
-    return ad.AnnData(obs=obs), truth_p
-
-
-def patient_level_truth(truth_p, sheet):
-    """Patient-level truth: each donor's true logit proportions averaged over the donor's
-    samples, then case minus control mean over donors (each patient counts once)."""
-    lg = pd.DataFrame({s: np.log(p / (1 - p)) for s, p in truth_p.items()}, index=LABELS).T
-    per_donor = lg.groupby(sheet.loc[lg.index, "donor"]).mean()
-    cond = sheet.drop_duplicates("donor").set_index("donor")["condition"]
-    cond = cond.reindex(per_donor.index)
-    return per_donor[cond == "sepsis"].mean() - per_donor[cond == "control"].mean()
-
-
-def _patient_truth(per_sample: dict[str, float], sheet: pd.DataFrame) -> float:
-    v = pd.Series(per_sample)
-    per_donor = v.groupby(sheet.loc[v.index, "donor"]).mean()
-    cond = sheet.drop_duplicates("donor").set_index("donor")["condition"]
-    cond = cond.reindex(per_donor.index)
-    return float(per_donor[cond == "sepsis"].mean() - per_donor[cond == "control"].mean())
-
-
-def simulate_state_table(rng, sheet, effect=0.0, donor_sd=0.4, time_sd=0.15, n_states=8,
-                         n_cells=300):  # fmt: skip
-    """sample_table-like rows: a discrete state fraction and a mean score per sample; the
-    truth is patient level (true values averaged per donor, then case minus control)."""
-    donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
-    rows, truth = [], {}
-    for j in range(n_states):
-        d_logit = {d: -2.0 + rng.normal(0, donor_sd) + (effect if c == "sepsis" else 0)
-                   for d, c in donors.items()}  # fmt: skip
-        d_score = {d: 0.2 + rng.normal(0, 0.04) + (effect * 0.05 if c == "sepsis" else 0)
-                   for d, c in donors.items()}  # fmt: skip
-        true_f, true_s = {}, {}
-        for sid, row in sheet.iterrows():
-            p = 1 / (1 + np.exp(-(d_logit[row["donor"]] + rng.normal(0, time_sd))))
-            true_f[sid] = np.log2(p)
-            k = rng.binomial(n_cells, p)
-            base = {"sample_id": sid, "condition": row["condition"], "donor": row["donor"],
-                    "state": f"s{j}", "label": f"s{j}", "population": "p", "n_cells": n_cells,
-                    "reason": ""}  # fmt: skip
-            rows.append({**base, "metric": "fraction", "value": k / n_cells, "n_called": k})
-            true_s[sid] = d_score[row["donor"]] + rng.normal(0, 0.01)
-            score = true_s[sid] + rng.normal(0, 0.1) / np.sqrt(n_cells)  # mean of n cells
-            rows.append({**base, "metric": "mean_score", "value": score, "n_called": np.nan})
-        truth[f"s{j}"] = (_patient_truth(true_f, sheet), _patient_truth(true_s, sheet))
-    return pd.DataFrame(rows), truth
-
-
 PRIMARY = {f"s{j}": "fraction" for j in range(8)}
 
 
@@ -127,7 +42,7 @@ def test_repeated_samples_are_one_unit_per_donor_and_level():
     d = resolve_design(sheet, SEPSIS)
     assert (d.n_case, d.n_control) == (5, 3) and not d.paired
     assert d.sample_unit["P0_T0"] == d.sample_unit["P0_T6"]
-    assert "averaged into one unit" in d.notes[0]
+    assert "aggregated into one unit" in d.notes[0]
     assert list(d.matrix.columns) == ["Intercept", COEF]
 
 
@@ -292,3 +207,21 @@ def test_sample_meta_recovers_the_sheet_from_obs():
     meta = sample_meta(adata)
     assert set(meta.index) == set(sheet.index)
     assert meta.loc["P1_T6", "timepoint"] == "T6" and "lineage" not in meta.columns
+
+
+def test_shipped_gse167363_design_aggregates_and_pairs_its_patients():
+    """The shipped GSE167363 cohort (5 patients at T0 and T6, 2 healthy donors)."""
+    from pathlib import Path
+
+    from sepsis_sc.config import load_config, load_samples, validate_samples
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "config" / "cohorts" / "GSE167363" / "config.yaml")
+    sheet = validate_samples(load_samples(repo / cfg["samples"]), cfg)
+    designs = check_designs(sheet, parse_contrasts(cfg), cfg["stats"]["design"])
+    sep = designs["sepsis_vs_healthy"]
+    assert (sep.n_case, sep.n_control, sep.paired) == (5, 2, False)
+    late = designs["T6_vs_T0"]
+    assert late.paired and late.n_pairs == 5 and late.testable
+    surv = designs["nonsurvivor_vs_survivor"]
+    assert (surv.n_case, surv.n_control) == (2, 3)

@@ -178,10 +178,16 @@ def test_end_to_end_outputs(tiny_run):
 
     table = pd.read_csv(res / "targets" / "sample_table.tsv", sep="\t")
     assert set(table["sample_id"]) == {"T1", "T2", "T3", "T4"}
-    effects = pd.read_csv(res / "targets" / "condition_effects.tsv", sep="\t")
-    for col in ["state", "effect", "ci_low", "ci_high", "pvalue", "fdr", "n_case", "n_control"]:
+    effects = pd.read_csv(res / "targets" / "sepsis_vs_control" / "condition_effects.tsv", sep="\t")
+    for col in ["state", "effect", "unit", "ci_low", "ci_high", "pvalue", "fdr", "role",
+                "n_case", "n_control"]:  # fmt: skip
         assert col in effects.columns, col
     assert (effects["n_case"] <= 2).all()  # sample-level: never more units than samples
+    contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")
+    assert contrasts["name"].tolist() == ["sepsis_vs_control"]
+    de = pd.read_csv(res / "de" / "sepsis_vs_control" / "summary.tsv", sep="\t")
+    assert {"level", "label", "status", "reason"} <= set(de.columns)
+    assert (de["status"] == "not tested").all()  # 2 vs 2 donors < de.min_samples_per_group 3
     qc = pd.read_csv(res / "qc" / "qc_summary.tsv", sep="\t")
     assert len(qc) == 4 and (qc["cells_out"] > 0).all()
     for png in (res).rglob("*.png"):

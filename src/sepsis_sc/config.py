@@ -195,11 +195,20 @@ def _coerce(value: Any, schema: Mapping[str, Any]) -> Any:
 
 def _check_semantics(config: dict[str, Any]) -> None:
     """Cross-key checks that a JSON schema cannot express."""
-    contrast = config.get("contrast", {})
-    if contrast.get("case") == contrast.get("control"):
+    from sepsis_sc.design import DesignError, formula_columns, parse_contrasts
+
+    try:
+        contrasts = parse_contrasts(config)
+        formulas = [config.get("stats", {}).get("design")] + [c.design for c in contrasts]
+        for f in formulas:
+            if f:
+                formula_columns(f)
+    except DesignError as err:
+        raise ConfigError(str(err)) from err
+    if config.get("stats", {}).get("test") == "rank" and any(formulas):
         raise ConfigError(
-            f"config keys 'contrast.case' and 'contrast.control' are both "
-            f"{contrast.get('case')!r}; name two different conditions to compare."
+            "config key 'stats.test': 'rank' cannot adjust for the covariates of the design "
+            f"formula(s) {[f for f in formulas if f]}; use test: t, or drop the formula."
         )
     clustering = config.get("clustering", {})
     res = clustering.get("resolution")
@@ -247,8 +256,8 @@ def validate_samples(
     """Check a sample sheet against the schema and the config; return it indexed by sample_id.
 
     Checks: required columns, one row per ``sample_id`` (no duplicates), IDs usable as file
-    names, the contrast column exists and holds both configured conditions, and every
-    condition has at least one sample.
+    names. The contrasts and the design are checked against the sheet by
+    :func:`sepsis_sc.design.check_designs` (the workflow calls it next).
 
     Raises
     ------
@@ -289,21 +298,6 @@ def validate_samples(
             f"{sheet_name}: sample_id(s) {reserved} are reserved (the workflow writes "
             "qc/merged.h5ad for the whole cohort); rename the sample(s), e.g. 'merged_1'."
         )
-    contrast = config["contrast"]
-    column = contrast["column"]
-    if column not in sheet.columns:
-        raise SampleSheetError(
-            f"config key 'contrast.column' is {column!r}, but the {sheet_name} has no such "
-            f"column (columns: {', '.join(sheet.columns)})."
-        )
-    present = set(sheet[column])
-    for role in ("case", "control"):
-        if contrast[role] not in present:
-            raise SampleSheetError(
-                f"config key 'contrast.{role}' is {contrast[role]!r}, but no sample in the "
-                f"{sheet_name} has {column} == {contrast[role]!r} (values present: "
-                f"{', '.join(sorted(present))})."
-            )
     return sheet.set_index("sample_id", drop=False)
 
 
@@ -357,11 +351,11 @@ def schema_markdown(name: str = "config") -> str:
             types = sub.get("type", "")
             types = " or ".join(types) if isinstance(types, list) else types
             if "enum" in sub:
-                types = " / ".join(str(v) for v in sub["enum"])
+                types = " / ".join("null" if v is None else str(v) for v in sub["enum"])
             default = sub.get("default")
             shown = "" if "default" not in sub or isinstance(default, dict) else f"`{json.dumps(default)}`"
             desc = " ".join(str(sub.get("description", "")).split())
-            if sub.get("type") == "object" and "properties" in sub:
+            if "properties" in sub:
                 rows.append(f"| **`{full}`** | section | | {desc} |")
                 walk(sub["properties"], f"{full}.")
             else:

@@ -299,7 +299,8 @@ def _unit_table(meta: pd.DataFrame, contrast: Contrast, covariates: Sequence[str
     n_rep = int((units["n_samples"] > 1).sum())
     if n_rep:
         notes.append(
-            f"{n_rep} donor(s) with several samples at one level: averaged into one unit each"
+            f"{n_rep} donor(s) with several samples at one level: aggregated into one unit each "
+            "(values averaged, counts summed)"
         )
     return units, pd.Series(keys.to_numpy(), index=meta.index, name="unit"), notes
 

@@ -418,7 +418,8 @@ def score_states(
         "<state>": rule}``. Rules: ``{"method": "control_quantile", "quantile": 0.95}``
         (default; call = score above that quantile of the control samples' cells of the
         call population), ``{"method": "otsu"}`` (condition-blind, used when ``control`` is
-        None), ``{"method": "fixed", "threshold": x}``.
+        None), ``{"method": "fixed", "threshold": x}``, ``{"method": "none"}`` (no discrete
+        calls, e.g. a cohort without controls: scores only).
     control
         Label of the control condition in ``obs[condition_key]`` (for control_quantile).
     condition_key, lineage_key, cell_type_key
@@ -560,6 +561,11 @@ def score_states(
                 logger.warning("state %s: %s; calling in the whole parent instead", name, err)
                 table.loc[name, "call_population"] = table.loc[name, "parent"]
         rule = dict(call_rules.get(name, default_rule))
+        if rule.get("method") == "none":
+            table.loc[name, "reason"] = (
+                "not called: no control reference (call rule 'none'); scores only"
+            )
+            continue
         if call_pop.sum() == 0:
             table.loc[name, "reason"] = "no cells in the call population; no call made"
             continue

@@ -961,7 +961,7 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
     scoring error). Composition rows run the pipeline's own test
     (:func:`sepsis_sc.stats.composition_test`, propeller style) on the true labels; state
     rows compare the per-sample logit fraction of flagged cells within the true parent
-    population (0.5-cell pseudo-counts) with the Welch t-test of the condition effects. BH over
+    population (0.5-cell pseudo-counts) with a plain Welch t-test (no moderation). BH over
     the planted effects. An effect the oracle misses is beyond the design (too few samples or
     cells); one the oracle finds and the pipeline misses points at the pipeline.
 
@@ -1007,7 +1007,7 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
         k = sub.groupby("sample_id", observed=True)[flag].sum().reindex(n_all.index, fill_value=0)
         value = np.log((k + 0.5) / (n - k + 0.5))
         a, b = value[cond == case].to_numpy(float), value[cond == control].to_numpy(float)
-        pval = _welch(a, b)[3] if len(a) >= 2 and len(b) >= 2 else np.nan  # the pipeline's Welch test
+        pval = _welch(a, b)[3] if len(a) >= 2 and len(b) >= 2 else np.nan  # unmoderated reference
         effect = float(a.mean() - b.mean()) if len(a) and len(b) else np.nan
         rows.append({"oracle_effect": effect, "oracle_pvalue": pval})
     out = pd.DataFrame(rows)

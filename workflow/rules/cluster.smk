@@ -75,6 +75,6 @@ rule cluster_figures:
         "../envs/sepsis_sc.yaml"
     params:
         resolution=config["clustering"]["resolution"],
-        contrast=config["contrast"],
+        contrast=condition_colouring(),
     script:
         "../scripts/cluster_figures.py"

@@ -1,9 +1,11 @@
 # Shared set-up: config and sample-sheet validation (before any job), paths and input
 # functions. Named functions only, so every rule reads plainly.
 import re
+import sys
 from pathlib import Path
 
 from sepsis_sc.download import download_plan
+from sepsis_sc.design import check_designs, parse_contrasts
 from sepsis_sc.config import (
     EMBEDDING_KEYS,
     check_sample_inputs,
@@ -50,6 +52,115 @@ check_sample_inputs(
     produced=demo_sample_paths(),
     sheet_name=f"sample sheet {config['samples']}",
 )
+
+
+def _check_sheet_column(key, column):
+    """A config key that names a sample-sheet column must name one (before any job)."""
+    if column not in samples.columns:
+        raise ValueError(
+            f"config key '{key}' is {column!r}, but the sample sheet {config['samples']} has no "
+            f"such column (columns: {', '.join(samples.columns)})."
+        )
+
+
+_check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
+N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
+
+# ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
+CONTRASTS = parse_contrasts(config)
+DESIGNS = check_designs(
+    samples,
+    CONTRASTS,
+    config["stats"]["design"],
+    paired=config["stats"]["paired"],
+    sheet_name=f"sample sheet {config['samples']}",
+)
+TESTED_CONTRASTS = [c.name for c in CONTRASTS if not isinstance(DESIGNS[c.name], str)]
+NOT_TESTED = {n: r for n, r in DESIGNS.items() if isinstance(r, str)}
+for _name, _reason in NOT_TESTED.items():
+    print(f"sepsis-sc: contrast {_name!r} {_reason}", file=sys.stderr)
+
+
+def contrast_record(name):
+    """One contrast as a plain dict (params of the per-contrast rules)."""
+    c = next(c for c in CONTRASTS if c.name == name)
+    return {
+        "name": c.name,
+        "column": c.column,
+        "case": c.case,
+        "control": c.control,
+        "design": c.design or config["stats"]["design"],
+        "paired": c.paired or config["stats"]["paired"],
+    }
+
+
+def contrast_spec(wildcards):
+    """The contrast of a per-contrast job (wildcard `contrast`)."""
+    return contrast_record(wildcards.contrast)
+
+
+def contrast_table():
+    """Every configured contrast with its status, design and units (targets/contrasts.tsv)."""
+    rows = []
+    for c in CONTRASTS:
+        d = DESIGNS[c.name]
+        rec = contrast_record(c.name)
+        if isinstance(d, str):
+            rows.append(
+                {
+                    **rec,
+                    "status": d,
+                    "design_used": "",
+                    "n_case": 0,
+                    "n_control": 0,
+                    "notes": "",
+                }
+            )
+        else:
+            rows.append(
+                {
+                    **rec,
+                    "status": (
+                        "tested" if d.testable else f"effect sizes only: {d.reason}"
+                    ),
+                    "design_used": d.description(),
+                    "n_case": d.n_case,
+                    "n_control": d.n_control,
+                    "notes": "; ".join(d.notes),
+                }
+            )
+    return rows
+
+
+def first_contrast():
+    """The first tested contrast (colours of condition figures, demo check), or None."""
+    return contrast_record(TESTED_CONTRASTS[0]) if TESTED_CONTRASTS else None
+
+
+def condition_colouring():
+    """Column and case / control of the condition-coloured figures."""
+    first = first_contrast()
+    if first:
+        return first
+    values = sorted(samples["condition"].unique())
+    return {"column": "condition", "case": values[-1], "control": values[0]}
+
+
+def call_reference():
+    """{column, value} of the samples whose cells set control_quantile thresholds, or None."""
+    ref = config["scoring"]["reference"]
+    if ref:
+        _check_sheet_column("scoring.reference.column", ref["column"])
+        if ref["value"] not in set(samples[ref["column"]]):
+            raise ValueError(
+                f"config key 'scoring.reference.value' is {ref['value']!r}, but no sample has "
+                f"{ref['column']} == {ref['value']!r}."
+            )
+        return dict(ref)
+    first = first_contrast()
+    if first:
+        return {"column": first["column"], "value": first["control"]}
+    return None
 
 
 def sample_input(wildcards):
@@ -171,17 +282,16 @@ def final_outputs():
             f"{RESULTS}/targets/scored.h5ad",
             f"{RESULTS}/targets/state_rules.tsv",
             f"{RESULTS}/targets/sample_table.tsv",
-            f"{RESULTS}/targets/condition_effects.tsv",
-            f"{RESULTS}/targets/composition.tsv",
-            f"{RESULTS}/targets/therapy_targets.tsv",
-            f"{RESULTS}/targets/figures/forest_plot.png",
-            f"{RESULTS}/targets/figures/sample_points.png",
+            f"{RESULTS}/targets/contrasts.tsv",
             f"{RESULTS}/targets/figures/umap_scores.png",
-            f"{RESULTS}/targets/figures/composition.png",
-            f"{RESULTS}/targets/figures/therapy_targets.png",
             f"{RESULTS}/provenance.yaml",
         ]
-        + ([f"{RESULTS}/targets/demo_check.tsv"] if demo_sample_paths() else [])
+        + contrast_outputs()
+        + (
+            [f"{RESULTS}/targets/demo_check.tsv"]
+            if demo_sample_paths() and TESTED_CONTRASTS
+            else []
+        )
         + (
             [
                 f"{RESULTS}/integrate/metrics.tsv",
@@ -192,6 +302,31 @@ def final_outputs():
             else []
         )
     )
+
+
+def contrast_outputs():
+    """Per-contrast tables and figures (targets/<name>/, de/<name>/) of the tested contrasts."""
+    out = []
+    for name in TESTED_CONTRASTS:
+        t = f"{RESULTS}/targets/{name}"
+        out += [
+            f"{t}/condition_effects.tsv",
+            f"{t}/composition.tsv",
+            f"{t}/therapy_targets.tsv",
+            f"{t}/figures/forest_plot.png",
+            f"{t}/figures/sample_points.png",
+            f"{t}/figures/composition.png",
+            f"{t}/figures/therapy_targets.png",
+        ]
+        if config["de"]["enabled"]:
+            d = f"{RESULTS}/de/{name}"
+            out += [
+                f"{d}/de_results.tsv",
+                f"{d}/summary.tsv",
+                f"{d}/figures/volcano.png",
+                f"{d}/figures/heatmap.png",
+            ]
+    return out
 
 
 # ---- downloads (rules in download.smk) ----

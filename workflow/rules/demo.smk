@@ -20,25 +20,25 @@ if demo_sample_paths():
             n_genes=config["demo"]["n_genes"],
             effects=config["demo"]["effects"],
             organism=config["organism"],
-            case=config["contrast"]["case"],
-            control=config["contrast"]["control"],
+            case=condition_colouring()["case"],
+            control=condition_colouring()["control"],
             seed=config["seed"],
         script:
             "../scripts/simulate_demo.py"
 
 
-if demo_sample_paths():
+if demo_sample_paths() and TESTED_CONTRASTS:
 
     rule demo_check:
         input:
-            effects=f"{RESULTS}/targets/condition_effects.tsv",
-            composition=f"{RESULTS}/targets/composition.tsv",
+            effects=f"{RESULTS}/targets/{TESTED_CONTRASTS[0]}/condition_effects.tsv",
+            composition=f"{RESULTS}/targets/{TESTED_CONTRASTS[0]}/composition.tsv",
             truth=f"{config['demo']['dir']}/truth.tsv.gz",
         output:
             report(
                 f"{RESULTS}/targets/demo_check.tsv",
                 caption="../report/demo_check.rst",
-                category="6. Demo: planted truth",
+                category="7. Demo: planted truth",
             ),
         log:
             f"{LOGS}/demo_check.log",
@@ -47,6 +47,6 @@ if demo_sample_paths():
         params:
             effects=config["demo"]["effects"],
             alpha=config["stats"]["alpha"],
-            contrast=config["contrast"],
+            contrast=first_contrast(),
         script:
             "../scripts/demo_check.py"

@@ -1,5 +1,6 @@
-# Therapy-target states: per-cell scores within parent populations, then sample-level
-# statistics (the sample is the unit of replication) and the ranked therapy-target summary.
+# Therapy-target states: per-cell scores within parent populations, per-sample tables, then per
+# contrast the sample-level statistics (donors are the units of replication) and the ranked
+# therapy-target summary.
 
 
 rule score:
@@ -26,13 +27,13 @@ rule score:
     params:
         scoring=config["scoring"],
         organism=config["organism"],
-        contrast=config["contrast"],
+        reference=call_reference(),
         min_cells=config["stats"]["min_cells"],
     script:
         "../scripts/score.py"
 
 
-rule stats:
+rule sample_table:
     input:
         f"{RESULTS}/targets/scored.h5ad",
     output:
@@ -41,75 +42,127 @@ rule stats:
             caption="../report/sample_table.rst",
             category="5. Therapy targets",
         ),
-        effects=report(
-            f"{RESULTS}/targets/condition_effects.tsv",
-            caption="../report/condition_effects.rst",
-            category="5. Therapy targets",
-        ),
-        composition=report(
-            f"{RESULTS}/targets/composition.tsv",
-            caption="../report/composition_table.rst",
-            category="5. Therapy targets",
-        ),
-        targets=report(
-            f"{RESULTS}/targets/therapy_targets.tsv",
-            caption="../report/therapy_targets_table.rst",
+        contrasts=report(
+            f"{RESULTS}/targets/contrasts.tsv",
+            caption="../report/contrasts.rst",
             category="5. Therapy targets",
         ),
     log:
-        f"{LOGS}/stats.log",
+        f"{LOGS}/sample_table.log",
     benchmark:
-        f"{BENCH}/stats.tsv"
+        f"{BENCH}/sample_table.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
+    resources:
+        mem_mb=cohort_mem_mb,
     params:
         stats=config["stats"],
-        contrast=config["contrast"],
+        contrasts=contrast_table(),
+    script:
+        "../scripts/sample_table.py"
+
+
+rule stats:
+    input:
+        h5ad=f"{RESULTS}/targets/scored.h5ad",
+        sample_table=f"{RESULTS}/targets/sample_table.tsv",
+    output:
+        effects=report(
+            f"{RESULTS}/targets/{{contrast}}/condition_effects.tsv",
+            caption="../report/condition_effects.rst",
+            category="5. Therapy targets",
+            subcategory="{contrast}",
+        ),
+        composition=report(
+            f"{RESULTS}/targets/{{contrast}}/composition.tsv",
+            caption="../report/composition_table.rst",
+            category="5. Therapy targets",
+            subcategory="{contrast}",
+        ),
+        targets=report(
+            f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
+            caption="../report/therapy_targets_table.rst",
+            category="5. Therapy targets",
+            subcategory="{contrast}",
+        ),
+    log:
+        f"{LOGS}/stats/{{contrast}}.log",
+    benchmark:
+        f"{BENCH}/stats/{{contrast}}.tsv"
+    wildcard_constraints:
+        contrast=_one_of(TESTED_CONTRASTS),
+    conda:
+        "../envs/sepsis_sc.yaml"
+    resources:
+        mem_mb=cohort_mem_mb,
+    params:
+        stats=config["stats"],
+        contrast=contrast_spec,
     script:
         "../scripts/stats.py"
+
+
+rule score_figures:
+    input:
+        h5ad=f"{RESULTS}/targets/scored.h5ad",
+    output:
+        umaps=report(
+            f"{RESULTS}/targets/figures/umap_scores.png",
+            caption="../report/umap_scores.rst",
+            category="5. Therapy targets",
+        ),
+    log:
+        f"{LOGS}/score_figures.log",
+    benchmark:
+        f"{BENCH}/score_figures.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    script:
+        "../scripts/score_figures.py"
 
 
 rule target_figures:
     input:
         h5ad=f"{RESULTS}/targets/scored.h5ad",
         sample_table=f"{RESULTS}/targets/sample_table.tsv",
-        effects=f"{RESULTS}/targets/condition_effects.tsv",
-        composition=f"{RESULTS}/targets/composition.tsv",
-        targets=f"{RESULTS}/targets/therapy_targets.tsv",
+        effects=f"{RESULTS}/targets/{{contrast}}/condition_effects.tsv",
+        composition=f"{RESULTS}/targets/{{contrast}}/composition.tsv",
+        targets=f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
     output:
         forest=report(
-            f"{RESULTS}/targets/figures/forest_plot.png",
+            f"{RESULTS}/targets/{{contrast}}/figures/forest_plot.png",
             caption="../report/forest_plot.rst",
             category="5. Therapy targets",
+            subcategory="{contrast}",
         ),
         points=report(
-            f"{RESULTS}/targets/figures/sample_points.png",
+            f"{RESULTS}/targets/{{contrast}}/figures/sample_points.png",
             caption="../report/sample_points.rst",
             category="5. Therapy targets",
-        ),
-        umaps=report(
-            f"{RESULTS}/targets/figures/umap_scores.png",
-            caption="../report/umap_scores.rst",
-            category="5. Therapy targets",
+            subcategory="{contrast}",
         ),
         composition=report(
-            f"{RESULTS}/targets/figures/composition.png",
+            f"{RESULTS}/targets/{{contrast}}/figures/composition.png",
             caption="../report/composition.rst",
             category="5. Therapy targets",
+            subcategory="{contrast}",
         ),
         targets=report(
-            f"{RESULTS}/targets/figures/therapy_targets.png",
+            f"{RESULTS}/targets/{{contrast}}/figures/therapy_targets.png",
             caption="../report/therapy_targets.rst",
             category="5. Therapy targets",
+            subcategory="{contrast}",
         ),
     log:
-        f"{LOGS}/target_figures.log",
+        f"{LOGS}/target_figures/{{contrast}}.log",
     benchmark:
-        f"{BENCH}/target_figures.tsv"
+        f"{BENCH}/target_figures/{{contrast}}.tsv"
+    wildcard_constraints:
+        contrast=_one_of(TESTED_CONTRASTS),
     conda:
         "../envs/sepsis_sc.yaml"
     params:
-        contrast=config["contrast"],
+        contrast=contrast_spec,
         alpha=config["stats"]["alpha"],
     script:
         "../scripts/target_figures.py"

@@ -1,0 +1,11 @@
+"""Figures of the sepsis-sc stages (``import sepsis_sc.pl as pl``; like scanpy's ``sc.pl``).
+
+* :mod:`sepsis_sc.pl.de`: pseudobulk differential expression (volcano small multiples,
+  heatmap of the top genes).
+
+Every function returns a matplotlib Figure; save it with :func:`sepsis_sc.plotting.savefig`.
+"""
+
+from sepsis_sc.pl import de
+
+__all__ = ["de"]

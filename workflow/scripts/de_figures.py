@@ -1,0 +1,42 @@
+"""Snakemake script (rule de_figures): volcano small multiples and the top-gene heatmap."""
+
+import anndata as ad
+import pandas as pd
+
+from sepsis_sc.de import label_units, pseudobulk
+from sepsis_sc.design import Contrast, resolve_design, sample_meta
+from sepsis_sc.pl.de import top_genes_heatmap, volcano
+from sepsis_sc.plotting import savefig, set_style
+from sepsis_sc.utils import setup_logging
+
+setup_logging(snakemake.log[0])
+set_style()
+
+p = snakemake.params
+spec = dict(p.contrast)
+contrast = Contrast(**spec)
+alpha = p.stats["alpha"]
+results = pd.read_csv(snakemake.input.results, sep="\t")
+summary = pd.read_csv(snakemake.input.summary, sep="\t", keep_default_na=False)
+for col in ("level", "label"):
+    results[col] = results[col].astype(str)
+    summary[col] = summary[col].astype(str)
+out = snakemake.output
+kw = {"case": contrast.case, "control": contrast.control, "alpha": alpha}
+savefig(volcano(results, summary, **kw), out.volcano)
+
+# the heatmap needs the units' pseudobulk counts of the tested labels: recompute them
+tested = summary[summary["status"] == "tested"]
+pb = {}
+units = pd.DataFrame(columns=["donor", "level"])
+if len(tested):
+    adata = ad.read_h5ad(snakemake.input.h5ad)
+    design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
+    units = design.units
+    for level, labels in tested.groupby("level")["label"]:
+        counts, n_cells = pseudobulk(adata, label_key=level)
+        for label in labels:
+            pb[(level, label)] = label_units(
+                counts[label], n_cells[label], design, min_cells=p.de["min_cells"]
+            )[0]
+savefig(top_genes_heatmap(results, pb, units, **kw), out.heatmap)
