@@ -9,6 +9,8 @@ pseudo-samples, as positive control (interferon genes up in monocytes) and negat
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 
 import anndata as ad
@@ -280,22 +282,16 @@ def test_figures_on_small_result(tmp_path):
 # real data: Kang et al. 2018 PBMC, ctrl vs IFN-beta stim
 # --------------------------------------------------------------------------------------
 def kang_monocytes(split: str = "stim", seed: int = 0) -> ad.AnnData:
-    """Kang PBMC with a marker-rule monocyte label and 3 random pseudo-samples per group.
+    """Kang PBMC, monocytes as the pipeline annotates them, 3 random pseudo-samples per group.
 
     ``split="stim"``: ctrl vs stim (positive control). ``split="null"``: ctrl cells only,
     split at random into 6 pseudo-samples, 3 called "a" and 3 "b" (negative control).
-    Monocytes: LYZ > 1.5 log1p(CP10k), no CD3E, no MS4A1 (CD14 falls in stimulated
-    monocytes, LYZ does not). The file has no donor for most cells, so pseudo-samples are
+    Monocytes: ``sepsis_sc.annotate.annotate`` lineage "Monocyte" (counts kept in
+    ``layers["counts"]``). The file has no donor for most cells, so pseudo-samples are
     the replicates: a positive/negative control of the machinery, not biology.
     """
-    a = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
-    lib = np.asarray(a.X.sum(axis=1)).ravel()
-
-    def expr(gene):
-        x = np.asarray(a[:, gene].X.toarray()).ravel()
-        return np.log1p(x / lib * 1e4)
-
-    mono = (expr("LYZ") > 1.5) & (expr("CD3E") == 0) & (expr("MS4A1") == 0)
+    a = _kang_annotated().copy()
+    mono = (a.obs["lineage"] == "Monocyte").to_numpy()
     a.obs["cell_type"] = pd.Categorical(np.where(mono, "Monocyte", "Unassigned"))
     rng = np.random.default_rng(seed)
     stim = a.obs["stim"].astype(str).to_numpy()
@@ -308,6 +304,21 @@ def kang_monocytes(split: str = "stim", seed: int = 0) -> ad.AnnData:
         a.obs["condition"] = stim
         a.obs["sample_id"] = [f"{s}{i}" for s, i in zip(stim, rng.integers(0, 3, a.n_obs))]
     a.obs = a.obs.drop(columns=["barcode", "muscat_cluster_id_partial", "muscat_sample_id_partial"])
+    return a
+
+
+@functools.cache
+def _kang_annotated() -> ad.AnnData:
+    """Kang PBMC with the pipeline's own annotation (monocytes = lineage 'Monocyte')."""
+    import scanpy as sc
+
+    from sepsis_sc.annotate import annotate
+
+    a = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
+    a.layers["counts"] = a.X.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    annotate(a, organism="human")
     return a
 
 

@@ -66,7 +66,8 @@ def test_one_batch_sheet_with_a_donor_sampled_twice_runs_end_to_end(tmp_path):
          "path": paths[i]}  # fmt: skip
         for i in range(6)
     ]
-    res, _ = _run(tmp_path, rows, "onebatch")
+    res, out = _run(tmp_path, rows, "onebatch")
+    assert "one level of 'batch' in the sheet" in out.stderr
     metrics = pd.read_csv(res / "integrate" / "metrics.tsv", sep="\t")
     assert metrics["note"].str.contains("one batch level").all()
     contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")

@@ -65,6 +65,12 @@ def _check_sheet_column(key, column):
 
 _check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
 N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
+if N_BATCHES == 1:
+    print(
+        f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
+        "integration runs without a batch covariate and skips the batch-mixing metrics",
+        file=sys.stderr,
+    )
 
 # ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
 CONTRASTS = parse_contrasts(config)
