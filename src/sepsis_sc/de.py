@@ -22,6 +22,7 @@ Figures are in :mod:`sepsis_sc.pl.de`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -252,6 +253,15 @@ def log_cpm(counts: pd.DataFrame, prior_count: float = 1.0) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 # PyDESeq2
 # --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_pydeseq2():
+    """PyDESeq2's IRLS overflows exp() for genes with near-zero counts in a group; the fit
+    handles it, but the RuntimeWarnings flood the terminal once per gene."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"pydeseq2\.")
+        yield
+
+
 def fit_deseq(
     counts: pd.DataFrame,
     matrix: pd.DataFrame,
@@ -310,10 +320,12 @@ def fit_deseq(
         quiet=True,
         n_cpus=n_cpus,
     )
-    dds.deseq2()
+    with _quiet_pydeseq2():
+        dds.deseq2()
     contrast = (matrix.columns == COEF).astype(float)
     stats = DeseqStats(dds, contrast=contrast, alpha=alpha, quiet=True, n_cpus=n_cpus)
-    stats.summary()
+    with _quiet_pydeseq2():
+        stats.summary()
     res = stats.results_df.copy()
     out = pd.DataFrame(
         {
@@ -342,7 +354,8 @@ def fit_deseq(
             out.loc[kept, "padj"] = bh_fdr(p_t[kept])
     if shrink:
         # with a DataFrame design PyDESeq2 names the LFC columns after the matrix columns
-        stats.lfc_shrink(coeff=COEF)
+        with _quiet_pydeseq2():
+            stats.lfc_shrink(coeff=COEF)
         out["log2fc_shrunk"] = stats.results_df["log2FoldChange"].to_numpy()
     out.index.name = "gene"
     return out

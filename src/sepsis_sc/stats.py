@@ -966,7 +966,10 @@ def plot_forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float 
                 ax.plot([r.ci_low, r.ci_high], [y, y], color=c, lw=2)
             ax.plot(r.effect, y, "o", color=c, ms=6, mfc=c if has_ci else "white")
         ax.axvline(0, color="black", lw=0.8, ls="--")
-        ax.set_yticks(yy, sub["label"])
+        labels = sub["label"].astype(str)
+        if "role" in sub:  # the state's pre-specified primary metric is starred
+            labels = labels + np.where(sub["role"] == "primary", " *", "")
+        ax.set_yticks(yy, labels)
         ax.set_xlabel(
             _EFFECT_TYPE[m]
             .replace("(case - control)", f"({case} - {control})")
@@ -981,10 +984,13 @@ def plot_forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float 
             }[m],
             loc="left",
         )
+    star = "; * = primary metric" if "role" in effects else ""
     fig.suptitle(
-        f"{case} vs {control}: effect and 95% CI (coloured: FDR \u2264 {alpha})", x=0.01, ha="left"
+        f"{case} vs {control}: effect and 95% CI (coloured: FDR \u2264 {alpha}{star})",
+        x=0.01,
+        ha="left",
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return fig
 
 

@@ -101,7 +101,7 @@ def volcano(
     control: str,
     alpha: float = 0.05,
     n_labels: int = 6,
-    shrunk: bool = True,
+    shrunk: bool = False,
     ncols: int = 4,
 ):
     """Volcano plots, one panel per tested label (log2 fold change vs -log10 p).
@@ -118,7 +118,9 @@ def volcano(
     n_labels
         Significant genes named per panel (lowest padj first).
     shrunk
-        Plot the apeGLM-shrunk log2 fold change when the results have it.
+        Plot the apeGLM-shrunk log2 fold change when the results have it (default: the
+        maximum-likelihood one; with few donors apeGLM pulls almost every gene to 0, which
+        hides the shape of the volcano; the shrunk values stay in the table for ranking).
     ncols
         Panels per row.
 
@@ -193,7 +195,7 @@ def volcano(
         f"Pseudobulk differential expression, {case} vs {control} (coloured: FDR < {alpha})",
         x=0.01, ha="left",
     )  # fmt: skip
-    fig.tight_layout(rect=(0, 0.05 if nrows == 1 else 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 if nrows == 1 else 0.03, 1, 1 - 0.35 / fig.get_figheight()))
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     return fig
 
