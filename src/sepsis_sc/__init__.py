@@ -27,6 +27,7 @@ _SUBMODULES = {
     "download",
     "integrate",
     "io",
+    "patients",
     "pl",
     "plotting",
     "qc",

@@ -307,6 +307,18 @@ def final_outputs():
             if config["integration"]["metrics"]
             else []
         )
+        + (
+            [
+                f"{RESULTS}/patients/profiles.tsv",
+                f"{RESULTS}/patients/states.tsv",
+                f"{RESULTS}/patients/reference.tsv",
+                f"{RESULTS}/patients/figures/cohort_heatmap.png",
+                f"{RESULTS}/patients/figures/trajectories.png",
+                f"{RESULTS}/patients/figures/cards",
+            ]
+            if config["patients"]["enabled"]
+            else []
+        )
     )
 
 

@@ -1,0 +1,98 @@
+# Patient-level immune profiles: every sample's readouts against the control reference range
+# (controls scored leave-one-out), immune-state calls with therapy hypotheses, published
+# endotype scores, and trajectories of donors sampled more than once (sepsis_sc.patients).
+
+
+def patient_reference():
+    """{column, value} of the reference (control) samples, or None (then reference_file)."""
+    p = config["patients"]
+    if p["reference_value"] is not None:
+        _check_sheet_column("patients.reference_column", p["reference_column"])
+        return {"column": p["reference_column"], "value": str(p["reference_value"])}
+    return call_reference()
+
+
+def patients_input(wildcards):
+    """Scored cells, the per-sample table and the saved reference file (when configured)."""
+    files = {
+        "h5ad": f"{RESULTS}/targets/scored.h5ad",
+        "sample_table": f"{RESULTS}/targets/sample_table.tsv",
+    }
+    if config["patients"]["reference_file"]:
+        files["reference_file"] = config["patients"]["reference_file"]
+    return files
+
+
+rule patients:
+    input:
+        unpack(patients_input),
+    output:
+        profiles=report(
+            f"{RESULTS}/patients/profiles.tsv",
+            caption="../report/patients_profiles.rst",
+            category="8. Patients",
+        ),
+        states=report(
+            f"{RESULTS}/patients/states.tsv",
+            caption="../report/patients_states.rst",
+            category="8. Patients",
+        ),
+        reference=report(
+            f"{RESULTS}/patients/reference.tsv",
+            caption="../report/patients_reference.rst",
+            category="8. Patients",
+        ),
+        endotypes=f"{RESULTS}/patients/endotypes.tsv",
+        trajectories=f"{RESULTS}/patients/trajectories.tsv",
+    log:
+        f"{LOGS}/patients.log",
+    benchmark:
+        f"{BENCH}/patients.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    resources:
+        mem_mb=cohort_mem_mb,
+        runtime=30,
+    params:
+        patients=config["patients"],
+        reference=patient_reference(),
+        min_cells=config["stats"]["min_cells"],
+        run_name=config["run_name"],
+    script:
+        "../scripts/patients.py"
+
+
+rule patient_figures:
+    input:
+        profiles=f"{RESULTS}/patients/profiles.tsv",
+        states=f"{RESULTS}/patients/states.tsv",
+        trajectories=f"{RESULTS}/patients/trajectories.tsv",
+    output:
+        heatmap=report(
+            f"{RESULTS}/patients/figures/cohort_heatmap.png",
+            caption="../report/patients_heatmap.rst",
+            category="8. Patients",
+        ),
+        trajectories=report(
+            f"{RESULTS}/patients/figures/trajectories.png",
+            caption="../report/patients_trajectories.rst",
+            category="8. Patients",
+        ),
+        cards=report(
+            directory(f"{RESULTS}/patients/figures/cards"),
+            patterns=["{sample}.png"],
+            caption="../report/patients_cards.rst",
+            category="8. Patients",
+        ),
+    log:
+        f"{LOGS}/patient_figures.log",
+    benchmark:
+        f"{BENCH}/patient_figures.tsv"
+    conda:
+        "../envs/sepsis_sc.yaml"
+    resources:
+        runtime=30,
+    params:
+        colouring=condition_colouring(),
+    script:
+        "../scripts/patient_figures.py"
