@@ -10,7 +10,6 @@ pseudo-samples, as positive control (interferon genes up in monocytes) and negat
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 
 import anndata as ad
