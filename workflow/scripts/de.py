@@ -33,6 +33,7 @@ else:
         min_cells=cfg["min_cells"],
         min_samples_per_group=cfg["min_samples_per_group"],
         min_total_count=cfg["min_total_count"],
+        min_count=cfg["min_count"],
         shrink=cfg["shrink"],
         n_cpus=snakemake.threads,
         alpha=p.stats["alpha"],
