@@ -588,16 +588,16 @@ def condition_effects(
     results = []
     for metric, mdf in tab.groupby("metric", sort=False):
         feats = list(dict.fromkeys(mdf["state"]))
-        y = pd.DataFrame(index=design.units.index)
-        raw = pd.DataFrame(index=design.units.index)
-        n_na = {}
+        y_cols, raw_cols, n_na = {}, {}, {}
         for state in feats:
             d = mdf[mdf["state"] == state].set_index("sample_id")
             valid = d["value"].notna()
             n_na[state] = int((~valid).sum())
             ys = pd.Series(_test_scale(d, metric), index=d.index).where(valid)
-            y[state] = design.aggregate_mean(ys)
-            raw[state] = design.aggregate_mean(d["value"].where(valid))
+            y_cols[state] = design.aggregate_mean(ys)
+            raw_cols[state] = design.aggregate_mean(d["value"].where(valid))
+        y = pd.DataFrame(y_cols, index=design.units.index)
+        raw = pd.DataFrame(raw_cols, index=design.units.index)
         fit = linear_test(design, y, moderate=moderate)
         for state in feats:
             r = fit.loc[state]
