@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -242,9 +243,29 @@ def load_samples(path: str | Path) -> pd.DataFrame:
         )
     sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
     sheet.columns = [c.strip() for c in sheet.columns]
+    _check_tab_separated(sheet.columns, path)
     for col in sheet.columns:
         sheet[col] = sheet[col].str.strip()
     return sheet
+
+
+def _check_tab_separated(columns: Iterable[str], path: Path) -> None:
+    """Raise when the header holds the required names split by spaces or commas, not tabs."""
+    columns = list(columns)
+    if all(c in columns for c in _REQUIRED_SAMPLE_COLUMNS):
+        return
+    for col in columns:
+        words = [w for w in re.split(r"[\s,;]+", col) if w]
+        if len(words) > 1 and sum(w.strip("\"'") in _REQUIRED_SAMPLE_COLUMNS for w in words) >= 2:
+            sep, char = (
+                ("commas", ",") if "," in col else ("semicolons", ";") if ";" in col else ("spaces", " ")
+            )
+            raise SampleSheetError(
+                f"sample sheet {path}: this sheet is not tab-separated (its header "
+                f"{col!r} is split by {sep}). Separate the columns with one tab each "
+                "(in a spreadsheet: save as 'Tab delimited text'; from the shell: "
+                f"tr -s '{char}' '\\t' < {path.name} > {path.stem}.fixed.tsv)."
+            )
 
 
 def validate_samples(
@@ -278,6 +299,7 @@ def validate_samples(
             f"{sheet_name} has duplicate sample_id(s): {', '.join(dup)}. Each sample must "
             "appear once; give repeated samples of a donor distinct sample_ids and the same donor."
         )
+    _check_duplicate_paths(sheet, sheet_name)
     schema = schema if schema is not None else load_schema("samples")
     validator = jsonschema.Draft7Validator(schema)
     for i, row in enumerate(sheet.to_dict("records")):
@@ -299,6 +321,23 @@ def validate_samples(
             "qc/merged.h5ad for the whole cohort); rename the sample(s), e.g. 'merged_1'."
         )
     return sheet.set_index("sample_id", drop=False)
+
+
+def _check_duplicate_paths(sheet: pd.DataFrame, sheet_name: str) -> None:
+    """Raise when one input file is named for two or more samples."""
+    norm = sheet["path"].map(lambda p: os.path.normpath(p) if p else p)
+    dup = norm[norm.duplicated(keep=False) & (norm != "")]
+    if dup.empty:
+        return
+    groups = [
+        f"{p} (sample_ids {', '.join(sheet.loc[idx.index, 'sample_id'])})"
+        for p, idx in dup.groupby(dup, sort=False)
+    ]
+    raise SampleSheetError(
+        f"{sheet_name}: the same input file is given for several samples: "
+        + "; ".join(groups)
+        + ". Each sample needs its own counts file; fix the 'path' column (a copy-paste slip?)."
+    )
 
 
 def check_sample_inputs(

@@ -19,7 +19,11 @@ _validated = validate_config(config)
 config.clear()
 config.update(_validated)
 
-samples = validate_samples(load_samples(config["samples"]), config)
+samples = validate_samples(
+    load_samples(config["samples"]),
+    config,
+    sheet_name=f"sample sheet {config['samples']}",
+)
 SAMPLES = list(samples.index)
 RESULTS = f"results/{config['run_name']}"
 LOGS = f"{RESULTS}/logs"
@@ -52,6 +56,21 @@ check_sample_inputs(
     produced=demo_sample_paths(),
     sheet_name=f"sample sheet {config['samples']}",
 )
+if config["preflight"]["enabled"] and not (
+    workflow.remote_exec or workflow.subprocess_exec
+):
+    # every input file, cheaply: unreadable or wrong data stops here, one line per problem
+    from sepsis_sc.preflight import preflight
+
+    preflight(
+        samples,
+        config["organism"],
+        max_cells=config["preflight"]["max_cells"],
+        min_cells=config["ingest"]["min_cells"],
+        skip=demo_sample_paths(),
+        cache=".snakemake/sepsis_sc_preflight.json",
+        sheet_name=f"sample sheet {config['samples']}",
+    )
 
 
 def _check_sheet_column(key, column):
@@ -345,6 +364,27 @@ def contrast_outputs():
                 f"{d}/figures/heatmap.png",
             ]
     return out
+
+
+# ---- patient profiles (rules in patients.smk) ----
+def patient_reference():
+    """{column, value} of the reference (control) samples, or None (then reference_file)."""
+    p = config["patients"]
+    if p["reference_value"] is not None:
+        _check_sheet_column("patients.reference_column", p["reference_column"])
+        return {"column": p["reference_column"], "value": str(p["reference_value"])}
+    return call_reference()
+
+
+def patients_input(wildcards):
+    """Scored cells, the per-sample table and the saved reference file (when configured)."""
+    files = {
+        "h5ad": f"{RESULTS}/targets/scored.h5ad",
+        "sample_table": f"{RESULTS}/targets/sample_table.tsv",
+    }
+    if config["patients"]["reference_file"]:
+        files["reference_file"] = config["patients"]["reference_file"]
+    return files
 
 
 # ---- downloads (rules in download.smk) ----

@@ -3,26 +3,6 @@
 # endotype scores, and trajectories of donors sampled more than once (sepsis_sc.patients).
 
 
-def patient_reference():
-    """{column, value} of the reference (control) samples, or None (then reference_file)."""
-    p = config["patients"]
-    if p["reference_value"] is not None:
-        _check_sheet_column("patients.reference_column", p["reference_column"])
-        return {"column": p["reference_column"], "value": str(p["reference_value"])}
-    return call_reference()
-
-
-def patients_input(wildcards):
-    """Scored cells, the per-sample table and the saved reference file (when configured)."""
-    files = {
-        "h5ad": f"{RESULTS}/targets/scored.h5ad",
-        "sample_table": f"{RESULTS}/targets/sample_table.tsv",
-    }
-    if config["patients"]["reference_file"]:
-        files["reference_file"] = config["patients"]["reference_file"]
-    return files
-
-
 rule patients:
     input:
         unpack(patients_input),
