@@ -266,8 +266,11 @@ def _is_numeric(values: pd.Series) -> bool:
     return bool(pd.to_numeric(values, errors="coerce").notna().all())
 
 
-def _unit_table(meta: pd.DataFrame, contrast: Contrast, covariates: Sequence[str]) -> tuple[pd.DataFrame, pd.Series, list[str]]:
-    """Aggregate samples per donor x contrast level; covariates averaged or must agree."""
+def _unit_table(
+    meta: pd.DataFrame, contrast: Contrast, covariates: Sequence[str], numeric: set[str]
+) -> tuple[pd.DataFrame, pd.Series, list[str]]:
+    """Aggregate samples per donor x contrast level; ``numeric`` covariates are averaged,
+    the others must agree within a unit."""
     notes: list[str] = []
     keys = meta["donor"].astype(str) + "|" + meta[contrast.column].astype(str)
     rows = []
@@ -280,7 +283,7 @@ def _unit_table(meta: pd.DataFrame, contrast: Contrast, covariates: Sequence[str
         }
         for cov in covariates:
             vals = grp[cov]
-            if _is_numeric(meta[cov]):
+            if cov in numeric:
                 row[cov] = float(pd.to_numeric(vals).mean())
             else:
                 uniq = vals.astype(str).unique()
@@ -386,7 +389,8 @@ def resolve_design(
         units = pd.DataFrame(columns=["donor", "level", "n_samples"])
         return SampleDesign(contrast, formula, units, pd.Series(dtype=str), pd.DataFrame(),
                             False, notes, False, f"no sample has {col} == {contrast.case!r} or {contrast.control!r}")  # fmt: skip
-    units, sample_unit, agg_notes = _unit_table(sub, contrast, covariates)
+    numeric = {c for c in covariates if _is_numeric(sub[c])}
+    units, sample_unit, agg_notes = _unit_table(sub, contrast, covariates, numeric)
     notes += agg_notes
     is_case = (units["level"] == contrast.case).astype(float)
     both = units.groupby("donor")["level"].nunique()
@@ -411,7 +415,7 @@ def resolve_design(
 
         data = units.copy()
         for c in covariates:
-            if _is_numeric(sub[c]):
+            if c in numeric:
                 data[c] = pd.to_numeric(data[c])
             else:
                 data[c] = data[c].astype(str)

@@ -732,6 +732,35 @@ def run_pca(
     )
 
 
+def _harmony_record(
+    adata: ad.AnnData,
+    key_added: str,
+    epochs: int | None,
+    max_iter_harmony: int,
+    seed: int,
+    batch_key: Any,
+    keys: list[str],
+    n_pcs: int,
+    theta: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    """``uns["integration"]`` of a Harmony run (also of the one-batch PCA copy)."""
+    return {
+        "method": "harmony",
+        "embedding": key_added,
+        "device": "cpu",
+        "epochs_trained": epochs,
+        "max_epochs": int(max_iter_harmony),
+        "seed": int(seed),
+        "batch_key": batch_key if isinstance(batch_key, str) else keys,
+        "n_hvg": int(adata.var["highly_variable"].sum()),
+        "n_cells": int(adata.n_obs),
+        "n_pcs": int(n_pcs),
+        "theta": theta,
+        "seconds": round(seconds, 2),
+    }
+
+
 def run_harmony(
     adata: ad.AnnData,
     *,
@@ -792,18 +821,8 @@ def run_harmony(
             prefix="one batch level",
         )
         adata.uns["integration"] = {
-            "method": "harmony",
-            "embedding": key_added,
-            "device": "cpu",
-            "epochs_trained": 0,
-            "max_epochs": int(max_iter_harmony),
-            "seed": int(seed),
-            "batch_key": batch_key if isinstance(batch_key, str) else keys,
-            "n_hvg": int(adata.var["highly_variable"].sum()),
-            "n_cells": int(adata.n_obs),
-            "n_pcs": int(pcs.shape[1]),
-            "theta": theta,
-            "seconds": round(time.perf_counter() - t0, 2),
+            **_harmony_record(adata, key_added, 0, max_iter_harmony, seed, batch_key, keys,
+                              pcs.shape[1], theta, time.perf_counter() - t0),  # fmt: skip
             "n_batches": len(levels),
             "batch_corrected": False,
             "note": note,
@@ -834,20 +853,11 @@ def run_harmony(
         z = z.T
     adata.obsm[key_added] = z.astype(np.float32)
     seconds = time.perf_counter() - t0
-    adata.uns["integration"] = {
-        "method": "harmony",
-        "embedding": key_added,
-        "device": "cpu",
-        "epochs_trained": len(ho.objective_harmony) if hasattr(ho, "objective_harmony") else None,
-        "max_epochs": int(max_iter_harmony),
-        "seed": int(seed),
-        "batch_key": batch_key if isinstance(batch_key, str) else keys,
-        "n_hvg": int(adata.var["highly_variable"].sum()),
-        "n_cells": int(adata.n_obs),
-        "n_pcs": int(pcs.shape[1]),
-        "theta": theta,
-        "seconds": round(seconds, 2),
-    }
+    epochs = len(ho.objective_harmony) if hasattr(ho, "objective_harmony") else None
+    adata.uns["integration"] = _harmony_record(
+        adata, key_added, epochs, max_iter_harmony, seed, batch_key, keys, pcs.shape[1], theta,
+        seconds,
+    )  # fmt: skip
     logger.info("Harmony on %d PCs over %s: %.1f s", pcs.shape[1], keys, seconds)
 
 
