@@ -56,9 +56,9 @@ check_sample_inputs(
     produced=demo_sample_paths(),
     sheet_name=f"sample sheet {config['samples']}",
 )
-if config["preflight"]["enabled"] and not (
-    workflow.remote_exec or workflow.subprocess_exec
-):
+# the main Snakemake process, not a cluster job or a job's subprocess re-reading the workflow
+MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)
+if config["preflight"]["enabled"] and MAIN_PROCESS:
     # every input file, cheaply: unreadable or wrong data stops here, one line per problem
     from sepsis_sc.preflight import preflight
 
@@ -84,7 +84,7 @@ def _check_sheet_column(key, column):
 
 _check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
 N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
-if N_BATCHES == 1:
+if N_BATCHES == 1 and MAIN_PROCESS:
     print(
         f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
         "integration runs without a batch covariate and skips the batch-mixing metrics",
@@ -102,8 +102,9 @@ DESIGNS = check_designs(
 )
 TESTED_CONTRASTS = [c.name for c in CONTRASTS if not isinstance(DESIGNS[c.name], str)]
 NOT_TESTED = {n: r for n, r in DESIGNS.items() if isinstance(r, str)}
-for _name, _reason in NOT_TESTED.items():
-    print(f"sepsis-sc: contrast {_name!r} {_reason}", file=sys.stderr)
+if MAIN_PROCESS:
+    for _name, _reason in NOT_TESTED.items():
+        print(f"sepsis-sc: contrast {_name!r} {_reason}", file=sys.stderr)
 
 
 def contrast_record(name):
