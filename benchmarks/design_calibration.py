@@ -66,7 +66,7 @@ def plot(pvals: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sepsis_sc.plotting import set_style
+    from sepsis_sc.pl.style import set_style
 
     set_style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)

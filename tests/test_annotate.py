@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from conftest import shared_file
 
 from sepsis_sc import annotate as an
+from sepsis_sc.pl import annotate as pl_an
 from sepsis_sc.resources import load_yaml, resource_path
 
 VOCAB_LABELS = [
@@ -261,12 +262,12 @@ def test_figures_are_written(tmp_path):
     an.annotate(adata, cluster_key="cl")
     rng = np.random.default_rng(0)
     adata.obsm["X_umap"] = rng.normal(size=(adata.n_obs, 2))
-    p1 = an.plot_marker_dotplot(adata, tmp_path / "dot.png")
-    p2 = an.plot_umap_cell_types(adata, tmp_path / "umap.png")
+    p1 = pl_an.marker_dotplot(adata, tmp_path / "dot.png")
+    p2 = pl_an.umap_cell_types(adata, tmp_path / "umap.png")
     assert p1.stat().st_size > 5000 and p2.stat().st_size > 5000
     del adata.obsm["X_umap"]
     with pytest.raises(KeyError, match="UMAP"):
-        an.plot_umap_cell_types(adata, tmp_path / "x.png")
+        pl_an.umap_cell_types(adata, tmp_path / "x.png")
 
 
 # ---------------------------------------------------------------------------------------------

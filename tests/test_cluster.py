@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from sepsis_sc import cluster as cl
+from sepsis_sc.pl import cluster as pl_cl
 
 SUMMARY_COLUMNS = [
     "resolution",
@@ -303,9 +304,9 @@ def test_cluster_figures(tmp_path):
         n_stability_runs=1,
         umap_maxiter=30,
     )
-    p1 = cl.plot_resolution_summary(summary, tmp_path / "res.png")
-    p2 = cl.plot_cluster_umaps(adata, tmp_path / "umap.png", case="sepsis", control="control")
+    p1 = pl_cl.resolutions(summary, tmp_path / "res.png")
+    p2 = pl_cl.umaps(adata, tmp_path / "umap.png", case="sepsis", control="control")
     assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
     del adata.obsm["X_umap"]
     with pytest.raises(KeyError, match="X_umap"):
-        cl.plot_cluster_umaps(adata, tmp_path / "none.png")
+        pl_cl.umaps(adata, tmp_path / "none.png")

@@ -22,7 +22,7 @@ from conftest import shared_file
 from sepsis_sc import de
 from sepsis_sc.design import COEF, Contrast, resolve_design, sample_meta
 from sepsis_sc.pl import de as pl_de
-from sepsis_sc.plotting import savefig
+from sepsis_sc.pl.style import savefig
 
 N_GENES = 300
 

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from conftest import shared_file
 
 from sepsis_sc import integrate as ig
+from sepsis_sc.pl import integrate as pl_ig
 
 logging.getLogger("lightning").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -285,8 +286,8 @@ def test_metric_and_umap_figures(tmp_path):
     tab = ig.integration_metrics(
         adata, embed_keys=["X_emb", "X_other"], batch_key="batch", label_key="label"
     )
-    p1 = ig.plot_integration_metrics(tab, tmp_path / "metrics.png")
-    p2 = ig.plot_embedding_umaps(
+    p1 = pl_ig.metrics(tab, tmp_path / "metrics.png")
+    p2 = pl_ig.embedding_umaps(
         adata,
         tmp_path / "umaps.png",
         embed_keys=["X_emb", "X_other"],
@@ -355,8 +356,8 @@ def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
     assert "iLISI" in tab.loc["X_pca", "note"] and tab.loc["X_harmony", "note"] == harmony_note
     assert tab.loc["X_harmony", ["clisi", "ari"]].isna().all()
 
-    p1 = ig.plot_integration_metrics(tab.reset_index(), tmp_path / "metrics.png")
-    p2 = ig.plot_embedding_umaps(
+    p1 = pl_ig.metrics(tab.reset_index(), tmp_path / "metrics.png")
+    p2 = pl_ig.embedding_umaps(
         adata,
         tmp_path / "umaps.png",
         embed_keys=["X_scVI", "X_pca"],
@@ -364,7 +365,7 @@ def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
         label_key="cell_type",
     )
     assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
-    notes = ig._metric_notes(tab.reset_index(), ["clisi", "label_asw", "nmi", "ari"])
+    notes = pl_ig._metric_notes(tab.reset_index(), ["clisi", "label_asw", "nmi", "ari"])
     assert len(notes) == 2 and notes[1].startswith("Harmony: skipped")
 
 
@@ -392,10 +393,10 @@ def test_one_sample_as_batch_key_without_labels(tmp_path):
     metric_cols = ["ilisi", "batch_asw", "graph_connectivity", "clisi", "label_asw", "nmi", "ari"]
     assert tab[metric_cols].isna().all().all()
     assert tab["note"].str.contains("one batch level \\('s0' in obs\\['sample_id'\\]\\)").all()
-    path = ig.plot_integration_metrics(tab, tmp_path / "metrics.png")  # notes only, no error
+    path = pl_ig.metrics(tab, tmp_path / "metrics.png")  # notes only, no error
     assert path.stat().st_size > 3_000
     with pytest.raises(ValueError, match="no metric columns"):  # no values and no notes
-        ig.plot_integration_metrics(tab.drop(columns="note"), tmp_path / "bad.png")
+        pl_ig.metrics(tab.drop(columns="note"), tmp_path / "bad.png")
 
 
 def test_one_batch_bio_metrics_equal_multi_batch_ones():

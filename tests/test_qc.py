@@ -12,6 +12,7 @@ from scipy import sparse
 from sklearn.metrics import roc_auc_score
 
 from sepsis_sc import qc
+from sepsis_sc.pl import qc as pl_qc
 
 NEUTRO = ["FCGR3B", "CSF3R", "CXCR2", "CMTM2", "FPR1", "S100A8", "S100A9", "G0S2", "NAMPT"]
 MT = [f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB")]
@@ -336,9 +337,9 @@ def test_figures(tmp_path):
     summary = qc.run_qc(adata, doublet_method="none")
     thr = adata.uns["qc"]["thresholds"]
     paths = [
-        qc.plot_qc_violins(adata, thr, tmp_path / "v.png"),
-        qc.plot_qc_scatter(adata.obs, tmp_path / "s.png"),
-        qc.plot_qc_removed(summary, tmp_path / "r.png"),
+        pl_qc.violins(adata, thr, tmp_path / "v.png"),
+        pl_qc.scatter(adata.obs, tmp_path / "s.png"),
+        pl_qc.removed(summary, tmp_path / "r.png"),
     ]
     for p in paths:
         assert p.exists() and p.stat().st_size > 5000

@@ -8,6 +8,7 @@ import pytest
 from test_score import make_cohort
 
 from sepsis_sc import stats
+from sepsis_sc.pl import stats as pl_stats
 from sepsis_sc.score import score_states
 
 CASE, CONTROL = "sepsis", "control"
@@ -236,7 +237,7 @@ def test_therapy_targets_ranking(table):
 
 
 def test_figures_render(scored, table, tmp_path):
-    from sepsis_sc.plotting import savefig
+    from sepsis_sc.pl.style import savefig
 
     rng = np.random.default_rng(0)
     scored.obsm["X_umap"] = (
@@ -245,18 +246,18 @@ def test_figures_render(scored, table, tmp_path):
     eff = stats.condition_effects(table, case=CASE, control=CONTROL)
     tt = stats.therapy_targets(eff)
     figs = {
-        "forest": stats.plot_forest(eff, case=CASE, control=CONTROL),
-        "points": stats.plot_sample_values(table, case=CASE, control=CONTROL, metric="fraction"),
-        "umap": stats.plot_score_umaps(scored, ["mono_hladr_low", "t_exhaustion", "ifn_response"]),
-        "composition": stats.plot_composition(scored, case=CASE, control=CONTROL),
-        "targets": stats.plot_therapy_targets(tt),
+        "forest": pl_stats.forest(eff, case=CASE, control=CONTROL),
+        "points": pl_stats.sample_values(table, case=CASE, control=CONTROL, metric="fraction"),
+        "umap": pl_stats.score_umaps(scored, ["mono_hladr_low", "t_exhaustion", "ifn_response"]),
+        "composition": pl_stats.composition(scored, case=CASE, control=CONTROL),
+        "targets": pl_stats.therapy_targets(tt),
     }
     for name, fig in figs.items():
         assert fig.axes, name
         path = savefig(fig, tmp_path / f"{name}.png")
         assert path.stat().st_size > 5000
     with pytest.raises(KeyError, match="UMAP"):
-        stats.plot_score_umaps(scored[:, :].copy().__class__(scored.X[:5]))
+        pl_stats.score_umaps(scored[:, :].copy().__class__(scored.X[:5]))
 
 
 # --------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_score_umaps_show_only_scored_states():
     import numpy as np
     import pandas as pd
 
-    from sepsis_sc.stats import plot_score_umaps
+    from sepsis_sc.pl.stats import score_umaps
 
     rng = np.random.default_rng(0)
     obs = pd.DataFrame(
@@ -333,7 +334,7 @@ def test_score_umaps_show_only_scored_states():
     adata = ad.AnnData(obs=obs)
     adata.obsm["X_umap"] = rng.normal(size=(50, 2))
     adata.uns["state_rules"] = {"t_exhaustion": {"label": "exhausted T"}}
-    fig = plot_score_umaps(adata)
+    fig = score_umaps(adata)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["exhausted T"]
 

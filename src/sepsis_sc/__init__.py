@@ -29,7 +29,6 @@ _SUBMODULES = {
     "io",
     "patients",
     "pl",
-    "plotting",
     "qc",
     "resources",
     "score",

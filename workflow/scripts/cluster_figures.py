@@ -3,8 +3,8 @@
 import anndata as ad
 import pandas as pd
 
-from sepsis_sc.cluster import plot_cluster_umaps, plot_resolution_summary
-from sepsis_sc.plotting import set_style
+from sepsis_sc.pl.cluster import resolutions, umaps
+from sepsis_sc.pl.style import set_style
 from sepsis_sc.utils import setup_logging
 
 setup_logging(snakemake.log[0])
@@ -13,8 +13,8 @@ set_style()
 contrast = snakemake.params.contrast
 adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")
 table = pd.read_csv(snakemake.input.resolutions, sep="\t")
-plot_resolution_summary(table, snakemake.output.resolutions, chosen=snakemake.params.resolution)
-plot_cluster_umaps(
+resolutions(table, snakemake.output.resolutions, chosen=snakemake.params.resolution)
+umaps(
     adata,
     snakemake.output.umap,
     keys=("leiden", "sample_id", "batch", contrast["column"]),

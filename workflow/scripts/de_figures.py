@@ -6,7 +6,7 @@ import pandas as pd
 from sepsis_sc.de import label_units, pseudobulk
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
 from sepsis_sc.pl.de import top_genes_heatmap, volcano
-from sepsis_sc.plotting import savefig, set_style
+from sepsis_sc.pl.style import savefig, set_style
 from sepsis_sc.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -3,13 +3,9 @@
 import anndata as ad
 import pandas as pd
 
-from sepsis_sc.integrate import (
-    EMBEDDING_KEYS,
-    integration_metrics,
-    plot_embedding_umaps,
-    plot_integration_metrics,
-)
-from sepsis_sc.plotting import set_style
+from sepsis_sc.integrate import EMBEDDING_KEYS, integration_metrics
+from sepsis_sc.pl.integrate import embedding_umaps, metrics
+from sepsis_sc.pl.style import set_style
 from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
@@ -40,8 +36,8 @@ table = integration_metrics(
     skipped=skipped,
 )
 write_table(table, snakemake.output.table)
-plot_integration_metrics(table, snakemake.output.figure)
-plot_embedding_umaps(
+metrics(table, snakemake.output.figure)
+embedding_umaps(
     adata,
     snakemake.output.umaps,
     embed_keys=keys,

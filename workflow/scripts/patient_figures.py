@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from sepsis_sc.pl.patients import cohort_heatmap, immune_card, trajectory_plot
-from sepsis_sc.plotting import savefig, set_style
+from sepsis_sc.pl.style import savefig, set_style
 from sepsis_sc.utils import setup_logging
 
 setup_logging(snakemake.log[0])

@@ -4,8 +4,8 @@ composition and therapy-target summary."""
 import anndata as ad
 import pandas as pd
 
-from sepsis_sc.plotting import savefig, set_style
-from sepsis_sc.stats import plot_composition, plot_forest, plot_sample_values, plot_therapy_targets
+from sepsis_sc.pl.stats import composition, forest, sample_values, therapy_targets
+from sepsis_sc.pl.style import savefig, set_style
 from sepsis_sc.utils import setup_logging
 
 setup_logging(snakemake.log[0])
@@ -23,7 +23,7 @@ levels = adata.obs[["sample_id", column]].astype(str).drop_duplicates("sample_id
 table["condition"] = table["sample_id"].map(levels.set_index("sample_id")[column])
 
 out = snakemake.output
-savefig(plot_forest(effects, case=case, control=control, alpha=alpha), out.forest)
-savefig(plot_sample_values(table, case=case, control=control), out.points)
-savefig(plot_composition(adata, case=case, control=control, condition_key=column), out.composition)
-savefig(plot_therapy_targets(targets, alpha=alpha), out.targets)
+savefig(forest(effects, case=case, control=control, alpha=alpha), out.forest)
+savefig(sample_values(table, case=case, control=control), out.points)
+savefig(composition(adata, case=case, control=control, condition_key=column), out.composition)
+savefig(therapy_targets(targets, alpha=alpha), out.targets)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from sepsis_sc.de import log_cpm
-from sepsis_sc.plotting import condition_palette, set_style
+from sepsis_sc.pl.style import condition_palette, set_style
 
 __all__ = ["volcano", "top_genes_heatmap"]
 
@@ -111,7 +111,7 @@ def volcano(
     results, summary
         From :func:`sepsis_sc.de.pseudobulk_de` (or the TSV files it writes).
     case, control
-        Contrast values (colours from :func:`sepsis_sc.plotting.condition_palette`).
+        Contrast values (colours from :func:`sepsis_sc.pl.style.condition_palette`).
     alpha
         FDR level: genes with ``padj < alpha`` are coloured, case colour for up in
         ``case``, control colour for down.

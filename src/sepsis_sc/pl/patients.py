@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sepsis_sc.plotting import categorical_palette, condition_palette, set_style
+from sepsis_sc.pl.style import categorical_palette, condition_palette, set_style
 
 __all__ = ["FLAG_COLOURS", "immune_card", "cohort_heatmap", "trajectory_plot"]
 
@@ -64,7 +64,7 @@ def immune_card(
     states
         State calls (``patients/states.tsv``); the calls of this sample are listed.
     case, control
-        Condition labels (colours from :func:`sepsis_sc.plotting.condition_palette`).
+        Condition labels (colours from :func:`sepsis_sc.pl.style.condition_palette`).
     condition_key
         Column holding the condition.
 

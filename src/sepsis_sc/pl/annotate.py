@@ -1,0 +1,217 @@
+"""Figures of the annotation stage (:func:`sepsis_sc.annotate.annotate` outputs).
+
+* :func:`marker_dotplot`: dot plot of the most specific markers of each observed label.
+* :func:`umap_cell_types`: UMAP coloured by annotation with the shared palettes.
+
+Each function writes a PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+
+from sepsis_sc.annotate import (
+    UNASSIGNED,
+    _get_counts,
+    _group_matrix,
+    _lognorm_columns,
+    _marker_symbols,
+    _resolve_genes,
+    _resolve_organism,
+    load_markers,
+    load_vocabulary,
+)
+from sepsis_sc.pl.style import cell_type_palette, lineage_palette, savefig, set_style
+
+__all__ = ["marker_dotplot", "umap_cell_types"]
+
+
+def marker_dotplot(
+    adata: AnnData,
+    path: str | PathLike[str],
+    *,
+    groupby: str = "cell_type",
+    markers: str | PathLike[str] | Mapping[str, Any] | None = None,
+    organism: Literal["human", "mouse"] | None = None,
+    layer: str | None = "counts",
+    n_genes: int = 3,
+    min_cells: int = 5,
+) -> Path:
+    """Dot plot of the top markers of each observed label (rows) across labels (groups).
+
+    Parameters
+    ----------
+    adata
+        Annotated AnnData (``obs[groupby]``), raw counts in ``layers[layer]`` or integer ``X``.
+    path
+        Output PNG.
+    groupby
+        ``obs`` column with labels (``cell_type`` or ``lineage``).
+    markers
+        Marker sets (default: packaged file of the organism).
+    organism
+        Default: ``uns["annotation"]["params"]["organism"]`` or detected from symbols.
+    layer
+        Layer with raw counts; expression shown is log1p(CP10k).
+    n_genes
+        Up-markers shown per label, in marker-file order, among genes present in the data.
+    min_cells
+        Labels with fewer cells are left out.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+
+    if groupby not in adata.obs:
+        raise KeyError(f"{groupby!r} not in adata.obs; run annotate() first.")
+    if organism is None:
+        organism = adata.uns.get("annotation", {}).get("params", {}).get("organism")
+        if organism is None:
+            organism, _ = _resolve_organism(adata, "auto", None)
+    vocab = load_vocabulary()
+    mk = load_markers(markers, organism, vocabulary=vocab)
+    counts = _get_counts(adata, layer)
+    groups = adata.obs[groupby].astype(str)
+    vc = groups.value_counts()
+    order_all = list(vocab.cell_types.index) + list(vocab.lineages.index)
+    present = [g for g in dict.fromkeys(order_all) if vc.get(g, 0) >= min_cells and g != UNASSIGNED]
+    present += [g for g in vc.index if vc[g] >= min_cells and g not in present and g != UNASSIGNED]
+    if not present:
+        raise ValueError(f"No label of {groupby!r} has >= {min_cells} cells to plot.")
+    var_index = adata.var_names
+    gene_pos = _resolve_genes(sorted(_marker_symbols(mk)), var_index, mk["aliases"])
+    by_target: dict[str, list[str]] = {}
+    for s in mk["subset_sets"] + mk["lineage_sets"]:
+        by_target.setdefault(s["target"], []).extend(s["up"])
+    cand: dict[str, list[str]] = {}
+    for lab in present:
+        lin = vocab.lineage_of(lab)
+        genes = list(by_target.get(lab, []))
+        if lab in vocab.lineages.index or len(vocab.subsets_of(lin)) == 1 or not genes:
+            genes += by_target.get(lab if lab in vocab.lineages.index else lin, [])
+        cand[lab] = [g for g in dict.fromkeys(genes) if g in gene_pos]
+    all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
+    if not all_genes:
+        raise ValueError("None of the marker genes of the plotted labels are in the data.")
+    E_all = _lognorm_columns(counts, np.array([gene_pos[g] for g in all_genes]))
+    keep = groups.isin(present).to_numpy()
+    codes = pd.Categorical(groups[keep], categories=present).codes
+    means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
+    col_of = {g: i for i, g in enumerate(all_genes)}
+    var_groups: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for k, lab in enumerate(present):  # most specific markers first: own mean - others' max
+        others = np.delete(means, k, axis=0)
+        spec = {
+            g: means[k, col_of[g]] - (others[:, col_of[g]].max() if len(others) else 0.0)
+            for g in cand[lab]
+            if g not in used
+        }
+        genes = sorted(spec, key=spec.get, reverse=True)[:n_genes]
+        if genes:
+            var_groups[lab] = genes
+            used.update(genes)
+    names = [g for gs in var_groups.values() for g in gs]
+    E = E_all[:, [col_of[g] for g in names]]
+    plot_ad = AnnData(
+        X=E[keep],
+        obs=pd.DataFrame(
+            {groupby: pd.Categorical(groups[keep], categories=present)},
+            index=adata.obs_names[keep],
+        ),
+        var=pd.DataFrame(index=names),
+    )
+    set_style()
+    dp = sc.pl.dotplot(
+        plot_ad,
+        var_names=var_groups,
+        groupby=groupby,
+        standard_scale="var",
+        show=False,
+        return_fig=True,
+        colorbar_title="mean log1p CP10k\n(scaled per gene)",
+    )
+    dp.make_figure()
+    fig = plt.gcf()
+    fig.suptitle(f"Marker genes by {groupby.replace('_', ' ')}", y=1.02, fontsize=12)
+    return savefig(fig, path)
+
+
+def umap_cell_types(
+    adata: AnnData,
+    path: str | PathLike[str],
+    *,
+    key: str = "cell_type",
+    basis: str = "X_umap",
+    point_size: float | None = None,
+) -> Path:
+    """UMAP coloured by annotation with the shared cell-type/lineage palette.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[basis]`` and ``obs[key]``.
+    path
+        Output PNG.
+    key
+        ``obs`` column: ``cell_type`` (cell-type palette) or ``lineage`` (lineage palette).
+    basis
+        ``obsm`` key of the 2-D embedding.
+    point_size
+        Marker size; default scales with the number of cells.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+
+    if basis not in adata.obsm:
+        raise KeyError(
+            f"obsm[{basis!r}] not found; compute a UMAP first (scanpy.tl.umap, stored as X_umap)."
+        )
+    if key not in adata.obs:
+        raise KeyError(f"{key!r} not in adata.obs; run annotate() first.")
+    xy = np.asarray(adata.obsm[basis])[:, :2]
+    labels = adata.obs[key].astype(str).to_numpy()
+    vc = pd.Series(labels).value_counts()
+    palette = lineage_palette(vc.index) if "lineage" in key else cell_type_palette(vc.index)
+    set_style()
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    size = point_size if point_size is not None else float(np.clip(12000 / len(labels), 1, 20))
+    order = [lab for lab in vc.index if lab != UNASSIGNED] + (
+        [UNASSIGNED] if UNASSIGNED in vc.index else []
+    )
+    for lab in [UNASSIGNED] + [x for x in order if x != UNASSIGNED]:  # Unassigned drawn first
+        m = labels == lab
+        if not m.any():
+            continue
+        ax.scatter(xy[m, 0], xy[m, 1], s=size, c=palette[lab], linewidths=0, rasterized=True)
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=palette[lab], label=f"{lab} ({vc[lab]})")
+        for lab in order
+    ]
+    ax.legend(
+        handles=handles,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+        title=key.replace("_", " "),
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_title(f"{key.replace('_', ' ').capitalize()} ({len(labels):,} cells)")
+    return savefig(fig, path)

@@ -1,0 +1,238 @@
+"""Figures of the integration stage (:func:`sepsis_sc.integrate.integration_metrics`).
+
+* :func:`metrics`: grouped bars of the scib-style metrics, one bar per embedding, with the
+  table's notes (skipped batch terms, embeddings not computed) printed under the bars.
+* :func:`embedding_umaps`: a UMAP of each embedding, coloured by batch and by label.
+
+Each function writes a PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+from sepsis_sc.integrate import _require_obs
+from sepsis_sc.pl.style import categorical_palette, cell_type_palette, savefig, set_style
+
+__all__ = ["metrics", "embedding_umaps"]
+
+_METRIC_LABELS = {
+    "ilisi": "iLISI",
+    "batch_asw": "batch ASW",
+    "graph_connectivity": "graph conn.",
+    "clisi": "cLISI",
+    "label_asw": "label ASW",
+    "nmi": "NMI",
+    "ari": "ARI",
+}
+_METHOD_NAMES = {"X_pca": "PCA (unintegrated)", "X_harmony": "Harmony", "X_scVI": "scVI"}
+_METHOD_COLOURS = {"PCA (unintegrated)": "#7f7f7f", "Harmony": "#9467bd", "scVI": "#ff7f0e"}
+
+
+def metrics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Grouped bars: one group per metric, one bar per embedding.
+
+    Batch-removal metrics are on the left, biology-conservation metrics (only when labels were
+    given) on the right. Colours follow the embedding (a fixed fallback palette). Notes of the
+    table (``note`` column: batch terms skipped with one batch level, embeddings not computed)
+    are printed under the bars; rows without any value get no bars, and a table with no
+    values at all but notes gives a figure with the notes only.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`sepsis_sc.integrate.integration_metrics`.
+    path
+        PNG path.
+
+    Returns
+    -------
+    The path written.
+    """
+
+    set_style()
+    metrics = [m for m in _METRIC_LABELS if m in table and table[m].notna().any()]
+    notes = _metric_notes(table, metrics)
+    if not metrics:
+        if not notes:
+            raise ValueError("table has no metric columns with values")
+        return _plot_notes_only(notes, path)
+    if notes:  # rows with no value at all (skipped embeddings) get no bars
+        table = table[table[metrics].notna().any(axis=1)]
+    names = [_METHOD_NAMES.get(k, k) for k in table["embedding"]]
+    colours = categorical_palette(names, _METHOD_COLOURS)
+    n_methods = len(names)
+    width = 0.8 / n_methods
+    fig, ax = plt.subplots(figsize=(1.0 + 1.1 * len(metrics), 3.6))
+    xs = np.arange(len(metrics))
+    for i, (name, (_, row)) in enumerate(zip(names, table.iterrows())):
+        vals = [row[m] for m in metrics]
+        ax.bar(xs + (i - (n_methods - 1) / 2) * width, vals, width, label=name, color=colours[name])
+    n_batch = sum(m in ("ilisi", "batch_asw", "graph_connectivity") for m in metrics)
+    if 0 < n_batch < len(metrics):
+        ax.axvline(n_batch - 0.5, color="0.6", lw=0.8, ls="--")
+        ax.text(n_batch / 2 - 0.5, 1.04, "batch removal", ha="center", fontsize=9)
+        ax.text((n_batch + len(metrics)) / 2 - 0.5, 1.04, "biology kept", ha="center", fontsize=9)
+    elif notes and n_batch == 0:
+        ax.text((len(metrics) - 1) / 2, 1.04, "biology kept", ha="center", fontsize=9)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_METRIC_LABELS[m] for m in metrics])
+    ax.set_ylim(0, 1.1)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("score (higher = better)")
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Integration metrics (scib definitions)")
+    if notes:
+        ax.text(
+            0.0,
+            -0.14,
+            _wrap_notes(notes, width=max(60, int(18 * len(metrics)))),
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=8,
+            color="0.25",
+        )
+    return savefig(fig, path)
+
+
+def _metric_notes(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """Distinct notes of a metrics table, in row order.
+
+    A note found only on rows without any value (embeddings not computed) next to scored rows
+    is prefixed with their names; others (batch terms skipped) are given as they are.
+    """
+    if "note" not in table:
+        return []
+    scored = table[list(metrics)].notna().any(axis=1).to_numpy() if metrics else None
+    notes: dict[str, list[str]] = {}
+    for i, (key, note) in enumerate(zip(table["embedding"], table["note"])):
+        if not isinstance(note, str) or not note:
+            continue
+        names = notes.setdefault(note, [])
+        if scored is None or not scored[i]:
+            names.append(_METHOD_NAMES.get(key, key))
+        else:
+            names.append("")
+    out = []
+    for note, names in notes.items():
+        unscored_only = scored is not None and scored.any() and all(names)
+        out.append(f"{', '.join(names)}: {note}" if unscored_only else note)
+    return out
+
+
+def _wrap_notes(notes: Sequence[str], width: int) -> str:
+    return "\n".join(textwrap.fill(n, width=width, subsequent_indent="  ") for n in notes)
+
+
+def _plot_notes_only(notes: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """A figure with the notes only: no metric could be computed (one batch and no labels)."""
+
+    fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.4 * len(notes)))
+    ax.axis("off")
+    ax.set_title("Integration metrics (scib definitions)")
+    body = (
+        "No metric could be computed: batch-removal metrics need two or more batches and "
+        "biology-conservation metrics need known labels (integration.metrics_label_key)."
+    )
+    ax.text(
+        0.0,
+        1.0,
+        _wrap_notes([body, *notes], width=80),
+        ha="left",
+        va="top",
+        fontsize=9,
+        transform=ax.transAxes,
+    )
+    return savefig(fig, path)
+
+
+def embedding_umaps(
+    adata: ad.AnnData,
+    path: str | os.PathLike[str],
+    *,
+    embed_keys: Sequence[str],
+    batch_key: str,
+    label_key: str | None = None,
+    n_neighbors: int = 15,
+    seed: int = 0,
+) -> Path:
+    """UMAP of each embedding, coloured by batch and (if given) by label.
+
+    One row per embedding; columns: batch, label. UMAPs are computed on temporary objects,
+    so ``adata`` is not modified. With one batch level the batch panels are one colour and
+    their titles say so.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the embeddings in ``obsm``.
+    path
+        PNG path.
+    embed_keys
+        ``obsm`` keys.
+    batch_key, label_key
+        ``obs`` columns to colour by.
+    n_neighbors, seed
+        kNN graph size and UMAP/neighbour seed.
+
+    Returns
+    -------
+    The path written.
+    """
+
+    set_style()
+    colour_keys = [batch_key] + ([label_key] if label_key is not None else [])
+    _require_obs(adata, colour_keys, "colour for UMAP")
+    obs = adata.obs[colour_keys].astype(str).astype("category")
+    palettes = {batch_key: categorical_palette(obs[batch_key].cat.categories)}
+    if label_key is not None:
+        palettes[label_key] = cell_type_palette(obs[label_key].cat.categories)
+    n_rows, n_cols = len(embed_keys), len(colour_keys)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(4.2 * n_cols + 1.8, 3.8 * n_rows), squeeze=False
+    )
+    size = max(2.0, min(20.0, 60_000 / adata.n_obs))
+    order = np.random.default_rng(seed).permutation(adata.n_obs)  # no batch drawn on top
+    for r, key in enumerate(embed_keys):
+        tmp = ad.AnnData(obs=obs.copy(), obsm={"X_emb": np.asarray(adata.obsm[key])})
+        sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X_emb", random_state=seed)
+        sc.tl.umap(tmp, random_state=seed)
+        um = tmp.obsm["X_umap"][order]
+        for c, ck in enumerate(colour_keys):
+            ax = axes[r, c]
+            cats = tmp.obs[ck].to_numpy()[order]
+            pal = palettes[ck]
+            ax.scatter(um[:, 0], um[:, 1], c=[pal[v] for v in cats], s=size, lw=0, rasterized=True)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            one_level = ck == batch_key and len(tmp.obs[ck].cat.categories) == 1
+            suffix = " (one level: no batch to mix)" if one_level else ""
+            ax.set_title(f"{_METHOD_NAMES.get(key, key)} — {ck}{suffix}")
+            handles = [
+                plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
+                for v in tmp.obs[ck].cat.categories
+            ]
+            if len(handles) <= 30:
+                ax.legend(
+                    handles=handles,
+                    frameon=False,
+                    loc="center left",
+                    bbox_to_anchor=(1.0, 0.5),
+                    fontsize=8,
+                    markerscale=1.2,
+                )
+        axes[r, 0].set_ylabel("UMAP 2")
+    for c in range(n_cols):
+        axes[-1, c].set_xlabel("UMAP 1")
+    fig.tight_layout()
+    return savefig(fig, path)

@@ -1,0 +1,222 @@
+"""Figures of the QC stage (:func:`sepsis_sc.qc.run_qc` outputs).
+
+* :func:`violins`: per-sample distributions of UMI counts, genes and mito %, with each
+  sample's own thresholds drawn.
+* :func:`scatter`: UMI counts vs detected genes, coloured by mito %, removed cells marked.
+* :func:`removed`: cells removed per sample, stacked by main reason.
+
+Each function writes a PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from sepsis_sc.pl.style import savefig, set_style
+from sepsis_sc.qc import _primary_reason
+
+__all__ = ["violins", "scatter", "removed"]
+
+
+def _obs(adata_or_obs: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
+    return adata_or_obs.obs if isinstance(adata_or_obs, ad.AnnData) else adata_or_obs
+
+
+def violins(
+    adata_or_obs: ad.AnnData | pd.DataFrame,
+    thresholds: pd.DataFrame,
+    path: str | Path,
+    *,
+    batch_key: str = "sample_id",
+) -> Path:
+    """Per-sample distributions of UMI counts, genes and mito %, with the thresholds drawn.
+
+    Parameters
+    ----------
+    adata_or_obs
+        AnnData after :func:`sepsis_sc.qc.run_qc` or its ``obs``.
+    thresholds
+        Table from :func:`sepsis_sc.qc.adaptive_thresholds` (or the ``uns["qc"]["thresholds"]`` frame
+        with a ``sample_id`` column).
+    path
+        Output PNG.
+    batch_key
+        ``obs`` column naming the sample.
+
+    Returns
+    -------
+    The path written.
+    """
+
+    set_style()
+    obs = _obs(adata_or_obs)
+    thr = thresholds.set_index("sample_id") if "sample_id" in thresholds.columns else thresholds
+    thr.index = thr.index.astype(str)
+    samples = obs[batch_key].astype(str) if batch_key in obs else None
+    order = list(pd.unique(samples)) if samples is not None else ["sample"]
+    if samples is None:
+        samples = pd.Series("sample", index=obs.index)
+    panels = [
+        ("total_counts", "UMI counts per cell", "min_counts", "max_counts", True),
+        ("n_genes_by_counts", "genes per cell", "min_genes", "max_genes", True),
+        ("pct_counts_mt", "mitochondrial UMIs (%)", None, "max_pct_mt", False),
+    ]
+    # one panel per metric, stacked, so sample names stay readable for large cohorts
+    width = min(max(6.0, 0.55 * len(order) + 1.5), 20)
+    fig, axes = plt.subplots(3, 1, figsize=(width, 8.4), sharex=True)
+    for ax, (col, label, lo, hi, log) in zip(axes, panels):
+        data = [obs.loc[(samples == s).to_numpy(), col].to_numpy(dtype=float) for s in order]
+        if log:
+            data = [np.log10(np.maximum(d, 1)) for d in data]
+        parts = ax.violinplot(data, showmedians=True, widths=0.8)
+        for body in parts["bodies"]:
+            body.set_facecolor("#9ecae1")
+            body.set_edgecolor("#4a6f8a")
+            body.set_alpha(0.8)
+        for i, s in enumerate(order, start=1):
+            for key, style in ((lo, "--"), (hi, "-")):
+                if key is None or s not in thr.index or key not in thr.columns:
+                    continue
+                value = thr.loc[s, key]
+                if not np.isfinite(value):
+                    continue
+                y = np.log10(max(value, 1)) if log else value
+                ax.hlines(y, i - 0.45, i + 0.45, colors="#c0392b", linestyles=style, lw=1.5)
+        ax.set_xticks(range(1, len(order) + 1))
+        ax.set_xticklabels(order, rotation=45 if len(order) > 3 else 0, ha="right")
+        ax.set_ylabel(f"log10 {label}" if log else label)
+    axes[0].plot([], [], color="#c0392b", ls="--", label="lower threshold")
+    axes[0].plot([], [], color="#c0392b", ls="-", label="upper threshold")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    axes[0].set_title("QC metrics per sample, with each sample's own thresholds")
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
+    """UMI counts vs detected genes, coloured by mito %, removed cells marked by reason.
+
+    Parameters
+    ----------
+    obs
+        ``obs`` (or the AnnData) after :func:`sepsis_sc.qc.run_qc`.
+    path
+        Output PNG.
+
+    Returns
+    -------
+    The path written.
+    """
+
+    set_style()
+    obs = _obs(obs)
+    x = np.log10(np.maximum(obs["total_counts"].to_numpy(dtype=float), 1))
+    y = np.log10(np.maximum(obs["n_genes_by_counts"].to_numpy(dtype=float), 1))
+    mt = obs["pct_counts_mt"].to_numpy(dtype=float)
+    reason = obs["qc_reason"].astype(str) if "qc_reason" in obs else pd.Series("pass", obs.index)
+    primary = reason.map(_primary_reason)
+    fig, ax = plt.subplots(figsize=(6.2, 4.8))
+    vmax = float(np.nanpercentile(mt, 99)) if len(mt) else 1.0
+    sca = ax.scatter(x, y, c=mt, s=5, cmap="viridis", vmin=0, vmax=max(vmax, 1e-3), lw=0)
+    fig.colorbar(sca, ax=ax, label="mitochondrial UMIs (%)")
+    markers = {
+        "doublet": ("D", "#d62728"),
+        "high_mt": ("x", "#ff7f0e"),
+        "low_counts": ("v", "black"),
+        "low_genes": ("v", "black"),
+        "high_counts": ("^", "#7f7f7f"),
+        "high_genes": ("^", "#7f7f7f"),
+    }
+    shown: set[str] = set()
+    for name in primary.dropna().unique():
+        sel = (primary == name).to_numpy()
+        marker, colour = markers.get(name, ("s", "#7f7f7f"))
+        label = (
+            "low counts/genes" if name in ("low_counts", "low_genes") else name.replace("_", " ")
+        )
+        label = "high counts/genes" if name in ("high_counts", "high_genes") else label
+        kwargs = {"facecolors": "none", "edgecolors": colour} if marker in "Dv^s" else {"c": colour}
+        ax.scatter(
+            x[sel],
+            y[sel],
+            marker=marker,
+            s=18,
+            lw=0.8,
+            label=f"removed: {label}" if label not in shown else None,
+            **kwargs,
+        )
+        shown.add(label)
+    if "low_rna_immune" in obs and obs["low_rna_immune"].any():
+        sel = obs["low_rna_immune"].to_numpy(dtype=bool)
+        ax.scatter(
+            x[sel], y[sel], marker="o", s=22, facecolors="none", edgecolors="#e377c2", lw=0.9,
+            label="kept: low-RNA immune",
+        )  # fmt: skip
+    ax.set_xlabel("log10 UMI counts per cell")
+    ax.set_ylabel("log10 genes per cell")
+    n_removed = int(primary.notna().sum())
+    ax.set_title(f"Counts vs genes ({n_removed} of {len(obs)} cells removed)")
+    ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=1.3)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def removed(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Stacked bars: cells removed per sample, each cell counted once by its main reason.
+
+    Parameters
+    ----------
+    summary
+        Table returned by :func:`sepsis_sc.qc.run_qc` (``removed_<reason>`` columns).
+    path
+        Output PNG.
+
+    Returns
+    -------
+    The path written.
+    """
+
+    set_style()
+    cols = [c for c in summary.columns if c.startswith("removed_")]
+    if not cols:
+        raise ValueError("summary has no removed_<reason> columns; pass the table from run_qc.")
+    colours = {
+        "removed_doublet": "#d62728",
+        "removed_high_mt": "#ff7f0e",
+        "removed_low_counts": "#1f77b4",
+        "removed_low_genes": "#6baed6",
+        "removed_high_counts": "#7f7f7f",
+        "removed_high_genes": "#c7c7c7",
+    }
+    samples = summary["sample_id"].astype(str).to_numpy()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(samples) + 3), 3.8))
+    bottom = np.zeros(len(samples))
+    for col in cols:
+        values = summary[col].to_numpy(dtype=float)
+        if values.sum() == 0:
+            continue
+        ax.bar(
+            samples,
+            values,
+            bottom=bottom,
+            color=colours.get(col, None),
+            label=col.removeprefix("removed_").replace("_", " "),
+        )
+        bottom += values
+    if "cells_in" in summary:
+        for i, (total, n_in) in enumerate(zip(bottom, summary["cells_in"])):
+            ax.text(
+                i, total, f"{100 * total / max(n_in, 1):.1f}%", ha="center", va="bottom", fontsize=8
+            )
+    ax.set_ylabel("cells removed")
+    ax.set_title("Cells removed by QC, by main reason")
+    ax.legend(frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
+    if len(samples) > 4:
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return savefig(fig, path)

@@ -1,0 +1,284 @@
+"""Figures of the sample-level statistics (:mod:`sepsis_sc.stats` tables) and state scores.
+
+* :func:`forest`: effect and 95% CI per state, one panel per metric scale.
+* :func:`sample_values`: one panel per state, one point per sample, by condition.
+* :func:`score_umaps`: UMAP small multiples coloured by state scores.
+* :func:`composition`: stacked bars of label proportions per sample.
+* :func:`therapy_targets`: signed -log10 FDR per state, coloured by evidence, with the
+  therapeutic idea next to each bar.
+
+Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.style.savefig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from sepsis_sc.pl.style import cell_type_palette, condition_palette, lineage_palette, set_style
+from sepsis_sc.stats import _EFFECT_TYPE
+
+__all__ = ["forest", "sample_values", "score_umaps", "composition", "therapy_targets"]
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    set_style()
+    return plt
+
+
+def forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float = 0.05):
+    """Forest plot: effect and 95% CI per state, one panel per metric scale.
+
+    Significant effects (FDR <= alpha) are drawn in the case colour, others in grey.
+    Returns the matplotlib Figure (save with :func:`sepsis_sc.pl.style.savefig`).
+    """
+    plt = _plt()
+    metrics = [
+        m
+        for m in ("fraction", "mean_score", "pseudobulk_score", "pseudobulk_expression")
+        if m in set(effects["metric"])
+    ]
+    heights = [max(1, (effects["metric"] == m).sum()) for m in metrics]
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(7, 1.0 + 0.38 * sum(heights) + 0.6 * len(metrics)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
+    col = condition_palette(case, control)[case]
+    for ax, m in zip(axes[:, 0], metrics):
+        sub = effects[effects["metric"] == m].iloc[::-1]
+        yy = np.arange(len(sub))
+        sig = sub["significant"].fillna(False).to_numpy(bool)
+        colours = np.where(sig, col, "#7f7f7f")
+        ok = np.isfinite(sub["ci_low"].to_numpy(float))
+        for y, r, c, has_ci in zip(yy, sub.itertuples(), colours, ok):
+            if has_ci:
+                ax.plot([r.ci_low, r.ci_high], [y, y], color=c, lw=2)
+            ax.plot(r.effect, y, "o", color=c, ms=6, mfc=c if has_ci else "white")
+        ax.axvline(0, color="black", lw=0.8, ls="--")
+        labels = sub["label"].astype(str)
+        if "role" in sub:  # the state's pre-specified primary metric is starred
+            labels = labels + np.where(sub["role"] == "primary", " *", "")
+        ax.set_yticks(yy, labels)
+        ax.set_xlabel(
+            _EFFECT_TYPE[m]
+            .replace("(case - control)", f"({case} - {control})")
+            .replace("(case/control)", f"({case}/{control})")
+        )
+        ax.set_title(
+            {
+                "fraction": "State frequency",
+                "mean_score": "Mean state score",
+                "pseudobulk_score": "Pseudobulk state score",
+                "pseudobulk_expression": "Pseudobulk expression of the state genes",
+            }[m],
+            loc="left",
+        )
+    star = "; * = primary metric" if "role" in effects else ""
+    fig.suptitle(
+        f"{case} vs {control}: effect and 95% CI (coloured: FDR \u2264 {alpha}{star})",
+        x=0.01,
+        ha="left",
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    return fig
+
+
+def sample_values(
+    table: pd.DataFrame, *, case: str, control: str, metric: str = "mean_score", ncols: int = 4
+):
+    """Small multiples: one panel per state, one point per sample, by condition.
+
+    Lines join the samples of a donor seen in both conditions; the bar marks the group mean.
+    Returns the Figure.
+    """
+    plt = _plt()
+    sub = table[(table["metric"] == metric) & table["condition"].isin([case, control])]
+    states = list(dict.fromkeys(sub["state"]))
+    if not states:
+        raise ValueError(f"no rows with metric {metric!r} for {case!r}/{control!r} in the table")
+    ncols = min(ncols, len(states))
+    nrows = int(np.ceil(len(states) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.5 * nrows), squeeze=False)
+    pal = condition_palette(case, control)
+    rng = np.random.default_rng(0)
+    for ax, st in zip(axes.flat, states):
+        d = sub[sub["state"] == st]
+        for i, c in enumerate((control, case)):
+            v = d[d["condition"] == c]
+            x = i + rng.uniform(-0.12, 0.12, len(v))
+            ax.scatter(x, v["value"], color=pal[c], s=22, alpha=0.85, edgecolor="white", lw=0.4)
+            if v["value"].notna().any():
+                ax.hlines(v["value"].mean(), i - 0.25, i + 0.25, color="black", lw=1.5)
+        piv = d.pivot_table(index="donor", columns="condition", values="value", aggfunc="mean")
+        if case in piv and control in piv:
+            for _, r in piv.dropna().iterrows():
+                ax.plot([0, 1], [r[control], r[case]], color="#9e9e9e", lw=0.6, zorder=0)
+        ax.set_xticks([0, 1], [control, case])
+        ax.set_xlim(-0.5, 1.5)
+        lab = str(d["label"].iloc[0])
+        ax.set_title(lab if len(lab) < 32 else lab[:30] + "\u2026", fontsize=9)
+    for ax in list(axes.flat)[len(states) :]:
+        ax.axis("off")
+    ylabel = {
+        "fraction": "fraction of population",
+        "mean_score": "mean score",
+        "pseudobulk_score": "pseudobulk score",
+        "pseudobulk_expression": "pseudobulk log2 CPM (up - down)",
+    }[metric]
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    fig.suptitle(f"Per-sample {ylabel} (one point per sample)", x=0.01, ha="left")
+    fig.tight_layout()
+    return fig
+
+
+def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols: int = 3,
+                     basis: str = "X_umap"):  # fmt: skip
+    """UMAP small multiples coloured by state scores (grey: outside the parent population).
+
+    Needs ``obsm[basis]``. Returns the Figure.
+    """
+    plt = _plt()
+    if basis not in adata.obsm:
+        raise KeyError(f"obsm[{basis!r}] missing; compute a UMAP (sepsis_sc.cluster) first")
+    if states is None:
+        # the states score_states recorded (not other *_score columns such as doublet_score)
+        rules = adata.uns.get("state_rules", {})
+        states = [
+            c[:-6]
+            for c in adata.obs.columns
+            if c.endswith("_score") and (c[:-6] in rules if len(rules) else c != "doublet_score")
+        ]
+    if not states:
+        raise ValueError("no <state>_score columns in obs; run sepsis_sc.score.score_states first")
+    xy = np.asarray(adata.obsm[basis])[:, :2]
+    ncols = min(ncols, len(states))
+    nrows = int(np.ceil(len(states) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows), squeeze=False)
+    labels = adata.uns.get("state_rules", {})
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    size = max(0.5, min(8.0, 12000 / max(adata.n_obs, 1)))
+    for ax, st in zip(axes.flat, states):
+        v = adata.obs[f"{st}_score"].to_numpy(float)[order]
+        p = xy[order]
+        na = ~np.isfinite(v)
+        ax.scatter(p[na, 0], p[na, 1], c="#e0e0e0", s=size, lw=0, rasterized=True)
+        sc = ax.scatter(
+            p[~na, 0], p[~na, 1], c=v[~na], cmap="viridis", s=size, lw=0, rasterized=True
+        )
+        fig.colorbar(sc, ax=ax, shrink=0.7)
+        lab = str(labels.get(st, {}).get("label", st))
+        ax.set_title(lab if len(lab) < 36 else lab[:34] + "\u2026", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(states) :]:
+        ax.axis("off")
+    fig.suptitle(
+        "State scores (grey: cells outside the state's parent population)", x=0.01, ha="left"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def composition(
+    adata: ad.AnnData,
+    *,
+    case: str,
+    control: str,
+    level: str = "lineage",
+    sample_key: str = "sample_id",
+    condition_key: str = "condition",
+):
+    """Stacked bars of label proportions per sample, samples grouped by condition.
+
+    Colours come from the shared lineage / cell-type palettes. Returns the Figure.
+    """
+    plt = _plt()
+    obs = adata.obs[[sample_key, condition_key, level]].astype(str)
+    obs = obs[obs[condition_key].isin([case, control])]
+    props = pd.crosstab(obs[sample_key], obs[level], normalize="index")
+    cond = obs.drop_duplicates(sample_key).set_index(sample_key)[condition_key]
+    order = sorted(props.index, key=lambda s: (cond[s] != control, s))
+    props = props.loc[order]
+    pal = lineage_palette(props.columns) if level == "lineage" else cell_type_palette(props.columns)
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(order) + 3), 4))
+    bottom = np.zeros(len(order))
+    for lab in props.columns:
+        ax.bar(
+            np.arange(len(order)), props[lab], bottom=bottom, color=pal[lab], label=lab, width=0.85
+        )
+        bottom += props[lab].to_numpy()
+    cpal = condition_palette(case, control)
+    n_ctrl = int((cond[order] == control).sum())
+    ax.axvline(n_ctrl - 0.5, color="black", lw=1)
+    for x0, x1, c in ((0, n_ctrl, control), (n_ctrl, len(order), case)):
+        if x1 > x0:
+            ax.text(
+                (x0 + x1 - 1) / 2,
+                1.02,
+                c,
+                ha="center",
+                va="bottom",
+                color=cpal[c],
+                fontweight="bold",
+            )
+    ax.set_xticks(np.arange(len(order)), order, rotation=90, fontsize=7)
+    ax.set_ylabel(f"fraction of cells ({level})")
+    ax.set_ylim(0, 1.08)
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False, fontsize=8)
+    ax.set_title(
+        f"{level.replace('_', ' ').capitalize()} composition per sample", loc="left", pad=16
+    )
+    fig.tight_layout()
+    return fig
+
+
+def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05):
+    """Therapy-target summary: signed -log10 FDR per state, coloured by evidence.
+
+    Bars point right when the state is higher in cases, left when lower; the dotted lines
+    mark FDR = alpha. Each bar is labelled with the therapeutic idea. Returns the Figure.
+    """
+    plt = _plt()
+    if targets.empty:
+        raise ValueError("empty therapy-target table")
+    d = targets.iloc[::-1]
+    sign = np.sign(d["effect"].fillna(0).to_numpy(float))
+    val = sign * -np.log10(d["fdr"].fillna(1.0).clip(lower=1e-12).to_numpy(float))
+    colours = {
+        "supported": "#2ca02c",
+        "opposite": "#9467bd",
+        "not significant": "#bdbdbd",
+        "not tested": "#e0e0e0",
+    }
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(d) + 1.4))
+    yy = np.arange(len(d))
+    ax.barh(yy, val, color=[colours[e] for e in d["evidence"]], height=0.6)
+    lim = max(2.0, np.abs(val).max() * 1.1)
+    ax.set_xlim(-lim, lim)
+    for x in (-np.log10(alpha), np.log10(alpha)):
+        ax.axvline(x, color="black", lw=0.6, ls=":")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(yy, d["label"])
+    for y, r in zip(yy, d.itertuples()):
+        ax.text(lim * 1.02, y, r.therapy if len(r.therapy) < 60 else r.therapy[:58] + "\u2026",
+                va="center", fontsize=8)  # fmt: skip
+    ax.set_xlabel("signed -log10 FDR (right: higher in cases, left: lower)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(
+        handles,
+        list(colours),
+        loc="lower left",
+        bbox_to_anchor=(0, 1.0),
+        ncol=4,
+        frameon=False,
+        fontsize=8,
+    )
+    ax.set_title("Therapy targets: evidence per state", loc="left", pad=22)
+    fig.tight_layout()
+    return fig
