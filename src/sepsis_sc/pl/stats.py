@@ -18,7 +18,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from sepsis_sc.pl.style import cell_type_palette, condition_palette, lineage_palette, set_style
+from sepsis_sc.pl.style import (
+    cell_type_palette,
+    condition_palette,
+    lineage_palette,
+    set_style,
+    wrap,
+)
 from sepsis_sc.stats import _EFFECT_TYPE
 
 __all__ = ["forest", "sample_values", "score_umaps", "composition", "therapy_targets"]
@@ -121,7 +127,7 @@ def sample_values(
         ax.set_xticks([0, 1], [control, case])
         ax.set_xlim(-0.5, 1.5)
         lab = str(d["label"].iloc[0])
-        ax.set_title(lab if len(lab) < 32 else lab[:30] + "\u2026", fontsize=9)
+        ax.set_title(wrap(lab, 30), fontsize=9)
     for ax in list(axes.flat)[len(states) :]:
         ax.axis("off")
     ylabel = {
@@ -173,7 +179,7 @@ def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols
         )
         fig.colorbar(sc, ax=ax, shrink=0.7)
         lab = str(labels.get(st, {}).get("label", st))
-        ax.set_title(lab if len(lab) < 36 else lab[:34] + "\u2026", fontsize=9)
+        ax.set_title(wrap(lab, 32), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(states) :]:
@@ -242,7 +248,8 @@ def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05):
     """Therapy-target summary: signed -log10 FDR per state, coloured by evidence.
 
     Bars point right when the state is higher in cases, left when lower; the dotted lines
-    mark FDR = alpha. Each bar is labelled with the therapeutic idea. Returns the Figure.
+    mark FDR = alpha. Each bar is labelled with the therapeutic idea, wrapped over as many
+    lines as it needs (never shortened); rows grow with the longest text. Returns the Figure.
     """
     plt = _plt()
     if targets.empty:
@@ -256,7 +263,11 @@ def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05):
         "not significant": "#bdbdbd",
         "not tested": "#e0e0e0",
     }
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(d) + 1.4))
+    ideas = [wrap(t, 60) for t in d["therapy"]]
+    labels = [wrap(t, 48) for t in d["label"]]
+    n_lines = max(s.count("\n") + 1 for s in ideas + labels)
+    row = max(0.55, 0.25 + 0.16 * n_lines)  # inches per state: room for the wrapped texts
+    fig, ax = plt.subplots(figsize=(9, row * len(d) + 1.4))
     yy = np.arange(len(d))
     ax.barh(yy, val, color=[colours[e] for e in d["evidence"]], height=0.6)
     lim = max(2.0, np.abs(val).max() * 1.1)
@@ -264,10 +275,10 @@ def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05):
     for x in (-np.log10(alpha), np.log10(alpha)):
         ax.axvline(x, color="black", lw=0.6, ls=":")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(yy, d["label"])
-    for y, r in zip(yy, d.itertuples()):
-        ax.text(lim * 1.02, y, r.therapy if len(r.therapy) < 60 else r.therapy[:58] + "\u2026",
-                va="center", fontsize=8)  # fmt: skip
+    ax.set_ylim(-0.6, len(d) - 0.4)
+    ax.set_yticks(yy, labels)
+    for y, idea in zip(yy, ideas):
+        ax.text(lim * 1.02, y, idea, va="center", ha="left", fontsize=8, linespacing=1.15)
     ax.set_xlabel("signed -log10 FDR (right: higher in cases, left: lower)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(

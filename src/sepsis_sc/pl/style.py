@@ -8,6 +8,7 @@ panel. All figure helpers in the library use these functions.
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = [
     "categorical_palette",
     "savefig",
     "set_style",
+    "wrap",
 ]
 
 UNASSIGNED_COLOUR = "#bdbdbd"
@@ -128,6 +130,15 @@ def set_style() -> None:
             "axes.spines.right": False,
         }
     )
+
+
+def wrap(text: object, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters, words kept whole.
+
+    Figures wrap long labels with this instead of cutting them with an ellipsis, so no text
+    of a figure is lost (a single word longer than ``width`` stays on its own line).
+    """
+    return textwrap.fill(str(text), width=width, break_long_words=False, break_on_hyphens=False)
 
 
 def savefig(fig: plt.Figure, path: str | Path) -> Path:
