@@ -36,6 +36,11 @@ def violins(
 ) -> Path:
     """Per-sample distributions of UMI counts, genes and mito %, with the thresholds drawn.
 
+    The mito % axis stops at the pooled 99.5th percentile, but at least at the highest
+    threshold and at most at 1.5 times it, so damaged cells near 60 % do not squash the
+    violins; cells above the axis are not drawn in the violins (medians are of all cells),
+    their number is written above each sample and the highest value in the panel title.
+
     Parameters
     ----------
     adata_or_obs
@@ -73,7 +78,11 @@ def violins(
         data = [obs.loc[(samples == s).to_numpy(), col].to_numpy(dtype=float) for s in order]
         if log:
             data = [np.log10(np.maximum(d, 1)) for d in data]
-        parts = ax.violinplot(data, showmedians=True, widths=0.8)
+        top = None if log else _robust_top(data, thr, hi, order)
+        if top is None:
+            parts = ax.violinplot(data, showmedians=True, widths=0.8)
+        else:
+            parts = _cut_violins(ax, data, top)
         for body in parts["bodies"]:
             body.set_facecolor("#9ecae1")
             body.set_edgecolor("#4a6f8a")
@@ -90,12 +99,54 @@ def violins(
         ax.set_xticks(range(1, len(order) + 1))
         ax.set_xticklabels(order, rotation=45 if len(order) > 3 else 0, ha="right")
         ax.set_ylabel(f"log10 {label}" if log else label)
+        if top is not None:
+            ax.set_ylim(top=top)
     axes[0].plot([], [], color="#c0392b", ls="--", label="lower threshold")
     axes[0].plot([], [], color="#c0392b", ls="-", label="upper threshold")
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     axes[0].set_title("QC metrics per sample, with each sample's own thresholds")
     fig.tight_layout()
     return savefig(fig, path)
+
+
+def _robust_top(
+    data: list[np.ndarray], thr: pd.DataFrame, key: str | None, order: list[str]
+) -> float | None:
+    """Upper y limit of a linear panel: the pooled 99.5th percentile, kept between the highest
+    threshold and 1.5 times it (plus headroom); None when no value lies above it."""
+    values = np.concatenate(data) if data else np.array([])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    top = float(np.percentile(values, 99.5))
+    if key is not None and key in thr.columns:
+        limits = thr.reindex(order)[key].to_numpy(dtype=float)
+        if np.isfinite(limits).any():
+            highest = float(np.nanmax(limits))
+            top = min(max(top, highest), 1.5 * highest)
+    top *= 1.1
+    return top if values.max() > top else None
+
+
+def _cut_violins(ax, data: list[np.ndarray], top: float) -> dict:
+    """Violins of the values up to ``top``, medians of all values, counts of those above."""
+    shown = [d[d <= top] if (d <= top).any() else np.array([top]) for d in data]
+    parts = ax.violinplot(shown, showmedians=False, showextrema=False, widths=0.8)
+    highest = max(float(np.nanmax(d)) for d in data if len(d))
+    for i, d in enumerate(data, start=1):
+        if len(d):
+            ax.hlines(np.nanmedian(d), i - 0.2, i + 0.2, colors="#1f77b4", lw=1.5)
+        n_above = int((d > top).sum())
+        if n_above:
+            ax.text(i, top, f"\u25b2{n_above}", ha="center", va="bottom", fontsize=7, color="0.3")
+    ax.set_title(
+        f"axis cut at {top:.1f} %: \u25b2 n = cells above, not drawn (highest {highest:.1f} %)",
+        loc="left",
+        fontsize=8,
+        color="0.3",
+        pad=14,
+    )
+    return parts
 
 
 def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
