@@ -30,7 +30,7 @@ from sepsis_sc.annotate import (
     load_markers,
     load_vocabulary,
 )
-from sepsis_sc.pl.style import cell_type_palette, lineage_palette, savefig, set_style
+from sepsis_sc.pl.style import cell_type_palette, lineage_palette, savefig, set_style, wrap
 
 __all__ = ["marker_dotplot", "umap_cell_types"]
 
@@ -133,19 +133,48 @@ def marker_dotplot(
         var=pd.DataFrame(index=names),
     )
     set_style()
+    # genes in rows, labels in columns: 20+ labels x 3 genes side by side are 3,000 px wide
     dp = sc.pl.dotplot(
         plot_ad,
-        var_names=var_groups,
+        var_names=names,
         groupby=groupby,
         standard_scale="var",
         show=False,
         return_fig=True,
         colorbar_title="mean log1p CP10k\n(scaled per gene)",
+        swap_axes=True,
     )
     dp.make_figure()
-    fig = plt.gcf()
-    fig.suptitle(f"Marker genes by {groupby.replace('_', ' ')}", y=1.02, fontsize=12)
-    return savefig(fig, path)
+    ax = dp.ax_dict["mainplot_ax"]
+    _label_gene_groups(ax, var_groups)
+    ax.set_title(f"Marker genes by {groupby.replace('_', ' ')}", fontsize=12, pad=10)
+    return savefig(ax.figure, path)
+
+
+def _label_gene_groups(ax: plt.Axes, var_groups: Mapping[str, list[str]]) -> None:
+    """Bracket each label's genes left of the gene names and name the label in full.
+
+    (scanpy's own brackets beside transposed dot plots cut long labels to fit.)
+    """
+    from matplotlib.transforms import ScaledTranslation
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = ax.get_yticklabels()
+    width_pt = max(t.get_window_extent(renderer).width for t in ticks) * 72 / fig.dpi
+    x_pt = width_pt + 10  # left of the longest gene name
+    line = ax.get_yaxis_transform() + ScaledTranslation(-x_pt / 72, 0, fig.dpi_scale_trans)
+    text = ax.get_yaxis_transform() + ScaledTranslation(-(x_pt + 5) / 72, 0, fig.dpi_scale_trans)
+    ys = ax.get_yticks()
+    start = 0
+    for label, genes in var_groups.items():
+        y0, y1 = sorted((ys[start], ys[start + len(genes) - 1]))
+        start += len(genes)
+        ax.plot([0, 0], [y0 - 0.35, y1 + 0.35], color="black", lw=1.2, transform=line,
+                clip_on=False)  # fmt: skip
+        ax.text(0, (y0 + y1) / 2, wrap(label, 24), ha="right", va="center", fontsize=9,
+                transform=text, clip_on=False)  # fmt: skip
 
 
 def umap_cell_types(
