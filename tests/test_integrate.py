@@ -478,7 +478,12 @@ def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
         ),
         log=[str(tmp_path / "metrics.log")],
         params=SimpleNamespace(
-            methods=methods, batch_key="batch", label_key="cell_type", n_neighbors=15, seed=0
+            methods=methods,
+            batch_key="batch",
+            label_key="cell_type",
+            label_title=None,
+            n_neighbors=15,
+            seed=0,
         ),
     )
     runpy.run_path(str(scripts / "integration_metrics.py"), init_globals={"snakemake": smk})

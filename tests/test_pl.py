@@ -126,3 +126,30 @@ def test_marker_dotplot_is_transposed_with_full_label_names(tmp_path, monkeypatc
         assert label in texts  # named in full beside its genes, not cut to fit
     main = [ax for ax in fig.axes if ax.get_title() == "Marker genes by cell type"][0]
     assert len(main.get_yticklabels()) > len(main.get_xticklabels())  # genes in rows
+
+
+def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours(tmp_path, monkeypatch):
+    import anndata as ad
+    from matplotlib.colors import to_hex
+
+    from sepsis_sc.pl import integrate as pl_ig
+    from sepsis_sc.pl.style import cell_type_palette
+
+    rng = np.random.default_rng(0)
+    types = np.repeat(["Classical monocyte", "naive B"], 60)
+    emb = rng.normal(size=(120, 5)) + (types == "naive B")[:, None] * 6.0
+    obs = pd.DataFrame(
+        {"batch": np.tile(["b1", "b2"], 60), "cell_type": types},
+        index=[f"c{i}" for i in range(120)],
+    )
+    adata = ad.AnnData(obs=obs, obsm={"X_pca": emb})
+    figs = []
+    monkeypatch.setattr(pl_ig, "savefig", lambda fig, path: figs.append(fig) or path)
+    pl_ig.embedding_umaps(
+        adata, tmp_path / "u.png", embed_keys=["X_pca"], batch_key="batch",
+        label_key="cell_type", label_title="simulated truth cell type",
+    )  # fmt: skip
+    ax = figs[0].axes[1]
+    assert "simulated truth cell type" in ax.get_title().replace("\n", " ")
+    drawn = {to_hex(c) for c in ax.collections[0].get_facecolors()}
+    assert drawn == set(cell_type_palette(["Classical monocyte", "naive B"]).values())

@@ -277,6 +277,15 @@ def metrics_label_key():
     return key
 
 
+def metrics_label_title():
+    """How the UMAP panels name the label colouring: the demo's labels are the simulator's
+    planted truth, not an annotation (None: the column name)."""
+    key = metrics_label_key()
+    if key and metrics_labels_input() and not config["integration"]["metrics_labels"]:
+        return f"simulated truth {key.replace('_', ' ')}"
+    return None
+
+
 def signature_file():
     """The signature YAML the scoring uses (an input, so editing a signature reruns scoring)."""
     path = config["scoring"]["signatures"]

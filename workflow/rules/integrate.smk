@@ -61,6 +61,7 @@ rule integration_metrics:
         methods=integration_methods(),
         batch_key=config["integration"]["batch_key"],
         label_key=metrics_label_key(),
+        label_title=metrics_label_title(),
         n_neighbors=config["clustering"]["n_neighbors"],
         seed=config["seed"],
     script:

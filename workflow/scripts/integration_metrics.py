@@ -43,6 +43,7 @@ embedding_umaps(
     embed_keys=keys,
     batch_key=p.batch_key,
     label_key=label_key,
+    label_title=p.label_title if label_key else None,
     n_neighbors=p.n_neighbors,
     seed=p.seed,
 )

@@ -21,7 +21,14 @@ import pandas as pd
 import scanpy as sc
 
 from sepsis_sc.integrate import _require_obs
-from sepsis_sc.pl.style import categorical_palette, cell_type_palette, savefig, set_style
+from sepsis_sc.pl.style import (
+    categorical_palette,
+    cell_type_palette,
+    lineage_palette,
+    savefig,
+    set_style,
+    wrap,
+)
 
 __all__ = ["metrics", "embedding_umaps"]
 
@@ -163,6 +170,7 @@ def embedding_umaps(
     embed_keys: Sequence[str],
     batch_key: str,
     label_key: str | None = None,
+    label_title: str | None = None,
     n_neighbors: int = 15,
     seed: int = 0,
 ) -> Path:
@@ -170,7 +178,9 @@ def embedding_umaps(
 
     One row per embedding; columns: batch, label. UMAPs are computed on temporary objects,
     so ``adata`` is not modified. With one batch level the batch panels are one colour and
-    their titles say so.
+    their titles say so. Labels take the shared palette (:func:`~sepsis_sc.pl.style.lineage_palette`
+    for a ``lineage`` column, else :func:`~sepsis_sc.pl.style.cell_type_palette`), so a cell
+    type has the colour it has in the annotation UMAP.
 
     Parameters
     ----------
@@ -182,6 +192,9 @@ def embedding_umaps(
         ``obsm`` keys.
     batch_key, label_key
         ``obs`` columns to colour by.
+    label_title
+        Name of the label colouring in the panel titles (default: ``label_key``), e.g.
+        ``"simulated truth cell type"`` when the labels are the simulator's planted truth.
     n_neighbors, seed
         kNN graph size and UMAP/neighbour seed.
 
@@ -196,7 +209,10 @@ def embedding_umaps(
     obs = adata.obs[colour_keys].astype(str).astype("category")
     palettes = {batch_key: categorical_palette(obs[batch_key].cat.categories)}
     if label_key is not None:
-        palettes[label_key] = cell_type_palette(obs[label_key].cat.categories)
+        cats = obs[label_key].cat.categories
+        lineage = "lineage" in label_key
+        palettes[label_key] = lineage_palette(cats) if lineage else cell_type_palette(cats)
+    titles = {batch_key: batch_key, label_key: label_title or label_key}
     n_rows, n_cols = len(embed_keys), len(colour_keys)
     fig, axes = plt.subplots(
         n_rows, n_cols, figsize=(4.2 * n_cols + 1.8, 3.8 * n_rows), squeeze=False
@@ -217,7 +233,7 @@ def embedding_umaps(
             ax.set_yticks([])
             one_level = ck == batch_key and len(tmp.obs[ck].cat.categories) == 1
             suffix = " (one level: no batch to mix)" if one_level else ""
-            ax.set_title(f"{_METHOD_NAMES.get(key, key)} — {ck}{suffix}")
+            ax.set_title(wrap(f"{_METHOD_NAMES.get(key, key)} — {titles[ck]}{suffix}", 40))
             handles = [
                 plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
                 for v in tmp.obs[ck].cat.categories
