@@ -81,16 +81,47 @@ def marker_dotplot(
             organism, _ = _resolve_organism(adata, "auto", None)
     vocab = load_vocabulary()
     mk = load_markers(markers, organism, vocabulary=vocab)
-    counts = _get_counts(adata, layer)
     groups = adata.obs[groupby].astype(str)
+    present = _labels_to_plot(groups, vocab, min_cells, groupby)
+    gene_pos = _resolve_genes(sorted(_marker_symbols(mk)), adata.var_names, mk["aliases"])
+    cand = _candidate_markers(mk, vocab, present, gene_pos)
+    all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
+    if not all_genes:
+        raise ValueError("None of the marker genes of the plotted labels are in the data.")
+    E_all = _lognorm_columns(_get_counts(adata, layer), np.array([gene_pos[g] for g in all_genes]))
+    keep = groups.isin(present).to_numpy()
+    codes = pd.Categorical(groups[keep], categories=present).codes
+    means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
+    var_groups = _most_specific(means, present, cand, all_genes, n_genes)
+    names = [g for gs in var_groups.values() for g in gs]
+    col_of = {g: i for i, g in enumerate(all_genes)}
+    plot_ad = AnnData(
+        X=E_all[:, [col_of[g] for g in names]][keep],
+        obs=pd.DataFrame(
+            {groupby: pd.Categorical(groups[keep], categories=present)},
+            index=adata.obs_names[keep],
+        ),
+        var=pd.DataFrame(index=names),
+    )
+    return savefig(_draw_dotplot(plot_ad, groupby, var_groups), path)
+
+
+def _labels_to_plot(groups: pd.Series, vocab: Any, min_cells: int, groupby: str) -> list[str]:
+    """Labels with at least ``min_cells`` cells, in vocabulary order (others after them)."""
     vc = groups.value_counts()
     order_all = list(vocab.cell_types.index) + list(vocab.lineages.index)
     present = [g for g in dict.fromkeys(order_all) if vc.get(g, 0) >= min_cells and g != UNASSIGNED]
     present += [g for g in vc.index if vc[g] >= min_cells and g not in present and g != UNASSIGNED]
     if not present:
         raise ValueError(f"No label of {groupby!r} has >= {min_cells} cells to plot.")
-    var_index = adata.var_names
-    gene_pos = _resolve_genes(sorted(_marker_symbols(mk)), var_index, mk["aliases"])
+    return present
+
+
+def _candidate_markers(
+    mk: Mapping[str, Any], vocab: Any, present: list[str], gene_pos: Mapping[str, int]
+) -> dict[str, list[str]]:
+    """Up-markers of each label present in the data (a subset borrows its lineage's markers
+    when it is its lineage's only subset or has none of its own)."""
     by_target: dict[str, list[str]] = {}
     for s in mk["subset_sets"] + mk["lineage_sets"]:
         by_target.setdefault(s["target"], []).extend(s["up"])
@@ -101,17 +132,22 @@ def marker_dotplot(
         if lab in vocab.lineages.index or len(vocab.subsets_of(lin)) == 1 or not genes:
             genes += by_target.get(lab if lab in vocab.lineages.index else lin, [])
         cand[lab] = [g for g in dict.fromkeys(genes) if g in gene_pos]
-    all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
-    if not all_genes:
-        raise ValueError("None of the marker genes of the plotted labels are in the data.")
-    E_all = _lognorm_columns(counts, np.array([gene_pos[g] for g in all_genes]))
-    keep = groups.isin(present).to_numpy()
-    codes = pd.Categorical(groups[keep], categories=present).codes
-    means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
+    return cand
+
+
+def _most_specific(
+    means: np.ndarray,
+    present: list[str],
+    cand: Mapping[str, list[str]],
+    all_genes: list[str],
+    n_genes: int,
+) -> dict[str, list[str]]:
+    """Per label, its ``n_genes`` most specific candidates (own mean - others' max), each gene
+    shown once (for the first label that takes it)."""
     col_of = {g: i for i, g in enumerate(all_genes)}
     var_groups: dict[str, list[str]] = {}
     used: set[str] = set()
-    for k, lab in enumerate(present):  # most specific markers first: own mean - others' max
+    for k, lab in enumerate(present):
         others = np.delete(means, k, axis=0)
         spec = {
             g: means[k, col_of[g]] - (others[:, col_of[g]].max() if len(others) else 0.0)
@@ -122,21 +158,16 @@ def marker_dotplot(
         if genes:
             var_groups[lab] = genes
             used.update(genes)
-    names = [g for gs in var_groups.values() for g in gs]
-    E = E_all[:, [col_of[g] for g in names]]
-    plot_ad = AnnData(
-        X=E[keep],
-        obs=pd.DataFrame(
-            {groupby: pd.Categorical(groups[keep], categories=present)},
-            index=adata.obs_names[keep],
-        ),
-        var=pd.DataFrame(index=names),
-    )
+    return var_groups
+
+
+def _draw_dotplot(plot_ad: AnnData, groupby: str, var_groups: Mapping[str, list[str]]):
+    """scanpy's dot plot, transposed, with the label brackets of :func:`_label_gene_groups`."""
     set_style()
     # genes in rows, labels in columns: 20+ labels x 3 genes side by side are 3,000 px wide
     dp = sc.pl.dotplot(
         plot_ad,
-        var_names=names,
+        var_names=list(plot_ad.var_names),
         groupby=groupby,
         standard_scale="var",
         show=False,
@@ -148,7 +179,7 @@ def marker_dotplot(
     ax = dp.ax_dict["mainplot_ax"]
     _label_gene_groups(ax, var_groups)
     ax.set_title(f"Marker genes by {groupby.replace('_', ' ')}", fontsize=12, pad=10)
-    return savefig(ax.figure, path)
+    return ax.figure
 
 
 def _label_gene_groups(ax: plt.Axes, var_groups: Mapping[str, list[str]]) -> None:

@@ -121,40 +121,57 @@ def umaps(
     order = np.random.default_rng(0).permutation(adata.n_obs)
     size = max(1.5, min(20.0, 60_000 / adata.n_obs))
     for ax, key in zip(axes.ravel(), present):
-        values = adata.obs[key].astype(str)
-        cats = (
-            list(adata.obs[key].cat.categories)
-            if isinstance(adata.obs[key].dtype, pd.CategoricalDtype)
-            else sorted(values.unique())
-        )
-        cats = [str(c) for c in cats]
-        if key == condition_key and case is not None and control is not None:
-            pal = {**categorical_palette(cats), **condition_palette(case, control)}
-        else:
-            pal = categorical_palette(cats)
-        v = values.to_numpy()[order]
-        ax.scatter(um[order, 0], um[order, 1], c=[pal[c] for c in v], s=size, lw=0, rasterized=True)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("UMAP 1")
-        ax.set_ylabel("UMAP 2")
-        ax.set_title(key)
-        if key.startswith("leiden"):
-            for c in cats:
-                m = values.to_numpy() == c
-                if m.any():
-                    cx, cy = np.median(um[m], axis=0)
-                    ax.text(cx, cy, c, ha="center", va="center", fontsize=8, weight="bold")
-        elif len(cats) <= 30:
-            handles = [plt.Line2D([], [], marker="o", ls="", color=pal[c], label=c) for c in cats]
-            ax.legend(
-                handles=handles,
-                frameon=False,
-                loc="center left",
-                bbox_to_anchor=(1.0, 0.5),
-                fontsize=8,
-            )
+        condition = key == condition_key and case is not None and control is not None
+        _umap_panel(ax, um, adata.obs[key], key, order, size,
+                    (case, control) if condition else None)  # fmt: skip
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     fig.tight_layout()
     return savefig(fig, path)
+
+
+def _categories(column: pd.Series) -> list[str]:
+    """The column's levels as strings: categorical order, else sorted."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [str(c) for c in column.cat.categories]
+    return [str(c) for c in sorted(column.astype(str).unique())]
+
+
+def _umap_panel(
+    ax: plt.Axes,
+    um: np.ndarray,
+    column: pd.Series,
+    key: str,
+    order: np.ndarray,
+    size: float,
+    contrast: tuple[str, str] | None,
+) -> None:
+    """One UMAP coloured by ``column``: clusters named at their medians, others in a legend
+    (up to 30 levels); ``contrast`` (case, control) gives the condition colours."""
+    values = column.astype(str)
+    cats = _categories(column)
+    pal = categorical_palette(cats)
+    if contrast is not None:
+        pal = {**pal, **condition_palette(*contrast)}
+    v = values.to_numpy()[order]
+    ax.scatter(um[order, 0], um[order, 1], c=[pal[c] for c in v], s=size, lw=0, rasterized=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_title(key)
+    if key.startswith("leiden"):
+        for c in cats:
+            m = values.to_numpy() == c
+            if m.any():
+                cx, cy = np.median(um[m], axis=0)
+                ax.text(cx, cy, c, ha="center", va="center", fontsize=8, weight="bold")
+    elif len(cats) <= 30:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=pal[c], label=c) for c in cats]
+        ax.legend(
+            handles=handles,
+            frameon=False,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -207,11 +207,7 @@ def embedding_umaps(
     colour_keys = [batch_key] + ([label_key] if label_key is not None else [])
     _require_obs(adata, colour_keys, "colour for UMAP")
     obs = adata.obs[colour_keys].astype(str).astype("category")
-    palettes = {batch_key: categorical_palette(obs[batch_key].cat.categories)}
-    if label_key is not None:
-        cats = obs[label_key].cat.categories
-        lineage = "lineage" in label_key
-        palettes[label_key] = lineage_palette(cats) if lineage else cell_type_palette(cats)
+    palettes = _palettes(obs, batch_key, label_key)
     titles = {batch_key: batch_key, label_key: label_title or label_key}
     n_rows, n_cols = len(embed_keys), len(colour_keys)
     fig, axes = plt.subplots(
@@ -220,35 +216,64 @@ def embedding_umaps(
     size = max(2.0, min(20.0, 60_000 / adata.n_obs))
     order = np.random.default_rng(seed).permutation(adata.n_obs)  # no batch drawn on top
     for r, key in enumerate(embed_keys):
-        tmp = ad.AnnData(obs=obs.copy(), obsm={"X_emb": np.asarray(adata.obsm[key])})
-        sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X_emb", random_state=seed)
-        sc.tl.umap(tmp, random_state=seed)
-        um = tmp.obsm["X_umap"][order]
+        um = _umap(obs, np.asarray(adata.obsm[key]), n_neighbors, seed)[order]
         for c, ck in enumerate(colour_keys):
-            ax = axes[r, c]
-            cats = tmp.obs[ck].to_numpy()[order]
-            pal = palettes[ck]
-            ax.scatter(um[:, 0], um[:, 1], c=[pal[v] for v in cats], s=size, lw=0, rasterized=True)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            one_level = ck == batch_key and len(tmp.obs[ck].cat.categories) == 1
+            one_level = ck == batch_key and len(obs[ck].cat.categories) == 1
             suffix = " (one level: no batch to mix)" if one_level else ""
-            ax.set_title(wrap(f"{_METHOD_NAMES.get(key, key)} — {titles[ck]}{suffix}", 40))
-            handles = [
-                plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
-                for v in tmp.obs[ck].cat.categories
-            ]
-            if len(handles) <= 30:
-                ax.legend(
-                    handles=handles,
-                    frameon=False,
-                    loc="center left",
-                    bbox_to_anchor=(1.0, 0.5),
-                    fontsize=8,
-                    markerscale=1.2,
-                )
+            title = f"{_METHOD_NAMES.get(key, key)} — {titles[ck]}{suffix}"
+            _coloured_umap(axes[r, c], um, obs[ck], order, palettes[ck], title, size)
         axes[r, 0].set_ylabel("UMAP 2")
     for c in range(n_cols):
         axes[-1, c].set_xlabel("UMAP 1")
     fig.tight_layout()
     return savefig(fig, path)
+
+
+def _palettes(obs: pd.DataFrame, batch_key: str, label_key: str | None) -> dict[str, dict]:
+    """Colours per colouring column: a fallback palette for batches, the shared lineage or
+    cell-type palette for labels (the colours of the annotation UMAP)."""
+    palettes = {batch_key: categorical_palette(obs[batch_key].cat.categories)}
+    if label_key is not None:
+        cats = obs[label_key].cat.categories
+        lineage = "lineage" in label_key
+        palettes[label_key] = lineage_palette(cats) if lineage else cell_type_palette(cats)
+    return palettes
+
+
+def _umap(obs: pd.DataFrame, embedding: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+    """2-D UMAP of one embedding, computed on a temporary object (the caller's is untouched)."""
+    tmp = ad.AnnData(obs=obs.copy(), obsm={"X_emb": embedding})
+    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X_emb", random_state=seed)
+    sc.tl.umap(tmp, random_state=seed)
+    return tmp.obsm["X_umap"]
+
+
+def _coloured_umap(
+    ax: plt.Axes,
+    um: np.ndarray,
+    column: pd.Series,
+    order: np.ndarray,
+    pal: Mapping[str, str],
+    title: str,
+    size: float,
+) -> None:
+    """One panel: cells (in ``order``, as ``um`` is) coloured by ``column``, legend beside it
+    (up to 30 levels)."""
+    cats = column.to_numpy()[order]
+    ax.scatter(um[:, 0], um[:, 1], c=[pal[v] for v in cats], s=size, lw=0, rasterized=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(wrap(title, 40))
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
+        for v in column.cat.categories
+    ]
+    if len(handles) <= 30:
+        ax.legend(
+            handles=handles,
+            frameon=False,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            markerscale=1.2,
+        )
