@@ -132,14 +132,7 @@ def volcano(
     pal = condition_palette(case, control)
     keys = _tested(summary, results)
     if not keys:
-        fig, ax = plt.subplots(figsize=(6.5, 2.2))
-        ax.axis("off")
-        reasons = summary["reason"].replace("", np.nan).dropna().astype(str).unique()[:6]
-        text = "No label was tested for differential expression."
-        if len(reasons):
-            text += "\nReasons: " + "\n".join(reasons)
-        ax.text(0, 0.5, text, va="center", ha="left", fontsize=10, wrap=True)
-        return fig
+        return _nothing_tested(plt, summary)
     levels = {lv for lv, _ in keys}
     ncols = max(1, min(ncols, len(keys)))
     nrows = int(np.ceil(len(keys) / ncols))
@@ -147,43 +140,12 @@ def volcano(
     summ = summary.set_index(["level", "label"])
     for ax, (level, label) in zip(axes.ravel(), keys):
         sub = results[(results["level"] == level) & (results["label"] == label)]
-        x_col = "log2fc_shrunk" if shrunk and sub["log2fc_shrunk"].notna().any() else "log2fc"
-        x = sub[x_col].to_numpy(float)
-        p = np.clip(sub["pvalue"].to_numpy(float), 1e-300, 1)
-        y = -np.log10(p)
-        padj = sub["padj"].to_numpy(float)
-        ok = np.isfinite(x) & np.isfinite(y)
-        sig = ok & (padj < alpha)
-        up, down = sig & (x > 0), sig & (x < 0)
-        ax.scatter(x[ok & ~sig], y[ok & ~sig], s=4, c=_GREY, lw=0, rasterized=True)
-        ax.scatter(x[down], y[down], s=9, c=pal[control], lw=0, label=f"higher in {control}")
-        ax.scatter(x[up], y[up], s=9, c=pal[case], lw=0, label=f"higher in {case}")
-        ax.axvline(0, color="black", lw=0.6, ls=":")
-        if ok.any():
-            lim = float(np.nanmax(np.abs(x[ok]))) * 1.08 or 1.0
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(0, float(np.nanmax(y[ok])) * 1.12 + 0.2)
         title = label if len(levels) == 1 else f"{label} ({level})"
         row = summ.loc[(level, label)]
-        ax.set_title(f"{title}\n{int(row['n_case'])} vs {int(row['n_control'])} units, "
-                     f"{int(row['n_up'])} up, {int(row['n_down'])} down", fontsize=10)  # fmt: skip
-        ax.set_xlabel(f"log2 fold change{' (shrunk)' if x_col == 'log2fc_shrunk' else ''}")
-        ax.set_ylabel("-log10 p")
-        named = _pick_genes(sub[sig], n_labels, alpha)
-        top = sub.assign(_y=y).set_index("gene").loc[named].reset_index()
-        texts = [  # up genes named to their right, down genes to their left
-            ax.text(
-                float(r[x_col]),
-                float(r["_y"]),
-                f" {r['gene']}" if r[x_col] >= 0 else f"{r['gene']} ",
-                fontsize=8,
-                ha="left" if r[x_col] >= 0 else "right",
-                va="center",
-                zorder=4,
-            )  # fmt: skip
-            for _, r in top.iterrows()
-        ]
-        _repel(ax, texts, top[[x_col, "_y"]].to_numpy(float))
+        title = (f"{title}\n{int(row['n_case'])} vs {int(row['n_control'])} units, "
+                 f"{int(row['n_up'])} up, {int(row['n_down'])} down")  # fmt: skip
+        _volcano_panel(ax, sub, title, pal=pal, case=case, control=control, alpha=alpha,
+                       n_labels=n_labels, shrunk=shrunk)  # fmt: skip
     for ax in axes.ravel()[len(keys) :]:
         ax.axis("off")
     handles = [
@@ -198,6 +160,72 @@ def volcano(
     fig.tight_layout(rect=(0, 0.05 if nrows == 1 else 0.03, 1, 1 - 0.35 / fig.get_figheight()))
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     return fig
+
+
+def _nothing_tested(plt, summary: pd.DataFrame):
+    """A text-only figure: no label was tested, and the first reasons why."""
+    fig, ax = plt.subplots(figsize=(6.5, 2.2))
+    ax.axis("off")
+    reasons = summary["reason"].replace("", np.nan).dropna().astype(str).unique()[:6]
+    text = "No label was tested for differential expression."
+    if len(reasons):
+        text += "\nReasons: " + "\n".join(reasons)
+    ax.text(0, 0.5, text, va="center", ha="left", fontsize=10, wrap=True)
+    return fig
+
+
+def _volcano_panel(
+    ax,
+    sub: pd.DataFrame,
+    title: str,
+    *,
+    pal: Mapping[str, str],
+    case: str,
+    control: str,
+    alpha: float,
+    n_labels: int,
+    shrunk: bool,
+) -> None:
+    """One label's volcano: grey genes, significant ones in the condition colours, the top
+    ``n_labels`` named."""
+    x_col = "log2fc_shrunk" if shrunk and sub["log2fc_shrunk"].notna().any() else "log2fc"
+    x = sub[x_col].to_numpy(float)
+    p = np.clip(sub["pvalue"].to_numpy(float), 1e-300, 1)
+    y = -np.log10(p)
+    padj = sub["padj"].to_numpy(float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    sig = ok & (padj < alpha)
+    up, down = sig & (x > 0), sig & (x < 0)
+    ax.scatter(x[ok & ~sig], y[ok & ~sig], s=4, c=_GREY, lw=0, rasterized=True)
+    ax.scatter(x[down], y[down], s=9, c=pal[control], lw=0, label=f"higher in {control}")
+    ax.scatter(x[up], y[up], s=9, c=pal[case], lw=0, label=f"higher in {case}")
+    ax.axvline(0, color="black", lw=0.6, ls=":")
+    if ok.any():
+        lim = float(np.nanmax(np.abs(x[ok]))) * 1.08 or 1.0
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(0, float(np.nanmax(y[ok])) * 1.12 + 0.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(f"log2 fold change{' (shrunk)' if x_col == 'log2fc_shrunk' else ''}")
+    ax.set_ylabel("-log10 p")
+    named = _pick_genes(sub[sig], n_labels, alpha)
+    _name_genes(ax, sub.assign(_y=y).set_index("gene").loc[named].reset_index(), x_col)
+
+
+def _name_genes(ax, top: pd.DataFrame, x_col: str) -> None:
+    """Gene names beside their points (up genes to the right, down to the left), repelled."""
+    texts = [
+        ax.text(
+            float(r[x_col]),
+            float(r["_y"]),
+            f" {r['gene']}" if r[x_col] >= 0 else f"{r['gene']} ",
+            fontsize=8,
+            ha="left" if r[x_col] >= 0 else "right",
+            va="center",
+            zorder=4,
+        )  # fmt: skip
+        for _, r in top.iterrows()
+    ]
+    _repel(ax, texts, top[[x_col, "_y"]].to_numpy(float))
 
 
 def _pick_genes(sub: pd.DataFrame, n_genes: int, alpha: float) -> list[str]:
@@ -248,8 +276,6 @@ def top_genes_heatmap(
         (control first, then case; ticks = donor), grey = unit not used for that label.
     """
     plt = _plt()
-    from matplotlib.colors import ListedColormap
-
     pal = condition_palette(case, control)
     counts = results[results["padj"] < alpha].groupby(["level", "label"], sort=False).size()
     keys = [k for k in counts.sort_values(ascending=False, kind="stable").index if k in pseudobulk]
@@ -263,7 +289,47 @@ def top_genes_heatmap(
     order = units[units["level"].isin([control, case])].copy()
     order["_g"] = (order["level"] == case).astype(int)
     order = order.sort_values(["_g", "donor"])
-    cols = list(order.index)
+    blocks = _heatmap_blocks(results, pseudobulk, keys, list(order.index), n_genes, alpha)
+    mat = np.vstack([b[1].to_numpy(float) for b in blocks])
+    genes = [g for _, z in blocks for g in z.index]
+    fig, ax, ax_bar, ax_cb = _heatmap_layout(plt, blocks, genes, order, mat.shape)
+    _condition_bar(plt, ax_bar, order, pal, case, control)
+    ax_bar.set_title(f"Top DE genes, {case} vs {control} (FDR < {alpha})", loc="left", pad=22)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e0e0e0")
+    lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+    im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim,
+                   interpolation="nearest")  # fmt: skip
+    ax.set_yticks(np.arange(mat.shape[0]), genes, fontsize=8)
+    ax.yaxis.tick_right()
+    ax.set_xticks(np.arange(mat.shape[1]), [str(d) for d in order["donor"]], rotation=90,
+                  fontsize=8)  # fmt: skip
+    ax.set_xlabel("unit (donor)")
+    start = 0
+    for name, z in blocks:
+        end = start + len(z)
+        if start:
+            ax.axhline(start - 0.5, color="white", lw=2)
+        ax.text(-0.6, (start + end - 1) / 2, name, ha="right", va="center", fontsize=9,
+                transform=ax.transData, clip_on=False)  # fmt: skip
+        start = end
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.axvline(int((order["level"] == control).sum()) - 0.5, color="black", lw=1)
+    cb = fig.colorbar(im, cax=ax_cb)
+    cb.set_label("z-score of log2 CPM")
+    return fig
+
+
+def _heatmap_blocks(
+    results: pd.DataFrame,
+    pseudobulk: Mapping[tuple[str, str], pd.DataFrame],
+    keys: list[tuple[str, str]],
+    cols: list[str],
+    n_genes: int,
+    alpha: float,
+) -> list[tuple[str, pd.DataFrame]]:
+    """(name, genes x units z-scores) per label: its top genes' log2 CPM, z-scored per gene
+    over the label's units, NaN for units the label was not tested on."""
     blocks = []
     levels = {lv for lv, _ in keys}
     for level, label in keys:
@@ -274,10 +340,13 @@ def top_genes_heatmap(
         z = z.reindex(cols).T
         name = label if len(levels) == 1 else f"{label} ({level})"
         blocks.append((name, z))
-    mat = np.vstack([b[1].to_numpy(float) for b in blocks])
-    n_rows, n_cols = mat.shape
-    genes = [g for _, z in blocks for g in z.index]
-    # layout in inches: block names | heatmap | gene names | colour bar
+    return blocks
+
+
+def _heatmap_layout(plt, blocks, genes: list[str], order: pd.DataFrame, shape: tuple[int, int]):
+    """Figure and axes sized in inches: block names | heatmap | gene names | colour bar, with
+    the condition bar above the heatmap. Returns (fig, heatmap, condition bar, colour bar)."""
+    n_rows, n_cols = shape
     left = 0.3 + 0.075 * max(len(b[0]) for b in blocks)
     hm_w = max(1.6, 0.32 * n_cols)
     gene_w = 0.25 + 0.07 * max(len(g) for g in genes)
@@ -291,6 +360,13 @@ def top_genes_heatmap(
     cb_h = min(hm_h, 2.5)
     ax_cb = fig.add_axes(((left + hm_w + gene_w) / fig_w, (bottom + hm_h - cb_h) / fig_h,
                           0.15 / fig_w, cb_h / fig_h))  # fmt: skip
+    return fig, ax, ax_bar, ax_cb
+
+
+def _condition_bar(plt, ax_bar, order: pd.DataFrame, pal, case: str, control: str) -> None:
+    """The units' condition as a colour strip, with its legend above."""
+    from matplotlib.colors import ListedColormap
+
     bar = (order["level"] == case).astype(int).to_numpy()[None, :]
     ax_bar.imshow(bar, aspect="auto", cmap=ListedColormap([pal[control], pal[case]]), vmin=0,
                   vmax=1, interpolation="nearest")  # fmt: skip
@@ -298,32 +374,9 @@ def top_genes_heatmap(
     ax_bar.tick_params(bottom=False, labelbottom=False)
     for s in ax_bar.spines.values():
         s.set_visible(False)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e0e0e0")
-    lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
-    im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim,
-                   interpolation="nearest")  # fmt: skip
-    ax.set_yticks(np.arange(n_rows), genes, fontsize=8)
-    ax.yaxis.tick_right()
-    ax.set_xticks(np.arange(n_cols), [str(d) for d in order["donor"]], rotation=90, fontsize=8)
-    ax.set_xlabel("unit (donor)")
-    start = 0
-    for name, z in blocks:
-        end = start + len(z)
-        if start:
-            ax.axhline(start - 0.5, color="white", lw=2)
-        ax.text(-0.6, (start + end - 1) / 2, name, ha="right", va="center", fontsize=9,
-                transform=ax.transData, clip_on=False)  # fmt: skip
-        start = end
-    for s in ax.spines.values():
-        s.set_visible(False)
-    ax.axvline(int((order["level"] == control).sum()) - 0.5, color="black", lw=1)
     handles = [
         plt.Rectangle((0, 0), 1, 1, color=pal[control], label=control),
         plt.Rectangle((0, 0), 1, 1, color=pal[case], label=case),
     ]
     ax_bar.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.05), ncol=2,
                   frameon=False, borderaxespad=0)  # fmt: skip
-    ax_bar.set_title(f"Top DE genes, {case} vs {control} (FDR < {alpha})", loc="left", pad=22)
-    cb = fig.colorbar(im, cax=ax_cb)
-    cb.set_label("z-score of log2 CPM")
-    return fig

@@ -88,6 +88,16 @@ def immune_card(
     bottom = y_head + 0.62 / h
     ax = fig.add_axes((0.36, bottom, 0.47, top - bottom))
     y = np.arange(n)[::-1]
+    _card_points(plt, ax, p, y)
+    _card_axis(ax, p, y)
+    _card_header(plt, fig, p, sample_id, case, control, condition_key)
+    _card_states(fig, st, y_head)
+    return fig
+
+
+def _card_points(plt, ax, p: pd.DataFrame, y: np.ndarray) -> None:
+    """Control-range bands (grey) and each readout's z-score, coloured by its flag; values
+    beyond the clip are drawn as arrows at the edge."""
     for yi, k in zip(y, p.get("ref_k", pd.Series(np.nan, index=p.index))):
         if np.isfinite(k):
             ax.add_patch(plt.Rectangle((-k, yi - 0.35), 2 * k, 0.7, color=_BAND, lw=0, zorder=0))
@@ -103,6 +113,11 @@ def immune_card(
         marker = "o" if abs(z) <= _CLIP else (">" if z > 0 else "<")
         ax.scatter([zc], [yi], s=42 if flag != "within" else 26, color=col, marker=marker,
                    zorder=3, edgecolor="white", linewidth=0.5)  # fmt: skip
+
+
+def _card_axis(ax, p: pd.DataFrame, y: np.ndarray) -> None:
+    """Readout names, z axis, dotted lines between readout groups, the value column."""
+    n = len(p)
     ax.set_yticks(y)
     ax.set_yticklabels(p["label"].astype(str), fontsize=8)
     ax.set_ylim(-0.7, n - 0.3)
@@ -113,39 +128,44 @@ def immune_card(
     for i in range(1, n):
         if groups[i] != groups[i - 1]:
             ax.axhline(y[i] + 0.5, color="#bdbdbd", lw=0.6, ls=":")
-    # value column
     for yi, (_, r) in zip(y, p.iterrows()):
         v = r["value"]
         txt = "NA" if pd.isna(v) else f"{float(v):.3g}"
         ax.text(1.02, yi, txt, transform=ax.get_yaxis_transform(), fontsize=7.5, va="center")
     ax.text(1.02, n - 0.3, "value", transform=ax.get_yaxis_transform(), fontsize=7.5,
             va="bottom", style="italic")  # fmt: skip
+
+
+def _card_header(plt, fig, p: pd.DataFrame, sample_id: str, case, control, condition_key) -> None:
+    """Sample, condition (in its colour), donor and the flag legend along the top."""
+    h = fig.get_figheight()
     cond = str(p[condition_key].iloc[0]) if condition_key in p else ""
     donor = str(p["donor"].iloc[0]) if "donor" in p else ""
     pal = _palette([cond], case, control)
-    fig.text(0.02, 1 - 0.3 / fig.get_figheight(), f"Immune card: {sample_id}", fontsize=11,
+    fig.text(0.02, 1 - 0.3 / h, f"Immune card: {sample_id}", fontsize=11,
              fontweight="bold", va="center")  # fmt: skip
-    fig.text(0.40, 1 - 0.3 / fig.get_figheight(), f"{cond}", color=pal.get(cond, "black"),
+    fig.text(0.40, 1 - 0.3 / h, f"{cond}", color=pal.get(cond, "black"),
              fontsize=10, fontweight="bold", va="center")  # fmt: skip
-    fig.text(0.58, 1 - 0.3 / fig.get_figheight(), f"donor {donor}", fontsize=9, va="center")
+    fig.text(0.58, 1 - 0.3 / h, f"donor {donor}", fontsize=9, va="center")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f)
                for f, c in FLAG_COLOURS.items()]  # fmt: skip
     fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.3 / h),
                ncol=3, fontsize=7.5, frameon=False, handletextpad=0.2,
                columnspacing=0.8)  # fmt: skip
-    # state calls
-    yy = y_head
-    step = 0.17 / h
-    fig.text(0.02, yy, "State calls (research hypotheses, not treatment advice):", fontsize=8,
-             fontweight="bold")  # fmt: skip
+
+
+def _card_states(fig, st: pd.DataFrame, y_head: float) -> None:
+    """The sample's state calls under the readouts (yes / probable in colour and bold)."""
+    step = 0.17 / fig.get_figheight()
+    fig.text(0.02, y_head, "State calls (research hypotheses, not treatment advice):",
+             fontsize=8, fontweight="bold")  # fmt: skip
     for i, (_, s) in enumerate(st.iterrows()):
         call = str(s["call"])
         extra = (f" (support {int(s['n_support'])}/{int(s['n_support_total'])})"
                  if call in ("yes", "probable") and int(s.get("n_support_total", 0)) else "")  # fmt: skip
         colour = {"yes": "#b2182b", "probable": "#e08214", "no": "black"}.get(call, "#737373")
-        fig.text(0.04, yy - (i + 1) * step, f"{s['label']}: {call}{extra}", fontsize=7.5,
+        fig.text(0.04, y_head - (i + 1) * step, f"{s['label']}: {call}{extra}", fontsize=7.5,
                  color=colour, fontweight="bold" if call in ("yes", "probable") else "normal")  # fmt: skip
-    return fig
 
 
 def cohort_heatmap(
@@ -183,14 +203,7 @@ def cohort_heatmap(
     z = z.loc[:, z.notna().any()]
     labels = profiles.drop_duplicates("readout").set_index("readout")["label"]
     cond = profiles.drop_duplicates("sample_id").set_index("sample_id")[condition_key].astype(str)
-    rows = list(z.index)
-    if cluster and len(rows) > 2 and z.shape[1] > 1:
-        from scipy.cluster.hierarchy import leaves_list, linkage
-
-        rows = [
-            rows[i]
-            for i in leaves_list(linkage(z.fillna(0).clip(-vmax, vmax).to_numpy(), "average"))
-        ]
+    rows = _sample_order(z, cluster, vmax)
     z = z.loc[rows]
     n_s, n_r = z.shape
     fig = plt.figure(figsize=(max(6.0, 0.36 * n_r + 3.0), max(3.2, 0.28 * n_s + 2.6)))
@@ -217,6 +230,33 @@ def cohort_heatmap(
                        fontsize=7.5, rotation_mode="anchor")  # fmt: skip
     ax.set_yticks([])
     pal = _palette(sorted(set(cond)), case, control)
+    _condition_strip(bar, rows, cond, pal)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(f"z vs controls (clipped at +/-{vmax:g})", fontsize=8)
+    cb.ax.tick_params(labelsize=7.5)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=pal[c]) for c in pal]
+    fig.legend(handles, list(pal), loc="upper left", bbox_to_anchor=(0.01, 1 - 0.05 / h),
+               ncol=len(pal), fontsize=8, frameon=False, title=None)  # fmt: skip
+    ax.set_title("Patient immune profiles (grey = not measurable)", fontsize=10, loc="right")
+    return fig
+
+
+def _sample_order(z: pd.DataFrame, cluster: bool, vmax: float) -> list[str]:
+    """Samples in average-linkage order of their clipped z-profiles (missing = 0), or as
+    given when not clustering or too few samples / readouts."""
+    rows = list(z.index)
+    if cluster and len(rows) > 2 and z.shape[1] > 1:
+        from scipy.cluster.hierarchy import leaves_list, linkage
+
+        rows = [
+            rows[i]
+            for i in leaves_list(linkage(z.fillna(0).clip(-vmax, vmax).to_numpy(), "average"))
+        ]
+    return rows
+
+
+def _condition_strip(bar, rows: list[str], cond: pd.Series, pal: Mapping[str, str]) -> None:
+    """The samples' conditions as a colour strip, sample names as its tick labels."""
     from matplotlib.colors import ListedColormap
 
     cats = list(pal)
@@ -224,18 +264,10 @@ def cohort_heatmap(
                cmap=ListedColormap([pal[c] for c in cats]), vmin=-0.5,
                vmax=len(cats) - 0.5, interpolation="nearest")  # fmt: skip
     bar.set_xticks([])
-    bar.set_yticks(range(n_s))
+    bar.set_yticks(range(len(rows)))
     bar.set_yticklabels(rows, fontsize=7.5)
     for sp_ in ("top", "right", "bottom", "left"):
         bar.spines[sp_].set_visible(False)
-    cb = fig.colorbar(im, cax=cax)
-    cb.set_label(f"z vs controls (clipped at +/-{vmax:g})", fontsize=8)
-    cb.ax.tick_params(labelsize=7.5)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=pal[c]) for c in cats]
-    fig.legend(handles, cats, loc="upper left", bbox_to_anchor=(0.01, 1 - 0.05 / h), ncol=len(cats),
-               fontsize=8, frameon=False, title=None)  # fmt: skip
-    ax.set_title("Patient immune profiles (grey = not measurable)", fontsize=10, loc="right")
-    return fig
 
 
 def trajectory_plot(
