@@ -180,8 +180,13 @@ def test_ucell_mask_and_bad_input():
     mask[10:20] = True
     got = ucell_scores(a, {"s": ["G1", "G2"]}, max_rank=50, mask=mask)
     assert got["s"].isna().sum() == a.n_obs - 10 and got["s"][mask].notna().all()
-    with pytest.raises(KeyError, match="layer"):
-        ucell_scores(a, {"s": ["G1"]}, layer="nope")
+    # an absent layer falls back to integer-valued X (counts in X work as in a layer) ...
+    pd.testing.assert_frame_equal(ucell_scores(a, {"s": ["G1"]}, layer="nope"),
+                                  ucell_scores(a, {"s": ["G1"]}))  # fmt: skip
+    b = a.copy()
+    b.X.data = np.log1p(b.X.data)
+    with pytest.raises(KeyError, match=r'layers\["nope"\] is absent and X does not hold raw'):
+        ucell_scores(b, {"s": ["G1"]}, layer="nope")  # ... and is refused when X is not counts
     a.layers["counts"] = a.layers["counts"].copy()
     a.layers["counts"].data[0] = -1.0
     with pytest.raises(ValueError, match="negative"):

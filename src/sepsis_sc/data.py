@@ -163,7 +163,7 @@ def check_counts(
     if frac.any():
         raise ValueError(
             f"{what} contains non-integer values (e.g. {values[frac][0]:.4g}); it looks "
-            "log-normalised or scaled. Give raw UMI counts (the 10x filtered matrix, or the "
+            "log-normalised or scaled, not raw counts. Give raw UMI counts (the 10x filtered matrix, or the "
             'h5ad\'s layers["counts"]).'
         )
 
@@ -200,7 +200,7 @@ def get_counts(
     max_values
         Stored values checked (evenly spaced; None: all).
     sample_id
-        Named in error messages.
+        Named in error messages (default: the first three of ``obs["sample_id"]``).
 
     Returns
     -------
@@ -215,6 +215,8 @@ def get_counts(
     ValueError
         When ``check`` and the layer holds no raw counts.
     """
+    if sample_id is None and "sample_id" in adata.obs and adata.n_obs:
+        sample_id = ", ".join(pd.unique(adata.obs["sample_id"].astype(str))[:3])
     if layer is not None and layer in adata.layers:
         slot = f'layers["{layer}"]'
         x = adata.layers[layer]

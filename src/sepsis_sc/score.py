@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sepsis_sc.data import get_counts, resolve_organism
 from sepsis_sc.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
@@ -136,17 +137,6 @@ def _as_signature_list(
 # --------------------------------------------------------------------------------------
 # UCell
 # --------------------------------------------------------------------------------------
-def _get_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
-    if layer is None:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(
-            f"layer {layer!r} not in adata.layers (have {list(adata.layers)}); pass "
-            "layer=None to rank adata.X. Raw counts belong in layers['counts']."
-        )
-    return adata.layers[layer]
-
-
 def _chunk_ranks(block: sp.csr_matrix, query: np.ndarray, max_rank: int) -> np.ndarray:
     """Per-cell descending ranks (ties averaged, as UCell) of the ``query`` gene columns.
 
@@ -256,7 +246,7 @@ def ucell_scores(
     var_index = pd.Index(adata.var_names)
     if not var_index.is_unique:
         raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique()")
-    mat = _get_matrix(adata, layer)
+    mat = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
     n_genes = adata.n_vars
     if max_rank > n_genes:
         logger.info("max_rank %d > number of genes %d; using %d", max_rank, n_genes, n_genes)
@@ -301,16 +291,6 @@ def ucell_scores(
 # --------------------------------------------------------------------------------------
 # state scoring and calls
 # --------------------------------------------------------------------------------------
-def _guess_organism(adata: ad.AnnData) -> str:
-    """'human' when most alphabetic symbols are upper case, else 'mouse'."""
-    names = pd.Index(adata.var_names).astype(str)
-    alpha = names[names.str.contains(r"[A-Za-z]", regex=True)]
-    if len(alpha) == 0:
-        raise ValueError("cannot detect organism: var_names hold no gene symbols; pass organism=")
-    upper = np.mean([n == n.upper() for n in alpha[:5000]])
-    return "human" if upper > 0.5 else "mouse"
-
-
 def _population_mask(
     adata: ad.AnnData, spec: Mapping[str, Any] | None, lineage_key: str, cell_type_key: str
 ) -> np.ndarray:
@@ -437,9 +417,7 @@ def score_states(
     Writes ``obs["<state>_score"]`` (NaN outside the parent), ``obs["<state>"]`` (nullable
     bool, discrete states, ``<NA>`` outside the call population) and ``uns["state_rules"]``.
     """
-    if organism == "auto":
-        organism = _guess_organism(adata)
-        logger.info("organism detected from gene symbols: %s", organism)
+    organism = resolve_organism(adata.var_names, organism)
     if signatures is None or isinstance(signatures, str | Path):
         sigs = load_signatures(organism, signatures)
     else:
