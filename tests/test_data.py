@@ -65,11 +65,15 @@ def test_log_normalised_input_rejected_with_the_fix():
 
 def test_check_counts_messages_name_sample_and_source():
     data.check_counts(_counts())
-    with pytest.raises(ValueError, match=r"sample S1 \(x.h5ad\) contains non-integer.*e\.g\. \d\.\d+"):
+    with pytest.raises(
+        ValueError, match=r"sample S1 \(x.h5ad\) contains non-integer.*e\.g\. \d\.\d+"
+    ):
         data.check_counts(_lognorm(_counts()), sample_id="S1", source="x.h5ad")
     neg = _counts()
     neg.data[3] = -2
-    with pytest.raises(ValueError, match=r"the count matrix contains negative values \(e\.g\. -2\)"):
+    with pytest.raises(
+        ValueError, match=r"the count matrix contains negative values \(e\.g\. -2\)"
+    ):
         data.check_counts(neg)
     nan = _counts().toarray()
     nan[2, 2] = np.nan
@@ -130,7 +134,9 @@ def test_mixed_or_unknown_names_are_undecidable():
 def test_resolve_organism_mismatch_errors_give_evidence():
     assert data.resolve_organism(HUMAN) == "human"
     assert data.resolve_organism(["foo1"], "mouse") == "mouse"  # nothing contradicts it
-    with pytest.raises(ValueError, match=r"organism: human but the genes of sample S2 are mouse \(.*Cd3e"):
+    with pytest.raises(
+        ValueError, match=r"organism: human but the genes of sample S2 are mouse \(.*Cd3e"
+    ):
         data.resolve_organism(MOUSE, "human", what="sample S2")
     ids = [f"ENSMUSG{i:011d}" for i in range(10)]
     with pytest.raises(ValueError, match="10 ENSMUSG IDs"):
