@@ -47,6 +47,10 @@ def test_counts_in_layer_or_integer_x():
     assert x is b.X and slot == "X"
     x, slot = data.get_counts(b, "raw")  # a named layer that is absent: X too
     assert slot == "X"
+    b.obs["sample_id"] = "S7"  # messages name the samples of obs["sample_id"]
+    b.X = _lognorm(counts)
+    with pytest.raises(ValueError, match=r"sample S7 \(X\) contains non-integer"):
+        data.get_counts(b)
 
 
 def test_log_normalised_input_rejected_with_the_fix():

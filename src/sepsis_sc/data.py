@@ -168,14 +168,6 @@ def check_counts(
         )
 
 
-def _is_integer_valued(x: Any, max_values: int | None) -> bool:
-    try:
-        check_counts(x, max_values=max_values)
-    except ValueError:
-        return False
-    return True
-
-
 def get_counts(
     adata: ad.AnnData,
     layer: str | None = "counts",
@@ -334,7 +326,7 @@ class OrganismEvidence:
             if self.ensembl[org]:
                 bits.append(f"{self.ensembl[org]} {'ENSG' if org == 'human' else 'ENSMUSG'} IDs")
             parts.append(f"{org}: {'; '.join(bits) if bits else 'none'}")
-        text = "; ".join(f"{p}" for p in parts)
+        text = "; ".join(parts)
         if np.isfinite(self.upper):
             text += (
                 f"; symbols {self.upper:.0%} upper case (human style), "

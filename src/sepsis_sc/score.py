@@ -523,10 +523,24 @@ def _require_reference(
         )
 
 
+def _parent_scores(
+    adata: ad.AnnData,
+    to_score: Sequence[Mapping[str, Any]],
+    parents: Mapping[str, np.ndarray],
+    ucell: Mapping[str, Any],
+) -> pd.DataFrame | None:
+    """Signed (unclipped) UCell scores of the states, ranking only cells of some parent."""
+    if not to_score:
+        return None
+    union = np.logical_or.reduce([parents[s["name"]] for s in to_score])
+    return ucell_scores(adata, to_score, clip=False, mask=union, **ucell)
+
+
 def _write_score(
-    adata: ad.AnnData, name: str, scores: pd.DataFrame, parent: np.ndarray
+    adata: ad.AnnData, name: str, scores: pd.DataFrame | None, parent: np.ndarray
 ) -> np.ndarray:
     """Write ``obs["<name>_score"]`` (NaN outside the parent population); return it."""
+    assert scores is not None
     col = scores[name].to_numpy().copy()
     col[~parent] = np.nan
     adata.obs[f"{name}_score"] = col
@@ -701,18 +715,8 @@ def score_states(
     if calls:
         _require_reference(to_score, rules, is_control)
 
-    if to_score:
-        union = np.logical_or.reduce([parents[s["name"]] for s in to_score])
-        scores = ucell_scores(
-            adata,
-            to_score,
-            max_rank=max_rank,
-            w_neg=w_neg,
-            layer=layer,
-            clip=False,
-            chunk_size=chunk_size,
-            mask=union,
-        )
+    ucell = {"max_rank": max_rank, "w_neg": w_neg, "layer": layer, "chunk_size": chunk_size}
+    scores = _parent_scores(adata, to_score, parents, ucell)
     for s in to_score:
         name = s["name"]
         parent = parents[name]
