@@ -149,18 +149,6 @@ def test_ingest_rejects_ensembl_only(tmp_path):
         io.ingest_sample(tmp_path / "ids.h5ad", {"sample_id": "S9"})
 
 
-def test_check_integer_counts_messages():
-    io.check_integer_counts(_counts())  # raw counts pass
-    lognorm = _counts().copy()
-    lognorm.data = np.log1p(lognorm.data)
-    with pytest.raises(ValueError, match=r"sample S1.*non-integer.*e\.g\. \d\.\d+.*raw UMI counts"):
-        io.check_integer_counts(lognorm, sample_id="S1", source="x.h5ad")
-    neg = _counts().copy()
-    neg.data[0] = -1
-    with pytest.raises(ValueError, match="negative"):
-        io.check_integer_counts(neg)
-
-
 def test_ingest_rejects_lognormalised(tmp_path):
     lognorm = _counts().copy()
     lognorm.data = np.log1p(lognorm.data)
@@ -170,17 +158,10 @@ def test_ingest_rejects_lognormalised(tmp_path):
         io.ingest_sample(tmp_path / "log.h5ad", {"sample_id": "P3"})
 
 
-def test_detect_organism():
-    assert io.detect_organism(GENES) == "human"
-    assert io.detect_organism(["Cd3e", "Ptprc", "mt-Co1", "Lyz2", "Actb"]) == "mouse"
-    assert io.detect_organism(["ENSMUSG00000000001", "ENSMUSG00000000028"]) == "mouse"
-    assert io.detect_organism(["foo1", "bar2"]) is None
-
-
 def test_ingest_organism_mismatch(tmp_path):
     path = tmp_path / "filtered_feature_bc_matrix.h5"
     io.write_10x_h5(path, _counts(), BARCODES, IDS, GENES)
-    with pytest.raises(ValueError, match="organism: mouse but sample S1 has human gene symbols"):
+    with pytest.raises(ValueError, match=r"organism: mouse but the genes of sample S1 \(.*\) are human \(.*CD3E"):
         io.ingest_sample(path, {"sample_id": "S1"}, organism="mouse")
 
 

@@ -180,8 +180,13 @@ def test_ucell_mask_and_bad_input():
     mask[10:20] = True
     got = ucell_scores(a, {"s": ["G1", "G2"]}, max_rank=50, mask=mask)
     assert got["s"].isna().sum() == a.n_obs - 10 and got["s"][mask].notna().all()
-    with pytest.raises(KeyError, match="layer"):
-        ucell_scores(a, {"s": ["G1"]}, layer="nope")
+    # an absent layer falls back to integer-valued X (counts in X work as in a layer) ...
+    pd.testing.assert_frame_equal(ucell_scores(a, {"s": ["G1"]}, layer="nope"),
+                                  ucell_scores(a, {"s": ["G1"]}))  # fmt: skip
+    b = a.copy()
+    b.X.data = np.log1p(b.X.data)
+    with pytest.raises(KeyError, match=r'layers\["nope"\] is absent and X does not hold raw'):
+        ucell_scores(b, {"s": ["G1"]}, layer="nope")  # ... and is refused when X is not counts
     a.layers["counts"] = a.layers["counts"].copy()
     a.layers["counts"].data[0] = -1.0
     with pytest.raises(ValueError, match="negative"):
@@ -279,6 +284,47 @@ def test_score_states_skips_too_few_genes_and_cells():
         "state"
     )
     assert t3.loc["trem2_high_macrophage", "status"] == "scored"
+
+
+def test_score_states_needs_a_reference_or_calls_false():
+    adata = make_cohort(n_case=2, n_control=2, cells_per_type=30)
+    before = list(adata.obs.columns)
+    # a control-quantile call without control= is refused, not switched to Otsu
+    with pytest.raises(ValueError, match=r"mono_hladr_low.*control reference.*control=.*calls=False"):
+        score_states(adata, states=["mono_hladr_low", "ifn_response"])
+    assert list(adata.obs.columns) == before  # nothing written
+    t = score_states(adata, states=["mono_hladr_low", "ifn_response"], calls=False)
+    t = t.set_index("state")
+    assert "mono_hladr_low" not in adata.obs and "mono_hladr_low_score" in adata.obs
+    assert "calls=False" in t.loc["mono_hladr_low", "reason"]
+    assert np.isnan(t.loc["mono_hladr_low", "threshold"])
+    # a state without calls (not discrete) never needs a reference
+    score_states(adata, states=["ifn_response"])
+
+
+def test_score_states_counts_in_x_or_layer_alike():
+    adata = make_cohort(n_case=2, n_control=2, cells_per_type=30)
+    in_x = adata.copy()
+    in_x.X = in_x.layers["counts"].copy()
+    del in_x.layers["counts"]
+    t1 = score_states(adata, control="control")
+    t2 = score_states(in_x, control="control")
+    pd.testing.assert_frame_equal(t1, t2)
+    pd.testing.assert_frame_equal(adata.obs, in_x.obs)
+
+
+def test_score_steps_signature_columns_and_call_rules():
+    from sepsis_sc.score import _call_rules, _signature_columns
+
+    sigs = [{"name": "a", "up": ["G2", "G1", "G2", "nope"], "down": ["G5"]},
+            {"name": "b", "up": ["G5"], "down": []}]  # fmt: skip
+    idx, parts = _signature_columns(sigs, pd.Index([f"G{i}" for i in range(6)]))
+    assert list(idx) == [2, 1, 5]  # union in first-seen order; absent genes dropped
+    assert parts == {"a": ([0, 1], [2]), "b": ([2], [])}
+    assert _call_rules(None) == {"default": {"method": "control_quantile", "quantile": 0.95}}
+    assert _call_rules({"method": "otsu"}) == {"default": {"method": "otsu"}}
+    rules = _call_rules({"x": {"method": "none"}})
+    assert rules["x"] == {"method": "none"} and rules["default"]["method"] == "control_quantile"
 
 
 def test_score_states_otsu_and_fixed_rules_and_errors():

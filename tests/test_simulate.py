@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import shared_file
 
-from sepsis_sc import io, simulate
+from sepsis_sc import data, io, simulate
 
 N_GENES = 10_000
 
@@ -288,7 +288,7 @@ def test_mouse_variant_and_custom_labels():
     a = adatas["S1"]
     assert {"mt-Co1", "Ptprc", "Cd3e", "Lyz2", "Ly6g", "H2-Ab1"} <= set(a.var_names)
     assert not any(a.var_names.str.startswith("MT-"))
-    assert io.detect_organism(a.var_names) == "mouse"
+    assert data.detect_organism(a.var_names) == "mouse"
     assert set(truth["condition"]) == {"CLP", "sham"}
     with pytest.raises(ValueError, match="neither case"):
         simulate.simulate_cohort(sheet, cells_per_sample=50, n_genes=N_GENES)

@@ -21,6 +21,7 @@ _SUBMODULES = {
     "annotate",
     "cluster",
     "config",
+    "data",
     "de",
     "design",
     "simulate_design",

@@ -27,6 +27,8 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from sepsis_sc.data import looks_like_counts
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -435,12 +437,6 @@ def leiden_multi(
     return summary
 
 
-def _looks_like_counts(x) -> bool:
-    vals = x.data[:100_000] if sp.issparse(x) else np.asarray(x).ravel()[:100_000]
-    vals = np.asarray(vals)
-    return bool(vals.size) and np.allclose(vals, np.round(vals)) and float(vals.max()) > 30
-
-
 def _wilcoxon_vs_rest_sparse(
     x: sp.spmatrix,
     codes: np.ndarray,
@@ -576,7 +572,7 @@ def cluster_markers(
     """
     if groupby not in adata.obs:
         raise KeyError(f"obs[{groupby!r}] not found; run leiden_multi first or pick a column.")
-    if _looks_like_counts(adata.X):
+    if looks_like_counts(adata.X):
         raise ValueError(
             "X looks like raw counts (integers > 30); markers are ranked on log-normalised X. "
             "Normalise first (sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata))."

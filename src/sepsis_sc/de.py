@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sepsis_sc.data import get_counts
 from sepsis_sc.design import COEF, SampleDesign
 
 logger = logging.getLogger(__name__)
@@ -64,26 +65,6 @@ _CHUNK_CELLS = 50_000  # cells per block of the indicator product (bounds the fl
 # --------------------------------------------------------------------------------------
 # pseudobulk
 # --------------------------------------------------------------------------------------
-def _count_matrix(adata: Any, layer: str | None) -> tuple[Any, str]:
-    """The raw-count matrix (``layers[layer]``, else integer-valued X) and where it is."""
-    if layer is not None and layer in adata.layers:
-        return adata.layers[layer], f"layers[{layer!r}]"
-    X = adata.X
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    head = np.asarray(data[:100_000])
-    if head.size and not (np.all(head >= 0) and np.all(np.mod(head, 1) == 0)):
-        raise ValueError(
-            f"No raw counts found: layers[{layer!r}] is absent and X is not integer-valued "
-            "(it looks normalised). Pseudobulk DE needs raw UMI counts: keep them in "
-            "adata.layers['counts'] (as the workflow does) or pass layer=<name of the "
-            "raw-count layer>."
-        )
-    where = "X (integer-valued)"
-    if layer is not None:
-        logger.info("layers[%r] absent; using integer-valued X as raw counts", layer)
-    return X, where
-
-
 def _codes(values: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Integer codes (-1 = missing) and category names of an obs column, categories in order."""
     cat = values.astype("category") if values.dtype.name != "category" else values
@@ -137,7 +118,7 @@ def pseudobulk(
             raise KeyError(
                 f"obs[{key!r}] ({what} column) is missing; columns: {', '.join(map(str, adata.obs.columns))}"
             )
-    X, where = _count_matrix(adata, layer)
+    X, where = get_counts(adata, layer, check=False, max_values=100_000)
     s_codes, samples = _codes(adata.obs[sample_key])
     l_codes, labels = _codes(adata.obs[label_key])
     ok = (s_codes >= 0) & (l_codes >= 0)

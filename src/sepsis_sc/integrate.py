@@ -45,6 +45,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from sepsis_sc.config import EMBEDDING_KEYS
+from sepsis_sc.data import check_counts, require_layer
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +70,6 @@ _FLAG_COLUMNS = ("mt", "ribo", "hb")
 # --------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------
-def _require_layer(adata: ad.AnnData, layer: str) -> None:
-    if layer not in adata.layers:
-        raise KeyError(
-            f"adata.layers[{layer!r}] is missing; integration needs the raw UMI counts there "
-            "(qc_merge keeps them in layers['counts']). If your object has counts in X, run "
-            "adata.layers['counts'] = adata.X.copy() before normalising."
-        )
-
-
-def _check_counts(adata: ad.AnnData, layer: str, n_check: int = 200_000) -> None:
-    """Raise if the first entries of ``layers[layer]`` are not non-negative integers."""
-    _require_layer(adata, layer)
-    x = adata.layers[layer]
-    vals = x.data[:n_check] if sp.issparse(x) else np.asarray(x).ravel()[:n_check]
-    vals = np.asarray(vals)
-    if vals.size and (vals.min() < 0 or not np.allclose(vals, np.round(vals))):
-        raise ValueError(
-            f"adata.layers[{layer!r}] does not hold raw counts (found negative or non-integer "
-            "values). scVI and seurat_v3 HVGs model raw UMI counts: store the unnormalised "
-            f"counts in layers[{layer!r}]."
-        )
-
-
 def _require_obs(adata: ad.AnnData, keys: Sequence[str], what: str) -> None:
     for key in keys:
         if key not in adata.obs:
@@ -186,7 +164,9 @@ def select_hvgs(
         raise ValueError(f"n_top_genes must be >= 2, got {n_top_genes}")
     counts_flavor = flavor.startswith("seurat_v3")
     if counts_flavor:
-        _check_counts(adata, layer)
+        why = "seurat_v3 HVGs model raw UMI counts"
+        counts = require_layer(adata, layer, why=why)
+        check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
     one_batch: dict[str, Any] = {}
     if batch_key is not None:
         _require_obs(adata, [batch_key], "batch key for HVG selection")
@@ -485,7 +465,8 @@ def run_scvi(
     """
     import scvi
 
-    _check_counts(adata, layer)
+    counts = require_layer(adata, layer, why="scVI models raw UMI counts")
+    check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
     hvg = _require_hvgs(adata)
     keys = list(categorical_covariates) + list(continuous_covariates)
     if batch_key is not None:

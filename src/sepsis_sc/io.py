@@ -39,13 +39,13 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from sepsis_sc.data import check_counts, detect_organism, resolve_organism
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_counts",
     "ingest_sample",
-    "check_integer_counts",
-    "detect_organism",
     "ensure_symbols",
     "write_10x_h5",
     "FORMATS",
@@ -75,32 +75,6 @@ _SYMBOL_COLUMNS = (
 _ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "feature_id", "id")
 
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-
-#: well-known, broadly expressed genes (human HGNC spelling) used to guess the organism.
-#: Mouse spellings are the MGI names (title case, ``mt-`` for mitochondrial genes).
-_ORGANISM_PROBES: dict[str, str] = {
-    "PTPRC": "Ptprc",
-    "CD3E": "Cd3e",
-    "CD3D": "Cd3d",
-    "CD74": "Cd74",
-    "CD14": "Cd14",
-    "CD79A": "Cd79a",
-    "NKG7": "Nkg7",
-    "ACTB": "Actb",
-    "GAPDH": "Gapdh",
-    "B2M": "B2m",
-    "MALAT1": "Malat1",
-    "TMSB4X": "Tmsb4x",
-    "FTL": "Ftl1",
-    "RPL13": "Rpl13",
-    "RPS27A": "Rps27a",
-    "EEF1A1": "Eef1a1",
-    "MT-CO1": "mt-Co1",
-    "MT-CO2": "mt-Co2",
-    "MT-ND1": "mt-Nd1",
-    "MT-CYB": "mt-Cytb",
-    "MT-ATP6": "mt-Atp6",
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -362,7 +336,7 @@ def read_counts(path: str | Path, fmt: str = "auto") -> ad.AnnData:
     AnnData with CSR float32 counts in ``X`` (cells x genes), barcodes as ``obs_names``, gene
     symbols as unique ``var_names``, ``var["gene_ids"]`` (Ensembl IDs, ``""`` where unknown)
     and ``var["gene_symbols"]``. Values are not checked here; see
-    :func:`check_integer_counts`. ``adata.uns["ingest_format"]`` records the format read.
+    :func:`sepsis_sc.data.check_counts`. ``adata.uns["ingest_format"]`` records the format read.
     """
     p = Path(path)
     if not p.exists():
@@ -384,100 +358,11 @@ def read_counts(path: str | Path, fmt: str = "auto") -> ad.AnnData:
 # --------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------
-def check_integer_counts(
-    adata_or_matrix: ad.AnnData | sp.spmatrix | np.ndarray,
-    *,
-    sample_id: str | None = None,
-    source: str | None = None,
-    layer: str | None = None,
-) -> None:
-    """Raise ``ValueError`` unless the matrix holds raw counts (non-negative integers).
-
-    Parameters
-    ----------
-    adata_or_matrix
-        An AnnData (``X`` or ``layers[layer]`` is checked) or a sparse/dense matrix.
-    sample_id, source
-        Named in the error message so that the user knows which sample/file is wrong.
-    layer
-        Layer to check for an AnnData (default ``X``).
-
-    Raises
-    ------
-    ValueError
-        When a value is negative or not a whole number (log-normalised or scaled data).
-    """
-    if isinstance(adata_or_matrix, ad.AnnData):
-        x = adata_or_matrix.layers[layer] if layer else adata_or_matrix.X
-    else:
-        x = adata_or_matrix
-    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
-    what = " ".join(
-        s
-        for s in (f"sample {sample_id}" if sample_id else "", f"({source})" if source else "")
-        if s
-    )
-    what = what or "the count matrix"
-    if values.size == 0:
-        return
-    if not np.all(np.isfinite(values)):
-        bad = values[~np.isfinite(values)][0]
-        raise ValueError(
-            f"{what} contains non-finite values (e.g. {bad}); give raw UMI counts "
-            '(the 10x filtered matrix or layers["counts"]).'
-        )
-    neg = values < 0
-    if neg.any():
-        raise ValueError(
-            f"{what} contains negative values (e.g. {values[neg][0]:g}), so it is not raw "
-            "counts (scaled or batch-corrected data?); give raw UMI counts (the 10x filtered "
-            'matrix or layers["counts"]).'
-        )
-    frac = values != np.round(values)
-    if frac.any():
-        raise ValueError(
-            f"{what} contains non-integer values (e.g. {values[frac][0]:.4g}); it looks "
-            "log-normalised or scaled. Give raw UMI counts (the 10x filtered matrix, or the "
-            'h5ad\'s layers["counts"]).'
-        )
-
-
 def _looks_ensembl(names: Iterable[str]) -> float:
     names = list(names)
     if not names:
         return 0.0
     return float(np.mean([bool(_ENSEMBL_RE.match(str(n))) for n in names]))
-
-
-def detect_organism(var_names: Iterable[str]) -> str | None:
-    """Guess ``"human"`` or ``"mouse"`` from gene names; ``None`` when undecidable.
-
-    Uses the spelling of well-known genes (``CD3E``/``MT-CO1`` vs ``Cd3e``/``mt-Co1``),
-    Ensembl ID prefixes (``ENSG`` vs ``ENSMUSG``) and, for larger gene lists, the
-    prevalence of upper-case vs title-case symbols.
-    """
-    names = pd.Index([str(n) for n in var_names])
-    if len(names) == 0:
-        return None
-    ens_h = int(names.str.match(r"^ENSG\d").sum())
-    ens_m = int(names.str.match(r"^ENSMUSG\d").sum())
-    nameset = set(names)
-    human = sum(h in nameset for h in _ORGANISM_PROBES)
-    mouse = sum(m in nameset for m in _ORGANISM_PROBES.values())
-    human += int(names.str.startswith("MT-").sum() > 0) + ens_h
-    mouse += int(names.str.startswith("mt-").sum() > 0) + ens_m
-    if human != mouse and max(human, mouse) >= 1:
-        return "human" if human > mouse else "mouse"
-    # fallback on the case of alphabetic symbols
-    alpha = names[names.str.match(r"^[A-Za-z][A-Za-z0-9]+$")]
-    if len(alpha) >= 50:
-        upper = float(np.mean(alpha.str.upper() == alpha))
-        title = float(np.mean(alpha.str.match(r"^[A-Z][a-z0-9]+$")))
-        if upper > 0.8:
-            return "human"
-        if title > 0.6:
-            return "mouse"
-    return None
 
 
 def ensure_symbols(adata: ad.AnnData, sample_id: str | None = None) -> None:
@@ -579,16 +464,11 @@ def ingest_sample(
             "from the sample sheet."
         )
     ensure_symbols(adata, sample_id)
-    check_integer_counts(adata, sample_id=sample_id, source=str(path))
+    check_counts(adata, sample_id=sample_id, source=str(path))
 
     detected = detect_organism(adata.var_names)
-    if organism is not None and detected is not None and detected != organism:
-        probes = _ORGANISM_PROBES.keys() if detected == "human" else _ORGANISM_PROBES.values()
-        seen = [g for g in probes if g in set(adata.var_names)][:3]
-        raise ValueError(
-            f"config says organism: {organism} but sample {sample_id} has {detected} gene "
-            f"symbols ({', '.join(seen)}...); fix 'organism' in the config or the sample's path."
-        )
+    if organism is not None:  # raises when the genes contradict the config
+        resolve_organism(adata.var_names, organism, what=f"sample {sample_id} ({path})")
     org = organism or detected
     if org is None:
         logger.warning("sample %s: could not tell the organism from gene names", sample_id)

@@ -43,6 +43,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats as sstats
 
+from sepsis_sc.data import get_counts
 from sepsis_sc.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ def pseudobulk_log2cpm(
     Parameters
     ----------
     adata
-        AnnData with raw counts in ``layers[layer]`` (``X`` when ``layer`` is None).
+        AnnData with raw counts in ``layers[layer]`` (or an integer-valued ``X``; ``X``
+        when ``layer`` is None).
     cells
         Boolean mask of the population.
     genes
@@ -276,9 +278,7 @@ def pseudobulk_log2cpm(
     n_cells
         Cells of the population per sample.
     """
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layers[{layer!r}] is missing: pseudobulk needs raw counts")
-    counts = adata.layers[layer] if layer is not None else adata.X
+    counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
     samples = adata.obs[sample_key].astype(str).to_numpy()
     all_ids = list(dict.fromkeys(samples))
     n_cells = pd.Series({s: int((cells & (samples == s)).sum()) for s in all_ids}, dtype=int)

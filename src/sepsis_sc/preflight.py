@@ -13,8 +13,8 @@ Checks: the format sniffed from the bytes agrees with the name (HDF5 signature, 
 ``.h5``), truncated or corrupt HDF5 and gzip files, an MTX triplet whose matrix, barcodes and
 features disagree, zero cells, Ensembl IDs without gene symbols (as
 :func:`sepsis_sc.io.ensure_symbols` would reject them), the organism of the gene names
-(:func:`sepsis_sc.io.detect_organism`), raw integer counts without NaN
-(:func:`sepsis_sc.io.check_integer_counts`) and duplicated barcodes.
+(:func:`sepsis_sc.data.detect_organism`), raw integer counts without NaN
+(:func:`sepsis_sc.data.check_counts`) and duplicated barcodes.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ def _gene_problems(var: pd.DataFrame, organism: str | None, file: Path) -> list[
     """Ensembl-only IDs and the organism, exactly as ingest decides them."""
     import anndata as ad
 
-    from sepsis_sc.io import _ORGANISM_PROBES, detect_organism, ensure_symbols
+    from sepsis_sc.data import organism_evidence
+    from sepsis_sc.io import ensure_symbols
 
     var = var.copy()
     var.index = pd.Index(var.index.astype(str))
@@ -231,11 +232,10 @@ def _gene_problems(var: pd.DataFrame, organism: str | None, file: Path) -> list[
                 file,
             )
         ]
-    detected = detect_organism(adata.var_names)
+    evidence = organism_evidence(adata.var_names)
+    detected = evidence.organism
     if organism is not None and detected is not None and detected != organism:
-        names = set(adata.var_names)
-        probes = _ORGANISM_PROBES.keys() if detected == "human" else _ORGANISM_PROBES.values()
-        seen = [g for g in probes if g in names][:3] or list(adata.var_names[:3])
+        seen = evidence.probes[detected][:3] or list(adata.var_names[:3])
         return [
             _Bad(
                 f"the config says organism: {organism} but the genes are {detected} "
@@ -248,10 +248,10 @@ def _gene_problems(var: pd.DataFrame, organism: str | None, file: Path) -> list[
 
 
 def _value_problems(values: np.ndarray, what: str, file: Path) -> list[_Bad]:
-    from sepsis_sc.io import check_integer_counts
+    from sepsis_sc.data import check_counts
 
     try:
-        check_integer_counts(np.asarray(values))
+        check_counts(np.asarray(values))
     except ValueError as err:
         msg = str(err)
         i = msg.lower().find("give raw")

@@ -71,6 +71,8 @@ import scanpy as sc
 from scipy import sparse, stats
 from scipy.ndimage import uniform_filter1d
 
+from sepsis_sc.data import get_counts, log_normalise, resolve_organism
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -158,45 +160,6 @@ _GENE_PATTERNS: dict[str, dict[str, str]] = {
 # --------------------------------------------------------------------------------------
 
 
-def _counts(adata: ad.AnnData) -> Any:
-    """Raw count matrix: ``layers["counts"]`` when present, else ``X``."""
-    if "counts" in adata.layers:
-        return adata.layers["counts"]
-    return adata.X
-
-
-def _counts_slot(adata: ad.AnnData) -> str:
-    return 'layers["counts"]' if "counts" in adata.layers else "X"
-
-
-def _check_counts(adata: ad.AnnData) -> None:
-    """Raise ``ValueError`` unless the count matrix holds non-negative integers."""
-    from sepsis_sc.io import check_integer_counts
-
-    sample = None
-    if "sample_id" in adata.obs and adata.n_obs:
-        sample = ", ".join(pd.unique(adata.obs["sample_id"].astype(str))[:3])
-    layer = "counts" if "counts" in adata.layers else None
-    check_integer_counts(adata, layer=layer, sample_id=sample, source=_counts_slot(adata))
-
-
-def _resolve_organism(adata: ad.AnnData, organism: str) -> str:
-    if organism in ("human", "mouse"):
-        return organism
-    if organism != "auto":
-        raise ValueError(f"organism must be 'human', 'mouse' or 'auto', not {organism!r}.")
-    from sepsis_sc.io import detect_organism
-
-    found = detect_organism(adata.var_names)
-    if found is None:
-        raise ValueError(
-            "cannot infer the organism from the gene names; pass organism='human' or "
-            "'mouse' (config key 'organism'), and make sure var_names hold gene symbols "
-            "(sepsis_sc.io.ensure_symbols)."
-        )
-    return found
-
-
 def _sample_ids(adata: ad.AnnData, batch_key: str | None) -> pd.Series:
     if batch_key is None or batch_key not in adata.obs:
         if batch_key is not None:
@@ -232,7 +195,7 @@ def flag_genes(adata: ad.AnnData, organism: str = "auto") -> str:
     ``RPS6KA1`` excluded) and ``var["hb"]`` (haemoglobin chains; human ``HBA1 HBA2 HBB HBD
     HBE1 HBG1 HBG2 HBM HBQ1 HBZ``, mouse ``^Hb[ab]-``).
     """
-    organism = _resolve_organism(adata, organism)
+    organism = resolve_organism(adata.var_names, organism)
     names = pd.Series(adata.var_names.astype(str), index=adata.var_names)
     for flag, patterns in _GENE_PATTERNS.items():
         adata.var[flag] = names.str.contains(patterns[organism], regex=True).to_numpy()
@@ -280,7 +243,7 @@ def qc_metrics(adata: ad.AnnData, organism: str = "auto") -> str:
     """
     if adata.n_obs == 0:
         raise ValueError("adata has no cells; nothing to compute QC metrics on.")
-    _check_counts(adata)
+    get_counts(adata, max_values=None)
     organism = flag_genes(adata, organism)
     obs_metrics, _ = sc.pp.calculate_qc_metrics(
         adata,
@@ -634,7 +597,7 @@ def detect_doublets(
     (float, NaN when not scored) and ``obs["predicted_doublet"]`` (bool).
     """
     samples = _sample_ids(adata, batch_key)
-    counts = _counts(adata)
+    counts, _ = get_counts(adata, check=False)
     if not sparse.issparse(counts):
         counts = sparse.csr_matrix(counts)
     counts = sparse.csr_matrix(counts)
@@ -789,7 +752,7 @@ def rescue_low_rna_immune(
             raise ValueError(
                 f"obs has no {col!r}; run qc_metrics and flag_outliers before the rescue."
             )
-    organism = _resolve_organism(adata, organism)
+    organism = resolve_organism(adata.var_names, organism)
     markers = dict(RESCUE_MARKERS[organism] if markers is None else markers)
     samples = _sample_ids(adata, batch_key)
     reasons = adata.obs["qc_reason"].astype(str)
@@ -804,7 +767,7 @@ def rescue_low_rna_immune(
         if "predicted_doublet" in adata.obs
         else np.zeros(adata.n_obs, dtype=bool)
     )
-    counts = sparse.csr_matrix(_counts(adata))
+    counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
     passing = reasons.eq("pass").to_numpy()
     rescued = np.zeros(adata.n_obs, dtype=bool)
     var_index = pd.Index(adata.var_names.astype(str))
@@ -1187,7 +1150,7 @@ def filter_cells_qc(adata: ad.AnnData, *, min_cells_per_gene: int = 0) -> ad.Ann
     keep = ~adata.obs["qc_outlier"].to_numpy(dtype=bool)
     out = adata[keep].copy()
     if min_cells_per_gene > 0:
-        detected = np.asarray((_counts(out) > 0).sum(axis=0)).ravel()
+        detected = np.asarray((get_counts(out, check=False)[0] > 0).sum(axis=0)).ravel()
         out = out[:, detected >= min_cells_per_gene].copy()
     logger.info("kept %d of %d cells after QC", out.n_obs, adata.n_obs)
     return out
@@ -1255,8 +1218,7 @@ def merge_samples(
         if "counts" in a.layers:
             counts = a.layers["counts"]
         else:
-            _check_counts(a)
-            counts = a.X
+            counts, _ = get_counts(a, max_values=None)
         counts = sparse.csr_matrix(counts)  # no copy when already CSR
         if drop_outliers and "qc_outlier" in obs and obs["qc_outlier"].any():
             keep = ~obs["qc_outlier"].to_numpy(dtype=bool)
@@ -1310,14 +1272,10 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     None. Writes ``X`` (sparse CSR, float32) and ``uns["log1p"]``; ``layers["counts"]``
     is untouched. Running it twice gives the same result.
     """
+    counts, _ = get_counts(adata, max_values=None)
     if "counts" not in adata.layers:
-        _check_counts(adata)
-        adata.layers["counts"] = (
-            adata.X.copy() if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
-        )
-    _check_counts(adata)
+        adata.layers["counts"] = counts.copy() if sparse.issparse(counts) else sparse.csr_matrix(counts)
     adata.X = sparse.csr_matrix(adata.layers["counts"], dtype=np.float32, copy=True)
     adata.uns.pop("log1p", None)
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
+    log_normalise(adata, target_sum=target_sum)
     adata.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum)}

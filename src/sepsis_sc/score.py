@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sepsis_sc.data import get_counts, resolve_organism
 from sepsis_sc.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
@@ -136,17 +137,6 @@ def _as_signature_list(
 # --------------------------------------------------------------------------------------
 # UCell
 # --------------------------------------------------------------------------------------
-def _get_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | np.ndarray:
-    if layer is None:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(
-            f"layer {layer!r} not in adata.layers (have {list(adata.layers)}); pass "
-            "layer=None to rank adata.X. Raw counts belong in layers['counts']."
-        )
-    return adata.layers[layer]
-
-
 def _chunk_ranks(block: sp.csr_matrix, query: np.ndarray, max_rank: int) -> np.ndarray:
     """Per-cell descending ranks (ties averaged, as UCell) of the ``query`` gene columns.
 
@@ -198,6 +188,75 @@ def _u_score(ranks: np.ndarray, max_rank: int) -> np.ndarray:
     return auc
 
 
+def _ucell_params(adata: ad.AnnData, max_rank: int, chunk_size: int) -> int:
+    """Check the UCell settings and the gene names; return ``max_rank`` capped at n_genes."""
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not pd.Index(adata.var_names).is_unique:
+        raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique()")
+    if max_rank > adata.n_vars:
+        logger.info(
+            "max_rank %d > number of genes %d; using %d", max_rank, adata.n_vars, adata.n_vars
+        )
+        return adata.n_vars
+    return max_rank
+
+
+def _ranking_matrix(adata: ad.AnnData, layer: str | None) -> Any:
+    """The matrix ranked: ``X`` when ``layer`` is None, else the raw counts.
+
+    Raw counts come from ``layers[layer]`` or, when that layer is absent, an integer-valued
+    ``X`` (:func:`sepsis_sc.data.get_counts`), so counts in ``X`` work as in a layer.
+    """
+    return adata.X if layer is None else get_counts(adata, layer, check=False)[0]
+
+
+def _signature_columns(
+    sigs: Sequence[Mapping[str, Any]], var_names: pd.Index
+) -> tuple[np.ndarray, dict[str, tuple[list[int], list[int]]]]:
+    """Gene columns to rank (the union over sets) and each set's up/down positions in them.
+
+    Genes absent from ``var_names`` are dropped; a repeated gene counts once.
+    """
+    var_index = pd.Index(var_names)
+    present: dict[str, int] = {}
+    parts: dict[str, tuple[list[int], list[int]]] = {}
+    for s in sigs:
+        cols = []
+        for key in ("up", "down"):
+            genes = [g for g in dict.fromkeys(s[key]) if g in var_index]
+            for g in genes:
+                present.setdefault(g, len(present))
+            cols.append([present[g] for g in genes])
+        parts[s["name"]] = (cols[0], cols[1])
+    return var_index.get_indexer(list(present)), parts
+
+
+def _signed_scores(
+    ranks: np.ndarray,
+    sigs: Sequence[Mapping[str, Any]],
+    parts: Mapping[str, tuple[list[int], list[int]]],
+    max_rank: int,
+    w_neg: float,
+    clip: bool,
+) -> np.ndarray:
+    """``U(up) - w_neg * U(down)`` per cell and set (NaN for a set with no genes present)."""
+    out = np.full((ranks.shape[0], len(sigs)), np.nan)
+    for j, s in enumerate(sigs):
+        up, down = parts[s["name"]]
+        if not up and not down:
+            continue
+        score = _u_score(ranks[:, up], max_rank) if up else np.zeros(ranks.shape[0])
+        if down:
+            score = score - w_neg * _u_score(ranks[:, down], max_rank)
+        if clip:
+            score = np.maximum(score, 0.0)
+        out[:, j] = score
+    return out
+
+
 def ucell_scores(
     adata: ad.AnnData,
     signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any],
@@ -231,7 +290,8 @@ def ucell_scores(
     w_neg
         Weight of the ``down`` score (UCell ``w_neg``, default 1).
     layer
-        Matrix to rank (default ``"counts"``; ``None`` = ``adata.X``). Must be non-negative.
+        Raw-count layer to rank (default ``"counts"``; when absent, an integer-valued ``X``
+        is used). ``None`` ranks ``adata.X`` whatever it holds. Must be non-negative.
     clip
         If True, clip signed scores at 0 as UCell does. Default False keeps the signed
         score (range ``[-w_neg, 1]``): clipping piles cells at 0 and discards exactly the
@@ -248,69 +308,25 @@ def ucell_scores(
         dropped from a set; a set with no genes present scores NaN. Nothing is written to
         ``adata``.
     """
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    max_rank = _ucell_params(adata, max_rank, chunk_size)
     sigs = _as_signature_list(signatures)
-    var_index = pd.Index(adata.var_names)
-    if not var_index.is_unique:
-        raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique()")
-    mat = _get_matrix(adata, layer)
-    n_genes = adata.n_vars
-    if max_rank > n_genes:
-        logger.info("max_rank %d > number of genes %d; using %d", max_rank, n_genes, n_genes)
-        max_rank = n_genes
-
-    # union of all genes present, and per-signature column positions in it
-    present: dict[str, int] = {}
-    parts: dict[str, tuple[list[int], list[int]]] = {}
-    for s in sigs:
-        cols = []
-        for key in ("up", "down"):
-            genes = [g for g in dict.fromkeys(s[key]) if g in var_index]
-            for g in genes:
-                present.setdefault(g, len(present))
-            cols.append([present[g] for g in genes])
-        parts[s["name"]] = (cols[0], cols[1])
-    query_genes = list(present)
-    query_idx = var_index.get_indexer(query_genes)
-
-    out = np.full((adata.n_obs, len(sigs)), np.nan)
+    mat = _ranking_matrix(adata, layer)
+    query_idx, parts = _signature_columns(sigs, adata.var_names)
     cells = np.arange(adata.n_obs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
-    if len(query_genes) == 0 or cells.size == 0:
-        return pd.DataFrame(out, index=adata.obs_names, columns=[s["name"] for s in sigs])
-    for start in range(0, cells.size, chunk_size):
-        idx = cells[start : start + chunk_size]
-        block = mat[idx]
-        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
-        ranks = _chunk_ranks(block, query_idx, max_rank)
-        for j, s in enumerate(sigs):
-            up, down = parts[s["name"]]
-            if not up and not down:
-                continue
-            score = _u_score(ranks[:, up], max_rank) if up else np.zeros(idx.size)
-            if down:
-                score = score - w_neg * _u_score(ranks[:, down], max_rank)
-            if clip:
-                score = np.maximum(score, 0.0)
-            out[idx, j] = score
+    out = np.full((adata.n_obs, len(sigs)), np.nan)
+    if query_idx.size and cells.size:
+        for start in range(0, cells.size, chunk_size):
+            idx = cells[start : start + chunk_size]
+            block = mat[idx]
+            block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+            ranks = _chunk_ranks(block, query_idx, max_rank)
+            out[idx] = _signed_scores(ranks, sigs, parts, max_rank, w_neg, clip)
     return pd.DataFrame(out, index=adata.obs_names, columns=[s["name"] for s in sigs])
 
 
 # --------------------------------------------------------------------------------------
 # state scoring and calls
 # --------------------------------------------------------------------------------------
-def _guess_organism(adata: ad.AnnData) -> str:
-    """'human' when most alphabetic symbols are upper case, else 'mouse'."""
-    names = pd.Index(adata.var_names).astype(str)
-    alpha = names[names.str.contains(r"[A-Za-z]", regex=True)]
-    if len(alpha) == 0:
-        raise ValueError("cannot detect organism: var_names hold no gene symbols; pass organism=")
-    upper = np.mean([n == n.upper() for n in alpha[:5000]])
-    return "human" if upper > 0.5 else "mouse"
-
-
 def _population_mask(
     adata: ad.AnnData, spec: Mapping[str, Any] | None, lineage_key: str, cell_type_key: str
 ) -> np.ndarray:
@@ -372,6 +388,239 @@ def _threshold(
     raise ValueError(f"unknown call rule method {method!r}; use control_quantile, otsu or fixed")
 
 
+def _state_signatures(
+    organism: str,
+    signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any] | str | Path | None,
+    states: Sequence[str] | None,
+) -> list[dict[str, Any]]:
+    """The signatures to score: packaged/YAML/given ones, limited to ``states``."""
+    if signatures is None or isinstance(signatures, str | Path):
+        sigs = load_signatures(organism, signatures)
+    else:
+        sigs = _as_signature_list(signatures)
+    if states is not None:
+        unknown = set(states) - {s["name"] for s in sigs}
+        if unknown:
+            raise ValueError(
+                f"unknown state(s) {sorted(unknown)}; known: {[s['name'] for s in sigs]}"
+            )
+        sigs = [s for s in sigs if s["name"] in set(states)]
+    return sigs
+
+
+def _call_rules(call_rules: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per-state call rules with a ``"default"`` (one rule dict applies to every state)."""
+    if call_rules is None:
+        call_rules = {}
+    elif "method" in call_rules:
+        call_rules = {"default": call_rules}
+    rules = {str(k): dict(v) for k, v in call_rules.items()}
+    rules.setdefault("default", dict(DEFAULT_CALL_RULE))
+    return rules
+
+
+def _control_cells(adata: ad.AnnData, control: str | None, condition_key: str) -> np.ndarray | None:
+    """Boolean mask of the control (reference) cells, None without ``control``."""
+    if control is None:
+        return None
+    if condition_key not in adata.obs:
+        raise KeyError(f"obs[{condition_key!r}] missing; needed to find control={control!r} cells")
+    is_control = (adata.obs[condition_key].astype(str) == str(control)).to_numpy()
+    if not is_control.any():
+        raise ValueError(
+            f"no cells with {condition_key} == {control!r}; conditions present: "
+            f"{sorted(adata.obs[condition_key].astype(str).unique())}"
+        )
+    return is_control
+
+
+def _state_row(
+    s: Mapping[str, Any],
+    var_index: pd.Index,
+    parent: np.ndarray,
+    min_genes: int | None,
+    min_genes_fraction: float,
+    min_cells_parent: int,
+) -> dict[str, Any]:
+    """One row of the rules table: genes found and missing, and whether the state is scored.
+
+    A state is skipped (``status = "skipped"`` with a ``reason``) when fewer genes than
+    ``max(min_genes, ceil(min_genes_fraction * n_genes))`` are present, or when its parent
+    population has fewer than ``min_cells_parent`` cells.
+    """
+    up_found = [g for g in s["up"] if g in var_index]
+    down_found = [g for g in s["down"] if g in var_index]
+    missing = [g for g in s["up"] + s["down"] if g not in var_index]
+    n_total = len(s["up"]) + len(s["down"])
+    need = int(min_genes if min_genes is not None else s["min_genes"])
+    need = max(need, int(np.ceil(min_genes_fraction * n_total)))
+    row = {
+        "state": s["name"],
+        "label": s["label"],
+        "parent": _describe(s["parent"]),
+        "call_population": _describe(s["call_within"] or s["parent"]) if s["discrete"] else "",
+        "n_genes_up": len(s["up"]),
+        "n_found_up": len(up_found),
+        "n_genes_down": len(s["down"]),
+        "n_found_down": len(down_found),
+        "genes_up": ";".join(up_found),
+        "genes_down": ";".join(down_found),
+        "genes_missing": ";".join(missing),
+        "min_genes": need,
+        "n_cells_parent": int(parent.sum()),
+        "status": "scored",
+        "reason": "",
+        "discrete": s["discrete"],
+        "rule": "",
+        "threshold": np.nan,
+        "n_called": np.nan,
+        "fraction_called": np.nan,
+        "source": s["source"],
+    }
+    if len(up_found) + len(down_found) < need:
+        row["status"] = "skipped"
+        row["reason"] = (
+            f"only {len(up_found) + len(down_found)} of {n_total} genes found (min_genes={need})"
+        )
+    elif parent.sum() < min_cells_parent:
+        row["status"] = "skipped"
+        row["reason"] = (
+            f"parent population ({row['parent']}) has {int(parent.sum())} cells "
+            f"(< min_cells_parent={min_cells_parent})"
+        )
+    if row["status"] == "skipped":
+        logger.warning("state %s skipped: %s", s["name"], row["reason"])
+    return row
+
+
+def _require_reference(
+    to_score: Sequence[Mapping[str, Any]],
+    rules: Mapping[str, Mapping[str, Any]],
+    is_control: np.ndarray | None,
+) -> None:
+    """Refuse state calls that need control cells when no control reference was given.
+
+    Thresholds taken from the cells being judged (Otsu) call a share of any data set by
+    construction (healthy PBMC then show 60% "HLA-DR-low" monocytes), so a control-quantile
+    call without a reference is an error rather than a silent switch.
+    """
+    if is_control is not None:
+        return
+    need = [
+        s["name"]
+        for s in to_score
+        if s["discrete"]
+        and rules.get(s["name"], rules["default"]).get("method", "control_quantile")
+        == "control_quantile"
+    ]
+    if need:
+        raise ValueError(
+            f"state calls for {', '.join(need)} need a control reference (cells above the "
+            f"{rules['default'].get('quantile', 0.95):.0%} quantile of control cells): pass "
+            "control=<label of the control/reference samples in obs[condition_key]> (and "
+            "condition_key=), or calls=False for scores only. Condition-blind thresholds "
+            "must be asked for: call_rules={'method': 'otsu'} or {'method': 'fixed', ...}."
+        )
+
+
+def _parent_scores(
+    adata: ad.AnnData,
+    to_score: Sequence[Mapping[str, Any]],
+    parents: Mapping[str, np.ndarray],
+    ucell: Mapping[str, Any],
+) -> pd.DataFrame | None:
+    """Signed (unclipped) UCell scores of the states, ranking only cells of some parent."""
+    if not to_score:
+        return None
+    union = np.logical_or.reduce([parents[s["name"]] for s in to_score])
+    return ucell_scores(adata, to_score, clip=False, mask=union, **ucell)
+
+
+def _write_score(
+    adata: ad.AnnData, name: str, scores: pd.DataFrame | None, parent: np.ndarray
+) -> np.ndarray:
+    """Write ``obs["<name>_score"]`` (NaN outside the parent population); return it."""
+    assert scores is not None
+    col = scores[name].to_numpy().copy()
+    col[~parent] = np.nan
+    adata.obs[f"{name}_score"] = col
+    return col
+
+
+def _call_population(
+    adata: ad.AnnData,
+    s: Mapping[str, Any],
+    parent: np.ndarray,
+    table: pd.DataFrame,
+    lineage_key: str,
+    cell_type_key: str,
+) -> np.ndarray:
+    """Cells a discrete call is made in: the parent, narrowed by ``call_within`` if labelled."""
+    if not s["call_within"]:
+        return parent
+    try:
+        return parent & _population_mask(adata, s["call_within"], lineage_key, cell_type_key)
+    except KeyError as err:
+        logger.warning("state %s: %s; calling in the whole parent instead", s["name"], err)
+        table.loc[s["name"], "call_population"] = table.loc[s["name"], "parent"]
+        return parent
+
+
+def _call_state(
+    adata: ad.AnnData,
+    table: pd.DataFrame,
+    name: str,
+    col: np.ndarray,
+    call_pop: np.ndarray,
+    rule: Mapping[str, Any],
+    is_control: np.ndarray | None,
+    calls: bool,
+) -> None:
+    """Threshold one state's scores in its call population; write ``obs[name]`` and the row.
+
+    No call (a ``reason`` instead) with ``calls=False``, rule ``none``, or an empty call
+    population.
+    """
+    if not calls:
+        table.loc[name, "reason"] = "not called: no control reference (calls=False); scores only"
+        return
+    if rule.get("method") == "none":
+        table.loc[name, "reason"] = (
+            "not called: no control reference (call rule 'none'); scores only"
+        )
+        return
+    if call_pop.sum() == 0:
+        table.loc[name, "reason"] = "no cells in the call population; no call made"
+        return
+    ctrl = None if is_control is None else is_control[call_pop]
+    thr, text = _threshold(col[call_pop], ctrl, rule)
+    call = pd.array(np.full(adata.n_obs, pd.NA), dtype="boolean")
+    call[call_pop] = col[call_pop] > thr
+    adata.obs[name] = pd.Series(call, index=adata.obs_names)
+    n_called = int((col[call_pop] > thr).sum())
+    table.loc[name, ["rule", "threshold", "n_called", "fraction_called"]] = [
+        text,
+        thr,
+        n_called,
+        n_called / call_pop.sum(),
+    ]
+    logger.info("state %s: %d of %d cells called (%s)", name, n_called, call_pop.sum(), text)
+
+
+def _record_rules(adata: ad.AnnData, table: pd.DataFrame, params: Mapping[str, Any]) -> None:
+    """``uns["state_rules"]`` (the table, NaN as "NA") and ``uns["state_rules_params"]``."""
+    table["n_called"] = table["n_called"].astype(float)
+    adata.uns["state_rules"] = {
+        str(r["state"]): {
+            k: (v if not isinstance(v, float) or np.isfinite(v) else "NA")
+            for k, v in r.items()
+            if k != "state"
+        }
+        for r in table.to_dict("records")
+    }
+    adata.uns["state_rules_params"] = dict(params)
+
+
 def score_states(
     adata: ad.AnnData,
     *,
@@ -381,6 +630,7 @@ def score_states(
     min_genes: int | None = None,
     min_genes_fraction: float = 0.0,
     min_cells_parent: int = 20,
+    calls: bool = True,
     call_rules: Mapping[str, Any] | None = None,
     control: str | None = None,
     condition_key: str = "condition",
@@ -397,9 +647,11 @@ def score_states(
     ----------
     adata
         Annotated AnnData (``obs[lineage_key]``, ``obs[cell_type_key]``; raw counts in
-        ``layers["counts"]``).
+        ``layers["counts"]`` or an integer-valued ``X``).
     organism
-        ``"human"``, ``"mouse"`` or ``"auto"`` (from the case of the gene symbols).
+        ``"human"``, ``"mouse"`` or ``"auto"`` (from the gene names,
+        :func:`sepsis_sc.data.resolve_organism`; genes that contradict a given organism are
+        an error).
     signatures
         None (packaged ``resources/signatures/<organism>.yaml``), a path to such a YAML, or
         signature dicts/mapping as accepted by :func:`ucell_scores` (with ``parent`` etc.).
@@ -413,15 +665,19 @@ def score_states(
         (config ``scoring.min_genes_fraction``; default 0 = only ``min_genes`` applies).
     min_cells_parent
         A state whose parent population has fewer cells in the whole data set is skipped.
+    calls
+        Make the per-cell calls of discrete states (default). ``False``: scores only, for
+        data without control (reference) samples.
     call_rules
         Rule for discrete calls: one rule dict for all states, or ``{"default": rule,
         "<state>": rule}``. Rules: ``{"method": "control_quantile", "quantile": 0.95}``
         (default; call = score above that quantile of the control samples' cells of the
-        call population), ``{"method": "otsu"}`` (condition-blind, used when ``control`` is
-        None), ``{"method": "fixed", "threshold": x}``, ``{"method": "none"}`` (no discrete
-        calls, e.g. a cohort without controls: scores only).
+        call population; needs ``control``: without it a ``ValueError`` asks for
+        ``control=`` or ``calls=False``), ``{"method": "otsu"}`` (condition-blind: it
+        calls a share of any data set, healthy ones included), ``{"method": "fixed",
+        "threshold": x}``, ``{"method": "none"}`` (no calls).
     control
-        Label of the control condition in ``obs[condition_key]`` (for control_quantile).
+        Label of the control (reference) condition in ``obs[condition_key]``.
     condition_key, lineage_key, cell_type_key
         obs columns holding condition, lineage and subset labels.
     layer, max_rank, w_neg, chunk_size
@@ -437,162 +693,40 @@ def score_states(
     Writes ``obs["<state>_score"]`` (NaN outside the parent), ``obs["<state>"]`` (nullable
     bool, discrete states, ``<NA>`` outside the call population) and ``uns["state_rules"]``.
     """
-    if organism == "auto":
-        organism = _guess_organism(adata)
-        logger.info("organism detected from gene symbols: %s", organism)
-    if signatures is None or isinstance(signatures, str | Path):
-        sigs = load_signatures(organism, signatures)
-    else:
-        sigs = _as_signature_list(signatures)
-    if states is not None:
-        unknown = set(states) - {s["name"] for s in sigs}
-        if unknown:
-            raise ValueError(
-                f"unknown state(s) {sorted(unknown)}; known: {[s['name'] for s in sigs]}"
-            )
-        sigs = [s for s in sigs if s["name"] in set(states)]
-
-    if call_rules is None:
-        call_rules = {}
-    elif "method" in call_rules:
-        call_rules = {"default": call_rules}
-    default_rule = dict(
-        call_rules.get("default", DEFAULT_CALL_RULE if control else {"method": "otsu"})
-    )
-
-    is_control = None
-    if control is not None:
-        if condition_key not in adata.obs:
-            raise KeyError(
-                f"obs[{condition_key!r}] missing; needed to find control={control!r} cells"
-            )
-        is_control = (adata.obs[condition_key].astype(str) == str(control)).to_numpy()
-        if not is_control.any():
-            raise ValueError(
-                f"no cells with {condition_key} == {control!r}; conditions present: "
-                f"{sorted(adata.obs[condition_key].astype(str).unique())}"
-            )
+    if not 0 <= min_genes_fraction <= 1:
+        raise ValueError(f"min_genes_fraction must be in [0, 1], got {min_genes_fraction}")
+    organism = resolve_organism(adata.var_names, organism)
+    sigs = _state_signatures(organism, signatures, states)
+    rules = _call_rules(call_rules)
+    is_control = _control_cells(adata, control, condition_key)
 
     var_index = pd.Index(adata.var_names)
-    rows = []
-    to_score = []
-    masks: dict[str, np.ndarray] = {}
-    for s in sigs:
-        name = s["name"]
-        up_found = [g for g in s["up"] if g in var_index]
-        down_found = [g for g in s["down"] if g in var_index]
-        missing = [g for g in s["up"] + s["down"] if g not in var_index]
-        if not 0 <= min_genes_fraction <= 1:
-            raise ValueError(f"min_genes_fraction must be in [0, 1], got {min_genes_fraction}")
-        n_total = len(s["up"]) + len(s["down"])
-        need = int(min_genes if min_genes is not None else s["min_genes"])
-        need = max(need, int(np.ceil(min_genes_fraction * n_total)))
-        row = {
-            "state": name,
-            "label": s["label"],
-            "parent": _describe(s["parent"]),
-            "call_population": _describe(s["call_within"] or s["parent"]) if s["discrete"] else "",
-            "n_genes_up": len(s["up"]),
-            "n_found_up": len(up_found),
-            "n_genes_down": len(s["down"]),
-            "n_found_down": len(down_found),
-            "genes_up": ";".join(up_found),
-            "genes_down": ";".join(down_found),
-            "genes_missing": ";".join(missing),
-            "min_genes": need,
-            "n_cells_parent": 0,
-            "status": "scored",
-            "reason": "",
-            "discrete": s["discrete"],
-            "rule": "",
-            "threshold": np.nan,
-            "n_called": np.nan,
-            "fraction_called": np.nan,
-            "source": s["source"],
-        }
-        parent = _population_mask(adata, s["parent"], lineage_key, cell_type_key)
-        row["n_cells_parent"] = int(parent.sum())
-        if len(up_found) + len(down_found) < need:
-            row["status"] = "skipped"
-            row["reason"] = (
-                f"only {len(up_found) + len(down_found)} of {len(s['up']) + len(s['down'])} "
-                f"genes found (min_genes={need})"
-            )
-        elif parent.sum() < min_cells_parent:
-            row["status"] = "skipped"
-            row["reason"] = (
-                f"parent population ({row['parent']}) has {int(parent.sum())} cells "
-                f"(< min_cells_parent={min_cells_parent})"
-            )
-        if row["status"] == "skipped":
-            logger.warning("state %s skipped: %s", name, row["reason"])
-        else:
-            to_score.append(s)
-            masks[name] = parent
-        rows.append(row)
-
-    table = pd.DataFrame(rows).set_index("state", drop=False)
-    if to_score:
-        union = np.logical_or.reduce([masks[s["name"]] for s in to_score])
-        scores = ucell_scores(
-            adata,
-            to_score,
-            max_rank=max_rank,
-            w_neg=w_neg,
-            layer=layer,
-            clip=False,
-            chunk_size=chunk_size,
-            mask=union,
+    parents = {
+        s["name"]: _population_mask(adata, s["parent"], lineage_key, cell_type_key) for s in sigs
+    }
+    rows = [
+        _state_row(
+            s, var_index, parents[s["name"]], min_genes, min_genes_fraction, min_cells_parent
         )
+        for s in sigs
+    ]
+    table = pd.DataFrame(rows).set_index("state", drop=False)
+    to_score = [s for s, row in zip(sigs, rows, strict=True) if row["status"] == "scored"]
+    if calls:
+        _require_reference(to_score, rules, is_control)
+
+    ucell = {"max_rank": max_rank, "w_neg": w_neg, "layer": layer, "chunk_size": chunk_size}
+    scores = _parent_scores(adata, to_score, parents, ucell)
     for s in to_score:
         name = s["name"]
-        col = scores[name].to_numpy().copy()
-        col[~masks[name]] = np.nan
-        adata.obs[f"{name}_score"] = col
-        if not s["discrete"]:
-            continue
-        call_pop = masks[name]
-        if s["call_within"]:
-            try:
-                call_pop = masks[name] & _population_mask(
-                    adata, s["call_within"], lineage_key, cell_type_key
-                )
-            except KeyError as err:
-                logger.warning("state %s: %s; calling in the whole parent instead", name, err)
-                table.loc[name, "call_population"] = table.loc[name, "parent"]
-        rule = dict(call_rules.get(name, default_rule))
-        if rule.get("method") == "none":
-            table.loc[name, "reason"] = (
-                "not called: no control reference (call rule 'none'); scores only"
-            )
-            continue
-        if call_pop.sum() == 0:
-            table.loc[name, "reason"] = "no cells in the call population; no call made"
-            continue
-        ctrl = None if is_control is None else is_control[call_pop]
-        thr, text = _threshold(col[call_pop], ctrl, rule)
-        call = pd.array(np.full(adata.n_obs, pd.NA), dtype="boolean")
-        call[call_pop] = col[call_pop] > thr
-        adata.obs[name] = pd.Series(call, index=adata.obs_names)
-        n_called = int((col[call_pop] > thr).sum())
-        table.loc[name, ["rule", "threshold", "n_called", "fraction_called"]] = [
-            text,
-            thr,
-            n_called,
-            n_called / call_pop.sum(),
-        ]
-        logger.info("state %s: %d of %d cells called (%s)", name, n_called, call_pop.sum(), text)
+        parent = parents[name]
+        col = _write_score(adata, name, scores, parent)
+        if s["discrete"]:
+            call_pop = _call_population(adata, s, parent, table, lineage_key, cell_type_key)
+            rule = rules.get(name, rules["default"])
+            _call_state(adata, table, name, col, call_pop, rule, is_control, calls)
 
-    table["n_called"] = table["n_called"].astype(float)
-    adata.uns["state_rules"] = {
-        str(r["state"]): {
-            k: (v if not isinstance(v, float) or np.isfinite(v) else "NA")
-            for k, v in r.items()
-            if k != "state"
-        }
-        for r in table.to_dict("records")
-    }
-    adata.uns["state_rules_params"] = {
+    params = {
         "organism": organism,
         "max_rank": int(max_rank),
         "w_neg": float(w_neg),
@@ -601,4 +735,5 @@ def score_states(
         "min_cells_parent": int(min_cells_parent),
         "score": "signed UCell (not clipped)",
     }
+    _record_rules(adata, table, params)
     return table.reset_index(drop=True)

@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from sepsis_sc.data import NoRawCountsError, get_counts
 from sepsis_sc.design import COEF, Contrast, SampleDesign, linear_test, resolve_design, sample_meta
 from sepsis_sc.resources import load_yaml, resource_path
 from sepsis_sc.score import ucell_scores
@@ -198,11 +199,11 @@ def sample_table(
 
     counts = None
     if pseudobulk:
-        if layer is not None and layer not in adata.layers:
-            logger.warning("layer %r missing: pseudobulk scores not computed", layer)
+        try:  # layers[layer], or raw counts in X
+            counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
+        except NoRawCountsError as err:
+            logger.warning("pseudobulk scores not computed: %s", err)
             pseudobulk = False
-        else:
-            counts = adata.layers[layer] if layer is not None else adata.X
 
     def add(sample: str, state: str, metric: str, value: float, n: int, called: float, reason: str):
         pop = info[state]["call_population"] if metric == "fraction" else info[state]["parent"]

@@ -18,11 +18,8 @@ rules = score_states(
     min_cells_parent=p.min_cells,
     # without control samples (one condition, no scoring.reference) no state is called:
     # thresholds from the cells being judged would call a share of them by construction
-    call_rules=(
-        {"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]}
-        if ref is not None or p.scoring["call_rule"] != "control_quantile"
-        else {"method": "none"}
-    ),
+    calls=ref is not None or p.scoring["call_rule"] != "control_quantile",
+    call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
     max_rank=p.scoring["max_rank"],
     control=ref["value"] if ref is not None else None,
     condition_key=ref["column"] if ref is not None else "condition",
