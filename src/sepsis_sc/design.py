@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -61,11 +61,53 @@ __all__ = [
     "linear_test",
     "squeeze_var",
     "COEF",
+    "ConfigSettings",
+    "StatsSettings",
 ]
 
 #: name of the case-vs-control coefficient in every design matrix
 COEF = "case_vs_control"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigSettings:
+    """Base of the frozen settings dataclasses (:class:`StatsSettings`,
+    :class:`sepsis_sc.de.DESettings`, :class:`sepsis_sc.patients.PatientSettings`)."""
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> Any:
+        """From a config section (e.g. ``config["de"]``): its keys that are fields (lists
+        become tuples); fields it lacks keep their defaults, other keys are ignored."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class StatsSettings(ConfigSettings):
+    """The config's ``stats`` section: sample-level tests of every contrast.
+
+    Field defaults equal the schema's (checked by ``tests/test_design.py``).
+
+    Attributes
+    ----------
+    min_cells
+        Fewest cells of a state's population per sample (:func:`sepsis_sc.stats.sample_table`).
+    design
+        Model formula over sheet columns (None: ``~ <contrast column>``).
+    paired
+        ``"auto"``, ``"yes"`` or ``"no"``.
+    alpha
+        FDR level.
+    test
+        ``"t"`` (moderated t) or ``"rank"``.
+    """
+
+    min_cells: int = 20
+    design: str | None = None
+    paired: str = "auto"
+    alpha: float = 0.05
+    test: str = "t"
 
 
 class DesignError(ValueError):
