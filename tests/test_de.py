@@ -352,3 +352,37 @@ def test_kang_null_split_of_controls():
     frac = float((res["padj"] < 0.05).sum() / len(res))
     print(f"Kang ctrl 3 vs 3 random split: {frac:.4f} of {len(res)} genes at padj < 0.05")
     assert frac <= 0.01
+
+
+# --------------------------------------------------------------------------------------
+# settings and the gating steps
+# --------------------------------------------------------------------------------------
+def test_de_settings_defaults_are_the_schema_defaults():
+    from test_design import _check_settings_defaults
+
+    _check_settings_defaults(de.DESettings, "de", (de.pseudobulk_de,))
+    s = de.DESettings.from_config({"enabled": True, "levels": ["lineage"], "min_count": 2})
+    assert s.levels == ("lineage",) and s.min_count == 2 and s.min_cells == 10
+
+
+def test_testable_genes_follow_the_smaller_group():
+    counts = pd.DataFrame({"g1": [5, 5, 0, 0, 0], "g2": [1, 1, 1, 1, 1], "g3": [0, 0, 0, 9, 9]},
+                          index=list("abcde"))  # fmt: skip
+    matrix = pd.DataFrame({"Intercept": 1.0, COEF: [1.0, 1.0, 0.0, 0.0, 0.0]}, index=list("abcde"))
+    genes, why = de._testable_genes(counts, matrix, de.DESettings(min_total_count=10, min_count=5))
+    assert list(genes) == ["g1", "g3"] and why == ""  # 2 units of the smaller group suffice
+    genes, why = de._testable_genes(counts, matrix, de.DESettings(min_total_count=50))
+    assert len(genes) == 0 and why.startswith("no gene with >= 50 counts")
+
+
+def test_label_and_unit_gates_say_why():
+    a = _cohort(_sheet(3, 3), rng=np.random.default_rng(0), n_genes=50)
+    design = _design(a)
+    assert de._label_gate("Unassigned", {}, design, ("Unassigned",)).startswith("excluded")
+    assert de._label_gate("X", {}, design, ()) == "no cells"
+    row = {"n_case": 2, "n_control": 3}
+    why = de._unit_gate(row, design.matrix, "", design, de.DESettings(min_samples_per_group=3))
+    assert why.startswith("fewer than 3 units per group")
+    row = {"n_case": 3, "n_control": 3}
+    assert de._unit_gate(row, None, "", design, de.DESettings()) == "contrast not estimable on the units left"
+    assert de._unit_gate(row, design.matrix, "", design, de.DESettings()) == ""

@@ -225,3 +225,117 @@ def test_shipped_gse167363_design_aggregates_and_pairs_its_patients():
     assert late.paired and late.n_pairs == 5 and late.testable
     surv = designs["nonsurvivor_vs_survivor"]
     assert (surv.n_case, surv.n_control) == (2, 3)
+
+
+# --------------------------------------------------------------------------------------
+# steps of resolve_design / linear_test, the metadata builder and the settings
+# --------------------------------------------------------------------------------------
+def _obs_adata(obs: dict) -> object:
+    import anndata as ad
+
+    df = pd.DataFrame(obs)
+    df.index = [f"c{i}" for i in range(len(df))]
+    return ad.AnnData(obs=df)
+
+
+def test_sample_meta_with_columns_adds_donor_and_keeps_obs_order():
+    a = _obs_adata({"sample_id": ["b", "a", "b", "c"], "condition": ["x", "y", "x", "y"],
+                    "donor": ["D2", "D1", "D2", "D1"], "score": [0.1, 0.2, 0.3, 0.4]})  # fmt: skip
+    sheet = sample_meta(a)  # every constant text column, sorted by sample
+    assert list(sheet.index) == ["a", "b", "c"] and list(sheet.columns) == ["condition", "donor"]
+    m = sample_meta(a, columns=["condition", "condition"], obs_order=True)
+    assert list(m.index) == ["b", "a", "c"] and m.index.name == "sample_id"
+    assert list(m.columns) == ["donor", "condition"]
+    assert m.loc["c", "donor"] == "D1"
+    alone = sample_meta(a, columns=["condition"], donor_key=None)
+    assert list(alone["donor"]) == ["a", "b", "c"]  # each sample its own donor
+    a.obs.loc["c2", "condition"] = "y"  # sample b now has two conditions
+    with pytest.raises(ValueError, match=r"\['condition'\] vary within a sample"):
+        sample_meta(a, columns=["condition"])
+    assert "condition" not in sample_meta(a).columns  # the sheet leaves it out silently
+
+
+def test_paired_mode_and_covariate_terms():
+    from sepsis_sc.design import _covariate_terms, _paired_mode
+
+    assert _paired_mode(SEPSIS, None) == "auto"
+    assert _paired_mode(SEPSIS, True) == "yes" and _paired_mode(SEPSIS, False) == "no"
+    assert _paired_mode(Contrast("n", "condition", "a", "b", paired="no"), None) == "no"
+    with pytest.raises(DesignError, match="paired must be"):
+        _paired_mode(SEPSIS, "maybe")
+    assert _covariate_terms("~ age + C(sex) + condition", "condition") == ["age", "C(sex)"]
+    with pytest.raises(DesignError, match="interactions"):
+        _covariate_terms("~ age:condition", "condition")
+
+
+def test_informative_covariates_drop_constant_and_refuse_collinear():
+    from sepsis_sc.design import _base_columns, _informative_covariates
+
+    units = pd.DataFrame({"donor": list("abcd"), "level": ["s", "s", "c", "c"]}, index=list("abcd"))
+    base = _base_columns(units, use_paired=False)
+    cov = pd.DataFrame({"const": [2.0] * 4, "age": [1.0, 2.0, 3.0, 5.0]}, index=units.index)
+    notes: list[str] = []
+    kept = _informative_covariates(base, cov, False, SEPSIS, "~ const + age", notes)
+    assert kept == ["age"] and "'const' dropped (constant" in notes[0]
+    cov["age2"] = cov["age"] * 2
+    with pytest.raises(DesignError, match="'age2' is collinear with age"):
+        _informative_covariates(base, cov, False, SEPSIS, "~ age + age2", [])
+
+
+def test_estimability_reasons():
+    from sepsis_sc.design import _estimability
+
+    one_group = pd.DataFrame({"Intercept": [1.0, 1.0], COEF: [1.0, 1.0]})
+    ok, why = _estimability(one_group, [], SEPSIS, "~ condition", False)
+    assert not ok and why.startswith("one group has no unit")
+    no_df = pd.DataFrame({"Intercept": [1.0, 1.0], COEF: [1.0, 0.0]})
+    ok, why = _estimability(no_df, [], SEPSIS, "~ condition", False)
+    assert not ok and why.startswith("no residual degree of freedom")
+    confounded = pd.DataFrame({"Intercept": [1.0] * 3, "x": [1.0, 0, 0], COEF: [1.0, 0, 0]})
+    with pytest.raises(DesignError, match="confounded with x"):
+        _estimability(confounded, ["x"], SEPSIS, "~ x + condition", False)
+
+
+def test_fit_feature_without_residual_df_gives_effect_only():
+    from sepsis_sc.design import _fit_feature
+
+    meta = repeated_sheet(1, 1, ("T0",))
+    design = resolve_design(meta, SEPSIS)
+    assert list(design.units["level"]) == ["control", "sepsis"]
+    row, fit = _fit_feature(design, "f", np.array([3.0, 1.0]))
+    assert fit is None and row["effect"] == pytest.approx(-2.0)
+    assert row["df_resid"] == 0 and "no residual degree of freedom" in row["note"]
+
+
+def _schema_defaults(section: str) -> dict:
+    from sepsis_sc.config import load_schema
+
+    props = load_schema("config")["properties"][section]["properties"]
+    return {k: v["default"] for k, v in props.items() if "default" in v}
+
+
+def _check_settings_defaults(cls, section: str, functions=()) -> None:
+    """Each field default equals the schema's, and so do same-named keyword defaults."""
+    import dataclasses
+    import inspect
+
+    schema = _schema_defaults(section)
+    for f in dataclasses.fields(cls):
+        want = tuple(schema[f.name]) if isinstance(schema[f.name], list) else schema[f.name]
+        assert f.default == want, (cls.__name__, f.name)
+    for fn in functions:
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in schema and p.default is not inspect.Parameter.empty:
+                want = tuple(schema[name]) if isinstance(schema[name], list) else schema[name]
+                got = tuple(p.default) if isinstance(p.default, list | tuple) else p.default
+                assert got == want, (fn.__name__, name)
+
+
+def test_stats_settings_defaults_are_the_schema_defaults():
+    from sepsis_sc.design import StatsSettings
+
+    _check_settings_defaults(StatsSettings, "stats", (stats.sample_table,))
+    s = StatsSettings.from_config({"alpha": 0.1, "design": "~ age + condition", "other": 1})
+    assert s.alpha == 0.1 and s.design == "~ age + condition" and s.test == "t"
+    with pytest.raises(AttributeError):
+        s.alpha = 0.2  # type: ignore[misc]

@@ -187,3 +187,40 @@ def test_figures_return_figures(res):
     for f in figs:
         assert isinstance(f, matplotlib.figure.Figure)
         plt.close(f)
+
+
+# --------------------------------------------------------------------------------------
+# settings and steps
+# --------------------------------------------------------------------------------------
+def test_patient_settings_defaults_are_the_schema_defaults():
+    from test_design import _check_settings_defaults
+
+    _check_settings_defaults(P.PatientSettings, "patients", (P.profile,))
+    s = P.PatientSettings.from_config({"enabled": True, "reference_value": "control"})
+    assert s.reference_value == "control" and s.min_controls == 3
+
+
+def test_reference_steps():
+    dv = pd.DataFrame({"r": [1.0, 2.0, 3.0, 4.0]}, index=["A", "B", "C", "D"])
+    c, s, n, basis, vals = P._control_reference(dv, "A", True, "r", min_controls=3)
+    assert (c, n, basis) == (3.0, 3, "controls, leave-one-out") and list(vals) == [2.0, 3.0, 4.0]
+    c, s, n, basis, _ = P._control_reference(dv, "A", True, "r", min_controls=4)
+    assert np.isnan(c) and "3 donors with a value < min_controls=4" in basis
+    rr = pd.DataFrame({"centre": [1.0], "spread": [0.5], "n": [5], "source_run": ["old"]},
+                      index=pd.Index(["r"], name="readout"))  # fmt: skip
+    assert P._file_reference(rr, "r") == (1.0, 0.5, 5, "reference file (run old)", None)
+    assert P._file_reference(rr, "q")[3] == "readout not in the reference file"
+    row = P._score_row("S", "r", 2.0, 1.0, 0.5, 5, "b", np.array([0.0, 2.0, 3.0]), 2.0)
+    assert row["z"] == 2.0 and row["percentile"] == pytest.approx(50.0)
+    assert row["flag"] == "within"  # |z| = 2 < k = 3.1 with 5 donors
+
+
+def test_reference_samples_notes():
+    meta = pd.DataFrame({"condition": ["sepsis", "control"]}, index=["S", "C"])
+    notes: list[str] = []
+    is_ref = P._reference_samples(meta, P.PatientSettings(reference_value="control"), notes)
+    assert list(is_ref) == [False, True] and notes == []
+    assert P._reference_samples(meta, P.PatientSettings(reference_value="healthy"), notes) is None
+    assert P._reference_samples(meta, P.PatientSettings(reference_column="arm", reference_value="x"), notes) is None
+    assert notes == ["no sample has condition == 'healthy'", "obs['arm'] missing: no in-run reference samples"]
+    assert "matches none" in P._skipped_note(P.PatientSettings(reference_value="x"))

@@ -360,3 +360,62 @@ def test_pseudobulk_expression_is_log_cpm_of_summed_counts(scored, table):
         & (table["sample_id"].astype(str) == sample)
     ]
     assert row["value"].iloc[0] == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------------------
+def test_sample_meta_view_keeps_obs_order_and_fills_donor(scored):
+    meta = stats._sample_meta(scored, "sample_id", "condition", "donor")
+    assert list(meta.columns) == ["condition", "donor"]
+    assert list(meta.index) == list(dict.fromkeys(scored.obs["sample_id"].astype(str)))
+    alone = stats._sample_meta(scored, "sample_id", "condition", None)
+    assert (alone["donor"] == alone.index).all()
+    with pytest.raises(KeyError, match="obs\\['visit'\\] is missing"):
+        stats._sample_meta(scored, "sample_id", "visit", "donor")
+
+
+def test_fraction_row_counts_the_call_population():
+    meta = pd.DataFrame({"condition": ["sepsis"], "donor": ["D"]}, index=["S"])
+    si = {"label": "x", "call_population": "CD8", "parent": "T"}
+    call = pd.Series([True, False, pd.NA, True], dtype="boolean")
+    in_s = np.array([True, True, True, False])
+    row = stats._fraction_row(meta, "S", "x", si, call, in_s, min_cells=1)
+    assert (row["n_cells"], row["n_called"], row["value"], row["population"]) == (2, 1, 0.5, "CD8")
+    short = stats._fraction_row(meta, "S", "x", si, call, in_s, min_cells=3)
+    assert np.isnan(short["value"]) and "2 cells of the call population (CD8)" in short["reason"]
+
+
+def test_effect_notes_drop_p_with_fewer_than_two_units():
+    from sepsis_sc.design import Contrast, resolve_design
+    from sepsis_sc.simulate_design import repeated_sheet
+
+    design = resolve_design(repeated_sheet(1, 3, ("T0",)), Contrast("c", "condition", "sepsis", "control"))
+    r = pd.Series({"note": "", "pvalue": 0.01, "n_case": 1, "n_control": 3})
+    notes, p = stats._effect_notes(design, r, n_na=2)
+    assert np.isnan(p) and "2 sample(s) NA" in notes[0] and "fewer than 2 units in sepsis (n=1)" in notes[1]
+    r0 = pd.Series({"note": "", "pvalue": np.nan, "n_case": 0, "n_control": 3})
+    assert stats._effect_notes(design, r0, 0)[0] == ["no sample with enough cells in one condition"]
+    assert stats._test_name(design, "rank", True) == "Mann-Whitney U"
+    assert stats._test_name(design, "t", False) == "t"
+
+
+def test_direction_and_composition_meaning():
+    res = pd.DataFrame({"significant": [True, True, False], "effect": [1.0, -1.0, 2.0]})
+    assert list(stats._direction(res, "sepsis")) == ["higher in sepsis", "lower in sepsis", ""]
+    r = pd.Series({"label": "Monocyte", "effect": 0.5, "significant": False, "fdr": np.nan,
+                   "mean_prop_case": 0.2, "mean_prop_control": 0.1})  # fmt: skip
+    assert stats._composition_meaning(r, "sepsis", "control").endswith("20.0% vs 10.0%; not tested.")
+    r["significant"], r["fdr"] = True, 0.01
+    assert "share of cells is larger in sepsis" in stats._composition_meaning(r, "sepsis", "control")
+
+
+def test_therapy_target_evidence_and_missing_primary():
+    r = pd.Series({"fdr": 0.01, "effect": -1.0})
+    assert stats._evidence(r, "down", 0.05) == "supported"
+    assert stats._evidence(r, "up", 0.05) == "opposite"
+    assert stats._evidence(pd.Series({"fdr": 0.2, "effect": 1.0}), "up", 0.05) == "not significant"
+    assert stats._evidence(pd.Series({"fdr": np.nan, "effect": 1.0}), "up", 0.05) == "not tested"
+    sub = pd.DataFrame({"state": ["s"], "label": ["S"], "metric": ["mean_score"], "role": ["secondary"]})
+    stand_in = stats._primary_effect(sub, {"primary_metric": "fraction"})
+    assert stand_in["metric"] == "fraction" and "not computed" in stand_in["meaning"]

@@ -27,6 +27,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sepsis_sc.data import get_counts
-from sepsis_sc.design import COEF, SampleDesign
+from sepsis_sc.design import COEF, ConfigSettings, SampleDesign
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESULT_COLUMNS",
+    "DESettings",
     "SUMMARY_COLUMNS",
     "pseudobulk",
     "label_units",
@@ -60,6 +62,36 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 _FIT_COLUMNS = ["base_mean", "log2fc", "log2fc_shrunk", "lfc_se", "stat", "pvalue", "padj"]
 _CHUNK_CELLS = 50_000  # cells per block of the indicator product (bounds the float64 copy)
+
+
+@dataclass(frozen=True)
+class DESettings(ConfigSettings):
+    """What a label and a gene need to be tested: the config's ``de`` section.
+
+    Field defaults equal the schema's (``workflow/schemas/config.schema.yaml``, checked by
+    ``tests/test_de.py``); :func:`pseudobulk_de` takes the same names as keywords.
+
+    Attributes
+    ----------
+    levels
+        obs columns with labels, e.g. ``("cell_type", "lineage")``.
+    min_cells
+        Fewest cells of a label for a sample to contribute.
+    min_samples_per_group
+        Fewest units per group (case and control) to test a label.
+    min_total_count, min_count
+        Gene filter: counts over the label's units; counts in each of at least (smaller
+        group size) units.
+    shrink
+        apeGLM-shrunk log2 fold changes too.
+    """
+
+    levels: tuple[str, ...] = ("cell_type", "lineage")
+    min_cells: int = 10
+    min_samples_per_group: int = 3
+    min_total_count: int = 10
+    min_count: int = 5
+    shrink: bool = True
 
 
 # --------------------------------------------------------------------------------------
@@ -113,23 +145,53 @@ def pseudobulk(
     ValueError
         The counts are not non-negative integers (the message names the matrix and the fix).
     """
+    _check_obs_columns(adata, label_key, sample_key)
+    X, where = get_counts(adata, layer, check=False, max_values=100_000)
+    s_codes, samples = _codes(adata.obs[sample_key])
+    l_codes, labels = _codes(adata.obs[label_key])
+    n_lab = max(len(labels), 1)
+    groups, inverse, ind = _group_indicator(s_codes, l_codes, n_lab, adata.n_obs)
+    sums = _summed_counts(X, ind, adata.n_obs, adata.n_vars, where)
+    g_sample, g_label = groups // n_lab, groups % n_lab
+    nc = np.zeros((len(samples), len(labels)), dtype=np.int64)
+    nc[g_sample, g_label] = np.bincount(inverse, minlength=groups.size)
+    n_cells = pd.DataFrame(nc, index=pd.Index(samples, name=sample_key), columns=labels)
+    genes = pd.Index(adata.var_names.astype(str))
+    counts = _label_tables(sums, g_sample, g_label, samples, labels, genes, sample_key)
+    return counts, n_cells
+
+
+def _check_obs_columns(adata: Any, label_key: str, sample_key: str) -> None:
+    """Label and sample columns must be in obs."""
     for key, what in ((label_key, "label"), (sample_key, "sample")):
         if key not in adata.obs:
             raise KeyError(
                 f"obs[{key!r}] ({what} column) is missing; columns: {', '.join(map(str, adata.obs.columns))}"
             )
-    X, where = get_counts(adata, layer, check=False, max_values=100_000)
-    s_codes, samples = _codes(adata.obs[sample_key])
-    l_codes, labels = _codes(adata.obs[label_key])
+
+
+def _group_indicator(
+    s_codes: np.ndarray, l_codes: np.ndarray, n_lab: int, n_obs: int
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """Sample x label groups present (code ``sample * n_lab + label``), each labelled cell's
+    group index, and the groups x cells indicator matrix (unlabelled cells are in none)."""
     ok = (s_codes >= 0) & (l_codes >= 0)
-    group = s_codes * max(len(labels), 1) + l_codes
+    group = s_codes * n_lab + l_codes
     groups, inverse = np.unique(group[ok], return_inverse=True)
     cells = np.flatnonzero(ok)
-    ind = sp.csr_matrix((np.ones(cells.size), (inverse, cells)), shape=(groups.size, adata.n_obs))
-    sums = np.zeros((groups.size, adata.n_vars))
+    ind = sp.csr_matrix((np.ones(cells.size), (inverse, cells)), shape=(groups.size, n_obs))
+    return groups, inverse, ind
+
+
+def _summed_counts(X: Any, ind: sp.csr_matrix, n_obs: int, n_vars: int, where: str) -> np.ndarray:
+    """Groups x genes sums of ``X`` in blocks of cells; error unless non-negative integers.
+
+    Each block is copied to float64 only while it is summed (sums stay exact).
+    """
+    sums = np.zeros((ind.shape[0], n_vars))
     min_value = 0.0
-    for start in range(0, adata.n_obs, _CHUNK_CELLS):
-        stop = min(start + _CHUNK_CELLS, adata.n_obs)
+    for start in range(0, n_obs, _CHUNK_CELLS):
+        stop = min(start + _CHUNK_CELLS, n_obs)
         block = X[start:stop]
         block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
         if block.size:
@@ -145,13 +207,19 @@ def pseudobulk(
             "(the workflow keeps them in layers['counts']), or restore them with "
             "adata.layers['counts'] = <raw matrix> before normalising."
         )
-    g_sample = groups // max(len(labels), 1)
-    g_label = groups % max(len(labels), 1)
-    genes = pd.Index(adata.var_names.astype(str))
-    n_per_group = np.bincount(inverse, minlength=groups.size)
-    nc = np.zeros((len(samples), len(labels)), dtype=np.int64)
-    nc[g_sample, g_label] = n_per_group
-    n_cells = pd.DataFrame(nc, index=pd.Index(samples, name=sample_key), columns=labels)
+    return sums
+
+
+def _label_tables(
+    sums: np.ndarray,
+    g_sample: np.ndarray,
+    g_label: np.ndarray,
+    samples: list[str],
+    labels: list[str],
+    genes: pd.Index,
+    sample_key: str,
+) -> dict[str, pd.DataFrame]:
+    """``{label: samples x genes int64}`` from the group sums (samples with cells of it)."""
     counts: dict[str, pd.DataFrame] = {}
     for j, lab in enumerate(labels):
         rows = np.flatnonzero(g_label == j)
@@ -162,7 +230,7 @@ def pseudobulk(
             index=pd.Index([samples[i] for i in g_sample[rows]], name=sample_key),
             columns=genes,
         )
-    return counts, n_cells
+    return counts
 
 
 def label_units(
@@ -285,15 +353,30 @@ def fit_deseq(
         independent filtering; NaN for genes filtered out or flagged by Cook's distance, as
         in DESeq2).
     """
-    from pydeseq2.dds import DeseqDataSet
-    from pydeseq2.ds import DeseqStats
-
     if COEF not in matrix.columns:
         raise ValueError(f"design matrix has no {COEF!r} column")
     matrix = matrix.astype(float)
     counts = counts.loc[matrix.index]
     counts.index = counts.index.astype(str)
     matrix.index = counts.index
+    stats = _wald_test(counts, matrix, alpha=alpha, n_cpus=n_cpus)
+    out = _results_table(stats.results_df)
+    if use_t:
+        _t_pvalues(out, df_resid=matrix.shape[0] - matrix.shape[1])
+    if shrink:
+        # with a DataFrame design PyDESeq2 names the LFC columns after the matrix columns
+        with _quiet_pydeseq2():
+            stats.lfc_shrink(coeff=COEF)
+        out["log2fc_shrunk"] = stats.results_df["log2FoldChange"].to_numpy()
+    out.index.name = "gene"
+    return out
+
+
+def _wald_test(counts: pd.DataFrame, matrix: pd.DataFrame, *, alpha: float, n_cpus: int) -> Any:
+    """PyDESeq2 fit and Wald test of :data:`COEF` (the ``DeseqStats`` after ``summary``)."""
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.ds import DeseqStats
+
     dds = DeseqDataSet(
         counts=counts,
         metadata=pd.DataFrame(index=counts.index),
@@ -307,8 +390,13 @@ def fit_deseq(
     stats = DeseqStats(dds, contrast=contrast, alpha=alpha, quiet=True, n_cpus=n_cpus)
     with _quiet_pydeseq2():
         stats.summary()
-    res = stats.results_df.copy()
-    out = pd.DataFrame(
+    return stats
+
+
+def _results_table(res: pd.DataFrame) -> pd.DataFrame:
+    """PyDESeq2's results with this package's column names (no shrunk LFC yet)."""
+    res = res.copy()
+    return pd.DataFrame(
         {
             "base_mean": res["baseMean"],
             "log2fc": res["log2FoldChange"],
@@ -320,26 +408,22 @@ def fit_deseq(
         },
         index=res.index,
     )
-    if use_t:
-        from scipy import stats as sstats
 
-        from sepsis_sc.stats import bh_fdr
 
-        df_resid = matrix.shape[0] - matrix.shape[1]
-        if df_resid >= 1:
-            p_t = 2 * sstats.t.sf(np.abs(out["stat"].to_numpy(float)), df_resid)
-            p_t = np.where(np.isfinite(out["pvalue"].to_numpy(float)), p_t, np.nan)
-            kept = np.isfinite(out["padj"].to_numpy(float))
-            out["pvalue"] = p_t
-            out["padj"] = np.nan
-            out.loc[kept, "padj"] = bh_fdr(p_t[kept])
-    if shrink:
-        # with a DataFrame design PyDESeq2 names the LFC columns after the matrix columns
-        with _quiet_pydeseq2():
-            stats.lfc_shrink(coeff=COEF)
-        out["log2fc_shrunk"] = stats.results_df["log2FoldChange"].to_numpy()
-    out.index.name = "gene"
-    return out
+def _t_pvalues(out: pd.DataFrame, *, df_resid: int) -> None:
+    """Replace the normal Wald p-values by t on ``df_resid`` (R DESeq2's ``useT``) and redo
+    BH over the genes that independent filtering and Cook's check kept (no-op without df)."""
+    from scipy import stats as sstats
+
+    from sepsis_sc.stats import bh_fdr
+
+    if df_resid >= 1:
+        p_t = 2 * sstats.t.sf(np.abs(out["stat"].to_numpy(float)), df_resid)
+        p_t = np.where(np.isfinite(out["pvalue"].to_numpy(float)), p_t, np.nan)
+        kept = np.isfinite(out["padj"].to_numpy(float))
+        out["pvalue"] = p_t
+        out["padj"] = np.nan
+        out.loc[kept, "padj"] = bh_fdr(p_t[kept])
 
 
 def _fit_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +455,8 @@ def _top(genes: pd.DataFrame, n: int = 5) -> str:
     return ", ".join(order["gene"].head(n).astype(str))
 
 
+# Over 80 lines only by its docstring (the public parameter reference for notebook users);
+# the body is 20 lines of named steps.
 def pseudobulk_de(
     adata: Any,
     design: SampleDesign,
@@ -454,102 +540,185 @@ def pseudobulk_de(
     ValueError
         The counts are not raw integers (names the matrix and the fix).
     """
-    missing = [lv for lv in levels if lv not in adata.obs]
-    if missing:
-        raise KeyError(
-            f"label column(s) {missing} missing from obs (columns: "
-            f"{', '.join(map(str, adata.obs.columns))}); annotate first or set de.levels"
-        )
-    if min_samples_per_group < 2:
-        raise ValueError(f"min_samples_per_group must be >= 2, got {min_samples_per_group}")
-    case, control = design.contrast.case, design.contrast.control
-    rows: list[dict[str, Any]] = []
-    jobs: list[dict[str, Any]] = []
-    info: dict[tuple[str, str], dict[str, Any]] = {}
-    for level in levels:
-        counts, n_cells = pseudobulk(adata, label_key=level, sample_key=sample_key, layer=layer)
-        for label in n_cells.columns:
-            key = (level, label)
-            row: dict[str, Any] = {"level": level, "label": label, "status": "not tested",
-                                   "reason": "", "n_case": 0, "n_control": 0, "n_cells": 0,
-                                   "n_genes_tested": 0, "n_up": 0, "n_down": 0, "top_up": "",
-                                   "top_down": "", "seconds": 0.0}  # fmt: skip
-            rows.append(row)
-            info[key] = row
-            if label in exclude:
-                row["reason"] = "excluded (de exclude list)"
-                continue
-            if not design.testable or design.matrix.empty:
-                row["reason"] = design.reason or "design not testable"
-                continue
-            if label not in counts:
-                row["reason"] = "no cells"
-                continue
-            unit_counts, matrix, note = label_units(
-                counts[label], n_cells[label], design, min_cells=min_cells
-            )
-            used = matrix.index if matrix is not None else unit_counts.index
-            nc = n_cells[label].reindex(design.sample_unit.index).fillna(0)
-            in_used = design.sample_unit.isin(used).to_numpy()
-            row["n_cells"] = int(nc[(nc >= min_cells).to_numpy() & in_used].sum())
-            lv = design.units.loc[used, "level"]
-            row["n_case"], row["n_control"] = int((lv == case).sum()), int((lv == control).sum())
-            if min(row["n_case"], row["n_control"]) < min_samples_per_group:
-                row["reason"] = (
-                    f"fewer than {min_samples_per_group} units per group with >= {min_cells} "
-                    f"cells ({case}: {row['n_case']}, {control}: {row['n_control']})"
-                )
-                continue
-            if matrix is None:
-                row["reason"] = note or "contrast not estimable on the units left"
-                continue
-            if len(matrix) - matrix.shape[1] < 1:
-                row["reason"] = (
-                    f"no residual degree of freedom ({len(matrix)} units, "
-                    f"{matrix.shape[1]} model columns)"
-                )
-                continue
-            n_small = int(min(matrix[COEF].sum(), len(matrix) - matrix[COEF].sum()))
-            uc = unit_counts.loc[matrix.index].to_numpy()
-            keep = (uc.sum(axis=0) >= min_total_count) & ((uc >= min_count).sum(axis=0) >= n_small)
-            genes = unit_counts.columns[keep]
-            if len(genes) == 0:
-                row["reason"] = (
-                    f"no gene with >= {min_total_count} counts and >= {min_count} in {n_small} units"
-                )
-                continue
-            row["reason"] = note
-            row["n_genes_tested"] = len(genes)
-            jobs.append({"key": key, "counts": unit_counts[genes], "matrix": matrix,
-                         "shrink": shrink, "alpha": alpha})  # fmt: skip
+    settings = DESettings(levels=tuple(levels), min_cells=min_cells,
+                          min_samples_per_group=min_samples_per_group,
+                          min_total_count=min_total_count, min_count=min_count, shrink=shrink)  # fmt: skip
+    _check_de_input(adata, settings)
+    rows, jobs = _label_jobs(adata, design, settings, sample_key=sample_key, layer=layer,
+                             exclude=exclude, alpha=alpha)  # fmt: skip
     if not jobs:
         why = sorted({r["reason"] for r in rows if r["reason"]})
         logger.warning("pseudobulk DE: no label could be tested (%s)", "; ".join(why) or "no label")
+    info = {(r["level"], r["label"]): r for r in rows}
     results = []
     for done in _run(jobs, max(1, int(n_cpus))):
-        level, label = done["key"]
-        row = info[done["key"]]
-        row["seconds"] = round(done["seconds"], 2)
-        for msg in done["warnings"]:
-            logger.info("%s %s: PyDESeq2 warning: %s", level, label, msg)
-        if done["error"]:
-            row["status"], row["reason"] = "failed", f"PyDESeq2 failed: {done['error']}"
-            row["n_genes_tested"] = 0
-            logger.warning("%s %s: %s", level, label, row["reason"])
-            continue
-        res = done["result"].reset_index()
-        res.insert(0, "label", label)
-        res.insert(0, "level", level)
-        results.append(res[RESULT_COLUMNS])
-        sig = res[res["padj"] < alpha]
-        up, down = sig[sig["log2fc"] > 0], sig[sig["log2fc"] < 0]
-        row.update(status="tested", n_up=len(up), n_down=len(down), top_up=_top(up),
-                   top_down=_top(down))  # fmt: skip
-        logger.info("%s %s: %d vs %d units, %d genes, %d up, %d down (%.1f s)", level, label,
-                    row["n_case"], row["n_control"], row["n_genes_tested"], len(up), len(down),
-                    done["seconds"])  # fmt: skip
+        res = _collect(done, info[done["key"]], alpha)
+        if res is not None:
+            results.append(res)
     res_df = (
         pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=RESULT_COLUMNS)
     )
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     return res_df, summary
+
+
+def _check_de_input(adata: Any, settings: DESettings) -> None:
+    """Every level must be an obs column; a group needs at least 2 units."""
+    missing = [lv for lv in settings.levels if lv not in adata.obs]
+    if missing:
+        raise KeyError(
+            f"label column(s) {missing} missing from obs (columns: "
+            f"{', '.join(map(str, adata.obs.columns))}); annotate first or set de.levels"
+        )
+    if settings.min_samples_per_group < 2:
+        raise ValueError(f"min_samples_per_group must be >= 2, got {settings.min_samples_per_group}")
+
+
+def _label_jobs(
+    adata: Any,
+    design: SampleDesign,
+    settings: DESettings,
+    *,
+    sample_key: str,
+    layer: str | None,
+    exclude: Sequence[str],
+    alpha: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A summary row for every label of every level, and a fit job for each testable one."""
+    rows: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    for level in settings.levels:
+        counts, n_cells = pseudobulk(adata, label_key=level, sample_key=sample_key, layer=layer)
+        for label in n_cells.columns:
+            row = _summary_row(level, label)
+            rows.append(row)
+            job = _label_job(row, counts, n_cells, design, settings, exclude=exclude, alpha=alpha)
+            if job is not None:
+                jobs.append(job)
+    return rows, jobs
+
+
+def _summary_row(level: str, label: str) -> dict[str, Any]:
+    """A label's summary row before any gate (``not tested``, zeros)."""
+    return {"level": level, "label": label, "status": "not tested", "reason": "", "n_case": 0,
+            "n_control": 0, "n_cells": 0, "n_genes_tested": 0, "n_up": 0, "n_down": 0,
+            "top_up": "", "top_down": "", "seconds": 0.0}  # fmt: skip
+
+
+def _label_job(
+    row: dict[str, Any],
+    counts: dict[str, pd.DataFrame],
+    n_cells: pd.DataFrame,
+    design: SampleDesign,
+    settings: DESettings,
+    *,
+    exclude: Sequence[str],
+    alpha: float,
+) -> dict[str, Any] | None:
+    """Gate one label and build its fit job; None when not tested (``row`` says why).
+
+    Fills ``row``'s unit and cell numbers, genes tested and ``reason``.
+    """
+    label = row["label"]
+    why = _label_gate(label, counts, design, exclude)
+    if not why:
+        unit_counts, matrix, note = label_units(counts[label], n_cells[label], design,
+                                                min_cells=settings.min_cells)  # fmt: skip
+        _count_units(row, n_cells[label], design, matrix, unit_counts, settings.min_cells)
+        why = _unit_gate(row, matrix, note, design, settings)
+    if not why:
+        genes, why = _testable_genes(unit_counts, matrix, settings)
+    if why:
+        row["reason"] = why
+        return None
+    row["reason"] = note
+    row["n_genes_tested"] = len(genes)
+    return {"key": (row["level"], label), "counts": unit_counts[genes], "matrix": matrix,
+            "shrink": settings.shrink, "alpha": alpha}  # fmt: skip
+
+
+def _label_gate(label: str, counts: dict[str, pd.DataFrame], design: SampleDesign,
+                exclude: Sequence[str]) -> str:  # fmt: skip
+    """Why a label is not tested before looking at its units (empty: go on)."""
+    if label in exclude:
+        return "excluded (de exclude list)"
+    if not design.testable or design.matrix.empty:
+        return design.reason or "design not testable"
+    if label not in counts:
+        return "no cells"
+    return ""
+
+
+def _count_units(
+    row: dict[str, Any],
+    n_cells: pd.Series,
+    design: SampleDesign,
+    matrix: pd.DataFrame | None,
+    unit_counts: pd.DataFrame,
+    min_cells: int,
+) -> None:
+    """Fill ``row``'s ``n_cells`` (cells of the samples used), ``n_case`` and ``n_control``."""
+    used = matrix.index if matrix is not None else unit_counts.index
+    nc = n_cells.reindex(design.sample_unit.index).fillna(0)
+    in_used = design.sample_unit.isin(used).to_numpy()
+    row["n_cells"] = int(nc[(nc >= min_cells).to_numpy() & in_used].sum())
+    lv = design.units.loc[used, "level"]
+    row["n_case"] = int((lv == design.contrast.case).sum())
+    row["n_control"] = int((lv == design.contrast.control).sum())
+
+
+def _unit_gate(
+    row: dict[str, Any], matrix: pd.DataFrame | None, note: str, design: SampleDesign,
+    settings: DESettings,
+) -> str:  # fmt: skip
+    """Why a label is not tested on the units it keeps (empty: go on)."""
+    case, control = design.contrast.case, design.contrast.control
+    if min(row["n_case"], row["n_control"]) < settings.min_samples_per_group:
+        return (
+            f"fewer than {settings.min_samples_per_group} units per group with >= "
+            f"{settings.min_cells} cells ({case}: {row['n_case']}, {control}: {row['n_control']})"
+        )
+    if matrix is None:
+        return note or "contrast not estimable on the units left"
+    if len(matrix) - matrix.shape[1] < 1:
+        return f"no residual degree of freedom ({len(matrix)} units, {matrix.shape[1]} model columns)"
+    return ""
+
+
+def _testable_genes(
+    unit_counts: pd.DataFrame, matrix: pd.DataFrame, settings: DESettings
+) -> tuple[pd.Index, str]:
+    """Genes with ``min_total_count`` counts over the units and ``min_count`` in as many
+    units as the smaller group has (edgeR's ``filterByExpr`` idea); reason when none."""
+    n_small = int(min(matrix[COEF].sum(), len(matrix) - matrix[COEF].sum()))
+    uc = unit_counts.loc[matrix.index].to_numpy()
+    keep = (uc.sum(axis=0) >= settings.min_total_count) & ((uc >= settings.min_count).sum(axis=0) >= n_small)
+    genes = unit_counts.columns[keep]
+    if len(genes) == 0:
+        return genes, (f"no gene with >= {settings.min_total_count} counts and >= "
+                       f"{settings.min_count} in {n_small} units")  # fmt: skip
+    return genes, ""
+
+
+def _collect(done: dict[str, Any], row: dict[str, Any], alpha: float) -> pd.DataFrame | None:
+    """One finished fit: fill its summary row; its result rows (None when it failed)."""
+    level, label = done["key"]
+    row["seconds"] = round(done["seconds"], 2)
+    for msg in done["warnings"]:
+        logger.info("%s %s: PyDESeq2 warning: %s", level, label, msg)
+    if done["error"]:
+        row["status"], row["reason"] = "failed", f"PyDESeq2 failed: {done['error']}"
+        row["n_genes_tested"] = 0
+        logger.warning("%s %s: %s", level, label, row["reason"])
+        return None
+    res = done["result"].reset_index()
+    res.insert(0, "label", label)
+    res.insert(0, "level", level)
+    sig = res[res["padj"] < alpha]
+    up, down = sig[sig["log2fc"] > 0], sig[sig["log2fc"] < 0]
+    row.update(status="tested", n_up=len(up), n_down=len(down), top_up=_top(up),
+               top_down=_top(down))  # fmt: skip
+    logger.info("%s %s: %d vs %d units, %d genes, %d up, %d down (%.1f s)", level, label,
+                row["n_case"], row["n_control"], row["n_genes_tested"], len(up), len(down),
+                done["seconds"])  # fmt: skip
+    return res[RESULT_COLUMNS]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -61,11 +61,53 @@ __all__ = [
     "linear_test",
     "squeeze_var",
     "COEF",
+    "ConfigSettings",
+    "StatsSettings",
 ]
 
 #: name of the case-vs-control coefficient in every design matrix
 COEF = "case_vs_control"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigSettings:
+    """Base of the frozen settings dataclasses (:class:`StatsSettings`,
+    :class:`sepsis_sc.de.DESettings`, :class:`sepsis_sc.patients.PatientSettings`)."""
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> Any:
+        """From a config section (e.g. ``config["de"]``): its keys that are fields (lists
+        become tuples); fields it lacks keep their defaults, other keys are ignored."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class StatsSettings(ConfigSettings):
+    """The config's ``stats`` section: sample-level tests of every contrast.
+
+    Field defaults equal the schema's (checked by ``tests/test_design.py``).
+
+    Attributes
+    ----------
+    min_cells
+        Fewest cells of a state's population per sample (:func:`sepsis_sc.stats.sample_table`).
+    design
+        Model formula over sheet columns (None: ``~ <contrast column>``).
+    paired
+        ``"auto"``, ``"yes"`` or ``"no"``.
+    alpha
+        FDR level.
+    test
+        ``"t"`` (moderated t) or ``"rank"``.
+    """
+
+    min_cells: int = 20
+    design: str | None = None
+    paired: str = "auto"
+    alpha: float = 0.05
+    test: str = "t"
 
 
 class DesignError(ValueError):
@@ -143,16 +185,63 @@ def parse_contrasts(config: Mapping[str, Any]) -> list[Contrast]:
     return out
 
 
-def sample_meta(adata: Any, sample_key: str = "sample_id") -> pd.DataFrame:
-    """Per-sample sheet columns from ``adata.obs`` (columns constant within every sample).
+def sample_meta(
+    adata: Any,
+    sample_key: str = "sample_id",
+    *,
+    columns: Sequence[str] | None = None,
+    donor_key: str | None = "donor",
+    obs_order: bool = False,
+) -> pd.DataFrame:
+    """Per-sample sheet columns from ``adata.obs``: the one per-sample metadata builder.
 
     The workflow copies every sample-sheet column into ``obs``; this recovers the sheet (index
-    = sample_id) so that the design can be resolved inside a job or a notebook.
+    = sample IDs, values as text) so that the design can be resolved inside a job or a
+    notebook, and gives :mod:`sepsis_sc.stats` and :mod:`sepsis_sc.patients` their condition
+    and donor per sample.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or anything with ``obs``) holding ``obs[sample_key]``.
+    sample_key
+        obs column of the sample IDs.
+    columns
+        None: every obs column that is constant within every sample (columns of floats are
+        per-cell measurements and are skipped). Otherwise exactly these columns (absent ones
+        skipped), which must be constant within each sample (``ValueError`` names the ones
+        that are not); the result then starts with ``donor``: ``obs[donor_key]``, or the
+        sample ID when ``donor_key`` is None or not in obs (each sample its own donor).
+    donor_key
+        obs column of the donors (used with ``columns``).
+    obs_order
+        Rows in order of first appearance in obs (default: sorted by sample ID).
     """
     obs = adata.obs
     if sample_key not in obs:
         raise KeyError(f"obs[{sample_key!r}] is missing; it comes from the sample sheet")
-    codes = obs[sample_key].astype(str)
+    codes = obs[sample_key].astype(str).to_numpy()
+    if columns is None:
+        keep = _constant_columns(obs, sample_key, codes)
+    else:
+        keep = _checked_columns(obs, sample_key, codes, columns, donor_key)
+    meta = obs[keep].astype(str).groupby(codes, observed=True, sort=not obs_order).first()
+    meta.index.name = sample_key
+    if columns is None:
+        return meta
+    if donor_key is not None and donor_key in obs:
+        return meta.rename(columns={donor_key: "donor"})
+    meta.insert(0, "donor", meta.index)
+    return meta
+
+
+def _varies(values: pd.Series, codes: np.ndarray) -> bool:
+    """Whether a column takes more than one value (as text) within some sample."""
+    return bool(values.astype(str).groupby(codes, observed=True).nunique().max() > 1)
+
+
+def _constant_columns(obs: pd.DataFrame, sample_key: str, codes: np.ndarray) -> list[str]:
+    """The obs columns that are sheet columns: text, constant within every sample."""
     keep = []
     for c in obs.columns:
         if c == sample_key:
@@ -160,11 +249,29 @@ def sample_meta(adata: Any, sample_key: str = "sample_id") -> pd.DataFrame:
         s = obs[c]
         if s.dtype.kind in "fc":  # per-cell measurements, never sheet columns (those are text)
             continue
-        if s.astype(str).groupby(codes.to_numpy(), observed=True).nunique().max() == 1:
+        if not _varies(s, codes):
             keep.append(c)
-    meta = obs[keep].astype(str).groupby(codes.to_numpy(), observed=True).first()
-    meta.index.name = sample_key
-    return meta
+    return keep
+
+
+def _checked_columns(
+    obs: pd.DataFrame,
+    sample_key: str,
+    codes: np.ndarray,
+    columns: Sequence[str],
+    donor_key: str | None,
+) -> list[str]:
+    """The donor column and ``columns`` present in obs; error when one varies in a sample."""
+    donor = [donor_key] if donor_key is not None and donor_key in obs else []
+    cols = [c for c in dict.fromkeys(columns) if c in obs and c not in (sample_key, donor_key)]
+    keep = donor + cols
+    bad = [c for c in keep if _varies(obs[c], codes)]
+    if bad:
+        raise ValueError(
+            f"obs column(s) {bad} vary within a sample; sample-sheet columns such as condition "
+            f"and donor must be constant per {sample_key} (fix the sample sheet)"
+        )
+    return keep
 
 
 def _terms(formula: str) -> list[list[str]]:
@@ -348,25 +455,60 @@ def resolve_design(
         covariate confounded with the contrast or making the design rank deficient, or a
         categorical covariate that differs within an aggregated unit.
     """
+    paired = _paired_mode(contrast, paired)
+    formula = formula or contrast.design or f"~ {contrast.column}"
+    _check_contrast_column(meta, contrast)
+    meta = _with_donor(meta, donor_key)
+    cov_terms = _covariate_terms(formula, contrast.column)
+    covariates = _covariate_columns(formula, contrast.column, meta)
+    sub = meta[meta[contrast.column].astype(str).isin([contrast.case, contrast.control])]
+    if sub.empty:
+        return _empty_design(contrast, formula)
+    numeric = {c for c in covariates if _is_numeric(sub[c])}
+    units, sample_unit, notes = _unit_table(sub, contrast, covariates, numeric)
+    units, sample_unit, use_paired = _pair_donors(units, sample_unit, contrast, paired, notes)
+    cov_x = _covariate_matrix(units, cov_terms, covariates, numeric, formula)
+    base = _base_columns(units, use_paired)
+    kept = _informative_covariates(base, cov_x, use_paired, contrast, formula, notes)
+    matrix = _design_matrix(base, cov_x, kept, units, contrast)
+    testable, reason = _estimability(matrix, kept, contrast, formula, use_paired)
+    return SampleDesign(contrast, formula, units, sample_unit, matrix, use_paired, notes,
+                        testable, reason)  # fmt: skip
+
+
+def _paired_mode(contrast: Contrast, paired: str | bool | None) -> str:
+    """``paired`` (or the contrast's own setting) as ``"auto"``, ``"yes"`` or ``"no"``."""
     paired = contrast.paired if paired is None else paired
     paired = {None: "auto", True: "yes", False: "no"}.get(paired, paired)  # type: ignore[arg-type]
     if paired not in ("auto", "yes", "no"):
         raise DesignError(f"paired must be 'auto', 'yes' or 'no', got {paired!r}")
-    formula = formula or contrast.design or f"~ {contrast.column}"
+    return paired
+
+
+def _check_contrast_column(meta: pd.DataFrame, contrast: Contrast) -> None:
+    """The sheet must have the contrast's column."""
     col = contrast.column
     if col not in meta.columns:
         raise DesignError(
             f"contrast {contrast.name!r}: the sample sheet has no column {col!r} "
             f"(columns: {', '.join(map(str, meta.columns))})"
         )
+
+
+def _with_donor(meta: pd.DataFrame, donor_key: str) -> pd.DataFrame:
+    """A copy of the sheet with a ``donor`` column (the sample ID when there is none)."""
     meta = meta.copy()
     if donor_key not in meta.columns:
         meta["donor"] = meta.index.astype(str)
     elif donor_key != "donor":
         meta["donor"] = meta[donor_key].astype(str)
-    terms = _terms(formula)
+    return meta
+
+
+def _covariate_terms(formula: str, col: str) -> list[str]:
+    """The formula's terms other than the contrast column's (no interaction with it)."""
     cov_terms = []
-    for factors in terms:
+    for factors in _terms(formula):
         names = {n for f in factors for n in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", f)}
         if col in names:
             if len(factors) > 1:
@@ -376,6 +518,11 @@ def resolve_design(
                 )
             continue
         cov_terms.append(":".join(factors))
+    return cov_terms
+
+
+def _covariate_columns(formula: str, col: str, meta: pd.DataFrame) -> list[str]:
+    """Sheet columns of the covariates; each must be in the sheet."""
     covariates = [c for c in formula_columns(formula) if c != col]
     missing = [c for c in covariates if c not in meta.columns]
     if missing:
@@ -383,16 +530,24 @@ def resolve_design(
             f"design formula {formula!r} names column(s) {missing} that the sample sheet does "
             f"not have (columns: {', '.join(map(str, meta.columns))})"
         )
-    sub = meta[meta[col].astype(str).isin([contrast.case, contrast.control])]
-    notes: list[str] = []
-    if sub.empty:
-        units = pd.DataFrame(columns=["donor", "level", "n_samples"])
-        return SampleDesign(contrast, formula, units, pd.Series(dtype=str), pd.DataFrame(),
-                            False, notes, False, f"no sample has {col} == {contrast.case!r} or {contrast.control!r}")  # fmt: skip
-    numeric = {c for c in covariates if _is_numeric(sub[c])}
-    units, sample_unit, agg_notes = _unit_table(sub, contrast, covariates, numeric)
-    notes += agg_notes
-    is_case = (units["level"] == contrast.case).astype(float)
+    return covariates
+
+
+def _empty_design(contrast: Contrast, formula: str) -> SampleDesign:
+    """The untestable design of a contrast that no sample of the sheet belongs to."""
+    units = pd.DataFrame(columns=["donor", "level", "n_samples"])
+    return SampleDesign(contrast, formula, units, pd.Series(dtype=str), pd.DataFrame(), False,
+                        [], False, f"no sample has {contrast.column} == {contrast.case!r} or "
+                        f"{contrast.control!r}")  # fmt: skip
+
+
+def _pair_donors(
+    units: pd.DataFrame, sample_unit: pd.Series, contrast: Contrast, paired: str, notes: list[str]
+) -> tuple[pd.DataFrame, pd.Series, bool]:
+    """Decide pairing; a paired design keeps only donors with a unit at both levels.
+
+    Appends to ``notes`` what pairing left out (or that donors seen twice stay independent).
+    """
     both = units.groupby("donor")["level"].nunique()
     paired_donors = both.index[both == 2]
     use_paired = paired == "yes" or (paired == "auto" and len(paired_donors) >= 2)
@@ -402,39 +557,65 @@ def resolve_design(
             notes.append(f"paired on {len(paired_donors)} donor(s); {left['donor'].nunique()} donor(s) seen at one level left out")
         units = units[units["donor"].isin(paired_donors)]
         sample_unit = sample_unit[sample_unit.isin(units.index)]
-        is_case = is_case.loc[units.index]
     elif len(paired_donors):
         notes.append(
             f"{len(paired_donors)} donor(s) seen at both levels treated as independent units"
         )
+    return units, sample_unit, use_paired
 
-    # covariate columns from formulaic on the unit table
+
+def _covariate_matrix(
+    units: pd.DataFrame,
+    cov_terms: Sequence[str],
+    covariates: Sequence[str],
+    numeric: set[str],
+    formula: str,
+) -> pd.DataFrame:
+    """Covariate columns from formulaic on the unit table (no intercept)."""
     cov_x = pd.DataFrame(index=units.index)
-    if cov_terms:
-        from formulaic import model_matrix
+    if not cov_terms:
+        return cov_x
+    from formulaic import model_matrix
 
-        data = units.copy()
-        for c in covariates:
-            if c in numeric:
-                data[c] = pd.to_numeric(data[c])
-            else:
-                data[c] = data[c].astype(str)
-        try:
-            mm = model_matrix("~ " + " + ".join(cov_terms), data, na_action="raise")
-        except Exception as err:
-            raise DesignError(f"design formula {formula!r} cannot be evaluated on the sheet: {err}") from err
-        cov_x = pd.DataFrame(np.asarray(mm, dtype=float), index=units.index, columns=list(mm.columns))
-        cov_x = cov_x.drop(columns=[c for c in cov_x.columns if c == "Intercept"])
+    data = units.copy()
+    for c in covariates:
+        if c in numeric:
+            data[c] = pd.to_numeric(data[c])
+        else:
+            data[c] = data[c].astype(str)
+    try:
+        mm = model_matrix("~ " + " + ".join(cov_terms), data, na_action="raise")
+    except Exception as err:
+        raise DesignError(f"design formula {formula!r} cannot be evaluated on the sheet: {err}") from err
+    cov_x = pd.DataFrame(np.asarray(mm, dtype=float), index=units.index, columns=list(mm.columns))
+    return cov_x.drop(columns=[c for c in cov_x.columns if c == "Intercept"])
+
+
+def _base_columns(units: pd.DataFrame, use_paired: bool) -> pd.DataFrame:
+    """Donor blocks (paired design) or the intercept."""
     if use_paired:
         donors = sorted(units["donor"].unique())
-        base = pd.DataFrame(
+        return pd.DataFrame(
             {f"donor[{d}]": (units["donor"] == d).astype(float) for d in donors},
             index=units.index,
         )
-    else:
-        base = pd.DataFrame({"Intercept": np.ones(len(units))}, index=units.index)
+    return pd.DataFrame({"Intercept": np.ones(len(units))}, index=units.index)
+
+
+def _informative_covariates(
+    base: pd.DataFrame,
+    cov_x: pd.DataFrame,
+    use_paired: bool,
+    contrast: Contrast,
+    formula: str,
+    notes: list[str],
+) -> list[str]:
+    """Covariate columns kept: those that carry something beyond the base columns.
+
+    A constant column (or one absorbed by the donor blocks) is dropped with a note; one that
+    is collinear with columns kept before it is a :class:`DesignError`.
+    """
     x_base = base.to_numpy()
-    # drop covariate columns that carry nothing (constant / absorbed by donor blocks)
     kept: list[str] = []
     for c in cov_x.columns:
         trial = np.column_stack([x_base] + [cov_x[k].to_numpy() for k in kept + [c]])
@@ -449,36 +630,50 @@ def resolve_design(
             continue
         raise DesignError(
             f"contrast {contrast.name!r}, design {formula!r}: column {c!r} is collinear with "
-            f"{', '.join(kept) or 'the intercept'} on the {len(units)} units; the design is rank "
+            f"{', '.join(kept) or 'the intercept'} on the {len(base)} units; the design is rank "
             "deficient. Drop or merge that covariate."
         )
-    x_cov = np.column_stack([x_base] + [cov_x[k].to_numpy() for k in kept])
-    n_case, n_ctrl = int(is_case.sum()), int(len(is_case) - is_case.sum())
+    return kept
+
+
+def _design_matrix(
+    base: pd.DataFrame, cov_x: pd.DataFrame, kept: list[str], units: pd.DataFrame,
+    contrast: Contrast,
+) -> pd.DataFrame:  # fmt: skip
+    """Base columns, kept covariates and the case indicator :data:`COEF` (last)."""
+    x_cov = np.column_stack([base.to_numpy()] + [cov_x[k].to_numpy() for k in kept])
     matrix = pd.DataFrame(x_cov, index=units.index, columns=list(base.columns) + kept)
-    matrix[COEF] = is_case.to_numpy()
-    testable, reason = True, ""
+    matrix[COEF] = (units["level"] == contrast.case).astype(float).to_numpy()
+    return matrix
+
+
+def _estimability(
+    matrix: pd.DataFrame, kept: list[str], contrast: Contrast, formula: str, use_paired: bool
+) -> tuple[bool, str]:
+    """``(testable, reason)``: both groups have units and a residual degree of freedom is left.
+
+    Raises :class:`DesignError` when the contrast is confounded with the covariates kept.
+    """
+    n_case = int(matrix[COEF].sum())
+    n_ctrl = int(len(matrix) - matrix[COEF].sum())
     if n_case == 0 or n_ctrl == 0:
-        testable = False
-        reason = f"one group has no unit ({contrast.case}: {n_case}, {contrast.control}: {n_ctrl})"
-    else:
-        full = matrix.to_numpy()
-        if _rank(full) < full.shape[1]:
-            culprits = kept or ["donor blocks"]
-            raise DesignError(
-                f"contrast {contrast.name!r} ({contrast.label()}) is confounded with "
-                f"{', '.join(culprits)} in design {formula!r}: the case-vs-control difference "
-                "cannot be separated from it. Drop that covariate from the design, or choose a "
-                "contrast it does not determine."
-            )
-        if full.shape[0] - full.shape[1] < 1:
-            testable = False
-            reason = (
-                f"no residual degree of freedom ({n_case} vs {n_ctrl} "
-                f"{'paired donors' if use_paired else 'donors'}, {full.shape[1]} model columns): "
-                "effect size only, no p-value"
-            )
-    return SampleDesign(contrast, formula, units, sample_unit, matrix, use_paired, notes,
-                        testable, reason)  # fmt: skip
+        return False, f"one group has no unit ({contrast.case}: {n_case}, {contrast.control}: {n_ctrl})"
+    full = matrix.to_numpy()
+    if _rank(full) < full.shape[1]:
+        culprits = kept or ["donor blocks"]
+        raise DesignError(
+            f"contrast {contrast.name!r} ({contrast.label()}) is confounded with "
+            f"{', '.join(culprits)} in design {formula!r}: the case-vs-control difference "
+            "cannot be separated from it. Drop that covariate from the design, or choose a "
+            "contrast it does not determine."
+        )
+    if full.shape[0] - full.shape[1] < 1:
+        return False, (
+            f"no residual degree of freedom ({n_case} vs {n_ctrl} "
+            f"{'paired donors' if use_paired else 'donors'}, {full.shape[1]} model columns): "
+            "effect size only, no p-value"
+        )
+    return True, ""
 
 
 def check_designs(
@@ -603,65 +798,90 @@ def linear_test(
         ``df_resid``, ``d0``, ``note``.
     """
     values = values.reindex(design.units.index)
-    X_all = design.matrix
-    rows = []
+    rows: list[dict[str, Any]] = []
     fits = []
     for feat in values.columns:
-        y = values[feat].to_numpy(float)
-        ok = np.isfinite(y)
-        X, note = _feature_design(design, ok)
-        n_case = int(X[COEF].sum()) if X is not None else int((X_all[COEF].to_numpy()[ok]).sum())
-        n_ctrl = int(ok.sum()) - n_case
-        row = {"feature": feat, "n_case": n_case, "n_control": n_ctrl, "note": note}
-        yy = y[ok]
-        if X is None or n_case == 0 or n_ctrl == 0:
-            a, b = yy[X_all[COEF].to_numpy()[ok] == 1], yy[X_all[COEF].to_numpy()[ok] == 0]
-            row["effect"] = float(a.mean() - b.mean()) if a.size and b.size else np.nan
-            row["df_resid"] = 0
-            rows.append(row)
-            continue
-        xm = X.to_numpy()
-        xtx_inv = np.linalg.pinv(xm.T @ xm)
-        beta = xtx_inv @ xm.T @ yy
-        resid = yy - xm @ beta
-        j = list(X.columns).index(COEF)
-        df_res = xm.shape[0] - xm.shape[1]
-        row["effect"] = float(beta[j])
-        row["df_resid"] = df_res
-        if df_res >= 1:
-            fits.append((len(rows), float(resid @ resid) / df_res, df_res, float(xtx_inv[j, j])))
-        elif not row["note"]:
-            row["note"] = "no residual degree of freedom: effect size only, no p-value"
+        row, fit = _fit_feature(design, feat, values[feat].to_numpy(float))
+        if fit is not None:
+            fits.append((len(rows), *fit))
         rows.append(row)
     out = pd.DataFrame(rows).set_index("feature") if rows else pd.DataFrame()
     for c in ("se", "ci_low", "ci_high", "t", "df", "pvalue", "d0"):
         out[c] = np.nan
     if fits:
-        idx = [f[0] for f in fits]
-        s2 = np.array([f[1] for f in fits])
-        dfr = np.array([f[2] for f in fits], dtype=float)
-        unscaled = np.array([f[3] for f in fits])
-        if moderate:
-            post, d0 = squeeze_var(s2, dfr)
-        else:
-            post, d0 = s2, 0.0
-        df_tot = dfr + d0 if np.isfinite(d0) else np.full_like(dfr, 1e6)
-        se = np.sqrt(post * unscaled)
-        eff = out["effect"].to_numpy()[idx]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = eff / se
-        tcrit = stats.t.ppf(0.5 + level / 2, df_tot)
-        names = out.index[idx]
-        out.loc[names, "se"] = se
-        out.loc[names, "t"] = t
-        out.loc[names, "df"] = df_tot
-        out.loc[names, "ci_low"] = eff - tcrit * se
-        out.loc[names, "ci_high"] = eff + tcrit * se
-        out.loc[names, "pvalue"] = 2 * stats.t.sf(np.abs(t), df_tot)
-        out.loc[names, "d0"] = d0
+        _moderated_t(out, fits, moderate=moderate, level=level)
     cols = ["effect", "se", "ci_low", "ci_high", "t", "df", "pvalue", "n_case", "n_control",
             "df_resid", "d0", "note"]  # fmt: skip
     return out[cols]
+
+
+def _fit_feature(
+    design: SampleDesign, feat: Any, y: np.ndarray
+) -> tuple[dict[str, Any], tuple[float, int, float] | None]:
+    """Least-squares fit of one feature on the units where it has a value.
+
+    Returns the feature's row (``effect``, units used, ``df_resid``, ``note``) and, when a
+    residual degree of freedom is left, ``(residual variance, df_resid, unscaled variance of
+    the coefficient)`` for :func:`_moderated_t`; else None (effect only, or the plain
+    difference of group means when the design cannot estimate the contrast on those units).
+    """
+    X_all = design.matrix
+    ok = np.isfinite(y)
+    X, note = _feature_design(design, ok)
+    n_case = int(X[COEF].sum()) if X is not None else int((X_all[COEF].to_numpy()[ok]).sum())
+    n_ctrl = int(ok.sum()) - n_case
+    row = {"feature": feat, "n_case": n_case, "n_control": n_ctrl, "note": note}
+    yy = y[ok]
+    if X is None or n_case == 0 or n_ctrl == 0:
+        a, b = yy[X_all[COEF].to_numpy()[ok] == 1], yy[X_all[COEF].to_numpy()[ok] == 0]
+        row["effect"] = float(a.mean() - b.mean()) if a.size and b.size else np.nan
+        row["df_resid"] = 0
+        return row, None
+    xm = X.to_numpy()
+    xtx_inv = np.linalg.pinv(xm.T @ xm)
+    beta = xtx_inv @ xm.T @ yy
+    resid = yy - xm @ beta
+    j = list(X.columns).index(COEF)
+    df_res = xm.shape[0] - xm.shape[1]
+    row["effect"] = float(beta[j])
+    row["df_resid"] = df_res
+    if df_res >= 1:
+        return row, (float(resid @ resid) / df_res, df_res, float(xtx_inv[j, j]))
+    if not row["note"]:
+        row["note"] = "no residual degree of freedom: effect size only, no p-value"
+    return row, None
+
+
+def _moderated_t(
+    out: pd.DataFrame, fits: list[tuple[int, float, int, float]], *, moderate: bool, level: float
+) -> None:
+    """Fill ``se``, ``t``, ``df``, CI, ``pvalue`` and ``d0`` of the fitted rows of ``out``.
+
+    ``fits`` holds ``(row position, residual variance, df_resid, unscaled variance)``; the
+    variances are moderated across features (:func:`squeeze_var`) when ``moderate``.
+    """
+    idx = [f[0] for f in fits]
+    s2 = np.array([f[1] for f in fits])
+    dfr = np.array([f[2] for f in fits], dtype=float)
+    unscaled = np.array([f[3] for f in fits])
+    if moderate:
+        post, d0 = squeeze_var(s2, dfr)
+    else:
+        post, d0 = s2, 0.0
+    df_tot = dfr + d0 if np.isfinite(d0) else np.full_like(dfr, 1e6)
+    se = np.sqrt(post * unscaled)
+    eff = out["effect"].to_numpy()[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = eff / se
+    tcrit = stats.t.ppf(0.5 + level / 2, df_tot)
+    names = out.index[idx]
+    out.loc[names, "se"] = se
+    out.loc[names, "t"] = t
+    out.loc[names, "df"] = df_tot
+    out.loc[names, "ci_low"] = eff - tcrit * se
+    out.loc[names, "ci_high"] = eff + tcrit * se
+    out.loc[names, "pvalue"] = 2 * stats.t.sf(np.abs(t), df_tot)
+    out.loc[names, "d0"] = d0
 
 
 def _feature_design(design: SampleDesign, ok: np.ndarray) -> tuple[pd.DataFrame | None, str]:

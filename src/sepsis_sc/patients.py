@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from scipy import stats as sstats
 
 from sepsis_sc.data import get_counts
+from sepsis_sc.design import ConfigSettings, sample_meta
 from sepsis_sc.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ __all__ = [
     "READOUTS",
     "Readout",
     "PatientProfiles",
+    "PatientSettings",
     "InsufficientReferenceError",
     "profile",
     "sample_meta",
@@ -200,48 +202,6 @@ def _mask(obs: pd.DataFrame, spec: Mapping[str, Sequence[str]] | None) -> np.nda
     return out
 
 
-def sample_meta(
-    adata: ad.AnnData,
-    *,
-    sample_key: str = "sample_id",
-    donor_key: str = "donor",
-    columns: Sequence[str] = (),
-) -> pd.DataFrame:
-    """One row per sample: ``donor`` and the sample-level ``columns`` found in ``obs``.
-
-    Parameters
-    ----------
-    adata
-        AnnData with ``obs[sample_key]`` (and optionally ``obs[donor_key]``).
-    sample_key, donor_key
-        Sample-sheet columns; without a donor column each sample is its own donor.
-    columns
-        Further sheet columns (condition, timepoint, ...); absent ones are skipped.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by sample id (order of first appearance), column ``donor`` plus ``columns``.
-    """
-    obs = adata.obs
-    if sample_key not in obs:
-        raise KeyError(f"obs[{sample_key!r}] is missing; it comes from the sample sheet")
-    cols = [c for c in dict.fromkeys(columns) if c in obs and c not in (sample_key, donor_key)]
-    keep = [sample_key] + ([donor_key] if donor_key in obs else []) + cols
-    df = obs[keep].astype(str)
-    nun = df.groupby(sample_key, observed=True, sort=False).nunique()
-    bad = nun.columns[(nun > 1).any()].tolist()
-    if bad:
-        raise ValueError(f"obs column(s) {bad} vary within a sample (fix the sample sheet)")
-    meta = df.drop_duplicates(sample_key).set_index(sample_key)
-    meta.index.name = "sample_id"
-    if donor_key in obs:
-        meta = meta.rename(columns={donor_key: "donor"})
-    else:
-        meta.insert(0, "donor", meta.index)
-    return meta
-
-
 def pseudobulk_log2cpm(
     adata: ad.AnnData,
     cells: np.ndarray,
@@ -340,56 +300,81 @@ def sample_readouts(
         from sepsis_sc.stats import sample_table as _st
 
         sample_table = _st(adata, sample_key=sample_key, min_cells=min_cells)
-    obs = adata.obs
-    samples = obs[sample_key].astype(str).to_numpy()
+    samples = adata.obs[sample_key].astype(str).to_numpy()
     ids = list(dict.fromkeys(samples))
-    rows: list[dict[str, Any]] = []
     st = sample_table.copy()
     st["sample_id"] = st["sample_id"].astype(str)
+    rows: list[dict[str, Any]] = []
     for r in readouts:
         if r.kind == "share":
-            num = _mask(obs, r.cells)
-            den = _mask(obs, r.of)
-            for s in ids:
-                ins = samples == s
-                nd = int((den & ins).sum())
-                ok = nd >= (min_cells if r.of is not None else 1)
-                rows.append({"sample_id": s, "readout": r.name,
-                             "value": float((num & ins).sum() / nd) if ok else np.nan,
-                             "n_cells": nd,
-                             "reason": "" if ok else f"{nd} cells in the denominator (< min_cells={min_cells})"})  # fmt: skip
+            rows += _share_rows(adata.obs, r, samples, ids, min_cells)
         elif r.kind == "pseudobulk":
-            mask = _mask(obs, r.cells)
-            vals, n = pseudobulk_log2cpm(adata, mask, r.genes, sample_key=sample_key,
-                                         layer=layer, min_cells=min_cells)  # fmt: skip
-            cpm = np.exp2(vals) - 1.0
-            for s in ids:
-                if vals.shape[1] == 0:
-                    v, why = np.nan, f"none of {list(r.genes)} in the data"
-                elif n[s] < min_cells:
-                    v, why = np.nan, f"{n[s]} cells of the population (< min_cells={min_cells})"
-                else:
-                    v, why = float(np.log2(cpm.loc[s].sum() + 1.0)), ""
-                rows.append({"sample_id": s, "readout": r.name, "value": v,
-                             "n_cells": int(n[s]), "reason": why})  # fmt: skip
+            rows += _pseudobulk_rows(adata, r, ids, sample_key=sample_key, layer=layer,
+                                     min_cells=min_cells)  # fmt: skip
         elif r.kind == "state":
-            sub = st[(st["state"] == r.state) & (st["metric"] == r.metric)].set_index("sample_id")
-            for s in ids:
-                if s not in sub.index:
-                    rows.append({"sample_id": s, "readout": r.name, "value": np.nan, "n_cells": 0,
-                                 "reason": f"state {r.state!r} ({r.metric}) not scored in this run"})  # fmt: skip
-                    continue
-                row = sub.loc[s]
-                reason = row.get("reason", "")
-                reason = "" if (reason is None or reason != reason) else str(reason)
-                rows.append({"sample_id": s, "readout": r.name, "value": float(row["value"]),
-                             "n_cells": int(row["n_cells"]), "reason": reason})  # fmt: skip
+            rows += _state_readout_rows(st, r, ids)
         else:
             raise ValueError(f"readout {r.name!r}: unknown kind {r.kind!r}")
     detail = pd.DataFrame(rows)
     values = detail.pivot(index="sample_id", columns="readout", values="value")
     values = values.reindex(index=ids, columns=[r.name for r in readouts])
     return values, detail
+
+
+def _share_rows(
+    obs: pd.DataFrame, r: Readout, samples: np.ndarray, ids: Sequence[str], min_cells: int
+) -> list[dict[str, Any]]:
+    """A ``share`` readout per sample: cells matching ``cells`` / cells matching ``of``."""
+    num = _mask(obs, r.cells)
+    den = _mask(obs, r.of)
+    rows = []
+    for s in ids:
+        ins = samples == s
+        nd = int((den & ins).sum())
+        ok = nd >= (min_cells if r.of is not None else 1)
+        rows.append({"sample_id": s, "readout": r.name,
+                     "value": float((num & ins).sum() / nd) if ok else np.nan,
+                     "n_cells": nd,
+                     "reason": "" if ok else f"{nd} cells in the denominator (< min_cells={min_cells})"})  # fmt: skip
+    return rows
+
+
+def _pseudobulk_rows(
+    adata: ad.AnnData, r: Readout, ids: Sequence[str], *, sample_key: str, layer: str | None,
+    min_cells: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """A ``pseudobulk`` readout per sample: log2(CPM + 1) of the gene set's summed CPM."""
+    vals, n = pseudobulk_log2cpm(adata, _mask(adata.obs, r.cells), r.genes, sample_key=sample_key,
+                                 layer=layer, min_cells=min_cells)  # fmt: skip
+    cpm = np.exp2(vals) - 1.0
+    rows = []
+    for s in ids:
+        if vals.shape[1] == 0:
+            v, why = np.nan, f"none of {list(r.genes)} in the data"
+        elif n[s] < min_cells:
+            v, why = np.nan, f"{n[s]} cells of the population (< min_cells={min_cells})"
+        else:
+            v, why = float(np.log2(cpm.loc[s].sum() + 1.0)), ""
+        rows.append({"sample_id": s, "readout": r.name, "value": v,
+                     "n_cells": int(n[s]), "reason": why})  # fmt: skip
+    return rows
+
+
+def _state_readout_rows(st: pd.DataFrame, r: Readout, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """A ``state`` readout per sample: the state's metric from the per-sample table."""
+    sub = st[(st["state"] == r.state) & (st["metric"] == r.metric)].set_index("sample_id")
+    rows = []
+    for s in ids:
+        if s not in sub.index:
+            rows.append({"sample_id": s, "readout": r.name, "value": np.nan, "n_cells": 0,
+                         "reason": f"state {r.state!r} ({r.metric}) not scored in this run"})  # fmt: skip
+            continue
+        row = sub.loc[s]
+        reason = row.get("reason", "")
+        reason = "" if (reason is None or reason != reason) else str(reason)
+        rows.append({"sample_id": s, "readout": r.name, "value": float(row["value"]),
+                     "n_cells": int(row["n_cells"]), "reason": reason})  # fmt: skip
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -565,51 +550,64 @@ def score_samples(
         file), ``z``, ``percentile``, ``flag`` (below / within / above / not assessed).
     """
     donors = meta["donor"].astype(str)
-    rows = []
     if is_reference is not None:
         is_ref = is_reference.reindex(values.index).fillna(False).astype(bool)
         dv = _donor_values(values[is_ref], donors)
-    for sid in values.index:
-        for r in values.columns:
-            v = float(values.at[sid, r])
-            if is_reference is not None:
-                own = is_ref[sid]
-                ref_vals = (dv.drop(index=donors[sid]) if own else dv)[r].dropna().to_numpy(float)
-                basis = "controls, leave-one-out" if own else "controls"
-                if ref_vals.size >= min_controls:
-                    c, s = _centre_spread(ref_vals)
-                else:
-                    c, s = np.nan, np.nan
-                    basis += f" ({ref_vals.size} donors with a value < min_controls={min_controls})"
-                n = int(ref_vals.size)
-            else:
-                assert reference is not None
-                rr = reference.set_index("readout")
-                if r in rr.index:
-                    c, s, n = (
-                        float(rr.at[r, "centre"]),
-                        float(rr.at[r, "spread"]),
-                        int(rr.at[r, "n"]),
-                    )
-                    run = rr.at[r, "source_run"]
-                    basis = f"reference file (run {run})" if run else "reference file"
-                else:
-                    c = s = np.nan
-                    n, basis = 0, "readout not in the reference file"
-                ref_vals = None
-            k = flag_multiplier(n, z_threshold)
-            z = (v - c) / s if np.isfinite(v) and np.isfinite(c) and s > 0 else np.nan
-            if not np.isfinite(z):
-                pct = np.nan
-            elif ref_vals is not None:
-                pct = 100.0 * (np.sum(ref_vals < v) + 0.5 * np.sum(ref_vals == v)) / ref_vals.size
-            else:
-                pct = 100.0 * float(sstats.norm.cdf(z))
-            rows.append({"sample_id": sid, "readout": r, "value": v, "ref_centre": c,
-                         "ref_spread": s, "ref_low": c - k * s, "ref_high": c + k * s,
-                         "ref_k": k, "ref_n": n, "ref_basis": basis, "z": z,
-                         "percentile": pct, "flag": _flag(z, k)})  # fmt: skip
+
+        def ref_of(sid: Any, r: str) -> tuple[float, float, int, str, np.ndarray | None]:
+            return _control_reference(dv, donors[sid], bool(is_ref[sid]), r, min_controls)
+    else:
+        assert reference is not None
+        rr = reference.set_index("readout")
+
+        def ref_of(sid: Any, r: str) -> tuple[float, float, int, str, np.ndarray | None]:
+            return _file_reference(rr, r)
+
+    rows = [_score_row(sid, r, float(values.at[sid, r]), *ref_of(sid, r), z_threshold)
+            for sid in values.index for r in values.columns]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _control_reference(
+    dv: pd.DataFrame, donor: str, own: bool, r: str, min_controls: int
+) -> tuple[float, float, int, str, np.ndarray]:
+    """Centre, spread, donors, basis and values of the in-run control reference of readout
+    ``r`` for one sample (its own donor left out when it is a control)."""
+    ref_vals = (dv.drop(index=donor) if own else dv)[r].dropna().to_numpy(float)
+    basis = "controls, leave-one-out" if own else "controls"
+    if ref_vals.size >= min_controls:
+        c, s = _centre_spread(ref_vals)
+    else:
+        c, s = np.nan, np.nan
+        basis += f" ({ref_vals.size} donors with a value < min_controls={min_controls})"
+    return c, s, int(ref_vals.size), basis, ref_vals
+
+
+def _file_reference(rr: pd.DataFrame, r: str) -> tuple[float, float, int, str, None]:
+    """Centre, spread, donors and basis of readout ``r`` in a saved reference table."""
+    if r not in rr.index:
+        return np.nan, np.nan, 0, "readout not in the reference file", None
+    run = rr.at[r, "source_run"]
+    basis = f"reference file (run {run})" if run else "reference file"
+    return float(rr.at[r, "centre"]), float(rr.at[r, "spread"]), int(rr.at[r, "n"]), basis, None
+
+
+def _score_row(
+    sid: Any, r: str, v: float, c: float, s: float, n: int, basis: str,
+    ref_vals: np.ndarray | None, z_threshold: float,
+) -> dict[str, Any]:  # fmt: skip
+    """z, percentile (empirical, else from the normal) and flag of one sample x readout."""
+    k = flag_multiplier(n, z_threshold)
+    z = (v - c) / s if np.isfinite(v) and np.isfinite(c) and s > 0 else np.nan
+    if not np.isfinite(z):
+        pct = np.nan
+    elif ref_vals is not None:
+        pct = 100.0 * (np.sum(ref_vals < v) + 0.5 * np.sum(ref_vals == v)) / ref_vals.size
+    else:
+        pct = 100.0 * float(sstats.norm.cdf(z))
+    return {"sample_id": sid, "readout": r, "value": v, "ref_centre": c, "ref_spread": s,
+            "ref_low": c - k * s, "ref_high": c + k * s, "ref_k": k, "ref_n": n,
+            "ref_basis": basis, "z": z, "percentile": pct, "flag": _flag(z, k)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -931,6 +929,38 @@ def trajectories(
 # --------------------------------------------------------------------------------------
 # one call
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatientSettings(ConfigSettings):
+    """The config's ``patients`` section: reference samples and flag threshold.
+
+    Field defaults equal the schema's (checked by ``tests/test_patients.py``);
+    :func:`profile` takes the same names as keywords.
+
+    Attributes
+    ----------
+    reference_column, reference_value
+        The in-run reference (control) samples: ``obs[reference_column] == reference_value``.
+    reference_file
+        Saved ``patients/reference.tsv`` used when the run has no reference samples.
+    min_controls
+        Fewest control donors for a reference range.
+    z_threshold
+        Sets the flag's tail probability (:func:`flag_multiplier`).
+    timepoint_column
+        obs column ordering a donor's samples (None: no trajectories).
+    endotypes
+        Also compute the published endotype scores.
+    """
+
+    reference_column: str = "condition"
+    reference_value: str | None = None
+    reference_file: str | None = None
+    min_controls: int = 3
+    z_threshold: float = 2.0
+    timepoint_column: str | None = "timepoint"
+    endotypes: bool = True
+
+
 @dataclass
 class PatientProfiles:
     """Everything :func:`profile` computes (tables are pandas DataFrames).
@@ -981,6 +1011,8 @@ class PatientProfiles:
         return self.states.pivot(index="sample_id", columns="state", values="call")
 
 
+# Over 80 lines only by its docstring (the public parameter reference for notebook users);
+# the body is 29 lines of named steps.
 def profile(
     adata: ad.AnnData,
     sample_table: pd.DataFrame | str | Path | None = None,
@@ -1040,71 +1072,24 @@ def profile(
     -------
     PatientProfiles
     """
-    if isinstance(sample_table, str | Path):
-        sample_table = pd.read_csv(sample_table, sep="\t", keep_default_na=True)
-        sample_table["reason"] = sample_table["reason"].fillna("")
+    settings = PatientSettings(reference_column=reference_column, reference_value=reference_value,
+                               reference_file=None if reference_file is None else str(reference_file),
+                               min_controls=min_controls, z_threshold=z_threshold,
+                               timepoint_column=timepoint_column, endotypes=endotypes)  # fmt: skip
+    sample_table = _read_sample_table(sample_table)
     rules = (load_state_rules(state_rules) if state_rules is None or isinstance(state_rules, str | Path)
              else list(state_rules))  # fmt: skip
-    meta = sample_meta(adata, sample_key=sample_key, donor_key=donor_key,
-                       columns=[condition_key, reference_column] + ([timepoint_column] if timepoint_column else []))  # fmt: skip
+    meta = _profile_meta(adata, settings, sample_key=sample_key, donor_key=donor_key,
+                         condition_key=condition_key)  # fmt: skip
     values, detail = sample_readouts(adata, sample_table, sample_key=sample_key, layer=layer,
                                      min_cells=min_cells)  # fmt: skip
     notes: list[str] = []
-    is_ref = None
-    if reference_value is not None and reference_column in meta:
-        is_ref = meta[reference_column].astype(str) == str(reference_value)
-        if not is_ref.any():
-            notes.append(f"no sample has {reference_column} == {reference_value!r}")
-            is_ref = None
-    elif reference_value is not None:
-        notes.append(f"obs[{reference_column!r}] missing: no in-run reference samples")
+    is_ref = _reference_samples(meta, settings, notes)
     meta["is_reference"] = is_ref if is_ref is not None else False
-    reference = pd.DataFrame()
-    status, note = "ok", ""
-    ref_desc = f"{reference_column} == {reference_value}"
-    if is_ref is not None:
-        try:
-            reference = reference_ranges(values[is_ref], meta["donor"], min_controls=min_controls,
-                                         z_threshold=z_threshold, source_run=run_name,
-                                         reference=ref_desc)  # fmt: skip
-            scored = score_samples(values, meta, is_reference=is_ref, min_controls=min_controls,
-                                   z_threshold=z_threshold)  # fmt: skip
-            n_don = meta.loc[is_ref, "donor"].nunique()
-            notes.append(f"reference: {n_don} control donors ({ref_desc}); controls scored "
-                         "leave-one-out; one value per donor")  # fmt: skip
-        except InsufficientReferenceError as err:
-            status, note = "refused", f"refused: {err}"
-    elif reference_file is not None:
-        ref = read_reference(reference_file)
-        scored = score_samples(values, meta, reference=ref, min_controls=min_controls,
-                               z_threshold=z_threshold)  # fmt: skip
-        status = "reference_file"
-        runs = ", ".join(sorted(set(ref["source_run"]) - {""})) or "unnamed run"
-        notes.append(f"no in-run controls: reference ranges from {reference_file} ({runs}); "
-                     "percentiles from the normal approximation; valid only for the same "
-                     "preparation, chemistry and gene panel")  # fmt: skip
-    else:
-        status = "skipped"
-        note = ("skipped: no reference samples in this run"
-                + (f" ({reference_column} == {reference_value!r} matches none)" if reference_value is not None else "")
-                + " and no reference_file given; pass patients.reference_file "
-                "(patients/reference.tsv of a run with >= min_controls control donors)")  # fmt: skip
-    if note:
-        notes.append(note)
-        logger.warning("patient profiles %s", note)
-        scored = pd.DataFrame([{"sample_id": s, "readout": r, "value": float(values.at[s, r]),
-                                "ref_centre": np.nan, "ref_spread": np.nan, "ref_low": np.nan,
-                                "ref_high": np.nan, "ref_k": np.nan, "ref_n": 0, "ref_basis": note, "z": np.nan,
-                                "percentile": np.nan, "flag": NOT_ASSESSED}
-                               for s in values.index for r in values.columns])  # fmt: skip
-    lab = {r.name: r for r in READOUTS}
-    prof = scored.merge(detail[["sample_id", "readout", "n_cells", "reason"]], on=["sample_id", "readout"], how="left")  # fmt: skip
-    prof["label"] = prof["readout"].map(lambda x: lab[x].label if x in lab else x)
-    prof["group"] = prof["readout"].map(lambda x: lab[x].group if x in lab else "")
-    prof["flag"] = np.where(prof["reason"].fillna("") != "", NOT_ASSESSED, prof["flag"])
-    m = meta.reset_index()[["sample_id", "donor"] + [c for c in (condition_key, timepoint_column) if c and c in meta and c != "donor"]]  # fmt: skip
-    m = m.loc[:, ~m.columns.duplicated()]
-    prof = m.merge(prof, on="sample_id")
+    status, note, reference, scored = _score_against_reference(
+        values, meta, is_ref, settings, reference_file=reference_file, run_name=run_name, notes=notes
+    )
+    prof, m = _profile_table(scored, detail, meta, condition_key, timepoint_column)
     states = call_states(prof, rules, note=note, z_probable=z_threshold)
     states = m.merge(states, on="sample_id")
     endo = (endotype_scores(adata, sample_key=sample_key, layer=layer, min_cells=min_cells)
@@ -1116,3 +1101,120 @@ def profile(
                            states=states, reference=reference, endotypes=endo,
                            trajectories=traj, meta=meta, z_threshold=z_threshold,
                            condition_key=condition_key)  # fmt: skip
+
+
+def _read_sample_table(sample_table: pd.DataFrame | str | Path | None) -> pd.DataFrame | None:
+    """The per-sample table as given, or read from its TSV (empty reasons as "")."""
+    if isinstance(sample_table, str | Path):
+        sample_table = pd.read_csv(sample_table, sep="\t", keep_default_na=True)
+        sample_table["reason"] = sample_table["reason"].fillna("")
+    return sample_table
+
+
+def _profile_meta(
+    adata: ad.AnnData, settings: PatientSettings, *, sample_key: str, donor_key: str,
+    condition_key: str,
+) -> pd.DataFrame:  # fmt: skip
+    """Per sample (order of appearance, index ``sample_id``): donor, condition, reference
+    column and time point (:func:`sepsis_sc.design.sample_meta`)."""
+    tp = settings.timepoint_column
+    meta = sample_meta(adata, sample_key, columns=[condition_key, settings.reference_column]
+                       + ([tp] if tp else []), donor_key=donor_key, obs_order=True)  # fmt: skip
+    meta.index.name = "sample_id"
+    return meta
+
+
+def _reference_samples(meta: pd.DataFrame, settings: PatientSettings, notes: list[str]) -> pd.Series | None:
+    """Which samples are the in-run reference (None: none); says why not in ``notes``."""
+    column, value = settings.reference_column, settings.reference_value
+    if value is not None and column in meta:
+        is_ref = meta[column].astype(str) == str(value)
+        if not is_ref.any():
+            notes.append(f"no sample has {column} == {value!r}")
+            return None
+        return is_ref
+    if value is not None:
+        notes.append(f"obs[{column!r}] missing: no in-run reference samples")
+    return None
+
+
+def _score_against_reference(
+    values: pd.DataFrame,
+    meta: pd.DataFrame,
+    is_ref: pd.Series | None,
+    settings: PatientSettings,
+    *,
+    reference_file: str | Path | None,
+    run_name: str,
+    notes: list[str],
+) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
+    """``(status, note, reference, scored)``: in-run controls, else the reference file,
+    else nothing; when refused or skipped every value is ``not assessed`` (``note`` says why).
+    """
+    reference = pd.DataFrame()
+    status, note = "ok", ""
+    scored = None
+    ref_desc = f"{settings.reference_column} == {settings.reference_value}"
+    if is_ref is not None:
+        try:
+            reference = reference_ranges(values[is_ref], meta["donor"], min_controls=settings.min_controls,
+                                         z_threshold=settings.z_threshold, source_run=run_name,
+                                         reference=ref_desc)  # fmt: skip
+            scored = score_samples(values, meta, is_reference=is_ref, min_controls=settings.min_controls,
+                                   z_threshold=settings.z_threshold)  # fmt: skip
+            n_don = meta.loc[is_ref, "donor"].nunique()
+            notes.append(f"reference: {n_don} control donors ({ref_desc}); controls scored "
+                         "leave-one-out; one value per donor")  # fmt: skip
+        except InsufficientReferenceError as err:
+            status, note = "refused", f"refused: {err}"
+    elif reference_file is not None:
+        ref = read_reference(reference_file)
+        scored = score_samples(values, meta, reference=ref, min_controls=settings.min_controls,
+                               z_threshold=settings.z_threshold)  # fmt: skip
+        status = "reference_file"
+        runs = ", ".join(sorted(set(ref["source_run"]) - {""})) or "unnamed run"
+        notes.append(f"no in-run controls: reference ranges from {reference_file} ({runs}); "
+                     "percentiles from the normal approximation; valid only for the same "
+                     "preparation, chemistry and gene panel")  # fmt: skip
+    else:
+        status, note = "skipped", _skipped_note(settings)
+    if note:
+        notes.append(note)
+        logger.warning("patient profiles %s", note)
+        scored = _unscored(values, note)
+    assert scored is not None
+    return status, note, reference, scored
+
+
+def _skipped_note(settings: PatientSettings) -> str:
+    """Why profiling was skipped: no reference samples and no reference file."""
+    value = settings.reference_value
+    return ("skipped: no reference samples in this run"
+            + (f" ({settings.reference_column} == {value!r} matches none)" if value is not None else "")
+            + " and no reference_file given; pass patients.reference_file "
+            "(patients/reference.tsv of a run with >= min_controls control donors)")  # fmt: skip
+
+
+def _unscored(values: pd.DataFrame, note: str) -> pd.DataFrame:
+    """The :func:`score_samples` layout with every value ``not assessed`` (basis = ``note``)."""
+    return pd.DataFrame([{"sample_id": s, "readout": r, "value": float(values.at[s, r]),
+                          "ref_centre": np.nan, "ref_spread": np.nan, "ref_low": np.nan,
+                          "ref_high": np.nan, "ref_k": np.nan, "ref_n": 0, "ref_basis": note, "z": np.nan,
+                          "percentile": np.nan, "flag": NOT_ASSESSED}
+                         for s in values.index for r in values.columns])  # fmt: skip
+
+
+def _profile_table(
+    scored: pd.DataFrame, detail: pd.DataFrame, meta: pd.DataFrame, condition_key: str,
+    timepoint_column: str | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """The long profile table (meta, labels, cells behind each value; readouts with a reason
+    are ``not assessed``) and the per-sample columns it starts with."""
+    lab = {r.name: r for r in READOUTS}
+    prof = scored.merge(detail[["sample_id", "readout", "n_cells", "reason"]], on=["sample_id", "readout"], how="left")  # fmt: skip
+    prof["label"] = prof["readout"].map(lambda x: lab[x].label if x in lab else x)
+    prof["group"] = prof["readout"].map(lambda x: lab[x].group if x in lab else "")
+    prof["flag"] = np.where(prof["reason"].fillna("") != "", NOT_ASSESSED, prof["flag"])
+    m = meta.reset_index()[["sample_id", "donor"] + [c for c in (condition_key, timepoint_column) if c and c in meta and c != "donor"]]  # fmt: skip
+    m = m.loc[:, ~m.columns.duplicated()]
+    return m.merge(prof, on="sample_id"), m

@@ -90,28 +90,19 @@ def bh_fdr(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 def _sample_meta(
     adata: ad.AnnData, sample_key: str, condition_key: str, donor_key: str | None
 ) -> pd.DataFrame:
+    """Per-sample ``condition`` and ``donor`` in order of appearance (index = sample IDs).
+
+    The view of :func:`sepsis_sc.design.sample_meta` that the sample table needs; without a
+    donor column each sample is its own donor.
+    """
     for key in (sample_key, condition_key):
         if key not in adata.obs:
             raise KeyError(f"obs[{key!r}] is missing; it comes from the sample sheet")
-    cols = [sample_key, condition_key] + (
-        [donor_key] if donor_key and donor_key in adata.obs else []
-    )
-    obs = adata.obs[cols].astype(str)
-    nun = obs.groupby(sample_key, observed=True).nunique()
-    bad = nun.columns[(nun > 1).any()].tolist()
-    if bad:
-        raise ValueError(
-            f"obs column(s) {bad} vary within a sample; condition and donor must be constant "
-            f"per {sample_key} (fix the sample sheet)"
-        )
-    meta = obs.drop_duplicates(sample_key).set_index(sample_key)
-    if donor_key is None or donor_key not in adata.obs:
-        if donor_key:
-            logger.info("obs[%r] missing: each sample is treated as its own donor", donor_key)
-        meta["donor"] = meta.index
-    else:
-        meta = meta.rename(columns={donor_key: "donor"})
-    return meta.rename(columns={condition_key: "condition"})
+    if donor_key and donor_key not in adata.obs:
+        logger.info("obs[%r] missing: each sample is treated as its own donor", donor_key)
+    meta = sample_meta(adata, sample_key, columns=[condition_key], donor_key=donor_key or None,
+                       obs_order=True)  # fmt: skip
+    return meta.rename(columns={condition_key: "condition"})[["condition", "donor"]]
 
 
 def _state_info(adata: ad.AnnData, states: Sequence[str] | None) -> dict[str, dict[str, Any]]:
@@ -190,106 +181,131 @@ def sample_table(
         raise ValueError(f"min_cells must be >= 1, got {min_cells}")
     meta = _sample_meta(adata, sample_key, condition_key, donor_key)
     info = _state_info(adata, states)
-    params = dict(adata.uns.get("state_rules_params", {}))
-    max_rank = int(max_rank or params.get("max_rank", 1500))
-    w_neg = float(w_neg if w_neg is not None else params.get("w_neg", 1.0))
+    max_rank, w_neg = _ucell_settings(adata, max_rank, w_neg)
+    counts = _count_layer(adata, layer) if pseudobulk else None
     samples = adata.obs[sample_key].astype(str).to_numpy()
-    sample_ids = meta.index.to_numpy()
     rows: list[dict[str, Any]] = []
-
-    counts = None
-    if pseudobulk:
-        try:  # layers[layer], or raw counts in X
-            counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
-        except NoRawCountsError as err:
-            logger.warning("pseudobulk scores not computed: %s", err)
-            pseudobulk = False
-
-    def add(sample: str, state: str, metric: str, value: float, n: int, called: float, reason: str):
-        pop = info[state]["call_population"] if metric == "fraction" else info[state]["parent"]
-        rows.append(
-            {
-                "sample_id": sample,
-                "condition": meta.loc[sample, "condition"],
-                "donor": meta.loc[sample, "donor"],
-                "state": state,
-                "label": info[state]["label"],
-                "metric": metric,
-                "population": pop,
-                "value": value if not reason else np.nan,
-                "n_cells": n,
-                "n_called": called,
-                "reason": reason,
-            }
-        )
-
     for state, si in info.items():
-        score = adata.obs[f"{state}_score"].to_numpy(dtype=float)
-        parent = np.isfinite(score)
-        call = None
-        if state in adata.obs:
-            call = adata.obs[state].astype("boolean")
-        pb_scores = pb_expr = None
-        if pseudobulk and (si["up"] or si["down"]):
-            pb_scores, pb_expr = _pseudobulk_scores(
-                counts, adata.var_names, samples, parent, sample_ids, si, min_cells, max_rank, w_neg
-            )
-        for sid in sample_ids:
-            in_s = samples == sid
-            n_par = int((parent & in_s).sum())
-            short = f"{n_par} cells of {si['parent'] or 'the parent'} in this sample (< min_cells={min_cells})"
-            reason = short if n_par < min_cells else ""
-            add(
-                sid,
-                state,
-                "mean_score",
-                float(np.mean(score[parent & in_s])) if n_par else np.nan,
-                n_par,
-                np.nan,
-                reason,
-            )
-            if pb_scores is not None:
-                add(
-                    sid,
-                    state,
-                    "pseudobulk_score",
-                    float(pb_scores.get(sid, np.nan)),
-                    n_par,
-                    np.nan,
-                    reason,
-                )
-                add(
-                    sid,
-                    state,
-                    "pseudobulk_expression",
-                    float(pb_expr.get(sid, np.nan)),
-                    n_par,
-                    np.nan,
-                    reason,
-                )
-            if call is not None:
-                pop = (~call.isna()).to_numpy() & in_s
-                n_pop = int(pop.sum())
-                n_called = int(call[pop].astype(bool).sum()) if n_pop else 0
-                r2 = (
-                    f"{n_pop} cells of the call population ({si['call_population']}) in this "
-                    f"sample (< min_cells={min_cells})"
-                    if n_pop < min_cells
-                    else ""
-                )
-                add(
-                    sid,
-                    state,
-                    "fraction",
-                    n_called / n_pop if n_pop else np.nan,
-                    n_pop,
-                    n_called,
-                    r2,
-                )
+        rows += _state_rows(adata, state, si, meta, samples, counts=counts, min_cells=min_cells,
+                            max_rank=max_rank, w_neg=w_neg)  # fmt: skip
     out = pd.DataFrame(rows)
     n_na = int((out["reason"] != "").sum()) if len(out) else 0
     logger.info("sample table: %d rows, %d NA (too few cells)", len(out), n_na)
     return out
+
+
+def _ucell_settings(adata: ad.AnnData, max_rank: int | None, w_neg: float | None) -> tuple[int, float]:
+    """UCell ``max_rank`` and ``w_neg``: as given, else as scored (``uns``), else 1500 / 1."""
+    params = dict(adata.uns.get("state_rules_params", {}))
+    max_rank = int(max_rank or params.get("max_rank", 1500))
+    w_neg = float(w_neg if w_neg is not None else params.get("w_neg", 1.0))
+    return max_rank, w_neg
+
+
+def _count_layer(adata: ad.AnnData, layer: str | None) -> Any:
+    """The raw counts for pseudobulk values (``X`` when ``layer`` is None): ``layers[layer]``,
+    or raw counts in ``X``; None (with a warning) when neither holds them."""
+    if layer is None:
+        return adata.X
+    try:
+        return get_counts(adata, layer, check=False)[0]
+    except NoRawCountsError as err:
+        logger.warning("pseudobulk scores not computed: %s", err)
+        return None
+
+
+def _state_rows(
+    adata: ad.AnnData,
+    state: str,
+    si: Mapping[str, Any],
+    meta: pd.DataFrame,
+    samples: np.ndarray,
+    *,
+    counts: Any,
+    min_cells: int,
+    max_rank: int,
+    w_neg: float,
+) -> list[dict[str, Any]]:
+    """One state's rows, per sample: mean score, pseudobulk values, fraction of called cells.
+
+    Pseudobulk values need ``counts`` (None: not computed) and genes in the state's set;
+    the fraction needs the discrete call ``obs[state]``.
+    """
+    score = adata.obs[f"{state}_score"].to_numpy(dtype=float)
+    parent = np.isfinite(score)
+    call = adata.obs[state].astype("boolean") if state in adata.obs else None
+    pb_scores = pb_expr = None
+    if counts is not None and (si["up"] or si["down"]):
+        pb_scores, pb_expr = _pseudobulk_scores(
+            counts, adata.var_names, samples, parent, meta.index.to_numpy(), si, min_cells,
+            max_rank, w_neg,
+        )  # fmt: skip
+    rows = []
+    for sid in meta.index.to_numpy():
+        in_s = samples == sid
+        n_par = int((parent & in_s).sum())
+        reason = (f"{n_par} cells of {si['parent'] or 'the parent'} in this sample "
+                  f"(< min_cells={min_cells})" if n_par < min_cells else "")  # fmt: skip
+        mean = float(np.mean(score[parent & in_s])) if n_par else np.nan
+        rows.append(_row(meta, sid, state, si, "mean_score", mean, n_par, np.nan, reason))
+        if pb_scores is not None:
+            for metric, values in (("pseudobulk_score", pb_scores), ("pseudobulk_expression", pb_expr)):
+                value = float(values.get(sid, np.nan))
+                rows.append(_row(meta, sid, state, si, metric, value, n_par, np.nan, reason))
+        if call is not None:
+            rows.append(_fraction_row(meta, sid, state, si, call, in_s, min_cells))
+    return rows
+
+
+def _fraction_row(
+    meta: pd.DataFrame,
+    sid: str,
+    state: str,
+    si: Mapping[str, Any],
+    call: pd.Series,
+    in_s: np.ndarray,
+    min_cells: int,
+) -> dict[str, Any]:
+    """The ``fraction`` row of one sample: called cells / cells of the call population."""
+    pop = (~call.isna()).to_numpy() & in_s
+    n_pop = int(pop.sum())
+    n_called = int(call[pop].astype(bool).sum()) if n_pop else 0
+    reason = (
+        f"{n_pop} cells of the call population ({si['call_population']}) in this "
+        f"sample (< min_cells={min_cells})"
+        if n_pop < min_cells
+        else ""
+    )
+    value = n_called / n_pop if n_pop else np.nan
+    return _row(meta, sid, state, si, "fraction", value, n_pop, n_called, reason)
+
+
+def _row(
+    meta: pd.DataFrame,
+    sample: str,
+    state: str,
+    si: Mapping[str, Any],
+    metric: str,
+    value: float,
+    n: int,
+    called: float,
+    reason: str,
+) -> dict[str, Any]:
+    """One row of the sample table (``value`` is NaN when ``reason`` says it is not valid)."""
+    pop = si["call_population"] if metric == "fraction" else si["parent"]
+    return {
+        "sample_id": sample,
+        "condition": meta.loc[sample, "condition"],
+        "donor": meta.loc[sample, "donor"],
+        "state": state,
+        "label": si["label"],
+        "metric": metric,
+        "population": pop,
+        "value": value if not reason else np.nan,
+        "n_cells": n,
+        "n_called": called,
+        "reason": reason,
+    }
 
 
 def _pseudobulk_scores(
@@ -412,6 +428,13 @@ def _meaning(
     )
 
 
+def _load_targets(targets: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any]:
+    """The therapy-target entries: as given, from a YAML path, or the packaged resource."""
+    if targets is None or isinstance(targets, str | Path):
+        return load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
+    return targets
+
+
 def primary_metrics(
     states: Sequence[str],
     discrete: Mapping[str, bool] | None = None,
@@ -424,8 +447,7 @@ def primary_metrics(
     primary metric is fixed before looking at the data: FDR is taken over the primary tests,
     and no other metric replaces it when it is missing (no metric shopping).
     """
-    if targets is None or isinstance(targets, str | Path):
-        targets = load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
+    targets = _load_targets(targets)
     discrete = discrete or {}
     out = {}
     for s in states:
@@ -480,6 +502,8 @@ def _as_design(
     return resolve_design(meta, contrast, formula, paired=paired)
 
 
+# Over 80 lines only by its docstring (the public parameter reference for notebook users);
+# the body is 13 lines of named steps.
 def condition_effects(
     table: pd.DataFrame,
     *,
@@ -553,6 +577,23 @@ def condition_effects(
         ``significant``, ``test``, ``design``, ``n_case``, ``n_control`` (units), ``n_pairs``,
         ``direction``, ``meaning``, ``note``.
     """
+    _check_effects_input(table, test)
+    design = _as_design(_meta_for(table, meta), case=case, control=control, contrast=contrast,
+                        design=design, formula=formula, paired=paired)  # fmt: skip
+    _check_rank_test(design, test)
+    tab = _design_rows(table, design, metrics)
+    if tab.empty:
+        return pd.DataFrame()
+    primary = _primary_of(tab, primary)
+    info = tab.drop_duplicates(["state", "metric"]).set_index(["state", "metric"])
+    results = []
+    for metric, mdf in tab.groupby("metric", sort=False):
+        results += _metric_effects(mdf, metric, design, info, primary, test=test, moderate=moderate)
+    return _effects_table(results, design.contrast, alpha)
+
+
+def _check_effects_input(table: pd.DataFrame, test: str) -> None:
+    """The table must be a :func:`sample_table` output and ``test`` a known test."""
     need = {"sample_id", "condition", "donor", "state", "metric", "value", "n_cells", "n_called"}
     missing = need - set(table.columns)
     if missing:
@@ -561,87 +602,155 @@ def condition_effects(
         )
     if test not in ("t", "rank"):
         raise ValueError(f"test must be 't' or 'rank', got {test!r}")
-    meta = _meta_for(table, meta)
-    design = _as_design(meta, case=case, control=control, contrast=contrast, design=design,
-                        formula=formula, paired=paired)  # fmt: skip
-    con = design.contrast
+
+
+def _check_rank_test(design: SampleDesign, test: str) -> None:
+    """Rank tests cannot adjust for covariates."""
     n_cov = design.matrix.shape[1] - (design.n_pairs if design.paired else 1) - 1
     if test == "rank" and n_cov > 0:
         raise ValueError(
             "test='rank' cannot adjust for covariates; use test='t' with this design "
             f"({design.formula})"
         )
+
+
+def _design_rows(table: pd.DataFrame, design: SampleDesign, metrics: Sequence[str] | None) -> pd.DataFrame:
+    """Rows of the samples in the design (sample IDs as text), of the chosen metrics."""
     tab = table[table["sample_id"].astype(str).isin(design.sample_unit.index)].copy()
     tab["sample_id"] = tab["sample_id"].astype(str)
     if metrics is not None:
         tab = tab[tab["metric"].isin(metrics)]
-    if tab.empty:
-        return pd.DataFrame()
+    return tab
+
+
+def _primary_of(tab: pd.DataFrame, primary: Mapping[str, str] | None) -> dict[str, str]:
+    """``{state: primary metric}``: as given, else :func:`primary_metrics` of the table's states."""
     states = list(dict.fromkeys(tab["state"]))
     discrete = {s: bool((tab[(tab["state"] == s)]["metric"] == "fraction").any()) for s in states}
-    primary = dict(primary) if primary is not None else primary_metrics(states, discrete)
-    info = tab.drop_duplicates(["state", "metric"]).set_index(["state", "metric"])
-    results = []
-    for metric, mdf in tab.groupby("metric", sort=False):
-        feats = list(dict.fromkeys(mdf["state"]))
-        y_cols, raw_cols, n_na = {}, {}, {}
-        for state in feats:
-            d = mdf[mdf["state"] == state].set_index("sample_id")
-            valid = d["value"].notna()
-            n_na[state] = int((~valid).sum())
-            ys = pd.Series(_test_scale(d, metric), index=d.index).where(valid)
-            y_cols[state] = design.aggregate_mean(ys)
-            raw_cols[state] = design.aggregate_mean(d["value"].where(valid))
-        y = pd.DataFrame(y_cols, index=design.units.index)
-        raw = pd.DataFrame(raw_cols, index=design.units.index)
-        fit = linear_test(design, y, moderate=moderate)
-        for state in feats:
-            r = fit.loc[state]
-            is_case = design.matrix[COEF] == 1
-            ok = y[state].notna()
-            notes = [design.reason] if not design.testable and design.reason else []
-            notes += list(design.notes)
-            if n_na[state]:
-                notes.append(f"{n_na[state]} sample(s) NA (too few cells)")
-            if r["note"]:
-                notes.append(str(r["note"]))
-            p = float(r["pvalue"])
-            small = [f"{lab} (n={n})" for lab, n in ((con.case, r["n_case"]), (con.control, r["n_control"])) if n < 2]
-            if r["n_case"] == 0 or r["n_control"] == 0:
-                notes.append("no sample with enough cells in one condition")
-            elif small and not design.paired:
-                notes.append(f"fewer than 2 units in {', '.join(small)}: effect size only, no p-value")
-                p = np.nan
-            if test == "rank" and np.isfinite(p):
-                p = _rank_p(design, y[state])
-            ptype = "moderated t" if moderate else "t"
-            test_name = ("paired " if design.paired else "") + (ptype if test == "t" else (
-                "Wilcoxon signed-rank" if design.paired else "Mann-Whitney U"))
-            row = info.loc[(state, metric)]
-            results.append(
-                {
-                    "contrast": con.name,
-                    "state": state,
-                    "label": str(row.get("label", state)),
-                    "metric": metric,
-                    "role": "primary" if primary.get(state) == metric else "secondary",
-                    "population": str(row.get("population", "")),
-                    "effect_type": _EFFECT_TYPE.get(metric, "difference in means"),
-                    "unit": _UNIT.get(metric, ""),
-                    "mean_case": float(raw.loc[ok & is_case, state].mean()),
-                    "mean_control": float(raw.loc[ok & ~is_case, state].mean()),
-                    "effect": float(r["effect"]),
-                    "ci_low": float(r["ci_low"]) if np.isfinite(p) else np.nan,
-                    "ci_high": float(r["ci_high"]) if np.isfinite(p) else np.nan,
-                    "pvalue": p,
-                    "test": test_name,
-                    "design": design.description(),
-                    "n_case": int(r["n_case"]),
-                    "n_control": int(r["n_control"]),
-                    "n_pairs": int(r["n_case"]) if design.paired else 0,
-                    "note": "; ".join(dict.fromkeys(n for n in notes if n)),
-                }
-            )
+    return dict(primary) if primary is not None else primary_metrics(states, discrete)
+
+
+def _unit_values(
+    mdf: pd.DataFrame, metric: str, design: SampleDesign, feats: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Units x states of one metric on the test scale and on the raw scale, and NA counts.
+
+    A unit's value is the mean of its samples' values; NA samples (too few cells) are skipped.
+    """
+    y_cols, raw_cols, n_na = {}, {}, {}
+    for state in feats:
+        d = mdf[mdf["state"] == state].set_index("sample_id")
+        valid = d["value"].notna()
+        n_na[state] = int((~valid).sum())
+        ys = pd.Series(_test_scale(d, metric), index=d.index).where(valid)
+        y_cols[state] = design.aggregate_mean(ys)
+        raw_cols[state] = design.aggregate_mean(d["value"].where(valid))
+    y = pd.DataFrame(y_cols, index=design.units.index)
+    raw = pd.DataFrame(raw_cols, index=design.units.index)
+    return y, raw, n_na
+
+
+def _metric_effects(
+    mdf: pd.DataFrame,
+    metric: str,
+    design: SampleDesign,
+    info: pd.DataFrame,
+    primary: Mapping[str, str],
+    *,
+    test: str,
+    moderate: bool,
+) -> list[dict[str, Any]]:
+    """One metric: its states fitted together (shared variance prior), one result row each."""
+    feats = list(dict.fromkeys(mdf["state"]))
+    y, raw, n_na = _unit_values(mdf, metric, design, feats)
+    fit = linear_test(design, y, moderate=moderate)
+    return [
+        _effect_row(state, metric, design, fit.loc[state], y, raw, n_na[state],
+                    info.loc[(state, metric)], primary, test=test, moderate=moderate)
+        for state in feats
+    ]  # fmt: skip
+
+
+def _effect_notes(design: SampleDesign, r: pd.Series, n_na: int) -> tuple[list[str], float]:
+    """Notes of one state x metric and its p-value (NaN when a group has < 2 units)."""
+    con = design.contrast
+    notes = [design.reason] if not design.testable and design.reason else []
+    notes += list(design.notes)
+    if n_na:
+        notes.append(f"{n_na} sample(s) NA (too few cells)")
+    if r["note"]:
+        notes.append(str(r["note"]))
+    p = float(r["pvalue"])
+    small = [f"{lab} (n={n})" for lab, n in ((con.case, r["n_case"]), (con.control, r["n_control"])) if n < 2]
+    if r["n_case"] == 0 or r["n_control"] == 0:
+        notes.append("no sample with enough cells in one condition")
+    elif small and not design.paired:
+        notes.append(f"fewer than 2 units in {', '.join(small)}: effect size only, no p-value")
+        p = np.nan
+    return notes, p
+
+
+def _test_name(design: SampleDesign, test: str, moderate: bool) -> str:
+    """E.g. ``paired moderated t`` or ``Mann-Whitney U``."""
+    ptype = "moderated t" if moderate else "t"
+    return ("paired " if design.paired else "") + (ptype if test == "t" else (
+        "Wilcoxon signed-rank" if design.paired else "Mann-Whitney U"))  # fmt: skip
+
+
+def _effect_row(
+    state: str,
+    metric: str,
+    design: SampleDesign,
+    r: pd.Series,
+    y: pd.DataFrame,
+    raw: pd.DataFrame,
+    n_na: int,
+    row: pd.Series,
+    primary: Mapping[str, str],
+    *,
+    test: str,
+    moderate: bool,
+) -> dict[str, Any]:
+    """One result row of :func:`condition_effects` (FDR, direction and meaning come later)."""
+    con = design.contrast
+    is_case = design.matrix[COEF] == 1
+    ok = y[state].notna()
+    notes, p = _effect_notes(design, r, n_na)
+    if test == "rank" and np.isfinite(p):
+        p = _rank_p(design, y[state])
+    return {
+        "contrast": con.name,
+        "state": state,
+        "label": str(row.get("label", state)),
+        "metric": metric,
+        "role": "primary" if primary.get(state) == metric else "secondary",
+        "population": str(row.get("population", "")),
+        "effect_type": _EFFECT_TYPE.get(metric, "difference in means"),
+        "unit": _UNIT.get(metric, ""),
+        "mean_case": float(raw.loc[ok & is_case, state].mean()),
+        "mean_control": float(raw.loc[ok & ~is_case, state].mean()),
+        "effect": float(r["effect"]),
+        "ci_low": float(r["ci_low"]) if np.isfinite(p) else np.nan,
+        "ci_high": float(r["ci_high"]) if np.isfinite(p) else np.nan,
+        "pvalue": p,
+        "test": _test_name(design, test, moderate),
+        "design": design.description(),
+        "n_case": int(r["n_case"]),
+        "n_control": int(r["n_control"]),
+        "n_pairs": int(r["n_case"]) if design.paired else 0,
+        "note": "; ".join(dict.fromkeys(n for n in notes if n)),
+    }
+
+
+def _direction(res: pd.DataFrame, case: str) -> np.ndarray:
+    """``higher in <case>`` / ``lower in <case>`` where significant, else empty."""
+    return np.where(
+        ~res["significant"], "", np.where(res["effect"] > 0, f"higher in {case}", f"lower in {case}")
+    )
+
+
+def _effects_table(results: list[dict[str, Any]], con: Contrast, alpha: float) -> pd.DataFrame:
+    """Result rows -> the table: BH-FDR within each role, direction, meaning, primary first."""
     res = pd.DataFrame(results)
     res["fdr"] = np.nan
     for role in ("primary", "secondary"):
@@ -649,11 +758,7 @@ def condition_effects(
         if m.any():
             res.loc[m, "fdr"] = bh_fdr(res.loc[m, "pvalue"].to_numpy())
     res["significant"] = res["fdr"] <= alpha
-    res["direction"] = np.where(
-        ~res["significant"],
-        "",
-        np.where(res["effect"] > 0, f"higher in {con.case}", f"lower in {con.case}"),
-    )
+    res["direction"] = _direction(res, con.case)
     res["meaning"] = [
         _meaning(r.label, r.metric, r.population, con.case, con.control, r.effect, r.ci_low,
                  r.ci_high, r.fdr, alpha, r.note, r.mean_case, r.mean_control)
@@ -757,29 +862,76 @@ def composition_test(
     if transform not in ("logit", "asin"):
         raise ValueError(f"transform must be 'logit' or 'asin', got {transform!r}")
     if meta is None:
-        meta = _sample_meta(adata, sample_key, condition_key, donor_key)
-        if condition_key != "condition":
-            meta[condition_key] = meta["condition"]
-        if contrast is None and design is None:
-            contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
-        col = (design.contrast if design is not None else contrast).column
-        extra = sample_meta(adata, sample_key) if (formula or col not in meta) else None
-        if extra is not None:
-            meta = meta.join(extra.drop(columns=[c for c in extra.columns if c in meta]))
+        meta, contrast = _composition_meta(adata, case=case, control=control, contrast=contrast,
+                                           design=design, formula=formula, sample_key=sample_key,
+                                           condition_key=condition_key, donor_key=donor_key)  # fmt: skip
     design = _as_design(meta, case=case, control=control, contrast=contrast, design=design,
                         formula=formula, paired=paired)  # fmt: skip
     con = design.contrast
+    counts = _label_counts(adata, design, sample_key, level)
+    y, props = _unit_proportions(counts, design, transform)
+    labels = [c for c in counts.columns if c not in set(exclude)]
+    res = _proportion_summary(props, labels, design)
+    fit, note = _composition_fit(design, y[labels], labels)
+    res = _composition_columns(res, fit, design, note, transform, alpha)
+    res["meaning"] = [_composition_meaning(r, con.case, con.control) for r in res.itertuples()]
+    res.insert(0, "level", level)
+    res.insert(0, "contrast", con.name)
+    return res.sort_values("pvalue", na_position="last").reset_index(drop=True)
+
+
+def _composition_meta(
+    adata: ad.AnnData,
+    *,
+    case: str | None,
+    control: str | None,
+    contrast: Contrast | None,
+    design: SampleDesign | None,
+    formula: str | None,
+    sample_key: str,
+    condition_key: str,
+    donor_key: str | None,
+) -> tuple[pd.DataFrame, Contrast | None]:
+    """The sheet from ``obs``: condition and donor, plus every sheet column when the formula
+    or the contrast needs more; and the contrast (``case`` vs ``control`` when not given)."""
+    meta = _sample_meta(adata, sample_key, condition_key, donor_key)
+    if condition_key != "condition":
+        meta[condition_key] = meta["condition"]
+    if contrast is None and design is None:
+        contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
+    col = (design.contrast if design is not None else contrast).column
+    extra = sample_meta(adata, sample_key) if (formula or col not in meta) else None
+    if extra is not None:
+        meta = meta.join(extra.drop(columns=[c for c in extra.columns if c in meta]))
+    return meta, contrast
+
+
+def _label_counts(adata: ad.AnnData, design: SampleDesign, sample_key: str, level: str) -> pd.DataFrame:
+    """Samples of the design x labels: cell counts (zeros included)."""
     obs = adata.obs[[sample_key, level]].astype(str)
     obs = obs[obs[sample_key].isin(design.sample_unit.index)]
-    counts = pd.crosstab(obs[sample_key], obs[level]).reindex(design.sample_unit.index, fill_value=0)
+    return pd.crosstab(obs[sample_key], obs[level]).reindex(design.sample_unit.index, fill_value=0)
+
+
+def _unit_proportions(
+    counts: pd.DataFrame, design: SampleDesign, transform: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Units x labels: transformed proportions (test scale) and raw proportions.
+
+    Logit of proportions with 0.5 pseudo-counts (speckle's ``getTransformedProps``) or the
+    arcsine square root; a unit's value is the mean of its samples (each patient counts once).
+    """
     totals = counts.sum(axis=1)
     sprops = counts.div(totals.where(totals > 0), axis=0)
     pseudo = (counts + 0.5).div((counts + 0.5).sum(axis=1), axis=0)
     sy = np.log(pseudo / (1 - pseudo)) if transform == "logit" else np.arcsin(np.sqrt(sprops))
-    # one value per unit: the mean of its samples on the test scale (each patient counts once)
     y = pd.DataFrame({c: design.aggregate_mean(sy[c]) for c in sy.columns})
     props = pd.DataFrame({c: design.aggregate_mean(sprops[c]) for c in sprops.columns})
-    labels = [c for c in counts.columns if c not in set(exclude)]
+    return y, props
+
+
+def _proportion_summary(props: pd.DataFrame, labels: Sequence[str], design: SampleDesign) -> pd.DataFrame:
+    """Per label: mean proportion over case and control units, and their ratio."""
     is_case = (design.matrix[COEF] == 1).to_numpy()
     res = pd.DataFrame({"label": labels})
     res["mean_prop_case"] = props.loc[is_case, labels].mean().to_numpy()
@@ -787,12 +939,25 @@ def composition_test(
     with np.errstate(divide="ignore", invalid="ignore"):
         res["prop_ratio"] = res["mean_prop_case"] / res["mean_prop_control"]
         res["log2_prop_ratio"] = np.log2(res["prop_ratio"])
-    fit = linear_test(design, y[labels], moderate=len(labels) >= 3).reindex(labels)
+    return res
+
+
+def _composition_fit(design: SampleDesign, y: pd.DataFrame, labels: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """Moderated linear model per label (no p-values without residual df) and the note."""
+    fit = linear_test(design, y, moderate=len(labels) >= 3).reindex(labels)
     note = "; ".join(n for n in [design.reason, *design.notes] if n)
     if not design.testable or design.df_resid < 1:
         fit[["ci_low", "ci_high", "t", "df", "pvalue"]] = np.nan
-        note = note or "no residual degrees of freedom: effect size only, no p-value"
+        note = note or "no residual degree of freedom: effect size only, no p-value"
         note += "; propeller needs replicates"
+    return fit, note
+
+
+def _composition_columns(
+    res: pd.DataFrame, fit: pd.DataFrame, design: SampleDesign, note: str, transform: str,
+    alpha: float,
+) -> pd.DataFrame:  # fmt: skip
+    """Add the fit, BH-FDR, significance, design, note, unit and direction columns."""
     for c in ("effect", "ci_low", "ci_high", "t", "df", "pvalue"):
         res[c] = fit[c].to_numpy(float)
     res["fdr"] = bh_fdr(res["pvalue"].to_numpy())
@@ -801,32 +966,80 @@ def composition_test(
     res["design"], res["note"] = design.description(), note
     res["transform"] = transform
     res["unit"] = "logit proportion difference" if transform == "logit" else "arcsine-sqrt proportion difference"
-    res["direction"] = np.where(
-        ~res["significant"], "", np.where(res["effect"] > 0, f"higher in {con.case}", f"lower in {con.case}")
-    )
-    case, control = con.case, con.control
-    res["meaning"] = [
-        (
+    res["direction"] = _direction(res, design.contrast.case)
+    return res
+
+
+def _composition_meaning(r: Any, case: str, control: str) -> str:
+    """One plain-language sentence for a row of :func:`composition_test`."""
+    if r.significant:
+        return (
             f"The {r.label} share of cells is {'larger' if r.effect > 0 else 'smaller'} in "
             f"{case} than in {control} ({r.mean_prop_case:.1%} vs {r.mean_prop_control:.1%}, FDR {r.fdr:.2g})."
-            if r.significant
-            else (
-                f"No evidence that the {r.label} share differs ({r.mean_prop_case:.1%} vs "
-                f"{r.mean_prop_control:.1%}, FDR {r.fdr:.2g})."
-                if np.isfinite(r.fdr)
-                else f"The {r.label} share: {r.mean_prop_case:.1%} vs {r.mean_prop_control:.1%}; not tested."
-            )
         )
-        for r in res.itertuples()
-    ]
-    res.insert(0, "level", level)
-    res.insert(0, "contrast", con.name)
-    return res.sort_values("pvalue", na_position="last").reset_index(drop=True)
+    if np.isfinite(r.fdr):
+        return (
+            f"No evidence that the {r.label} share differs ({r.mean_prop_case:.1%} vs "
+            f"{r.mean_prop_control:.1%}, FDR {r.fdr:.2g})."
+        )
+    return f"The {r.label} share: {r.mean_prop_case:.1%} vs {r.mean_prop_control:.1%}; not tested."
 
 
 # --------------------------------------------------------------------------------------
 # therapy targets
 # --------------------------------------------------------------------------------------
+def _primary_effect(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.Series:
+    """The state's primary row of ``effects``, or an untested stand-in when it is missing."""
+    if "role" in sub:
+        pref = sub[sub["role"] == "primary"]
+    else:
+        want_metric = t.get("primary_metric") or t.get("metric", "mean_score")
+        pref = sub[sub["metric"] == want_metric]
+    if not pref.empty:
+        return pref.iloc[0]
+    metric = str(t.get("primary_metric") or t.get("metric", ""))
+    return pd.Series({"label": sub["label"].iloc[0], "metric": metric, "effect": np.nan,
+                      "ci_low": np.nan, "ci_high": np.nan, "fdr": np.nan, "direction": "",
+                      "unit": _UNIT.get(metric, ""),
+                      "meaning": f"primary metric {metric!r} not computed for this state"})  # fmt: skip
+
+
+def _evidence(r: pd.Series, want: str, alpha: float) -> str:
+    """``supported``, ``opposite``, ``not significant`` or ``not tested``."""
+    if not np.isfinite(r["fdr"]):
+        return "not tested"
+    if r["fdr"] > alpha:
+        return "not significant"
+    if (r["effect"] > 0) == (want == "up"):
+        return "supported"
+    return "opposite"
+
+
+def _target_row(state: str, t: Mapping[str, Any], sub: pd.DataFrame, alpha: float) -> dict[str, Any]:
+    """One therapy-target row: the state's primary effect classified against the target."""
+    r = _primary_effect(sub, t)
+    want = str(t.get("target_direction", "up"))
+    width = (r["ci_high"] - r["ci_low"]) if np.isfinite(r["ci_high"]) else np.nan
+    return {
+        "state": state,
+        "label": r["label"],
+        "therapy": t.get("therapy", ""),
+        "evidence": _evidence(r, want, alpha),
+        "metric": r["metric"],
+        "unit": r.get("unit", _UNIT.get(str(r["metric"]), "")),
+        "effect": r["effect"],
+        "ci_low": r["ci_low"],
+        "ci_high": r["ci_high"],
+        "fdr": r["fdr"],
+        "direction": r["direction"],
+        "target_direction": want,
+        "rationale": t.get("rationale", ""),
+        "references": t.get("references", ""),
+        "meaning": r["meaning"],
+        "_strength": abs(r["effect"]) / width if width and np.isfinite(width) else 0.0,
+    }
+
+
 def therapy_targets(
     effects: pd.DataFrame,
     *,
@@ -861,56 +1074,13 @@ def therapy_targets(
         ``rationale``, ``references``, ``meaning``. Hypotheses for follow-up, not treatment
         advice.
     """
-    if targets is None or isinstance(targets, str | Path):
-        targets = load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
+    targets = _load_targets(targets)
     rows = []
     for state, t in targets.items():
         sub = effects[effects["state"] == state]
         if sub.empty:
             continue
-        if "role" in sub:
-            pref = sub[sub["role"] == "primary"]
-        else:
-            want_metric = t.get("primary_metric") or t.get("metric", "mean_score")
-            pref = sub[sub["metric"] == want_metric]
-        want = str(t.get("target_direction", "up"))
-        if pref.empty:
-            metric = str(t.get("primary_metric") or t.get("metric", ""))
-            r = pd.Series({"label": sub["label"].iloc[0], "metric": metric, "effect": np.nan,
-                           "ci_low": np.nan, "ci_high": np.nan, "fdr": np.nan, "direction": "",
-                           "unit": _UNIT.get(metric, ""),
-                           "meaning": f"primary metric {metric!r} not computed for this state"})  # fmt: skip
-        else:
-            r = pref.iloc[0]
-        if not np.isfinite(r["fdr"]):
-            evidence = "not tested"
-        elif r["fdr"] > alpha:
-            evidence = "not significant"
-        elif (r["effect"] > 0) == (want == "up"):
-            evidence = "supported"
-        else:
-            evidence = "opposite"
-        width = (r["ci_high"] - r["ci_low"]) if np.isfinite(r["ci_high"]) else np.nan
-        rows.append(
-            {
-                "state": state,
-                "label": r["label"],
-                "therapy": t.get("therapy", ""),
-                "evidence": evidence,
-                "metric": r["metric"],
-                "unit": r.get("unit", _UNIT.get(str(r["metric"]), "")),
-                "effect": r["effect"],
-                "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"],
-                "fdr": r["fdr"],
-                "direction": r["direction"],
-                "target_direction": want,
-                "rationale": t.get("rationale", ""),
-                "references": t.get("references", ""),
-                "meaning": r["meaning"],
-                "_strength": abs(r["effect"]) / width if width and np.isfinite(width) else 0.0,
-            }
-        )
+        rows.append(_target_row(state, t, sub, alpha))
     out = pd.DataFrame(rows)
     if out.empty:
         logger.warning("no state in effects has a therapy-target entry")

@@ -3,7 +3,7 @@
 import anndata as ad
 import pandas as pd
 
-from sepsis_sc.design import Contrast, resolve_design, sample_meta
+from sepsis_sc.design import Contrast, StatsSettings, resolve_design, sample_meta
 from sepsis_sc.stats import composition_test, condition_effects, therapy_targets
 from sepsis_sc.utils import setup_logging, write_table
 
@@ -14,8 +14,9 @@ adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")  # obs only: X stays on d
 spec = dict(p.contrast)
 design = resolve_design(sample_meta(adata), Contrast(**spec), spec["design"], paired=spec["paired"])
 table = pd.read_csv(snakemake.input.sample_table, sep="\t", dtype={"sample_id": str, "donor": str})
-alpha = p.stats["alpha"]
-effects = condition_effects(table, design=design, alpha=alpha, test=p.stats["test"])
+settings = StatsSettings.from_config(p.stats)
+alpha = settings.alpha
+effects = condition_effects(table, design=design, alpha=alpha, test=settings.test)
 composition = pd.concat(
     [composition_test(adata, design=design, level=level, alpha=alpha) for level in ("lineage", "cell_type")],
     ignore_index=True,
