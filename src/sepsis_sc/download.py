@@ -331,79 +331,125 @@ def _attempt(
         raise _Retryable(f"connection failed: {err}") from err
 
     with response:
-        status = response.status_code
-        if status in _FATAL_STATUS:
-            raise DownloadError(
-                f"HTTP {status} ({response.reason}) for {url}: the file is not available at "
-                "this URL (moved, private or mistyped); check the 'url'/'archive_url' column "
-                "of the sample sheet"
-            )
-        if status >= 500 or status in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {status} ({response.reason})", _retry_after_seconds(response))
-        if status == 416 and offset:
-            # The partial file is as long as (or longer than) the remote file: start over.
-            part.unlink(missing_ok=True)
-            raise _Retryable("HTTP 416 on resume; restarting from scratch", 0.0)
-        if status not in (200, 206):
-            raise DownloadError(f"unexpected HTTP {status} ({response.reason}) for {url}")
-
-        if offset and status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            match = re.match(r"bytes (\d+)-", content_range)
-            if match is None or int(match.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise _Retryable(f"server answered Range with {content_range!r}; restarting", 0.0)
-            mode = "ab"
-            logger.info("resuming %s at byte %d", url, offset)
-        else:
-            if offset:
-                logger.info("server ignored the Range header; restarting %s from byte 0", url)
-            offset = 0
-            state["hashers"] = {name: hashlib.new(name) for name in state["hashers"]}
-            mode = "wb"
-
-        content_type = response.headers.get("Content-Type", "").lower()
+        _check_status(response, url, offset, part)
+        offset, mode = _resume_or_restart(response, url, offset, part, state)
         expects_html = dest.name.lower().endswith(_HTML_SUFFIXES)
-        if not expects_html and content_type.startswith("text/html"):
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{url} served an HTML page (Content-Type {content_type!r}) instead of "
-                f"{dest.name}; the URL probably points at a landing or login page, not the "
-                "file itself (for GEO use the .../suppl/<file> FTP URL, for Zenodo append "
-                "?download=1)"
-            )
+        _reject_html_content_type(response, url, dest, part, expects_html)
         length = response.headers.get("Content-Length")
         expected_total = offset + int(length) if length and length.isdigit() else None
-
-        hashers = state["hashers"]
-        received = offset
-        first = True
-        try:
-            with open(part, mode) as handle:
-                for chunk in response.iter_content(chunk_size=chunk_size):
-                    if not chunk:
-                        continue
-                    if first and offset == 0 and not expects_html and _looks_like_html(chunk):
-                        handle.close()
-                        part.unlink(missing_ok=True)
-                        raise DownloadError(
-                            f"{url} served an HTML page instead of {dest.name} (the body "
-                            "starts with an HTML tag); the URL probably points at a landing, "
-                            "error or login page rather than the file"
-                        )
-                    first = False
-                    handle.write(chunk)
-                    for hasher in hashers.values():
-                        hasher.update(chunk)
-                    received += len(chunk)
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as err:
-            raise _Retryable(f"connection dropped after {received} bytes: {err}") from err
+        received = _stream_body(
+            response, url, dest, part, mode=mode, offset=offset, hashers=state["hashers"],
+            chunk_size=chunk_size, expects_html=expects_html,
+        )  # fmt: skip
         if expected_total is not None and received < expected_total:
             raise _Retryable(f"connection dropped after {received} of {expected_total} bytes")
+
+
+def _check_status(response: requests.Response, url: str, offset: int, part: Path) -> None:
+    """Raise on an HTTP status that is no 200/206: fatal client errors as
+    :class:`DownloadError`, 5xx/408/429 and a 416 on resume (the partial file is removed)
+    as retryable."""
+    status = response.status_code
+    if status in _FATAL_STATUS:
+        raise DownloadError(
+            f"HTTP {status} ({response.reason}) for {url}: the file is not available at "
+            "this URL (moved, private or mistyped); check the 'url'/'archive_url' column "
+            "of the sample sheet"
+        )
+    if status >= 500 or status in _RETRY_STATUS:
+        raise _Retryable(f"HTTP {status} ({response.reason})", _retry_after_seconds(response))
+    if status == 416 and offset:
+        # The partial file is as long as (or longer than) the remote file: start over.
+        part.unlink(missing_ok=True)
+        raise _Retryable("HTTP 416 on resume; restarting from scratch", 0.0)
+    if status not in (200, 206):
+        raise DownloadError(f"unexpected HTTP {status} ({response.reason}) for {url}")
+
+
+def _resume_or_restart(
+    response: requests.Response,
+    url: str,
+    offset: int,
+    part: Path,
+    state: dict[str, dict[str, hashlib._Hash]],
+) -> tuple[int, str]:
+    """(offset, file mode): append after a matching ``206``; else start at byte 0 with
+    fresh hashers. A ``Content-Range`` that does not start at ``offset`` is retried from
+    scratch."""
+    if offset and response.status_code == 206:
+        content_range = response.headers.get("Content-Range", "")
+        match = re.match(r"bytes (\d+)-", content_range)
+        if match is None or int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise _Retryable(f"server answered Range with {content_range!r}; restarting", 0.0)
+        logger.info("resuming %s at byte %d", url, offset)
+        return offset, "ab"
+    if offset:
+        logger.info("server ignored the Range header; restarting %s from byte 0", url)
+    state["hashers"] = {name: hashlib.new(name) for name in state["hashers"]}
+    return 0, "wb"
+
+
+def _reject_html_content_type(
+    response: requests.Response, url: str, dest: Path, part: Path, expects_html: bool
+) -> None:
+    """An HTML ``Content-Type`` for a file that is no HTML page is a landing or login page:
+    :class:`DownloadError`, the partial file removed."""
+    content_type = response.headers.get("Content-Type", "").lower()
+    if not expects_html and content_type.startswith("text/html"):
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{url} served an HTML page (Content-Type {content_type!r}) instead of "
+            f"{dest.name}; the URL probably points at a landing or login page, not the "
+            "file itself (for GEO use the .../suppl/<file> FTP URL, for Zenodo append "
+            "?download=1)"
+        )
+
+
+def _stream_body(
+    response: requests.Response,
+    url: str,
+    dest: Path,
+    part: Path,
+    *,
+    mode: str,
+    offset: int,
+    hashers: dict[str, hashlib._Hash],
+    chunk_size: int,
+    expects_html: bool,
+) -> int:
+    """Write the body to ``part`` and feed the hashers; returns the bytes now in ``part``.
+
+    A body that starts with an HTML tag (from byte 0) is a :class:`DownloadError`; a
+    connection that drops is retryable.
+    """
+    received = offset
+    first = True
+    try:
+        with open(part, mode) as handle:
+            for chunk in response.iter_content(chunk_size=chunk_size):
+                if not chunk:
+                    continue
+                if first and offset == 0 and not expects_html and _looks_like_html(chunk):
+                    handle.close()
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(
+                        f"{url} served an HTML page instead of {dest.name} (the body "
+                        "starts with an HTML tag); the URL probably points at a landing, "
+                        "error or login page rather than the file"
+                    )
+                first = False
+                handle.write(chunk)
+                for hasher in hashers.values():
+                    hasher.update(chunk)
+                received += len(chunk)
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as err:
+        raise _Retryable(f"connection dropped after {received} bytes: {err}") from err
+    return received
 
 
 def download(
@@ -491,40 +537,70 @@ def download(
             "found partial file %s (%d bytes); will try to resume", part, part.stat().st_size
         )
         _hash_existing(part, state["hashers"])
-    last_error = ""
     try:
-        for attempt in range(retries + 1):
-            if attempt:
-                delay = backoff * 2 ** (attempt - 1)
-                logger.warning(
-                    "attempt %d/%d for %s failed (%s); retrying in %.1f s",
-                    attempt,
-                    retries + 1,
-                    url,
-                    last_error,
-                    delay,
-                )
-                time.sleep(delay)
-            try:
-                logger.info("downloading %s -> %s", url, dest)
-                _attempt(url, dest, part, state, session, timeout, chunk_size)
-                break
-            except _Retryable as err:
-                last_error = str(err)
-                if err.retry_after is not None and attempt < retries:
-                    time.sleep(err.retry_after)
-                if not part.exists():
-                    state["hashers"] = _new_hashers(expected)
-        else:
-            raise DownloadError(
-                f"giving up on {url} after {retries + 1} attempts; last error: {last_error}. "
-                f"The partial file {part} is kept and will be resumed on the next run"
-            )
+        _fetch_with_retries(
+            url, dest, part, state, session, expected=expected, retries=retries,
+            backoff=backoff, timeout=timeout, chunk_size=chunk_size,
+        )  # fmt: skip
     finally:
         if own_session:
             session.close()
+    return _verify_and_publish(url, dest, part, state["hashers"], expected)
 
-    hashers = state["hashers"]
+
+def _fetch_with_retries(
+    url: str,
+    dest: Path,
+    part: Path,
+    state: dict[str, dict[str, hashlib._Hash]],
+    session: requests.Session,
+    *,
+    expected: tuple[str, str] | None,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    chunk_size: int,
+) -> None:
+    """Up to ``retries + 1`` attempts with exponential back-off (or the server's
+    ``Retry-After``); :class:`DownloadError` when all fail (the partial file is kept)."""
+    last_error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning(
+                "attempt %d/%d for %s failed (%s); retrying in %.1f s",
+                attempt,
+                retries + 1,
+                url,
+                last_error,
+                delay,
+            )
+            time.sleep(delay)
+        try:
+            logger.info("downloading %s -> %s", url, dest)
+            _attempt(url, dest, part, state, session, timeout, chunk_size)
+            return
+        except _Retryable as err:
+            last_error = str(err)
+            if err.retry_after is not None and attempt < retries:
+                time.sleep(err.retry_after)
+            if not part.exists():
+                state["hashers"] = _new_hashers(expected)
+    raise DownloadError(
+        f"giving up on {url} after {retries + 1} attempts; last error: {last_error}. "
+        f"The partial file {part} is kept and will be resumed on the next run"
+    )
+
+
+def _verify_and_publish(
+    url: str,
+    dest: Path,
+    part: Path,
+    hashers: dict[str, hashlib._Hash],
+    expected: tuple[str, str] | None,
+) -> Path:
+    """Check the checksum (a mismatch deletes the download: :class:`ChecksumError`), then
+    rename ``part`` to ``dest`` and write the sha256 sidecar."""
     if expected is not None:
         algo, digest = expected
         actual = hashers[algo].hexdigest()
