@@ -720,19 +720,44 @@ def unpack_archive(
     selected = _select(members, names, archive)
 
     done = _read_marker(outdir)
-    if (
-        done is not None
-        and done.get("archive") == archive.name
-        and done.get("size") == stat.st_size
-        and set(selected) <= set(done.get("files", []))
-        and all((outdir / name).is_file() for name in selected)
-    ):
+    if _already_unpacked(done, archive, stat, selected, outdir):
         logger.info("%s already unpacked into %s; skipping", archive, outdir)
         return [outdir / name for name in selected]
 
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / UNPACK_MARKER).unlink(missing_ok=True)
     logger.info("unpacking %d file(s) of %s into %s", len(selected), archive, outdir)
+    _extract(archive, selected, outdir)
+    extracted = [outdir / name for name in selected]
+    if nested:
+        extracted += _unpack_nested(extracted)
+    previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
+    record = {
+        "archive": archive.name,
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "files": sorted(previous | set(selected)),
+    }
+    (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
+    logger.info("unpacked %d file(s) into %s", len(selected), outdir)
+    return extracted
+
+
+def _already_unpacked(
+    done: dict | None, archive: Path, stat: os.stat_result, selected: list[str], outdir: Path
+) -> bool:
+    """The marker names this archive (same size) and all selected files, and they exist."""
+    return (
+        done is not None
+        and done.get("archive") == archive.name
+        and done.get("size") == stat.st_size
+        and set(selected) <= set(done.get("files", []))
+        and all((outdir / name).is_file() for name in selected)
+    )
+
+
+def _extract(archive: Path, selected: list[str], outdir: Path) -> None:
+    """Extract the selected members (zip, or tar with the ``data`` filter) into ``outdir``."""
     if archive.name.lower().endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             for name in selected:
@@ -745,23 +770,18 @@ def unpack_archive(
             wanted = set(selected)
             chosen = [m for m in tf.getmembers() if m.isfile() and m.name in wanted]
             tf.extractall(outdir, members=chosen, filter="data")
-    extracted = [outdir / name for name in selected]
-    if nested:
-        for path in list(extracted):
-            if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
-                inner = path.parent / archive_stem(path.name)
-                logger.info("unpacking nested archive %s into %s", path, inner)
-                extracted += unpack_archive(path, inner, nested=True)
-    previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
-    record = {
-        "archive": archive.name,
-        "size": stat.st_size,
-        "mtime": stat.st_mtime,
-        "files": sorted(previous | set(selected)),
-    }
-    (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
-    logger.info("unpacked %d file(s) into %s", len(selected), outdir)
-    return extracted
+
+
+def _unpack_nested(extracted: list[Path]) -> list[Path]:
+    """Unpack every extracted archive beside itself (``x.tar.gz`` -> ``x/``), recursively;
+    returns the files they held."""
+    inner_files: list[Path] = []
+    for path in list(extracted):
+        if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
+            inner = path.parent / archive_stem(path.name)
+            logger.info("unpacking nested archive %s into %s", path, inner)
+            inner_files += unpack_archive(path, inner, nested=True)
+    return inner_files
 
 
 # ----------------------------------------------------------------- sample-sheet plan
@@ -870,53 +890,9 @@ def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -
                 "the downloaded file itself, 'archive_url' when 'path' is a file inside an archive"
             )
         if url:
-            rel = _relative_to(path, ddir)
-            if rel is None:
-                raise ValueError(
-                    f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
-                    f"directory {ddir!r} (config key download.dir); set 'path' to "
-                    f"{ddir}/<file name>"
-                )
-            spec = FileSpec(rel, https_url(url), _cell(row, "checksum") or None)
-            if spec.checksum:
-                parse_checksum(spec.checksum)
-            old = plan.files.get(rel)
-            if old is not None and old != spec:
-                raise ValueError(
-                    f"sample {sid!r}: {path!r} is listed with two different url/checksum "
-                    f"values ({old.url} vs {spec.url}); make the rows agree"
-                )
-            plan.files[rel] = spec
+            _plan_file(plan, sid, path, url, _cell(row, "checksum") or None)
         elif archive_url:
-            fetch = https_url(archive_url)
-            name = url_filename(fetch)
-            stem = archive_stem(name)
-            checksum = _cell(row, "archive_checksum") or None
-            if checksum:
-                parse_checksum(checksum)
-            member = _relative_to(path, f"{ddir}/{stem}")
-            if member is None:
-                raise ValueError(
-                    f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
-                    f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
-                    f"{ddir}/{stem}/<file name inside the archive>"
-                )
-            arch = plan.archives.get(stem)
-            if arch is None:
-                arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
-            elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
-                raise ValueError(
-                    f"sample {sid!r}: archive {name!r} is listed with a different "
-                    f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
-                )
-            arch.checksum = arch.checksum or checksum
-            if member not in arch.members:
-                arch.members.append(member)
-            if arch.checksum:
-                # Keep the file entry in step with the archive's (first non-empty) checksum.
-                plan.files[name] = FileSpec(name, fetch, arch.checksum)
-            else:
-                plan.files.setdefault(name, FileSpec(name, fetch, None))
+            _plan_archive(plan, sid, path, archive_url, _cell(row, "archive_checksum") or None)
     clash = set(plan.files) & {f"{s}/{m}" for s, a in plan.archives.items() for m in a.members}
     if clash:
         raise ValueError(
@@ -924,3 +900,60 @@ def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -
             "give each file one source"
         )
     return plan
+
+
+def _plan_file(plan: DownloadPlan, sid: object, path: str, url: str, checksum: str | None) -> None:
+    """Add a row's direct download (its ``path`` under the download directory)."""
+    ddir = plan.download_dir
+    rel = _relative_to(path, ddir)
+    if rel is None:
+        raise ValueError(
+            f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
+            f"directory {ddir!r} (config key download.dir); set 'path' to "
+            f"{ddir}/<file name>"
+        )
+    spec = FileSpec(rel, https_url(url), checksum)
+    if spec.checksum:
+        parse_checksum(spec.checksum)
+    old = plan.files.get(rel)
+    if old is not None and old != spec:
+        raise ValueError(
+            f"sample {sid!r}: {path!r} is listed with two different url/checksum "
+            f"values ({old.url} vs {spec.url}); make the rows agree"
+        )
+    plan.files[rel] = spec
+
+
+def _plan_archive(
+    plan: DownloadPlan, sid: object, path: str, archive_url: str, checksum: str | None
+) -> None:
+    """Add a row's archive: its download, its unpack job and ``path`` as a member."""
+    ddir = plan.download_dir
+    fetch = https_url(archive_url)
+    name = url_filename(fetch)
+    stem = archive_stem(name)
+    if checksum:
+        parse_checksum(checksum)
+    member = _relative_to(path, f"{ddir}/{stem}")
+    if member is None:
+        raise ValueError(
+            f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
+            f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
+            f"{ddir}/{stem}/<file name inside the archive>"
+        )
+    arch = plan.archives.get(stem)
+    if arch is None:
+        arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
+    elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
+        raise ValueError(
+            f"sample {sid!r}: archive {name!r} is listed with a different "
+            f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
+        )
+    arch.checksum = arch.checksum or checksum
+    if member not in arch.members:
+        arch.members.append(member)
+    if arch.checksum:
+        # Keep the file entry in step with the archive's (first non-empty) checksum.
+        plan.files[name] = FileSpec(name, fetch, arch.checksum)
+    else:
+        plan.files.setdefault(name, FileSpec(name, fetch, None))
