@@ -46,7 +46,8 @@ analysis across modalities") and its online book:
 5. **Reasons and summary** (:func:`run_qc`): ``obs["qc_outlier"]`` (True = removed) and
    ``obs["qc_reason"]`` (``"pass"`` or the semicolon-joined reasons such as
    ``"low_counts;low_genes"``, ``"high_mt"``, ``"doublet"``), plus a one-row-per-sample
-   table of what was removed and why, with the thresholds used.
+   table of what was removed and why, with the thresholds used. Its thresholds and switches
+   travel together as a :class:`QCParams` (``QCParams.from_config(config["qc"])``).
 6. **Merge and normalise** (:func:`merge_samples`, :func:`normalize`): outer join of the
    filtered samples (absent genes are zero), gene filter on the merged object,
    ``X = log1p(CP10k)`` from ``layers["counts"]``.
