@@ -310,3 +310,46 @@ def test_cluster_figures(tmp_path):
     del adata.obsm["X_umap"]
     with pytest.raises(KeyError, match="X_umap"):
         pl_cl.umaps(adata, tmp_path / "none.png")
+
+
+# --------------------------------------------------------------------------------------
+# steps of leiden_multi and cluster_markers
+# --------------------------------------------------------------------------------------
+
+
+def test_clusters_by_size_names_the_largest_zero():
+    labels = np.array([2, 2, 2, 0, 1, 1, 0, 1, 1])
+    out = cl._clusters_by_size(labels)
+    assert list(out.categories) == ["0", "1", "2"]
+    assert list(out) == ["1", "1", "1", "2", "0", "0", "2", "0", "0"]  # ties keep label order
+
+
+def test_resolve_rep_accepts_method_names():
+    adata = ad.AnnData(np.zeros((3, 2)))
+    adata.obsm["X_harmony"] = np.zeros((3, 2))
+    assert cl._resolve_rep(adata, "harmony") == "X_harmony"
+    assert cl._resolve_rep(adata, "X_harmony") == "X_harmony"
+    with pytest.raises(KeyError, match="X_scVI"):
+        cl._resolve_rep(adata, "scvi")
+
+
+def test_rank_sum_test_matches_scipy_mannwhitney():
+    from scipy.stats import mannwhitneyu, rankdata
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 30), rng.normal(0, 1, 50)
+    ranks = rankdata(np.r_[a, b])
+    z, p, p_adj = cl._rank_sum_test(np.array([ranks[:30].sum()]), 30.0, 50.0, 80)
+    ref = mannwhitneyu(a, b, use_continuity=False, method="asymptotic")
+    assert z[0] > 0 and np.isclose(p[0], ref.pvalue) and np.isclose(p_adj[0], p[0])
+
+
+def test_marker_groups_skip_singletons():
+    adata = ad.AnnData(np.zeros((5, 2)))
+    adata.obs["g"] = ["a", "a", "b", "b", "c"]
+    groups, skipped = cl._marker_groups(adata, "g")
+    assert groups == ["a", "b"] and skipped == ["c"]
+    assert isinstance(adata.obs["g"].dtype, pd.CategoricalDtype)
+    adata.obs["g"] = ["a", "a", "a", "a", "c"]
+    with pytest.raises(ValueError, match="at least two groups"):
+        cl._marker_groups(adata, "g")

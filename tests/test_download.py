@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sepsis_sc import download as download_module
 from sepsis_sc.download import (
     UNPACK_MARKER,
     ChecksumError,
@@ -371,3 +372,30 @@ def test_cohort_configs_validate_and_fetch_every_input(config_path, repo_root, m
     planned = {f"{plan.download_dir}/{name}" for name in plan.files}
     planned |= {p for stem in plan.archives for p in plan.archive_outputs(stem)}
     assert set(samples["path"]) <= planned, "every sample is downloaded or unpacked"
+
+
+class _FakeResponse:
+    def __init__(self, status, headers=None):
+        self.status_code, self.reason, self.headers = status, "r", headers or {}
+
+
+def test_attempt_steps_status_and_resume(tmp_path):
+    part = tmp_path / "f.part"
+    part.write_bytes(b"abc")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_module._check_status(_FakeResponse(404), "https://x/f", 0, part)
+    with pytest.raises(download_module._Retryable):
+        download_module._check_status(_FakeResponse(503), "https://x/f", 0, part)
+    download_module._check_status(_FakeResponse(206), "https://x/f", 3, part)  # fine
+    state = {"hashers": {"sha256": hashlib.new("sha256")}}
+    old = state["hashers"]["sha256"]
+    ok = _FakeResponse(206, {"Content-Range": "bytes 3-9/10"})
+    assert download_module._resume_or_restart(ok, "https://x/f", 3, part, state) == (3, "ab")
+    assert state["hashers"]["sha256"] is old  # resumed: hashers keep the bytes in part
+    restart = download_module._resume_or_restart(_FakeResponse(200), "u", 3, part, state)
+    assert restart == (0, "wb")
+    assert state["hashers"]["sha256"] is not old  # restarted: fresh hashers
+    with pytest.raises(download_module._Retryable, match="restarting"):
+        bad = _FakeResponse(206, {"Content-Range": "bytes 0-9/10"})
+        download_module._resume_or_restart(bad, "u", 3, part, state)
+    assert not part.exists()

@@ -550,3 +550,72 @@ print(layer, "torch/lib/libgomp" in maps, ships)
     if layer != "omp" or torch_ships_gomp != "True":
         pytest.skip(f"numba threading layer {layer}; torch ships libgomp: {torch_ships_gomp}")
     assert torch_gomp_mapped == "True"
+
+
+# --------------------------------------------------------------------------------------
+# ScviParams and the steps of run_scvi / integration_metrics
+# --------------------------------------------------------------------------------------
+
+
+def test_scviparams_defaults_are_the_schema_defaults():
+    from sepsis_sc.config import load_schema
+
+    section = load_schema("config")["properties"]["integration"]["properties"]
+    params = ig.ScviParams()
+    checked = []
+    for key, spec in section.items():
+        if key in ig.ScviParams._NOT_PARAMS:
+            continue
+        value = getattr(params, key)
+        assert (list(value) if isinstance(value, tuple) else value) == spec["default"], key
+        checked.append(key)
+    assert len(checked) == 7  # covariates x2, n_latent, max_epochs, early_stopping, ...
+    assert ig.ScviParams.from_config({k: v["default"] for k, v in section.items()}) == params
+
+
+def test_scviparams_from_config_and_overrides():
+    p = ig.ScviParams.from_config({"n_latent": 8, "method": "scvi", "continuous_covariates": ["x"]})
+    assert p.n_latent == 8 and p.continuous_covariates == ("x",)
+    with pytest.raises(ValueError, match="unknown integration config key 'n_latnet'"):
+        ig.ScviParams.from_config({"n_latnet": 8})
+    assert p.with_overrides({"max_epochs": 3}).max_epochs == 3
+    with pytest.raises(TypeError, match="max_epoch"):
+        p.with_overrides({"max_epoch": 3})
+    adata = toy_counts()
+    with pytest.raises(TypeError, match="max_epoch"):
+        ig.run_scvi(adata, max_epoch=3)
+
+
+def test_scvi_steps():
+    p = ig.ScviParams(categorical_covariates=["donor"], continuous_covariates=("pct",))
+    assert ig._scvi_obs_keys("batch", p) == ["batch", "donor", "pct"]
+    assert ig._scvi_obs_keys(None, p) == ["donor", "pct"]
+    assert ig._scvi_max_epochs(ig.ScviParams(max_epochs=7), 1000) == 7
+    assert ig._scvi_max_epochs(ig.ScviParams(), 1000) == ig.default_max_epochs(1000)
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        ig._scvi_max_epochs(ig.ScviParams(max_epochs=0), 1000)
+    history = {"elbo_train": pd.DataFrame({"elbo_train": [3.0, 2.0]})}
+    assert ig._history_last(history, "elbo_train") == 2.0
+    assert ig._history_last(history, "elbo_validation") is None
+    adata = ad.AnnData(obs=pd.DataFrame({"batch": ["a"] * 4}, index=list("wxyz")))
+    key, one = ig._scvi_batch_key(adata, "batch")
+    assert key is None and one["batch_corrected"] is False and one["n_batches"] == 1
+    adata.obs["batch"] = ["a", "b"] * 2
+    assert ig._scvi_batch_key(adata, "batch") == ("batch", {})
+
+
+def test_metric_summary_scores_and_table():
+    cells = ig._MetricCells(
+        batches=np.array(["a", "b"]), n_batches=2, batch_note=None, labels=None, n_labels=0,
+        sub=np.arange(2),
+    )  # fmt: skip
+    row = {"ilisi": 0.5, "batch_asw": 0.7, "graph_connectivity": np.nan, "clisi": np.nan,
+           "label_asw": np.nan, "nmi": np.nan, "ari": np.nan}  # fmt: skip
+    ig._summary_scores(row, cells)
+    assert row["batch_correction"] == pytest.approx(0.6)
+    assert np.isnan(row["bio_conservation"]) and np.isnan(row["overall"]) and "note" not in row
+    table = ig._metrics_table([{"embedding": "X_pca", **row}])
+    assert list(table.columns) == list(ig._METRIC_COLUMNS)
+    skipped = ig._skipped_rows({"X_harmony": "why"}, 10, cells)
+    table = ig._metrics_table([{"embedding": "X_pca", **row}, *skipped])
+    assert table.columns[-1] == "note" and table["note"].tolist()[1] == "why"

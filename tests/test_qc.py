@@ -393,3 +393,145 @@ def test_simulated_cohort_targets():
     assert neut.sum() > 50
     assert (~removed[neut]).mean() >= 0.90
     assert removed[~low_q & ~dbl].mean() < 0.05  # intact singlets are rarely removed
+
+
+# --------------------------------------------------------------------------------------
+# QCParams and the steps of run_qc
+# --------------------------------------------------------------------------------------
+
+
+def test_qcparams_defaults_are_the_schema_defaults():
+    """The config schema is the one source of defaults; QCParams repeats them."""
+    from sepsis_sc.config import load_schema
+
+    section = load_schema("config")["properties"]["qc"]["properties"]
+    params = qc.QCParams()
+    checked = set()
+    for key, spec in section.items():
+        if key in qc.QCParams._NOT_PARAMS:
+            continue
+        if key in qc.QCParams._NMADS_KEYS:
+            assert params.nmads[qc.QCParams._NMADS_KEYS[key]] == spec["default"], key
+        else:
+            name = qc.QCParams._CONFIG_NAMES.get(key, key)
+            assert getattr(params, name) == spec["default"], key
+        checked.add(key)
+    assert len(checked) >= 12
+    assert qc.QCParams.from_config({}) == params
+    # every schema key is understood by from_config
+    qc.QCParams.from_config({k: v["default"] for k, v in section.items()})
+
+
+def test_qcparams_from_config_and_keyword_overrides():
+    p = qc.QCParams.from_config(
+        {"nmads_counts": 4, "rescue_low_rna_immune": False, "on_empty": "drop", "min_counts": 50}
+    )
+    assert list(p.nmads) == list(qc.DEFAULT_NMADS)  # column order of the thresholds table
+    assert p.nmads["log1p_total_counts"] == 4 and p.nmads["pct_counts_mt"] == 3
+    assert p.rescue is False and p.min_counts == 50
+    with pytest.raises(ValueError, match="unknown qc config key 'nmads'"):
+        qc.QCParams.from_config({"nmads": 3})
+    assert p.with_overrides({"rescue_low_rna_immune": True}).rescue is True  # old keyword
+    assert p.with_overrides({}) is p
+    with pytest.raises(TypeError, match="min_count"):
+        p.with_overrides({"min_count": 3})
+    with pytest.raises(TypeError, match="not both"):
+        p.with_overrides({"rescue": True, "rescue_low_rna_immune": True})
+    assert qc.QCParams(nmads=None).nmads == qc.DEFAULT_NMADS
+
+
+def test_run_qc_params_and_keywords_agree():
+    """run_qc(adata, QCParams(...)) == run_qc(adata, **same keywords); params are recorded
+    without None values (an .h5ad cannot hold None, and no "none" strings stand in)."""
+    a, b = make_sample(n_neutro=20, seed=11), make_sample(n_neutro=20, seed=11)
+    s1 = qc.run_qc(a, doublet_method="none", min_genes=30, rescue_low_rna_immune=True)
+    s2 = qc.run_qc(b, qc.QCParams(doublet_method="none", min_genes=30, max_pct_mt=None))
+    pd.testing.assert_frame_equal(s1, s2)
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    params = a.uns["qc"]["params"]
+    assert params == b.uns["qc"]["params"]
+    assert params["min_genes"] == 30 and params["rescue_low_rna_immune"] is True
+    assert not {"min_counts", "max_pct_mt", "doublet_threshold"} & set(params)  # None: left out
+    # the only "none" left is the doublet method's name, not a stand-in for None
+    assert [k for k, v in params.items() if v == "none"] == ["doublet_method"]
+    with pytest.raises(TypeError, match="min_count"):
+        qc.run_qc(make_sample(n_per_type=10), min_count=5)
+
+
+def test_run_qc_without_params_keeps_no_hard_mito_ceiling():
+    """Keyword callers keep max_pct_mt=None; the config (QCParams()) caps at 20 %."""
+    assert qc._RUN_QC_DEFAULTS.max_pct_mt is None
+    assert qc._RUN_QC_DEFAULTS == qc.QCParams(max_pct_mt=None)
+    assert qc.QCParams().max_pct_mt == 20
+
+
+def test_mad_bounds_and_limits():
+    row: dict = {}
+    lo, up = qc._mad_bounds(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), "log1p_x", 2.0, "S", row)
+    assert (lo, up) == (1.0, 5.0) and row["log1p_x_median"] == 3.0 and row["log1p_x_mad"] == 1
+    lo, up = qc._mad_bounds(np.array([1.0, 2.0, 3.0]), "pct_counts_mt", 3.0, "S", row)
+    assert np.isnan(lo) and up == 5.0  # percentages: upper side only
+    lo, up = qc._mad_bounds(np.array([2.0, 2.0, 2.0, 9.0]), "log1p_y", 3.0, "S", {})
+    assert np.isnan(lo) and np.isnan(up)  # MAD 0: no adaptive threshold
+    eff = {k: np.nan for k in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt")}
+    qc._tighten_adaptive(eff, "log1p_total_counts", np.log1p(100), np.log1p(5000))
+    qc._tighten_adaptive(eff, "pct_counts_mt", np.nan, 5.0)
+    assert np.isclose(eff["min_counts"], 100) and np.isclose(eff["max_counts"], 5000)
+    assert eff["max_pct_mt"] == 5.0
+    hard = {"min_counts": 300, "max_counts": None, "min_genes": None, "max_genes": None}
+    qc._apply_hard_limits(eff, {**hard, "max_pct_mt": 20}, mt_threshold_floor=8)
+    assert eff["max_pct_mt"] == 8.0  # the floor lifts 5 % to 8 %, 20 % does not tighten it
+    assert eff["min_counts"] == 300 and np.isnan(eff["min_genes"])
+
+
+def test_doublet_threshold_rules():
+    obs = np.linspace(0, 1, 101)
+    assert qc._doublet_threshold(obs, obs, 0.3, 0.1, "S") == (0.3, "user")
+    rng = np.random.default_rng(0)
+    sim = np.r_[rng.normal(0.1, 0.03, 2000), rng.normal(0.7, 0.05, 500)]
+    thr, method = qc._doublet_threshold(obs, sim, None, 0.1, "S")
+    assert method == "scrublet_minimum" and 0.15 < thr < 0.8
+    thr, method = qc._doublet_threshold(obs, np.full(50, 0.5), None, 0.1, "S")
+    assert method == "expected_rate_quantile" and np.isclose(thr, 0.9)
+
+
+def test_sample_cells_loaded_sources():
+    adata = make_sample(n_per_type=5)
+    idx = np.arange(adata.n_obs)
+    assert qc._sample_cells_loaded(adata, 5000.0, "S1", idx) == 5000.0
+    assert qc._sample_cells_loaded(adata, {"S1": 7000.0}, "S1", idx) == 7000.0
+    assert qc._sample_cells_loaded(adata, None, "S1", idx) is None
+    adata.obs["cells_loaded"] = "9000"
+    assert qc._sample_cells_loaded(adata, None, "S1", idx) == 9000.0
+
+
+def test_finalise_reasons_marks_doublets_and_unrescues_them():
+    adata = make_sample(n_per_type=2)
+    adata.obs["qc_reason"] = ["pass", "low_counts", "pass", "low_counts"] + ["pass"] * 4
+    adata.obs["predicted_doublet"] = [True, True] + [False] * 6
+    adata.obs["low_rna_immune"] = [False, False, False, True] + [False] * 4
+    keep = adata.copy()
+    qc._finalise_reasons(adata, remove_doublets=True)
+    assert list(adata.obs["qc_reason"][:2]) == ["doublet", "low_counts;doublet"]
+    assert list(adata.obs["qc_outlier"][:4]) == [True, True, False, True]
+    qc._finalise_reasons(keep, remove_doublets=False)
+    assert list(keep.obs["qc_outlier"][:4]) == [False, True, False, True]
+
+
+def test_rescue_in_sample_requires_enrichment():
+    n = 6
+    cells = qc._RescueCells(
+        only_low=np.array([True] * 4 + [False] * 2),
+        total=np.array([200, 200, 200, 50, 1000, 1000], dtype=float),
+        genes=np.array([100, 100, 100, 40, 500, 500], dtype=float),
+        pct_mt=np.array([1, 1, 30, 1, 1, 1], dtype=float),
+        doublet=np.zeros(n, dtype=bool),
+        passing=np.array([False] * 4 + [True] * 2),
+    )
+    k = np.array([80, 1, 80, 20, 10, 10], dtype=float)  # set UMIs; pooled fraction 1 %
+    n_det = np.array([5, 1, 5, 5, 3, 3])
+    hit = qc._rescue_in_sample(
+        cells, k, n_det, np.ones(n, dtype=bool), max_pct_mt=None, min_counts=100,
+        min_genes=50, min_markers=3, min_enrichment=2.0, alpha=1e-3, label=("S", "neutrophil"),
+    )  # fmt: skip
+    assert list(hit) == [0]  # 1: no markers; 2: high mito; 3: below the floors

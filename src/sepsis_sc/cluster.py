@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import anndata as ad
@@ -308,6 +308,8 @@ def neighbors(
     return method
 
 
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 44 lines of named steps.
 def leiden_multi(
     adata: ad.AnnData,
     *,
@@ -368,26 +370,8 @@ def leiden_multi(
     ``uns["neighbors"]``, ``obs["leiden_r{res}"]`` per resolution, ``obs["leiden"]``,
     ``obsm["X_umap"]``, ``uns["umap"]`` and ``uns["leiden_multi"]``.
     """
-    aliases = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
-    if use_rep not in adata.obsm and use_rep.lower() in aliases:
-        use_rep = aliases[use_rep.lower()]
-    if use_rep not in adata.obsm:
-        raise KeyError(
-            f"obsm[{use_rep!r}] not found (available: {list(adata.obsm)}); run the integration "
-            "first or set integration.method to the embedding you computed."
-        )
-    x = adata.obsm[use_rep]
-    if not np.isfinite(np.asarray(x)).all():
-        raise ValueError(f"obsm[{use_rep!r}] contains NaN or infinite values")
-    if adata.n_obs <= n_neighbors:
-        raise ValueError(f"{adata.n_obs} cells is too few for n_neighbors={n_neighbors}")
-    res_list = _check_resolutions(resolutions)
-    if not any(np.isclose(float(default_resolution), r) for r in res_list):
-        raise ValueError(
-            f"default_resolution {default_resolution} is not one of the resolutions {res_list} "
-            "(config keys clustering.resolution and clustering.resolutions)."
-        )
-
+    use_rep = _resolve_rep(adata, use_rep)
+    res_list = _check_leiden_inputs(adata, use_rep, n_neighbors, resolutions, default_resolution)
     method = neighbors(adata, n_neighbors=n_neighbors, use_rep=use_rep, seed=seed, knn=knn)
     logger.info(
         "kNN graph: %d neighbours on %s (%d cells, %s search)",
@@ -399,16 +383,11 @@ def leiden_multi(
     conn = adata.obsp["connectivities"]
     graph = _igraph(conn) if flavor == "igraph" else None
     for res in res_list:
-        key = leiden_key(res)
         labels = _run_leiden(conn, res, seed, n_iterations=n_iterations, flavor=flavor, graph=graph)
-        # order clusters by size (0 = largest), scanpy's convention is arbitrary order
-        order = np.argsort(-np.bincount(labels), kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        adata.obs[key] = pd.Categorical(
-            rank[labels].astype(str), categories=[str(i) for i in range(len(order))]
+        adata.obs[leiden_key(res)] = _clusters_by_size(labels)
+        logger.info(
+            "Leiden resolution %s: %d clusters", res, len(adata.obs[leiden_key(res)].cat.categories)
         )
-        logger.info("Leiden resolution %s: %d clusters", res, len(order))
     chosen = float(default_resolution)
     adata.obs["leiden"] = adata.obs[leiden_key(chosen)].copy()
     adata.uns["leiden_multi"] = {
@@ -437,6 +416,51 @@ def leiden_multi(
     return summary
 
 
+def _resolve_rep(adata: ad.AnnData, use_rep: str) -> str:
+    """The ``obsm`` key: ``use_rep`` itself, or the key of a method name (``scvi`` ...)."""
+    aliases = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
+    if use_rep not in adata.obsm and use_rep.lower() in aliases:
+        use_rep = aliases[use_rep.lower()]
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"obsm[{use_rep!r}] not found (available: {list(adata.obsm)}); run the integration "
+            "first or set integration.method to the embedding you computed."
+        )
+    return use_rep
+
+
+def _check_leiden_inputs(
+    adata: ad.AnnData,
+    use_rep: str,
+    n_neighbors: int,
+    resolutions: Sequence[float],
+    default_resolution: float,
+) -> list[float]:
+    """A finite embedding, more cells than neighbours, and a default resolution among the
+    resolutions; returns the checked resolutions."""
+    x = adata.obsm[use_rep]
+    if not np.isfinite(np.asarray(x)).all():
+        raise ValueError(f"obsm[{use_rep!r}] contains NaN or infinite values")
+    if adata.n_obs <= n_neighbors:
+        raise ValueError(f"{adata.n_obs} cells is too few for n_neighbors={n_neighbors}")
+    res_list = _check_resolutions(resolutions)
+    if not any(np.isclose(float(default_resolution), r) for r in res_list):
+        raise ValueError(
+            f"default_resolution {default_resolution} is not one of the resolutions {res_list} "
+            "(config keys clustering.resolution and clustering.resolutions)."
+        )
+    return res_list
+
+
+def _clusters_by_size(labels: np.ndarray) -> pd.Categorical:
+    """Leiden labels renamed by size ("0" = largest; scanpy's order is arbitrary), ties in
+    label order."""
+    order = np.argsort(-np.bincount(labels), kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return pd.Categorical(rank[labels].astype(str), categories=[str(i) for i in range(len(order))])
+
+
 def _wilcoxon_vs_rest_sparse(
     x: sp.spmatrix,
     codes: np.ndarray,
@@ -460,8 +484,40 @@ def _wilcoxon_vs_rest_sparse(
     ``codes`` is the group code of each cell (-1 = in no group: counted in every "rest");
     ``tested`` the codes to test.
     """
-    from scipy.stats import norm, rankdata
-    from statsmodels.stats.multitest import multipletests
+    n_cells = x.shape[0]
+    sizes, rank_sum, nnz, total = _rank_sums_sparse(x, codes)
+    all_nnz = nnz.sum(axis=0)
+    all_total = total.sum(axis=0)
+    out: dict[str, dict[str, np.ndarray]] = {
+        k: {} for k in ("names", "scores", "pvals", "pvals_adj", "logfoldchanges")
+    }
+    pts, pts_rest = {}, {}
+    for name, code in zip(groups, tested, strict=True):
+        s = code + 1
+        n1 = sizes[s]
+        n2 = n_cells - n1
+        scores, pvals, pvals_adj = _rank_sum_test(rank_sum[s], n1, n2, n_cells)
+        mean_in = total[s] / n1
+        mean_rest = (all_total - total[s]) / n2
+        lfc = np.log2((expm1(mean_in) + 1e-9) / (expm1(mean_rest) + 1e-9))
+        top = _top_n(scores, n_genes)
+        out["names"][name] = np.asarray(var_names[top], dtype=object)
+        out["scores"][name] = scores[top]
+        out["pvals"][name] = pvals[top]
+        out["pvals_adj"][name] = pvals_adj[top]
+        out["logfoldchanges"][name] = lfc[top]
+        pts[name] = nnz[s] / n1
+        pts_rest[name] = (all_nnz - nnz[s]) / n2
+    return _rank_genes_result(out, pts, pts_rest, var_names)
+
+
+def _rank_sums_sparse(
+    x: sp.spmatrix, codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group slot (0 = no group, then code + 1) and gene: rank sums over all cells,
+    non-zero counts and value sums, from one pass over each gene's non-zeros; plus the slot
+    sizes. Cells with a zero share one tied rank, ``(n_zero + 1) / 2``."""
+    from scipy.stats import rankdata
 
     csc = sp.csc_matrix(x, copy=True)
     csc.eliminate_zeros()  # stored zeros tie with the implicit ones
@@ -487,34 +543,34 @@ def _wilcoxon_vs_rest_sparse(
         )
         nnz[:, j] = nz_in
         total[:, j] = np.bincount(where, weights=vals, minlength=n_codes)
-    all_nnz = nnz.sum(axis=0)
-    all_total = total.sum(axis=0)
+    return sizes, rank_sum, nnz, total
 
-    out: dict[str, dict[str, np.ndarray]] = {
-        k: {} for k in ("names", "scores", "pvals", "pvals_adj", "logfoldchanges")
-    }
-    pts, pts_rest = {}, {}
-    for name, code in zip(groups, tested, strict=True):
-        s = code + 1
-        n1 = sizes[s]
-        n2 = n_cells - n1
-        std = np.sqrt(n1 * n2 * (n_cells + 1) / 12.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scores = (rank_sum[s] - n1 * (n_cells + 1) / 2.0) / std
-        scores[np.isnan(scores)] = 0
-        pvals = 2 * norm.sf(np.abs(scores))
-        pvals_adj = multipletests(pvals, alpha=0.05, method="fdr_bh")[1]
-        mean_in = total[s] / n1
-        mean_rest = (all_total - total[s]) / n2
-        lfc = np.log2((expm1(mean_in) + 1e-9) / (expm1(mean_rest) + 1e-9))
-        top = _top_n(scores, n_genes)
-        out["names"][name] = np.asarray(var_names[top], dtype=object)
-        out["scores"][name] = scores[top]
-        out["pvals"][name] = pvals[top]
-        out["pvals_adj"][name] = pvals_adj[top]
-        out["logfoldchanges"][name] = lfc[top]
-        pts[name] = nnz[s] / n1
-        pts_rest[name] = (all_nnz - nnz[s]) / n2
+
+def _rank_sum_test(
+    rank_sum: np.ndarray, n1: float, n2: float, n_cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """z-scores of a group's rank sums (no tie correction, as scanpy's default), two-sided
+    p-values and Benjamini-Hochberg adjusted p-values."""
+    from scipy.stats import norm
+    from statsmodels.stats.multitest import multipletests
+
+    std = np.sqrt(n1 * n2 * (n_cells + 1) / 12.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = (rank_sum - n1 * (n_cells + 1) / 2.0) / std
+    scores[np.isnan(scores)] = 0
+    pvals = 2 * norm.sf(np.abs(scores))
+    pvals_adj = multipletests(pvals, alpha=0.05, method="fdr_bh")[1]
+    return scores, pvals, pvals_adj
+
+
+def _rank_genes_result(
+    out: Mapping[str, Mapping[str, np.ndarray]],
+    pts: Mapping[str, np.ndarray],
+    pts_rest: Mapping[str, np.ndarray],
+    var_names: pd.Index,
+) -> dict[str, object]:
+    """The per-group arrays in scanpy's ``rank_genes_groups`` layout (record arrays with
+    its dtypes, ``pts``/``pts_rest`` frames)."""
     dtypes = {
         "names": "O",
         "scores": "float32",
@@ -577,43 +633,11 @@ def cluster_markers(
             "X looks like raw counts (integers > 30); markers are ranked on log-normalised X. "
             "Normalise first (sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata))."
         )
-    if not isinstance(adata.obs[groupby].dtype, pd.CategoricalDtype):
-        adata.obs[groupby] = adata.obs[groupby].astype(str).astype("category")
-    sizes = adata.obs[groupby].value_counts()
-    groups = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) >= 2]
-    if len(groups) < 2:
-        raise ValueError(f"obs[{groupby!r}] needs at least two groups with >= 2 cells")
-    skipped = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) < 2]
-    if skipped:
-        logger.warning("no markers for groups with < 2 cells: %s", skipped)
+    groups, skipped = _marker_groups(adata, groupby)
     key = f"rank_genes_{groupby}"
     x = adata.X
     if method == "wilcoxon" and sp.issparse(x) and (x.nnz == 0 or x.data.min() >= 0):
-        base = adata.uns.get("log1p", {}).get("base")
-        cats = adata.obs[groupby].cat.categories
-        codes = adata.obs[groupby].cat.codes.to_numpy().astype(np.int64)
-        tested = [int(np.flatnonzero(cats.astype(str) == g)[0]) for g in groups]
-        n_top = min(int(n_genes), adata.n_vars)
-        result = _wilcoxon_vs_rest_sparse(
-            x,
-            codes,
-            tested,
-            n_genes=n_top,
-            var_names=adata.var_names,
-            groups=groups,
-            expm1=np.expm1 if base is None else (lambda v: np.expm1(v * np.log(base))),
-        )
-        adata.uns[key] = {
-            "params": {
-                "groupby": groupby,
-                "reference": "rest",
-                "method": method,
-                "use_raw": False,
-                "layer": None,
-                "corr_method": "benjamini-hochberg",
-            },
-            **result,
-        }
+        adata.uns[key] = _sparse_wilcoxon_markers(adata, groupby, groups, n_genes)
     else:
         with warnings.catch_warnings():  # scanpy fills its result table column by column
             warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
@@ -628,6 +652,76 @@ def cluster_markers(
                 pts=True,
                 key_added=key,
             )
+    df = _markers_table(adata, key, groups, n_genes)
+    logger.info("markers: top %d genes for %d groups of %s", n_genes, len(groups), groupby)
+    return df
+
+
+def _marker_groups(adata: ad.AnnData, groupby: str) -> tuple[list[str], list[str]]:
+    """Groups tested (>= 2 cells; at least two needed) and groups skipped (logged).
+
+    Makes ``obs[groupby]`` categorical when it is not.
+    """
+    if not isinstance(adata.obs[groupby].dtype, pd.CategoricalDtype):
+        adata.obs[groupby] = adata.obs[groupby].astype(str).astype("category")
+    sizes = adata.obs[groupby].value_counts()
+    groups = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) >= 2]
+    if len(groups) < 2:
+        raise ValueError(f"obs[{groupby!r}] needs at least two groups with >= 2 cells")
+    skipped = [str(g) for g in adata.obs[groupby].cat.categories if sizes.get(g, 0) < 2]
+    if skipped:
+        logger.warning("no markers for groups with < 2 cells: %s", skipped)
+    return groups, skipped
+
+
+def _sparse_wilcoxon_markers(
+    adata: ad.AnnData, groupby: str, groups: list[str], n_genes: int
+) -> dict[str, object]:
+    """``uns["rank_genes_<groupby>"]`` from :func:`_wilcoxon_vs_rest_sparse` (fold changes
+    un-logged with ``uns["log1p"]["base"]`` when set)."""
+    base = adata.uns.get("log1p", {}).get("base")
+    cats = adata.obs[groupby].cat.categories
+    codes = adata.obs[groupby].cat.codes.to_numpy().astype(np.int64)
+    tested = [int(np.flatnonzero(cats.astype(str) == g)[0]) for g in groups]
+    n_top = min(int(n_genes), adata.n_vars)
+    result = _wilcoxon_vs_rest_sparse(
+        adata.X,
+        codes,
+        tested,
+        n_genes=n_top,
+        var_names=adata.var_names,
+        groups=groups,
+        expm1=np.expm1 if base is None else (lambda v: np.expm1(v * np.log(base))),
+    )
+    return {
+        "params": {
+            "groupby": groupby,
+            "reference": "rest",
+            "method": "wilcoxon",
+            "use_raw": False,
+            "layer": None,
+            "corr_method": "benjamini-hochberg",
+        },
+        **result,
+    }
+
+
+#: columns of the marker table, in order
+_MARKER_COLUMNS = (
+    "cluster",
+    "rank",
+    "gene",
+    "score",
+    "logfoldchange",
+    "pval",
+    "pval_adj",
+    "pct_in_cluster",
+    "pct_out_cluster",
+)
+
+
+def _markers_table(adata: ad.AnnData, key: str, groups: list[str], n_genes: int) -> pd.DataFrame:
+    """Tidy top-``n_genes`` table per group from ``uns[key]`` (see :func:`cluster_markers`)."""
     df = sc.get.rank_genes_groups_df(adata, group=None, key=key)
     if "group" not in df:  # a single group comes back without the column
         df.insert(0, "group", groups[0])
@@ -644,18 +738,5 @@ def cluster_markers(
             "pct_nz_reference": "pct_out_cluster",
         }
     )
-    cols = [
-        "cluster",
-        "rank",
-        "gene",
-        "score",
-        "logfoldchange",
-        "pval",
-        "pval_adj",
-        "pct_in_cluster",
-        "pct_out_cluster",
-    ]
-    df = df[[c for c in cols if c in df]]
-    df = df[df["rank"] <= n_genes].reset_index(drop=True)
-    logger.info("markers: top %d genes for %d groups of %s", n_genes, len(groups), groupby)
-    return df
+    df = df[[c for c in _MARKER_COLUMNS if c in df]]
+    return df[df["rank"] <= n_genes].reset_index(drop=True)

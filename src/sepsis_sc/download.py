@@ -331,81 +331,129 @@ def _attempt(
         raise _Retryable(f"connection failed: {err}") from err
 
     with response:
-        status = response.status_code
-        if status in _FATAL_STATUS:
-            raise DownloadError(
-                f"HTTP {status} ({response.reason}) for {url}: the file is not available at "
-                "this URL (moved, private or mistyped); check the 'url'/'archive_url' column "
-                "of the sample sheet"
-            )
-        if status >= 500 or status in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {status} ({response.reason})", _retry_after_seconds(response))
-        if status == 416 and offset:
-            # The partial file is as long as (or longer than) the remote file: start over.
-            part.unlink(missing_ok=True)
-            raise _Retryable("HTTP 416 on resume; restarting from scratch", 0.0)
-        if status not in (200, 206):
-            raise DownloadError(f"unexpected HTTP {status} ({response.reason}) for {url}")
-
-        if offset and status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            match = re.match(r"bytes (\d+)-", content_range)
-            if match is None or int(match.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise _Retryable(f"server answered Range with {content_range!r}; restarting", 0.0)
-            mode = "ab"
-            logger.info("resuming %s at byte %d", url, offset)
-        else:
-            if offset:
-                logger.info("server ignored the Range header; restarting %s from byte 0", url)
-            offset = 0
-            state["hashers"] = {name: hashlib.new(name) for name in state["hashers"]}
-            mode = "wb"
-
-        content_type = response.headers.get("Content-Type", "").lower()
+        _check_status(response, url, offset, part)
+        offset, mode = _resume_or_restart(response, url, offset, part, state)
         expects_html = dest.name.lower().endswith(_HTML_SUFFIXES)
-        if not expects_html and content_type.startswith("text/html"):
-            part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{url} served an HTML page (Content-Type {content_type!r}) instead of "
-                f"{dest.name}; the URL probably points at a landing or login page, not the "
-                "file itself (for GEO use the .../suppl/<file> FTP URL, for Zenodo append "
-                "?download=1)"
-            )
+        _reject_html_content_type(response, url, dest, part, expects_html)
         length = response.headers.get("Content-Length")
         expected_total = offset + int(length) if length and length.isdigit() else None
-
-        hashers = state["hashers"]
-        received = offset
-        first = True
-        try:
-            with open(part, mode) as handle:
-                for chunk in response.iter_content(chunk_size=chunk_size):
-                    if not chunk:
-                        continue
-                    if first and offset == 0 and not expects_html and _looks_like_html(chunk):
-                        handle.close()
-                        part.unlink(missing_ok=True)
-                        raise DownloadError(
-                            f"{url} served an HTML page instead of {dest.name} (the body "
-                            "starts with an HTML tag); the URL probably points at a landing, "
-                            "error or login page rather than the file"
-                        )
-                    first = False
-                    handle.write(chunk)
-                    for hasher in hashers.values():
-                        hasher.update(chunk)
-                    received += len(chunk)
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as err:
-            raise _Retryable(f"connection dropped after {received} bytes: {err}") from err
+        received = _stream_body(
+            response, url, dest, part, mode=mode, offset=offset, hashers=state["hashers"],
+            chunk_size=chunk_size, expects_html=expects_html,
+        )  # fmt: skip
         if expected_total is not None and received < expected_total:
             raise _Retryable(f"connection dropped after {received} of {expected_total} bytes")
 
 
+def _check_status(response: requests.Response, url: str, offset: int, part: Path) -> None:
+    """Raise on an HTTP status that is no 200/206: fatal client errors as
+    :class:`DownloadError`, 5xx/408/429 and a 416 on resume (the partial file is removed)
+    as retryable."""
+    status = response.status_code
+    if status in _FATAL_STATUS:
+        raise DownloadError(
+            f"HTTP {status} ({response.reason}) for {url}: the file is not available at "
+            "this URL (moved, private or mistyped); check the 'url'/'archive_url' column "
+            "of the sample sheet"
+        )
+    if status >= 500 or status in _RETRY_STATUS:
+        raise _Retryable(f"HTTP {status} ({response.reason})", _retry_after_seconds(response))
+    if status == 416 and offset:
+        # The partial file is as long as (or longer than) the remote file: start over.
+        part.unlink(missing_ok=True)
+        raise _Retryable("HTTP 416 on resume; restarting from scratch", 0.0)
+    if status not in (200, 206):
+        raise DownloadError(f"unexpected HTTP {status} ({response.reason}) for {url}")
+
+
+def _resume_or_restart(
+    response: requests.Response,
+    url: str,
+    offset: int,
+    part: Path,
+    state: dict[str, dict[str, hashlib._Hash]],
+) -> tuple[int, str]:
+    """(offset, file mode): append after a matching ``206``; else start at byte 0 with
+    fresh hashers. A ``Content-Range`` that does not start at ``offset`` is retried from
+    scratch."""
+    if offset and response.status_code == 206:
+        content_range = response.headers.get("Content-Range", "")
+        match = re.match(r"bytes (\d+)-", content_range)
+        if match is None or int(match.group(1)) != offset:
+            part.unlink(missing_ok=True)
+            raise _Retryable(f"server answered Range with {content_range!r}; restarting", 0.0)
+        logger.info("resuming %s at byte %d", url, offset)
+        return offset, "ab"
+    if offset:
+        logger.info("server ignored the Range header; restarting %s from byte 0", url)
+    state["hashers"] = {name: hashlib.new(name) for name in state["hashers"]}
+    return 0, "wb"
+
+
+def _reject_html_content_type(
+    response: requests.Response, url: str, dest: Path, part: Path, expects_html: bool
+) -> None:
+    """An HTML ``Content-Type`` for a file that is no HTML page is a landing or login page:
+    :class:`DownloadError`, the partial file removed."""
+    content_type = response.headers.get("Content-Type", "").lower()
+    if not expects_html and content_type.startswith("text/html"):
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{url} served an HTML page (Content-Type {content_type!r}) instead of "
+            f"{dest.name}; the URL probably points at a landing or login page, not the "
+            "file itself (for GEO use the .../suppl/<file> FTP URL, for Zenodo append "
+            "?download=1)"
+        )
+
+
+def _stream_body(
+    response: requests.Response,
+    url: str,
+    dest: Path,
+    part: Path,
+    *,
+    mode: str,
+    offset: int,
+    hashers: dict[str, hashlib._Hash],
+    chunk_size: int,
+    expects_html: bool,
+) -> int:
+    """Write the body to ``part`` and feed the hashers; returns the bytes now in ``part``.
+
+    A body that starts with an HTML tag (from byte 0) is a :class:`DownloadError`; a
+    connection that drops is retryable.
+    """
+    received = offset
+    first = True
+    try:
+        with open(part, mode) as handle:
+            for chunk in response.iter_content(chunk_size=chunk_size):
+                if not chunk:
+                    continue
+                if first and offset == 0 and not expects_html and _looks_like_html(chunk):
+                    handle.close()
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(
+                        f"{url} served an HTML page instead of {dest.name} (the body "
+                        "starts with an HTML tag); the URL probably points at a landing, "
+                        "error or login page rather than the file"
+                    )
+                first = False
+                handle.write(chunk)
+                for hasher in hashers.values():
+                    hasher.update(chunk)
+                received += len(chunk)
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as err:
+        raise _Retryable(f"connection dropped after {received} bytes: {err}") from err
+    return received
+
+
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 30 lines of named steps.
 def download(
     url: str,
     dest: str | os.PathLike[str],
@@ -491,40 +539,70 @@ def download(
             "found partial file %s (%d bytes); will try to resume", part, part.stat().st_size
         )
         _hash_existing(part, state["hashers"])
-    last_error = ""
     try:
-        for attempt in range(retries + 1):
-            if attempt:
-                delay = backoff * 2 ** (attempt - 1)
-                logger.warning(
-                    "attempt %d/%d for %s failed (%s); retrying in %.1f s",
-                    attempt,
-                    retries + 1,
-                    url,
-                    last_error,
-                    delay,
-                )
-                time.sleep(delay)
-            try:
-                logger.info("downloading %s -> %s", url, dest)
-                _attempt(url, dest, part, state, session, timeout, chunk_size)
-                break
-            except _Retryable as err:
-                last_error = str(err)
-                if err.retry_after is not None and attempt < retries:
-                    time.sleep(err.retry_after)
-                if not part.exists():
-                    state["hashers"] = _new_hashers(expected)
-        else:
-            raise DownloadError(
-                f"giving up on {url} after {retries + 1} attempts; last error: {last_error}. "
-                f"The partial file {part} is kept and will be resumed on the next run"
-            )
+        _fetch_with_retries(
+            url, dest, part, state, session, expected=expected, retries=retries,
+            backoff=backoff, timeout=timeout, chunk_size=chunk_size,
+        )  # fmt: skip
     finally:
         if own_session:
             session.close()
+    return _verify_and_publish(url, dest, part, state["hashers"], expected)
 
-    hashers = state["hashers"]
+
+def _fetch_with_retries(
+    url: str,
+    dest: Path,
+    part: Path,
+    state: dict[str, dict[str, hashlib._Hash]],
+    session: requests.Session,
+    *,
+    expected: tuple[str, str] | None,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    chunk_size: int,
+) -> None:
+    """Up to ``retries + 1`` attempts with exponential back-off (or the server's
+    ``Retry-After``); :class:`DownloadError` when all fail (the partial file is kept)."""
+    last_error = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning(
+                "attempt %d/%d for %s failed (%s); retrying in %.1f s",
+                attempt,
+                retries + 1,
+                url,
+                last_error,
+                delay,
+            )
+            time.sleep(delay)
+        try:
+            logger.info("downloading %s -> %s", url, dest)
+            _attempt(url, dest, part, state, session, timeout, chunk_size)
+            return
+        except _Retryable as err:
+            last_error = str(err)
+            if err.retry_after is not None and attempt < retries:
+                time.sleep(err.retry_after)
+            if not part.exists():
+                state["hashers"] = _new_hashers(expected)
+    raise DownloadError(
+        f"giving up on {url} after {retries + 1} attempts; last error: {last_error}. "
+        f"The partial file {part} is kept and will be resumed on the next run"
+    )
+
+
+def _verify_and_publish(
+    url: str,
+    dest: Path,
+    part: Path,
+    hashers: dict[str, hashlib._Hash],
+    expected: tuple[str, str] | None,
+) -> Path:
+    """Check the checksum (a mismatch deletes the download: :class:`ChecksumError`), then
+    rename ``part`` to ``dest`` and write the sha256 sidecar."""
     if expected is not None:
         algo, digest = expected
         actual = hashers[algo].hexdigest()
@@ -644,19 +722,44 @@ def unpack_archive(
     selected = _select(members, names, archive)
 
     done = _read_marker(outdir)
-    if (
-        done is not None
-        and done.get("archive") == archive.name
-        and done.get("size") == stat.st_size
-        and set(selected) <= set(done.get("files", []))
-        and all((outdir / name).is_file() for name in selected)
-    ):
+    if _already_unpacked(done, archive, stat, selected, outdir):
         logger.info("%s already unpacked into %s; skipping", archive, outdir)
         return [outdir / name for name in selected]
 
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / UNPACK_MARKER).unlink(missing_ok=True)
     logger.info("unpacking %d file(s) of %s into %s", len(selected), archive, outdir)
+    _extract(archive, selected, outdir)
+    extracted = [outdir / name for name in selected]
+    if nested:
+        extracted += _unpack_nested(extracted)
+    previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
+    record = {
+        "archive": archive.name,
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "files": sorted(previous | set(selected)),
+    }
+    (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
+    logger.info("unpacked %d file(s) into %s", len(selected), outdir)
+    return extracted
+
+
+def _already_unpacked(
+    done: dict | None, archive: Path, stat: os.stat_result, selected: list[str], outdir: Path
+) -> bool:
+    """The marker names this archive (same size) and all selected files, and they exist."""
+    return (
+        done is not None
+        and done.get("archive") == archive.name
+        and done.get("size") == stat.st_size
+        and set(selected) <= set(done.get("files", []))
+        and all((outdir / name).is_file() for name in selected)
+    )
+
+
+def _extract(archive: Path, selected: list[str], outdir: Path) -> None:
+    """Extract the selected members (zip, or tar with the ``data`` filter) into ``outdir``."""
     if archive.name.lower().endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             for name in selected:
@@ -669,23 +772,18 @@ def unpack_archive(
             wanted = set(selected)
             chosen = [m for m in tf.getmembers() if m.isfile() and m.name in wanted]
             tf.extractall(outdir, members=chosen, filter="data")
-    extracted = [outdir / name for name in selected]
-    if nested:
-        for path in list(extracted):
-            if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
-                inner = path.parent / archive_stem(path.name)
-                logger.info("unpacking nested archive %s into %s", path, inner)
-                extracted += unpack_archive(path, inner, nested=True)
-    previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
-    record = {
-        "archive": archive.name,
-        "size": stat.st_size,
-        "mtime": stat.st_mtime,
-        "files": sorted(previous | set(selected)),
-    }
-    (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
-    logger.info("unpacked %d file(s) into %s", len(selected), outdir)
-    return extracted
+
+
+def _unpack_nested(extracted: list[Path]) -> list[Path]:
+    """Unpack every extracted archive beside itself (``x.tar.gz`` -> ``x/``), recursively;
+    returns the files they held."""
+    inner_files: list[Path] = []
+    for path in list(extracted):
+        if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
+            inner = path.parent / archive_stem(path.name)
+            logger.info("unpacking nested archive %s into %s", path, inner)
+            inner_files += unpack_archive(path, inner, nested=True)
+    return inner_files
 
 
 # ----------------------------------------------------------------- sample-sheet plan
@@ -794,53 +892,9 @@ def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -
                 "the downloaded file itself, 'archive_url' when 'path' is a file inside an archive"
             )
         if url:
-            rel = _relative_to(path, ddir)
-            if rel is None:
-                raise ValueError(
-                    f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
-                    f"directory {ddir!r} (config key download.dir); set 'path' to "
-                    f"{ddir}/<file name>"
-                )
-            spec = FileSpec(rel, https_url(url), _cell(row, "checksum") or None)
-            if spec.checksum:
-                parse_checksum(spec.checksum)
-            old = plan.files.get(rel)
-            if old is not None and old != spec:
-                raise ValueError(
-                    f"sample {sid!r}: {path!r} is listed with two different url/checksum "
-                    f"values ({old.url} vs {spec.url}); make the rows agree"
-                )
-            plan.files[rel] = spec
+            _plan_file(plan, sid, path, url, _cell(row, "checksum") or None)
         elif archive_url:
-            fetch = https_url(archive_url)
-            name = url_filename(fetch)
-            stem = archive_stem(name)
-            checksum = _cell(row, "archive_checksum") or None
-            if checksum:
-                parse_checksum(checksum)
-            member = _relative_to(path, f"{ddir}/{stem}")
-            if member is None:
-                raise ValueError(
-                    f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
-                    f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
-                    f"{ddir}/{stem}/<file name inside the archive>"
-                )
-            arch = plan.archives.get(stem)
-            if arch is None:
-                arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
-            elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
-                raise ValueError(
-                    f"sample {sid!r}: archive {name!r} is listed with a different "
-                    f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
-                )
-            arch.checksum = arch.checksum or checksum
-            if member not in arch.members:
-                arch.members.append(member)
-            if arch.checksum:
-                # Keep the file entry in step with the archive's (first non-empty) checksum.
-                plan.files[name] = FileSpec(name, fetch, arch.checksum)
-            else:
-                plan.files.setdefault(name, FileSpec(name, fetch, None))
+            _plan_archive(plan, sid, path, archive_url, _cell(row, "archive_checksum") or None)
     clash = set(plan.files) & {f"{s}/{m}" for s, a in plan.archives.items() for m in a.members}
     if clash:
         raise ValueError(
@@ -848,3 +902,60 @@ def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -
             "give each file one source"
         )
     return plan
+
+
+def _plan_file(plan: DownloadPlan, sid: object, path: str, url: str, checksum: str | None) -> None:
+    """Add a row's direct download (its ``path`` under the download directory)."""
+    ddir = plan.download_dir
+    rel = _relative_to(path, ddir)
+    if rel is None:
+        raise ValueError(
+            f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
+            f"directory {ddir!r} (config key download.dir); set 'path' to "
+            f"{ddir}/<file name>"
+        )
+    spec = FileSpec(rel, https_url(url), checksum)
+    if spec.checksum:
+        parse_checksum(spec.checksum)
+    old = plan.files.get(rel)
+    if old is not None and old != spec:
+        raise ValueError(
+            f"sample {sid!r}: {path!r} is listed with two different url/checksum "
+            f"values ({old.url} vs {spec.url}); make the rows agree"
+        )
+    plan.files[rel] = spec
+
+
+def _plan_archive(
+    plan: DownloadPlan, sid: object, path: str, archive_url: str, checksum: str | None
+) -> None:
+    """Add a row's archive: its download, its unpack job and ``path`` as a member."""
+    ddir = plan.download_dir
+    fetch = https_url(archive_url)
+    name = url_filename(fetch)
+    stem = archive_stem(name)
+    if checksum:
+        parse_checksum(checksum)
+    member = _relative_to(path, f"{ddir}/{stem}")
+    if member is None:
+        raise ValueError(
+            f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
+            f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
+            f"{ddir}/{stem}/<file name inside the archive>"
+        )
+    arch = plan.archives.get(stem)
+    if arch is None:
+        arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
+    elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
+        raise ValueError(
+            f"sample {sid!r}: archive {name!r} is listed with a different "
+            f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
+        )
+    arch.checksum = arch.checksum or checksum
+    if member not in arch.members:
+        arch.members.append(member)
+    if arch.checksum:
+        # Keep the file entry in step with the archive's (first non-empty) checksum.
+        plan.files[name] = FileSpec(name, fetch, arch.checksum)
+    else:
+        plan.files.setdefault(name, FileSpec(name, fetch, None))

@@ -28,7 +28,8 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Literal
 
 # torch before anything that can start numba's OpenMP pool (scanpy's HVG, neighbours, UMAP):
 # otherwise torch binds to the system libgomp that numba loaded instead of its own, and scVI
@@ -53,6 +54,7 @@ __all__ = [
     "select_hvgs",
     "resolve_accelerator",
     "default_max_epochs",
+    "ScviParams",
     "run_scvi",
     "run_pca",
     "run_harmony",
@@ -167,68 +169,19 @@ def select_hvgs(
         why = "seurat_v3 HVGs model raw UMI counts"
         counts = require_layer(adata, layer, why=why)
         check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
-    one_batch: dict[str, Any] = {}
-    if batch_key is not None:
-        _require_obs(adata, [batch_key], "batch key for HVG selection")
-        levels = _batch_levels(adata, [batch_key])
-        if len(levels) < 2:
-            one_batch = {
-                "batch_key_requested": batch_key,
-                "n_batches": len(levels),
-                "note": _one_batch_note(
-                    [batch_key],
-                    levels,
-                    "HVGs chosen over all cells, without batches",
-                    prefix="one batch level",
-                ),
-            }
-            logger.info(
-                "batch key %r has one level (%r): HVGs chosen over all cells without a "
-                "batch key (seurat_v3 with one batch ranks the same genes)",
-                batch_key,
-                levels[0] if levels else None,
-            )
-            batch_key = None
-
-    excluded = np.zeros(adata.n_vars, dtype=bool)
-    used_flags = []
-    for flag in exclude_flags:
-        if flag in adata.var:
-            excluded |= adata.var[flag].fillna(False).to_numpy(dtype=bool)
-            used_flags.append(flag)
+    batch_key, one_batch = _hvg_batch_key(adata, batch_key)
+    excluded, used_flags = _flagged_genes(adata, exclude_flags)
     keep = ~excluded
     n_eligible = int(keep.sum())
     n = min(n_top_genes, n_eligible)
     if n < n_top_genes:
         logger.warning("only %d eligible genes; selecting all of them as HVGs", n_eligible)
-
     sub = adata[:, keep] if excluded.any() else adata
-    try:
-        df = sc.pp.highly_variable_genes(
-            sub,
-            n_top_genes=n,
-            batch_key=batch_key,
-            flavor=flavor,
-            layer=layer if counts_flavor else None,
-            span=span,
-            inplace=False,
-        )
-    except ValueError as err:  # skmisc LOESS fails on batches with too few cells/genes
-        raise ValueError(
-            f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
-            "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
-            "use a coarser batch_key."
-        ) from err
-    df.index = sub.var_names
-
-    hv = np.zeros(adata.n_vars, dtype=bool)
-    hv[keep] = df["highly_variable"].to_numpy(dtype=bool)
-    adata.var["highly_variable"] = hv
-    for col in ("highly_variable_rank", "highly_variable_nbatches", "variances_norm"):
-        if col in df:
-            full = np.full(adata.n_vars, np.nan)
-            full[keep] = df[col].to_numpy(dtype=float)
-            adata.var[col] = full
+    df = _scanpy_hvgs(
+        sub, n, batch_key=batch_key, flavor=flavor, layer=layer if counts_flavor else None,
+        span=span,
+    )  # fmt: skip
+    hv = _write_hvg_columns(adata, df, keep)
     adata.uns["hvg"] = {
         "flavor": flavor,
         "n_top_genes": int(hv.sum()),
@@ -245,6 +198,94 @@ def select_hvgs(
         excluded.sum(),
         used_flags,
     )
+
+
+def _hvg_batch_key(adata: ad.AnnData, batch_key: str | None) -> tuple[str | None, dict]:
+    """The batch key for HVG selection and ``uns["hvg"]``'s one-batch entries.
+
+    A batch key with one level gives ``None`` (HVGs over all cells) and
+    ``batch_key_requested``, ``n_batches`` and a ``note``.
+    """
+    if batch_key is None:
+        return None, {}
+    _require_obs(adata, [batch_key], "batch key for HVG selection")
+    levels = _batch_levels(adata, [batch_key])
+    if len(levels) >= 2:
+        return batch_key, {}
+    one_batch = {
+        "batch_key_requested": batch_key,
+        "n_batches": len(levels),
+        "note": _one_batch_note(
+            [batch_key],
+            levels,
+            "HVGs chosen over all cells, without batches",
+            prefix="one batch level",
+        ),
+    }
+    logger.info(
+        "batch key %r has one level (%r): HVGs chosen over all cells without a "
+        "batch key (seurat_v3 with one batch ranks the same genes)",
+        batch_key,
+        levels[0] if levels else None,
+    )
+    return None, one_batch
+
+
+def _flagged_genes(adata: ad.AnnData, flags: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Genes flagged in any of the ``var`` columns ``flags`` (absent columns skipped), and
+    the columns used."""
+    excluded = np.zeros(adata.n_vars, dtype=bool)
+    used_flags = []
+    for flag in flags:
+        if flag in adata.var:
+            excluded |= adata.var[flag].fillna(False).to_numpy(dtype=bool)
+            used_flags.append(flag)
+    return excluded, used_flags
+
+
+def _scanpy_hvgs(
+    sub: ad.AnnData,
+    n: int,
+    *,
+    batch_key: str | None,
+    flavor: str,
+    layer: str | None,
+    span: float,
+) -> pd.DataFrame:
+    """:func:`scanpy.pp.highly_variable_genes` on ``sub`` (index: its genes), with a clear
+    error when the per-batch LOESS fit fails."""
+    try:
+        df = sc.pp.highly_variable_genes(
+            sub,
+            n_top_genes=n,
+            batch_key=batch_key,
+            flavor=flavor,
+            layer=layer,
+            span=span,
+            inplace=False,
+        )
+    except ValueError as err:  # skmisc LOESS fails on batches with too few cells/genes
+        raise ValueError(
+            f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
+            "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
+            "use a coarser batch_key."
+        ) from err
+    df.index = sub.var_names
+    return df
+
+
+def _write_hvg_columns(adata: ad.AnnData, df: pd.DataFrame, keep: np.ndarray) -> np.ndarray:
+    """``var["highly_variable"]`` and the rank/nbatches/variance columns scanpy gave (NaN
+    for excluded genes); returns the HVG mask."""
+    hv = np.zeros(adata.n_vars, dtype=bool)
+    hv[keep] = df["highly_variable"].to_numpy(dtype=bool)
+    adata.var["highly_variable"] = hv
+    for col in ("highly_variable_rank", "highly_variable_nbatches", "variances_norm"):
+        if col in df:
+            full = np.full(adata.n_vars, np.nan)
+            full[keep] = df[col].to_numpy(dtype=float)
+            adata.var[col] = full
+    return hv
 
 
 # --------------------------------------------------------------------------------------
@@ -381,27 +422,75 @@ def _epoch_logger(max_epochs: int):
     return _EpochLogger()
 
 
+@dataclass(frozen=True)
+class ScviParams:
+    """Model and training settings of :func:`run_scvi`.
+
+    Field defaults are the config schema's where it has the key (section ``integration``;
+    a test keeps them equal), else :func:`run_scvi`'s. Build it from the config with
+    :meth:`from_config`; change single fields with :func:`dataclasses.replace`. The fields
+    are described under :func:`run_scvi`'s parameters of the same names.
+    """
+
+    categorical_covariates: tuple[str, ...] = ()
+    continuous_covariates: tuple[str, ...] = ()
+    n_latent: int = 30
+    n_layers: int = 2
+    n_hidden: int = 128
+    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb"
+    max_epochs: int | None = None
+    early_stopping: bool = True
+    early_stopping_patience: int = 10
+    batch_size: int = 256
+    train_size: float = 0.9
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("categorical_covariates", "continuous_covariates"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    #: keys of the ``integration`` config section that are not scVI settings
+    _NOT_PARAMS: ClassVar[frozenset[str]] = frozenset(
+        {"method", "compare", "metrics", "batch_key", "n_hvg", "n_pcs"}
+        | {"metrics_label_key", "metrics_labels"}
+    )
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> ScviParams:
+        """Build from the config's ``integration`` section (other methods' keys ignored).
+
+        Raises ``ValueError`` on a key that is neither a field nor another step's key.
+        """
+        names = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in section.items():
+            if key in names:
+                kwargs[key] = value
+            elif key not in cls._NOT_PARAMS:
+                raise ValueError(f"unknown integration config key {key!r}")
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ScviParams:
+        """A copy with the given fields changed; ``TypeError`` on a name that is no field."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"run_scvi got unexpected keyword argument(s) {sorted(unknown)}")
+        return replace(self, **overrides) if overrides else self
+
+
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 31 lines of named steps.
 def run_scvi(
     adata: ad.AnnData,
+    params: ScviParams | None = None,
     *,
     batch_key: str | None = "batch",
-    categorical_covariates: Sequence[str] = (),
-    continuous_covariates: Sequence[str] = (),
-    n_latent: int = 30,
-    n_layers: int = 2,
-    n_hidden: int = 128,
-    gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
-    max_epochs: int | None = None,
-    early_stopping: bool = True,
-    early_stopping_patience: int = 10,
-    batch_size: int = 256,
-    train_size: float = 0.9,
-    accelerator: Literal["auto", "gpu", "cpu"] = "auto",
     seed: int = 0,
     model_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     layer: str = "counts",
     key_added: str = "X_scVI",
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Train scVI (Lopez et al. 2018) on the HVG counts and store its latent space.
 
@@ -419,6 +508,11 @@ def run_scvi(
     ----------
     adata
         Merged AnnData with raw counts in ``layers[layer]`` and HVGs flagged.
+    params
+        Model and training settings (:class:`ScviParams`, e.g.
+        ``ScviParams.from_config(cfg["integration"])``); ``None``: the defaults. Each of its
+        fields (``categorical_covariates`` ... ``accelerator`` below) may also be passed as a
+        keyword, which replaces the field.
     batch_key
         ``obs`` column with the batch to correct (``None``: no batch). When it has one level
         (one sequencing run; or ``sample_id`` with one sample) scVI is trained without a batch
@@ -463,41 +557,84 @@ def run_scvi(
     ``seconds_per_epoch``, ``threads`` and the model settings. Writes ``obsm[key_added]``
     (n_obs x n_latent, float32).
     """
-    import scvi
+    import scvi  # noqa: F401 - imported first, as always (it sets up torch and lightning)
 
+    p = (ScviParams() if params is None else params).with_overrides(overrides)
     counts = require_layer(adata, layer, why="scVI models raw UMI counts")
     check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
     hvg = _require_hvgs(adata)
-    keys = list(categorical_covariates) + list(continuous_covariates)
+    keys = _scvi_obs_keys(batch_key, p)
+    _require_obs(adata, keys, "scVI batch/covariate")
+    batch_key, one_batch = _scvi_batch_key(adata, batch_key)
+    if not 0 < p.train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], got {p.train_size}")
+    device = resolve_accelerator(p.accelerator)
+    sub = _scvi_input(adata, hvg, keys, layer)
+    n_train = int(round(sub.n_obs * p.train_size))
+    max_epochs = _scvi_max_epochs(p, n_train)
+    model, latent, n_threads, seconds = _train_scvi(
+        sub, p, batch_key=batch_key, device=device, max_epochs=max_epochs, n_train=n_train,
+        seed=seed, threads=threads,
+    )  # fmt: skip
+    adata.obsm[key_added] = np.asarray(latent, dtype=np.float32)
+    record = _scvi_record(
+        adata, p, model.history, key_added=key_added, device=device, n_threads=n_threads,
+        max_epochs=max_epochs, seed=seed, batch_key=batch_key, n_hvg=int(hvg.sum()),
+        seconds=seconds, one_batch=one_batch,
+    )  # fmt: skip
+    if model_dir is not None:
+        model.save(str(model_dir), overwrite=True, save_anndata=False)
+        record["model_dir"] = str(model_dir)
+        logger.info("saved scVI model to %s", model_dir)
+    adata.uns["integration"] = record
+    _log_scvi_done(record, seconds)
+    return record
+
+
+def _scvi_obs_keys(batch_key: str | None, p: ScviParams) -> list[str]:
+    """``obs`` columns the model sees: the batch (first) and the covariates."""
+    keys = list(p.categorical_covariates) + list(p.continuous_covariates)
     if batch_key is not None:
         keys = [batch_key] + keys
-    _require_obs(adata, keys, "scVI batch/covariate")
-    one_batch: dict[str, Any] = {}
-    if batch_key is not None:
-        levels = _batch_levels(adata, [batch_key])
-        if len(levels) < 2:
-            one_batch = {
-                "batch_key_requested": batch_key,
-                "n_batches": len(levels),
-                "batch_corrected": False,
-                "note": _one_batch_note(
-                    [batch_key],
-                    levels,
-                    "no batch correction; scVI trained without a batch covariate",
-                    prefix="one batch level",
-                ),
-            }
-            logger.info(
-                "batch key %r has one level (%r): training scVI without a batch covariate "
-                "(setup_anndata batch_key=None); no batch correction is done",
-                batch_key,
-                levels[0] if levels else None,
-            )
-            batch_key = None
-    if not 0 < train_size <= 1:
-        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
-    device = resolve_accelerator(accelerator)
+    return keys
 
+
+def _scvi_batch_key(adata: ad.AnnData, batch_key: str | None) -> tuple[str | None, dict]:
+    """The batch key scVI is set up with and the record's one-batch entries.
+
+    A batch key with one level gives ``None`` (the same model without a batch covariate)
+    and ``batch_key_requested``, ``n_batches``, ``batch_corrected: False`` and a ``note``.
+    """
+    if batch_key is None:
+        return None, {}
+    levels = _batch_levels(adata, [batch_key])
+    if len(levels) >= 2:
+        return batch_key, {}
+    one_batch = {
+        "batch_key_requested": batch_key,
+        "n_batches": len(levels),
+        "batch_corrected": False,
+        "note": _one_batch_note(
+            [batch_key],
+            levels,
+            "no batch correction; scVI trained without a batch covariate",
+            prefix="one batch level",
+        ),
+    }
+    logger.info(
+        "batch key %r has one level (%r): training scVI without a batch covariate "
+        "(setup_anndata batch_key=None); no batch correction is done",
+        batch_key,
+        levels[0] if levels else None,
+    )
+    return None, one_batch
+
+
+def _scvi_input(adata: ad.AnnData, hvg: np.ndarray, keys: list[str], layer: str) -> ad.AnnData:
+    """The model's AnnData: raw HVG counts (CSR float32, never densified) and ``obs[keys]``.
+
+    Needs at least 10 cells; cells without HVG counts are logged.
+    """
     counts = adata.layers[layer]
     counts = counts[:, np.flatnonzero(hvg)]
     if sp.issparse(counts):
@@ -512,30 +649,54 @@ def run_scvi(
     empty = np.asarray(sub.X.sum(axis=1)).ravel() == 0
     if empty.any():
         logger.warning("%d cells have no counts in the HVGs", int(empty.sum()))
+    return sub
 
-    n_train = int(round(sub.n_obs * train_size))
+
+def _scvi_max_epochs(p: ScviParams, n_train: int) -> int:
+    """``p.max_epochs``, or :func:`default_max_epochs` for ``n_train`` cells; at least 1."""
+    max_epochs = p.max_epochs
     if max_epochs is None:
-        max_epochs = default_max_epochs(n_train, batch_size=batch_size)
+        max_epochs = default_max_epochs(n_train, batch_size=p.batch_size)
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
-    use_validation = train_size < 1
+    return max_epochs
 
+
+def _train_scvi(
+    sub: ad.AnnData,
+    p: ScviParams,
+    *,
+    batch_key: str | None,
+    device: str,
+    max_epochs: int,
+    n_train: int,
+    seed: int,
+    threads: int | None,
+) -> tuple[Any, np.ndarray, int, float]:
+    """Seed, set up and train the model on ``sub``; (model, latent, threads, seconds).
+
+    ``scvi.settings.seed`` is set right before the model is built, so nothing else draws
+    from the seeded generators in between.
+    """
+    import scvi
+
+    use_validation = p.train_size < 1
     scvi.settings.seed = seed
     scvi.model.SCVI.setup_anndata(
         sub,
         batch_key=batch_key,
-        categorical_covariate_keys=list(categorical_covariates) or None,
-        continuous_covariate_keys=list(continuous_covariates) or None,
+        categorical_covariate_keys=list(p.categorical_covariates) or None,
+        continuous_covariate_keys=list(p.continuous_covariates) or None,
     )
     model = scvi.model.SCVI(
         sub,
-        n_latent=n_latent,
-        n_layers=n_layers,
-        n_hidden=n_hidden,
-        gene_likelihood=gene_likelihood,
+        n_latent=p.n_latent,
+        n_layers=p.n_layers,
+        n_hidden=p.n_hidden,
+        gene_likelihood=p.gene_likelihood,
     )
     # a last minibatch of 1-2 cells breaks BatchNorm: drop it (a different remainder each epoch)
-    drop_last = 0 < n_train % batch_size < 3
+    drop_last = 0 < n_train % p.batch_size < 3
     t0 = time.perf_counter()
     with _torch_threads(threads) as n_threads:
         logger.info(
@@ -547,76 +708,93 @@ def run_scvi(
             sub.n_vars,
             batch_key,
             max_epochs,
-            batch_size,
-            early_stopping,
+            p.batch_size,
+            p.early_stopping,
         )
         model.train(
             max_epochs=max_epochs,
             accelerator="gpu" if device == "cuda" else "cpu",
             devices=1,
-            train_size=train_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping and use_validation,
-            early_stopping_patience=early_stopping_patience,
+            train_size=p.train_size,
+            batch_size=p.batch_size,
+            early_stopping=p.early_stopping and use_validation,
+            early_stopping_patience=p.early_stopping_patience,
             check_val_every_n_epoch=1 if use_validation else None,
             datasplitter_kwargs={"drop_last": True} if drop_last else None,
             enable_progress_bar=False,
             callbacks=[_epoch_logger(max_epochs)],
         )
         latent = model.get_latent_representation()
-    seconds = time.perf_counter() - t0
+    return model, latent, n_threads, time.perf_counter() - t0
 
-    adata.obsm[key_added] = np.asarray(latent, dtype=np.float32)
-    history = model.history
+
+def _history_last(history: Mapping[str, pd.DataFrame], name: str) -> float | None:
+    """Last value of a training-history metric, ``None`` when it was not logged."""
+    if name in history and len(history[name]):
+        return float(history[name].iloc[-1, 0])
+    return None
+
+
+def _scvi_record(
+    adata: ad.AnnData,
+    p: ScviParams,
+    history: Mapping[str, pd.DataFrame],
+    *,
+    key_added: str,
+    device: str,
+    n_threads: int,
+    max_epochs: int,
+    seed: int,
+    batch_key: str | None,
+    n_hvg: int,
+    seconds: float,
+    one_batch: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The integration record of a scVI run (``uns["integration"]``)."""
+    import scvi
+
     epochs_trained = int(len(history["elbo_train"]))
-
-    def _last(name: str) -> float | None:
-        if name in history and len(history[name]):
-            return float(history[name].iloc[-1, 0])
-        return None
-
-    record: dict[str, Any] = {
+    use_validation = p.train_size < 1
+    return {
         "method": "scvi",
         "embedding": key_added,
         "device": device,
         "threads": n_threads,
         "epochs_trained": epochs_trained,
         "max_epochs": int(max_epochs),
-        "early_stopped": bool(early_stopping and use_validation and epochs_trained < max_epochs),
+        "early_stopped": bool(p.early_stopping and use_validation and epochs_trained < max_epochs),
         "seed": int(seed),
         "batch_key": batch_key,
-        "categorical_covariates": list(categorical_covariates),
-        "continuous_covariates": list(continuous_covariates),
-        "n_hvg": int(hvg.sum()),
+        "categorical_covariates": list(p.categorical_covariates),
+        "continuous_covariates": list(p.continuous_covariates),
+        "n_hvg": n_hvg,
         "n_cells": int(adata.n_obs),
-        "n_latent": int(n_latent),
-        "n_layers": int(n_layers),
-        "n_hidden": int(n_hidden),
-        "gene_likelihood": gene_likelihood,
-        "batch_size": int(batch_size),
-        "elbo_train_final": _last("elbo_train"),
-        "elbo_validation_final": _last("elbo_validation"),
+        "n_latent": int(p.n_latent),
+        "n_layers": int(p.n_layers),
+        "n_hidden": int(p.n_hidden),
+        "gene_likelihood": p.gene_likelihood,
+        "batch_size": int(p.batch_size),
+        "elbo_train_final": _history_last(history, "elbo_train"),
+        "elbo_validation_final": _history_last(history, "elbo_validation"),
         "seconds": round(seconds, 2),
         "seconds_per_epoch": round(seconds / max(epochs_trained, 1), 3),
         "scvi_version": scvi.__version__,
         **one_batch,
     }
-    if model_dir is not None:
-        model.save(str(model_dir), overwrite=True, save_anndata=False)
-        record["model_dir"] = str(model_dir)
-        logger.info("saved scVI model to %s", model_dir)
-    adata.uns["integration"] = record
+
+
+def _log_scvi_done(record: Mapping[str, Any], seconds: float) -> None:
+    """One log line: device, epochs, early stop, time and validation ELBO."""
     logger.info(
         "scVI done on %s: %d/%d epochs (%s), %.1f s (%.2f s/epoch), validation ELBO %s",
-        device,
-        epochs_trained,
-        max_epochs,
+        record["device"],
+        record["epochs_trained"],
+        record["max_epochs"],
         "early stopped" if record["early_stopped"] else "no early stop",
         seconds,
         record["seconds_per_epoch"],
         record["elbo_validation_final"],
     )
-    return record
 
 
 # --------------------------------------------------------------------------------------
@@ -781,8 +959,6 @@ def run_harmony(
     -------
     None. Writes ``obsm[key_added]`` (n_obs x n_pcs) and ``uns["integration"]``.
     """
-    import harmonypy
-
     keys = [batch_key] if isinstance(batch_key, str) else list(batch_key)
     _require_obs(adata, keys, "Harmony batch key")
     levels = _batch_levels(adata, keys)
@@ -792,30 +968,61 @@ def run_harmony(
     if len(levels) < 2:  # nothing to correct: harmonypy returns the PCs unchanged
         pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float32)
         adata.obsm[key_added] = pcs.copy()
-        note = _one_batch_note(
-            keys,
-            levels,
-            f"no batch correction; Harmony not run, obsm[{key_added!r}] is the PCA embedding",
-            prefix="one batch level",
-        )
         adata.uns["integration"] = {
             **_harmony_record(adata, key_added, 0, max_iter_harmony, seed, batch_key, keys,
                               pcs.shape[1], theta, time.perf_counter() - t0),  # fmt: skip
-            "n_batches": len(levels),
-            "batch_corrected": False,
-            "note": note,
+            **_harmony_one_batch(keys, levels, key_added, pcs.shape[1]),
         }
-        logger.warning(
-            "Harmony: batch key %s has one level (%r), so there is nothing to correct; "
-            "obsm[%r] is a copy of the first %d PCs (no batch correction)",
-            keys,
-            levels[0] if levels else None,
-            key_added,
-            pcs.shape[1],
-        )
         return
     pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float64)
-    meta = adata.obs[keys].astype(str).reset_index(drop=True)
+    z, epochs = _harmonypy(
+        pcs, adata.obs[keys], keys, theta=theta, max_iter_harmony=max_iter_harmony, seed=seed,
+        threads=threads,
+    )  # fmt: skip
+    adata.obsm[key_added] = z.astype(np.float32)
+    seconds = time.perf_counter() - t0
+    adata.uns["integration"] = _harmony_record(
+        adata, key_added, epochs, max_iter_harmony, seed, batch_key, keys, pcs.shape[1], theta,
+        seconds,
+    )  # fmt: skip
+    logger.info("Harmony on %d PCs over %s: %.1f s", pcs.shape[1], keys, seconds)
+
+
+def _harmony_one_batch(
+    keys: list[str], levels: list[str], key_added: str, n_pcs: int
+) -> dict[str, Any]:
+    """Record entries (and the warning) for Harmony with one batch level: the PCs copied."""
+    note = _one_batch_note(
+        keys,
+        levels,
+        f"no batch correction; Harmony not run, obsm[{key_added!r}] is the PCA embedding",
+        prefix="one batch level",
+    )
+    logger.warning(
+        "Harmony: batch key %s has one level (%r), so there is nothing to correct; "
+        "obsm[%r] is a copy of the first %d PCs (no batch correction)",
+        keys,
+        levels[0] if levels else None,
+        key_added,
+        n_pcs,
+    )
+    return {"n_batches": len(levels), "batch_corrected": False, "note": note}
+
+
+def _harmonypy(
+    pcs: np.ndarray,
+    obs: pd.DataFrame,
+    keys: list[str],
+    *,
+    theta: float | Sequence[float],
+    max_iter_harmony: int,
+    seed: int,
+    threads: int | None,
+) -> tuple[np.ndarray, int | None]:
+    """harmonypy on the PCs: (corrected embedding, cells x PCs; iterations run or None)."""
+    import harmonypy
+
+    meta = obs[keys].astype(str).reset_index(drop=True)
     ho = harmonypy.run_harmony(
         pcs,
         meta,
@@ -827,16 +1034,10 @@ def run_harmony(
         ncores=threads or 0,
     )
     z = np.asarray(ho.Z_corr)
-    if z.shape[0] != adata.n_obs:  # harmonypy < 2 returns PCs x cells
+    if z.shape[0] != pcs.shape[0]:  # harmonypy < 2 returns PCs x cells
         z = z.T
-    adata.obsm[key_added] = z.astype(np.float32)
-    seconds = time.perf_counter() - t0
     epochs = len(ho.objective_harmony) if hasattr(ho, "objective_harmony") else None
-    adata.uns["integration"] = _harmony_record(
-        adata, key_added, epochs, max_iter_harmony, seed, batch_key, keys, pcs.shape[1], theta,
-        seconds,
-    )  # fmt: skip
-    logger.info("Harmony on %d PCs over %s: %.1f s", pcs.shape[1], keys, seconds)
+    return z, epochs
 
 
 def integrate(
@@ -898,45 +1099,57 @@ def integrate(
         _require_obs(adata, [batch_key], "Harmony batch key")
         levels = _batch_levels(adata, [batch_key])
         if comparison and len(levels) < 2:
-            note = _one_batch_note(
-                [batch_key],
-                levels,
-                "Harmony not run as a comparison (nothing to correct; it equals PCA)",
-            )
-            adata.uns["integration"] = {
-                "method": "harmony",
-                "embedding": None,
-                "skipped": True,
-                "batch_key": batch_key,
-                "n_batches": len(levels),
-                "batch_corrected": False,
-                "note": note,
-            }
-            logger.info(
-                "batch key %r has one level (%r): Harmony skipped as a comparison method "
-                "(nothing to correct; it would equal PCA)",
-                batch_key,
-                levels[0] if levels else None,
-            )
+            adata.uns["integration"] = _skipped_harmony_record(batch_key, levels)
             return None
         run_harmony(adata, batch_key=batch_key, n_pcs=n_pcs, seed=seed, **kwargs)
     else:
         t0 = time.perf_counter()
         run_pca(adata, n_pcs=n_pcs, seed=seed, **kwargs)
-        adata.uns["integration"] = {
-            "method": "pca",
-            "embedding": "X_pca",
-            "device": "cpu",
-            "epochs_trained": None,
-            "max_epochs": None,
-            "seed": int(seed),
-            "batch_key": batch_key,
-            "n_hvg": int(adata.var["highly_variable"].sum()),
-            "n_cells": int(adata.n_obs),
-            "n_pcs": int(adata.obsm["X_pca"].shape[1]),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+        adata.uns["integration"] = _pca_record(adata, batch_key, seed, time.perf_counter() - t0)
     return EMBEDDING_KEYS[method]
+
+
+def _skipped_harmony_record(batch_key: str, levels: list[str]) -> dict[str, Any]:
+    """Record (and log line) of Harmony skipped as a comparison: one batch level."""
+    note = _one_batch_note(
+        [batch_key],
+        levels,
+        "Harmony not run as a comparison (nothing to correct; it equals PCA)",
+    )
+    logger.info(
+        "batch key %r has one level (%r): Harmony skipped as a comparison method "
+        "(nothing to correct; it would equal PCA)",
+        batch_key,
+        levels[0] if levels else None,
+    )
+    return {
+        "method": "harmony",
+        "embedding": None,
+        "skipped": True,
+        "batch_key": batch_key,
+        "n_batches": len(levels),
+        "batch_corrected": False,
+        "note": note,
+    }
+
+
+def _pca_record(
+    adata: ad.AnnData, batch_key: str | None, seed: int, seconds: float
+) -> dict[str, Any]:
+    """``uns["integration"]`` of the plain PCA embedding."""
+    return {
+        "method": "pca",
+        "embedding": "X_pca",
+        "device": "cpu",
+        "epochs_trained": None,
+        "max_epochs": None,
+        "seed": int(seed),
+        "batch_key": batch_key,
+        "n_hvg": int(adata.var["highly_variable"].sum()),
+        "n_cells": int(adata.n_obs),
+        "n_pcs": int(adata.obsm["X_pca"].shape[1]),
+        "seconds": round(seconds, 2),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -1104,6 +1317,8 @@ def _best_leiden_nmi_ari(
     return best
 
 
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 26 lines of named steps.
 def integration_metrics(
     adata: ad.AnnData,
     *,
@@ -1183,145 +1398,258 @@ def integration_metrics(
     metrics above, ``leiden_resolution`` (and ``note`` when batch terms or embeddings were
     skipped).
     """
-    from sklearn.metrics import (
-        adjusted_rand_score,
-        normalized_mutual_info_score,
-        silhouette_score,
-    )
-
     if not embed_keys:
         raise ValueError("embed_keys is empty; give at least one obsm key")
-    _require_obs(adata, [batch_key], "batch key for metrics")
-    if label_key is not None:
-        _require_obs(adata, [label_key], "label key for metrics")
-    batches = adata.obs[batch_key].astype(str).to_numpy()
-    n_batches = len(np.unique(batches))
-    one_batch = n_batches < 2
-    batch_note = None
-    if one_batch:
-        batch_note = _one_batch_note(
-            [batch_key],
-            list(np.unique(batches)),
-            "batch-removal terms (iLISI, batch ASW, graph connectivity) not computed",
-        )
-        logger.info(
-            "batch key %r has one level (%r): batch-removal metrics skipped; "
-            "biology-conservation metrics %s",
-            batch_key,
-            batches[0] if len(batches) else None,
-            "computed" if label_key is not None else "need labels (none given)",
-        )
-    labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
-    n_labels = 0 if labels is None else len(np.unique(labels))
-    sub = _silhouette_subsample(adata.n_obs, max_cells_silhouette, seed)
-
+    cells = _MetricCells.from_obs(adata, batch_key, label_key, max_cells_silhouette, seed)
     rows = []
     for key in embed_keys:
-        if key not in adata.obsm:
-            raise KeyError(f"obsm[{key!r}] not found; available: {list(adata.obsm)}")
-        x = np.asarray(adata.obsm[key], dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise ValueError(f"obsm[{key!r}] has non-finite values")
+        x = _embedding(adata, key)
         t0 = time.perf_counter()
         row: dict[str, Any] = {
             "embedding": key,
             "n_cells": adata.n_obs,
-            "n_batches": n_batches,
-            "n_labels": n_labels,
+            "n_batches": cells.n_batches,
+            "n_labels": cells.n_labels,
         }
-        if one_batch:
-            row["ilisi"] = row["batch_asw"] = np.nan
-            if labels is not None:
-                dist, idx = _knn(x, n_neighbors_lisi, seed)
-        else:
-            dist, idx = _knn(x, n_neighbors_lisi, seed)
-            row["ilisi"] = (np.nanmedian(lisi(dist, idx, batches)) - 1) / (n_batches - 1)
-            row["batch_asw"] = _batch_asw(
-                x[sub], batches[sub], None if labels is None else labels[sub]
+        dist, idx = _batch_terms(row, x, cells, n_neighbors_lisi=n_neighbors_lisi, seed=seed)
+        ckey = cluster_key.get(key) if isinstance(cluster_key, Mapping) else cluster_key
+        row.update(
+            _label_terms(
+                adata, x, dist, idx, cells, cluster_key=ckey, n_neighbors=n_neighbors,
+                leiden_resolutions=leiden_resolutions, seed=seed,
             )
-
-        tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={"X_emb": x})
-        need_graph = labels is not None
-        if need_graph:
-            sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X_emb", random_state=seed)
-        if labels is not None:
-            row["clisi"] = (
-                (n_labels - np.nanmedian(lisi(dist, idx, labels))) / (n_labels - 1)
-                if n_labels > 1
-                else np.nan
-            )
-            row["label_asw"] = (
-                (silhouette_score(x[sub], labels[sub]) + 1) / 2 if n_labels > 1 else np.nan
-            )
-            row["graph_connectivity"] = (
-                np.nan if one_batch else _graph_connectivity(tmp.obsp["connectivities"], labels)
-            )
-            ckey = cluster_key.get(key) if isinstance(cluster_key, Mapping) else cluster_key
-            if ckey is not None:
-                _require_obs(adata, [ckey], "cluster key for NMI/ARI")
-                clusters = adata.obs[ckey].astype(str).to_numpy()
-                row["nmi"] = normalized_mutual_info_score(labels, clusters)
-                row["ari"] = adjusted_rand_score(labels, clusters)
-                row["leiden_resolution"] = np.nan
-            else:
-                nmi, ari, res = _best_leiden_nmi_ari(tmp, labels, leiden_resolutions, seed)
-                row.update(nmi=nmi, ari=ari, leiden_resolution=res)
-        else:
-            row.update(
-                clisi=np.nan,
-                label_asw=np.nan,
-                graph_connectivity=np.nan,
-                nmi=np.nan,
-                ari=np.nan,
-                leiden_resolution=np.nan,
-            )
-        batch_part = [row["ilisi"], row["batch_asw"], row["graph_connectivity"]]
-        bio_part = [row["clisi"], row["label_asw"], row["nmi"], row["ari"]]
-        row["batch_correction"] = np.nan if one_batch else float(np.nanmean(batch_part))
-        if batch_note is not None:
-            row["note"] = batch_note
-        row["bio_conservation"] = (
-            float(np.nanmean(bio_part)) if not np.all(np.isnan(bio_part)) else np.nan
-        )
-        row["overall"] = 0.4 * row["batch_correction"] + 0.6 * row["bio_conservation"]
+        )  # fmt: skip
+        _summary_scores(row, cells)
         rows.append(row)
-        logger.info(
-            "metrics for %s (%.1f s): iLISI %.3f, batch ASW %.3f, cLISI %s, ARI %s",
-            key,
-            time.perf_counter() - t0,
-            row["ilisi"],
-            row["batch_asw"],
-            f"{row['clisi']:.3f}",
-            f"{row['ari']:.3f}",
+        _log_metrics(row, time.perf_counter() - t0)
+    rows += _skipped_rows(skipped or {}, adata.n_obs, cells)
+    return _metrics_table(rows)
+
+
+#: columns of the integration-metrics table, in order (``note`` is added when present)
+_METRIC_COLUMNS = (
+    "embedding",
+    "n_cells",
+    "n_batches",
+    "n_labels",
+    "ilisi",
+    "batch_asw",
+    "graph_connectivity",
+    "clisi",
+    "label_asw",
+    "nmi",
+    "ari",
+    "batch_correction",
+    "bio_conservation",
+    "overall",
+    "leiden_resolution",
+)
+
+
+@dataclass(frozen=True)
+class _MetricCells:
+    """What every embedding's metrics share: batches, labels, the silhouette subsample."""
+
+    batches: np.ndarray
+    n_batches: int
+    batch_note: str | None  # set when there is one batch level (no batch-removal terms)
+    labels: np.ndarray | None
+    n_labels: int
+    sub: np.ndarray  # silhouette subsample (cell indices)
+
+    @property
+    def one_batch(self) -> bool:
+        return self.n_batches < 2
+
+    @classmethod
+    def from_obs(
+        cls,
+        adata: ad.AnnData,
+        batch_key: str,
+        label_key: str | None,
+        max_cells_silhouette: int,
+        seed: int,
+    ) -> _MetricCells:
+        """Check the keys, read batches and labels, note (and log) a single batch level."""
+        _require_obs(adata, [batch_key], "batch key for metrics")
+        if label_key is not None:
+            _require_obs(adata, [label_key], "label key for metrics")
+        batches = adata.obs[batch_key].astype(str).to_numpy()
+        n_batches = len(np.unique(batches))
+        batch_note = None
+        if n_batches < 2:
+            batch_note = _one_batch_note(
+                [batch_key],
+                list(np.unique(batches)),
+                "batch-removal terms (iLISI, batch ASW, graph connectivity) not computed",
+            )
+            logger.info(
+                "batch key %r has one level (%r): batch-removal metrics skipped; "
+                "biology-conservation metrics %s",
+                batch_key,
+                batches[0] if len(batches) else None,
+                "computed" if label_key is not None else "need labels (none given)",
+            )
+        labels = None if label_key is None else adata.obs[label_key].astype(str).to_numpy()
+        return cls(
+            batches=batches,
+            n_batches=n_batches,
+            batch_note=batch_note,
+            labels=labels,
+            n_labels=0 if labels is None else len(np.unique(labels)),
+            sub=_silhouette_subsample(adata.n_obs, max_cells_silhouette, seed),
         )
-    cols = [
-        "embedding",
-        "n_cells",
-        "n_batches",
-        "n_labels",
-        "ilisi",
-        "batch_asw",
-        "graph_connectivity",
-        "clisi",
-        "label_asw",
-        "nmi",
-        "ari",
-        "batch_correction",
-        "bio_conservation",
-        "overall",
-        "leiden_resolution",
-    ]
-    for key, why in (skipped or {}).items():
+
+
+def _embedding(adata: ad.AnnData, key: str) -> np.ndarray:
+    """``obsm[key]`` as float32; it must exist and be finite."""
+    if key not in adata.obsm:
+        raise KeyError(f"obsm[{key!r}] not found; available: {list(adata.obsm)}")
+    x = np.asarray(adata.obsm[key], dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"obsm[{key!r}] has non-finite values")
+    return x
+
+
+def _batch_terms(
+    row: dict[str, Any], x: np.ndarray, cells: _MetricCells, *, n_neighbors_lisi: int, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """iLISI and batch ASW into ``row`` (NaN with one batch level).
+
+    Returns the LISI neighbours (distances, indices), also needed by cLISI; ``(None, None)``
+    when neither needs them (one batch level, no labels).
+    """
+    dist = idx = None
+    if cells.one_batch:
+        row["ilisi"] = row["batch_asw"] = np.nan
+        if cells.labels is not None:
+            dist, idx = _knn(x, n_neighbors_lisi, seed)
+        return dist, idx
+    dist, idx = _knn(x, n_neighbors_lisi, seed)
+    row["ilisi"] = (np.nanmedian(lisi(dist, idx, cells.batches)) - 1) / (cells.n_batches - 1)
+    sub = cells.sub
+    row["batch_asw"] = _batch_asw(
+        x[sub], cells.batches[sub], None if cells.labels is None else cells.labels[sub]
+    )
+    return dist, idx
+
+
+def _label_terms(
+    adata: ad.AnnData,
+    x: np.ndarray,
+    dist: np.ndarray | None,
+    idx: np.ndarray | None,
+    cells: _MetricCells,
+    *,
+    cluster_key: str | None,
+    n_neighbors: int,
+    leiden_resolutions: Sequence[float],
+    seed: int,
+) -> dict[str, float]:
+    """cLISI, label ASW, graph connectivity, NMI/ARI (and the Leiden resolution used) on
+    the embedding's kNN graph; all NaN without labels."""
+    from sklearn.metrics import silhouette_score
+
+    labels, n_labels, sub = cells.labels, cells.n_labels, cells.sub
+    if labels is None:
+        return dict(
+            clisi=np.nan,
+            label_asw=np.nan,
+            graph_connectivity=np.nan,
+            nmi=np.nan,
+            ari=np.nan,
+            leiden_resolution=np.nan,
+        )
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={"X_emb": x})
+    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, use_rep="X_emb", random_state=seed)
+    out = {
+        "clisi": (
+            (n_labels - np.nanmedian(lisi(dist, idx, labels))) / (n_labels - 1)
+            if n_labels > 1
+            else np.nan
+        ),
+        "label_asw": (silhouette_score(x[sub], labels[sub]) + 1) / 2 if n_labels > 1 else np.nan,
+        "graph_connectivity": (
+            np.nan if cells.one_batch else _graph_connectivity(tmp.obsp["connectivities"], labels)
+        ),
+    }
+    out.update(_cluster_agreement(adata, tmp, labels, cluster_key, leiden_resolutions, seed))
+    return out
+
+
+def _cluster_agreement(
+    adata: ad.AnnData,
+    tmp: ad.AnnData,
+    labels: np.ndarray,
+    cluster_key: str | None,
+    leiden_resolutions: Sequence[float],
+    seed: int,
+) -> dict[str, float]:
+    """NMI and ARI of clusters vs labels: the given ``obs[cluster_key]``, else the Leiden
+    resolution with the best NMI on ``tmp``'s graph (``leiden_resolution`` says which)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    if cluster_key is None:
+        nmi, ari, res = _best_leiden_nmi_ari(tmp, labels, leiden_resolutions, seed)
+        return {"nmi": nmi, "ari": ari, "leiden_resolution": res}
+    _require_obs(adata, [cluster_key], "cluster key for NMI/ARI")
+    clusters = adata.obs[cluster_key].astype(str).to_numpy()
+    return {
+        "nmi": normalized_mutual_info_score(labels, clusters),
+        "ari": adjusted_rand_score(labels, clusters),
+        "leiden_resolution": np.nan,
+    }
+
+
+def _summary_scores(row: dict[str, Any], cells: _MetricCells) -> None:
+    """``batch_correction``, ``bio_conservation`` (means of the available terms),
+    ``overall`` (0.4 x batch + 0.6 x bio) and the one-batch ``note`` into ``row``."""
+    batch_part = [row["ilisi"], row["batch_asw"], row["graph_connectivity"]]
+    bio_part = [row["clisi"], row["label_asw"], row["nmi"], row["ari"]]
+    row["batch_correction"] = np.nan if cells.one_batch else float(np.nanmean(batch_part))
+    if cells.batch_note is not None:
+        row["note"] = cells.batch_note
+    row["bio_conservation"] = (
+        float(np.nanmean(bio_part)) if not np.all(np.isnan(bio_part)) else np.nan
+    )
+    row["overall"] = 0.4 * row["batch_correction"] + 0.6 * row["bio_conservation"]
+
+
+def _log_metrics(row: Mapping[str, Any], seconds: float) -> None:
+    """One log line per scored embedding."""
+    logger.info(
+        "metrics for %s (%.1f s): iLISI %.3f, batch ASW %.3f, cLISI %s, ARI %s",
+        row["embedding"],
+        seconds,
+        row["ilisi"],
+        row["batch_asw"],
+        f"{row['clisi']:.3f}",
+        f"{row['ari']:.3f}",
+    )
+
+
+def _skipped_rows(
+    skipped: Mapping[str, str], n_cells: int, cells: _MetricCells
+) -> list[dict[str, Any]]:
+    """Rows (NaN metrics, the reason in ``note``) for embeddings that were not computed."""
+    rows = []
+    for key, why in skipped.items():
         rows.append(
             {
                 "embedding": key,
-                "n_cells": adata.n_obs,
-                "n_batches": n_batches,
-                "n_labels": n_labels,
+                "n_cells": n_cells,
+                "n_batches": cells.n_batches,
+                "n_labels": cells.n_labels,
                 "note": why,
             }
         )
         logger.info("metrics for %s skipped: %s", key, why)
+    return rows
+
+
+def _metrics_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows in :data:`_METRIC_COLUMNS` order, plus ``note`` when any row has one."""
+    cols = list(_METRIC_COLUMNS)
     if any("note" in row for row in rows):
         cols.append("note")
     return pd.DataFrame(rows).reindex(columns=cols)

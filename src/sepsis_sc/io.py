@@ -451,48 +451,12 @@ def ingest_sample(
     if organism not in (None, "human", "mouse"):
         raise ValueError(f"organism must be 'human', 'mouse' or None, not {organism!r}.")
     fmt = str(sample.get("format") or sample.get("fmt") or "auto")
-    try:
-        adata = read_counts(path, fmt=fmt)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise type(err)(f"sample {sample_id}: {err}") from err
-    fmt_used = adata.uns.pop("ingest_format", fmt)
-
-    if adata.n_obs < max(min_cells, 1):
-        raise ValueError(
-            f"sample {sample_id} ({path}) has {adata.n_obs} cells (min_cells={min_cells}); "
-            "check that the path points at the filtered matrix of that sample, or remove it "
-            "from the sample sheet."
-        )
+    adata, fmt_used = _read_sample(path, sample_id, fmt, min_cells)
     ensure_symbols(adata, sample_id)
     check_counts(adata, sample_id=sample_id, source=str(path))
-
-    detected = detect_organism(adata.var_names)
-    if organism is not None:  # raises when the genes contradict the config
-        resolve_organism(adata.var_names, organism, what=f"sample {sample_id} ({path})")
-    org = organism or detected
-    if org is None:
-        logger.warning("sample %s: could not tell the organism from gene names", sample_id)
-
-    barcodes = adata.obs_names.astype(str)
-    adata.obs = pd.DataFrame(index=pd.Index([f"{sample_id}_{b}" for b in barcodes]))
-    adata.obs["barcode"] = np.asarray(barcodes)
-    for key, value in sample.items():
-        if key in _SHEET_COLUMNS_NOT_IN_OBS or key == "barcode":
-            continue
-        adata.obs[key] = pd.Categorical([_obs_value(value)] * adata.n_obs)
-    if not adata.obs_names.is_unique:
-        raise ValueError(
-            f"sample {sample_id} has duplicated barcodes; a 10x filtered matrix has unique "
-            "barcodes, so the input is probably a concatenation of several samples."
-        )
-
-    counts = _to_csr_float32(adata.X)
-    adata.layers["counts"] = counts
-    adata.X = counts.copy()
-    names = adata.var_names.str.upper()
-    adata.var["mt"] = np.asarray(names.str.startswith("MT-"))
-    adata.var["ribo"] = np.asarray(names.str.match(r"^RP[SL]\d"))
-    adata.var["hb"] = np.asarray(names.str.match(r"^HB[ABDEGMQZ]\d?$|^HB[AB]-"))
+    org = _sample_organism(adata, organism, sample_id, path)
+    _label_cells(adata, sample, sample_id)
+    _store_counts_and_flags(adata)
     adata.uns["ingest"] = {
         "source": str(path),
         "format": fmt_used,
@@ -508,6 +472,68 @@ def ingest_sample(
         org,
     )
     return adata
+
+
+def _read_sample(
+    path: str | Path, sample_id: str, fmt: str, min_cells: int
+) -> tuple[ad.AnnData, str]:
+    """Read the counts (errors name the sample) and the format used; at least
+    ``min_cells`` (and one) barcodes."""
+    try:
+        adata = read_counts(path, fmt=fmt)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise type(err)(f"sample {sample_id}: {err}") from err
+    fmt_used = adata.uns.pop("ingest_format", fmt)
+    if adata.n_obs < max(min_cells, 1):
+        raise ValueError(
+            f"sample {sample_id} ({path}) has {adata.n_obs} cells (min_cells={min_cells}); "
+            "check that the path points at the filtered matrix of that sample, or remove it "
+            "from the sample sheet."
+        )
+    return adata, fmt_used
+
+
+def _sample_organism(
+    adata: ad.AnnData, organism: str | None, sample_id: str, path: str | Path
+) -> str | None:
+    """The configured organism, checked against the gene symbols, or the detected one
+    (``None``, logged, when neither is known)."""
+    detected = detect_organism(adata.var_names)
+    if organism is not None:  # raises when the genes contradict the config
+        resolve_organism(adata.var_names, organism, what=f"sample {sample_id} ({path})")
+    org = organism or detected
+    if org is None:
+        logger.warning("sample %s: could not tell the organism from gene names", sample_id)
+    return org
+
+
+def _label_cells(adata: ad.AnnData, sample: Mapping[str, Any], sample_id: str) -> None:
+    """Cell names ``{sample_id}_{barcode}``, ``obs["barcode"]`` and the sheet columns as
+    categorical ``obs`` columns; barcodes must be unique."""
+    barcodes = adata.obs_names.astype(str)
+    adata.obs = pd.DataFrame(index=pd.Index([f"{sample_id}_{b}" for b in barcodes]))
+    adata.obs["barcode"] = np.asarray(barcodes)
+    for key, value in sample.items():
+        if key in _SHEET_COLUMNS_NOT_IN_OBS or key == "barcode":
+            continue
+        adata.obs[key] = pd.Categorical([_obs_value(value)] * adata.n_obs)
+    if not adata.obs_names.is_unique:
+        raise ValueError(
+            f"sample {sample_id} has duplicated barcodes; a 10x filtered matrix has unique "
+            "barcodes, so the input is probably a concatenation of several samples."
+        )
+
+
+def _store_counts_and_flags(adata: ad.AnnData) -> None:
+    """Counts as CSR float32 in ``layers["counts"]`` and (a copy) ``X``; ``var`` flags
+    ``mt``, ``ribo``, ``hb`` from the symbols (either letter case)."""
+    counts = _to_csr_float32(adata.X)
+    adata.layers["counts"] = counts
+    adata.X = counts.copy()
+    names = adata.var_names.str.upper()
+    adata.var["mt"] = np.asarray(names.str.startswith("MT-"))
+    adata.var["ribo"] = np.asarray(names.str.match(r"^RP[SL]\d"))
+    adata.var["hb"] = np.asarray(names.str.match(r"^HB[ABDEGMQZ]\d?$|^HB[AB]-"))
 
 
 # --------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ analysis across modalities") and its online book:
 5. **Reasons and summary** (:func:`run_qc`): ``obs["qc_outlier"]`` (True = removed) and
    ``obs["qc_reason"]`` (``"pass"`` or the semicolon-joined reasons such as
    ``"low_counts;low_genes"``, ``"high_mt"``, ``"doublet"``), plus a one-row-per-sample
-   table of what was removed and why, with the thresholds used.
+   table of what was removed and why, with the thresholds used. Its thresholds and switches
+   travel together as a :class:`QCParams` (``QCParams.from_config(config["qc"])``).
 6. **Merge and normalise** (:func:`merge_samples`, :func:`normalize`): outer join of the
    filtered samples (absent genes are zero), gene filter on the merged object,
    ``X = log1p(CP10k)`` from ``layers["counts"]``.
@@ -62,7 +63,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
 
 import anndata as ad
 import numpy as np
@@ -86,6 +88,7 @@ __all__ = [
     "expected_doublet_rate",
     "detect_doublets",
     "rescue_low_rna_immune",
+    "QCParams",
     "run_qc",
     "filter_cells_qc",
     "merge_samples",
@@ -333,6 +336,29 @@ def adaptive_thresholds(
     other metric. :func:`flag_outliers` applies exactly these columns.
     """
     nmads = dict(DEFAULT_NMADS if nmads is None else nmads)
+    _check_nmads(adata, nmads)
+    hard = {
+        "min_counts": min_counts,
+        "max_counts": max_counts,
+        "min_genes": min_genes,
+        "max_genes": max_genes,
+        "max_pct_mt": max_pct_mt,
+    }
+    _check_hard_limits(hard)
+    samples = _sample_ids(adata, batch_key)
+    rows: dict[str, dict[str, float]] = {}
+    for sample in pd.unique(samples):
+        mask = (samples == sample).to_numpy()
+        rows[str(sample)] = _sample_threshold_row(
+            adata.obs, sample, mask, nmads, hard, mt_threshold_floor
+        )
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "sample_id"
+    return table
+
+
+def _check_nmads(adata: ad.AnnData, nmads: Mapping[str, float]) -> None:
+    """Every metric of ``nmads`` must be an ``obs`` column with a positive k."""
     for metric, k in nmads.items():
         if metric not in adata.obs:
             raise ValueError(
@@ -341,83 +367,113 @@ def adaptive_thresholds(
             )
         if k is None or not np.isfinite(k) or k <= 0:
             raise ValueError(f"nmads[{metric!r}] must be a positive number, not {k!r}.")
-    hard = {
-        "min_counts": min_counts,
-        "max_counts": max_counts,
-        "min_genes": min_genes,
-        "max_genes": max_genes,
-        "max_pct_mt": max_pct_mt,
-    }
+
+
+def _check_hard_limits(hard: Mapping[str, float | None]) -> None:
+    """Hard limits are ``None`` or non-negative finite numbers."""
     for name, value in hard.items():
         if value is not None and (not np.isfinite(value) or value < 0):
             raise ValueError(f"{name} must be a non-negative number or None, not {value!r}.")
-    samples = _sample_ids(adata, batch_key)
-    rows: dict[str, dict[str, float]] = {}
-    for sample in pd.unique(samples):
-        mask = (samples == sample).to_numpy()
-        row: dict[str, float] = {"n_cells": int(mask.sum())}
-        if mask.sum() < 30:
-            logger.warning(
-                "sample %s has only %d cells: MAD-based thresholds are unstable", sample, mask.sum()
-            )
-        effective: dict[str, float] = {
-            "min_counts": np.nan,
-            "max_counts": np.nan,
-            "min_genes": np.nan,
-            "max_genes": np.nan,
-            "max_pct_mt": np.nan,
+
+
+def _sample_threshold_row(
+    obs: pd.DataFrame,
+    sample: str,
+    mask: np.ndarray,
+    nmads: Mapping[str, float],
+    hard: Mapping[str, float | None],
+    mt_threshold_floor: float | None,
+) -> dict[str, float]:
+    """One sample's row of :func:`adaptive_thresholds`: MAD statistics per metric, then the
+    effective thresholds in natural units."""
+    row: dict[str, float] = {"n_cells": int(mask.sum())}
+    if mask.sum() < 30:
+        logger.warning(
+            "sample %s has only %d cells: MAD-based thresholds are unstable", sample, mask.sum()
+        )
+    effective: dict[str, float] = {
+        "min_counts": np.nan,
+        "max_counts": np.nan,
+        "min_genes": np.nan,
+        "max_genes": np.nan,
+        "max_pct_mt": np.nan,
+    }
+    for metric, k in nmads.items():
+        values = obs[metric].to_numpy(dtype=float)[mask]
+        lower, upper = _mad_bounds(values, metric, k, sample, row)
+        _tighten_adaptive(effective, metric, lower, upper)
+    _apply_hard_limits(effective, hard, mt_threshold_floor)
+    row.update(effective)
+    return row
+
+
+def _mad_bounds(
+    values: np.ndarray, metric: str, k: float, sample: str, row: dict[str, float]
+) -> tuple[float, float]:
+    """``median ± k·MAD`` of one metric in one sample, in the metric's units.
+
+    Percentages get no lower bound; a MAD of 0 gives no bound at all (NaN, logged).
+    Writes ``<metric>_median|_mad|_lower|_upper`` into ``row`` and returns (lower, upper).
+    """
+    med = float(np.nanmedian(values))
+    mad = _mad(values)
+    lower, upper = med - k * mad, med + k * mad
+    if metric.startswith("pct_"):
+        lower = np.nan
+    if mad == 0:
+        logger.warning(
+            "sample %s: MAD of %s is 0 (median %.3g); no adaptive threshold on it",
+            sample,
+            metric,
+            med,
+        )
+        lower = upper = np.nan
+    row.update(
+        {
+            f"{metric}_median": med,
+            f"{metric}_mad": mad,
+            f"{metric}_lower": lower,
+            f"{metric}_upper": upper,
         }
-        for metric, k in nmads.items():
-            values = adata.obs[metric].to_numpy(dtype=float)[mask]
-            med = float(np.nanmedian(values))
-            mad = _mad(values)
-            lower, upper = med - k * mad, med + k * mad
-            if metric.startswith("pct_"):
-                lower = np.nan
-            if mad == 0:
-                logger.warning(
-                    "sample %s: MAD of %s is 0 (median %.3g); no adaptive threshold on it",
-                    sample,
-                    metric,
-                    med,
-                )
-                lower = upper = np.nan
-            row.update(
-                {
-                    f"{metric}_median": med,
-                    f"{metric}_mad": mad,
-                    f"{metric}_lower": lower,
-                    f"{metric}_upper": upper,
-                }
-            )
-            to_natural = np.expm1 if metric.startswith("log1p_") else (lambda v: v)
-            lo_nat, up_nat = float(to_natural(lower)), float(to_natural(upper))
-            if metric in _CANONICAL:
-                stem = _CANONICAL[metric][1]
-                lo_key, up_key = f"min_{stem}", f"max_{stem}"
-            else:
-                lo_key, up_key = f"min_{metric}", f"max_{metric}"
-            effective.setdefault(lo_key, np.nan)
-            effective.setdefault(up_key, np.nan)
-            if not metric.startswith("pct_"):
-                effective[lo_key] = np.nanmax([effective[lo_key], lo_nat, -np.inf])
-            effective[up_key] = np.nanmin([effective[up_key], up_nat, np.inf])
-        if mt_threshold_floor is not None and np.isfinite(effective["max_pct_mt"]):
-            effective["max_pct_mt"] = max(effective["max_pct_mt"], float(mt_threshold_floor))
-        for name, value in hard.items():
-            if value is None:
-                continue
-            if name.startswith("min_"):
-                effective[name] = np.nanmax([effective[name], value])
-            else:
-                effective[name] = np.nanmin([effective[name], value])
-        for key, value in effective.items():
-            effective[key] = np.nan if not np.isfinite(value) else float(value)
-        row.update(effective)
-        rows[str(sample)] = row
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "sample_id"
-    return table
+    )
+    return lower, upper
+
+
+def _tighten_adaptive(effective: dict[str, float], metric: str, lower: float, upper: float) -> None:
+    """Fold one metric's adaptive bounds, converted to natural units (``expm1`` for
+    ``log1p_*``), into the effective ``min_<stem>`` / ``max_<stem>`` thresholds."""
+    to_natural = np.expm1 if metric.startswith("log1p_") else (lambda v: v)
+    lo_nat, up_nat = float(to_natural(lower)), float(to_natural(upper))
+    if metric in _CANONICAL:
+        stem = _CANONICAL[metric][1]
+        lo_key, up_key = f"min_{stem}", f"max_{stem}"
+    else:
+        lo_key, up_key = f"min_{metric}", f"max_{metric}"
+    effective.setdefault(lo_key, np.nan)
+    effective.setdefault(up_key, np.nan)
+    if not metric.startswith("pct_"):
+        effective[lo_key] = np.nanmax([effective[lo_key], lo_nat, -np.inf])
+    effective[up_key] = np.nanmin([effective[up_key], up_nat, np.inf])
+
+
+def _apply_hard_limits(
+    effective: dict[str, float],
+    hard: Mapping[str, float | None],
+    mt_threshold_floor: float | None,
+) -> None:
+    """Raise the mito threshold to ``mt_threshold_floor``, then let the hard limits tighten
+    the thresholds; non-finite thresholds become NaN (= no threshold)."""
+    if mt_threshold_floor is not None and np.isfinite(effective["max_pct_mt"]):
+        effective["max_pct_mt"] = max(effective["max_pct_mt"], float(mt_threshold_floor))
+    for name, value in hard.items():
+        if value is None:
+            continue
+        if name.startswith("min_"):
+            effective[name] = np.nanmax([effective[name], value])
+        else:
+            effective[name] = np.nanmin([effective[name], value])
+    for key, value in effective.items():
+        effective[key] = np.nan if not np.isfinite(value) else float(value)
 
 
 def _threshold_columns(thresholds: pd.DataFrame) -> dict[str, tuple[str, str]]:
@@ -606,82 +662,17 @@ def detect_doublets(
     rows = {}
     for sample in pd.unique(samples):
         idx = np.flatnonzero((samples == sample).to_numpy())
-        n = idx.size
-        loaded = cells_loaded
-        if isinstance(cells_loaded, Mapping):
-            loaded = cells_loaded.get(sample)
-        elif cells_loaded is None and "cells_loaded" in adata.obs:
-            vals = pd.to_numeric(adata.obs["cells_loaded"].iloc[idx], errors="coerce")
-            loaded = float(vals.iloc[0]) if vals.notna().any() else None
+        loaded = _sample_cells_loaded(adata, cells_loaded, sample, idx)
         rate = (
-            float(expected_rate) if expected_rate is not None else expected_doublet_rate(n, loaded)
+            float(expected_rate)
+            if expected_rate is not None
+            else expected_doublet_rate(idx.size, loaded)
         )
-        row = {
-            "n_cells": n,
-            "expected_doublet_rate": rate,
-            "doublet_threshold": np.nan,
-            "threshold_method": "not_scored",
-            "n_predicted_doublets": 0,
-        }
-        if n < min_cells:
-            logger.warning(
-                "sample %s has %d cells (< %d): doublets not scored", sample, n, min_cells
-            )
-            rows[sample] = row
-            continue
-        sub = ad.AnnData(X=counts[idx].astype(np.float32))
-        sub.obs_names = adata.obs_names[idx]
-        sub.var_names = adata.var_names
-        n_pcs = int(min(30, n - 1, max(2, n // 10)))
-        approx = n > EXACT_KNN_MAX_CELLS if use_approx_neighbors is None else use_approx_neighbors
-        with warnings.catch_warnings():
-            # threshold=inf makes scrublet's own "detectable fraction" 0/0; we call below
-            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
-            sc.pp.scrublet(
-                sub,
-                expected_doublet_rate=rate,
-                n_prin_comps=n_pcs,
-                threshold=np.inf,  # doublets are called below (no scikit-image needed)
-                use_approx_neighbors=bool(approx),
-                random_state=seed,
-                verbose=False,
-            )
-        obs_scores = sub.obs["doublet_score"].to_numpy(dtype=float)
-        sim_scores = np.asarray(sub.uns["scrublet"]["doublet_scores_sim"], dtype=float)
-        method = "user"
-        thr = threshold
-        if thr is None:
-            try:
-                thr = _threshold_minimum(sim_scores)
-                method = "scrublet_minimum"
-            except RuntimeError:
-                thr = float(np.nanquantile(obs_scores, 1.0 - rate))
-                method = "expected_rate_quantile"
-                logger.warning(
-                    "sample %s: simulated doublet scores not bimodal; calling the top %.1f%% "
-                    "of cells as doublets",
-                    sample,
-                    100 * rate,
-                )
-        with np.errstate(invalid="ignore"):
-            called = obs_scores > thr
-        scores[idx] = obs_scores
-        calls[idx] = called
-        row.update(
-            doublet_threshold=float(thr),
-            threshold_method=method,
-            n_predicted_doublets=int(called.sum()),
+        rows[sample], scored = _doublets_in_sample(
+            adata, counts, idx, sample, rate, threshold, min_cells, use_approx_neighbors, seed
         )
-        logger.info(
-            "sample %s: %d/%d predicted doublets (expected rate %.3f, threshold %.3f, %s)",
-            sample,
-            called.sum(),
-            n,
-            rate,
-            thr,
-            method,
-        )
-        rows[sample] = row
+        if scored is not None:
+            scores[idx], calls[idx] = scored
     adata.obs["doublet_score"] = scores
     adata.obs["predicted_doublet"] = calls
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -689,11 +680,139 @@ def detect_doublets(
     return table
 
 
+def _sample_cells_loaded(
+    adata: ad.AnnData,
+    cells_loaded: float | Mapping[str, float] | None,
+    sample: str,
+    idx: np.ndarray,
+) -> float | None:
+    """Cells loaded for one sample: the number given, the mapping's entry, or (when ``None``)
+    the first parseable value of ``obs["cells_loaded"]`` in the sample."""
+    loaded = cells_loaded
+    if isinstance(cells_loaded, Mapping):
+        loaded = cells_loaded.get(sample)
+    elif cells_loaded is None and "cells_loaded" in adata.obs:
+        vals = pd.to_numeric(adata.obs["cells_loaded"].iloc[idx], errors="coerce")
+        loaded = float(vals.iloc[0]) if vals.notna().any() else None
+    return loaded
+
+
+def _doublets_in_sample(
+    adata: ad.AnnData,
+    counts: sparse.csr_matrix,
+    idx: np.ndarray,
+    sample: str,
+    rate: float,
+    threshold: float | None,
+    min_cells: int,
+    use_approx_neighbors: bool | None,
+    seed: int,
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    """Score and call one sample (cells ``idx``).
+
+    Returns the sample's table row and ``(scores, calls)``, or ``None`` for a sample under
+    ``min_cells`` (not scored).
+    """
+    n = idx.size
+    row = {
+        "n_cells": n,
+        "expected_doublet_rate": rate,
+        "doublet_threshold": np.nan,
+        "threshold_method": "not_scored",
+        "n_predicted_doublets": 0,
+    }
+    if n < min_cells:
+        logger.warning("sample %s has %d cells (< %d): doublets not scored", sample, n, min_cells)
+        return row, None
+    approx = n > EXACT_KNN_MAX_CELLS if use_approx_neighbors is None else use_approx_neighbors
+    obs_scores, sim_scores = _scrublet_scores(adata, counts, idx, rate, bool(approx), seed)
+    thr, method = _doublet_threshold(obs_scores, sim_scores, threshold, rate, sample)
+    with np.errstate(invalid="ignore"):
+        called = obs_scores > thr
+    row.update(
+        doublet_threshold=float(thr),
+        threshold_method=method,
+        n_predicted_doublets=int(called.sum()),
+    )
+    logger.info(
+        "sample %s: %d/%d predicted doublets (expected rate %.3f, threshold %.3f, %s)",
+        sample,
+        called.sum(),
+        n,
+        rate,
+        thr,
+        method,
+    )
+    return row, (obs_scores, called)
+
+
+def _scrublet_scores(
+    adata: ad.AnnData,
+    counts: sparse.csr_matrix,
+    idx: np.ndarray,
+    rate: float,
+    approx: bool,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scrublet on the cells ``idx``: (observed scores, simulated-doublet scores).
+
+    Scrublet is run with ``threshold=inf``: the call is made by :func:`_doublet_threshold`
+    (no scikit-image needed).
+    """
+    n = idx.size
+    sub = ad.AnnData(X=counts[idx].astype(np.float32))
+    sub.obs_names = adata.obs_names[idx]
+    sub.var_names = adata.var_names
+    n_pcs = int(min(30, n - 1, max(2, n // 10)))
+    with warnings.catch_warnings():
+        # threshold=inf makes scrublet's own "detectable fraction" 0/0; we call below
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        sc.pp.scrublet(
+            sub,
+            expected_doublet_rate=rate,
+            n_prin_comps=n_pcs,
+            threshold=np.inf,  # doublets are called below (no scikit-image needed)
+            use_approx_neighbors=approx,
+            random_state=seed,
+            verbose=False,
+        )
+    obs_scores = sub.obs["doublet_score"].to_numpy(dtype=float)
+    sim_scores = np.asarray(sub.uns["scrublet"]["doublet_scores_sim"], dtype=float)
+    return obs_scores, sim_scores
+
+
+def _doublet_threshold(
+    obs_scores: np.ndarray,
+    sim_scores: np.ndarray,
+    threshold: float | None,
+    rate: float,
+    sample: str,
+) -> tuple[float, str]:
+    """The score threshold and how it was found: ``"user"`` (given), ``"scrublet_minimum"``
+    (between the modes of the simulated scores) or ``"expected_rate_quantile"`` (the top
+    ``rate`` of observed scores, when the simulated scores are not bimodal)."""
+    if threshold is not None:
+        return threshold, "user"
+    try:
+        return _threshold_minimum(sim_scores), "scrublet_minimum"
+    except RuntimeError:
+        thr = float(np.nanquantile(obs_scores, 1.0 - rate))
+        logger.warning(
+            "sample %s: simulated doublet scores not bimodal; calling the top %.1f%% "
+            "of cells as doublets",
+            sample,
+            100 * rate,
+        )
+        return thr, "expected_rate_quantile"
+
+
 # --------------------------------------------------------------------------------------
 # low-RNA immune rescue
 # --------------------------------------------------------------------------------------
 
 
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 33 lines of named steps.
 def rescue_low_rna_immune(
     adata: ad.AnnData,
     *,
@@ -747,89 +866,166 @@ def rescue_low_rna_immune(
     ``obs["low_rna_immune"]``; rescued cells get ``qc_outlier = False`` and
     ``qc_reason = "pass"``.
     """
-    for col in ("qc_reason", "total_counts", "n_genes_by_counts", "pct_counts_mt"):
-        if col not in adata.obs:
-            raise ValueError(
-                f"obs has no {col!r}; run qc_metrics and flag_outliers before the rescue."
-            )
+    _require_rescue_inputs(adata)
     organism = resolve_organism(adata.var_names, organism)
     markers = dict(RESCUE_MARKERS[organism] if markers is None else markers)
     samples = _sample_ids(adata, batch_key)
-    reasons = adata.obs["qc_reason"].astype(str)
-    only_low = reasons.map(
-        lambda r: r != "pass" and set(r.split(";")) <= {"low_counts", "low_genes"}
-    ).to_numpy(dtype=bool)
-    total = adata.obs["total_counts"].to_numpy(dtype=float)
-    genes = adata.obs["n_genes_by_counts"].to_numpy(dtype=float)
-    pct_mt = adata.obs["pct_counts_mt"].to_numpy(dtype=float)
-    doublet = (
-        adata.obs["predicted_doublet"].to_numpy(dtype=bool)
-        if "predicted_doublet" in adata.obs
-        else np.zeros(adata.n_obs, dtype=bool)
-    )
+    cells = _RescueCells.from_obs(adata)
     counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
-    passing = reasons.eq("pass").to_numpy()
     rescued = np.zeros(adata.n_obs, dtype=bool)
     var_index = pd.Index(adata.var_names.astype(str))
     for set_name, genes_in_set in markers.items():
-        cols = var_index.get_indexer(list(genes_in_set))
-        cols = cols[cols >= 0]
-        if cols.size < min_markers:
-            logger.warning(
-                "rescue marker set %r: only %d of its genes are in var_names (< min_markers=%d); "
-                "set skipped",
-                set_name,
-                cols.size,
-                min_markers,
-            )
+        cols = _marker_columns(var_index, genes_in_set, set_name, min_markers)
+        if cols is None:
             continue
         sub = counts[:, cols]
         k = np.asarray(sub.sum(axis=1)).ravel()
         n_detected = np.asarray((sub > 0).sum(axis=1)).ravel()
         for sample in pd.unique(samples):
             in_sample = (samples == sample).to_numpy()
-            ref = in_sample & passing
-            if not ref.any():
-                ref = in_sample
-            p0 = float(k[ref].sum() / max(total[ref].sum(), 1.0))
-            p0 = max(p0, 1e-6)
-            if max_pct_mt is None:
-                mt_in = pct_mt[in_sample]
-                mt_cap = float(np.nanmedian(mt_in) + 2 * _mad(mt_in))
-            else:
-                mt_cap = float(max_pct_mt)
-            cand = (
-                in_sample
-                & only_low
-                & ~doublet
-                & (pct_mt <= mt_cap)
-                & (total >= min_counts)
-                & (genes >= min_genes)
-                & (n_detected >= min_markers)
+            hit = _rescue_in_sample(
+                cells,
+                k,
+                n_detected,
+                in_sample,
+                max_pct_mt=max_pct_mt,
+                min_counts=min_counts,
+                min_genes=min_genes,
+                min_markers=min_markers,
+                min_enrichment=min_enrichment,
+                alpha=alpha,
+                label=(sample, set_name),
             )
-            if not cand.any():
-                continue
-            frac = k[cand] / np.maximum(total[cand], 1.0)
-            pval = stats.binom.sf(k[cand] - 1, total[cand].astype(int), p0)
-            ok = (frac >= min_enrichment * p0) & (pval < alpha)
-            hit = np.flatnonzero(cand)[ok]
             rescued[hit] = True
-            logger.info(
-                "sample %s: rescued %d low-RNA cells with %r markers (pooled fraction %.4f, "
-                "mito cap %.2f%%)",
-                sample,
-                hit.size,
-                set_name,
-                p0,
-                mt_cap,
+    _mark_rescued(adata, rescued)
+    return pd.Series(rescued, index=adata.obs_names, name="low_rna_immune")
+
+
+def _require_rescue_inputs(adata: ad.AnnData) -> None:
+    """The rescue needs the QC metrics and the reasons of :func:`flag_outliers`."""
+    for col in ("qc_reason", "total_counts", "n_genes_by_counts", "pct_counts_mt"):
+        if col not in adata.obs:
+            raise ValueError(
+                f"obs has no {col!r}; run qc_metrics and flag_outliers before the rescue."
             )
+
+
+@dataclass(frozen=True)
+class _RescueCells:
+    """Per-cell arrays the rescue reads from ``obs``."""
+
+    only_low: np.ndarray  # fails only low_counts and/or low_genes
+    total: np.ndarray
+    genes: np.ndarray
+    pct_mt: np.ndarray
+    doublet: np.ndarray
+    passing: np.ndarray  # qc_reason == "pass"
+
+    @classmethod
+    def from_obs(cls, adata: ad.AnnData) -> _RescueCells:
+        """Read the arrays; no ``predicted_doublet`` column means no doublets."""
+        reasons = adata.obs["qc_reason"].astype(str)
+        only_low = reasons.map(
+            lambda r: r != "pass" and set(r.split(";")) <= {"low_counts", "low_genes"}
+        ).to_numpy(dtype=bool)
+        doublet = (
+            adata.obs["predicted_doublet"].to_numpy(dtype=bool)
+            if "predicted_doublet" in adata.obs
+            else np.zeros(adata.n_obs, dtype=bool)
+        )
+        return cls(
+            only_low=only_low,
+            total=adata.obs["total_counts"].to_numpy(dtype=float),
+            genes=adata.obs["n_genes_by_counts"].to_numpy(dtype=float),
+            pct_mt=adata.obs["pct_counts_mt"].to_numpy(dtype=float),
+            doublet=doublet,
+            passing=reasons.eq("pass").to_numpy(),
+        )
+
+
+def _marker_columns(
+    var_index: pd.Index, genes_in_set: Sequence[str], set_name: str, min_markers: int
+) -> np.ndarray | None:
+    """Columns of the set's genes present in ``var_names``; ``None`` (logged) when fewer
+    than ``min_markers`` are, so the set cannot meet the detection rule."""
+    cols = var_index.get_indexer(list(genes_in_set))
+    cols = cols[cols >= 0]
+    if cols.size < min_markers:
+        logger.warning(
+            "rescue marker set %r: only %d of its genes are in var_names (< min_markers=%d); "
+            "set skipped",
+            set_name,
+            cols.size,
+            min_markers,
+        )
+        return None
+    return cols
+
+
+def _rescue_in_sample(
+    cells: _RescueCells,
+    k: np.ndarray,
+    n_detected: np.ndarray,
+    in_sample: np.ndarray,
+    *,
+    max_pct_mt: float | None,
+    min_counts: int,
+    min_genes: int,
+    min_markers: int,
+    min_enrichment: float,
+    alpha: float,
+    label: tuple[str, str],
+) -> np.ndarray:
+    """Indices of the sample's cells rescued by one marker set (``k`` set UMIs and
+    ``n_detected`` set genes per cell): candidates that fail only low counts/genes, are no
+    doublets, have low mito and enough UMIs/genes/markers, and are enriched for the set
+    over the pooled fraction of the sample's passing cells (binomial test)."""
+    ref = in_sample & cells.passing
+    if not ref.any():
+        ref = in_sample
+    p0 = float(k[ref].sum() / max(cells.total[ref].sum(), 1.0))
+    p0 = max(p0, 1e-6)
+    if max_pct_mt is None:
+        mt_in = cells.pct_mt[in_sample]
+        mt_cap = float(np.nanmedian(mt_in) + 2 * _mad(mt_in))
+    else:
+        mt_cap = float(max_pct_mt)
+    cand = (
+        in_sample
+        & cells.only_low
+        & ~cells.doublet
+        & (cells.pct_mt <= mt_cap)
+        & (cells.total >= min_counts)
+        & (cells.genes >= min_genes)
+        & (n_detected >= min_markers)
+    )
+    if not cand.any():
+        return np.flatnonzero(cand)
+    total = cells.total
+    frac = k[cand] / np.maximum(total[cand], 1.0)
+    pval = stats.binom.sf(k[cand] - 1, total[cand].astype(int), p0)
+    ok = (frac >= min_enrichment * p0) & (pval < alpha)
+    hit = np.flatnonzero(cand)[ok]
+    logger.info(
+        "sample %s: rescued %d low-RNA cells with %r markers (pooled fraction %.4f, "
+        "mito cap %.2f%%)",
+        label[0],
+        hit.size,
+        label[1],
+        p0,
+        mt_cap,
+    )
+    return hit
+
+
+def _mark_rescued(adata: ad.AnnData, rescued: np.ndarray) -> None:
+    """Write ``obs["low_rna_immune"]``; rescued cells pass (reason ``pass``, no outlier)."""
     adata.obs["low_rna_immune"] = rescued
     if rescued.any():
         qc_reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
         qc_reason[rescued] = "pass"
         adata.obs["qc_reason"] = qc_reason
         adata.obs["qc_outlier"] = adata.obs["qc_reason"].ne("pass").to_numpy()
-    return pd.Series(rescued, index=adata.obs_names, name="low_rna_immune")
 
 
 # --------------------------------------------------------------------------------------
@@ -849,34 +1045,127 @@ def _resolve_sample(adata: ad.AnnData, sample_id: str | None, batch_key: str) ->
     adata.obs[batch_key] = pd.Categorical([str(sample_id or "sample")] * adata.n_obs)
 
 
+@dataclass(frozen=True)
+class QCParams:
+    """Thresholds and switches of :func:`run_qc`, one bundle per QC run.
+
+    Field defaults are the config schema's (``workflow/schemas/config.schema.yaml``,
+    section ``qc``; a test keeps them equal); fields the schema does not expose keep the
+    defaults of the step functions. Build it from a config section with
+    :meth:`from_config` or directly, and change single fields with
+    :func:`dataclasses.replace`.
+
+    Attributes
+    ----------
+    nmads
+        MADs per ``obs`` metric (config ``nmads_counts``, ``nmads_genes``, ``nmads_mt``);
+        see :func:`adaptive_thresholds`.
+    min_counts, max_counts, min_genes, max_genes, max_pct_mt
+        Hard limits that tighten the adaptive thresholds (``None``: adaptive only).
+    mt_threshold_floor
+        Lower bound on the adaptive mitochondrial threshold (``None``: purely adaptive).
+    doublet_method
+        ``"scrublet"`` or ``"none"`` (no doublet detection).
+    remove_doublets
+        Count predicted doublets as QC failures (reason ``doublet``).
+    expected_doublet_rate, doublet_threshold
+        Fixed doublet rate / Scrublet score threshold; ``None``: per sample (see
+        :func:`detect_doublets`).
+    rescue
+        Apply :func:`rescue_low_rna_immune` (config key ``rescue_low_rna_immune``).
+    rescue_markers, rescue_max_pct_mt, rescue_min_counts, rescue_min_genes, \
+rescue_min_markers, rescue_min_enrichment, rescue_alpha
+        Parameters of :func:`rescue_low_rna_immune` (without the ``rescue_`` prefix).
+    """
+
+    nmads: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_NMADS))
+    min_counts: float | None = None
+    max_counts: float | None = None
+    min_genes: float | None = None
+    max_genes: float | None = None
+    max_pct_mt: float | None = 20.0
+    mt_threshold_floor: float | None = 8.0
+    doublet_method: Literal["scrublet", "none"] = "scrublet"
+    remove_doublets: bool = True
+    expected_doublet_rate: float | None = None
+    doublet_threshold: float | None = None
+    rescue: bool = True
+    rescue_markers: Mapping[str, Sequence[str]] | None = None
+    rescue_max_pct_mt: float | None = None
+    rescue_min_counts: int = 100
+    rescue_min_genes: int = 50
+    rescue_min_markers: int = 3
+    rescue_min_enrichment: float = 2.0
+    rescue_alpha: float = 1e-3
+
+    def __post_init__(self) -> None:
+        nmads = DEFAULT_NMADS if self.nmads is None else self.nmads
+        object.__setattr__(self, "nmads", dict(nmads))  # a private copy, in the given order
+
+    #: config key (section ``qc``) -> field, where the names differ
+    _CONFIG_NAMES: ClassVar[dict[str, str]] = {"rescue_low_rna_immune": "rescue"}
+    #: ``qc`` config keys that belong to other steps (merge, run_qc's ``on_empty``)
+    _NOT_PARAMS: ClassVar[frozenset[str]] = frozenset({"min_cells_per_gene", "on_empty"})
+    _NMADS_KEYS: ClassVar[dict[str, str]] = {
+        "nmads_counts": "log1p_total_counts",
+        "nmads_genes": "log1p_n_genes_by_counts",
+        "nmads_mt": "pct_counts_mt",
+    }
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> QCParams:
+        """Build from the config's ``qc`` section; missing keys take the defaults.
+
+        Raises ``ValueError`` on a key that is neither a field nor another step's key.
+        """
+        kwargs: dict[str, Any] = {}
+        nmads = dict(DEFAULT_NMADS)
+        names = {f.name for f in fields(cls)} - {"nmads"}  # the config has nmads_<metric>
+        for key, value in section.items():
+            if key in cls._NMADS_KEYS:
+                nmads[cls._NMADS_KEYS[key]] = value
+            elif key in cls._NOT_PARAMS:
+                continue
+            elif cls._CONFIG_NAMES.get(key, key) in names:
+                kwargs[cls._CONFIG_NAMES.get(key, key)] = value
+            else:
+                raise ValueError(f"unknown qc config key {key!r}")
+        return cls(nmads=nmads, **kwargs)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> QCParams:
+        """A copy with the given fields changed; ``rescue_low_rna_immune`` means ``rescue``.
+
+        Raises ``TypeError`` on a name that is no field (as a misspelt keyword would).
+        """
+        overrides = dict(overrides)
+        if "rescue_low_rna_immune" in overrides:  # run_qc's keyword before QCParams
+            if "rescue" in overrides:
+                raise TypeError("pass rescue or rescue_low_rna_immune, not both")
+            overrides["rescue"] = overrides.pop("rescue_low_rna_immune")
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"run_qc got unexpected keyword argument(s) {sorted(unknown)}")
+        return replace(self, **overrides) if overrides else self
+
+
+#: what :func:`run_qc` uses without ``params``: the schema defaults except ``max_pct_mt``,
+#: which has always been ``None`` (adaptive only) for keyword callers of the library
+_RUN_QC_DEFAULTS = QCParams(max_pct_mt=None)
+
+
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 20 lines of named steps.
 def run_qc(
     adata: ad.AnnData,
+    params: QCParams | None = None,
     *,
     sample_id: str | None = None,
     batch_key: str = "sample_id",
     organism: str = "auto",
-    nmads: Mapping[str, float] | None = None,
-    min_counts: float | None = None,
-    max_counts: float | None = None,
-    min_genes: float | None = None,
-    max_genes: float | None = None,
-    max_pct_mt: float | None = None,
-    mt_threshold_floor: float | None = 8.0,
-    doublet_method: Literal["scrublet", "none"] = "scrublet",
-    remove_doublets: bool = True,
-    expected_doublet_rate: float | None = None,
     cells_loaded: float | Mapping[str, float] | None = None,
-    doublet_threshold: float | None = None,
-    rescue_low_rna_immune: bool = True,
-    rescue_markers: Mapping[str, Sequence[str]] | None = None,
-    rescue_max_pct_mt: float | None = None,
-    rescue_min_counts: int = 100,
-    rescue_min_genes: int = 50,
-    rescue_min_markers: int = 3,
-    rescue_min_enrichment: float = 2.0,
-    rescue_alpha: float = 1e-3,
     seed: int = 0,
     on_empty: Literal["error", "drop"] = "error",
+    **overrides: Any,
 ) -> pd.DataFrame:
     """Full QC of one sample (or of each sample in ``obs[batch_key]``), annotating in place.
 
@@ -889,6 +1178,10 @@ def run_qc(
     adata
         Raw integer counts in ``layers["counts"]`` or ``X`` (a counts layer is created from
         ``X`` when missing, kept sparse).
+    params
+        Thresholds and switches (:class:`QCParams`, e.g. ``QCParams.from_config(cfg["qc"])``).
+        ``None``: the :class:`QCParams` defaults, except ``max_pct_mt=None`` (no hard
+        mitochondrial ceiling, as the keyword defaults always were).
     sample_id
         Name of the sample when ``obs[batch_key]`` is absent (it is then written there).
         ``None`` with a multi-sample ``obs[batch_key]`` QCs every sample separately.
@@ -896,34 +1189,22 @@ def run_qc(
         ``obs`` column naming the sample.
     organism
         ``"human"``, ``"mouse"`` or ``"auto"``.
-    nmads
-        MADs per metric (default :data:`DEFAULT_NMADS`).
-    min_counts, max_counts, min_genes, max_genes, max_pct_mt
-        Optional hard limits that tighten the adaptive thresholds (``None``: adaptive only).
-    mt_threshold_floor
-        Lower bound on the adaptive mitochondrial threshold (see
-        :func:`adaptive_thresholds`); ``None`` for a purely adaptive threshold.
-    doublet_method
-        ``"scrublet"`` or ``"none"``.
-    remove_doublets
-        Count predicted doublets as QC failures (reason ``doublet``).
-    expected_doublet_rate
-        Fixed expected doublet rate; ``None`` derives it from cells recovered or loaded.
     cells_loaded
         Cells loaded per sample (number or mapping); see :func:`detect_doublets`.
-    doublet_threshold
-        Fixed Scrublet score threshold; ``None`` for the automatic rule.
-    rescue_low_rna_immune
-        Apply the low-RNA immune rescue (see module docstring).
-    rescue_markers, rescue_max_pct_mt, rescue_min_counts, rescue_min_genes, \
-rescue_min_markers, rescue_min_enrichment, rescue_alpha
-        Rescue parameters, see :func:`rescue_low_rna_immune`.
     seed
         Random seed (doublet simulation).
     on_empty
         What to do when a sample has no cell left: ``"error"`` raises ``ValueError`` naming
         the sample and the thresholds; ``"drop"`` logs a warning and marks the summary row
         ``empty = True``.
+    **overrides
+        Any :class:`QCParams` field by name (``nmads``, ``min_counts``, ``max_counts``,
+        ``min_genes``, ``max_genes``, ``max_pct_mt``, ``mt_threshold_floor``,
+        ``doublet_method``, ``remove_doublets``, ``expected_doublet_rate``,
+        ``doublet_threshold``, ``rescue`` (also accepted as ``rescue_low_rna_immune``),
+        ``rescue_markers``, ``rescue_max_pct_mt``, ``rescue_min_counts``,
+        ``rescue_min_genes``, ``rescue_min_markers``, ``rescue_min_enrichment``,
+        ``rescue_alpha``); they replace the fields of ``params``.
 
     Returns
     -------
@@ -941,61 +1222,114 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
         Non-integer counts, an empty input, or (with ``on_empty="error"``) a sample with
         no cell passing QC.
     """
-    if on_empty not in ("error", "drop"):
-        raise ValueError(f"on_empty must be 'error' or 'drop', not {on_empty!r}.")
-    if doublet_method not in ("scrublet", "none"):
-        raise ValueError(f"doublet_method must be 'scrublet' or 'none', not {doublet_method!r}.")
-    if adata.n_obs == 0:
-        raise ValueError(f"sample {sample_id or ''} has no cells before QC; check the input.")
+    p = (_RUN_QC_DEFAULTS if params is None else params).with_overrides(overrides)
+    _check_run_qc_args(adata, p, sample_id=sample_id, on_empty=on_empty)
     _resolve_sample(adata, sample_id, batch_key)
     organism = qc_metrics(adata, organism)  # validates integer counts
+    _ensure_counts_layer(adata)
+    thresholds = _sample_thresholds(adata, p, batch_key)
+    flag_outliers(adata, thresholds, batch_key=batch_key)
+    doublets = _doublet_step(
+        adata, p, thresholds.index, batch_key=batch_key, cells_loaded=cells_loaded, seed=seed
+    )
+    _rescue_step(adata, p, batch_key=batch_key, organism=organism)
+    _finalise_reasons(adata, remove_doublets=p.remove_doublets)
+    summary = _summarise(adata, thresholds, doublets, batch_key, organism)
+    adata.uns["qc"] = {
+        "params": _params_record(p, organism=organism, seed=seed),
+        "thresholds": thresholds.reset_index(),
+        "summary": summary.copy(),
+    }
+    _handle_empty_samples(summary, thresholds, on_empty=on_empty)
+    return summary
+
+
+def _check_run_qc_args(
+    adata: ad.AnnData, p: QCParams, *, sample_id: str | None, on_empty: str
+) -> None:
+    """Reject an unknown ``on_empty`` or ``doublet_method`` and an input without cells."""
+    if on_empty not in ("error", "drop"):
+        raise ValueError(f"on_empty must be 'error' or 'drop', not {on_empty!r}.")
+    if p.doublet_method not in ("scrublet", "none"):
+        raise ValueError(f"doublet_method must be 'scrublet' or 'none', not {p.doublet_method!r}.")
+    if adata.n_obs == 0:
+        raise ValueError(f"sample {sample_id or ''} has no cells before QC; check the input.")
+
+
+def _ensure_counts_layer(adata: ad.AnnData) -> None:
+    """Create ``layers["counts"]`` (sparse) from ``X`` when the input has no counts layer."""
     if "counts" not in adata.layers:
         adata.layers["counts"] = (
             adata.X.copy() if sparse.issparse(adata.X) else sparse.csr_matrix(adata.X)
         )
-    thresholds = adaptive_thresholds(
+
+
+def _sample_thresholds(adata: ad.AnnData, p: QCParams, batch_key: str) -> pd.DataFrame:
+    """:func:`adaptive_thresholds` with the limits of ``p``."""
+    return adaptive_thresholds(
         adata,
         batch_key=batch_key,
-        nmads=nmads,
-        min_counts=min_counts,
-        max_counts=max_counts,
-        min_genes=min_genes,
-        max_genes=max_genes,
-        max_pct_mt=max_pct_mt,
-        mt_threshold_floor=mt_threshold_floor,
+        nmads=p.nmads,
+        min_counts=p.min_counts,
+        max_counts=p.max_counts,
+        min_genes=p.min_genes,
+        max_genes=p.max_genes,
+        max_pct_mt=p.max_pct_mt,
+        mt_threshold_floor=p.mt_threshold_floor,
     )
-    flag_outliers(adata, thresholds, batch_key=batch_key)
-    if doublet_method == "scrublet":
-        doublets = detect_doublets(
+
+
+def _doublet_step(
+    adata: ad.AnnData,
+    p: QCParams,
+    samples: pd.Index,
+    *,
+    batch_key: str,
+    cells_loaded: float | Mapping[str, float] | None,
+    seed: int,
+) -> pd.DataFrame:
+    """Scrublet per sample, or (``doublet_method="none"``) no scores and no doublets.
+
+    Returns the per-sample doublet table (NaN rate and threshold when not scored).
+    """
+    if p.doublet_method == "scrublet":
+        return detect_doublets(
             adata,
             batch_key=batch_key,
-            expected_rate=expected_doublet_rate,
+            expected_rate=p.expected_doublet_rate,
             cells_loaded=cells_loaded,
-            threshold=doublet_threshold,
+            threshold=p.doublet_threshold,
             seed=seed,
         )
-    else:
-        adata.obs["doublet_score"] = np.nan
-        adata.obs["predicted_doublet"] = False
-        doublets = pd.DataFrame(
-            {"expected_doublet_rate": np.nan, "doublet_threshold": np.nan},
-            index=thresholds.index,
-        )
-    if rescue_low_rna_immune:
-        _rescue_fn(
-            adata,
-            batch_key=batch_key,
-            organism=organism,
-            markers=rescue_markers,
-            max_pct_mt=rescue_max_pct_mt,
-            min_counts=rescue_min_counts,
-            min_genes=rescue_min_genes,
-            min_markers=rescue_min_markers,
-            min_enrichment=rescue_min_enrichment,
-            alpha=rescue_alpha,
-        )
-    else:
+    adata.obs["doublet_score"] = np.nan
+    adata.obs["predicted_doublet"] = False
+    return pd.DataFrame(
+        {"expected_doublet_rate": np.nan, "doublet_threshold": np.nan}, index=samples
+    )
+
+
+def _rescue_step(adata: ad.AnnData, p: QCParams, *, batch_key: str, organism: str) -> None:
+    """:func:`rescue_low_rna_immune` with the settings of ``p``; else no cell is rescued."""
+    if not p.rescue:
         adata.obs["low_rna_immune"] = False
+        return
+    rescue_low_rna_immune(
+        adata,
+        batch_key=batch_key,
+        organism=organism,
+        markers=p.rescue_markers,
+        max_pct_mt=p.rescue_max_pct_mt,
+        min_counts=p.rescue_min_counts,
+        min_genes=p.rescue_min_genes,
+        min_markers=p.rescue_min_markers,
+        min_enrichment=p.rescue_min_enrichment,
+        alpha=p.rescue_alpha,
+    )
+
+
+def _finalise_reasons(adata: ad.AnnData, *, remove_doublets: bool) -> None:
+    """Add the reason ``doublet`` to predicted doublets (which are then never rescued) and
+    set ``obs["qc_outlier"]`` from the final ``qc_reason``."""
     if remove_doublets:
         dbl = adata.obs["predicted_doublet"].to_numpy(dtype=bool)
         reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
@@ -1006,76 +1340,66 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
         adata.obs["low_rna_immune"] = low_rna & ~dbl
     adata.obs["qc_outlier"] = adata.obs["qc_reason"].astype(str).ne("pass").to_numpy()
 
-    summary = _summarise(adata, thresholds, doublets, batch_key, organism)
-    adata.uns["qc"] = {
-        "params": _jsonable(
-            {
-                "organism": organism,
-                "nmads": dict(DEFAULT_NMADS if nmads is None else nmads),
-                "min_counts": min_counts,
-                "max_counts": max_counts,
-                "min_genes": min_genes,
-                "max_genes": max_genes,
-                "max_pct_mt": max_pct_mt,
-                "mt_threshold_floor": mt_threshold_floor,
-                "doublet_method": doublet_method,
-                "remove_doublets": remove_doublets,
-                "expected_doublet_rate": expected_doublet_rate,
-                "doublet_threshold": doublet_threshold,
-                "rescue_low_rna_immune": rescue_low_rna_immune,
-                "rescue_max_pct_mt": rescue_max_pct_mt,
-                "rescue_min_counts": rescue_min_counts,
-                "rescue_min_genes": rescue_min_genes,
-                "rescue_min_markers": rescue_min_markers,
-                "rescue_min_enrichment": rescue_min_enrichment,
-                "rescue_alpha": rescue_alpha,
-                "seed": seed,
-            }
-        ),
-        "thresholds": thresholds.reset_index(),
-        "summary": summary.copy(),
+
+def _params_record(p: QCParams, *, organism: str, seed: int) -> dict[str, Any]:
+    """``uns["qc"]["params"]``: the settings used, keys that are ``None`` left out (an
+    ``.h5ad`` file cannot store ``None``; a missing key reads as "not set")."""
+    record = {
+        "organism": organism,
+        "nmads": dict(p.nmads),
+        "min_counts": p.min_counts,
+        "max_counts": p.max_counts,
+        "min_genes": p.min_genes,
+        "max_genes": p.max_genes,
+        "max_pct_mt": p.max_pct_mt,
+        "mt_threshold_floor": p.mt_threshold_floor,
+        "doublet_method": p.doublet_method,
+        "remove_doublets": p.remove_doublets,
+        "expected_doublet_rate": p.expected_doublet_rate,
+        "doublet_threshold": p.doublet_threshold,
+        "rescue_low_rna_immune": p.rescue,
+        "rescue_max_pct_mt": p.rescue_max_pct_mt,
+        "rescue_min_counts": p.rescue_min_counts,
+        "rescue_min_genes": p.rescue_min_genes,
+        "rescue_min_markers": p.rescue_min_markers,
+        "rescue_min_enrichment": p.rescue_min_enrichment,
+        "rescue_alpha": p.rescue_alpha,
+        "seed": seed,
     }
+    return {key: value for key, value in record.items() if value is not None}
+
+
+def _handle_empty_samples(
+    summary: pd.DataFrame, thresholds: pd.DataFrame, *, on_empty: str
+) -> None:
+    """Raise (``on_empty="error"``) or warn for each sample with no cell left, naming the
+    thresholds used and the cells flagged per reason."""
     empty = summary.loc[summary["cells_out"] == 0]
     for _, row in empty.iterrows():
-        sample = row["sample_id"]
-        thr = thresholds.loc[sample]
-        used = ", ".join(
-            f"{name}={thr[name]:.4g}"
-            for name in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt")
-            if name in thr and np.isfinite(thr[name])
-        )
-        removed = ", ".join(
-            f"{c.removeprefix('flagged_')}: {int(row[c])}"
-            for c in summary.columns
-            if c.startswith("flagged_") and row[c] > 0
-        )
-        msg = (
-            f"QC removed all {int(row['cells_in'])} cells of sample {sample!r} "
-            f"(thresholds used: {used}; cells flagged by reason: {removed}). Loosen the "
-            "config keys qc.nmads / qc.min_counts / qc.min_genes / qc.max_pct_mt, check that "
-            "the input holds cells rather than empty droplets, or set qc.on_empty: drop."
-        )
+        msg = _empty_sample_message(row, thresholds.loc[row["sample_id"]], summary.columns)
         if on_empty == "error":
             raise ValueError(msg)
         logger.warning("%s Sample marked empty and dropped.", msg)
-    return summary
 
 
-# run_qc's boolean parameter shadows the function's name inside run_qc
-_rescue_fn = rescue_low_rna_immune
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """None -> "none" so that the dict writes to .h5ad (which cannot store None)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if value is None:
-            out[key] = "none"
-        elif isinstance(value, dict):
-            out[key] = _jsonable(value)
-        else:
-            out[key] = value
-    return out
+def _empty_sample_message(row: pd.Series, thr: pd.Series, columns: pd.Index) -> str:
+    """The message for a sample that QC emptied: thresholds used, cells flagged by reason."""
+    used = ", ".join(
+        f"{name}={thr[name]:.4g}"
+        for name in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt")
+        if name in thr and np.isfinite(thr[name])
+    )
+    removed = ", ".join(
+        f"{c.removeprefix('flagged_')}: {int(row[c])}"
+        for c in columns
+        if c.startswith("flagged_") and row[c] > 0
+    )
+    return (
+        f"QC removed all {int(row['cells_in'])} cells of sample {row['sample_id']!r} "
+        f"(thresholds used: {used}; cells flagged by reason: {removed}). Loosen the "
+        "config keys qc.nmads / qc.min_counts / qc.min_genes / qc.max_pct_mt, check that "
+        "the input holds cells rather than empty droplets, or set qc.on_empty: drop."
+    )
 
 
 def _primary_reason(reason: str) -> str | None:
@@ -1204,29 +1528,10 @@ def merge_samples(
     n_seen = 0
     for i, (key, a) in enumerate(items):
         n_seen += 1
-        if a.n_obs == 0:
-            logger.warning("skipping empty sample %s", key if key is not None else i)
-            continue
-        obs = a.obs.copy()
-        if batch_key not in obs:
-            if key is None:
-                raise ValueError(
-                    f"object {i} has no obs[{batch_key!r}]; pass a dict {{sample_id: adata}} "
-                    "or set the column."
-                )
-            obs[batch_key] = str(key)
-        if "counts" in a.layers:
-            counts = a.layers["counts"]
-        else:
-            counts, _ = get_counts(a, max_values=None)
-        counts = sparse.csr_matrix(counts)  # no copy when already CSR
-        if drop_outliers and "qc_outlier" in obs and obs["qc_outlier"].any():
-            keep = ~obs["qc_outlier"].to_numpy(dtype=bool)
-            logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, (~keep).sum())
-            counts, obs = counts[keep], obs.loc[keep]
-        keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
-        parts.append(ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy()))
-        del a, counts  # the sample's other layers can be freed now
+        part = _slim_sample(a, key, i, batch_key=batch_key, drop_outliers=drop_outliers)
+        if part is not None:
+            parts.append(part)
+        del a, part  # the sample's other layers can be freed now
     if n_seen == 0:
         raise ValueError("merge_samples got no AnnData objects.")
     if not parts:
@@ -1234,6 +1539,49 @@ def merge_samples(
     n_parts = len(parts)
     merged = ad.concat(parts, join="outer", fill_value=0, merge="first", index_unique=None)
     del parts
+    _tidy_merged_obs(merged, batch_key)
+    merged.X = sparse.csr_matrix(merged.X)
+    merged = _drop_rare_genes(merged, min_cells_per_gene)
+    merged.layers["counts"] = merged.X.copy()
+    flag_genes(merged, organism)
+    logger.info("merged %d samples: %d cells x %d genes", n_parts, *merged.shape)
+    return merged
+
+
+def _slim_sample(
+    a: ad.AnnData, key: str | None, i: int, *, batch_key: str, drop_outliers: bool
+) -> ad.AnnData | None:
+    """One sample reduced to its raw counts (CSR), ``obs`` and gene identifiers.
+
+    ``None`` for an empty sample (logged). The mapping key fills a missing
+    ``obs[batch_key]``; cells marked ``qc_outlier`` are dropped with ``drop_outliers``.
+    """
+    if a.n_obs == 0:
+        logger.warning("skipping empty sample %s", key if key is not None else i)
+        return None
+    obs = a.obs.copy()
+    if batch_key not in obs:
+        if key is None:
+            raise ValueError(
+                f"object {i} has no obs[{batch_key!r}]; pass a dict {{sample_id: adata}} "
+                "or set the column."
+            )
+        obs[batch_key] = str(key)
+    if "counts" in a.layers:
+        counts = a.layers["counts"]
+    else:
+        counts, _ = get_counts(a, max_values=None)
+    counts = sparse.csr_matrix(counts)  # no copy when already CSR
+    if drop_outliers and "qc_outlier" in obs and obs["qc_outlier"].any():
+        keep = ~obs["qc_outlier"].to_numpy(dtype=bool)
+        logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, (~keep).sum())
+        counts, obs = counts[keep], obs.loc[keep]
+    keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
+    return ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy())
+
+
+def _tidy_merged_obs(merged: ad.AnnData, batch_key: str) -> None:
+    """Require unique cell names; object columns become ``str`` and the batch categorical."""
     if not merged.obs_names.is_unique:
         raise ValueError(
             "cell names repeat across samples; name cells '{sample_id}_{barcode}' at ingest "
@@ -1243,7 +1591,10 @@ def merge_samples(
         if merged.obs[col].dtype == object:
             merged.obs[col] = merged.obs[col].astype(str)
     merged.obs[batch_key] = pd.Categorical(merged.obs[batch_key].astype(str))
-    merged.X = sparse.csr_matrix(merged.X)
+
+
+def _drop_rare_genes(merged: ad.AnnData, min_cells_per_gene: int) -> ad.AnnData:
+    """Genes detected in at least ``min_cells_per_gene`` cells (0 keeps all; CSR ``X``)."""
     if min_cells_per_gene > 0:
         x = merged.X
         detected = np.bincount(x.indices[x.data > 0], minlength=merged.n_vars)
@@ -1251,9 +1602,6 @@ def merge_samples(
         if n_drop:
             merged = merged[:, detected >= min_cells_per_gene].copy()
         logger.info("dropped %d genes detected in < %d cells", n_drop, min_cells_per_gene)
-    merged.layers["counts"] = merged.X.copy()
-    flag_genes(merged, organism)
-    logger.info("merged %d samples: %d cells x %d genes", n_parts, *merged.shape)
     return merged
 
 

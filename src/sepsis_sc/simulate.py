@@ -74,7 +74,8 @@ from __future__ import annotations
 import gzip
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -531,6 +532,8 @@ def _sim_defaults() -> dict[str, Any]:
     return {k: v.default for k, v in sig.parameters.items() if v.default is not inspect._empty}
 
 
+# Longer than 80 lines only for its numpy-style docstring (the public API's
+# reference); the body is 28 lines of named steps.
 def simulate_cohort(
     samples: pd.DataFrame,
     *,
@@ -632,8 +635,48 @@ def _iter_cohort(
     case: str,
     control: str,
 ):
-    """Yield ``(sample_id, AnnData, truth)`` one sample at a time (bounded memory)."""
+    """Yield ``(sample_id, AnnData, truth)`` one sample at a time (bounded memory).
+
+    Random numbers: the cohort model draws from ``default_rng(seed)`` once, in a fixed order
+    (:func:`_cohort_model`); each sample then draws only from its own generator, seeded
+    from that master generator, step by step in :func:`_simulate_sample`.
+    """
     samples = samples.reset_index(drop=True).copy()
+    _check_cohort_args(
+        samples, case=case, control=control, organism=organism,
+        cells_per_sample=cells_per_sample, ambient=ambient,
+        low_quality_rate=low_quality_rate, batch_effect=batch_effect,
+    )  # fmt: skip
+    model = _cohort_model(samples, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
+    mouse = _mouse_genes(model.gene_table) if organism == "mouse" else None
+    uns = {
+        "seed": int(seed),
+        "effects": bool(effects),
+        "batch_effect": float(batch_effect),
+        "ambient": float(ambient),
+        "organism": organism,
+    }
+    for row, sseed in zip(samples.to_dict("records"), model.sample_seeds):
+        sid, counts, truth = _simulate_sample(
+            model, row, np.random.default_rng(sseed), cells_per_sample=cells_per_sample,
+            effects=effects, case=case, ambient=ambient, low_quality_rate=low_quality_rate,
+            doublets=doublets,
+        )  # fmt: skip
+        yield sid, _sample_anndata(model, row, counts, truth, uns, mouse), truth
+
+
+def _check_cohort_args(
+    samples: pd.DataFrame,
+    *,
+    case: str,
+    control: str,
+    organism: str,
+    cells_per_sample: int,
+    ambient: float,
+    low_quality_rate: float,
+    batch_effect: float,
+) -> None:
+    """Reject a bad sheet, organism, cell count, ambient or low-quality fraction."""
     _check_sheet(samples, case, control)
     if organism not in ("human", "mouse"):
         raise ValueError(f"organism must be 'human' or 'mouse', not {organism!r}.")
@@ -642,20 +685,51 @@ def _iter_cohort(
     if not 0 <= ambient < 0.5 or not 0 <= low_quality_rate < 0.5 or batch_effect < 0:
         raise ValueError("ambient and low_quality_rate must lie in [0, 0.5); batch_effect >= 0.")
 
+
+@dataclass(frozen=True)
+class _CohortModel:
+    """What all samples of a cohort share: genes, type profiles, dispersions, batch and
+    donor effects, and each sample's seed."""
+
+    gene_table: pd.DataFrame
+    types: list[str]
+    profiles: np.ndarray  # type x gene mean proportions
+    profiles32: np.ndarray
+    state_vecs: dict[str, np.ndarray]  # state -> (fold, floor) per gene
+    shape: np.ndarray  # NB shape (1 / dispersion) per type and gene, float32
+    type_lineage: np.ndarray
+    lib_mu: np.ndarray
+    lib_sd: np.ndarray
+    base_frac: np.ndarray
+    sepsis_mult: np.ndarray
+    type_idx_of: dict[str, int]
+    is_mt: np.ndarray
+    batch_gene: dict[str, np.ndarray]
+    batch_lib: dict[str, float]
+    donor_frac: dict[str, np.ndarray]
+    donor_state: dict[str, np.ndarray]
+    sample_seeds: np.ndarray
+
+
+def _cohort_model(
+    samples: pd.DataFrame, *, n_genes: int, batch_effect: float, seed: int
+) -> _CohortModel:
+    """Draw the cohort model from ``default_rng(seed)``.
+
+    The draw order is part of the output (same seed, same cohort): profiles, dispersion
+    scatter, batch gene factors, batch library shifts, donor fractions, donor states,
+    sample seeds.
+    """
     gene_table = _select_genes(n_genes)
     master = np.random.default_rng(seed)
     profiles, types, state_vecs = _build_profiles(gene_table["gene_symbol"], master)
     n_types, n = profiles.shape
-    type_lineage = np.array([_TYPE_META[t][0] for t in types])
     lib_mu = np.array([_TYPE_META[t][1][0] for t in types])
-    lib_sd = np.array([_TYPE_META[t][1][1] for t in types])
     # dispersion per (type, gene) from the fitted trend on the typical mean count
     mean_count = profiles * np.exp(lib_mu)[:, None]
     a, b = _DISP_TREND
     phi = np.exp(a + b * np.log(np.maximum(mean_count, 1e-3)))
     phi = np.clip(phi * np.exp(master.normal(0, _DISP_SCATTER, n))[None, :], 0.02, 3.0)
-    shape = (1.0 / phi).astype(np.float32)
-    profiles32 = profiles.astype(np.float32)
     # batches and donors
     batches = sorted(samples["batch"].astype(str).unique())
     batch_gene = {
@@ -667,165 +741,275 @@ def _iter_cohort(
     donor_frac = {d: master.normal(0, _DONOR_SD_FRACTION, n_types) for d in donors}
     donor_state = {d: master.normal(0, _DONOR_SD_STATE, len(_STATE_RATES)) for d in donors}
     sample_seeds = master.integers(0, 2**63 - 1, size=len(samples))
-
-    base_frac = np.array([_BASE_FRACTIONS[t] for t in types])
-    sepsis_mult = np.array(
-        [_TYPE_EFFECT.get(t, _LINEAGE_EFFECT.get(_TYPE_META[t][0], 1.0)) for t in types]
+    return _CohortModel(
+        gene_table=gene_table,
+        types=types,
+        profiles=profiles,
+        profiles32=profiles.astype(np.float32),
+        state_vecs=state_vecs,
+        shape=(1.0 / phi).astype(np.float32),
+        type_lineage=np.array([_TYPE_META[t][0] for t in types]),
+        lib_mu=lib_mu,
+        lib_sd=np.array([_TYPE_META[t][1][1] for t in types]),
+        base_frac=np.array([_BASE_FRACTIONS[t] for t in types]),
+        sepsis_mult=np.array(
+            [_TYPE_EFFECT.get(t, _LINEAGE_EFFECT.get(_TYPE_META[t][0], 1.0)) for t in types]
+        ),
+        type_idx_of={t: k for k, t in enumerate(types)},
+        is_mt=np.asarray(gene_table["gene_symbol"].str.startswith("MT-")),
+        batch_gene=batch_gene,
+        batch_lib=batch_lib,
+        donor_frac=donor_frac,
+        donor_state=donor_state,
+        sample_seeds=sample_seeds,
     )
-    type_idx_of = {t: k for k, t in enumerate(types)}
-    is_mt = np.asarray(gene_table["gene_symbol"].str.startswith("MT-"))
 
-    if organism == "mouse":
-        mouse = pd.Series(_mouse_symbols(list(gene_table["gene_symbol"])), dtype=object)
-        # genes without a mouse name are dropped; on a name collision the first gene wins
-        keep_g = (mouse.notna() & ~mouse.duplicated()).to_numpy()
-        mouse_names = pd.Index(mouse[keep_g].astype(str))
 
-    for row, sseed in zip(samples.to_dict("records"), sample_seeds):
-        rng = np.random.default_rng(sseed)
-        sid, cond, donor, batch = (
-            str(row[k]) for k in ("sample_id", "condition", "donor", "batch")
-        )
-        is_case = effects and cond == case
-        n_cells = int(row.get("n_cells", cells_per_sample) or cells_per_sample)
-        # ---- composition
-        logf = np.log(base_frac * (sepsis_mult if is_case else 1.0))
-        logf = logf + donor_frac[donor] + rng.normal(0, _SAMPLE_SD, n_types)
-        frac = np.exp(logf) / np.exp(logf).sum()
-        d_rate = min(0.03 + 0.01 * n_cells / 1000, 0.12) if doublets else 0.0
-        n_dbl = int(round(d_rate * n_cells))
-        n_gen = n_cells + n_dbl  # singlets generated; n_dbl partners are merged away
-        ctype = rng.choice(n_types, size=n_gen, p=frac)
-        # ---- states
-        flags = {s: np.zeros(n_gen, dtype=bool) for s in STATES}
-        for j, (state, (applies, p_ctrl, p_case)) in enumerate(_STATE_RATES.items()):
-            by_type = _STATE_CASE_RATE_BY_TYPE.get(state, {}) if is_case else {}
-            p_type = np.full(n_types, p_case if is_case else p_ctrl)
-            for t, rate in by_type.items():
-                p_type[type_idx_of[t]] = rate
-            lp = _logit(p_type) + donor_state[donor][j] + rng.normal(0, _SAMPLE_SD)
-            p = (1 / (1 + np.exp(-lp)))[ctype]
-            eligible = np.isin(ctype, [type_idx_of[t] for t in applies])
-            flags[state] = eligible & (rng.random(n_gen) < p)
-        flags["hla_low"] |= flags["ms1_like"]
-        flags["trem2_high"] = ctype == type_idx_of["TREM2-high macrophage"]
-        low_q = rng.random(n_gen) < low_quality_rate
-        # ---- library sizes
-        log_lib = rng.normal(lib_mu[ctype] + batch_lib[batch], lib_sd[ctype])
-        log_lib[low_q] += np.log(rng.uniform(0.15, 0.5, low_q.sum()))
-        lib = np.exp(log_lib)
-        mt_target = rng.uniform(0.2, 0.6, n_gen)
-        amb = np.clip(ambient * np.exp(rng.normal(0, 0.3, n_gen)), 0, 0.5)
-        # ---- soup: the sample's expected mean expression profile (library-weighted)
-        weights = np.bincount(ctype, weights=lib, minlength=n_types)
-        soup = (weights[:, None] * profiles).sum(0) * batch_gene[batch]
-        soup /= soup.sum()
-        soup32 = soup.astype(np.float32)
-        # ---- sample counts in chunks
-        blocks = []
-        bfac32 = batch_gene[batch].astype(np.float32)
-        for start in range(0, n_gen, _CHUNK):
-            sl = slice(start, min(start + _CHUNK, n_gen))
-            ct = ctype[sl]
-            p = profiles32[ct] * bfac32[None, :]
-            for state, vec in state_vecs.items():
-                rows = np.flatnonzero(flags[state][sl])
-                if rows.size:
-                    p[rows] = np.maximum(p[rows] * vec[0], vec[1] * (vec[0] > 1))
-            p /= p.sum(1, keepdims=True)
-            lq = np.flatnonzero(low_q[sl])
-            if lq.size:
-                mt_sum = p[np.ix_(lq, np.flatnonzero(is_mt))].sum(1)
-                scale_mt = mt_target[sl][lq] / np.maximum(mt_sum, 1e-12)
-                scale_other = (1 - mt_target[sl][lq]) / np.maximum(1 - mt_sum, 1e-12)
-                p[lq] *= scale_other[:, None]
-                p[np.ix_(lq, np.flatnonzero(is_mt))] *= (scale_mt / scale_other)[:, None]
-            a_ = amb[sl][:, None].astype(np.float32)
-            mu = lib[sl][:, None].astype(np.float32) * ((1 - a_) * p + a_ * soup32[None, :])
-            blocks.append(sp.csr_matrix(_sample_nb(mu, shape[ct], rng)))
-            del p, mu
-        counts = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n))
-        # ---- heterotypic doublets: add a partner of another type, drop the partner
-        is_dbl = np.zeros(n_gen, dtype=bool)
-        partner_type = np.full(n_gen, "", dtype=object)
-        drop = np.zeros(n_gen, dtype=bool)
-        if n_dbl:
-            cand = rng.permutation(np.flatnonzero(~low_q))
-            prim, part = [], []
-            used = np.zeros(n_gen, dtype=bool)
-            for i in cand:
-                if len(prim) == n_dbl:
-                    break
-                if used[i]:
-                    continue
-                pool = cand[(ctype[cand] != ctype[i]) & ~used[cand]]
-                pool = pool[pool != i]
-                if pool.size == 0:
-                    continue
-                j = pool[rng.integers(pool.size)]
-                used[i] = used[j] = True
-                prim.append(i)
-                part.append(j)
-            prim_a, part_a = np.array(prim, dtype=int), np.array(part, dtype=int)
-            add = sp.csr_matrix(
-                (np.ones(len(prim_a), dtype=np.float32), (prim_a, part_a)), shape=(n_gen, n_gen)
-            )
-            counts = (counts + add @ counts).tocsr()
-            is_dbl[prim_a] = True
-            partner_type[prim_a] = np.array(types)[ctype[part_a]]
-            drop[part_a] = True
-        keep = np.flatnonzero(~drop)[:n_cells]
-        counts = counts[keep]
-        counts.sort_indices()
-        barcodes = _barcodes(len(keep), rng)
-        cell_ids = np.array([f"{sid}_{bc}" for bc in barcodes])
-        ct_names = np.array(types)[ctype[keep]]
-        truth = pd.DataFrame(
-            {
-                "cell_id": cell_ids,
-                "sample_id": sid,
-                "barcode": barcodes,
-                "condition": cond,
-                "donor": donor,
-                "batch": batch,
-                "cell_type": ct_names,
-                "lineage": type_lineage[ctype[keep]],
-                "is_doublet": is_dbl[keep],
-                "doublet_partner_type": partner_type[keep].astype(str),
-                "is_low_quality": low_q[keep],
-                **{s: flags[s][keep] for s in STATES},
-                "total_counts": np.asarray(counts.sum(1)).ravel().astype(np.int64),
-            }
-        )
-        obs = pd.DataFrame(index=pd.Index(cell_ids))
-        obs["barcode"] = barcodes
-        for key, value in row.items():
-            if key in ("path", "url", "n_cells") or key == "barcode":
-                continue
-            obs[key] = pd.Categorical([str(value)] * len(keep))
-        var_sym = gene_table["gene_symbol"].to_numpy()
-        adata = ad.AnnData(
-            X=counts,
-            obs=obs,
-            var=pd.DataFrame(
-                {"gene_ids": gene_table["gene_id"].to_numpy(), "gene_symbols": var_sym},
-                index=pd.Index(var_sym),
-            ),
-        )
-        adata.layers["counts"] = counts.copy()
-        adata.uns["simulation"] = {
-            "seed": int(seed),
-            "effects": bool(effects),
-            "batch_effect": float(batch_effect),
-            "ambient": float(ambient),
-            "organism": organism,
+def _mouse_genes(gene_table: pd.DataFrame) -> tuple[np.ndarray, pd.Index]:
+    """Genes kept for a mouse cohort and their mouse names: genes without a mouse name are
+    dropped; on a name collision the first gene wins."""
+    mouse = pd.Series(_mouse_symbols(list(gene_table["gene_symbol"])), dtype=object)
+    keep_g = (mouse.notna() & ~mouse.duplicated()).to_numpy()
+    return keep_g, pd.Index(mouse[keep_g].astype(str))
+
+
+def _simulate_sample(
+    model: _CohortModel,
+    row: Mapping[str, Any],
+    rng: np.random.Generator,
+    *,
+    cells_per_sample: int,
+    effects: bool,
+    case: str,
+    ambient: float,
+    low_quality_rate: float,
+    doublets: bool,
+) -> tuple[str, sp.csr_matrix, pd.DataFrame]:
+    """One sample's counts (cells x genes, CSR) and truth table, drawn from ``rng``.
+
+    Steps, in the order they draw random numbers: composition, states, low quality,
+    library sizes, counts, doublets, barcodes.
+    """
+    sid, cond, donor, batch = (str(row[k]) for k in ("sample_id", "condition", "donor", "batch"))
+    is_case = effects and cond == case
+    n_cells = int(row.get("n_cells", cells_per_sample) or cells_per_sample)
+    d_rate = min(0.03 + 0.01 * n_cells / 1000, 0.12) if doublets else 0.0
+    n_dbl = int(round(d_rate * n_cells))
+    n_gen = n_cells + n_dbl  # singlets generated; n_dbl partners are merged away
+    ctype = _sample_cell_types(model, rng, is_case=is_case, donor=donor, n_gen=n_gen)
+    flags = _sample_states(model, rng, ctype, is_case=is_case, donor=donor)
+    low_q = rng.random(n_gen) < low_quality_rate
+    lib, mt_target, amb = _sample_libraries(model, rng, ctype, low_q, batch, ambient)
+    counts = _sample_counts(model, rng, ctype, flags, low_q, lib, mt_target, amb, batch)
+    counts, is_dbl, partner_type, drop = _add_doublets(model, rng, counts, ctype, low_q, n_dbl)
+    keep = np.flatnonzero(~drop)[:n_cells]
+    counts = counts[keep]
+    counts.sort_indices()
+    barcodes = _barcodes(len(keep), rng)
+    truth = pd.DataFrame(
+        {
+            "cell_id": np.array([f"{sid}_{bc}" for bc in barcodes]),
+            "sample_id": sid,
+            "barcode": barcodes,
+            "condition": cond,
+            "donor": donor,
+            "batch": batch,
+            "cell_type": np.array(model.types)[ctype[keep]],
+            "lineage": model.type_lineage[ctype[keep]],
+            "is_doublet": is_dbl[keep],
+            "doublet_partner_type": partner_type[keep].astype(str),
+            "is_low_quality": low_q[keep],
+            **{s: flags[s][keep] for s in STATES},
+            "total_counts": np.asarray(counts.sum(1)).ravel().astype(np.int64),
         }
-        if organism == "mouse":
-            adata = adata[:, keep_g].copy()
-            adata.var = pd.DataFrame(
-                {"gene_ids": "", "gene_symbols": np.asarray(mouse_names)}, index=mouse_names
-            )
-        yield sid, adata, truth
+    )
+    return sid, counts, truth
+
+
+def _sample_cell_types(
+    model: _CohortModel, rng: np.random.Generator, *, is_case: bool, donor: str, n_gen: int
+) -> np.ndarray:
+    """Cell type index of each generated cell: base fractions (x the sepsis shifts in a
+    case), with donor and sample noise on the log scale."""
+    n_types = len(model.types)
+    logf = np.log(model.base_frac * (model.sepsis_mult if is_case else 1.0))
+    logf = logf + model.donor_frac[donor] + rng.normal(0, _SAMPLE_SD, n_types)
+    frac = np.exp(logf) / np.exp(logf).sum()
+    return rng.choice(n_types, size=n_gen, p=frac)
+
+
+def _sample_states(
+    model: _CohortModel, rng: np.random.Generator, ctype: np.ndarray, *, is_case: bool, donor: str
+) -> dict[str, np.ndarray]:
+    """Boolean state flags per cell (:data:`STATES`): per-type rates (case or control) with
+    donor and sample noise on the logit scale, among the types each state applies to."""
+    n_types, n_gen = len(model.types), ctype.size
+    type_idx_of = model.type_idx_of
+    flags = {s: np.zeros(n_gen, dtype=bool) for s in STATES}
+    for j, (state, (applies, p_ctrl, p_case)) in enumerate(_STATE_RATES.items()):
+        by_type = _STATE_CASE_RATE_BY_TYPE.get(state, {}) if is_case else {}
+        p_type = np.full(n_types, p_case if is_case else p_ctrl)
+        for t, rate in by_type.items():
+            p_type[type_idx_of[t]] = rate
+        lp = _logit(p_type) + model.donor_state[donor][j] + rng.normal(0, _SAMPLE_SD)
+        p = (1 / (1 + np.exp(-lp)))[ctype]
+        eligible = np.isin(ctype, [type_idx_of[t] for t in applies])
+        flags[state] = eligible & (rng.random(n_gen) < p)
+    flags["hla_low"] |= flags["ms1_like"]
+    flags["trem2_high"] = ctype == type_idx_of["TREM2-high macrophage"]
+    return flags
+
+
+def _sample_libraries(
+    model: _CohortModel,
+    rng: np.random.Generator,
+    ctype: np.ndarray,
+    low_q: np.ndarray,
+    batch: str,
+    ambient: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Library size per cell (low-quality cells 15-50 % of it), the mitochondrial fraction
+    targeted in low-quality cells, and the ambient fraction per cell."""
+    n_gen = ctype.size
+    log_lib = rng.normal(model.lib_mu[ctype] + model.batch_lib[batch], model.lib_sd[ctype])
+    log_lib[low_q] += np.log(rng.uniform(0.15, 0.5, low_q.sum()))
+    lib = np.exp(log_lib)
+    mt_target = rng.uniform(0.2, 0.6, n_gen)
+    amb = np.clip(ambient * np.exp(rng.normal(0, 0.3, n_gen)), 0, 0.5)
+    return lib, mt_target, amb
+
+
+def _sample_counts(
+    model: _CohortModel,
+    rng: np.random.Generator,
+    ctype: np.ndarray,
+    flags: Mapping[str, np.ndarray],
+    low_q: np.ndarray,
+    lib: np.ndarray,
+    mt_target: np.ndarray,
+    amb: np.ndarray,
+    batch: str,
+) -> sp.csr_matrix:
+    """Negative-binomial counts of every generated cell, in chunks of ``_CHUNK`` cells.
+
+    Each cell's profile: its type's, times the batch factors, with its states' folds and
+    floors; low-quality cells get ``mt_target`` of it on mitochondrial genes; then a
+    fraction ``amb`` of the library comes from the soup (the sample's library-weighted mean
+    profile).
+    """
+    n_gen, n = ctype.size, model.profiles.shape[1]
+    # ---- soup: the sample's expected mean expression profile (library-weighted)
+    weights = np.bincount(ctype, weights=lib, minlength=len(model.types))
+    soup = (weights[:, None] * model.profiles).sum(0) * model.batch_gene[batch]
+    soup /= soup.sum()
+    soup32 = soup.astype(np.float32)
+    mt_cols = np.flatnonzero(model.is_mt)
+    blocks = []
+    bfac32 = model.batch_gene[batch].astype(np.float32)
+    for start in range(0, n_gen, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, n_gen))
+        ct = ctype[sl]
+        p = model.profiles32[ct] * bfac32[None, :]
+        for state, vec in model.state_vecs.items():
+            rows = np.flatnonzero(flags[state][sl])
+            if rows.size:
+                p[rows] = np.maximum(p[rows] * vec[0], vec[1] * (vec[0] > 1))
+        p /= p.sum(1, keepdims=True)
+        lq = np.flatnonzero(low_q[sl])
+        if lq.size:
+            mt_sum = p[np.ix_(lq, mt_cols)].sum(1)
+            scale_mt = mt_target[sl][lq] / np.maximum(mt_sum, 1e-12)
+            scale_other = (1 - mt_target[sl][lq]) / np.maximum(1 - mt_sum, 1e-12)
+            p[lq] *= scale_other[:, None]
+            p[np.ix_(lq, mt_cols)] *= (scale_mt / scale_other)[:, None]
+        a_ = amb[sl][:, None].astype(np.float32)
+        mu = lib[sl][:, None].astype(np.float32) * ((1 - a_) * p + a_ * soup32[None, :])
+        blocks.append(sp.csr_matrix(_sample_nb(mu, model.shape[ct], rng)))
+        del p, mu
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n))
+
+
+def _add_doublets(
+    model: _CohortModel,
+    rng: np.random.Generator,
+    counts: sp.csr_matrix,
+    ctype: np.ndarray,
+    low_q: np.ndarray,
+    n_dbl: int,
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """Heterotypic doublets: ``n_dbl`` good-quality cells each get the counts of a partner
+    of another type, and the partners are dropped.
+
+    Returns (counts, is_doublet, partner type name ("" for singlets), dropped partner).
+    """
+    n_gen = ctype.size
+    is_dbl = np.zeros(n_gen, dtype=bool)
+    partner_type = np.full(n_gen, "", dtype=object)
+    drop = np.zeros(n_gen, dtype=bool)
+    if not n_dbl:
+        return counts, is_dbl, partner_type, drop
+    cand = rng.permutation(np.flatnonzero(~low_q))
+    prim, part = [], []
+    used = np.zeros(n_gen, dtype=bool)
+    for i in cand:
+        if len(prim) == n_dbl:
+            break
+        if used[i]:
+            continue
+        pool = cand[(ctype[cand] != ctype[i]) & ~used[cand]]
+        pool = pool[pool != i]
+        if pool.size == 0:
+            continue
+        j = pool[rng.integers(pool.size)]
+        used[i] = used[j] = True
+        prim.append(i)
+        part.append(j)
+    prim_a, part_a = np.array(prim, dtype=int), np.array(part, dtype=int)
+    add = sp.csr_matrix(
+        (np.ones(len(prim_a), dtype=np.float32), (prim_a, part_a)), shape=(n_gen, n_gen)
+    )
+    counts = (counts + add @ counts).tocsr()
+    is_dbl[prim_a] = True
+    partner_type[prim_a] = np.array(model.types)[ctype[part_a]]
+    drop[part_a] = True
+    return counts, is_dbl, partner_type, drop
+
+
+def _sample_anndata(
+    model: _CohortModel,
+    row: Mapping[str, Any],
+    counts: sp.csr_matrix,
+    truth: pd.DataFrame,
+    uns: Mapping[str, Any],
+    mouse: tuple[np.ndarray, pd.Index] | None,
+) -> ad.AnnData:
+    """The sample as AnnData: counts in ``X`` and ``layers["counts"]``, the sheet row in
+    ``obs`` (categorical), gene IDs and symbols in ``var`` (mouse names for a mouse cohort)."""
+    cell_ids = truth["cell_id"].to_numpy()
+    obs = pd.DataFrame(index=pd.Index(cell_ids))
+    obs["barcode"] = truth["barcode"].to_numpy()
+    for key, value in row.items():
+        if key in ("path", "url", "n_cells") or key == "barcode":
+            continue
+        obs[key] = pd.Categorical([str(value)] * len(cell_ids))
+    var_sym = model.gene_table["gene_symbol"].to_numpy()
+    adata = ad.AnnData(
+        X=counts,
+        obs=obs,
+        var=pd.DataFrame(
+            {"gene_ids": model.gene_table["gene_id"].to_numpy(), "gene_symbols": var_sym},
+            index=pd.Index(var_sym),
+        ),
+    )
+    adata.layers["counts"] = counts.copy()
+    adata.uns["simulation"] = dict(uns)
+    if mouse is not None:
+        keep_g, mouse_names = mouse
+        adata = adata[:, keep_g].copy()
+        adata.var = pd.DataFrame(
+            {"gene_ids": "", "gene_symbols": np.asarray(mouse_names)}, index=mouse_names
+        )
+    return adata
 
 
 def write_demo_cohort(
@@ -862,18 +1046,7 @@ def write_demo_cohort(
     """
     if fmt not in ("10x_h5", "mtx"):
         raise ValueError(f"fmt must be '10x_h5' or 'mtx', not {fmt!r}.")
-    sheet = samples.reset_index(drop=True).copy()
-    if "path" not in sheet.columns or sheet["path"].isna().any():
-        if outdir is None:
-            raise ValueError("give outdir, or a 'path' for every sample in the sheet.")
-        default = [
-            str(Path(outdir) / sid / ("filtered_feature_bc_matrix.h5" if fmt == "10x_h5" else ""))
-            for sid in sheet["sample_id"].astype(str)
-        ]
-        if "path" in sheet.columns:
-            sheet["path"] = sheet["path"].fillna(pd.Series(default))
-        else:
-            sheet["path"] = default
+    sheet = _sheet_with_paths(samples, outdir, fmt)
     truth_dir = Path(truth_dir if truth_dir is not None else (outdir or "."))
     params = _sim_defaults()
     unknown = set(simulate_kwargs) - set(params)
@@ -887,26 +1060,7 @@ def write_demo_cohort(
     # one sample in memory at a time, so large benchmark cohorts fit
     for sid, adata, truth in _iter_cohort(sheet.drop(columns=["path"]), **params):
         truths.append(truth)
-        path = paths[sid]
-        barcodes = adata.obs["barcode"].astype(str).to_numpy()
-        ids = adata.var["gene_ids"].to_numpy()
-        syms = adata.var["gene_symbols"].to_numpy()
-        gene_ids = np.where(ids == "", syms, ids)  # no Ensembl IDs in the resource: use symbols
-        p = Path(path)
-        if fmt == "10x_h5":
-            target = p if p.suffix == ".h5" else p / "filtered_feature_bc_matrix.h5"
-            write_10x_h5(target, adata.layers["counts"], barcodes, gene_ids, syms, genome=genome)
-        else:
-            folder = p if p.suffix == "" else p.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
-                scipy.io.mmwrite(
-                    fh, sp.coo_matrix(adata.layers["counts"].T.astype(np.int64)), field="integer"
-                )
-            feats = pd.DataFrame({"id": gene_ids, "name": syms, "type": "Gene Expression"})
-            feats.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
-            pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
-            target = folder
+        target = _write_sample(adata, Path(paths[sid]), fmt, genome)
         written.append(str(target))
         logger.info("wrote %s (%d cells)", target, adata.n_obs)
         del adata
@@ -916,6 +1070,48 @@ def write_demo_cohort(
     truth.to_csv(truth_dir / "truth.tsv.gz", sep="\t", index=False)
     sheet.to_csv(truth_dir / "samples.tsv", sep="\t", index=False)
     return sheet
+
+
+def _sheet_with_paths(samples: pd.DataFrame, outdir: str | Path | None, fmt: str) -> pd.DataFrame:
+    """A copy of the sheet where every sample has a ``path`` (missing ones under ``outdir``)."""
+    sheet = samples.reset_index(drop=True).copy()
+    if "path" not in sheet.columns or sheet["path"].isna().any():
+        if outdir is None:
+            raise ValueError("give outdir, or a 'path' for every sample in the sheet.")
+        default = [
+            str(Path(outdir) / sid / ("filtered_feature_bc_matrix.h5" if fmt == "10x_h5" else ""))
+            for sid in sheet["sample_id"].astype(str)
+        ]
+        if "path" in sheet.columns:
+            sheet["path"] = sheet["path"].fillna(pd.Series(default))
+        else:
+            sheet["path"] = default
+    return sheet
+
+
+def _write_sample(adata: ad.AnnData, p: Path, fmt: str, genome: str) -> Path:
+    """Write one simulated sample as 10x HDF5 or MTX triplet; returns the file or folder.
+
+    Genes without an Ensembl ID in the resource are written with their symbol as ID.
+    """
+    barcodes = adata.obs["barcode"].astype(str).to_numpy()
+    ids = adata.var["gene_ids"].to_numpy()
+    syms = adata.var["gene_symbols"].to_numpy()
+    gene_ids = np.where(ids == "", syms, ids)  # no Ensembl IDs in the resource: use symbols
+    if fmt == "10x_h5":
+        target = p if p.suffix == ".h5" else p / "filtered_feature_bc_matrix.h5"
+        write_10x_h5(target, adata.layers["counts"], barcodes, gene_ids, syms, genome=genome)
+        return target
+    folder = p if p.suffix == "" else p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(
+            fh, sp.coo_matrix(adata.layers["counts"].T.astype(np.int64)), field="integer"
+        )
+    feats = pd.DataFrame({"id": gene_ids, "name": syms, "type": "Gene Expression"})
+    feats.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
+    pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
+    return folder
 
 
 #: The sample-level effects the simulator plants in sepsis (``effects=True``), each with the

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from sepsis_sc.integrate import integrate, select_hvgs
+from sepsis_sc.integrate import ScviParams, integrate, select_hvgs
 from sepsis_sc.utils import dump_yaml, setup_logging, write_h5ad
 
 setup_logging(snakemake.log[0])
@@ -20,13 +20,7 @@ if adata.uns["hvg"].get("note"):
 
 method_kwargs = {
     "scvi": {
-        "categorical_covariates": cfg["categorical_covariates"],
-        "continuous_covariates": cfg["continuous_covariates"],
-        "n_latent": cfg["n_latent"],
-        "max_epochs": cfg["max_epochs"],
-        "early_stopping": cfg["early_stopping"],
-        "batch_size": cfg["batch_size"],
-        "accelerator": cfg["accelerator"],
+        "params": ScviParams.from_config(cfg),
         "model_dir": snakemake.output.model,
         "threads": snakemake.threads,
     },
