@@ -2,6 +2,7 @@
 # functions. Named functions only, so every rule reads plainly.
 import re
 import sys
+import time
 from pathlib import Path
 
 from sepsis_sc.download import download_plan
@@ -62,15 +63,18 @@ if config["preflight"]["enabled"] and MAIN_PROCESS:
     # every input file, cheaply: unreadable or wrong data stops here, one line per problem
     from sepsis_sc.preflight import preflight
 
-    preflight(
+    for _warning in preflight(
         samples,
         config["organism"],
         max_cells=config["preflight"]["max_cells"],
         min_cells=config["ingest"]["min_cells"],
+        small_cells=config["qc"]["min_cells_per_sample"],
+        small_is_error=config["qc"]["on_small_sample"] == "stop",
         skip=demo_sample_paths(),
         cache=".snakemake/sepsis_sc_preflight.json",
         sheet_name=f"sample sheet {config['samples']}",
-    )
+    ):
+        print(f"sepsis-sc: warning: {_warning}", file=sys.stderr)
 
 
 def _check_sheet_column(key, column):
@@ -405,3 +409,31 @@ def download_url(wildcards):
 def download_checksum(wildcards):
     """Expected checksum of one download ('' when the sheet gives none)."""
     return DOWNLOADS.files[wildcards.dlfile].checksum or ""
+
+
+# ---- errors found inside jobs: the project's message at the end of the run ----
+RUN_STARTED = time.time()
+
+
+def print_job_errors():
+    """Print the one-line messages of the jobs that failed in this run (``<log>.error.txt``)."""
+    from sepsis_sc.utils import ERROR_SUFFIX
+
+    logs = Path(RESULTS) / "logs"
+    found = (
+        sorted(
+            p
+            for p in logs.rglob(f"*{ERROR_SUFFIX}")
+            if p.stat().st_mtime >= RUN_STARTED - 1
+        )
+        if logs.exists()
+        else []
+    )
+    if not found:
+        return
+    print(
+        "\nsepsis-sc: what went wrong (the project's messages from the failed jobs):",
+        file=sys.stderr,
+    )
+    for p in found:
+        print("  " + p.read_text().strip().replace("\n", "\n  "), file=sys.stderr)

@@ -51,6 +51,8 @@ rule qc_merge:
         runtime=60,
     params:
         min_cells_per_gene=config["qc"]["min_cells_per_gene"],
+        min_cells_per_sample=config["qc"]["min_cells_per_sample"],
+        on_small=config["qc"]["on_small_sample"],
     script:
         "../scripts/qc_merge.py"
 
