@@ -29,6 +29,8 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        f"{RESULTS}/report/tables",
+        f"{RESULTS}/report/contrast_tables",
 
 
 onerror:

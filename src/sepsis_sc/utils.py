@@ -152,8 +152,22 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
         adata.write_h5ad(tmp)
 
 
-def write_table(df: pd.DataFrame, path: str | os.PathLike[str], index: bool = False) -> None:
-    """Write a tab-separated table atomically (gzip when the name ends in .gz)."""
+def write_table(
+    df: pd.DataFrame,
+    path: str | os.PathLike[str],
+    index: bool = False,
+    digits: int | None = None,
+) -> None:
+    """Write a tab-separated table atomically (gzip when the name ends in .gz).
+
+    ``digits`` rounds float columns to that many significant digits
+    (:func:`sepsis_sc.report.round_significant`): for the tables a person reads; tables
+    that feed later computations keep full precision (``None``).
+    """
+    if digits is not None:
+        from sepsis_sc.report import round_significant
+
+        df = round_significant(df, digits)
     compression = "gzip" if str(path).endswith(".gz") else None
     with atomic_path(path) as tmp:
         df.to_csv(tmp, sep="\t", index=index, compression=compression)

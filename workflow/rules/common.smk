@@ -57,6 +57,15 @@ check_sample_inputs(
     produced=demo_sample_paths(),
     sheet_name=f"sample sheet {config['samples']}",
 )
+# the report's first line: what the data are (config key 'title'; the demo says it is simulated)
+if config.get("title") is None:
+    _simulated = len(demo_sample_paths())
+    config["title"] = (
+        f"SIMULATED DATA: {_simulated} of {len(SAMPLES)} samples made by the sepsis-sc "
+        "demo simulator, with planted effects; not real patients"
+        if _simulated
+        else f"Cohort {config['run_name']} (sample sheet {config['samples']})"
+    )
 # the main Snakemake process, not a cluster job or a job's subprocess re-reading the workflow
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)
 if config["preflight"]["enabled"] and MAIN_PROCESS:
@@ -437,3 +446,122 @@ def print_job_errors():
     )
     for p in found:
         print("  " + p.read_text().strip().replace("\n", "\n  "), file=sys.stderr)
+
+
+# ---- tables shown inside the report as HTML pages (path under RESULTS, section, title,
+# caption file); per-contrast ones carry {contrast} ----
+REPORT_TABLES = [
+    ("qc/qc_summary.tsv", "1. Quality control", "QC summary per sample", "qc_summary"),
+    (
+        "integrate/metrics.tsv",
+        "2. Integration",
+        "Integration metrics",
+        "integration_metrics_table",
+    ),
+    (
+        "cluster/resolutions.tsv",
+        "3. Clustering",
+        "Leiden resolutions compared",
+        "resolutions_table",
+    ),
+    ("cluster/markers.tsv", "3. Clustering", "Cluster marker genes", "cluster_markers"),
+    (
+        "annotate/cell_types.tsv",
+        "4. Annotation",
+        "Cell types: cells, share and confidence",
+        "cell_types_table",
+    ),
+    (
+        "targets/state_rules.tsv",
+        "5. Therapy targets",
+        "State calls: how each was made",
+        "state_rules",
+    ),
+    (
+        "targets/sample_table.tsv",
+        "5. Therapy targets",
+        "Per-sample values",
+        "sample_table",
+    ),
+    (
+        "targets/contrasts.tsv",
+        "5. Therapy targets",
+        "Contrasts: tested or not, and why",
+        "contrasts",
+    ),
+    (
+        "targets/{contrast}/therapy_targets.tsv",
+        "5. Therapy targets",
+        "Therapy targets: evidence per state",
+        "therapy_targets_table",
+    ),
+    (
+        "targets/{contrast}/condition_effects.tsv",
+        "5. Therapy targets",
+        "Condition effects (sample level)",
+        "condition_effects",
+    ),
+    (
+        "targets/{contrast}/composition.tsv",
+        "5. Therapy targets",
+        "Composition tests (sample level)",
+        "composition_table",
+    ),
+    (
+        "de/{contrast}/summary.tsv",
+        "6. Differential expression",
+        "Pseudobulk DE: summary per cell type",
+        "de_summary",
+    ),
+    (
+        "de/{contrast}/de_results.tsv",
+        "6. Differential expression",
+        "Pseudobulk DE: genes",
+        "de_results",
+    ),
+    (
+        "targets/demo_check.tsv",
+        "7. Demo: planted truth",
+        "Demo check: planted effects recovered",
+        "demo_check",
+    ),
+    ("patients/states.tsv", "8. Patients", "Patient immune states", "patients_states"),
+    ("patients/profiles.tsv", "8. Patients", "Patient profiles", "patients_profiles"),
+    (
+        "patients/reference.tsv",
+        "8. Patients",
+        "Control reference ranges",
+        "patients_reference",
+    ),
+]
+
+
+def report_table_specs(per_contrast):
+    """The report's tables that this run makes (those among rule all's targets)."""
+    wanted = set(final_outputs())
+    specs = []
+    for rel, section, title, caption in REPORT_TABLES:
+        if ("{contrast}" in rel) != per_contrast:
+            continue
+        for name in TESTED_CONTRASTS if per_contrast else [""]:
+            path = f"{RESULTS}/" + rel.format(contrast=name)
+            if path in wanted:
+                specs.append(
+                    {
+                        "path": path,
+                        "section": section,
+                        "title": title,
+                        "contrast": name,
+                        "caption": str(
+                            Path(workflow.basedir)
+                            / "workflow"
+                            / "report"
+                            / f"{caption}.rst"
+                        ),
+                    }
+                )
+    return specs
+
+
+def report_table_inputs(wildcards):
+    return [s["path"] for s in report_table_specs(False) + report_table_specs(True)]

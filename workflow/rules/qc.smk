@@ -66,16 +66,19 @@ rule qc_figures:
             f"{RESULTS}/qc/figures/qc_violins.png",
             caption="../report/qc_violins.rst",
             category="1. Quality control",
+            labels={"title": "QC metrics per sample with thresholds"},
         ),
         scatter=report(
             f"{RESULTS}/qc/figures/qc_scatter.png",
             caption="../report/qc_scatter.rst",
             category="1. Quality control",
+            labels={"title": "QC: counts vs genes vs mitochondrial share"},
         ),
         removed=report(
             f"{RESULTS}/qc/figures/qc_removed.png",
             caption="../report/qc_removed.rst",
             category="1. Quality control",
+            labels={"title": "QC: cells kept and removed per sample"},
         ),
     log:
         f"{LOGS}/qc_figures.log",

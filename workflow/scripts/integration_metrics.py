@@ -39,7 +39,7 @@ table = integration_metrics(
     seed=p.seed,
     skipped=skipped,
 )
-write_table(table, snakemake.output.table)
+write_table(table, snakemake.output.table, digits=3)
 plot_integration_metrics(table, snakemake.output.figure)
 plot_embedding_umaps(
     adata,

@@ -26,5 +26,5 @@ adata.uns["excluded_samples"] = {
     str(s): str(w) for s, w in zip(summary["sample_id"], summary["excluded_reason"]) if w
 }
 normalize(adata)
-write_table(summary, snakemake.output.summary)
+write_table(summary, snakemake.output.summary, digits=3)
 write_h5ad(adata, snakemake.output.h5ad)

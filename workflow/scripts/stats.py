@@ -20,6 +20,6 @@ composition = pd.concat(
     [composition_test(adata, design=design, level=level, alpha=alpha) for level in ("lineage", "cell_type")],
     ignore_index=True,
 )
-write_table(effects, snakemake.output.effects)
-write_table(composition, snakemake.output.composition)
-write_table(therapy_targets(effects, alpha=alpha), snakemake.output.targets)
+write_table(effects, snakemake.output.effects, digits=3)
+write_table(composition, snakemake.output.composition, digits=3)
+write_table(therapy_targets(effects, alpha=alpha), snakemake.output.targets, digits=3)
