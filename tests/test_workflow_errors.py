@@ -110,3 +110,28 @@ def test_a_tiny_sample_stops_the_run_before_any_job_when_the_config_says_so(tmp_
     out = res.stdout + res.stderr
     assert "sample S2" in out and "qc.min_cells_per_sample" in out and "on_small_sample" in out
     assert not (tmp_path / "results").exists(), "a job ran although the run should stop"
+
+
+@pytest.mark.parametrize(
+    "section,value,expected",
+    [
+        ("integration", {"batch_key": "lane"}, "integration.batch_key"),
+        ("integration", {"categorical_covariates": ["chemistry"]}, "integration.categorical_covariates"),
+        ("integration", {"continuous_covariates": ["age_years"]}, "integration.continuous_covariates"),
+        ("stats", {"design": "~ age + condition"}, "['age']"),
+        ("contrast", {"column": "status", "case": "sepsis", "control": "control"}, "status"),
+        ("scoring", {"reference": {"column": "group", "value": "healthy"}}, "scoring.reference.column"),
+        ("scoring", {"reference": {"column": "condition", "value": "healthy"}}, "scoring.reference.value"),
+        ("patients", {"reference_column": "condition", "reference_value": "hc"}, "patients.reference_value"),
+    ],
+)  # fmt: skip
+def test_config_keys_naming_sheet_columns_are_checked_before_any_job(
+    tmp_path, section, value, expected
+):
+    """A key that names a sheet column (or one of its values) that does not exist stops the
+    run at parse time, naming the key, not in the job that first uses it."""
+    from test_workflow import TINY_CONFIG, _fails_before_any_job, _write_workdir
+
+    merged = {**TINY_CONFIG.get(section, {}), **value} if section != "contrast" else value
+    work = _write_workdir(tmp_path, {**TINY_CONFIG, section: merged})
+    _fails_before_any_job(work, expected)

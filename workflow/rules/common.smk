@@ -96,12 +96,48 @@ def _check_sheet_column(key, column):
 
 
 _check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
-N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
-if N_BATCHES == 1 and MAIN_PROCESS:
-    print(
-        f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
-        "integration runs without a batch covariate and skips the batch-mixing metrics",
-        file=sys.stderr,
+for _col in config["integration"]["categorical_covariates"]:
+    _check_sheet_column("integration.categorical_covariates", _col)
+# continuous covariates may also be per-cell QC metrics that qc_sample adds to obs
+_QC_METRICS = {
+    "total_counts",
+    "n_genes_by_counts",
+    "pct_counts_mt",
+    "pct_counts_ribo",
+    "pct_counts_hb",
+    "log1p_total_counts",
+    "log1p_n_genes_by_counts",
+    "doublet_score",
+}
+for _col in config["integration"]["continuous_covariates"]:
+    if _col not in _QC_METRICS:
+        _check_sheet_column("integration.continuous_covariates", _col)
+
+
+def _check_sheet_value(column_key, column, value_key, value):
+    """Config keys that name a sheet column and one of its values must name both."""
+    _check_sheet_column(column_key, column)
+    present = sorted(set(samples[column].astype(str)))
+    if str(value) not in present:
+        raise ValueError(
+            f"config key '{value_key}' is {value!r}, but no sample in the sample sheet "
+            f"{config['samples']} has {column} == {value!r} (values: {', '.join(present)})."
+        )
+
+
+if config["scoring"]["reference"]:
+    _check_sheet_value(
+        "scoring.reference.column",
+        config["scoring"]["reference"]["column"],
+        "scoring.reference.value",
+        config["scoring"]["reference"]["value"],
+    )
+if config["patients"]["enabled"] and config["patients"]["reference_value"] is not None:
+    _check_sheet_value(
+        "patients.reference_column",
+        config["patients"]["reference_column"],
+        "patients.reference_value",
+        config["patients"]["reference_value"],
     )
 
 # ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
