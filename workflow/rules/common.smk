@@ -504,13 +504,13 @@ REPORT_TABLES = [
     (
         "annotate/cell_types.tsv",
         "4. Annotation",
-        "Cell types: cells, share and confidence",
+        "Cell types (cells, share, confidence)",
         "cell_types_table",
     ),
     (
         "targets/state_rules.tsv",
         "5. Therapy targets",
-        "State calls: how each was made",
+        "State calls and how each was made",
         "state_rules",
     ),
     (
@@ -522,13 +522,13 @@ REPORT_TABLES = [
     (
         "targets/contrasts.tsv",
         "5. Therapy targets",
-        "Contrasts: tested or not, and why",
+        "Contrasts (tested or not, and why)",
         "contrasts",
     ),
     (
         "targets/{contrast}/therapy_targets.tsv",
         "5. Therapy targets",
-        "Therapy targets: evidence per state",
+        "Therapy targets (evidence per state)",
         "therapy_targets_table",
     ),
     (
@@ -546,19 +546,19 @@ REPORT_TABLES = [
     (
         "de/{contrast}/summary.tsv",
         "6. Differential expression",
-        "Pseudobulk DE: summary per cell type",
+        "Pseudobulk DE summary per cell type",
         "de_summary",
     ),
     (
         "de/{contrast}/de_results.tsv",
         "6. Differential expression",
-        "Pseudobulk DE: genes",
+        "Pseudobulk DE genes",
         "de_results",
     ),
     (
         "targets/demo_check.tsv",
         "7. Demo: planted truth",
-        "Demo check: planted effects recovered",
+        "Demo check (planted effects recovered?)",
         "demo_check",
     ),
     ("patients/states.tsv", "8. Patients", "Patient immune states", "patients_states"),

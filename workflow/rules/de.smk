@@ -38,13 +38,13 @@ rule de_figures:
             f"{RESULTS}/de/{{contrast}}/figures/volcano.png",
             caption="../report/de_volcano.rst",
             category="6. Differential expression",
-            labels={"title": "Pseudobulk DE: volcano plots"},
+            labels={"title": "Pseudobulk DE volcano plots"},
         ),
         heatmap=report(
             f"{RESULTS}/de/{{contrast}}/figures/heatmap.png",
             caption="../report/de_heatmap.rst",
             category="6. Differential expression",
-            labels={"title": "Pseudobulk DE: top genes heatmap"},
+            labels={"title": "Pseudobulk DE top-genes heatmap"},
         ),
     log:
         f"{LOGS}/de_figures/{{contrast}}.log",

@@ -37,7 +37,7 @@ rule integration_metrics:
             f"{RESULTS}/integrate/figures/integration_metrics.png",
             caption="../report/integration_metrics.rst",
             category="2. Integration",
-            labels={"title": "Integration metrics: methods compared"},
+            labels={"title": "Integration metrics of the methods compared"},
         ),
         umaps=report(
             f"{RESULTS}/integrate/figures/umap_by_batch.png",

@@ -72,13 +72,13 @@ rule qc_figures:
             f"{RESULTS}/qc/figures/qc_scatter.png",
             caption="../report/qc_scatter.rst",
             category="1. Quality control",
-            labels={"title": "QC: counts vs genes vs mitochondrial share"},
+            labels={"title": "QC scatter of counts, genes and mitochondrial share"},
         ),
         removed=report(
             f"{RESULTS}/qc/figures/qc_removed.png",
             caption="../report/qc_removed.rst",
             category="1. Quality control",
-            labels={"title": "QC: cells kept and removed per sample"},
+            labels={"title": "QC cells kept and removed per sample"},
         ),
     log:
         f"{LOGS}/qc_figures.log",

@@ -11,7 +11,7 @@ rule provenance:
             f"{RESULTS}/provenance.yaml",
             caption="../report/provenance.rst",
             category="0. Provenance",
-            labels={"title": "Provenance: config, package versions, device, seeds"},
+            labels={"title": "Provenance (config, package versions, device, seeds)"},
         ),
     log:
         f"{LOGS}/provenance.log",

@@ -108,7 +108,7 @@ rule target_figures:
             caption="../report/forest_plot.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
-            labels={"title": "Condition effects: forest plot"},
+            labels={"title": "Condition effects (forest plot)"},
         ),
         points=report(
             f"{RESULTS}/targets/{{contrast}}/figures/sample_points.png",
@@ -129,7 +129,7 @@ rule target_figures:
             caption="../report/therapy_targets.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
-            labels={"title": "Therapy targets: evidence per state"},
+            labels={"title": "Therapy targets (figure)"},
         ),
     log:
         f"{LOGS}/target_figures/{{contrast}}.log",

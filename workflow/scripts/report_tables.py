@@ -18,7 +18,7 @@ for specs, outdir in ((snakemake.params.cohort, snakemake.output.cohort),
         where.parent.mkdir(parents=True, exist_ok=True)
         page = table_html(
             table,
-            title=spec["title"] + (f" ({spec['contrast']})" if spec["contrast"] else ""),
+            title=spec["title"] + (f", {spec['contrast']}" if spec["contrast"] else ""),
             description=Path(spec["caption"]).read_text(),
             source=spec["path"],
         )
