@@ -23,6 +23,9 @@ CONFIG = {
     "run_name": "err",
     "samples": "samples.tsv",
     "demo": {"simulate": False},
+    "integration": {"max_epochs": 3, "n_hvg": 600, "compare": []},
+    "clustering": {"resolutions": [1.0], "resolution": 1.0},
+    "stats": {"min_cells": 5},
 }
 
 
@@ -83,22 +86,27 @@ def test_an_error_only_a_job_can_find_is_printed_at_the_terminal(tmp_path):
 
 
 def test_a_tiny_sample_is_flagged_before_any_job_and_left_out_of_the_cohort(tmp_path):
-    sheet, adatas = _cohort(tmp_path, 3)
-    adatas["S2"] = adatas["S2"][:20].copy()
+    """A 20-cell sample is reported before any job, left out at qc_merge, and named in the
+    composition table instead of entering it at full weight."""
+    sheet, adatas = _cohort(tmp_path, 5)
+    adatas["S4"] = adatas["S4"][:20].copy()
     _write(tmp_path, sheet, adatas)
     dry = _snakemake(tmp_path, "-n", "--cores", "1")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "sample S2" in dry.stderr and "qc.min_cells_per_sample (50)" in dry.stderr
-    res = _snakemake(tmp_path, "--cores", "2", "results/err/qc/merged.h5ad")
+    assert "sample S4" in dry.stderr and "qc.min_cells_per_sample (50)" in dry.stderr
+    target = "results/err/targets/sepsis_vs_control/composition.tsv"
+    res = _snakemake(tmp_path, "--cores", "2", target)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "sample S2 left out of the cohort" in res.stderr
+    assert "sample S4 left out of the cohort" in res.stderr
     summary = pd.read_csv(tmp_path / "results/err/qc/qc_summary.tsv", sep="\t")
-    row = summary.set_index("sample_id").loc["S2"]
+    row = summary.set_index("sample_id").loc["S4"]
     assert not row["included"] and "qc.min_cells_per_sample" in row["excluded_reason"]
-    assert summary.set_index("sample_id").loc[["S0", "S1"], "included"].all()
+    assert summary.set_index("sample_id").loc[["S0", "S1", "S2", "S3"], "included"].all()
     merged = ad.read_h5ad(tmp_path / "results/err/qc/merged.h5ad", backed="r")
-    assert set(merged.obs["sample_id"].astype(str)) == {"S0", "S1"}
-    assert "S2" in merged.uns["excluded_samples"]
+    assert set(merged.obs["sample_id"].astype(str)) == {"S0", "S1", "S2", "S3"}
+    composition = pd.read_csv(tmp_path / target, sep="\t")
+    assert composition["samples_left_out"].str.match(r"^S4 \(\d+ cells after QC < qc.min_cells").all()
+    assert (composition["n_case"] == 2).all() and (composition["n_control"] == 2).all()
 
 
 def test_a_tiny_sample_stops_the_run_before_any_job_when_the_config_says_so(tmp_path):
