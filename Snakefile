@@ -29,3 +29,9 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        f"{RESULTS}/report/tables",
+        f"{RESULTS}/report/contrast_tables",
+
+
+onerror:
+    print_job_errors()

@@ -314,7 +314,7 @@ def test_check_planted_effects_scores_direction_and_fdr():
         if spec["table"] == "composition":
             comp_rows.append({"level": spec["level"], "label": spec["label"], "effect": sign, "pvalue": 0.001, "fdr": 0.01})
         else:
-            eff_rows.append({"state": spec["level"], "metric": spec["label"], "effect": sign, "pvalue": 0.001, "fdr": 0.01})
+            eff_rows.append({"state": spec["level"], "metric": "fraction", "role": "primary", "effect": sign, "pvalue": 0.001, "fdr": 0.01})
     effects, composition = pd.DataFrame(eff_rows), pd.DataFrame(comp_rows)
     assert check_planted_effects(effects, composition)["detected"].all()
 
@@ -332,6 +332,29 @@ def test_check_planted_effects_scores_direction_and_fdr():
     summary = null_calibration(effects, composition)
     assert summary["n_tests"] == len(PLANTED_EFFECTS)
     assert summary["n_p_below_alpha"] == len(PLANTED_EFFECTS)
+
+
+def test_demo_check_and_therapy_targets_read_the_same_row_of_a_state():
+    """One readout per state: the demo check takes the state's primary row, as the therapy
+    table does (TREM2-high macrophages: share within macrophages, not share of all cells)."""
+    from sepsis_sc.simulate import check_planted_effects
+    from sepsis_sc.stats import therapy_targets
+
+    effects = pd.DataFrame([
+        {"state": "trem2_high_macrophage", "label": "TREM2-high", "metric": "fraction", "role": "primary",
+         "effect": 0.4, "ci_low": -0.1, "ci_high": 0.9, "pvalue": 0.2, "fdr": 0.3, "direction": "", "meaning": ""},
+        {"state": "trem2_high_macrophage", "label": "TREM2-high", "metric": "mean_score", "role": "secondary",
+         "effect": 0.2, "ci_low": 0.1, "ci_high": 0.3, "pvalue": 1e-4, "fdr": 1e-3, "direction": "up", "meaning": ""},
+    ])  # fmt: skip
+    composition = pd.DataFrame([{"level": "cell_type", "label": "TREM2-high macrophage",
+                                 "effect": 1.5, "pvalue": 1e-6, "fdr": 1e-5}])  # fmt: skip
+    check = check_planted_effects(effects, composition).set_index("planted_effect")
+    row = check.loc["more TREM2-high macrophages"]
+    assert row["tested_as"] == "state trem2_high_macrophage (fraction, primary)"
+    assert not row["detected"] and row["fdr"] == 0.3
+    targets = therapy_targets(effects).set_index("state")
+    assert targets.loc["trem2_high_macrophage", "fdr"] == row["fdr"]
+    assert targets.loc["trem2_high_macrophage", "evidence"] == "not significant"
 
 
 def test_oracle_tests_find_planted_effects_and_not_null_ones():
@@ -365,8 +388,8 @@ def test_check_planted_effects_adds_oracle_columns():
     _, truth = simulate.simulate_cohort(sheet, cells_per_sample=800, n_genes=800, seed=1)
     comp = pd.DataFrame([{"level": s["level"], "label": s["label"], "effect": 1.0, "pvalue": 0.5,
                           "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "composition"])
-    eff = pd.DataFrame([{"state": s["level"], "metric": s["label"], "effect": 1.0, "pvalue": 0.5,
-                         "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "effects"])
+    eff = pd.DataFrame([{"state": s["level"], "metric": "fraction", "role": "primary", "effect": 1.0,
+                         "pvalue": 0.5, "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "effects"])
     res = check_planted_effects(eff, comp, truth=truth)
     assert {"oracle_fdr", "oracle_detected"} <= set(res.columns)
     assert not res["detected"].any()  # FDR 0.5 everywhere

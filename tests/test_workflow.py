@@ -264,6 +264,16 @@ def test_report_contains_every_figure(tiny_run):
     for png in figures:
         assert png.name in html, f"{png.name} missing from the report"
     assert "provenance.yaml" in html and "condition_effects.tsv" in html
+    # the landing page says what the data are; every table is a titled page inside the report
+    assert "SIMULATED DATA" in html
+    for title in ("Therapy targets (evidence per state)", "Condition effects (sample level)",
+                  "QC summary per sample", "UMAP of annotated cell types"):  # fmt: skip
+        assert f'"title": "{title}"' in html, f"report entry {title!r} missing"
+    tables = sorted((tiny_run / "results" / "tiny" / "report").rglob("*.html"))
+    assert len(tables) >= 12
+    page = next(p for p in tables if p.name == "Therapy targets (evidence per state).html")
+    text = page.read_text()
+    assert "<table>" in text and "therapy_targets.tsv" in text
 
 
 def test_scvi_as_comparison_method_keeps_its_model(tmp_path):

@@ -66,8 +66,12 @@ class Problem:
     file: str
     what: str
     fix: str
+    #: a warning does not stop the run (e.g. a sample too small for the sample-level tests)
+    warning: bool = False
 
     def __str__(self) -> str:
+        if self.warning:
+            return f"sample {self.sample} ({self.file}): {self.what}; {self.fix}."
         return f"sample {self.sample} ({self.file}): {self.what}. Fix: {self.fix}."
 
 
@@ -87,9 +91,9 @@ class PreflightError(SampleSheetError):
 class _Bad(Exception):
     """One problem found while checking a file (message = what, fix)."""
 
-    def __init__(self, what: str, fix: str, file: Path | None = None):
+    def __init__(self, what: str, fix: str, file: Path | None = None, warning: bool = False):
         super().__init__(what)
-        self.what, self.fix, self.file = what, fix, file
+        self.what, self.fix, self.file, self.warning = what, fix, file, warning
 
 
 # --------------------------------------------------------------------------------------
@@ -261,16 +265,48 @@ def _value_problems(values: np.ndarray, what: str, file: Path) -> list[_Bad]:
     return []
 
 
-def _cells_problems(n_cells: int, min_cells: int, file: Path) -> list[_Bad]:
-    if n_cells < max(min_cells, 1):
+@dataclass(frozen=True)
+class CellLimits:
+    """Cell-number limits of one sample's input file.
+
+    ``min_cells`` (``ingest.min_cells``): fewer is an error. ``small_cells``
+    (``qc.min_cells_per_sample``): fewer cells than this even before QC means the sample
+    cannot reach that number after QC; it is an error when ``small_is_error``
+    (``qc.on_small_sample: stop``), else a warning (the sample will be left out at
+    ``qc_merge``).
+    """
+
+    min_cells: int = 1
+    small_cells: int = 0
+    small_is_error: bool = False
+
+
+def _cells_problems(n_cells: int, cells: CellLimits, file: Path) -> list[_Bad]:
+    if n_cells < max(cells.min_cells, 1):
         return [
             _Bad(
-                f"{file.name} has {n_cells} cells (ingest.min_cells is {min_cells})",
+                f"{file.name} has {n_cells} cells (ingest.min_cells is {cells.min_cells})",
                 "point 'path' at the filtered matrix of this sample, or remove the sample "
                 "from the sheet",
                 file,
             )
         ]
+    if n_cells < cells.small_cells:
+        what = (
+            f"{file.name} has only {n_cells} cells, fewer than qc.min_cells_per_sample "
+            f"({cells.small_cells}) even before QC"
+        )
+        if cells.small_is_error:
+            fix = (
+                "remove the sample from the sheet, point 'path' at the right matrix, or set "
+                "qc.on_small_sample: drop to leave it out of the cohort and run the others"
+            )
+            return [_Bad(what, fix, file)]
+        fix = (
+            "it will be left out of the cohort at qc_merge (qc.on_small_sample: drop); "
+            "remove it from the sheet to silence this, or lower qc.min_cells_per_sample"
+        )
+        return [_Bad(what, fix, file, warning=True)]
     return []
 
 
@@ -319,7 +355,7 @@ def _is_anndata(f: Any) -> bool:
     return f.attrs.get("encoding-type") == "anndata" or ("obs" in f and "var" in f)
 
 
-def _check_10x_h5(path: Path, organism: str | None, max_cells: int, min_cells: int) -> list[_Bad]:
+def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
     _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
     import h5py
 
@@ -385,7 +421,7 @@ def _check_10x_h5(path: Path, organism: str | None, max_cells: int, min_cells: i
                 path,
             )
         )
-    out += _cells_problems(n_cells, min_cells, path)
+    out += _cells_problems(n_cells, cells, path)
     out += _barcode_problems(barcodes, path)
     names, ids = _decode(names), _decode(ids)
     if ftype is not None:
@@ -437,7 +473,7 @@ def _read_small_table(path: Path) -> pd.DataFrame:
         raise _Bad(f"{path.name} cannot be read ({err})", _REDOWNLOAD, path) from None
 
 
-def _check_mtx(path: Path, organism: str | None, max_cells: int, min_cells: int) -> list[_Bad]:
+def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
     from sepsis_sc.io import _ENSEMBL_RE, _find_mtx_in_dir
 
     try:
@@ -529,7 +565,7 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, min_cells: int)
             + ("; write the matrix genes x cells as 10x does" if transposed else ""),
             matrix,
         )
-    out += _cells_problems(n_bc, min_cells, matrix)
+    out += _cells_problems(n_bc, cells, matrix)
     out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
     if nnz:
         try:
@@ -572,7 +608,7 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, min_cells: int)
     return out
 
 
-def _check_h5ad(path: Path, organism: str | None, max_cells: int, min_cells: int) -> list[_Bad]:
+def _check_h5ad(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
     _expect(path, sniff(path), ("hdf5",), "an AnnData .h5ad (HDF5)")
     from anndata.io import read_elem
 
@@ -622,7 +658,7 @@ def _check_h5ad(path: Path, organism: str | None, max_cells: int, min_cells: int
             raise _Bad(
                 f"{path.name} cannot be read as AnnData ({err})", _REDOWNLOAD, path
             ) from None
-    out = _cells_problems(n_cells, min_cells, path)
+    out = _cells_problems(n_cells, cells, path)
     if barcodes is not None:
         out += _barcode_problems(barcodes, path)
     out += _gene_problems(var, organism, path)
@@ -630,7 +666,7 @@ def _check_h5ad(path: Path, organism: str | None, max_cells: int, min_cells: int
     return out
 
 
-def _check_table(path: Path, organism: str | None, max_cells: int, min_cells: int) -> list[_Bad]:
+def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
     from sepsis_sc.io import _sniff_separator
 
     gz = path.name.endswith(".gz")
@@ -666,7 +702,7 @@ def _check_table(path: Path, organism: str | None, max_cells: int, min_cells: in
             "give a gene-by-cell table whose header is the barcodes",
             path,
         )
-    out = _cells_problems(len(barcodes), min_cells, path)
+    out = _cells_problems(len(barcodes), cells, path)
     out += _barcode_problems(np.asarray(barcodes), path)
     k = min(max_cells, len(barcodes))
     rows = pd.read_csv(
@@ -692,7 +728,7 @@ _CHECKERS = {"10x_h5": _check_10x_h5, "mtx": _check_mtx, "h5ad": _check_h5ad, "t
 
 
 def _check_one(
-    path: Path, fmt: str, organism: str | None, max_cells: int, min_cells: int
+    path: Path, fmt: str, organism: str | None, max_cells: int, cells: CellLimits
 ) -> list[_Bad]:
     from sepsis_sc.io import _detect_format
 
@@ -719,7 +755,7 @@ def _check_one(
     if fmt_used == "10x_h5" and path.is_dir():
         path = path / "filtered_feature_bc_matrix.h5"
     try:
-        return _CHECKERS[fmt_used](path, organism, max_cells, min_cells)
+        return _CHECKERS[fmt_used](path, organism, max_cells, cells)
     except _Bad as bad:
         return [bad]
     except Exception as err:  # a layout these checks do not know: leave it to the job
@@ -782,6 +818,8 @@ def check_inputs(
     base: str | Path = ".",
     max_cells: int = 2000,
     min_cells: int = 1,
+    small_cells: int = 0,
+    small_is_error: bool = False,
     skip: Iterable[str] = (),
     cache: str | Path | None = None,
 ) -> list[Problem]:
@@ -800,6 +838,10 @@ def check_inputs(
         Values of the first ``max_cells`` cells are checked (integers, no NaN / negatives).
     min_cells
         Fewest cells a sample may have (``ingest.min_cells``).
+    small_cells, small_is_error
+        A sample with fewer cells than ``small_cells`` (``qc.min_cells_per_sample``) in its
+        file is reported: an error when ``small_is_error`` (``qc.on_small_sample: stop``),
+        else a warning (``Problem.warning``), since it will be left out at ``qc_merge``.
     skip
         Paths the workflow will produce (demo simulator outputs). Rows with a ``url`` or
         ``archive_url`` whose file does not exist yet are skipped as well (the workflow
@@ -811,7 +853,8 @@ def check_inputs(
     skipped = {str(Path(p)) for p in skip}
     cache_path = Path(base) / cache if cache is not None else None
     passed = _load_cache(cache_path)
-    settings = [organism, max_cells, min_cells]
+    cells = CellLimits(min_cells, small_cells, small_is_error)
+    settings = [organism, max_cells, min_cells, small_cells, small_is_error]
     problems: list[Problem] = []
     before = json.dumps(passed, sort_keys=True)
     for sid, row in samples.iterrows():
@@ -826,7 +869,7 @@ def check_inputs(
         stamp = [fmt, settings, _fingerprint(path)]
         if stamp[2] is not None and passed.get(key) == stamp:
             continue
-        found = _check_one(path, fmt, organism, max_cells, min_cells)
+        found = _check_one(path, fmt, organism, max_cells, cells)
         if not found and stamp[2] is not None:
             passed[key] = stamp
         if found:
@@ -837,7 +880,7 @@ def check_inputs(
                 shown = str(Path(file).relative_to(base)) if str(base) != "." else str(file)
             except ValueError:
                 shown = str(file)
-            problems.append(Problem(str(sid), shown, bad.what, bad.fix))
+            problems.append(Problem(str(sid), shown, bad.what, bad.fix, bad.warning))
     if json.dumps(passed, sort_keys=True) != before:
         _save_cache(cache_path, passed)
     return problems
@@ -850,19 +893,28 @@ def preflight(
     base: str | Path = ".",
     max_cells: int = 2000,
     min_cells: int = 1,
+    small_cells: int = 0,
+    small_is_error: bool = False,
     skip: Iterable[str] = (),
     cache: str | Path | None = None,
     sheet_name: str = "sample sheet",
-) -> None:
-    """Run :func:`check_inputs`; raise :class:`PreflightError` listing every problem."""
+) -> list[Problem]:
+    """Run :func:`check_inputs`; raise :class:`PreflightError` listing every problem.
+
+    Returns the warnings (problems that do not stop the run) for the caller to show.
+    """
     problems = check_inputs(
         samples,
         organism,
         base=base,
         max_cells=max_cells,
         min_cells=min_cells,
+        small_cells=small_cells,
+        small_is_error=small_is_error,
         skip=skip,
         cache=cache,
     )
-    if problems:
-        raise PreflightError(problems, sheet_name)
+    errors = [p for p in problems if not p.warning]
+    if errors:
+        raise PreflightError(errors, sheet_name)
+    return [p for p in problems if p.warning]

@@ -1105,7 +1105,9 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
     #: config key (section ``qc``) -> field, where the names differ
     _CONFIG_NAMES: ClassVar[dict[str, str]] = {"rescue_low_rna_immune": "rescue"}
     #: ``qc`` config keys that belong to other steps (merge, run_qc's ``on_empty``)
-    _NOT_PARAMS: ClassVar[frozenset[str]] = frozenset({"min_cells_per_gene", "on_empty"})
+    _NOT_PARAMS: ClassVar[frozenset[str]] = frozenset(
+        {"min_cells_per_gene", "on_empty", "min_cells_per_sample", "on_small_sample"}
+    )
     _NMADS_KEYS: ClassVar[dict[str, str]] = {
         "nmads_counts": "log1p_total_counts",
         "nmads_genes": "log1p_n_genes_by_counts",
@@ -1397,8 +1399,9 @@ def _empty_sample_message(row: pd.Series, thr: pd.Series, columns: pd.Index) -> 
     return (
         f"QC removed all {int(row['cells_in'])} cells of sample {row['sample_id']!r} "
         f"(thresholds used: {used}; cells flagged by reason: {removed}). Loosen the "
-        "config keys qc.nmads / qc.min_counts / qc.min_genes / qc.max_pct_mt, check that "
-        "the input holds cells rather than empty droplets, or set qc.on_empty: drop."
+        "config keys qc.nmads_counts / qc.nmads_genes / qc.nmads_mt / qc.min_counts / "
+        "qc.min_genes / qc.max_pct_mt, check that the input holds cells rather than empty "
+        "droplets, or set qc.on_empty: drop."
     )
 
 
@@ -1483,6 +1486,64 @@ def filter_cells_qc(adata: ad.AnnData, *, min_cells_per_gene: int = 0) -> ad.Ann
 # --------------------------------------------------------------------------------------
 # merge and normalise
 # --------------------------------------------------------------------------------------
+
+
+def select_samples(
+    summary: pd.DataFrame,
+    *,
+    min_cells: int = 50,
+    on_small: Literal["drop", "stop"] = "drop",
+) -> pd.DataFrame:
+    """Decide which samples enter the cohort: those with at least ``min_cells`` after QC.
+
+    A sample with a handful of cells left would enter the sample-level statistics at full
+    weight (its 3 cells set its cell-type fractions), so it is left out of the merged cohort
+    (``on_small="drop"``, the default) or stops the run (``"stop"``). Samples with no cells
+    at all were already handled by :func:`run_qc` (``qc.on_empty``).
+
+    Parameters
+    ----------
+    summary
+        Per-sample QC summary (``run_qc`` output, concatenated): ``sample_id``, ``cells_out``.
+    min_cells
+        ``qc.min_cells_per_sample``; 0 keeps every sample with at least one cell.
+    on_small
+        ``qc.on_small_sample``.
+
+    Returns
+    -------
+    A copy of ``summary`` with ``included`` (bool) and ``excluded_reason`` ("" when included).
+
+    Raises
+    ------
+    ValueError
+        With ``on_small="stop"``, naming the small samples and the config keys.
+    """
+    if on_small not in ("drop", "stop"):
+        raise ValueError(f"on_small must be 'drop' or 'stop', not {on_small!r}.")
+    out = summary.copy()
+    n = out["cells_out"].astype(int)
+    empty = n == 0
+    small = (n > 0) & (n < int(min_cells))
+    out["included"] = ~(empty | small)
+    out["excluded_reason"] = ""
+    out.loc[empty, "excluded_reason"] = "no cells after QC"
+    out.loc[small, "excluded_reason"] = [
+        f"{k} cells after QC < qc.min_cells_per_sample ({int(min_cells)})" for k in n[small]
+    ]
+    if small.any() and on_small == "stop":
+        names = ", ".join(f"{s} ({k} cells)" for s, k in zip(out.loc[small, "sample_id"], n[small]))
+        raise ValueError(
+            f"sample(s) with fewer than qc.min_cells_per_sample ({int(min_cells)}) cells after "
+            f"QC: {names}. Remove them from the sheet, loosen QC for them, lower "
+            "qc.min_cells_per_sample, or set qc.on_small_sample: drop to leave them out."
+        )
+    if small.any():
+        logger.warning(
+            "left out of the cohort (too few cells after QC): %s",
+            ", ".join(out.loc[small, "sample_id"].astype(str)),
+        )
+    return out
 
 
 def merge_samples(

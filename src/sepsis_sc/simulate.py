@@ -1115,9 +1115,12 @@ def _write_sample(adata: ad.AnnData, p: Path, fmt: str, genome: str) -> Path:
 
 
 #: The sample-level effects the simulator plants in sepsis (``effects=True``), each with the
-#: pre-specified table row that must detect it: (source table, level/state, label or metric,
-#: expected direction). Metrics are fixed in advance (fraction for discrete states, mean
-#: per-cell score for continuous ones) so the check cannot pick the luckiest metric.
+#: pre-specified table row that must detect it: (source table, level/state, label, expected
+#: direction). A state is read from its **primary** row (the metric fixed in
+#: ``resources/therapy_targets.yaml``, ``role == "primary"`` in the effects table), the same
+#: row :func:`sepsis_sc.stats.therapy_targets` reads, so the demo check and the therapy
+#: table cannot disagree on what a state's readout is, and the check cannot pick the
+#: luckiest metric.
 PLANTED_EFFECTS: tuple[dict[str, str], ...] = (
     {"effect": "fewer T cells", "table": "composition", "level": "lineage", "label": "T", "direction": "down"},
     {"effect": "fewer NK cells", "table": "composition", "level": "lineage", "label": "NK", "direction": "down"},
@@ -1128,17 +1131,18 @@ PLANTED_EFFECTS: tuple[dict[str, str], ...] = (
     {"effect": "more platelets", "table": "composition", "level": "lineage", "label": "Platelet", "direction": "up"},
     {"effect": "classical monocyte expansion", "table": "composition", "level": "cell_type", "label": "Classical monocyte", "direction": "up"},
     {"effect": "more immature neutrophils", "table": "composition", "level": "cell_type", "label": "Immature neutrophil", "direction": "up"},
-    {"effect": "more TREM2-high macrophages", "table": "composition", "level": "cell_type", "label": "TREM2-high macrophage", "direction": "up"},
-    {"effect": "MS1-like monocyte state", "table": "effects", "level": "ms1_monocyte", "label": "mean_score", "direction": "up"},
-    {"effect": "HLA class II loss in monocytes", "table": "effects", "level": "mono_hladr_low", "label": "fraction", "direction": "up"},
-    {"effect": "HLA class II loss in DCs", "table": "effects", "level": "dc_tolerogenic", "label": "mean_score", "direction": "up"},
-    {"effect": "T-cell exhaustion programme", "table": "effects", "level": "t_exhaustion", "label": "fraction", "direction": "up"},
-    {"effect": "monocyte cytokine programme", "table": "effects", "level": "cytokine_storm", "label": "mean_score", "direction": "up"},
+    {"effect": "more TREM2-high macrophages", "table": "effects", "level": "trem2_high_macrophage", "label": "primary", "direction": "up"},
+    {"effect": "MS1-like monocyte state", "table": "effects", "level": "ms1_monocyte", "label": "primary", "direction": "up"},
+    {"effect": "HLA class II loss in monocytes", "table": "effects", "level": "mono_hladr_low", "label": "primary", "direction": "up"},
+    {"effect": "HLA class II loss in DCs", "table": "effects", "level": "dc_tolerogenic", "label": "primary", "direction": "up"},
+    {"effect": "T-cell exhaustion programme", "table": "effects", "level": "t_exhaustion", "label": "primary", "direction": "up"},
+    {"effect": "monocyte cytokine programme", "table": "effects", "level": "cytokine_storm", "label": "primary", "direction": "up"},
 )  # fmt: skip
 
 
 #: truth flag and parent cell types behind each state row of :data:`PLANTED_EFFECTS`
 _ORACLE_STATES = {
+    "trem2_high_macrophage": ("trem2_high", ("Macrophage", "TREM2-high macrophage")),
     "ms1_monocyte": ("ms1_like", ("Classical monocyte",)),
     "mono_hladr_low": ("hla_low", ("Classical monocyte", "Non-classical monocyte")),
     "dc_tolerogenic": ("hla_low", ("cDC1", "cDC2", "pDC")),
@@ -1211,6 +1215,20 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
     return out
 
 
+def _primary_row(effects: pd.DataFrame, state: str) -> tuple[pd.DataFrame, str]:
+    """A state's pre-specified primary row of ``effects`` and its metric: the row with
+    ``role == "primary"``, else the metric :func:`sepsis_sc.stats.primary_metrics` names."""
+    rows = effects[effects["state"] == state]
+    if "role" in rows:
+        hit = rows[rows["role"] == "primary"]
+    else:
+        from sepsis_sc.stats import primary_metrics
+
+        hit = rows[rows["metric"] == primary_metrics([state])[state]]
+    metric = str(hit["metric"].iloc[0]) if len(hit) else "primary metric"
+    return hit.head(1), metric
+
+
 def check_planted_effects(
     effects: pd.DataFrame,
     composition: pd.DataFrame,
@@ -1250,8 +1268,8 @@ def check_planted_effects(
             ]
             where = f"composition {spec['level']} {spec['label']}"
         else:
-            hit = effects[(effects["state"] == spec["level"]) & (effects["metric"] == spec["label"])]
-            where = f"state {spec['level']} ({spec['label']})"
+            hit, metric = _primary_row(effects, spec["level"])
+            where = f"state {spec['level']} ({metric}, primary)"
         effect = float(hit["effect"].iloc[0]) if len(hit) else np.nan
         fdr = float(hit["fdr"].iloc[0]) if len(hit) else np.nan
         observed = "up" if effect > 0 else "down" if effect < 0 else "none"

@@ -1034,6 +1034,7 @@ def _target_row(state: str, t: Mapping[str, Any], sub: pd.DataFrame, alpha: floa
         "direction": r["direction"],
         "target_direction": want,
         "rationale": t.get("rationale", ""),
+        "caveat": t.get("caveat", ""),
         "references": t.get("references", ""),
         "meaning": r["meaning"],
         "_strength": abs(r["effect"]) / width if width and np.isfinite(width) else 0.0,
@@ -1061,7 +1062,7 @@ def therapy_targets(
     effects
         Output of :func:`condition_effects`.
     targets
-        Mapping ``state -> {target_direction, primary_metric, therapy, rationale,
+        Mapping ``state -> {target_direction, primary_metric, therapy, rationale, caveat,
         references}``, a YAML path, or None for the packaged resource.
     alpha
         FDR level.
@@ -1071,8 +1072,8 @@ def therapy_targets(
     pandas.DataFrame
         ``rank``, ``state``, ``label``, ``therapy``, ``evidence``, ``metric``, ``unit``,
         ``effect``, ``ci_low``, ``ci_high``, ``fdr``, ``direction``, ``target_direction``,
-        ``rationale``, ``references``, ``meaning``. Hypotheses for follow-up, not treatment
-        advice.
+        ``rationale``, ``caveat`` (what a blood readout cannot say), ``references``,
+        ``meaning``. Hypotheses for follow-up, not treatment advice.
     """
     targets = _load_targets(targets)
     rows = []

@@ -8,11 +8,7 @@ rule annotate:
     output:
         **celltypist_outputs(),
         h5ad=f"{RESULTS}/annotated.h5ad",
-        table=report(
-            f"{RESULTS}/annotate/cell_types.tsv",
-            caption="../report/cell_types_table.rst",
-            category="4. Annotation",
-        ),
+        table=f"{RESULTS}/annotate/cell_types.tsv",
     log:
         f"{LOGS}/annotate.log",
     benchmark:
@@ -40,11 +36,13 @@ rule annotation_figures:
             f"{RESULTS}/annotate/figures/umap_cell_types.png",
             caption="../report/umap_cell_types.rst",
             category="4. Annotation",
+            labels={"title": "UMAP of annotated cell types"},
         ),
         dotplot=report(
             f"{RESULTS}/annotate/figures/marker_dotplot.png",
             caption="../report/marker_dotplot.rst",
             category="4. Annotation",
+            labels={"title": "Marker genes per cell type (dot plot)"},
         ),
     log:
         f"{LOGS}/annotation_figures.log",

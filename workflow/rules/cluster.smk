@@ -30,11 +30,7 @@ rule cluster_summary:
     input:
         f"{RESULTS}/cluster/clustered.h5ad",
     output:
-        resolutions=report(
-            f"{RESULTS}/cluster/resolutions.tsv",
-            caption="../report/resolutions_table.rst",
-            category="3. Clustering",
-        ),
+        resolutions=f"{RESULTS}/cluster/resolutions.tsv",
         markers=f"{RESULTS}/cluster/markers.tsv",
     log:
         f"{LOGS}/cluster_summary.log",
@@ -61,11 +57,13 @@ rule cluster_figures:
             f"{RESULTS}/cluster/figures/resolutions.png",
             caption="../report/resolutions.rst",
             category="3. Clustering",
+            labels={"title": "Leiden resolutions compared"},
         ),
         umap=report(
             f"{RESULTS}/cluster/figures/umap_clusters.png",
             caption="../report/umap_clusters.rst",
             category="3. Clustering",
+            labels={"title": "UMAP of Leiden clusters"},
         ),
     log:
         f"{LOGS}/cluster_figures.log",

@@ -2,6 +2,7 @@
 # functions. Named functions only, so every rule reads plainly.
 import re
 import sys
+import time
 from pathlib import Path
 
 from sepsis_sc.download import download_plan
@@ -56,21 +57,33 @@ check_sample_inputs(
     produced=demo_sample_paths(),
     sheet_name=f"sample sheet {config['samples']}",
 )
+# the report's first line: what the data are (config key 'title'; the demo says it is simulated)
+if config.get("title") is None:
+    _simulated = len(demo_sample_paths())
+    config["title"] = (
+        f"SIMULATED DATA: {_simulated} of {len(SAMPLES)} samples made by the sepsis-sc "
+        "demo simulator, with planted effects; not real patients"
+        if _simulated
+        else f"Cohort {config['run_name']} (sample sheet {config['samples']})"
+    )
 # the main Snakemake process, not a cluster job or a job's subprocess re-reading the workflow
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)
 if config["preflight"]["enabled"] and MAIN_PROCESS:
     # every input file, cheaply: unreadable or wrong data stops here, one line per problem
     from sepsis_sc.preflight import preflight
 
-    preflight(
+    for _warning in preflight(
         samples,
         config["organism"],
         max_cells=config["preflight"]["max_cells"],
         min_cells=config["ingest"]["min_cells"],
+        small_cells=config["qc"]["min_cells_per_sample"],
+        small_is_error=config["qc"]["on_small_sample"] == "stop",
         skip=demo_sample_paths(),
         cache=".snakemake/sepsis_sc_preflight.json",
         sheet_name=f"sample sheet {config['samples']}",
-    )
+    ):
+        print(f"sepsis-sc: warning: {_warning}", file=sys.stderr)
 
 
 def _check_sheet_column(key, column):
@@ -83,12 +96,48 @@ def _check_sheet_column(key, column):
 
 
 _check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
-N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
-if N_BATCHES == 1 and MAIN_PROCESS:
-    print(
-        f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
-        "integration runs without a batch covariate and skips the batch-mixing metrics",
-        file=sys.stderr,
+for _col in config["integration"]["categorical_covariates"]:
+    _check_sheet_column("integration.categorical_covariates", _col)
+# continuous covariates may also be per-cell QC metrics that qc_sample adds to obs
+_QC_METRICS = {
+    "total_counts",
+    "n_genes_by_counts",
+    "pct_counts_mt",
+    "pct_counts_ribo",
+    "pct_counts_hb",
+    "log1p_total_counts",
+    "log1p_n_genes_by_counts",
+    "doublet_score",
+}
+for _col in config["integration"]["continuous_covariates"]:
+    if _col not in _QC_METRICS:
+        _check_sheet_column("integration.continuous_covariates", _col)
+
+
+def _check_sheet_value(column_key, column, value_key, value):
+    """Config keys that name a sheet column and one of its values must name both."""
+    _check_sheet_column(column_key, column)
+    present = sorted(set(samples[column].astype(str)))
+    if str(value) not in present:
+        raise ValueError(
+            f"config key '{value_key}' is {value!r}, but no sample in the sample sheet "
+            f"{config['samples']} has {column} == {value!r} (values: {', '.join(present)})."
+        )
+
+
+if config["scoring"]["reference"]:
+    _check_sheet_value(
+        "scoring.reference.column",
+        config["scoring"]["reference"]["column"],
+        "scoring.reference.value",
+        config["scoring"]["reference"]["value"],
+    )
+if config["patients"]["enabled"] and config["patients"]["reference_value"] is not None:
+    _check_sheet_value(
+        "patients.reference_column",
+        config["patients"]["reference_column"],
+        "patients.reference_value",
+        config["patients"]["reference_value"],
     )
 
 # ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
@@ -414,3 +463,150 @@ def download_url(wildcards):
 def download_checksum(wildcards):
     """Expected checksum of one download ('' when the sheet gives none)."""
     return DOWNLOADS.files[wildcards.dlfile].checksum or ""
+
+
+# ---- errors found inside jobs: the project's message at the end of the run ----
+RUN_STARTED = time.time()
+
+
+def print_job_errors():
+    """Print the one-line messages of the jobs that failed in this run (``<log>.error.txt``)."""
+    from sepsis_sc.utils import ERROR_SUFFIX
+
+    logs = Path(RESULTS) / "logs"
+    found = (
+        sorted(
+            p
+            for p in logs.rglob(f"*{ERROR_SUFFIX}")
+            if p.stat().st_mtime >= RUN_STARTED - 1
+        )
+        if logs.exists()
+        else []
+    )
+    if not found:
+        return
+    print(
+        "\nsepsis-sc: what went wrong (the project's messages from the failed jobs):",
+        file=sys.stderr,
+    )
+    for p in found:
+        print("  " + p.read_text().strip().replace("\n", "\n  "), file=sys.stderr)
+
+
+# ---- tables shown inside the report as HTML pages (path under RESULTS, section, title,
+# caption file); per-contrast ones carry {contrast} ----
+REPORT_TABLES = [
+    ("qc/qc_summary.tsv", "1. Quality control", "QC summary per sample", "qc_summary"),
+    (
+        "integrate/metrics.tsv",
+        "2. Integration",
+        "Integration metrics",
+        "integration_metrics_table",
+    ),
+    (
+        "cluster/resolutions.tsv",
+        "3. Clustering",
+        "Leiden resolutions compared",
+        "resolutions_table",
+    ),
+    ("cluster/markers.tsv", "3. Clustering", "Cluster marker genes", "cluster_markers"),
+    (
+        "annotate/cell_types.tsv",
+        "4. Annotation",
+        "Cell types (cells, share, confidence)",
+        "cell_types_table",
+    ),
+    (
+        "targets/state_rules.tsv",
+        "5. Therapy targets",
+        "State calls and how each was made",
+        "state_rules",
+    ),
+    (
+        "targets/sample_table.tsv",
+        "5. Therapy targets",
+        "Per-sample values",
+        "sample_table",
+    ),
+    (
+        "targets/contrasts.tsv",
+        "5. Therapy targets",
+        "Contrasts (tested or not, and why)",
+        "contrasts",
+    ),
+    (
+        "targets/{contrast}/therapy_targets.tsv",
+        "5. Therapy targets",
+        "Therapy targets (evidence per state)",
+        "therapy_targets_table",
+    ),
+    (
+        "targets/{contrast}/condition_effects.tsv",
+        "5. Therapy targets",
+        "Condition effects (sample level)",
+        "condition_effects",
+    ),
+    (
+        "targets/{contrast}/composition.tsv",
+        "5. Therapy targets",
+        "Composition tests (sample level)",
+        "composition_table",
+    ),
+    (
+        "de/{contrast}/summary.tsv",
+        "6. Differential expression",
+        "Pseudobulk DE summary per cell type",
+        "de_summary",
+    ),
+    (
+        "de/{contrast}/de_results.tsv",
+        "6. Differential expression",
+        "Pseudobulk DE genes",
+        "de_results",
+    ),
+    (
+        "targets/demo_check.tsv",
+        "7. Demo: planted truth",
+        "Demo check (planted effects recovered?)",
+        "demo_check",
+    ),
+    ("patients/states.tsv", "8. Patients", "Patient immune states", "patients_states"),
+    ("patients/profiles.tsv", "8. Patients", "Patient profiles", "patients_profiles"),
+    (
+        "patients/reference.tsv",
+        "8. Patients",
+        "Control reference ranges",
+        "patients_reference",
+    ),
+]
+
+
+def report_table_specs(per_contrast):
+    """The report's tables that this run makes (those among rule all's targets)."""
+    wanted = set(final_outputs())
+    specs = []
+    for rel, section, title, caption in REPORT_TABLES:
+        if ("{contrast}" in rel) != per_contrast:
+            continue
+        for name in TESTED_CONTRASTS if per_contrast else [""]:
+            path = f"{RESULTS}/" + rel.format(contrast=name)
+            if path in wanted:
+                specs.append(
+                    {
+                        "path": path,
+                        "section": section,
+                        "title": title,
+                        "contrast": name,
+                        "caption": str(
+                            Path(workflow.basedir)
+                            / "workflow"
+                            / "report"
+                            / f"{caption}.rst"
+                        ),
+                    }
+                )
+    return specs
+
+
+def report_table_inputs(wildcards):
+    return [s["path"] for s in report_table_specs(False) + report_table_specs(True)]

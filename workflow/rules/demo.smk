@@ -35,11 +35,7 @@ if demo_sample_paths() and TESTED_CONTRASTS:
             composition=f"{RESULTS}/targets/{TESTED_CONTRASTS[0]}/composition.tsv",
             truth=f"{config['demo']['dir']}/truth.tsv.gz",
         output:
-            report(
-                f"{RESULTS}/targets/demo_check.tsv",
-                caption="../report/demo_check.rst",
-                category="7. Demo: planted truth",
-            ),
+            f"{RESULTS}/targets/demo_check.tsv",
         log:
             f"{LOGS}/demo_check.log",
         conda:

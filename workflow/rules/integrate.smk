@@ -32,20 +32,18 @@ rule integration_metrics:
         h5ad=f"{RESULTS}/integrate/integrated.h5ad",
         labels=metrics_labels_input(),
     output:
-        table=report(
-            f"{RESULTS}/integrate/metrics.tsv",
-            caption="../report/integration_metrics_table.rst",
-            category="2. Integration",
-        ),
+        table=f"{RESULTS}/integrate/metrics.tsv",
         figure=report(
             f"{RESULTS}/integrate/figures/integration_metrics.png",
             caption="../report/integration_metrics.rst",
             category="2. Integration",
+            labels={"title": "Integration metrics of the methods compared"},
         ),
         umaps=report(
             f"{RESULTS}/integrate/figures/umap_by_batch.png",
             caption="../report/integration_umaps.rst",
             category="2. Integration",
+            labels={"title": "UMAPs by batch, condition and method"},
         ),
     log:
         f"{LOGS}/integration_metrics.log",

@@ -7,21 +7,9 @@ rule patients:
     input:
         unpack(patients_input),
     output:
-        profiles=report(
-            f"{RESULTS}/patients/profiles.tsv",
-            caption="../report/patients_profiles.rst",
-            category="8. Patients",
-        ),
-        states=report(
-            f"{RESULTS}/patients/states.tsv",
-            caption="../report/patients_states.rst",
-            category="8. Patients",
-        ),
-        reference=report(
-            f"{RESULTS}/patients/reference.tsv",
-            caption="../report/patients_reference.rst",
-            category="8. Patients",
-        ),
+        profiles=f"{RESULTS}/patients/profiles.tsv",
+        states=f"{RESULTS}/patients/states.tsv",
+        reference=f"{RESULTS}/patients/reference.tsv",
         endotypes=f"{RESULTS}/patients/endotypes.tsv",
         trajectories=f"{RESULTS}/patients/trajectories.tsv",
     log:
@@ -52,17 +40,20 @@ rule patient_figures:
             f"{RESULTS}/patients/figures/cohort_heatmap.png",
             caption="../report/patients_heatmap.rst",
             category="8. Patients",
+            labels={"title": "Cohort heatmap of patient immune states"},
         ),
         trajectories=report(
             f"{RESULTS}/patients/figures/trajectories.png",
             caption="../report/patients_trajectories.rst",
             category="8. Patients",
+            labels={"title": "Trajectories of donors sampled more than once"},
         ),
         cards=report(
             directory(f"{RESULTS}/patients/figures/cards"),
             patterns=["{sample}.png"],
             caption="../report/patients_cards.rst",
             category="8. Patients",
+            labels={"title": "Patient immune cards"},
         ),
     log:
         f"{LOGS}/patient_figures.log",

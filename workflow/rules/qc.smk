@@ -51,6 +51,8 @@ rule qc_merge:
         runtime=60,
     params:
         min_cells_per_gene=config["qc"]["min_cells_per_gene"],
+        min_cells_per_sample=config["qc"]["min_cells_per_sample"],
+        on_small=config["qc"]["on_small_sample"],
     script:
         "../scripts/qc_merge.py"
 
@@ -64,16 +66,19 @@ rule qc_figures:
             f"{RESULTS}/qc/figures/qc_violins.png",
             caption="../report/qc_violins.rst",
             category="1. Quality control",
+            labels={"title": "QC metrics per sample with thresholds"},
         ),
         scatter=report(
             f"{RESULTS}/qc/figures/qc_scatter.png",
             caption="../report/qc_scatter.rst",
             category="1. Quality control",
+            labels={"title": "QC scatter of counts, genes and mitochondrial share"},
         ),
         removed=report(
             f"{RESULTS}/qc/figures/qc_removed.png",
             caption="../report/qc_removed.rst",
             category="1. Quality control",
+            labels={"title": "QC cells kept and removed per sample"},
         ),
     log:
         f"{LOGS}/qc_figures.log",

@@ -11,6 +11,7 @@ rule provenance:
             f"{RESULTS}/provenance.yaml",
             caption="../report/provenance.rst",
             category="0. Provenance",
+            labels={"title": "Provenance (config, package versions, device, seeds)"},
         ),
     log:
         f"{LOGS}/provenance.log",
@@ -22,3 +23,33 @@ rule provenance:
         config=config,
     script:
         "../scripts/provenance.py"
+
+
+rule report_tables:
+    input:
+        report_table_inputs,
+    output:
+        cohort=report(
+            directory(f"{RESULTS}/report/tables"),
+            patterns=["{section}/{title}.html"],
+            caption="../report/table.rst",
+            category="{section}",
+            labels={"title": "{title}"},
+        ),
+        contrasts=report(
+            directory(f"{RESULTS}/report/contrast_tables"),
+            patterns=["{section}/{contrast}/{title}.html"],
+            caption="../report/table.rst",
+            category="{section}",
+            subcategory="{contrast}",
+            labels={"title": "{title}"},
+        ),
+    log:
+        f"{LOGS}/report_tables.log",
+    conda:
+        "../envs/sepsis_sc.yaml"
+    params:
+        cohort=report_table_specs(False),
+        contrasts=report_table_specs(True),
+    script:
+        "../scripts/report_tables.py"

@@ -9,11 +9,7 @@ rule score:
         signatures=signature_file(),
     output:
         h5ad=f"{RESULTS}/targets/scored.h5ad",
-        rules=report(
-            f"{RESULTS}/targets/state_rules.tsv",
-            caption="../report/state_rules.rst",
-            category="5. Therapy targets",
-        ),
+        rules=f"{RESULTS}/targets/state_rules.tsv",
     log:
         f"{LOGS}/score.log",
     benchmark:
@@ -37,16 +33,8 @@ rule sample_table:
     input:
         f"{RESULTS}/targets/scored.h5ad",
     output:
-        sample_table=report(
-            f"{RESULTS}/targets/sample_table.tsv",
-            caption="../report/sample_table.rst",
-            category="5. Therapy targets",
-        ),
-        contrasts=report(
-            f"{RESULTS}/targets/contrasts.tsv",
-            caption="../report/contrasts.rst",
-            category="5. Therapy targets",
-        ),
+        sample_table=f"{RESULTS}/targets/sample_table.tsv",
+        contrasts=f"{RESULTS}/targets/contrasts.tsv",
     log:
         f"{LOGS}/sample_table.log",
     benchmark:
@@ -67,24 +55,9 @@ rule stats:
         h5ad=f"{RESULTS}/targets/scored.h5ad",
         sample_table=f"{RESULTS}/targets/sample_table.tsv",
     output:
-        effects=report(
-            f"{RESULTS}/targets/{{contrast}}/condition_effects.tsv",
-            caption="../report/condition_effects.rst",
-            category="5. Therapy targets",
-            subcategory="{contrast}",
-        ),
-        composition=report(
-            f"{RESULTS}/targets/{{contrast}}/composition.tsv",
-            caption="../report/composition_table.rst",
-            category="5. Therapy targets",
-            subcategory="{contrast}",
-        ),
-        targets=report(
-            f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
-            caption="../report/therapy_targets_table.rst",
-            category="5. Therapy targets",
-            subcategory="{contrast}",
-        ),
+        effects=f"{RESULTS}/targets/{{contrast}}/condition_effects.tsv",
+        composition=f"{RESULTS}/targets/{{contrast}}/composition.tsv",
+        targets=f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
     log:
         f"{LOGS}/stats/{{contrast}}.log",
     benchmark:
@@ -110,6 +83,7 @@ rule score_figures:
             f"{RESULTS}/targets/figures/umap_scores.png",
             caption="../report/umap_scores.rst",
             category="5. Therapy targets",
+            labels={"title": "UMAPs of the state scores"},
         ),
     log:
         f"{LOGS}/score_figures.log",
@@ -134,24 +108,28 @@ rule target_figures:
             caption="../report/forest_plot.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
+            labels={"title": "Condition effects (forest plot)"},
         ),
         points=report(
             f"{RESULTS}/targets/{{contrast}}/figures/sample_points.png",
             caption="../report/sample_points.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
+            labels={"title": "Per-sample state values by condition"},
         ),
         composition=report(
             f"{RESULTS}/targets/{{contrast}}/figures/composition.png",
             caption="../report/composition.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
+            labels={"title": "Cell-type shares per sample, by condition"},
         ),
         targets=report(
             f"{RESULTS}/targets/{{contrast}}/figures/therapy_targets.png",
             caption="../report/therapy_targets.rst",
             category="5. Therapy targets",
             subcategory="{contrast}",
+            labels={"title": "Therapy targets (figure)"},
         ),
     log:
         f"{LOGS}/target_figures/{{contrast}}.log",

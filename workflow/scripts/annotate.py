@@ -29,5 +29,5 @@ if a["celltypist_model"]:
     annotate_celltypist(adata, a["celltypist_model"])
     agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
     write_table(agreement, snakemake.output.agreement)
-write_table(summary, snakemake.output.table)
+write_table(summary, snakemake.output.table, digits=3)
 write_h5ad(adata, snakemake.output.h5ad)

@@ -12,5 +12,5 @@ c = snakemake.params.clustering
 adata = ad.read_h5ad(snakemake.input[0])
 summary = resolution_summary(adata, resolutions=c["resolutions"], seed=snakemake.params.seed)
 markers = cluster_markers(adata, groupby="leiden", n_genes=c["n_marker_genes"])
-write_table(summary, snakemake.output.resolutions)
+write_table(summary, snakemake.output.resolutions, digits=3)
 write_table(markers, snakemake.output.markers)

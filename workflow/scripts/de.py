@@ -39,4 +39,4 @@ else:
         alpha=p.stats["alpha"],
     )
     write_table(results, snakemake.output.results)
-    write_table(summary, snakemake.output.summary)
+    write_table(summary, snakemake.output.summary, digits=3)

@@ -27,4 +27,4 @@ else:
         effects, composition, alpha=alpha, truth=truth,
         case=contrast["case"], control=contrast["control"],
     )])
-write_table(table, snakemake.output[0])
+write_table(table, snakemake.output[0], digits=3)

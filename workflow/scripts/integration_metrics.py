@@ -35,7 +35,7 @@ table = integration_metrics(
     seed=p.seed,
     skipped=skipped,
 )
-write_table(table, snakemake.output.table)
+write_table(table, snakemake.output.table, digits=3)
 metrics(table, snakemake.output.figure)
 embedding_umaps(
     adata,

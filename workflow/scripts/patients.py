@@ -31,7 +31,7 @@ for note in res.notes:
     print(f"sepsis-sc patients: {note}")
 out = snakemake.output
 write_table(res.profiles, out.profiles)
-write_table(res.states, out.states)
+write_table(res.states, out.states, digits=3)
 reference = res.reference
 if res.status == "reference_file":
     from sepsis_sc.patients import read_reference

@@ -21,6 +21,9 @@ composition = pd.concat(
     [composition_test(adata, design=design, level=level, alpha=alpha) for level in ("lineage", "cell_type")],
     ignore_index=True,
 )
-write_table(effects, snakemake.output.effects)
-write_table(composition, snakemake.output.composition)
-write_table(therapy_targets(effects, alpha=alpha), snakemake.output.targets)
+# samples left out at qc_merge (too few cells after QC) are named in the composition table
+left_out = dict(adata.uns.get("excluded_samples", {}))
+composition["samples_left_out"] = "; ".join(f"{s} ({why})" for s, why in sorted(left_out.items()))
+write_table(effects, snakemake.output.effects, digits=3)
+write_table(composition, snakemake.output.composition, digits=3)
+write_table(therapy_targets(effects, alpha=alpha), snakemake.output.targets, digits=3)
