@@ -16,7 +16,7 @@ CASE, CONTROL = "sepsis", "control"
 
 @pytest.fixture(scope="module")
 def scored():
-    adata = make_cohort(n_case=4, n_control=4, cells_per_type=50, seed=1)
+    adata = make_cohort(n_case=4, n_control=4, cells_per_type=50, seed=3)
     score_states(adata, organism="human", control=CONTROL)
     return adata
 
