@@ -31,6 +31,7 @@ _SUBMODULES = {
     "pl",
     "plotting",
     "qc",
+    "reference",
     "resources",
     "score",
     "simulate",
