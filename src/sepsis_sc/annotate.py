@@ -895,22 +895,32 @@ def _apply_gates(
     gates: Sequence[Mapping[str, Any]],
     expr: _Markers,
     cluster_weight: float,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Mask subsets of the losing side of a two-group gate (e.g. CD4 vs CD8 T; issue #16).
 
     Each group's module score (mean scaled expression of its genes, e.g. CD4 + CD40LG vs
     CD8A + CD8B), smoothed over the lineage's neighbourhood, decides the group; the other
-    group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets;
-    a gate whose groups lack genes in the data is not applied.
+    group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets.
+    Where a group has none of its genes in the data (a panel without CD4 / CD8A), the gate
+    cannot be decided: the returned mask flags the cells whose best subset belongs to it, and
+    they get the lineage's default (``T unresolved``) rather than a guess.
     """
     R = R.copy()
     col = {lab: k for k, lab in enumerate(scored)}
+    undecided = np.zeros(R.shape[0], dtype=bool)
     for gate in gates:
         mods = []
         for grp in gate["groups"]:
             genes = [expr.gene_order[g] for g in grp["up"] if g in expr.gene_order]
             mods.append(genes)
         if any(len(g) == 0 for g in mods):
+            gated = [col[lab] for grp in gate["groups"] for lab in grp["cell_types"] if lab in col]
+            undecided |= np.isin(R.argmax(axis=1), gated)
+            logger.warning(
+                "gate %s: genes of one side absent from the data; its subsets are not called "
+                "(cells get the lineage default)",
+                gate["name"],
+            )
             continue
         m = [np.asarray(V_l[:, g].mean(axis=1)).ravel() for g in mods]
         d = local.smooth((m[0] - m[1])[:, None], cluster_weight).ravel()
@@ -918,7 +928,7 @@ def _apply_gates(
             lose = [col[lab] for lab in grp["cell_types"] if lab in col]
             if lose:
                 R[np.ix_(sign * d > 0, lose)] -= 10.0
-    return R
+    return R, undecided
 
 
 def _is_unresolved(label: str | None) -> bool:
@@ -1015,9 +1025,14 @@ def _call_subsets(
             subset_cluster_weight=p["subset_cluster_weight"],
         )
         gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
-        R = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        R, undecided = _apply_gates(
+            R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"]
+        )
         s_arg, s_best, s_second = _top2(R)
         call = np.array(scored, dtype=object)[s_arg]
+        if default is not None and undecided.any():
+            call[undecided] = default
+            lin.source[idx[undecided]] = "markers:unresolved_subset"
         with np.errstate(divide="ignore", invalid="ignore"):
             q = (s_best - s_second) / (np.abs(s_best) + np.abs(s_second))
         q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
