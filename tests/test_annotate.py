@@ -400,14 +400,14 @@ def test_pbmc4k_lineage_and_cd4_cd8_accuracy():
         p in (ok_map_c6 if (a == "NK" and str(c) == "6") else ok_map[a])
         for a, p, c in zip(lab[labelled], pred[labelled], obs["Cluster"][labelled], strict=True)
     ]
-    assert np.mean(ok) >= 0.95
+    assert np.mean(ok) >= 0.97  # issue #16 target (0.980 measured, docs/annotation.md)
     raw = np.mean([p in ok_map[a] for a, p in zip(lab[labelled], pred[labelled], strict=True)])
     assert raw >= 0.90
     t = lab.isin(["T_CD4", "T_CD8"])
     ct = obs["cell_type"].astype(str)
     cd4 = ct.isin(["CD4 naive T", "CD4 memory T", "Treg"])
     cd8 = ct.isin(["CD8 naive T", "CD8 effector/memory T"])
-    assert (((lab == "T_CD4") & cd4) | ((lab == "T_CD8") & cd8))[t].mean() >= 0.90
+    assert (((lab == "T_CD4") & cd4) | ((lab == "T_CD8") & cd8))[t].mean() >= 0.92  # issue #16
     assert (pred == "Unassigned").mean() < 0.05
     assert obs.loc[lab == "?", "cell_type"].eq("pDC").mean() > 0.9  # reference "?" = pDC
 
@@ -543,3 +543,61 @@ def test_dc_recall_survives_mhc_class_ii_loss():
     # monocytes losing nothing keep their calls (no drift from the DCs' change)
     mono = (adata.obs["lineage"] == "Monocyte").to_numpy()
     assert (lost.obs["lineage"].to_numpy()[mono] == "Monocyte").mean() >= 0.95
+
+
+def _kang_panel(n_genes: int = 1300) -> ad.AnnData:
+    adata = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
+    det = np.asarray((adata.X > 0).sum(axis=0)).ravel()
+    keep = np.sort(np.argsort(-det, kind="stable")[:n_genes])
+    adata = adata[:, keep].copy()
+    adata.layers["counts"] = adata.X.copy()
+    return adata
+
+
+def test_kang_targeted_panel_lineage_accuracy_and_unassigned():
+    """Issue #16: a real two-condition set restricted to its 1,300 most detected genes (no
+    MS4A1 / CD79A / CD4 / CD8A): lineage accuracy >= 0.90 on the author-labelled cells,
+    <= 10 % Unassigned, B cells reached through the partial / MHC-II B sets, and no CD4 / CD8
+    guess without CD4 / CD8 genes."""
+    adata = _kang_panel()
+    an.annotate(adata, expected_organism="human", seed=0)
+    obs = adata.obs
+    lab = obs["muscat_cluster_id_partial"]
+    has = lab.notna().to_numpy()
+    ok_map = {"CD14+ Monocytes": "Monocyte", "FCGR3A+ Monocytes": "Monocyte",
+              "CD4 T cells": "T", "CD8 T cells": "T", "B cells": "B"}  # fmt: skip
+    want = lab[has].astype(str).map(ok_map)
+    got = obs.loc[has, "lineage"].astype(str)
+    assert (want == got).mean() >= 0.90
+    assert (obs["lineage"] == "Unassigned").mean() <= 0.10
+    assert (got[want == "B"] == "B").mean() >= 0.9
+    cov = pd.DataFrame(adata.uns["annotation"]["lineage_coverage"]).set_index("lineage")
+    assert cov.at["B", "best_coverage"] >= 0.5 and cov.at["DC", "best_coverage"] < 0.5
+    ct = obs["cell_type"].astype(str)
+    t_cd = ct.isin(["CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T",
+                    "CD8 effector/memory T"])  # fmt: skip
+    assert not t_cd.any() and (ct == "T unresolved").sum() > 500
+
+
+def test_partial_marker_set_degrades_instead_of_being_skipped():
+    """Issue #16 item 3: a B set reduced to MS4A1 (a core gene) still calls B cells, with the
+    coverage reported; a set reduced to a non-core gene is no evidence."""
+    mk = load_yaml(resource_path("markers", "human.yaml"))
+    lin_sets = []
+    for st in mk["lineage_sets"]:
+        st = dict(st)
+        if st["name"] == "B_cell":
+            st["up"] = ["MS4A1"] + [f"ABSENT{i}" for i in range(7)]
+            st["core"] = ["MS4A1"]
+        if st["name"] == "B_cell_MHCII_lymphoid":
+            continue
+        lin_sets.append(st)
+    markers = {**mk, "lineage_sets": lin_sets}
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl", markers=markers)
+    rep = pd.DataFrame(adata.uns["annotation"]["marker_sets"]).set_index("set")
+    assert rep.at["B_cell", "n_up_found"] == 1 and rep.at["B_cell", "weight"] == 0.5
+    b = adata.obs["truth"] == "naive B"
+    assert (adata.obs.loc[b, "lineage"] == "B").mean() >= 0.9
+    assert rep.at["B_cell", "coverage"] == pytest.approx(1 / 8)
+    assert an._set_weights(1, 0, 8) == 0.0 and an._set_weights(4, 0, 8) == 1.0
