@@ -258,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if "soupx" in sets:
         out["soupx_pbmc4k"] = bench_soupx(args.data / "soupx_pbmc4k.h5ad", args.seed)
     if "kang" in sets:
-        out["kang_panel"] = bench_kang(
-            args.data / "kang_ifnb_harmony.h5ad", args.panel, args.seed
-        )
+        out["kang_panel"] = bench_kang(args.data / "kang_ifnb_harmony.h5ad", args.panel, args.seed)
     if "eccite" in sets:
         out["eccite"] = bench_eccite(args.data / "eccite_pbmc_citefuse.h5ad", args.seed)
     print("\n=== summary ===")

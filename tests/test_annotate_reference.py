@@ -16,7 +16,15 @@ def test_consensus_rules_and_agreement_table():
     obs = pd.DataFrame(
         {
             "lineage": ["T", "T", "B", "Unassigned", "Unassigned", "NK", "Unassigned"],
-            "reference_lineage": ["T", "NK", "B", "Monocyte", "Monocyte", "Unassigned", "Unassigned"],
+            "reference_lineage": [
+                "T",
+                "NK",
+                "B",
+                "Monocyte",
+                "Monocyte",
+                "Unassigned",
+                "Unassigned",
+            ],
             "reference_probability": [0.99, 0.95, 0.9, 0.95, 0.5, 0.9, 0.9],
         },
         index=[f"c{i}" for i in range(7)],

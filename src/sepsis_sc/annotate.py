@@ -748,7 +748,9 @@ def _marker_expression(
     """log1p(CP10k) of the marker genes, scaled by the highest cluster mean and capped at 1."""
     all_sets = mk["lineage_sets"] + mk["subset_sets"]
     wanted = {g for s in all_sets for g in s["up"] + s["down"]}
-    wanted |= {g for gate in mk.get("subset_gates", []) for grp in gate["groups"] for g in grp["up"]}
+    wanted |= {
+        g for gate in mk.get("subset_gates", []) for grp in gate["groups"] for g in grp["up"]
+    }
     wanted = sorted(wanted)
     gene_pos = _resolve_genes(wanted, var_names, mk["aliases"])
     if not gene_pos:
@@ -1025,9 +1027,7 @@ def _call_subsets(
             subset_cluster_weight=p["subset_cluster_weight"],
         )
         gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
-        R, undecided = _apply_gates(
-            R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"]
-        )
+        R, undecided = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
         s_arg, s_best, s_second = _top2(R)
         call = np.array(scored, dtype=object)[s_arg]
         if default is not None and undecided.any():

@@ -37,9 +37,7 @@ __all__ = ["transfer_labels", "annotation_consensus"]
 _UNLABELLED = "Unknown"
 
 
-def _counts_adata(
-    adata: AnnData, layer: str | None, genes: pd.Index, obs: pd.DataFrame
-) -> AnnData:
+def _counts_adata(adata: AnnData, layer: str | None, genes: pd.Index, obs: pd.DataFrame) -> AnnData:
     counts = _get_counts(adata, layer)
     names = pd.Index(adata.var_names.astype(str))
     keep = ~names.duplicated()
@@ -57,6 +55,96 @@ def _reference_hvgs(ref: AnnData, n_top: int) -> pd.Index:
     work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()
     sc.pp.highly_variable_genes(work, n_top_genes=int(min(n_top, work.n_vars)), flavor="seurat")
     return work.var_names[work.var["highly_variable"].to_numpy()]
+
+
+def _read_reference(reference: AnnData | str | PathLike[str]) -> AnnData:
+    if isinstance(reference, AnnData):
+        return reference
+    path = Path(reference)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference {path} not found; references are never downloaded here: provide an "
+            ".h5ad with raw counts and labels."
+        )
+    import anndata as ad
+
+    return ad.read_h5ad(path)
+
+
+def _prepare_pair(
+    query: AnnData,
+    reference: AnnData,
+    label_key: str,
+    layer: str | None,
+    reference_layer: str | None,
+    reference_batch_key: str | None,
+    n_top_genes: int,
+) -> tuple[AnnData, AnnData]:
+    """Reference and query count matrices on the reference's HVGs among the shared genes."""
+    if label_key not in reference.obs:
+        raise KeyError(f"label_key {label_key!r} not in reference.obs ({list(reference.obs)}).")
+    shared = pd.Index(reference.var_names.astype(str)).intersection(
+        pd.Index(query.var_names.astype(str))
+    )
+    shared = shared[~shared.duplicated()]
+    if len(shared) < 200:
+        raise ValueError(
+            f"reference and query share only {len(shared)} gene symbols; both need symbols "
+            "(sepsis_sc.io.ensure_symbols) of the same organism."
+        )
+    labels = reference.obs[label_key].astype(object).where(reference.obs[label_key].notna())
+    batch = (
+        reference.obs[reference_batch_key].astype(str).to_numpy()
+        if reference_batch_key
+        else "reference"
+    )
+    ref_obs = pd.DataFrame(
+        {"_label": labels.fillna(_UNLABELLED).astype(str).to_numpy(), "_batch": batch},
+        index=reference.obs_names.astype(str),
+    )
+    ref = _counts_adata(reference, reference_layer, shared, ref_obs)
+    genes = _reference_hvgs(ref, n_top_genes)
+    q_obs = pd.DataFrame(
+        {"_label": _UNLABELLED, "_batch": "query"}, index=query.obs_names.astype(str)
+    )
+    return ref[:, genes].copy(), _counts_adata(query, layer, genes, q_obs)
+
+
+def _train_and_map(
+    ref: AnnData,
+    q: AnnData,
+    *,
+    n_latent: int,
+    epochs: Mapping[str, int],
+    seed: int,
+    accelerator: str,
+):
+    """scVI -> scANVI on the reference; scArches surgery of the query; the query model."""
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(ref, batch_key="_batch", labels_key="_label")
+    arches = {
+        "use_layer_norm": "both",
+        "use_batch_norm": "none",
+        "encode_covariates": True,
+        "dropout_rate": 0.2,
+        "n_layers": 2,
+    }  # scArches-ready architecture (scvi-tools reference mapping tutorial)
+    quiet = {"accelerator": accelerator, "enable_progress_bar": False}
+    vae = scvi.model.SCVI(ref, n_latent=n_latent, **arches)
+    vae.train(max_epochs=epochs["scvi"], **quiet)
+    lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=_UNLABELLED)
+    lvae.train(max_epochs=epochs["scanvi"], **quiet)
+    scvi.model.SCANVI.prepare_query_anndata(q, lvae)
+    qm = scvi.model.SCANVI.load_query_data(q, lvae)
+    qm.train(
+        max_epochs=epochs["query"],
+        plan_kwargs={"weight_decay": 0.0},
+        check_val_every_n_epoch=None,
+        **quiet,
+    )
+    return qm
 
 
 def transfer_labels(
@@ -129,69 +217,13 @@ def transfer_labels(
         import scvi
     except ImportError as err:  # pragma: no cover - scvi-tools is a dependency
         raise ImportError("transfer_labels needs scvi-tools (pip install scvi-tools).") from err
-    if not isinstance(reference, AnnData):
-        path = Path(reference)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"reference {path} not found; references are never downloaded here: provide an "
-                ".h5ad with raw counts and labels."
-            )
-        import anndata as ad
-
-        reference = ad.read_h5ad(path)
-    if label_key not in reference.obs:
-        raise KeyError(f"label_key {label_key!r} not in reference.obs ({list(reference.obs)}).")
-    shared = pd.Index(reference.var_names.astype(str)).intersection(
-        pd.Index(query.var_names.astype(str))
-    )
-    shared = shared[~shared.duplicated()]
-    if len(shared) < 200:
-        raise ValueError(
-            f"reference and query share only {len(shared)} gene symbols; both need symbols "
-            "(sepsis_sc.io.ensure_symbols) of the same organism."
-        )
-    labels = reference.obs[label_key].astype(object).where(reference.obs[label_key].notna())
-    ref_obs = pd.DataFrame(
-        {
-            "_label": labels.fillna(_UNLABELLED).astype(str).to_numpy(),
-            "_batch": (
-                reference.obs[reference_batch_key].astype(str).to_numpy()
-                if reference_batch_key
-                else "reference"
-            ),
-        },
-        index=reference.obs_names.astype(str),
-    )
-    ref = _counts_adata(reference, reference_layer, shared, ref_obs)
-    genes = _reference_hvgs(ref, n_top_genes)
-    ref = ref[:, genes].copy()
-    q_obs = pd.DataFrame(
-        {"_label": _UNLABELLED, "_batch": "query"}, index=query.obs_names.astype(str)
-    )
-    q = _counts_adata(query, layer, genes, q_obs)
-
-    scvi.settings.seed = seed
-    scvi.model.SCVI.setup_anndata(ref, batch_key="_batch", labels_key="_label")
-    arches = {
-        "use_layer_norm": "both",
-        "use_batch_norm": "none",
-        "encode_covariates": True,
-        "dropout_rate": 0.2,
-        "n_layers": 2,
-    }  # scArches-ready architecture (scvi-tools reference mapping tutorial)
-    vae = scvi.model.SCVI(ref, n_latent=n_latent, **arches)
-    vae.train(max_epochs=scvi_epochs, accelerator=accelerator, enable_progress_bar=False)
-    lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=_UNLABELLED)
-    lvae.train(max_epochs=scanvi_epochs, accelerator=accelerator, enable_progress_bar=False)
-    scvi.model.SCANVI.prepare_query_anndata(q, lvae)
-    qm = scvi.model.SCANVI.load_query_data(q, lvae)
-    qm.train(
-        max_epochs=query_epochs,
-        plan_kwargs={"weight_decay": 0.0},
-        check_val_every_n_epoch=None,
-        accelerator=accelerator,
-        enable_progress_bar=False,
-    )
+    ref, q = _prepare_pair(
+        query, _read_reference(reference), label_key, layer, reference_layer,
+        reference_batch_key, n_top_genes,
+    )  # fmt: skip
+    epochs = {"scvi": scvi_epochs, "scanvi": scanvi_epochs, "query": query_epochs}
+    qm = _train_and_map(ref, q, n_latent=n_latent, epochs=epochs, seed=seed,
+                        accelerator=accelerator)  # fmt: skip
     probs = qm.predict(q, soft=True)
     best = probs.to_numpy().argmax(axis=1)
     label = pd.Series(np.asarray(probs.columns)[best], index=query.obs_names)
@@ -205,10 +237,10 @@ def transfer_labels(
     query.uns[key_added] = {
         "method": "scANVI + scArches surgery (scvi-tools)",
         "scvi_version": scvi.__version__,
-        "n_genes": len(genes),
+        "n_genes": ref.n_vars,
         "n_latent": n_latent,
-        "epochs": {"scvi": scvi_epochs, "scanvi": scanvi_epochs, "query": query_epochs},
-        "reference_labels": sorted(set(ref_obs["_label"]) - {_UNLABELLED}),
+        "epochs": epochs,
+        "reference_labels": sorted(set(ref.obs["_label"]) - {_UNLABELLED}),
         "seed": seed,
     }
     summary = (
@@ -221,7 +253,7 @@ def transfer_labels(
     logger.info(
         "scANVI label transfer: %d query cells, %d genes, %d labels, median probability %.2f",
         query.n_obs,
-        len(genes),
+        ref.n_vars,
         len(summary),
         float(np.median(p)),
     )
