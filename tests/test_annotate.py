@@ -17,8 +17,9 @@ from sepsis_sc.resources import load_yaml, resource_path
 
 VOCAB_LABELS = [
     "CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T", "CD8 effector/memory T", "MAIT",
-    "gamma-delta T", "NK CD56bright", "NK CD56dim", "naive B", "memory B", "Plasmablast",
-    "Classical monocyte", "Non-classical monocyte", "cDC1", "cDC2", "pDC", "Mature neutrophil",
+    "gamma-delta T", "T unresolved", "NK CD56bright", "NK CD56dim", "naive B", "memory B",
+    "B unresolved", "Plasmablast", "Classical monocyte", "Non-classical monocyte", "cDC1",
+    "cDC2", "pDC", "DC unresolved", "Mature neutrophil",
     "Immature neutrophil", "TREM2-high macrophage", "Macrophage", "Platelet", "Erythroid",
     "HSPC", "Unassigned",
 ]  # fmt: skip
@@ -79,6 +80,7 @@ def _mouse_markers() -> dict:
                 **s,
                 "up": [g.capitalize() for g in s["up"]],
                 "down": [g.capitalize() for g in s["down"]],
+                "core": [g.capitalize() for g in s.get("core", [])],
             }
             for s in sets
         ]
@@ -110,6 +112,80 @@ def test_vocabulary_matches_architecture_contract():
     for label, row in ct.drop(index="Unassigned").iterrows():
         assert row["lineage"] in an.LINEAGES
         assert isinstance(row["definition"], str) and len(row["definition"]) > 10, label
+
+
+# CL is_a facts (Cell Ontology, checked against the OBO release used by CELLxGENE) that the
+# vocabulary's terms rely on: child -> one of its ancestors.
+_CL_IS_A = {
+    "CL:0000980": "CL:0000946",  # plasmablast is_a antibody secreting cell
+    "CL:0000786": "CL:0000946",  # plasma cell is_a antibody secreting cell
+    "CL:0000895": "CL:0000624",  # naive CD4 ab T is_a CD4-positive, alpha-beta T cell
+    "CL:0000900": "CL:0000625",  # naive CD8 ab T is_a CD8-positive, alpha-beta T cell
+    "CL:0000860": "CL:0000576",  # classical monocyte is_a monocyte
+    "CL:0000875": "CL:0000576",  # non-classical monocyte is_a monocyte
+    "CL:0000938": "CL:0000623",  # CD56-bright NK is_a NK
+    "CL:0000939": "CL:0000623",  # CD56-dim NK is_a NK
+    "CL:0000784": "CL:0000451",  # pDC is_a dendritic cell
+    "CL:0000788": "CL:0000236",  # naive B is_a B cell (via mature B cell)
+    "CL:0000787": "CL:0000236",  # memory B is_a B cell (via mature B cell)
+}
+
+
+def test_vocabulary_ontology_parents():
+    """Every label's CL term is its lineage's term or a descendant of it (issue #16 item 7)."""
+    vocab = an.load_vocabulary()
+    ct, lin = vocab.cell_types, vocab.lineages
+    assert lin.at["Plasma", "cl"] == "CL:0000946"  # antibody secreting cell, not plasma cell
+    assert ct.at["Plasmablast", "cl"] == "CL:0000980"
+    for label, row in ct.drop(index="Unassigned").iterrows():
+        lin_cl = lin.at[row["lineage"], "cl"]
+        assert row["cl"] == lin_cl or lin_cl in row["cl_ancestors"], label
+        if row["cl"] in _CL_IS_A:
+            assert _CL_IS_A[row["cl"]] in row["cl_ancestors"], label
+    # every lineage with more than one subset has a default (program-free or unresolved)
+    for lineage in an.LINEAGES:
+        if len(vocab.subsets_of(lineage)) > 1:
+            assert lin.at[lineage, "default_subset"] is not None, lineage
+    for lineage in ("T", "B", "DC"):
+        d = lin.at[lineage, "default_subset"]
+        assert d == f"{lineage} unresolved" and ct.at[d, "cl"] == lin.at[lineage, "cl"]
+
+
+def test_vocabulary_rejects_subset_outside_lineage_term(tmp_path):
+    import copy
+
+    raw = copy.deepcopy(load_yaml(resource_path("cell_types.yaml")))  # load_yaml is cached
+    raw["lineages"]["Plasma"]["cl"] = "CL:0000786"  # plasma cell: plasmablast is not its child
+    path = tmp_path / "vocab.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="descendant"):
+        an.load_vocabulary(path)
+
+
+@pytest.mark.parametrize("organism", ["human", "mouse"])
+def test_no_identity_set_uses_measured_state_genes(organism):
+    """MHC class II never decides DC / monocyte identity, checkpoints never T (item 4)."""
+    vocab = an.load_vocabulary()
+    mk = an.load_markers(None, organism)
+    assert {"mhc_class_ii", "t_checkpoint"} <= set(mk["state_genes"])
+    mhc = set(mk["state_genes"]["mhc_class_ii"]["genes"])
+    chk = set(mk["state_genes"]["t_checkpoint"]["genes"])
+    for s in mk["lineage_sets"] + mk["subset_sets"]:
+        t = s["target"]
+        lin = t if t in vocab.lineages.index else vocab.lineage_of(t)
+        assert not mhc & set(s["down"]), s["name"]
+        if lin in ("DC", "Monocyte"):
+            assert not mhc & set(s["up"]), s["name"]
+        if lin == "T":
+            assert not chk & set(s["up"] + s["down"]), s["name"]
+    bad = {
+        "state_genes": {"mhc": {"lineages": ["DC"], "genes": ["HLA-DQA1"]}},
+        "lineage_sets": [{"name": "x", "lineage": "DC", "up": ["CD1C", "HLA-DQA1"]}],
+    }
+    with pytest.raises(ValueError, match="measured"):
+        an.load_markers(bad)
 
 
 @pytest.mark.parametrize("organism", ["human", "mouse"])
@@ -325,14 +401,14 @@ def test_pbmc4k_lineage_and_cd4_cd8_accuracy():
         p in (ok_map_c6 if (a == "NK" and str(c) == "6") else ok_map[a])
         for a, p, c in zip(lab[labelled], pred[labelled], obs["Cluster"][labelled], strict=True)
     ]
-    assert np.mean(ok) >= 0.95
+    assert np.mean(ok) >= 0.97  # issue #16 target (0.980 measured, docs/annotation.md)
     raw = np.mean([p in ok_map[a] for a, p in zip(lab[labelled], pred[labelled], strict=True)])
     assert raw >= 0.90
     t = lab.isin(["T_CD4", "T_CD8"])
     ct = obs["cell_type"].astype(str)
     cd4 = ct.isin(["CD4 naive T", "CD4 memory T", "Treg"])
     cd8 = ct.isin(["CD8 naive T", "CD8 effector/memory T"])
-    assert (((lab == "T_CD4") & cd4) | ((lab == "T_CD8") & cd8))[t].mean() >= 0.90
+    assert (((lab == "T_CD4") & cd4) | ((lab == "T_CD8") & cd8))[t].mean() >= 0.92  # issue #16
     assert (pred == "Unassigned").mean() < 0.05
     assert obs.loc[lab == "?", "cell_type"].eq("pDC").mean() > 0.9  # reference "?" = pDC
 
@@ -434,3 +510,95 @@ def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
     assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 1) is None
     assert an._reusable_leiden(adata, "X_pca", 2.0, 15, 0) is None
     assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 0) == "leiden_r2.0"
+
+
+def test_dc_recall_survives_mhc_class_ii_loss():
+    """Issue #16 item 4: DC identity never uses MHC class II, the sepsis DC state measured.
+
+    On real PBMC, the counts of every MHC class II gene (HLA-D*, CD74, CIITA) in the cells
+    called DC are thinned 5-fold (binomial, p = 0.2); re-annotated, >= 90 % stay DC.
+    """
+    adata = ad.read_h5ad(shared_file("soupx_pbmc4k.h5ad"))
+    adata.layers["counts"] = adata.X.copy()
+    an.annotate(adata, expected_organism="human", seed=0)
+    dc = (adata.obs["lineage"] == "DC").to_numpy()
+    assert dc.sum() >= 25
+    mhc = np.flatnonzero(adata.var_names.str.match(r"^(HLA-D|CD74$|CIITA$)"))
+    assert mhc.size >= 10
+    X = adata.layers["counts"].tocsc(copy=True).astype(np.float32)
+    rng = np.random.default_rng(0)
+    rows = np.flatnonzero(dc)
+    for j in mhc:
+        col = X[:, j].toarray().ravel()
+        col[rows] = rng.binomial(col[rows].astype(np.int64), 0.2)
+        X[:, j] = sp.csc_matrix(col.reshape(-1, 1))
+    before = np.asarray(adata.layers["counts"][rows][:, mhc].sum())
+    X = sp.csr_matrix(X)
+    X.eliminate_zeros()
+    lost = ad.AnnData(X=X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+    lost.layers["counts"] = X
+    assert np.asarray(lost.layers["counts"][rows][:, mhc].sum()) < 0.3 * before
+    an.annotate(lost, expected_organism="human", seed=0)
+    recall = (lost.obs["lineage"].to_numpy()[dc] == "DC").mean()
+    assert recall >= 0.9, recall
+    # monocytes losing nothing keep their calls (no drift from the DCs' change)
+    mono = (adata.obs["lineage"] == "Monocyte").to_numpy()
+    assert (lost.obs["lineage"].to_numpy()[mono] == "Monocyte").mean() >= 0.95
+
+
+def _kang_panel(n_genes: int = 1300) -> ad.AnnData:
+    adata = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
+    det = np.asarray((adata.X > 0).sum(axis=0)).ravel()
+    keep = np.sort(np.argsort(-det, kind="stable")[:n_genes])
+    adata = adata[:, keep].copy()
+    adata.layers["counts"] = adata.X.copy()
+    return adata
+
+
+def test_kang_targeted_panel_lineage_accuracy_and_unassigned():
+    """Issue #16: a real two-condition set restricted to its 1,300 most detected genes (no
+    MS4A1 / CD79A / CD4 / CD8A): lineage accuracy >= 0.90 on the author-labelled cells,
+    <= 10 % Unassigned, B cells reached through the partial / MHC-II B sets, and no CD4 / CD8
+    guess without CD4 / CD8 genes."""
+    adata = _kang_panel()
+    an.annotate(adata, expected_organism="human", seed=0)
+    obs = adata.obs
+    lab = obs["muscat_cluster_id_partial"]
+    has = lab.notna().to_numpy()
+    ok_map = {"CD14+ Monocytes": "Monocyte", "FCGR3A+ Monocytes": "Monocyte",
+              "CD4 T cells": "T", "CD8 T cells": "T", "B cells": "B"}  # fmt: skip
+    want = lab[has].astype(str).map(ok_map)
+    got = obs.loc[has, "lineage"].astype(str)
+    assert (want == got).mean() >= 0.90
+    assert (obs["lineage"] == "Unassigned").mean() <= 0.10
+    assert (got[want == "B"] == "B").mean() >= 0.9
+    cov = pd.DataFrame(adata.uns["annotation"]["lineage_coverage"]).set_index("lineage")
+    assert cov.at["B", "best_coverage"] >= 0.5 and cov.at["DC", "best_coverage"] < 0.5
+    ct = obs["cell_type"].astype(str)
+    t_cd = ct.isin(["CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T",
+                    "CD8 effector/memory T"])  # fmt: skip
+    assert not t_cd.any() and (ct == "T unresolved").sum() > 500
+
+
+def test_partial_marker_set_degrades_instead_of_being_skipped():
+    """Issue #16 item 3: a B set reduced to MS4A1 (a core gene) still calls B cells, with the
+    coverage reported; a set reduced to a non-core gene is no evidence."""
+    mk = load_yaml(resource_path("markers", "human.yaml"))
+    lin_sets = []
+    for st in mk["lineage_sets"]:
+        st = dict(st)
+        if st["name"] == "B_cell":
+            st["up"] = ["MS4A1"] + [f"ABSENT{i}" for i in range(7)]
+            st["core"] = ["MS4A1"]
+        if st["name"] == "B_cell_MHCII_lymphoid":
+            continue
+        lin_sets.append(st)
+    markers = {**mk, "lineage_sets": lin_sets}
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl", markers=markers)
+    rep = pd.DataFrame(adata.uns["annotation"]["marker_sets"]).set_index("set")
+    assert rep.at["B_cell", "n_up_found"] == 1 and rep.at["B_cell", "weight"] == 0.5
+    b = adata.obs["truth"] == "naive B"
+    assert (adata.obs.loc[b, "lineage"] == "B").mean() >= 0.9
+    assert rep.at["B_cell", "coverage"] == pytest.approx(1 / 8)
+    assert an._set_weights(1, 0, 8) == 0.0 and an._set_weights(4, 0, 8) == 1.0

@@ -31,6 +31,7 @@ _SUBMODULES = {
     "patients",
     "pl",
     "qc",
+    "reference",
     "resources",
     "score",
     "simulate",

@@ -161,6 +161,16 @@ def load_vocabulary(path: str | PathLike[str] | None = None) -> Vocabulary:
             )
     if UNASSIGNED not in ct.index:
         raise ValueError(f"{path}: the vocabulary must contain {UNASSIGNED!r}.")
+    if "cl_ancestors" not in ct:
+        ct["cl_ancestors"] = [[] for _ in range(len(ct))]
+    ct["cl_ancestors"] = [list(v) if isinstance(v, list) else [] for v in ct["cl_ancestors"]]
+    for label, row in ct.drop(index=UNASSIGNED).iterrows():
+        lin_cl = lin.at[row["lineage"], "cl"]
+        if lin_cl != row["cl"] and lin_cl not in row["cl_ancestors"]:
+            raise ValueError(
+                f"{path}: cell type {label!r} ({row['cl']}) is not its lineage's term {lin_cl} "
+                "nor a descendant of it (cl_ancestors); fix the CL term of the label or lineage."
+            )
     return Vocabulary(lineages=lin, cell_types=ct)
 
 
@@ -221,6 +231,12 @@ def load_markers(
                     raise ValueError(f"markers {source_file}: set {name!r} lacks key {k!r}.")
             up = [str(g) for g in s.get("up") or []]
             down = [str(g) for g in s.get("down") or []]
+            core = [str(g) for g in s.get("core") or []]
+            if set(core) - set(up):
+                raise ValueError(
+                    f"markers {source_file}: set {name!r} lists core genes that are not up "
+                    f"genes: {sorted(set(core) - set(up))}."
+                )
             if not up:
                 raise ValueError(f"markers {source_file}: set {name!r} has no 'up' genes.")
             target = str(s[target_key])
@@ -241,18 +257,78 @@ def load_markers(
                     "target": target,
                     "up": up,
                     "down": down,
+                    "core": core or list(up),
                     "source": str(s.get("source", "")),
                 }
             )
         return out
 
-    return {
+    out = {
         "organism": raw.get("organism", organism),
         "aliases": {str(k): [str(v) for v in vs] for k, vs in (raw.get("aliases") or {}).items()},
         "lineage_sets": _sets("lineage_sets", "lineage"),
         "subset_sets": _sets("subset_sets", "cell_type"),
+        "state_genes": dict(raw.get("state_genes") or {}),
+        "subset_gates": _gates(raw.get("subset_gates") or [], vocab, source_file),
         "source_file": source_file,
     }
+    _check_state_genes(out, vocab)
+    return out
+
+
+def _gates(
+    raw: Sequence[Mapping[str, Any]], vocab: Vocabulary, source_file: str
+) -> list[dict[str, Any]]:
+    """Validated two-group subset gates (``name``, ``lineage``, ``groups`` of ``up`` genes and
+    ``cell_types``)."""
+    out = []
+    for g in raw:
+        name = str(g.get("name", "gate"))
+        groups = list(g.get("groups") or [])
+        if g.get("lineage") not in vocab.lineages.index or len(groups) != 2:
+            raise ValueError(f"markers {source_file}: gate {name!r} needs a lineage and 2 groups.")
+        for grp in groups:
+            bad = [c for c in grp.get("cell_types", []) if vocab.lineage_of(c) != g["lineage"]]
+            if bad or not grp.get("up"):
+                raise ValueError(
+                    f"markers {source_file}: gate {name!r}: each group needs up genes and "
+                    f"cell types of lineage {g['lineage']!r} (bad: {bad})."
+                )
+        out.append(
+            {
+                "name": name,
+                "lineage": str(g["lineage"]),
+                "groups": [
+                    {"up": [str(x) for x in grp["up"]], "cell_types": list(grp["cell_types"])}
+                    for grp in groups
+                ],
+                "source": str(g.get("source", "")),
+            }
+        )
+    return out
+
+
+def _check_state_genes(mk: Mapping[str, Any], vocab: Vocabulary) -> None:
+    """No set uses the genes of a state measured within its own lineage (issue #16 item 4).
+
+    ``state_genes`` maps a state to ``lineages`` and ``genes``: those genes must not be up or
+    down genes of a set of those lineages (or their subsets), nor down genes of any set.
+    """
+    for state, spec in mk["state_genes"].items():
+        genes = set(map(str, spec.get("genes") or []))
+        lineages = set(map(str, spec.get("lineages") or []))
+        for s in mk["lineage_sets"] + mk["subset_sets"]:
+            t = s["target"]
+            lin = t if t in vocab.lineages.index else vocab.lineage_of(t)
+            used = genes & set(s["down"])
+            if lin in lineages:
+                used |= genes & set(s["up"])
+            if used:
+                raise ValueError(
+                    f"markers {mk['source_file']}: set {s['name']!r} uses {sorted(used)}, genes of "
+                    f"the state {state!r} measured within {sorted(lineages)}; identity evidence "
+                    "must not depend on a state that is measured in that population."
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +544,24 @@ def _overcluster(
 # --------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------
+def _set_weights(n_found: int, n_core_found: int, n_total: int) -> float:
+    """Total weight of a set's up-genes found in the data (issue #16 item 3).
+
+    A set scores from the genes present. With at least half of its genes present it has full
+    weight; with fewer it degrades as ``sqrt(n_found / ceil(n_total / 2))`` (one gene of 8:
+    0.5) instead of being skipped, provided one of its ``core`` genes (those specific enough to
+    stand alone, e.g. MS4A1 for B cells) is among them: a set represented only by generic or
+    induced genes (XBP1 for plasma cells, IRF7 after interferon for pDCs, S100A8/9 for
+    neutrophils) is no evidence and gets weight 0.
+    """
+    half = max(1, int(np.ceil(0.5 * n_total)))
+    if n_found >= half:
+        return 1.0
+    if n_core_found == 0:
+        return 0.0
+    return float(np.sqrt(n_found / half))
+
+
 def _weight_matrix(
     sets: Sequence[Mapping[str, Any]],
     gene_pos: Mapping[str, int],
@@ -475,12 +569,9 @@ def _weight_matrix(
     down_weight: float,
     min_genes: int,
 ) -> tuple[np.ndarray, list[int], list[dict[str, Any]]]:
-    """Genes x sets signed weights: +1/n_up per up-gene, -down_weight/n_down per down-gene.
-
-    ``n_up`` is the number of up-genes found, but at least half of the set's size: a set of
-    which most genes are missing from the data (gene panel, filtered genes) is shrunk towards
-    0 instead of being represented by its few generic genes (e.g. S100A8/9 for neutrophils).
-    """
+    """Genes x sets signed weights: ``+f/n_found`` per up-gene, ``-down_weight/n_down`` per
+    down-gene, ``f`` the coverage factor of :func:`_set_weights`. Sets with fewer than
+    ``min_genes`` up-genes present, or weight 0, are left out (logged)."""
     W = np.zeros((len(gene_order), len(sets)), dtype=np.float32)
     kept: list[int] = []
     report = []
@@ -489,34 +580,55 @@ def _weight_matrix(
         up = [g for g in dict.fromkeys(s["up"]) if g in gene_pos]
         down = [g for g in dict.fromkeys(s["down"]) if g in gene_pos and g not in up]
         n_up_total = len(dict.fromkeys(s["up"]))
+        core = set(s.get("core") or s["up"])
+        f = _set_weights(len(up), len([g for g in up if g in core]), n_up_total)
         report.append(
             {
                 "set": s["name"],
                 "target": s["target"],
                 "n_up": n_up_total,
                 "n_up_found": len(up),
+                "coverage": len(up) / max(n_up_total, 1),
+                "weight": f,
                 "n_down": len(s["down"]),
                 "n_down_found": len(down),
                 "missing": ",".join(g for g in s["up"] + s["down"] if g not in gene_pos),
             }
         )
-        if len(up) < min_genes:
+        if len(up) < max(min_genes, 1) or f == 0.0:
             skipped.append(f"{s['name']} ({len(up)}/{n_up_total})")
             continue
-        denom = max(len(up), int(np.ceil(0.5 * n_up_total)))
         for g in up:
-            W[gene_order[g], j] += 1.0 / denom
+            W[gene_order[g], j] += f / len(up)
         for g in down:
             W[gene_order[g], j] -= down_weight / len(down)
         kept.append(j)
     if skipped:
-        logger.warning(
-            "%d marker sets skipped, fewer than %d up-genes in the data: %s",
+        logger.info(
+            "%d marker sets without enough up-genes in the data (need %d): %s",
             len(skipped),
             min_genes,
             ", ".join(skipped),
         )
     return W, kept, report
+
+
+def _lineage_coverage(report: Sequence[Mapping[str, Any]], targets: Sequence[str]) -> pd.DataFrame:
+    """Per lineage: best set coverage and weight, and the sets scored (issue #16 item 3)."""
+    rep = pd.DataFrame(report)
+    rows = []
+    for t in dict.fromkeys(targets):
+        sub = rep[rep["target"] == t]
+        rows.append(
+            {
+                "lineage": t,
+                "n_sets": len(sub),
+                "best_coverage": float(sub["coverage"].max()) if len(sub) else 0.0,
+                "best_weight": float(sub["weight"].max()) if len(sub) else 0.0,
+                "genes_found": int(sub["n_up_found"].sum()),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _max_by_target(
@@ -541,6 +653,454 @@ def _top2(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order[:, 0], M[rows, order[:, 0]], M[rows, order[:, 1]]
 
 
+@dataclass
+class _Clusters:
+    """Cluster evidence: labels, codes, row-normalised indicator and sizes."""
+
+    labels: np.ndarray
+    source: str
+    codes: np.ndarray
+    G: sp.csr_matrix
+    sizes: np.ndarray
+    knn: sp.csr_matrix | None = None  # row-normalised kNN graph with self-loops, if any
+
+    @classmethod
+    def from_labels(
+        cls, labels: np.ndarray, source: str, knn: sp.csr_matrix | None = None
+    ) -> _Clusters:
+        cat = pd.Categorical(labels)
+        codes = np.asarray(cat.codes)
+        n = len(cat.categories)
+        G = _group_matrix(codes, n)
+        return cls(labels, source, codes, G, np.bincount(codes, minlength=n), knn)
+
+    def smooth(self, M: np.ndarray, weight: float) -> np.ndarray:
+        """``(1 - weight) * M + weight * neighbourhood mean of M``: the mean over two kNN
+        steps where a graph is set (lineage re-embedding), else the cluster mean."""
+        if self.knn is not None:
+            return (1.0 - weight) * M + weight * np.asarray(self.knn @ (self.knn @ M))
+        return (1.0 - weight) * M + weight * np.asarray(self.G @ M)[self.codes]
+
+
+@dataclass
+class _Markers:
+    """Scaled, capped marker expression (cells x marker genes) and gene lookups."""
+
+    V: sp.csr_matrix
+    gene_pos: dict[str, int]
+    gene_order: dict[str, int]
+
+
+def _annotation_clusters(
+    adata: AnnData,
+    counts: sp.csr_matrix,
+    *,
+    cluster_key: str | None,
+    use_rep: str | None,
+    resolution: float,
+    n_pcs: int,
+    n_neighbors: int,
+    seed: int,
+    prefix: str,
+) -> _Clusters:
+    """Cluster evidence: ``obs[cluster_key]``, a reusable Leiden run or an own over-clustering."""
+    if cluster_key is not None:
+        if cluster_key not in adata.obs:
+            raise KeyError(
+                f"cluster_key {cluster_key!r} not in adata.obs; run clustering first or pass "
+                "cluster_key=None to let annotate over-cluster the data itself."
+            )
+        return _Clusters.from_labels(adata.obs[cluster_key].astype(str).to_numpy(), cluster_key)
+    reused = _reusable_leiden(adata, use_rep, resolution, n_neighbors, seed)
+    if reused is not None:  # the clustering stage already ran Leiden on the same kNN graph
+        labels = adata.obs[reused].astype(str).to_numpy()
+        source = f"{reused} (leiden_multi on {use_rep}, reused)"
+    else:
+        emb = None
+        if use_rep is not None:
+            if use_rep not in adata.obsm:
+                raise KeyError(f"use_rep {use_rep!r} not in adata.obsm ({list(adata.obsm)}).")
+            emb = np.asarray(adata.obsm[use_rep])
+        labels = _overcluster(
+            counts,
+            adata.var_names,
+            resolution=resolution,
+            n_pcs=n_pcs,
+            n_neighbors=n_neighbors,
+            seed=seed,
+            embedding=emb,
+        )
+        source = f"leiden(resolution={resolution}, rep={use_rep or 'pca'})"
+    adata.obs[f"{prefix}annotation_cluster"] = pd.Categorical(labels)
+    return _Clusters.from_labels(labels, source)
+
+
+def _marker_expression(
+    counts: sp.csr_matrix,
+    var_names: pd.Index,
+    mk: Mapping[str, Any],
+    clusters: _Clusters,
+    min_cluster_size: int,
+    organism: str,
+) -> _Markers:
+    """log1p(CP10k) of the marker genes, scaled by the highest cluster mean and capped at 1."""
+    all_sets = mk["lineage_sets"] + mk["subset_sets"]
+    wanted = {g for s in all_sets for g in s["up"] + s["down"]}
+    wanted |= {
+        g for gate in mk.get("subset_gates", []) for grp in gate["groups"] for g in grp["up"]
+    }
+    wanted = sorted(wanted)
+    gene_pos = _resolve_genes(wanted, var_names, mk["aliases"])
+    if not gene_pos:
+        raise ValueError(
+            "None of the marker genes were found in var_names; var_names must be gene symbols "
+            f"of the {organism} genome (use sepsis_sc.io.ensure_symbols)."
+        )
+    genes = list(gene_pos)
+    E = _lognorm_columns(counts, np.array([gene_pos[g] for g in genes]))
+    big = clusters.sizes >= min_cluster_size
+    if not big.any():
+        big = clusters.sizes > 0
+    cl_means = np.asarray((clusters.G @ E).todense())  # clusters x genes
+    scale = np.maximum(cl_means[big].max(axis=0), _SCALE_FLOOR).astype(np.float32)
+    V = sp.csr_matrix(E @ sp.diags(1.0 / scale))
+    np.minimum(V.data, 1.0, out=V.data)
+    return _Markers(V=V, gene_pos=gene_pos, gene_order={g: i for i, g in enumerate(genes)})
+
+
+@dataclass
+class _LineageCalls:
+    call: np.ndarray
+    source: np.ndarray
+    quality: np.ndarray
+    scores: np.ndarray
+    targets: list[str]
+    report: list[dict[str, Any]]
+
+
+def _call_lineages(
+    expr: _Markers,
+    mk: Mapping[str, Any],
+    clusters: _Clusters,
+    *,
+    min_score: float,
+    min_margin: float,
+    cluster_weight: float,
+    down_weight: float,
+    min_genes: int,
+) -> _LineageCalls:
+    """Level 1: best lineage by combined (cell + cluster) score, else Unassigned with a reason."""
+    sets = mk["lineage_sets"]
+    W, kept, report = _weight_matrix(sets, expr.gene_pos, expr.gene_order, down_weight, min_genes)
+    targets = list(dict.fromkeys(sets[j]["target"] for j in kept))
+    if not any(t != UNASSIGNED for t in targets):
+        raise ValueError("No lineage marker set has enough genes in the data to score.")
+    L = clusters.smooth(_max_by_target(np.asarray(expr.V @ W), sets, kept, targets), cluster_weight)
+    arg, best, second = _top2(L)
+    call = np.array(targets, dtype=object)[arg]
+    margin = best - second
+    source = np.full(L.shape[0], "markers", dtype=object)
+    low = best < min_score
+    ambiguous = ~low & (margin < min_margin)
+    decoy = ~low & ~ambiguous & (call == UNASSIGNED)
+    source[low] = "markers:unassigned_low_score"
+    source[ambiguous] = "markers:unassigned_ambiguous"
+    source[decoy] = "markers:unassigned_other_type"
+    best_call = call.copy()
+    call[low | ambiguous | decoy] = UNASSIGNED
+    rescued = _cluster_supported(call, best_call, low & (best >= 0.5 * min_score), clusters)
+    call[rescued] = best_call[rescued]
+    source[rescued] = "markers:low_score_cluster_support"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.where(best > 0, margin / best, 0.0), 0.0, 1.0)
+    q = np.nan_to_num(q, nan=0.0, posinf=1.0)
+    return _LineageCalls(call, source, q, L, targets, report)
+
+
+def _cluster_supported(
+    call: np.ndarray, best_call: np.ndarray, candidate: np.ndarray, clusters: _Clusters
+) -> np.ndarray:
+    """Low-score cells whose own best lineage is the clear majority of their cluster.
+
+    Low-depth cells (fewer UMIs, e.g. interferon-stimulated or panel data) keep their best
+    lineage when its score is at least half of ``min_score`` and more than half of their
+    cluster's cells were called that lineage with full evidence; evidence is weak, not absent.
+    """
+    out = np.zeros(call.size, dtype=bool)
+    if not candidate.any():
+        return out
+    df = pd.DataFrame({"cl": clusters.codes, "call": call})
+    major = df.groupby("cl")["call"].agg(lambda x: x.value_counts().index[0])
+    frac = df.groupby("cl")["call"].agg(lambda x: x.value_counts().iloc[0] / len(x))
+    maj = major.reindex(clusters.codes).to_numpy()
+    ok = (maj != UNASSIGNED) & (frac.reindex(clusters.codes).to_numpy() > 0.5)
+    out[candidate & ok & (maj == best_call)] = True
+    return out
+
+
+def _lineage_graph(
+    counts: sp.csr_matrix,
+    var_names: pd.Index,
+    idx: np.ndarray,
+    *,
+    resolution: float,
+    n_neighbors: int,
+    seed: int,
+    min_cells: int,
+    n_top_genes: int = 500,
+    n_pcs: int = 20,
+) -> _Clusters | None:
+    """Re-embedding of one lineage's cells on their own HVGs and PCA (issue #16 item 1).
+
+    Subsets differ in a few genes that a whole-PBMC embedding spends little variance on (CD4
+    vs CD8 T, naive vs memory); the lineage's own 500 most variable genes put them on top.
+    Returns Leiden clusters (for per-gene baselines) and the row-normalised kNN graph (for
+    smoothing scores over each cell's neighbours, which survives RNA dropout of CD4 / CD8A
+    better than cluster means). ``None`` for lineages with fewer than ``min_cells`` cells.
+    """
+    import scanpy as sc
+
+    from .cluster import neighbors
+
+    if idx.size < min_cells:
+        return None
+    work = AnnData(X=counts[idx].copy(), var=pd.DataFrame(index=var_names.astype(str)))
+    work.var_names_make_unique()
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()
+    sc.pp.highly_variable_genes(work, n_top_genes=int(min(n_top_genes, work.n_vars)))
+    n_comps = int(max(2, min(n_pcs, work.n_obs - 1, int(work.var["highly_variable"].sum()) - 1)))
+    sc.pp.pca(work, n_comps=n_comps, mask_var="highly_variable", random_state=seed)
+    neighbors(work, n_neighbors=int(min(n_neighbors, work.n_obs - 1)), use_rep="X_pca", seed=seed)
+    sc.tl.leiden(
+        work,
+        resolution=resolution,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+        key_added="_oc",
+    )
+    C = sp.csr_matrix(work.obsp["connectivities"] + sp.eye(work.n_obs, format="csr"))
+    D = sp.csr_matrix(sp.diags(1.0 / np.asarray(C.sum(axis=1)).ravel()) @ C)
+    return _Clusters.from_labels(work.obs["_oc"].to_numpy(), "lineage re-embedding", knn=D)
+
+
+def _apply_gates(
+    R: np.ndarray,
+    scored: list[str],
+    V_l: sp.csr_matrix,
+    local: _Clusters,
+    gates: Sequence[Mapping[str, Any]],
+    expr: _Markers,
+    cluster_weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask subsets of the losing side of a two-group gate (e.g. CD4 vs CD8 T; issue #16).
+
+    Each group's module score (mean scaled expression of its genes, e.g. CD4 + CD40LG vs
+    CD8A + CD8B), smoothed over the lineage's neighbourhood, decides the group; the other
+    group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets.
+    Where a group has none of its genes in the data (a panel without CD4 / CD8A), the gate
+    cannot be decided: the returned mask flags the cells whose best subset belongs to it, and
+    they get the lineage's default (``T unresolved``) rather than a guess.
+    """
+    R = R.copy()
+    col = {lab: k for k, lab in enumerate(scored)}
+    undecided = np.zeros(R.shape[0], dtype=bool)
+    for gate in gates:
+        mods = []
+        for grp in gate["groups"]:
+            genes = [expr.gene_order[g] for g in grp["up"] if g in expr.gene_order]
+            mods.append(genes)
+        if any(len(g) == 0 for g in mods):
+            gated = [col[lab] for grp in gate["groups"] for lab in grp["cell_types"] if lab in col]
+            undecided |= np.isin(R.argmax(axis=1), gated)
+            logger.warning(
+                "gate %s: genes of one side absent from the data; its subsets are not called "
+                "(cells get the lineage default)",
+                gate["name"],
+            )
+            continue
+        m = [np.asarray(V_l[:, g].mean(axis=1)).ravel() for g in mods]
+        d = local.smooth((m[0] - m[1])[:, None], cluster_weight).ravel()
+        for sign, grp in ((1, gate["groups"][1]), (-1, gate["groups"][0])):
+            lose = [col[lab] for lab in grp["cell_types"] if lab in col]
+            if lose:
+                R[np.ix_(sign * d > 0, lose)] -= 10.0
+    return R, undecided
+
+
+def _is_unresolved(label: str | None) -> bool:
+    return label is not None and label.endswith(" unresolved")
+
+
+def _subset_scores(
+    V_l: sp.csr_matrix,
+    local: _Clusters,
+    sets_l: Sequence[Mapping[str, Any]],
+    W_l: np.ndarray,
+    scored: list[str],
+    *,
+    min_cluster_size: int,
+    cluster_weight: float,
+    subset_cluster_weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute (``A``) and baseline-removed (``R``) subset scores, cluster-smoothed.
+
+    The baseline is the lowest cluster mean of each gene inside the lineage (>= 2 sizeable
+    clusters), so genes every cell of the lineage expresses do not favour the sets listing them.
+    """
+    A_sets = np.asarray(V_l @ W_l)
+    big = local.sizes >= min_cluster_size
+    if big.sum() >= 2:
+        gmeans = np.asarray((local.G @ V_l).todense())[big]
+        offset = gmeans.min(axis=0) @ W_l
+    else:
+        offset = np.zeros(W_l.shape[1], dtype=np.float32)
+    ids = list(range(len(sets_l)))
+    A = local.smooth(_max_by_target(A_sets, sets_l, ids, scored), subset_cluster_weight)
+    R = local.smooth(_max_by_target(A_sets - offset, sets_l, ids, scored), cluster_weight)
+    return A, R
+
+
+def _call_subsets(
+    expr: _Markers,
+    lin: _LineageCalls,
+    mk: Mapping[str, Any],
+    vocab: Vocabulary,
+    clusters: _Clusters,
+    counts: sp.csr_matrix,
+    var_names: pd.Index,
+    p: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], dict[str, str]]:
+    """Level 2: subset within each lineage, on the lineage's own clusters; weak evidence gets
+    the lineage's default subset (a program-free state or an explicit ``<lineage> unresolved``).
+    """
+    sets = mk["subset_sets"]
+    W, kept, report = _weight_matrix(
+        sets, expr.gene_pos, expr.gene_order, p["down_weight"], p["min_genes"]
+    )
+    n = lin.call.size
+    cell_type = np.full(n, UNASSIGNED, dtype=object)
+    q_sub = np.ones(n, dtype=np.float64)
+    sub_source: dict[str, str] = {}
+    for lineage in vocab.lineages.index:
+        idx = np.flatnonzero(lin.call == lineage)
+        if idx.size == 0:
+            continue
+        labels = vocab.subsets_of(lineage)
+        default = vocab.lineages.at[lineage, "default_subset"]
+        set_idx = [j for j in kept if sets[j]["target"] in labels]
+        scored = list(dict.fromkeys(sets[j]["target"] for j in set_idx))
+        if not scored:
+            cell_type[idx] = default or labels[0]
+            if default is None and len(labels) > 1:
+                logger.warning("lineage %s: no subset set scored; cells get %s", lineage, labels[0])
+            continue
+        local = None
+        if p["subset_reembed"]:
+            local = _lineage_graph(
+                counts,
+                var_names,
+                idx,
+                resolution=p["subset_resolution"],
+                n_neighbors=p["subset_n_neighbors"],
+                seed=p["seed"],
+                min_cells=p["subset_min_cells"],
+            )
+        if local is not None:
+            sub_source[lineage] = "own HVGs + PCA: kNN smoothing, Leiden baselines"
+        else:
+            local = _Clusters.from_labels(clusters.codes[idx].astype(str), clusters.source)
+            sub_source[lineage] = clusters.source
+        A, R = _subset_scores(
+            expr.V[idx],
+            local,
+            [sets[j] for j in set_idx],
+            W[:, set_idx],
+            scored,
+            min_cluster_size=p["min_cluster_size"],
+            cluster_weight=p["cluster_weight"],
+            subset_cluster_weight=p["subset_cluster_weight"],
+        )
+        gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
+        R, undecided = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        s_arg, s_best, s_second = _top2(R)
+        call = np.array(scored, dtype=object)[s_arg]
+        if default is not None and undecided.any():
+            call[undecided] = default
+            lin.source[idx[undecided]] = "markers:unresolved_subset"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = (s_best - s_second) / (np.abs(s_best) + np.abs(s_second))
+        q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
+        if len(scored) == 1 and default is None:
+            q = np.ones_like(q)
+        if default is not None:
+            floor = p["unresolved_min_score"] if _is_unresolved(default) else p["subset_min_score"]
+            a_best = A[np.arange(idx.size), s_arg]
+            weak = (call != default) & (a_best < floor)
+            call[weak] = default
+            q[weak] = np.clip(1.0 - a_best[weak] / floor, 0.0, 1.0)
+            lin.source[idx[weak]] = (
+                "markers:unresolved_subset" if _is_unresolved(default) else "markers:default_subset"
+            )
+        cell_type[idx] = call
+        q_sub[idx] = q
+    return cell_type, q_sub, report, sub_source
+
+
+def _write_annotation(
+    adata: AnnData,
+    prefix: str,
+    vocab: Vocabulary,
+    lin: _LineageCalls,
+    cell_type: np.ndarray,
+    conf: np.ndarray,
+    uns: dict[str, Any],
+) -> None:
+    ct_tab = vocab.cell_types
+    lin_levels = list(vocab.lineages.index) + [UNASSIGNED]
+    adata.obs[f"{prefix}lineage"] = pd.Categorical(lin.call, categories=lin_levels)
+    adata.obs[f"{prefix}cell_type"] = pd.Categorical(cell_type, categories=list(ct_tab.index))
+    adata.obs[f"{prefix}cell_type_ontology_term_id"] = pd.Categorical(
+        ct_tab["cl"].reindex(cell_type).to_numpy()
+    )
+    adata.obs[f"{prefix}annotation_confidence"] = conf.astype(np.float32)
+    adata.obs[f"{prefix}annotation_source"] = pd.Categorical(lin.source)
+    adata.obsm[f"{prefix}annotation_lineage_scores"] = pd.DataFrame(
+        lin.scores, index=adata.obs_names, columns=lin.targets
+    )
+    adata.uns[f"{prefix}annotation"] = uns
+
+
+def _cluster_summary(
+    clusters: _Clusters, lin: _LineageCalls, cell_type: np.ndarray, conf: np.ndarray
+) -> pd.DataFrame:
+    """One row per cluster: majority lineage / cell type, confidence, mean lineage scores."""
+    df = pd.DataFrame(
+        {"cluster": clusters.labels, "lineage": lin.call, "cell_type": cell_type, "conf": conf}
+    )
+    rows = []
+    for cl, sub in df.groupby("cluster", sort=True, observed=True):
+        lin_vc = sub["lineage"].value_counts()
+        ct_vc = sub["cell_type"].value_counts()
+        row = {
+            "cluster": cl,
+            "n_cells": len(sub),
+            "lineage": lin_vc.index[0],
+            "frac_lineage": lin_vc.iloc[0] / len(sub),
+            "cell_type": ct_vc.index[0],
+            "frac_cell_type": ct_vc.iloc[0] / len(sub),
+            "mean_confidence": float(sub["conf"].mean()),
+            "frac_unassigned": float((sub["lineage"] == UNASSIGNED).mean()),
+        }
+        means = lin.scores[sub.index.to_numpy()].mean(axis=0)
+        row.update({f"score_{t}": float(v) for t, v in zip(lin.targets, means, strict=True)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def annotate(
     adata: AnnData,
     *,
@@ -555,7 +1115,7 @@ def annotate(
     cluster_weight: float = 0.5,
     subset_cluster_weight: float = 0.25,
     down_weight: float = 1.0,
-    min_genes: int = 2,
+    min_genes: int = 1,
     min_cluster_size: int = 10,
     use_rep: str | None = None,
     resolution: float = 2.0,
@@ -563,6 +1123,11 @@ def annotate(
     n_neighbors: int = 15,
     seed: int = 0,
     key_added: str | None = None,
+    subset_reembed: bool = True,
+    subset_resolution: float = 2.0,
+    subset_n_neighbors: int = 20,
+    subset_min_cells: int = 100,
+    unresolved_min_score: float = 0.05,
 ) -> pd.DataFrame:
     """Annotate immune lineages and subsets from marker genes (hierarchical, offline).
 
@@ -590,20 +1155,19 @@ def annotate(
     min_margin
         Minimum lead of the best lineage over the runner-up; below it the cell is ambiguous.
     subset_min_score
-        Minimum absolute score for a specific subset in lineages that have a default subset
-        (e.g. Non-classical vs the default Classical monocyte; TREM2-high vs Macrophage).
+        Minimum absolute score for a specific subset in lineages whose default subset is a
+        program-free state (e.g. Non-classical vs the default Classical monocyte).
     cluster_weight
         Weight of the cluster mean in ``(1 - w) * cell + w * cluster`` for lineages
-        (0 = per cell only).
+        (0 = per cell only); also used for the choice among sibling subsets.
     subset_cluster_weight
         Cluster weight for the absolute score that gates a specific subset against the
-        lineage's default (lower than ``cluster_weight``, because rare subsets such as
-        TREM2-high macrophages or CD56bright NK often share a cluster with their siblings).
-        The choice among sibling subsets uses ``cluster_weight``.
+        lineage's default (rare subsets often share a cluster with their siblings).
     down_weight
         Weight of the negative markers relative to the positive ones.
     min_genes
-        Sets with fewer up-genes present in the data are skipped (logged).
+        Sets with fewer up-genes present are left out; sets with few genes present are
+        down-weighted (coverage reported in ``uns``), not skipped.
     min_cluster_size
         Clusters smaller than this do not set gene scales or subset baselines.
     use_rep
@@ -614,6 +1178,15 @@ def annotate(
         Random seed of PCA, neighbours and Leiden.
     key_added
         Prefix of the written ``obs`` columns (``"<key_added>_lineage"`` ...); default none.
+    subset_reembed
+        Call subsets on clusters of each lineage's own re-embedding (HVGs + PCA of its cells)
+        instead of the global clusters.
+    subset_resolution, subset_n_neighbors, subset_min_cells
+        Leiden resolution (baselines) and neighbours (score smoothing) of the lineage
+        re-embedding; lineages with fewer cells use the global clusters.
+    unresolved_min_score
+        Minimum absolute subset score in lineages whose default is ``<lineage> unresolved``
+        (T, B, DC); weaker cells get that label instead of a sibling subset.
 
     Returns
     -------
@@ -627,17 +1200,15 @@ def annotate(
     Writes ``obs``: ``lineage``, ``cell_type``, ``cell_type_ontology_term_id``,
     ``annotation_confidence`` (0-1; relative lineage margin x (0.5 + 0.5 x relative subset
     margin); 0 for Unassigned) and ``annotation_source`` (``markers``,
-    ``markers:default_subset``, ``markers:unassigned_low_score``,
+    ``markers:default_subset``, ``markers:unresolved_subset``, ``markers:unassigned_low_score``,
     ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``); ``obsm``:
     ``<prefix>annotation_lineage_scores`` (combined lineage scores, DataFrame); ``uns``:
-    ``<prefix>annotation`` (parameters, organism, marker genes found per set).
+    ``<prefix>annotation`` (parameters, organism, marker-set coverage, lineage coverage).
     """
-    for name, w in (
-        ("cluster_weight", cluster_weight),
-        ("subset_cluster_weight", subset_cluster_weight),
-    ):
-        if not 0.0 <= w <= 1.0:
-            raise ValueError(f"{name} must be within [0, 1], got {w}.")
+    params = {k: v for k, v in locals().items() if k not in ("adata", "markers", "key_added")}
+    for name in ("cluster_weight", "subset_cluster_weight"):
+        if not 0.0 <= params[name] <= 1.0:
+            raise ValueError(f"{name} must be within [0, 1], got {params[name]}.")
     if adata.n_obs == 0:
         raise ValueError("adata has no cells.")
     prefix = f"{key_added}_" if key_added else ""
@@ -645,226 +1216,67 @@ def annotate(
     org, detected = _resolve_organism(adata, organism, expected_organism)
     mk = load_markers(markers, org, vocabulary=vocab)
     counts = _get_counts(adata, layer)
-    n = adata.n_obs
-
-    # ---- clusters -------------------------------------------------------------------------
-    if cluster_key is not None:
-        if cluster_key not in adata.obs:
-            raise KeyError(
-                f"cluster_key {cluster_key!r} not in adata.obs; run clustering first or pass "
-                "cluster_key=None to let annotate over-cluster the data itself."
-            )
-        clusters = adata.obs[cluster_key].astype(str).to_numpy()
-        cluster_source = cluster_key
-    elif (reused := _reusable_leiden(adata, use_rep, resolution, n_neighbors, seed)) is not None:
-        # the clustering stage already ran Leiden at this resolution on the same kNN graph
-        clusters = adata.obs[reused].astype(str).to_numpy()
-        cluster_source = f"{reused} (leiden_multi on {use_rep}, reused)"
-        adata.obs[f"{prefix}annotation_cluster"] = pd.Categorical(clusters)
-    else:
-        emb = None
-        if use_rep is not None:
-            if use_rep not in adata.obsm:
-                raise KeyError(f"use_rep {use_rep!r} not in adata.obsm ({list(adata.obsm)}).")
-            emb = np.asarray(adata.obsm[use_rep])
-        clusters = _overcluster(
-            counts,
-            adata.var_names,
-            resolution=resolution,
-            n_pcs=n_pcs,
-            n_neighbors=n_neighbors,
-            seed=seed,
-            embedding=emb,
-        )
-        cluster_source = f"leiden(resolution={resolution}, rep={use_rep or 'pca'})"
-        adata.obs[f"{prefix}annotation_cluster"] = pd.Categorical(clusters)
-    cl_cat = pd.Categorical(clusters)
-    cl_codes = np.asarray(cl_cat.codes)
-    n_cl = len(cl_cat.categories)
-    G = _group_matrix(cl_codes, n_cl)
-    cl_sizes = np.bincount(cl_codes, minlength=n_cl)
-
-    # ---- marker expression ----------------------------------------------------------------
-    all_sets = mk["lineage_sets"] + mk["subset_sets"]
-    wanted = sorted({g for s in all_sets for g in s["up"] + s["down"]})
-    gene_pos = _resolve_genes(wanted, adata.var_names, mk["aliases"])
-    if not gene_pos:
-        raise ValueError(
-            "None of the marker genes were found in var_names; var_names must be gene symbols "
-            f"of the {org} genome (use sepsis_sc.io.ensure_symbols)."
-        )
-    genes = list(gene_pos)
-    gene_order = {g: i for i, g in enumerate(genes)}
-    E = _lognorm_columns(counts, np.array([gene_pos[g] for g in genes]))
-    big = cl_sizes >= min_cluster_size
-    if not big.any():
-        big = cl_sizes > 0
-    cl_means = np.asarray((G @ E).todense())  # clusters x genes
-    scale = np.maximum(cl_means[big].max(axis=0), _SCALE_FLOOR).astype(np.float32)
-    V = sp.csr_matrix(E @ sp.diags(1.0 / scale))
-    np.minimum(V.data, 1.0, out=V.data)
-
-    # ---- level 1: lineage ---------------------------------------------------------------------
-    lin_sets = mk["lineage_sets"]
-    W_lin, kept_lin, rep_lin = _weight_matrix(
-        lin_sets, gene_pos, gene_order, down_weight, min_genes
+    clusters = _annotation_clusters(
+        adata,
+        counts,
+        cluster_key=cluster_key,
+        use_rep=use_rep,
+        resolution=resolution,
+        n_pcs=n_pcs,
+        n_neighbors=n_neighbors,
+        seed=seed,
+        prefix=prefix,
     )
-    S_lin = np.asarray(V @ W_lin)
-    lin_targets = list(dict.fromkeys(lin_sets[j]["target"] for j in kept_lin))
-    if not any(t != UNASSIGNED for t in lin_targets):
-        raise ValueError("No lineage marker set has enough genes in the data to score.")
-    L_cell = _max_by_target(S_lin, lin_sets, kept_lin, lin_targets)
-    L_clu = np.asarray(G @ L_cell)[cl_codes]
-    L = (1.0 - cluster_weight) * L_cell + cluster_weight * L_clu
-    arg, best, second = _top2(L)
-    lin_call = np.array(lin_targets, dtype=object)[arg]
-    margin = best - second
-    source = np.full(n, "markers", dtype=object)
-    low = best < min_score
-    ambiguous = ~low & (margin < min_margin)
-    decoy = ~low & ~ambiguous & (lin_call == UNASSIGNED)
-    source[low] = "markers:unassigned_low_score"
-    source[ambiguous] = "markers:unassigned_ambiguous"
-    source[decoy] = "markers:unassigned_other_type"
-    unassigned = low | ambiguous | decoy
-    lin_call[unassigned] = UNASSIGNED
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q_lin = np.clip(np.where(best > 0, margin / best, 0.0), 0.0, 1.0)
-    q_lin = np.nan_to_num(q_lin, nan=0.0, posinf=1.0)
-
-    # ---- level 2: subsets within lineage ----------------------------------------------------
-    sub_sets = mk["subset_sets"]
-    W_sub, kept_sub, rep_sub = _weight_matrix(
-        sub_sets, gene_pos, gene_order, down_weight, min_genes
+    expr = _marker_expression(counts, adata.var_names, mk, clusters, min_cluster_size, org)
+    lin = _call_lineages(
+        expr,
+        mk,
+        clusters,
+        min_score=min_score,
+        min_margin=min_margin,
+        cluster_weight=cluster_weight,
+        down_weight=down_weight,
+        min_genes=min_genes,
     )
-    cell_type = np.full(n, UNASSIGNED, dtype=object)
-    q_sub = np.ones(n, dtype=np.float64)
-    for lineage in vocab.lineages.index:
-        idx = np.flatnonzero(lin_call == lineage)
-        if idx.size == 0:
-            continue
-        labels = vocab.subsets_of(lineage)
-        default = vocab.lineages.at[lineage, "default_subset"]
-        set_idx = [j for j in kept_sub if sub_sets[j]["target"] in labels]
-        scored = list(dict.fromkeys(sub_sets[j]["target"] for j in set_idx))
-        if not scored:
-            fallback = default or (labels[0] if len(labels) == 1 else None)
-            if fallback is None:
-                logger.warning(
-                    "lineage %s: no subset set could be scored; cells get the "
-                    "first subset label %s",
-                    lineage,
-                    labels[0],
-                )
-                fallback = labels[0]
-            cell_type[idx] = fallback
-            continue
-        V_l = V[idx]
-        sub_codes = cl_codes[idx]
-        uniq, local = np.unique(sub_codes, return_inverse=True)
-        G_l = _group_matrix(local, len(uniq))
-        grp_sizes = np.bincount(local, minlength=len(uniq))
-        sets_l = [sub_sets[j] for j in set_idx]
-        W_l = W_sub[:, set_idx]
-        A_sets = np.asarray(V_l @ W_l)  # absolute set scores
-        # baseline: lowest cluster mean of each gene within the lineage (>= 2 sizeable groups)
-        big_l = grp_sizes >= min_cluster_size
-        if big_l.sum() >= 2:
-            gmeans = np.asarray((G_l @ V_l).todense())[big_l]
-            offset = gmeans.min(axis=0) @ W_l
-        else:
-            offset = np.zeros(len(set_idx), dtype=np.float32)
-        R_sets = A_sets - offset
-        kept_local = list(range(len(set_idx)))
-        A_cell = _max_by_target(A_sets, sets_l, kept_local, scored)
-        R_cell = _max_by_target(R_sets, sets_l, kept_local, scored)
-        w = subset_cluster_weight
-        A = (1 - w) * A_cell + w * np.asarray(G_l @ A_cell)[local]
-        R = (1 - cluster_weight) * R_cell + cluster_weight * np.asarray(G_l @ R_cell)[local]
-        s_arg, s_best, s_second = _top2(R)
-        call = np.array(scored, dtype=object)[s_arg]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = (s_best - s_second) / (np.abs(s_best) + np.abs(s_second))
-        q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
-        if len(scored) == 1 and default is None:
-            q = np.ones_like(q)
-        if default is not None:
-            a_best = A[np.arange(idx.size), s_arg]
-            weak = (call != default) & (a_best < subset_min_score)
-            call[weak] = default
-            q[weak] = np.clip(1.0 - a_best[weak] / subset_min_score, 0.0, 1.0)
-            source[idx[weak]] = "markers:default_subset"
-        cell_type[idx] = call
-        q_sub[idx] = q
-
-    conf = np.where(lin_call == UNASSIGNED, 0.0, q_lin * (0.5 + 0.5 * q_sub))
-    ct_tab = vocab.cell_types
-    cl_ids = ct_tab["cl"].reindex(cell_type).to_numpy()
-
-    # ---- write ------------------------------------------------------------------------------
-    lin_levels = list(vocab.lineages.index) + [UNASSIGNED]
-    adata.obs[f"{prefix}lineage"] = pd.Categorical(lin_call, categories=lin_levels)
-    adata.obs[f"{prefix}cell_type"] = pd.Categorical(cell_type, categories=list(ct_tab.index))
-    adata.obs[f"{prefix}cell_type_ontology_term_id"] = pd.Categorical(cl_ids)
-    adata.obs[f"{prefix}annotation_confidence"] = conf.astype(np.float32)
-    adata.obs[f"{prefix}annotation_source"] = pd.Categorical(source)
-    lin_scores = pd.DataFrame(L, index=adata.obs_names, columns=lin_targets)
-    adata.obsm[f"{prefix}annotation_lineage_scores"] = lin_scores
-    params = {
-        "organism": org,
-        "organism_detected": detected or "undetermined",
-        "cluster_source": cluster_source,
-        "markers": mk["source_file"],
-        "min_score": min_score,
-        "min_margin": min_margin,
-        "subset_min_score": subset_min_score,
-        "cluster_weight": cluster_weight,
-        "subset_cluster_weight": subset_cluster_weight,
-        "down_weight": down_weight,
-        "min_genes": min_genes,
-        "min_cluster_size": min_cluster_size,
-        "seed": seed,
-        "layer": layer,
-    }
-    set_report = pd.DataFrame(rep_lin + rep_sub)
-    adata.uns[f"{prefix}annotation"] = {
-        "params": params,
+    cell_type, q_sub, rep_sub, sub_source = _call_subsets(
+        expr, lin, mk, vocab, clusters, counts, adata.var_names, params
+    )
+    conf = np.where(lin.call == UNASSIGNED, 0.0, lin.quality * (0.5 + 0.5 * q_sub))
+    coverage = _lineage_coverage(lin.report, [s["target"] for s in mk["lineage_sets"]])
+    _log_coverage(coverage)
+    set_report = pd.DataFrame(lin.report + rep_sub)
+    params.update(
+        organism=org,
+        organism_detected=detected or "undetermined",
+        cluster_source=clusters.source,
+        markers=mk["source_file"],
+    )
+    uns = {
+        "params": {k: v for k, v in params.items() if v is not None},
         "marker_sets": {c: set_report[c].to_numpy() for c in set_report.columns},
+        "lineage_coverage": {c: coverage[c].to_numpy() for c in coverage.columns},
+        "subset_clusters": sub_source,
     }
-
-    # ---- summary ---------------------------------------------------------------------------
-    df = pd.DataFrame(
-        {"cluster": clusters, "lineage": lin_call, "cell_type": cell_type, "conf": conf}
-    )
-    rows = []
-    for cl, sub in df.groupby("cluster", sort=True, observed=True):
-        lin_vc = sub["lineage"].value_counts()
-        ct_vc = sub["cell_type"].value_counts()
-        row = {
-            "cluster": cl,
-            "n_cells": len(sub),
-            "lineage": lin_vc.index[0],
-            "frac_lineage": lin_vc.iloc[0] / len(sub),
-            "cell_type": ct_vc.index[0],
-            "frac_cell_type": ct_vc.iloc[0] / len(sub),
-            "mean_confidence": float(sub["conf"].mean()),
-            "frac_unassigned": float((sub["lineage"] == UNASSIGNED).mean()),
-        }
-        means = L[sub.index.to_numpy()].mean(axis=0)
-        row.update({f"score_{t}": float(v) for t, v in zip(lin_targets, means, strict=True)})
-        rows.append(row)
-    summary = pd.DataFrame(rows)
-    frac_un = float(unassigned.mean())
+    _write_annotation(adata, prefix, vocab, lin, cell_type, conf, uns)
     logger.info(
         "annotated %d cells (%s, clusters from %s): %d lineages, %d cell types, %.1f%% Unassigned",
-        n,
+        adata.n_obs,
         org,
-        cluster_source,
-        len(set(lin_call) - {UNASSIGNED}),
+        clusters.source,
+        len(set(lin.call) - {UNASSIGNED}),
         len(set(cell_type) - {UNASSIGNED}),
-        100 * frac_un,
+        100 * float((lin.call == UNASSIGNED).mean()),
     )
-    return summary
+    return _cluster_summary(clusters, lin, cell_type, conf)
+
+
+def _log_coverage(coverage: pd.DataFrame) -> None:
+    low = coverage[(coverage["lineage"] != UNASSIGNED) & (coverage["best_coverage"] < 0.5)]
+    if len(low):
+        logger.warning(
+            "marker coverage below 50%% for lineages %s (scores down-weighted, not skipped)",
+            ", ".join(f"{r.lineage} {r.best_coverage:.0%}" for r in low.itertuples()),
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ rule annotate:
     input:
         h5ad=f"{RESULTS}/cluster/clustered.h5ad",
         markers=marker_file(),
+        **reference_input(),
     output:
         **celltypist_outputs(),
+        **reference_outputs(),
         h5ad=f"{RESULTS}/annotated.h5ad",
         table=f"{RESULTS}/annotate/cell_types.tsv",
     log:

@@ -303,6 +303,19 @@ def celltypist_outputs():
     return {"agreement": f"{RESULTS}/annotate/celltypist_agreement.tsv"}
 
 
+def reference_outputs():
+    """The scANVI reference-consensus table, declared only when a reference is configured."""
+    if not config["annotation"]["reference"]:
+        return {}
+    return {"reference_agreement": f"{RESULTS}/annotate/reference_agreement.tsv"}
+
+
+def reference_input():
+    """The annotation reference .h5ad as an input (editing it reruns annotation)."""
+    path = config["annotation"]["reference"]
+    return {"reference": path} if path else {}
+
+
 def metrics_labels_input():
     """Known-label table for the integration metrics: integration.metrics_labels, or the
     planted truth of the simulated demo, or nothing."""

@@ -29,5 +29,14 @@ if a["celltypist_model"]:
     annotate_celltypist(adata, a["celltypist_model"])
     agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
     write_table(agreement, snakemake.output.agreement)
+if a["reference"]:
+    from sepsis_sc.reference import annotation_consensus, transfer_labels
+
+    if not a["reference_label_key"]:
+        raise ValueError("annotation.reference is set: annotation.reference_label_key is needed.")
+    transfer_labels(adata, snakemake.input.reference, label_key=a["reference_label_key"],
+                    seed=snakemake.params.seed)  # fmt: skip
+    table = annotation_consensus(adata)
+    write_table(table.reset_index(), snakemake.output.reference_agreement)
 write_table(summary, snakemake.output.table, digits=3)
 write_h5ad(adata, snakemake.output.h5ad)
