@@ -301,7 +301,7 @@ def test_organism_detection_and_mismatch():
     assert mouse.uns["annotation"]["params"]["organism"] == "mouse"
     with pytest.raises(ValueError, match="expects organism 'human'"):
         an.annotate(mouse, markers=mk, cluster_key="cl", expected_organism="human")
-    with pytest.raises(ValueError, match="look mouse"):
+    with pytest.raises(ValueError, match="organism: human but the genes of the annotation input are mouse"):
         an.annotate(mouse, organism="human", cluster_key="cl")
     human = _toy()
     with pytest.raises(ValueError, match="expects organism 'mouse'"):

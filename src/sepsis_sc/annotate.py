@@ -45,6 +45,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .data import counts_csr, log_normalise, organism_evidence, resolve_organism
 from .resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
@@ -334,39 +335,6 @@ def _check_state_genes(mk: Mapping[str, Any], vocab: Vocabulary) -> None:
 # --------------------------------------------------------------------------------------------
 # input helpers
 # --------------------------------------------------------------------------------------------
-def _is_integer_matrix(X: Any, n_check: int = 100_000) -> bool:
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    data = np.asarray(data[:n_check])
-    if data.size == 0:
-        return True
-    return bool(np.all(data >= 0) and np.all(np.equal(np.mod(data, 1), 0)))
-
-
-def _get_counts(adata: AnnData, layer: str | None) -> sp.csr_matrix:
-    """Raw counts as CSR float32 (a new matrix; the caller's data are untouched)."""
-    if layer is not None and layer in adata.layers:
-        X = adata.layers[layer]
-        where = f"layers[{layer!r}]"
-    elif _is_integer_matrix(adata.X):
-        X = adata.X
-        where = "X (integer-valued)"
-        if layer is not None:
-            logger.info("layers[%r] absent; using integer-valued X as raw counts", layer)
-    else:
-        raise ValueError(
-            f"No raw counts found: layers[{layer!r}] is absent and X is not integer-valued. "
-            "Keep raw UMI counts in adata.layers['counts'] (as ingest does) or pass "
-            "layer=<name of the raw-count layer>."
-        )
-    if not _is_integer_matrix(X):
-        raise ValueError(
-            f"{where} does not hold raw integer counts (found negative or fractional values). "
-            "Annotation normalises counts itself; pass the raw-count layer."
-        )
-    X = sp.csr_matrix(X, dtype=np.float32)
-    return X
-
-
 def _marker_symbols(markers: Mapping[str, Any]) -> set[str]:
     genes: set[str] = set()
     for key in ("lineage_sets", "subset_sets"):
@@ -376,54 +344,22 @@ def _marker_symbols(markers: Mapping[str, Any]) -> set[str]:
     return genes
 
 
-def _detect_organism(var_names: Sequence[str]) -> tuple[str | None, dict[str, int]]:
-    """Guess human/mouse from marker symbols present (CD3E vs Cd3e)."""
-    names = set(map(str, var_names))
-    counts = {}
-    for org in ("human", "mouse"):
-        probe = _marker_symbols(load_markers(None, org))
-        counts[org] = len(probe & names)
-    h, m = counts["human"], counts["mouse"]
-    if max(h, m) < 5:
-        return None, counts
-    if h >= 3 * max(m, 1):
-        return "human", counts
-    if m >= 3 * max(h, 1):
-        return "mouse", counts
-    return None, counts
-
-
 def _resolve_organism(
     adata: AnnData, organism: Organism, expected_organism: str | None
 ) -> tuple[str, str | None]:
-    if organism not in ("auto", "human", "mouse"):
-        raise ValueError(f"organism must be 'auto', 'human' or 'mouse', not {organism!r}.")
-    if expected_organism not in (None, "human", "mouse"):
+    """The organism to annotate as (:func:`sepsis_sc.data.resolve_organism`: mismatches with
+    ``organism`` or the config's ``expected_organism`` raise) and the one the genes show."""
+    evidence = organism_evidence(adata.var_names)
+    if sum(evidence.ensembl.values()) > 0.5 * max(evidence.n_genes, 1):
         raise ValueError(
-            f"expected_organism must be 'human', 'mouse' or None, not {expected_organism!r}."
+            "var_names are Ensembl IDs; marker annotation needs gene symbols: make them the "
+            "var_names with sepsis_sc.io.ensure_symbols (ingest does this when the input has "
+            "a symbol column)."
         )
-    detected, counts = _detect_organism(adata.var_names)
-    if detected is None and organism == "auto":
-        raise ValueError(
-            "Cannot tell the organism from var_names (marker symbols found: "
-            f"human {counts['human']}, mouse {counts['mouse']}). var_names must be gene symbols "
-            "(use sepsis_sc.io.ensure_symbols for Ensembl IDs), or pass organism='human'/'mouse'."
-        )
-    chosen = detected if organism == "auto" else organism
-    if detected is not None and organism != "auto" and detected != organism:
-        raise ValueError(
-            f"organism={organism!r} but the gene symbols look {detected} (marker symbols found: "
-            f"human {counts['human']}, mouse {counts['mouse']}). Check the input data or the "
-            "organism setting."
-        )
-    if expected_organism is not None and chosen != expected_organism:
-        raise ValueError(
-            f"The data look {chosen} (marker symbols found: human {counts['human']}, mouse "
-            f"{counts['mouse']}) but the config expects organism {expected_organism!r}. "
-            "Check the sample sheet / input files, or fix the organism key of the config."
-        )
-    assert chosen is not None
-    return chosen, detected
+    chosen = resolve_organism(
+        adata.var_names, organism, expected=expected_organism, what="the annotation input"
+    )
+    return chosen, evidence.organism
 
 
 def _resolve_genes(
@@ -442,16 +378,6 @@ def _resolve_genes(
                 pos[g] = int(lookup[alt])
                 break
     return pos
-
-
-def _lognorm_columns(counts: sp.csr_matrix, cols: np.ndarray) -> sp.csr_matrix:
-    """log1p(CP10k) of selected columns, with size factors from all genes (sparse)."""
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    sub = counts[:, cols].tocsr().astype(np.float32)
-    sub = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ sub)
-    sub.data = np.log1p(sub.data)
-    return sub
 
 
 def _group_matrix(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
@@ -757,7 +683,7 @@ def _marker_expression(
             f"of the {organism} genome (use sepsis_sc.io.ensure_symbols)."
         )
     genes = list(gene_pos)
-    E = _lognorm_columns(counts, np.array([gene_pos[g] for g in genes]))
+    E = log_normalise(counts, columns=np.array([gene_pos[g] for g in genes]))
     big = clusters.sizes >= min_cluster_size
     if not big.any():
         big = clusters.sizes > 0
@@ -1215,7 +1141,7 @@ def annotate(
     vocab = load_vocabulary()
     org, detected = _resolve_organism(adata, organism, expected_organism)
     mk = load_markers(markers, org, vocabulary=vocab)
-    counts = _get_counts(adata, layer)
+    counts = counts_csr(adata, layer)
     clusters = _annotation_clusters(
         adata,
         counts,
@@ -1391,11 +1317,7 @@ def annotate_celltypist(
         )
     if over_clustering is not None and over_clustering not in adata.obs:
         raise KeyError(f"over_clustering column {over_clustering!r} not in adata.obs.")
-    counts = _get_counts(adata, layer)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    sf = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    X = sp.csr_matrix(sp.diags(sf.astype(np.float32)) @ counts)
-    X.data = np.log1p(X.data)
+    X = log_normalise(counts_csr(adata, layer))
     query = AnnData(X=X, obs=pd.DataFrame(index=adata.obs_names.copy()))
     query.var_names = adata.var_names.astype(str)
     query.var_names_make_unique()

@@ -108,6 +108,17 @@ def _who(sample_id: str | None, source: str | None) -> str:
     return what or "the count matrix"
 
 
+
+def counts_csr(adata: ad.AnnData, layer: str | None = "counts", *, max_values: int | None = 100_000):
+    """Raw counts (:func:`get_counts`, checked) as a CSR float32 matrix, for stages that
+    normalise counts themselves (annotation, reference mapping, the marker dot plot).
+
+    ``scipy.sparse.csr_matrix(x, dtype=float32)``: no copy when ``x`` is CSR float32
+    already, so the caller must not modify it in place.
+    """
+    x, _ = get_counts(adata, layer, max_values=max_values)
+    return sp.csr_matrix(x, dtype=np.float32)
+
 def check_counts(
     adata_or_matrix: ad.AnnData | sp.spmatrix | np.ndarray,
     *,

@@ -28,7 +28,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .annotate import UNASSIGNED, _get_counts, _label_lineages, load_vocabulary
+from .annotate import UNASSIGNED, _label_lineages, load_vocabulary
+from .data import counts_csr
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _UNLABELLED = "Unknown"
 
 
 def _counts_adata(adata: AnnData, layer: str | None, genes: pd.Index, obs: pd.DataFrame) -> AnnData:
-    counts = _get_counts(adata, layer)
+    counts = counts_csr(adata, layer)
     names = pd.Index(adata.var_names.astype(str))
     keep = ~names.duplicated()
     pos = pd.Series(np.flatnonzero(keep), index=names[keep])

@@ -21,15 +21,13 @@ from anndata import AnnData
 
 from sepsis_sc.annotate import (
     UNASSIGNED,
-    _get_counts,
     _group_matrix,
-    _lognorm_columns,
     _marker_symbols,
     _resolve_genes,
-    _resolve_organism,
     load_markers,
     load_vocabulary,
 )
+from sepsis_sc.data import counts_csr, log_normalise, resolve_organism
 from sepsis_sc.pl.style import cell_type_palette, lineage_palette, savefig, set_style, wrap
 
 __all__ = ["marker_dotplot", "umap_cell_types"]
@@ -78,7 +76,7 @@ def marker_dotplot(
     if organism is None:
         organism = adata.uns.get("annotation", {}).get("params", {}).get("organism")
         if organism is None:
-            organism, _ = _resolve_organism(adata, "auto", None)
+            organism = resolve_organism(adata.var_names, "auto", what="the data")
     vocab = load_vocabulary()
     mk = load_markers(markers, organism, vocabulary=vocab)
     groups = adata.obs[groupby].astype(str)
@@ -88,7 +86,7 @@ def marker_dotplot(
     all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
     if not all_genes:
         raise ValueError("None of the marker genes of the plotted labels are in the data.")
-    E_all = _lognorm_columns(_get_counts(adata, layer), np.array([gene_pos[g] for g in all_genes]))
+    E_all = log_normalise(counts_csr(adata, layer), columns=np.array([gene_pos[g] for g in all_genes]))
     keep = groups.isin(present).to_numpy()
     codes = pd.Categorical(groups[keep], categories=present).codes
     means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
