@@ -261,6 +261,39 @@ def _sniff_separator(line: str) -> str:
     return r"\s+"
 
 
+def _table_header(header: str, first: str) -> tuple[str, list[str], int, list[str] | None]:
+    """The layout of a gene-by-cell text table from its header and first row.
+
+    Returns the separator, the header's fields, the first row's number of fields and the
+    barcodes: the whole header (R ``write.table`` style, no name above the gene column) or
+    all but its first field; ``None`` when the header does not fit the first row.
+    """
+    sep = _sniff_separator(header + first)
+    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
+    head = [h.strip().strip('"') for h in split(header.strip())]
+    n_fields = len(split(first.strip()))
+    if len(head) == n_fields - 1:
+        return sep, head, n_fields, head
+    if len(head) == n_fields:
+        return sep, head, n_fields, head[1:]
+    return sep, head, n_fields, None
+
+
+def _read_table_rows(path: Path, sep: str, **read_csv: Any) -> Any:
+    """``pandas.read_csv`` of a table's gene rows (below the header): no header, fields
+    quoted with ``"``, the python engine for a whitespace separator; ``read_csv`` adds to
+    (chunks, rows, columns, dtypes)."""
+    return pd.read_csv(
+        path,
+        sep=sep,
+        header=None,
+        skiprows=1,
+        quotechar='"',
+        engine="python" if sep == r"\s+" else "c",
+        **read_csv,
+    )
+
+
 def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
     """Read a dense gene-by-cell table in row chunks into cells x genes CSR."""
     with _open_text(path) as fh:
@@ -268,15 +301,8 @@ def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
         first = fh.readline().rstrip("\r\n")
     if not first:
         raise ValueError(f"{path} has a header but no gene rows; is it a gene-by-cell table?")
-    sep = _sniff_separator(header + first)
-    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
-    head = [h.strip().strip('"') for h in split(header.strip())]
-    n_fields = len(split(first.strip()))
-    if len(head) == n_fields - 1:  # R write.table style: no name above the gene column
-        barcodes = head
-    elif len(head) == n_fields:
-        barcodes = head[1:]
-    else:
+    sep, head, n_fields, barcodes = _table_header(header, first)
+    if barcodes is None:
         raise ValueError(
             f"{path}: the header has {len(head)} fields but the first row {n_fields}; expected "
             "a gene-by-cell table whose first column is the gene and whose header is the barcodes."
@@ -287,16 +313,7 @@ def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
     blocks: list[sp.csr_matrix] = []
     dtypes = {i: np.float32 for i in range(1, n_cells + 1)}
     dtypes[0] = str
-    reader = pd.read_csv(
-        path,
-        sep=sep,
-        header=None,
-        skiprows=1,
-        chunksize=rows_per_chunk,
-        dtype=dtypes,
-        engine="python" if sep == r"\s+" else "c",
-        quotechar='"',
-    )
+    reader = _read_table_rows(path, sep, chunksize=rows_per_chunk, dtype=dtypes)
     for chunk in reader:
         if chunk.shape[1] != n_cells + 1:
             raise ValueError(

@@ -667,7 +667,7 @@ def _check_h5ad(path: Path, organism: str | None, max_cells: int, cells: CellLim
 
 
 def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    from sepsis_sc.io import _sniff_separator
+    from sepsis_sc.io import _read_table_rows, _table_header
 
     gz = path.name.endswith(".gz")
     _expect(
@@ -688,15 +688,8 @@ def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLi
             "give a gene-by-cell table (first column gene, header barcodes)",
             path,
         )
-    sep = _sniff_separator(header + first)
-    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
-    head = [h.strip().strip('"') for h in split(header.strip())]
-    n_fields = len(split(first.strip()))
-    if len(head) == n_fields - 1:
-        barcodes = head
-    elif len(head) == n_fields:
-        barcodes = head[1:]
-    else:
+    sep, head, n_fields, barcodes = _table_header(header, first)
+    if barcodes is None:
         raise _Bad(
             f"{path.name}: the header has {len(head)} fields but the first row {n_fields}",
             "give a gene-by-cell table whose header is the barcodes",
@@ -705,17 +698,7 @@ def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLi
     out = _cells_problems(len(barcodes), cells, path)
     out += _barcode_problems(np.asarray(barcodes), path)
     k = min(max_cells, len(barcodes))
-    rows = pd.read_csv(
-        path,
-        sep=sep,
-        header=None,
-        skiprows=1,
-        nrows=TABLE_ROWS,
-        usecols=range(k + 1),
-        dtype={0: str},
-        quotechar='"',
-        engine="python" if sep == r"\s+" else "c",
-    )
+    rows = _read_table_rows(path, sep, nrows=TABLE_ROWS, usecols=range(k + 1), dtype={0: str})
     genes = rows[0].astype(str).to_numpy()
     values = rows.iloc[:, 1:].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     var = pd.DataFrame({"gene_symbols": genes}, index=genes)
