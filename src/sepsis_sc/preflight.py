@@ -873,30 +873,17 @@ def preflight(
     samples: pd.DataFrame,
     organism: str | None,
     *,
-    base: str | Path = ".",
-    max_cells: int = 2000,
-    min_cells: int = 1,
-    small_cells: int = 0,
-    small_is_error: bool = False,
-    skip: Iterable[str] = (),
-    cache: str | Path | None = None,
     sheet_name: str = "sample sheet",
+    **options: Any,
 ) -> list[Problem]:
     """Run :func:`check_inputs`; raise :class:`PreflightError` listing every problem.
 
-    Returns the warnings (problems that do not stop the run) for the caller to show.
+    ``options`` are the keyword arguments of :func:`check_inputs` (``base``, ``max_cells``,
+    ``min_cells``, ``small_cells``, ``small_is_error``, ``skip``, ``cache``); ``sheet_name``
+    names the sheet in the error. Returns the warnings (problems that do not stop the run)
+    for the caller to show.
     """
-    problems = check_inputs(
-        samples,
-        organism,
-        base=base,
-        max_cells=max_cells,
-        min_cells=min_cells,
-        small_cells=small_cells,
-        small_is_error=small_is_error,
-        skip=skip,
-        cache=cache,
-    )
+    problems = check_inputs(samples, organism, **options)
     errors = [p for p in problems if not p.warning]
     if errors:
         raise PreflightError(errors, sheet_name)
