@@ -355,91 +355,144 @@ def _is_anndata(f: Any) -> bool:
     return f.attrs.get("encoding-type") == "anndata" or ("obs" in f and "var" in f)
 
 
-def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
-    import h5py
+@dataclass(frozen=True)
+class _H5Matrix:
+    """What :func:`_check_10x_h5` reads of a 10x matrix group: its stated shape, barcodes,
+    ``indptr``, number of stored values and the values of the first ``k`` cells."""
 
+    n_genes: int
+    n_cells: int
+    barcodes: np.ndarray
+    indptr: np.ndarray
+    n_data: int
+    k: int
+    data: np.ndarray
+
+
+def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
+    """A Cell Ranger ``.h5``: its layout, sizes that agree, cells, barcodes, genes, values."""
+    _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
     with _open_h5(path) as f:
-        if "matrix" in f:
-            try:
-                grp = f["matrix"]
-                feat = grp["features"]
-                names, ids = feat["name"][()], feat["id"][()]
-                ftype = feat["feature_type"][()] if "feature_type" in feat else None
-            except (KeyError, ValueError, TypeError, OSError) as err:
-                raise _Bad(
-                    f"{path.name} has a 'matrix' group but not the 10x layout ({err})",
-                    "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
-                    path,
-                ) from None
-        elif _is_anndata(f):
-            raise _Bad(
-                f"{path.name} is an AnnData (.h5ad) file named .h5",
-                "rename it to .h5ad (or set the sheet's 'format' column to h5ad)",
-                path,
-            )
-        else:
-            groups = [
-                k
-                for k in f
-                if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
-            ]
-            if not groups:
-                raise _Bad(
-                    f"{path.name} is HDF5 but not a 10x matrix (top-level keys: "
-                    f"{', '.join(list(f)[:6]) or 'none'})",
-                    "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
-                    path,
-                )
-            grp = f[groups[0]]
-            names, ids, ftype = grp["gene_names"][()], grp["genes"][()], None
-        try:
-            n_genes, n_cells = (int(v) for v in grp["shape"][()][:2])
-            barcodes = _decode(grp["barcodes"][()])
-            indptr = grp["indptr"][()]
-            n_data = grp["data"].shape[0]
-            k = min(max_cells, n_cells)
-            data = grp["data"][: int(indptr[k])] if len(indptr) > k else grp["data"][:0]
-        except (OSError, KeyError, ValueError, TypeError) as err:
-            raise _Bad(f"{path.name} is corrupt ({err})", _REDOWNLOAD, path) from None
-    out: list[_Bad] = []
-    if len(barcodes) != n_cells or len(indptr) != n_cells + 1 or len(names) != n_genes:
+        grp, names, ids, ftype = _h5_features(f, path)
+        m = _h5_read_matrix(grp, max_cells, path)
+    inconsistent = _h5_shape_problem(m, len(names), path)
+    if inconsistent is not None:
+        return [inconsistent]
+    out = _h5_indptr_problems(m, path)
+    out += _cells_problems(m.n_cells, cells, path)
+    out += _barcode_problems(m.barcodes, path)
+    var = _h5_expression_var(names, ids, ftype)
+    if var is None:
         out.append(
             _Bad(
-                f"{path.name} is inconsistent: shape {n_genes} genes x {n_cells} cells but "
-                f"{len(names)} features, {len(barcodes)} barcodes, {len(indptr)} indptr",
-                _REDOWNLOAD,
+                f"{path.name} has no 'Gene Expression' features",
+                "give the gene-expression matrix of this sample",
                 path,
             )
         )
         return out
-    if n_cells and int(indptr[-1]) != n_data:
-        out.append(
+    out += _gene_problems(var, organism, path)
+    out += _value_problems(m.data, f"the first {m.k} cells", path)
+    return out
+
+
+def _h5_features(f: Any, path: Path) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The 10x matrix group of an open ``.h5`` and its raw feature names, IDs and types.
+
+    The Cell Ranger v3 layout (group ``matrix``) has feature types; the v2 layout (a
+    genome group with ``barcodes`` and ``gene_names``) gives ``None`` for them. An AnnData
+    named ``.h5``, or an HDF5 file of neither layout, is refused.
+    """
+    import h5py
+
+    if "matrix" in f:
+        try:
+            grp = f["matrix"]
+            feat = grp["features"]
+            names, ids = feat["name"][()], feat["id"][()]
+            ftype = feat["feature_type"][()] if "feature_type" in feat else None
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise _Bad(
+                f"{path.name} has a 'matrix' group but not the 10x layout ({err})",
+                "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
+                path,
+            ) from None
+        return grp, names, ids, ftype
+    if _is_anndata(f):
+        raise _Bad(
+            f"{path.name} is an AnnData (.h5ad) file named .h5",
+            "rename it to .h5ad (or set the sheet's 'format' column to h5ad)",
+            path,
+        )
+    groups = [
+        k
+        for k in f
+        if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
+    ]
+    if not groups:
+        raise _Bad(
+            f"{path.name} is HDF5 but not a 10x matrix (top-level keys: "
+            f"{', '.join(list(f)[:6]) or 'none'})",
+            "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
+            path,
+        )
+    grp = f[groups[0]]
+    return grp, grp["gene_names"][()], grp["genes"][()], None
+
+
+def _h5_read_matrix(grp: Any, max_cells: int, path: Path) -> _H5Matrix:
+    """Shape, barcodes, ``indptr`` and the values of the first ``max_cells`` cells of a 10x
+    matrix group; a group that cannot be read is corrupt."""
+    try:
+        n_genes, n_cells = (int(v) for v in grp["shape"][()][:2])
+        barcodes = _decode(grp["barcodes"][()])
+        indptr = grp["indptr"][()]
+        n_data = grp["data"].shape[0]
+        k = min(max_cells, n_cells)
+        data = grp["data"][: int(indptr[k])] if len(indptr) > k else grp["data"][:0]
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise _Bad(f"{path.name} is corrupt ({err})", _REDOWNLOAD, path) from None
+    return _H5Matrix(n_genes, n_cells, barcodes, indptr, n_data, k, data)
+
+
+def _h5_shape_problem(m: _H5Matrix, n_features: int, path: Path) -> _Bad | None:
+    """The stated shape against the numbers of features, barcodes and ``indptr`` entries;
+    a mismatch (returned) ends the check."""
+    if len(m.barcodes) != m.n_cells or len(m.indptr) != m.n_cells + 1 or n_features != m.n_genes:
+        return _Bad(
+            f"{path.name} is inconsistent: shape {m.n_genes} genes x {m.n_cells} cells but "
+            f"{n_features} features, {len(m.barcodes)} barcodes, {len(m.indptr)} indptr",
+            _REDOWNLOAD,
+            path,
+        )
+    return None
+
+
+def _h5_indptr_problems(m: _H5Matrix, path: Path) -> list[_Bad]:
+    """The last ``indptr`` entry must be the number of stored values."""
+    if m.n_cells and int(m.indptr[-1]) != m.n_data:
+        return [
             _Bad(
-                f"{path.name} is corrupt: indptr ends at {indptr[-1]} but data has {n_data}",
+                f"{path.name} is corrupt: indptr ends at {m.indptr[-1]} but data has {m.n_data}",
                 _REDOWNLOAD,
                 path,
             )
-        )
-    out += _cells_problems(n_cells, cells, path)
-    out += _barcode_problems(barcodes, path)
+        ]
+    return []
+
+
+def _h5_expression_var(
+    names: np.ndarray, ids: np.ndarray, ftype: np.ndarray | None
+) -> pd.DataFrame | None:
+    """``var`` (``gene_ids``, ``gene_symbols``; index the names) of the gene-expression
+    features; ``None`` when feature types are given and none is ``Gene Expression``."""
     names, ids = _decode(names), _decode(ids)
     if ftype is not None:
         keep = _decode(ftype) == "Gene Expression"
         if not keep.any():
-            out.append(
-                _Bad(
-                    f"{path.name} has no 'Gene Expression' features",
-                    "give the gene-expression matrix of this sample",
-                    path,
-                )
-            )
-            return out
+            return None
         names, ids = names[keep], ids[keep]
-    var = pd.DataFrame({"gene_ids": ids, "gene_symbols": names}, index=names)
-    out += _gene_problems(var, organism, path)
-    out += _value_problems(data, f"the first {k} cells", path)
-    return out
+    return pd.DataFrame({"gene_ids": ids, "gene_symbols": names}, index=names)
 
 
 def _mtx_companion(matrix: Path, prefix: str, stems: tuple[str, ...]) -> Path:
