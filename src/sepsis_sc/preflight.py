@@ -527,7 +527,30 @@ def _read_small_table(path: Path) -> pd.DataFrame:
 
 
 def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    from sepsis_sc.io import _ENSEMBL_RE, _find_mtx_in_dir
+    """A 10x MTX triplet: file names and compression, header, truncation, three files that
+    belong together, cells, barcodes, values and genes."""
+    matrix, prefix, gz = _mtx_matrix_file(path)
+    features_path = _mtx_companion(matrix, prefix, ("features", "genes"))
+    barcodes_path = _mtx_companion(matrix, prefix, ("barcodes",))
+    n_header, (n_rows, n_cols, nnz) = _mtx_header(matrix, gz)
+    _mtx_check_complete(matrix, gz, n_header, nnz)
+    features = _read_small_table(features_path)
+    barcodes = _read_small_table(barcodes_path)
+    _mtx_check_triplet(matrix, (n_rows, n_cols), features_path, len(features), barcodes_path,
+                       len(barcodes))  # fmt: skip
+    out = _cells_problems(len(barcodes), cells, matrix)
+    out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
+    if nnz:
+        out += _mtx_value_problems(matrix, n_header, (n_rows, n_cols, nnz), max_cells,
+                                   len(barcodes))  # fmt: skip
+    out += _gene_problems(_mtx_var(features), organism, features_path)
+    return out
+
+
+def _mtx_matrix_file(path: Path) -> tuple[Path, str, bool]:
+    """The matrix file of a sample (the path, or the one in its folder), its GEO prefix and
+    whether it is gzipped; its name, compression and content must agree."""
+    from sepsis_sc.io import _find_mtx_in_dir
 
     try:
         matrix = _find_mtx_in_dir(path) if path.is_dir() else path
@@ -555,9 +578,12 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             matrix,
         )
     _expect(matrix, kind, ("gzip+mtx",) if gz else ("mtx",), "a Matrix Market file")
-    features_path = _mtx_companion(matrix, m.group(1), ("features", "genes"))
-    barcodes_path = _mtx_companion(matrix, m.group(1), ("barcodes",))
+    return matrix, m.group(1), gz
 
+
+def _mtx_header(matrix: Path, gz: bool) -> tuple[int, tuple[int, int, int]]:
+    """The number of header lines (banner, comments, size line) and the size line's rows,
+    columns and entries; the matrix must be a sparse (coordinate) Matrix Market file."""
     opener = gzip.open if gz else open
     n_header = 0
     try:
@@ -586,7 +612,12 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             "give the 10x matrix.mtx (coordinate format)",
             matrix,
         )
-    # truncation: entries found vs announced
+    return n_header, (n_rows, n_cols, nnz)
+
+
+def _mtx_check_complete(matrix: Path, gz: bool, n_header: int, nnz: int) -> None:
+    """Truncation: the entries found against those the header announces (a gzipped file is
+    read through; a plain one when it is small enough)."""
     if gz:
         lines = _scan_gzip(matrix, count_lines=True)
     elif matrix.stat().st_size <= 4 * FULL_GZIP_READ_BYTES:
@@ -602,10 +633,19 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             _REDOWNLOAD,
             matrix,
         )
-    out: list[_Bad] = []
-    features = _read_small_table(features_path)
-    barcodes = _read_small_table(barcodes_path)
-    n_feat, n_bc = len(features), len(barcodes)
+
+
+def _mtx_check_triplet(
+    matrix: Path,
+    shape: tuple[int, int],
+    features_path: Path,
+    n_feat: int,
+    barcodes_path: Path,
+    n_bc: int,
+) -> None:
+    """The matrix must be features x barcodes of its companion files (a transposed matrix is
+    named as such)."""
+    n_rows, n_cols = shape
     if (n_rows, n_cols) != (n_feat, n_bc):
         transposed = (n_rows, n_cols) == (n_bc, n_feat)
         raise _Bad(
@@ -618,33 +658,46 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             + ("; write the matrix genes x cells as 10x does" if transposed else ""),
             matrix,
         )
-    out += _cells_problems(n_bc, cells, matrix)
-    out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
-    if nnz:
-        try:
-            entries = pd.read_csv(
-                matrix,
-                sep=r"\s+",
-                header=None,
-                skiprows=n_header,
-                nrows=min(nnz, MTX_ENTRIES),
-                comment="%",
-            )
-        except (OSError, EOFError, zlib.error, ValueError) as err:
-            raise _Bad(f"{matrix.name} cannot be parsed ({err})", _REDOWNLOAD, matrix) from None
-        if entries.shape[1] < 3:
-            raise _Bad(f"{matrix.name} has entries without values", _REDOWNLOAD, matrix)
-        rows = pd.to_numeric(entries[0], errors="coerce").to_numpy()
-        cols = pd.to_numeric(entries[1], errors="coerce").to_numpy()
-        if np.any(~(rows >= 1) | (rows > n_rows) | ~(cols >= 1) | (cols > n_cols)):
-            raise _Bad(
-                f"{matrix.name} has entries outside its {n_rows} x {n_cols} size",
-                _REDOWNLOAD,
-                matrix,
-            )
-        values = pd.to_numeric(entries[2], errors="coerce").to_numpy(dtype=float)
-        values = values[cols <= max_cells] if (cols <= max_cells).any() else values
-        out += _value_problems(values, f"the first {min(max_cells, n_bc)} cells", matrix)
+
+
+def _mtx_value_problems(
+    matrix: Path, n_header: int, size: tuple[int, int, int], max_cells: int, n_bc: int
+) -> list[_Bad]:
+    """The first :data:`MTX_ENTRIES` entries: parseable, inside the matrix's size, and
+    count-like values (those of the first ``max_cells`` cells when there are any)."""
+    n_rows, n_cols, nnz = size
+    try:
+        entries = pd.read_csv(
+            matrix,
+            sep=r"\s+",
+            header=None,
+            skiprows=n_header,
+            nrows=min(nnz, MTX_ENTRIES),
+            comment="%",
+        )
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise _Bad(f"{matrix.name} cannot be parsed ({err})", _REDOWNLOAD, matrix) from None
+    if entries.shape[1] < 3:
+        raise _Bad(f"{matrix.name} has entries without values", _REDOWNLOAD, matrix)
+    rows = pd.to_numeric(entries[0], errors="coerce").to_numpy()
+    cols = pd.to_numeric(entries[1], errors="coerce").to_numpy()
+    if np.any(~(rows >= 1) | (rows > n_rows) | ~(cols >= 1) | (cols > n_cols)):
+        raise _Bad(
+            f"{matrix.name} has entries outside its {n_rows} x {n_cols} size",
+            _REDOWNLOAD,
+            matrix,
+        )
+    values = pd.to_numeric(entries[2], errors="coerce").to_numpy(dtype=float)
+    values = values[cols <= max_cells] if (cols <= max_cells).any() else values
+    return _value_problems(values, f"the first {min(max_cells, n_bc)} cells", matrix)
+
+
+def _mtx_var(features: pd.DataFrame) -> pd.DataFrame:
+    """``var`` (``gene_ids``, ``gene_symbols``) of the features file: IDs and symbols from
+    its first two columns (one column: IDs where Ensembl-like), only the ``Gene Expression``
+    rows when a third column says so."""
+    from sepsis_sc.io import _ENSEMBL_RE
+
     if features.shape[1] >= 2:
         ids = features[0].fillna("").to_numpy()
         symbols = features[1].fillna(features[0]).to_numpy()
@@ -657,8 +710,7 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
         keep = (features[2] == "Gene Expression").to_numpy()
         if keep.any():
             var = var.loc[keep]
-    out += _gene_problems(var, organism, features_path)
-    return out
+    return var
 
 
 def _check_h5ad(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
