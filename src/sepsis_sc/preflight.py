@@ -496,13 +496,11 @@ def _h5_expression_var(
 
 
 def _mtx_companion(matrix: Path, prefix: str, stems: tuple[str, ...]) -> Path:
-    tried = []
-    for stem in stems:
-        for suffix in (".tsv.gz", ".tsv", ".txt.gz", ".txt", ".csv.gz", ".csv"):
-            cand = matrix.parent / f"{prefix}{stem}{suffix}"
-            tried.append(cand.name)
-            if cand.exists():
-                return cand
+    from sepsis_sc.io import _find_mtx_companion
+
+    found, tried = _find_mtx_companion(matrix, prefix, stems)
+    if found is not None:
+        return found
     raise _Bad(
         f"the 10x triplet of {matrix.name} is incomplete: none of {', '.join(tried[:4])} ... "
         f"in {matrix.parent}",
@@ -696,15 +694,9 @@ def _mtx_var(features: pd.DataFrame) -> pd.DataFrame:
     """``var`` (``gene_ids``, ``gene_symbols``) of the features file: IDs and symbols from
     its first two columns (one column: IDs where Ensembl-like), only the ``Gene Expression``
     rows when a third column says so."""
-    from sepsis_sc.io import _ENSEMBL_RE
+    from sepsis_sc.io import _feature_ids_symbols
 
-    if features.shape[1] >= 2:
-        ids = features[0].fillna("").to_numpy()
-        symbols = features[1].fillna(features[0]).to_numpy()
-    else:
-        col = features[0].fillna("").to_numpy()
-        ids = np.where([bool(_ENSEMBL_RE.match(s)) for s in col], col, "")
-        symbols = col
+    ids, symbols = _feature_ids_symbols(features)
     var = pd.DataFrame({"gene_ids": ids, "gene_symbols": symbols}, index=symbols.astype(str))
     if features.shape[1] >= 3:
         keep = (features[2] == "Gene Expression").to_numpy()
