@@ -393,19 +393,8 @@ def organism_evidence(var_names: Iterable[str]) -> OrganismEvidence:
 
 
 def detect_organism(var_names: Iterable[str]) -> str | None:
-    """Guess ``"human"`` or ``"mouse"`` from gene names; None when undecidable.
-
-    See :func:`organism_evidence` for the rule.
-
-    Parameters
-    ----------
-    var_names
-        Gene names (symbols or Ensembl IDs).
-
-    Returns
-    -------
-    str or None
-    """
+    """Guess ``"human"`` or ``"mouse"`` from gene names (symbols or Ensembl IDs); None when
+    undecidable: the ``organism`` of :func:`organism_evidence`, which gives the rule."""
     return organism_evidence(var_names).organism
 
 

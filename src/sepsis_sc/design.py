@@ -54,6 +54,7 @@ __all__ = [
     "sample_meta",
     "Contrast",
     "SampleDesign",
+    "ContrastArgs",
     "parse_contrasts",
     "formula_columns",
     "resolve_design",
@@ -367,6 +368,67 @@ class SampleDesign:
         """Per-sample rows (index sample_id) -> per-unit sums (e.g. counts)."""
         t = table.reindex(self.sample_unit.index)
         return t.groupby(self.sample_unit.to_numpy(), observed=True).sum().reindex(self.units.index)
+
+
+@dataclass(frozen=True, eq=False)
+class ContrastArgs:
+    """The contrast keywords of the sample-level tests, in one place.
+
+    :func:`sepsis_sc.stats.condition_effects` and :func:`sepsis_sc.stats.composition_test`
+    take these as keyword arguments (``case=``, ``control=``, ``contrast=``, ``design=``,
+    ``meta=``, ``formula=``, ``paired=``) and build one of these from them.
+
+    Attributes
+    ----------
+    case, control
+        Values of the ``condition`` column to compare (shorthand for ``contrast``).
+    contrast, design
+        A :class:`Contrast` (any sheet column), or an already resolved :class:`SampleDesign`.
+    meta
+        Per-sample sheet (index sample_id; e.g. :func:`sample_meta`), needed for contrasts on
+        other columns and for covariates (each test says what it defaults to).
+    formula
+        Model formula over sheet columns, e.g. ``"~ age + sex + condition"``.
+    paired
+        ``"auto"`` (pair when >= 2 donors are seen at both levels), True / "yes", False / "no".
+    """
+
+    case: str | None = None
+    control: str | None = None
+    contrast: Contrast | None = None
+    design: SampleDesign | None = None
+    meta: pd.DataFrame | None = None
+    formula: str | None = None
+    paired: bool | str = "auto"
+
+    def shorthand(self) -> Contrast:
+        """``case`` vs ``control`` of the ``condition`` column as a :class:`Contrast`."""
+        return Contrast(f"{self.case}_vs_{self.control}", "condition", str(self.case),
+                        str(self.control))  # fmt: skip
+
+    def resolve(self, meta: pd.DataFrame) -> SampleDesign:
+        """The design on the samples of ``meta``: ``design`` when given, else ``contrast``
+        (or the ``case`` vs ``control`` shorthand) resolved by :func:`resolve_design`.
+
+        Raises ``ValueError`` when neither a contrast nor both of case and control are given,
+        for an unknown ``paired``, and when the case or control value is not in ``meta``.
+        """
+        if self.design is not None:
+            return self.design
+        contrast = self.contrast
+        if contrast is None:
+            if self.case is None or self.control is None:
+                raise ValueError("give case= and control= (or contrast= / design=)")
+            contrast = self.shorthand()
+        if self.paired not in ("auto", "yes", "no", True, False):
+            raise ValueError(f"paired must be 'auto', True or False, got {self.paired!r}")
+        present = set(meta[contrast.column].astype(str)) if contrast.column in meta else set()
+        for c in (contrast.case, contrast.control):
+            if c not in present:
+                raise ValueError(
+                    f"condition {c!r} not in the table; conditions present: {sorted(present)}"
+                )
+        return resolve_design(meta, contrast, self.formula, paired=self.paired)
 
 
 def _is_numeric(values: pd.Series) -> bool:

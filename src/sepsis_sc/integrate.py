@@ -116,6 +116,29 @@ def _one_batch_note(
     return f"{prefix} ({level} in {cols}): {what}"
 
 
+def _one_level_batch(
+    adata: ad.AnnData, batch_key: str, what: str, log: str, extra: dict | None = None
+) -> tuple[str | None, dict]:
+    """``(batch_key, {})`` when ``obs[batch_key]`` has two or more levels; else ``None`` and
+    the record's one-batch entries.
+
+    The entries are ``batch_key_requested``, ``n_batches``, then ``extra``, then a ``note``
+    saying ``what`` is done instead; ``log`` (formatted with the key and its one level) is
+    logged.
+    """
+    levels = _batch_levels(adata, [batch_key])
+    if len(levels) >= 2:
+        return batch_key, {}
+    one_batch = {
+        "batch_key_requested": batch_key,
+        "n_batches": len(levels),
+        **(extra or {}),
+        "note": _one_batch_note([batch_key], levels, what, prefix="one batch level"),
+    }
+    logger.info(log, batch_key, levels[0] if levels else None)
+    return None, one_batch
+
+
 # --------------------------------------------------------------------------------------
 # HVGs
 # --------------------------------------------------------------------------------------
@@ -209,26 +232,13 @@ def _hvg_batch_key(adata: ad.AnnData, batch_key: str | None) -> tuple[str | None
     if batch_key is None:
         return None, {}
     _require_obs(adata, [batch_key], "batch key for HVG selection")
-    levels = _batch_levels(adata, [batch_key])
-    if len(levels) >= 2:
-        return batch_key, {}
-    one_batch = {
-        "batch_key_requested": batch_key,
-        "n_batches": len(levels),
-        "note": _one_batch_note(
-            [batch_key],
-            levels,
-            "HVGs chosen over all cells, without batches",
-            prefix="one batch level",
-        ),
-    }
-    logger.info(
+    return _one_level_batch(
+        adata,
+        batch_key,
+        "HVGs chosen over all cells, without batches",
         "batch key %r has one level (%r): HVGs chosen over all cells without a "
         "batch key (seurat_v3 with one batch ranks the same genes)",
-        batch_key,
-        levels[0] if levels else None,
     )
-    return None, one_batch
 
 
 def _flagged_genes(adata: ad.AnnData, flags: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -607,27 +617,14 @@ def _scvi_batch_key(adata: ad.AnnData, batch_key: str | None) -> tuple[str | Non
     """
     if batch_key is None:
         return None, {}
-    levels = _batch_levels(adata, [batch_key])
-    if len(levels) >= 2:
-        return batch_key, {}
-    one_batch = {
-        "batch_key_requested": batch_key,
-        "n_batches": len(levels),
-        "batch_corrected": False,
-        "note": _one_batch_note(
-            [batch_key],
-            levels,
-            "no batch correction; scVI trained without a batch covariate",
-            prefix="one batch level",
-        ),
-    }
-    logger.info(
+    return _one_level_batch(
+        adata,
+        batch_key,
+        "no batch correction; scVI trained without a batch covariate",
         "batch key %r has one level (%r): training scVI without a batch covariate "
         "(setup_anndata batch_key=None); no batch correction is done",
-        batch_key,
-        levels[0] if levels else None,
+        {"batch_corrected": False},
     )
-    return None, one_batch
 
 
 def _scvi_input(adata: ad.AnnData, hvg: np.ndarray, keys: list[str], layer: str) -> ad.AnnData:

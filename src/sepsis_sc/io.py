@@ -177,32 +177,11 @@ def _read_10x_h5(path: Path) -> ad.AnnData:
 
 
 def _read_mtx(path: Path) -> ad.AnnData:
+    """A 10x MTX triplet (the matrix file, or the folder holding it) as cells x genes."""
     matrix = _find_mtx_in_dir(path) if path.is_dir() else path
-    folder = matrix.parent
-    m = re.match(r"^(.*?)matrix\.mtx(\.gz)?$", matrix.name)
-    if m is None:
-        raise ValueError(
-            f"{matrix.name} does not look like a 10x matrix file (expected "
-            "'matrix.mtx[.gz]' or '<prefix>matrix.mtx[.gz]')."
-        )
-    prefix = m.group(1)
-
-    def companion(stems: Iterable[str]) -> Path:
-        tried = []
-        for stem in stems:
-            for suffix in (".tsv.gz", ".tsv", ".txt.gz", ".txt", ".csv.gz", ".csv"):
-                cand = folder / f"{prefix}{stem}{suffix}"
-                tried.append(cand.name)
-                if cand.exists():
-                    return cand
-        raise FileNotFoundError(
-            f"the 10x triplet of {matrix} is incomplete: none of {', '.join(tried[:4])} ... "
-            f"found in {folder}; put the features/genes and barcodes files beside the matrix "
-            "with the same prefix."
-        )
-
-    features_path = companion(("features", "genes"))
-    barcodes_path = companion(("barcodes",))
+    prefix = _mtx_prefix(matrix)
+    features_path = _mtx_companion(matrix, prefix, ("features", "genes"))
+    barcodes_path = _mtx_companion(matrix, prefix, ("barcodes",))
     counts = scipy.io.mmread(str(matrix))  # genes x cells
     counts = sp.csr_matrix(counts.T, dtype=np.float32)
     sep = "," if ".csv" in features_path.name else "\t"
@@ -214,6 +193,53 @@ def _read_mtx(path: Path) -> ad.AnnData:
             f"{features_path.name} lists {len(features)} features and {barcodes_path.name} "
             f"{len(barcodes)} barcodes; the three files do not belong together."
         )
+    counts, var = _gene_expression_features(counts, features, matrix)
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=barcodes.astype(str)), var=var)
+    _finish_var(adata)
+    return adata
+
+
+def _mtx_prefix(matrix: Path) -> str:
+    """The GEO sample prefix of a 10x matrix file (``""`` for a plain ``matrix.mtx[.gz]``)."""
+    m = re.match(r"^(.*?)matrix\.mtx(\.gz)?$", matrix.name)
+    if m is None:
+        raise ValueError(
+            f"{matrix.name} does not look like a 10x matrix file (expected "
+            "'matrix.mtx[.gz]' or '<prefix>matrix.mtx[.gz]')."
+        )
+    return m.group(1)
+
+
+def _find_mtx_companion(
+    matrix: Path, prefix: str, stems: Iterable[str]
+) -> tuple[Path | None, list[str]]:
+    """The first existing ``<prefix><stem><suffix>`` beside ``matrix`` (stems in order, each
+    with .tsv.gz, .tsv, .txt.gz, .txt, .csv.gz, .csv), or None, and the names tried."""
+    tried = []
+    for stem in stems:
+        for suffix in (".tsv.gz", ".tsv", ".txt.gz", ".txt", ".csv.gz", ".csv"):
+            cand = matrix.parent / f"{prefix}{stem}{suffix}"
+            tried.append(cand.name)
+            if cand.exists():
+                return cand, tried
+    return None, tried
+
+
+def _mtx_companion(matrix: Path, prefix: str, stems: Iterable[str]) -> Path:
+    """:func:`_find_mtx_companion`; a missing file is a ``FileNotFoundError``."""
+    found, tried = _find_mtx_companion(matrix, prefix, stems)
+    if found is None:
+        raise FileNotFoundError(
+            f"the 10x triplet of {matrix} is incomplete: none of {', '.join(tried[:4])} ... "
+            f"found in {matrix.parent}; put the features/genes and barcodes files beside the "
+            "matrix with the same prefix."
+        )
+    return found
+
+
+def _feature_ids_symbols(features: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Gene IDs and symbols of a 10x features (genes) file: its first two columns; with one
+    column, that column is the symbols and, where Ensembl-like, the IDs."""
     if features.shape[1] >= 2:
         ids = features[0].fillna("").to_numpy()
         symbols = features[1].fillna(features[0]).to_numpy()
@@ -222,6 +248,15 @@ def _read_mtx(path: Path) -> ad.AnnData:
         is_id = np.array([bool(_ENSEMBL_RE.match(s)) for s in col])
         ids = np.where(is_id, col, "")
         symbols = col
+    return ids, symbols
+
+
+def _gene_expression_features(
+    counts: sp.csr_matrix, features: pd.DataFrame, matrix: Path
+) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """``var`` of the features file (with ``feature_types`` when it has a third column) and
+    the counts, both limited to the ``Gene Expression`` features when there are others."""
+    ids, symbols = _feature_ids_symbols(features)
     var = pd.DataFrame(
         {"gene_ids": ids, "gene_symbols": symbols},
         index=pd.Index(symbols.astype(str)),
@@ -234,9 +269,7 @@ def _read_mtx(path: Path) -> ad.AnnData:
             counts = counts[:, keep]
             var = var.loc[keep]
     var.index = var.index.astype(str)
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=barcodes.astype(str)), var=var)
-    _finish_var(adata)
-    return adata
+    return counts, var
 
 
 def _read_h5ad(path: Path) -> ad.AnnData:
@@ -261,6 +294,39 @@ def _sniff_separator(line: str) -> str:
     return r"\s+"
 
 
+def _table_header(header: str, first: str) -> tuple[str, list[str], int, list[str] | None]:
+    """The layout of a gene-by-cell text table from its header and first row.
+
+    Returns the separator, the header's fields, the first row's number of fields and the
+    barcodes: the whole header (R ``write.table`` style, no name above the gene column) or
+    all but its first field; ``None`` when the header does not fit the first row.
+    """
+    sep = _sniff_separator(header + first)
+    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
+    head = [h.strip().strip('"') for h in split(header.strip())]
+    n_fields = len(split(first.strip()))
+    if len(head) == n_fields - 1:
+        return sep, head, n_fields, head
+    if len(head) == n_fields:
+        return sep, head, n_fields, head[1:]
+    return sep, head, n_fields, None
+
+
+def _read_table_rows(path: Path, sep: str, **read_csv: Any) -> Any:
+    """``pandas.read_csv`` of a table's gene rows (below the header): no header, fields
+    quoted with ``"``, the python engine for a whitespace separator; ``read_csv`` adds to
+    (chunks, rows, columns, dtypes)."""
+    return pd.read_csv(
+        path,
+        sep=sep,
+        header=None,
+        skiprows=1,
+        quotechar='"',
+        engine="python" if sep == r"\s+" else "c",
+        **read_csv,
+    )
+
+
 def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
     """Read a dense gene-by-cell table in row chunks into cells x genes CSR."""
     with _open_text(path) as fh:
@@ -268,15 +334,8 @@ def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
         first = fh.readline().rstrip("\r\n")
     if not first:
         raise ValueError(f"{path} has a header but no gene rows; is it a gene-by-cell table?")
-    sep = _sniff_separator(header + first)
-    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
-    head = [h.strip().strip('"') for h in split(header.strip())]
-    n_fields = len(split(first.strip()))
-    if len(head) == n_fields - 1:  # R write.table style: no name above the gene column
-        barcodes = head
-    elif len(head) == n_fields:
-        barcodes = head[1:]
-    else:
+    sep, head, n_fields, barcodes = _table_header(header, first)
+    if barcodes is None:
         raise ValueError(
             f"{path}: the header has {len(head)} fields but the first row {n_fields}; expected "
             "a gene-by-cell table whose first column is the gene and whose header is the barcodes."
@@ -287,16 +346,7 @@ def _read_table(path: Path, chunk_values: int = 20_000_000) -> ad.AnnData:
     blocks: list[sp.csr_matrix] = []
     dtypes = {i: np.float32 for i in range(1, n_cells + 1)}
     dtypes[0] = str
-    reader = pd.read_csv(
-        path,
-        sep=sep,
-        header=None,
-        skiprows=1,
-        chunksize=rows_per_chunk,
-        dtype=dtypes,
-        engine="python" if sep == r"\s+" else "c",
-        quotechar='"',
-    )
+    reader = _read_table_rows(path, sep, chunksize=rows_per_chunk, dtype=dtypes)
     for chunk in reader:
         if chunk.shape[1] != n_cells + 1:
             raise ValueError(

@@ -355,101 +355,152 @@ def _is_anndata(f: Any) -> bool:
     return f.attrs.get("encoding-type") == "anndata" or ("obs" in f and "var" in f)
 
 
-def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
-    import h5py
+@dataclass(frozen=True)
+class _H5Matrix:
+    """What :func:`_check_10x_h5` reads of a 10x matrix group: its stated shape, barcodes,
+    ``indptr``, number of stored values and the values of the first ``k`` cells."""
 
+    n_genes: int
+    n_cells: int
+    barcodes: np.ndarray
+    indptr: np.ndarray
+    n_data: int
+    k: int
+    data: np.ndarray
+
+
+def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
+    """A Cell Ranger ``.h5``: its layout, sizes that agree, cells, barcodes, genes, values."""
+    _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
     with _open_h5(path) as f:
-        if "matrix" in f:
-            try:
-                grp = f["matrix"]
-                feat = grp["features"]
-                names, ids = feat["name"][()], feat["id"][()]
-                ftype = feat["feature_type"][()] if "feature_type" in feat else None
-            except (KeyError, ValueError, TypeError, OSError) as err:
-                raise _Bad(
-                    f"{path.name} has a 'matrix' group but not the 10x layout ({err})",
-                    "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
-                    path,
-                ) from None
-        elif _is_anndata(f):
-            raise _Bad(
-                f"{path.name} is an AnnData (.h5ad) file named .h5",
-                "rename it to .h5ad (or set the sheet's 'format' column to h5ad)",
-                path,
-            )
-        else:
-            groups = [
-                k
-                for k in f
-                if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
-            ]
-            if not groups:
-                raise _Bad(
-                    f"{path.name} is HDF5 but not a 10x matrix (top-level keys: "
-                    f"{', '.join(list(f)[:6]) or 'none'})",
-                    "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
-                    path,
-                )
-            grp = f[groups[0]]
-            names, ids, ftype = grp["gene_names"][()], grp["genes"][()], None
-        try:
-            n_genes, n_cells = (int(v) for v in grp["shape"][()][:2])
-            barcodes = _decode(grp["barcodes"][()])
-            indptr = grp["indptr"][()]
-            n_data = grp["data"].shape[0]
-            k = min(max_cells, n_cells)
-            data = grp["data"][: int(indptr[k])] if len(indptr) > k else grp["data"][:0]
-        except (OSError, KeyError, ValueError, TypeError) as err:
-            raise _Bad(f"{path.name} is corrupt ({err})", _REDOWNLOAD, path) from None
-    out: list[_Bad] = []
-    if len(barcodes) != n_cells or len(indptr) != n_cells + 1 or len(names) != n_genes:
+        grp, names, ids, ftype = _h5_features(f, path)
+        m = _h5_read_matrix(grp, max_cells, path)
+    inconsistent = _h5_shape_problem(m, len(names), path)
+    if inconsistent is not None:
+        return [inconsistent]
+    out = _h5_indptr_problems(m, path)
+    out += _cells_problems(m.n_cells, cells, path)
+    out += _barcode_problems(m.barcodes, path)
+    var = _h5_expression_var(names, ids, ftype)
+    if var is None:
         out.append(
             _Bad(
-                f"{path.name} is inconsistent: shape {n_genes} genes x {n_cells} cells but "
-                f"{len(names)} features, {len(barcodes)} barcodes, {len(indptr)} indptr",
-                _REDOWNLOAD,
+                f"{path.name} has no 'Gene Expression' features",
+                "give the gene-expression matrix of this sample",
                 path,
             )
         )
         return out
-    if n_cells and int(indptr[-1]) != n_data:
-        out.append(
+    out += _gene_problems(var, organism, path)
+    out += _value_problems(m.data, f"the first {m.k} cells", path)
+    return out
+
+
+def _h5_features(f: Any, path: Path) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The 10x matrix group of an open ``.h5`` and its raw feature names, IDs and types.
+
+    The Cell Ranger v3 layout (group ``matrix``) has feature types; the v2 layout (a
+    genome group with ``barcodes`` and ``gene_names``) gives ``None`` for them. An AnnData
+    named ``.h5``, or an HDF5 file of neither layout, is refused.
+    """
+    import h5py
+
+    if "matrix" in f:
+        try:
+            grp = f["matrix"]
+            feat = grp["features"]
+            names, ids = feat["name"][()], feat["id"][()]
+            ftype = feat["feature_type"][()] if "feature_type" in feat else None
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise _Bad(
+                f"{path.name} has a 'matrix' group but not the 10x layout ({err})",
+                "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
+                path,
+            ) from None
+        return grp, names, ids, ftype
+    if _is_anndata(f):
+        raise _Bad(
+            f"{path.name} is an AnnData (.h5ad) file named .h5",
+            "rename it to .h5ad (or set the sheet's 'format' column to h5ad)",
+            path,
+        )
+    groups = [
+        k
+        for k in f
+        if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
+    ]
+    if not groups:
+        raise _Bad(
+            f"{path.name} is HDF5 but not a 10x matrix (top-level keys: "
+            f"{', '.join(list(f)[:6]) or 'none'})",
+            "point 'path' at Cell Ranger's filtered_feature_bc_matrix.h5",
+            path,
+        )
+    grp = f[groups[0]]
+    return grp, grp["gene_names"][()], grp["genes"][()], None
+
+
+def _h5_read_matrix(grp: Any, max_cells: int, path: Path) -> _H5Matrix:
+    """Shape, barcodes, ``indptr`` and the values of the first ``max_cells`` cells of a 10x
+    matrix group; a group that cannot be read is corrupt."""
+    try:
+        n_genes, n_cells = (int(v) for v in grp["shape"][()][:2])
+        barcodes = _decode(grp["barcodes"][()])
+        indptr = grp["indptr"][()]
+        n_data = grp["data"].shape[0]
+        k = min(max_cells, n_cells)
+        data = grp["data"][: int(indptr[k])] if len(indptr) > k else grp["data"][:0]
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise _Bad(f"{path.name} is corrupt ({err})", _REDOWNLOAD, path) from None
+    return _H5Matrix(n_genes, n_cells, barcodes, indptr, n_data, k, data)
+
+
+def _h5_shape_problem(m: _H5Matrix, n_features: int, path: Path) -> _Bad | None:
+    """The stated shape against the numbers of features, barcodes and ``indptr`` entries;
+    a mismatch (returned) ends the check."""
+    if len(m.barcodes) != m.n_cells or len(m.indptr) != m.n_cells + 1 or n_features != m.n_genes:
+        return _Bad(
+            f"{path.name} is inconsistent: shape {m.n_genes} genes x {m.n_cells} cells but "
+            f"{n_features} features, {len(m.barcodes)} barcodes, {len(m.indptr)} indptr",
+            _REDOWNLOAD,
+            path,
+        )
+    return None
+
+
+def _h5_indptr_problems(m: _H5Matrix, path: Path) -> list[_Bad]:
+    """The last ``indptr`` entry must be the number of stored values."""
+    if m.n_cells and int(m.indptr[-1]) != m.n_data:
+        return [
             _Bad(
-                f"{path.name} is corrupt: indptr ends at {indptr[-1]} but data has {n_data}",
+                f"{path.name} is corrupt: indptr ends at {m.indptr[-1]} but data has {m.n_data}",
                 _REDOWNLOAD,
                 path,
             )
-        )
-    out += _cells_problems(n_cells, cells, path)
-    out += _barcode_problems(barcodes, path)
+        ]
+    return []
+
+
+def _h5_expression_var(
+    names: np.ndarray, ids: np.ndarray, ftype: np.ndarray | None
+) -> pd.DataFrame | None:
+    """``var`` (``gene_ids``, ``gene_symbols``; index the names) of the gene-expression
+    features; ``None`` when feature types are given and none is ``Gene Expression``."""
     names, ids = _decode(names), _decode(ids)
     if ftype is not None:
         keep = _decode(ftype) == "Gene Expression"
         if not keep.any():
-            out.append(
-                _Bad(
-                    f"{path.name} has no 'Gene Expression' features",
-                    "give the gene-expression matrix of this sample",
-                    path,
-                )
-            )
-            return out
+            return None
         names, ids = names[keep], ids[keep]
-    var = pd.DataFrame({"gene_ids": ids, "gene_symbols": names}, index=names)
-    out += _gene_problems(var, organism, path)
-    out += _value_problems(data, f"the first {k} cells", path)
-    return out
+    return pd.DataFrame({"gene_ids": ids, "gene_symbols": names}, index=names)
 
 
 def _mtx_companion(matrix: Path, prefix: str, stems: tuple[str, ...]) -> Path:
-    tried = []
-    for stem in stems:
-        for suffix in (".tsv.gz", ".tsv", ".txt.gz", ".txt", ".csv.gz", ".csv"):
-            cand = matrix.parent / f"{prefix}{stem}{suffix}"
-            tried.append(cand.name)
-            if cand.exists():
-                return cand
+    from sepsis_sc.io import _find_mtx_companion
+
+    found, tried = _find_mtx_companion(matrix, prefix, stems)
+    if found is not None:
+        return found
     raise _Bad(
         f"the 10x triplet of {matrix.name} is incomplete: none of {', '.join(tried[:4])} ... "
         f"in {matrix.parent}",
@@ -474,7 +525,30 @@ def _read_small_table(path: Path) -> pd.DataFrame:
 
 
 def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    from sepsis_sc.io import _ENSEMBL_RE, _find_mtx_in_dir
+    """A 10x MTX triplet: file names and compression, header, truncation, three files that
+    belong together, cells, barcodes, values and genes."""
+    matrix, prefix, gz = _mtx_matrix_file(path)
+    features_path = _mtx_companion(matrix, prefix, ("features", "genes"))
+    barcodes_path = _mtx_companion(matrix, prefix, ("barcodes",))
+    n_header, (n_rows, n_cols, nnz) = _mtx_header(matrix, gz)
+    _mtx_check_complete(matrix, gz, n_header, nnz)
+    features = _read_small_table(features_path)
+    barcodes = _read_small_table(barcodes_path)
+    _mtx_check_triplet(matrix, (n_rows, n_cols), features_path, len(features), barcodes_path,
+                       len(barcodes))  # fmt: skip
+    out = _cells_problems(len(barcodes), cells, matrix)
+    out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
+    if nnz:
+        out += _mtx_value_problems(matrix, n_header, (n_rows, n_cols, nnz), max_cells,
+                                   len(barcodes))  # fmt: skip
+    out += _gene_problems(_mtx_var(features), organism, features_path)
+    return out
+
+
+def _mtx_matrix_file(path: Path) -> tuple[Path, str, bool]:
+    """The matrix file of a sample (the path, or the one in its folder), its GEO prefix and
+    whether it is gzipped; its name, compression and content must agree."""
+    from sepsis_sc.io import _find_mtx_in_dir
 
     try:
         matrix = _find_mtx_in_dir(path) if path.is_dir() else path
@@ -502,9 +576,12 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             matrix,
         )
     _expect(matrix, kind, ("gzip+mtx",) if gz else ("mtx",), "a Matrix Market file")
-    features_path = _mtx_companion(matrix, m.group(1), ("features", "genes"))
-    barcodes_path = _mtx_companion(matrix, m.group(1), ("barcodes",))
+    return matrix, m.group(1), gz
 
+
+def _mtx_header(matrix: Path, gz: bool) -> tuple[int, tuple[int, int, int]]:
+    """The number of header lines (banner, comments, size line) and the size line's rows,
+    columns and entries; the matrix must be a sparse (coordinate) Matrix Market file."""
     opener = gzip.open if gz else open
     n_header = 0
     try:
@@ -533,7 +610,12 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             "give the 10x matrix.mtx (coordinate format)",
             matrix,
         )
-    # truncation: entries found vs announced
+    return n_header, (n_rows, n_cols, nnz)
+
+
+def _mtx_check_complete(matrix: Path, gz: bool, n_header: int, nnz: int) -> None:
+    """Truncation: the entries found against those the header announces (a gzipped file is
+    read through; a plain one when it is small enough)."""
     if gz:
         lines = _scan_gzip(matrix, count_lines=True)
     elif matrix.stat().st_size <= 4 * FULL_GZIP_READ_BYTES:
@@ -549,10 +631,19 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             _REDOWNLOAD,
             matrix,
         )
-    out: list[_Bad] = []
-    features = _read_small_table(features_path)
-    barcodes = _read_small_table(barcodes_path)
-    n_feat, n_bc = len(features), len(barcodes)
+
+
+def _mtx_check_triplet(
+    matrix: Path,
+    shape: tuple[int, int],
+    features_path: Path,
+    n_feat: int,
+    barcodes_path: Path,
+    n_bc: int,
+) -> None:
+    """The matrix must be features x barcodes of its companion files (a transposed matrix is
+    named as such)."""
+    n_rows, n_cols = shape
     if (n_rows, n_cols) != (n_feat, n_bc):
         transposed = (n_rows, n_cols) == (n_bc, n_feat)
         raise _Bad(
@@ -565,47 +656,53 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
             + ("; write the matrix genes x cells as 10x does" if transposed else ""),
             matrix,
         )
-    out += _cells_problems(n_bc, cells, matrix)
-    out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
-    if nnz:
-        try:
-            entries = pd.read_csv(
-                matrix,
-                sep=r"\s+",
-                header=None,
-                skiprows=n_header,
-                nrows=min(nnz, MTX_ENTRIES),
-                comment="%",
-            )
-        except (OSError, EOFError, zlib.error, ValueError) as err:
-            raise _Bad(f"{matrix.name} cannot be parsed ({err})", _REDOWNLOAD, matrix) from None
-        if entries.shape[1] < 3:
-            raise _Bad(f"{matrix.name} has entries without values", _REDOWNLOAD, matrix)
-        rows = pd.to_numeric(entries[0], errors="coerce").to_numpy()
-        cols = pd.to_numeric(entries[1], errors="coerce").to_numpy()
-        if np.any(~(rows >= 1) | (rows > n_rows) | ~(cols >= 1) | (cols > n_cols)):
-            raise _Bad(
-                f"{matrix.name} has entries outside its {n_rows} x {n_cols} size",
-                _REDOWNLOAD,
-                matrix,
-            )
-        values = pd.to_numeric(entries[2], errors="coerce").to_numpy(dtype=float)
-        values = values[cols <= max_cells] if (cols <= max_cells).any() else values
-        out += _value_problems(values, f"the first {min(max_cells, n_bc)} cells", matrix)
-    if features.shape[1] >= 2:
-        ids = features[0].fillna("").to_numpy()
-        symbols = features[1].fillna(features[0]).to_numpy()
-    else:
-        col = features[0].fillna("").to_numpy()
-        ids = np.where([bool(_ENSEMBL_RE.match(s)) for s in col], col, "")
-        symbols = col
+
+
+def _mtx_value_problems(
+    matrix: Path, n_header: int, size: tuple[int, int, int], max_cells: int, n_bc: int
+) -> list[_Bad]:
+    """The first :data:`MTX_ENTRIES` entries: parseable, inside the matrix's size, and
+    count-like values (those of the first ``max_cells`` cells when there are any)."""
+    n_rows, n_cols, nnz = size
+    try:
+        entries = pd.read_csv(
+            matrix,
+            sep=r"\s+",
+            header=None,
+            skiprows=n_header,
+            nrows=min(nnz, MTX_ENTRIES),
+            comment="%",
+        )
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise _Bad(f"{matrix.name} cannot be parsed ({err})", _REDOWNLOAD, matrix) from None
+    if entries.shape[1] < 3:
+        raise _Bad(f"{matrix.name} has entries without values", _REDOWNLOAD, matrix)
+    rows = pd.to_numeric(entries[0], errors="coerce").to_numpy()
+    cols = pd.to_numeric(entries[1], errors="coerce").to_numpy()
+    if np.any(~(rows >= 1) | (rows > n_rows) | ~(cols >= 1) | (cols > n_cols)):
+        raise _Bad(
+            f"{matrix.name} has entries outside its {n_rows} x {n_cols} size",
+            _REDOWNLOAD,
+            matrix,
+        )
+    values = pd.to_numeric(entries[2], errors="coerce").to_numpy(dtype=float)
+    values = values[cols <= max_cells] if (cols <= max_cells).any() else values
+    return _value_problems(values, f"the first {min(max_cells, n_bc)} cells", matrix)
+
+
+def _mtx_var(features: pd.DataFrame) -> pd.DataFrame:
+    """``var`` (``gene_ids``, ``gene_symbols``) of the features file: IDs and symbols from
+    its first two columns (one column: IDs where Ensembl-like), only the ``Gene Expression``
+    rows when a third column says so."""
+    from sepsis_sc.io import _feature_ids_symbols
+
+    ids, symbols = _feature_ids_symbols(features)
     var = pd.DataFrame({"gene_ids": ids, "gene_symbols": symbols}, index=symbols.astype(str))
     if features.shape[1] >= 3:
         keep = (features[2] == "Gene Expression").to_numpy()
         if keep.any():
             var = var.loc[keep]
-    out += _gene_problems(var, organism, features_path)
-    return out
+    return var
 
 
 def _check_h5ad(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
@@ -667,7 +764,7 @@ def _check_h5ad(path: Path, organism: str | None, max_cells: int, cells: CellLim
 
 
 def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
-    from sepsis_sc.io import _sniff_separator
+    from sepsis_sc.io import _read_table_rows, _table_header
 
     gz = path.name.endswith(".gz")
     _expect(
@@ -688,15 +785,8 @@ def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLi
             "give a gene-by-cell table (first column gene, header barcodes)",
             path,
         )
-    sep = _sniff_separator(header + first)
-    split = re.compile(sep).split if sep == r"\s+" else (lambda s: s.split(sep))
-    head = [h.strip().strip('"') for h in split(header.strip())]
-    n_fields = len(split(first.strip()))
-    if len(head) == n_fields - 1:
-        barcodes = head
-    elif len(head) == n_fields:
-        barcodes = head[1:]
-    else:
+    sep, head, n_fields, barcodes = _table_header(header, first)
+    if barcodes is None:
         raise _Bad(
             f"{path.name}: the header has {len(head)} fields but the first row {n_fields}",
             "give a gene-by-cell table whose header is the barcodes",
@@ -705,17 +795,7 @@ def _check_table(path: Path, organism: str | None, max_cells: int, cells: CellLi
     out = _cells_problems(len(barcodes), cells, path)
     out += _barcode_problems(np.asarray(barcodes), path)
     k = min(max_cells, len(barcodes))
-    rows = pd.read_csv(
-        path,
-        sep=sep,
-        header=None,
-        skiprows=1,
-        nrows=TABLE_ROWS,
-        usecols=range(k + 1),
-        dtype={0: str},
-        quotechar='"',
-        engine="python" if sep == r"\s+" else "c",
-    )
+    rows = _read_table_rows(path, sep, nrows=TABLE_ROWS, usecols=range(k + 1), dtype={0: str})
     genes = rows[0].astype(str).to_numpy()
     values = rows.iloc[:, 1:].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     var = pd.DataFrame({"gene_symbols": genes}, index=genes)
@@ -890,30 +970,17 @@ def preflight(
     samples: pd.DataFrame,
     organism: str | None,
     *,
-    base: str | Path = ".",
-    max_cells: int = 2000,
-    min_cells: int = 1,
-    small_cells: int = 0,
-    small_is_error: bool = False,
-    skip: Iterable[str] = (),
-    cache: str | Path | None = None,
     sheet_name: str = "sample sheet",
+    **options: Any,
 ) -> list[Problem]:
     """Run :func:`check_inputs`; raise :class:`PreflightError` listing every problem.
 
-    Returns the warnings (problems that do not stop the run) for the caller to show.
+    ``options`` are the keyword arguments of :func:`check_inputs` (``base``, ``max_cells``,
+    ``min_cells``, ``small_cells``, ``small_is_error``, ``skip``, ``cache``); ``sheet_name``
+    names the sheet in the error. Returns the warnings (problems that do not stop the run)
+    for the caller to show.
     """
-    problems = check_inputs(
-        samples,
-        organism,
-        base=base,
-        max_cells=max_cells,
-        min_cells=min_cells,
-        small_cells=small_cells,
-        small_is_error=small_is_error,
-        skip=skip,
-        cache=cache,
-    )
+    problems = check_inputs(samples, organism, **options)
     errors = [p for p in problems if not p.warning]
     if errors:
         raise PreflightError(errors, sheet_name)

@@ -1229,14 +1229,22 @@ def _primary_row(effects: pd.DataFrame, state: str) -> tuple[pd.DataFrame, str]:
     return hit.head(1), metric
 
 
+def _oracle(truth: pd.DataFrame | None, oracle_args: Mapping[str, str]) -> pd.DataFrame | None:
+    """:func:`oracle_tests` of ``truth`` with ``oracle_args`` (``case``, ``control``); None
+    without a truth table. Other keywords are refused, as a signature would."""
+    unknown = sorted(set(oracle_args) - {"case", "control"})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    return None if truth is None else oracle_tests(truth, **oracle_args)
+
+
 def check_planted_effects(
     effects: pd.DataFrame,
     composition: pd.DataFrame,
     *,
     alpha: float = 0.05,
     truth: pd.DataFrame | None = None,
-    case: str = "sepsis",
-    control: str = "control",
+    **oracle_args: str,
 ) -> pd.DataFrame:
     """Score a run's sample-level results against the effects the simulator planted.
 
@@ -1252,6 +1260,7 @@ def check_planted_effects(
         Optional truth table of the simulated cohort: adds the :func:`oracle_tests` columns
         (``oracle_fdr``, ``oracle_detected``), the same effects tested on the true labels, so
         a miss can be told apart as the design's (oracle misses too) or the pipeline's.
+        ``case`` and ``control`` (the condition labels) go to :func:`oracle_tests`.
 
     Returns
     -------
@@ -1285,8 +1294,8 @@ def check_planted_effects(
             }
         )
     out = pd.DataFrame(rows)
-    if truth is not None:
-        oracle = oracle_tests(truth, case=case, control=control)
+    oracle = _oracle(truth, oracle_args)
+    if oracle is not None:
         sign = np.where([spec["direction"] == "up" for spec in PLANTED_EFFECTS], 1.0, -1.0)
         out["oracle_fdr"] = oracle["oracle_fdr"].to_numpy()
         out["oracle_detected"] = (oracle["oracle_fdr"].to_numpy() <= alpha) & (
@@ -1301,8 +1310,7 @@ def null_calibration(
     *,
     alpha: float = 0.05,
     truth: pd.DataFrame | None = None,
-    case: str = "sepsis",
-    control: str = "control",
+    **oracle_args: str,
 ) -> dict[str, float]:
     """False-positive summary for a cohort simulated with ``effects=False``.
 
@@ -1310,7 +1318,8 @@ def null_calibration(
     ``alpha``, and the fraction with p < ``alpha`` (expected about ``alpha``). With the truth
     table, also how many of the :func:`oracle_tests` (the planted-effect tests on the true
     labels) have p < ``alpha``: donors differ at random, so a null draw can hold a real chance
-    difference between the groups, which the pipeline then reports faithfully.
+    difference between the groups, which the pipeline then reports faithfully. Parameters
+    as in :func:`check_planted_effects`.
     """
     p = pd.concat([effects["pvalue"], composition["pvalue"]]).dropna().to_numpy(dtype=float)
     fdr = pd.concat([effects["fdr"], composition["fdr"]]).dropna().to_numpy(dtype=float)
@@ -1320,8 +1329,8 @@ def null_calibration(
         "fraction_p_below_alpha": float((p < alpha).mean()) if p.size else float("nan"),
         "n_fdr_below_alpha": int((fdr <= alpha).sum()),
     }
-    if truth is not None:
-        oracle = oracle_tests(truth, case=case, control=control)
+    oracle = _oracle(truth, oracle_args)
+    if oracle is not None:
         below = [
             spec["effect"]
             for spec, pv in zip(PLANTED_EFFECTS, oracle["oracle_pvalue"])

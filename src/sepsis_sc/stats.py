@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,14 @@ import scipy.sparse as sp
 from scipy import stats
 
 from sepsis_sc.data import NoRawCountsError, get_counts
-from sepsis_sc.design import COEF, Contrast, SampleDesign, linear_test, resolve_design, sample_meta
+from sepsis_sc.design import (
+    COEF,
+    Contrast,
+    ContrastArgs,
+    SampleDesign,
+    linear_test,
+    sample_meta,
+)
 from sepsis_sc.resources import load_yaml, resource_path
 from sepsis_sc.score import ucell_scores
 
@@ -475,50 +483,17 @@ def _meta_for(
     return m
 
 
-def _as_design(
-    meta: pd.DataFrame,
-    *,
-    case: str | None,
-    control: str | None,
-    contrast: Contrast | None,
-    design: SampleDesign | None,
-    formula: str | None,
-    paired: bool | str,
-) -> SampleDesign:
-    if design is not None:
-        return design
-    if contrast is None:
-        if case is None or control is None:
-            raise ValueError("give case= and control= (or contrast= / design=)")
-        contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
-    if paired not in ("auto", "yes", "no", True, False):
-        raise ValueError(f"paired must be 'auto', True or False, got {paired!r}")
-    present = set(meta[contrast.column].astype(str)) if contrast.column in meta else set()
-    for c in (contrast.case, contrast.control):
-        if c not in present:
-            raise ValueError(
-                f"condition {c!r} not in the table; conditions present: {sorted(present)}"
-            )
-    return resolve_design(meta, contrast, formula, paired=paired)
-
-
 # Over 80 lines only by its docstring (the public parameter reference for notebook users);
 # the body is 13 lines of named steps.
 def condition_effects(
     table: pd.DataFrame,
     *,
-    case: str | None = None,
-    control: str | None = None,
-    contrast: Contrast | None = None,
-    design: SampleDesign | None = None,
-    meta: pd.DataFrame | None = None,
-    formula: str | None = None,
-    paired: bool | str = "auto",
     alpha: float = 0.05,
     test: str = "t",
     metrics: Sequence[str] | None = None,
     primary: Mapping[str, str] | None = None,
     moderate: bool = True,
+    **contrast_args: Any,
 ) -> pd.DataFrame:
     """Case vs control effect of every state x metric, with donors as the units.
 
@@ -543,19 +518,10 @@ def condition_effects(
     ----------
     table
         Output of :func:`sample_table`.
-    case, control
-        Values of ``obs["condition"]`` to compare (shorthand for ``contrast``).
-    contrast, design
-        A :class:`~sepsis_sc.design.Contrast` (any sheet column), or an already resolved
-        :class:`~sepsis_sc.design.SampleDesign`.
-    meta
-        Per-sample sheet (index sample_id; e.g. :func:`sepsis_sc.design.sample_meta`), needed
-        for contrasts on other columns and for covariates (default: the table's
-        ``condition`` and ``donor``).
-    formula
-        Model formula over sheet columns, e.g. ``"~ age + sex + condition"``.
-    paired
-        ``"auto"`` (pair when >= 2 donors are seen at both levels), True / "yes", False / "no".
+    case, control, contrast, design, meta, formula, paired
+        The contrast keywords (:class:`~sepsis_sc.design.ContrastArgs`): ``case`` vs
+        ``control`` values of ``obs["condition"]``, or a ``contrast`` / resolved ``design``;
+        ``meta`` defaults to the table's ``condition`` and ``donor``.
     alpha
         FDR level for ``significant``, ``direction`` and the wording of ``meaning``.
     test
@@ -577,9 +543,9 @@ def condition_effects(
         ``significant``, ``test``, ``design``, ``n_case``, ``n_control`` (units), ``n_pairs``,
         ``direction``, ``meaning``, ``note``.
     """
+    args = ContrastArgs(**contrast_args)
     _check_effects_input(table, test)
-    design = _as_design(_meta_for(table, meta), case=case, control=control, contrast=contrast,
-                        design=design, formula=formula, paired=paired)  # fmt: skip
+    design = args.resolve(_meta_for(table, args.meta))
     _check_rank_test(design, test)
     tab = _design_rows(table, design, metrics)
     if tab.empty:
@@ -801,13 +767,6 @@ def _rank_p(design: SampleDesign, y: pd.Series) -> float:
 def composition_test(
     adata: ad.AnnData,
     *,
-    case: str | None = None,
-    control: str | None = None,
-    contrast: Contrast | None = None,
-    design: SampleDesign | None = None,
-    meta: pd.DataFrame | None = None,
-    formula: str | None = None,
-    paired: bool | str = "auto",
     level: str = "lineage",
     sample_key: str = "sample_id",
     condition_key: str = "condition",
@@ -815,6 +774,7 @@ def composition_test(
     transform: str = "logit",
     exclude: Sequence[str] = ("Unassigned",),
     alpha: float = 0.05,
+    **contrast_args: Any,
 ) -> pd.DataFrame:
     """Differential abundance of lineages or subsets, propeller style, donors as units.
 
@@ -832,10 +792,11 @@ def composition_test(
     ----------
     adata
         Annotated AnnData (``obs[level]``, sample sheet columns).
-    case, control
-        Values of ``obs[condition_key]`` (shorthand for ``contrast``; effect = case vs control).
-    contrast, design, meta, formula, paired
-        As in :func:`condition_effects` (``meta`` defaults to the sheet columns in ``obs``).
+    case, control, contrast, design, meta, formula, paired
+        The contrast keywords (:class:`~sepsis_sc.design.ContrastArgs`), as in
+        :func:`condition_effects`: ``case`` and ``control`` are values of
+        ``obs[condition_key]`` (effect = case vs control); ``meta`` defaults to the sheet
+        columns in ``obs``.
     level
         ``"lineage"`` or ``"cell_type"`` (any obs column of labels works).
     sample_key, condition_key, donor_key
@@ -857,16 +818,16 @@ def composition_test(
         ``design``, ``transform``, ``direction`` (only where significant), ``meaning``,
         ``note``. Nothing is written to ``adata``.
     """
+    args = ContrastArgs(**contrast_args)
     if level not in adata.obs:
         raise KeyError(f"obs[{level!r}] missing; run sepsis_sc.annotate.annotate first")
     if transform not in ("logit", "asin"):
         raise ValueError(f"transform must be 'logit' or 'asin', got {transform!r}")
+    meta = args.meta
     if meta is None:
-        meta, contrast = _composition_meta(adata, case=case, control=control, contrast=contrast,
-                                           design=design, formula=formula, sample_key=sample_key,
-                                           condition_key=condition_key, donor_key=donor_key)  # fmt: skip
-    design = _as_design(meta, case=case, control=control, contrast=contrast, design=design,
-                        formula=formula, paired=paired)  # fmt: skip
+        meta, contrast = _composition_meta(adata, args, sample_key, condition_key, donor_key)
+        args = replace(args, contrast=contrast)
+    design = args.resolve(meta)
     con = design.contrast
     counts = _label_counts(adata, design, sample_key, level)
     y, props = _unit_proportions(counts, design, transform)
@@ -882,12 +843,7 @@ def composition_test(
 
 def _composition_meta(
     adata: ad.AnnData,
-    *,
-    case: str | None,
-    control: str | None,
-    contrast: Contrast | None,
-    design: SampleDesign | None,
-    formula: str | None,
+    args: ContrastArgs,
     sample_key: str,
     condition_key: str,
     donor_key: str | None,
@@ -897,10 +853,11 @@ def _composition_meta(
     meta = _sample_meta(adata, sample_key, condition_key, donor_key)
     if condition_key != "condition":
         meta[condition_key] = meta["condition"]
+    contrast, design = args.contrast, args.design
     if contrast is None and design is None:
-        contrast = Contrast(f"{case}_vs_{control}", "condition", str(case), str(control))
+        contrast = args.shorthand()
     col = (design.contrast if design is not None else contrast).column
-    extra = sample_meta(adata, sample_key) if (formula or col not in meta) else None
+    extra = sample_meta(adata, sample_key) if (args.formula or col not in meta) else None
     if extra is not None:
         meta = meta.join(extra.drop(columns=[c for c in extra.columns if c in meta]))
     return meta, contrast

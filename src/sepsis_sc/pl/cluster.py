@@ -18,7 +18,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sepsis_sc.pl.style import categorical_palette, condition_palette, savefig, set_style
+from sepsis_sc.pl.style import (
+    categorical_palette,
+    condition_palette,
+    legend_right,
+    savefig,
+    set_style,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +173,4 @@ def _umap_panel(
                 cx, cy = np.median(um[m], axis=0)
                 ax.text(cx, cy, c, ha="center", va="center", fontsize=8, weight="bold")
     elif len(cats) <= 30:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=pal[c], label=c) for c in cats]
-        ax.legend(
-            handles=handles,
-            frameon=False,
-            loc="center left",
-            bbox_to_anchor=(1.0, 0.5),
-            fontsize=8,
-        )
+        legend_right(ax, pal, cats)

@@ -24,6 +24,7 @@ from sepsis_sc.integrate import _require_obs
 from sepsis_sc.pl.style import (
     categorical_palette,
     cell_type_palette,
+    legend_right,
     lineage_palette,
     savefig,
     set_style,
@@ -264,16 +265,5 @@ def _coloured_umap(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(wrap(title, 40))
-    handles = [
-        plt.Line2D([], [], marker="o", ls="", color=pal[v], label=v)
-        for v in column.cat.categories
-    ]
-    if len(handles) <= 30:
-        ax.legend(
-            handles=handles,
-            frameon=False,
-            loc="center left",
-            bbox_to_anchor=(1.0, 0.5),
-            fontsize=8,
-            markerscale=1.2,
-        )
+    if len(column.cat.categories) <= 30:
+        legend_right(ax, pal, column.cat.categories, markerscale=1.2)

@@ -5,7 +5,8 @@
 * :func:`scatter`: UMI counts vs detected genes, coloured by mito %, removed cells marked.
 * :func:`removed`: cells removed per sample, stacked by main reason.
 
-Each function writes a PNG and returns its path.
+Each function writes the PNG ``path`` (folders created) and returns that path; their
+docstrings do not repeat it.
 """
 
 from __future__ import annotations
@@ -48,14 +49,8 @@ def violins(
     thresholds
         Table from :func:`sepsis_sc.qc.adaptive_thresholds` (or the ``uns["qc"]["thresholds"]`` frame
         with a ``sample_id`` column).
-    path
-        Output PNG.
     batch_key
         ``obs`` column naming the sample.
-
-    Returns
-    -------
-    The path written.
     """
 
     set_style()
@@ -156,12 +151,6 @@ def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
     ----------
     obs
         ``obs`` (or the AnnData) after :func:`sepsis_sc.qc.run_qc`.
-    path
-        Output PNG.
-
-    Returns
-    -------
-    The path written.
     """
 
     set_style()
@@ -224,12 +213,6 @@ def removed(summary: pd.DataFrame, path: str | Path) -> Path:
     ----------
     summary
         Table returned by :func:`sepsis_sc.qc.run_qc` (``removed_<reason>`` columns).
-    path
-        Output PNG.
-
-    Returns
-    -------
-    The path written.
     """
 
     set_style()

@@ -27,6 +27,7 @@ __all__ = [
     "cell_type_palette",
     "condition_palette",
     "categorical_palette",
+    "legend_right",
     "savefig",
     "set_style",
     "wrap",
@@ -139,6 +140,20 @@ def wrap(text: object, width: int) -> str:
     of a figure is lost (a single word longer than ``width`` stays on its own line).
     """
     return textwrap.fill(str(text), width=width, break_long_words=False, break_on_hyphens=False)
+
+
+def legend_right(ax: plt.Axes, palette: Mapping[str, str], labels: Iterable[str], **kwargs) -> None:
+    """A legend of one coloured dot per label (colour from ``palette``), to the right of
+    ``ax``, without a frame; ``kwargs`` go to ``ax.legend`` (e.g. ``markerscale``)."""
+    handles = [plt.Line2D([], [], marker="o", ls="", color=palette[v], label=v) for v in labels]
+    ax.legend(
+        handles=handles,
+        frameon=False,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        **kwargs,
+    )
 
 
 def savefig(fig: plt.Figure, path: str | Path) -> Path:
