@@ -621,6 +621,8 @@ def _record_rules(adata: ad.AnnData, table: pd.DataFrame, params: Mapping[str, A
     adata.uns["state_rules_params"] = dict(params)
 
 
+# Over 80 lines only by its docstring (the public parameter reference); the body is a list
+# of named steps (signatures, call rules, reference cells, score and call each state).
 def score_states(
     adata: ad.AnnData,
     *,
