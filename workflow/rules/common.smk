@@ -503,7 +503,8 @@ def print_job_errors():
         file=sys.stderr,
     )
     for p in found:
-        print("  " + p.read_text().strip().replace("\n", "\n  "), file=sys.stderr)
+        text = p.read_text().strip().replace("\n", "\n  ")
+        print(f"  {text}", file=sys.stderr)
 
 
 # ---- tables shown inside the report as HTML pages (path under RESULTS, section, title,
@@ -602,7 +603,7 @@ def report_table_specs(per_contrast):
         if ("{contrast}" in rel) != per_contrast:
             continue
         for name in TESTED_CONTRASTS if per_contrast else [""]:
-            path = f"{RESULTS}/" + rel.format(contrast=name)
+            path = str(Path(RESULTS) / rel.format(contrast=name))
             if path in wanted:
                 specs.append(
                     {
