@@ -3,9 +3,9 @@
 
 rule annotate:
     input:
+        **reference_input(),
         h5ad=f"{RESULTS}/cluster/clustered.h5ad",
         markers=marker_file(),
-        **reference_input(),
     output:
         **celltypist_outputs(),
         **reference_outputs(),
