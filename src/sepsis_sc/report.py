@@ -47,6 +47,7 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; position: sticky; top: 0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.long { min-width: 22em; max-width: 40em; }
 tr:hover td { background: #fafafa; }
 """
 
@@ -97,12 +98,20 @@ def table_html(
     n = len(shown)
     shown = shown.head(max_rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    # prose columns (rationale, caveat, meaning) get room to wrap into a few lines, not 20
+    long = [
+        shown[c].dtype == object and shown[c].astype(str).str.len().mean() > 40
+        for c in shown.columns
+    ]
     rows = []
     for rec in shown.itertuples(index=False, name=None):
         cells = []
-        for v in rec:
+        for v, is_long in zip(rec, long, strict=True):
             text, numeric = _cell(v)
-            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+            if numeric:
+                cells.append(f'<td class="num">{text}</td>')
+            else:
+                cells.append(f'<td class="long">{text}</td>' if is_long else f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     cut = (
         f"<p class='src'>Showing the first {max_rows} of {n} rows; the TSV has them all.</p>"
