@@ -109,14 +109,12 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
 
 def _sepsis_defaults(n_train: int, cores: int) -> dict:
     """The settings :func:`sepsis_sc.integrate.run_scvi` uses when given none."""
-    import inspect
+    from sepsis_sc.integrate import ScviParams, default_max_epochs
 
-    from sepsis_sc.integrate import default_max_epochs, run_scvi
-
-    d = {k: p.default for k, p in inspect.signature(run_scvi).parameters.items()}
-    return dict(n_layers=d["n_layers"], n_latent=d["n_latent"], batch_size=d["batch_size"],
-                max_epochs=default_max_epochs(n_train, batch_size=d["batch_size"]),
-                early_stopping=d["early_stopping"], threads=cores, lr=d.get("lr"))
+    d = ScviParams()
+    return dict(n_layers=d.n_layers, n_latent=d.n_latent, batch_size=d.batch_size,
+                max_epochs=default_max_epochs(n_train, batch_size=d.batch_size),
+                early_stopping=d.early_stopping, threads=cores, lr=getattr(d, "lr", None))
 
 
 def _variant(spec: str, base: dict) -> tuple[str, dict]:
