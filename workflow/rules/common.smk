@@ -140,6 +140,14 @@ if config["patients"]["enabled"] and config["patients"]["reference_value"] is no
         config["patients"]["reference_value"],
     )
 
+N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
+if N_BATCHES == 1 and MAIN_PROCESS:
+    print(
+        f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
+        "integration runs without a batch covariate and skips the batch-mixing metrics",
+        file=sys.stderr,
+    )
+
 # ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
 CONTRASTS = parse_contrasts(config)
 DESIGNS = check_designs(
