@@ -1215,16 +1215,15 @@ def oracle_tests(truth: pd.DataFrame, *, case: str = "sepsis", control: str = "c
     return out
 
 
-def _primary_row(effects: pd.DataFrame, state: str) -> tuple[pd.DataFrame, str]:
-    """A state's pre-specified primary row of ``effects`` and its metric: the row with
-    ``role == "primary"``, else the metric :func:`sepsis_sc.stats.primary_metrics` names."""
-    rows = effects[effects["state"] == state]
-    if "role" in rows:
-        hit = rows[rows["role"] == "primary"]
-    else:
-        from sepsis_sc.stats import primary_metrics
+def _primary_row(
+    effects: pd.DataFrame, state: str, targets: Mapping[str, Any]
+) -> tuple[pd.DataFrame, str]:
+    """A state's pre-specified primary row of ``effects`` and its metric, chosen as
+    :func:`sepsis_sc.stats.therapy_targets` chooses it (``targets``: the therapy-target
+    entries)."""
+    from sepsis_sc.stats import _primary_rows
 
-        hit = rows[rows["metric"] == primary_metrics([state])[state]]
+    hit = _primary_rows(effects[effects["state"] == state], targets.get(state) or {})
     metric = str(hit["metric"].iloc[0]) if len(hit) else "primary metric"
     return hit.head(1), metric
 
@@ -1269,6 +1268,9 @@ def check_planted_effects(
         ``fdr``, observed ``observed_direction`` and ``detected`` (FDR <= alpha in the planted
         direction). A row missing from the results (e.g. too few cells) is not detected.
     """
+    from sepsis_sc.stats import _load_targets
+
+    targets = _load_targets(None)  # read once: each state's primary metric
     rows = []
     for spec in PLANTED_EFFECTS:
         if spec["table"] == "composition":
@@ -1277,7 +1279,7 @@ def check_planted_effects(
             ]
             where = f"composition {spec['level']} {spec['label']}"
         else:
-            hit, metric = _primary_row(effects, spec["level"])
+            hit, metric = _primary_row(effects, spec["level"], targets)
             where = f"state {spec['level']} ({metric}, primary)"
         effect = float(hit["effect"].iloc[0]) if len(hit) else np.nan
         fdr = float(hit["fdr"].iloc[0]) if len(hit) else np.nan

@@ -945,13 +945,18 @@ def _composition_meaning(r: Any, case: str, control: str) -> str:
 # --------------------------------------------------------------------------------------
 # therapy targets
 # --------------------------------------------------------------------------------------
+def _primary_rows(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.DataFrame:
+    """One state's pre-specified primary row(s) of ``effects``: ``role == "primary"``, or
+    (tables without roles) the metric its therapy-target entry ``t`` names. The one
+    definition of a state's readout, shared by :func:`therapy_targets` and the demo check."""
+    if "role" in sub:
+        return sub[sub["role"] == "primary"]
+    return sub[sub["metric"] == (t.get("primary_metric") or t.get("metric", "mean_score"))]
+
+
 def _primary_effect(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.Series:
     """The state's primary row of ``effects``, or an untested stand-in when it is missing."""
-    if "role" in sub:
-        pref = sub[sub["role"] == "primary"]
-    else:
-        want_metric = t.get("primary_metric") or t.get("metric", "mean_score")
-        pref = sub[sub["metric"] == want_metric]
+    pref = _primary_rows(sub, t)
     if not pref.empty:
         return pref.iloc[0]
     metric = str(t.get("primary_metric") or t.get("metric", ""))
