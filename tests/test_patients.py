@@ -63,7 +63,10 @@ def test_planted_immunoparalysis_is_flagged_and_controls_stay_clean(res):
     assert all(hla.loc[(s, "mono_hladr_expr"), "flag"] == "below" for s in PARALYSED)
     controls = [s for s in calls.index if s.startswith("C")]
     flagged = [s for s in controls if (calls.loc[s] == "yes").any()]
-    assert len(flagged) <= 1, calls.loc[controls]
+    # each readout flags ~4.6 % of reference samples by design (flag_multiplier), and a
+    # state reads one or two readouts: measured over seeds 0-5 of this fixture, 8 of 36
+    # control samples carry one call (0-2 per seed). More than 2 of 6 would be a regression.
+    assert len(flagged) <= 2, calls.loc[controls]
     # evidence names the readout and its z-score; hypotheses are worded as such
     ev = res.states.set_index(["sample_id", "state"]).loc[("S0", "immunoparalysis")]
     assert "mono_hladr_expr z=" in ev["evidence"] and "GM-CSF" in ev["hypotheses"]

@@ -230,14 +230,21 @@ def test_score_states_parent_calls_and_rules():
     mono = (adata.obs["lineage"] == "Monocyte").to_numpy()
     s = adata.obs["mono_hladr_low_score"].to_numpy()
     assert np.isnan(s[~mono]).all() and np.isfinite(s[mono]).all()
-    assert np.isfinite(adata.obs["ifn_response_score"]).all()  # parent: all cells
-    # exhaustion: scored in all T, called only in CD8
+    # ifn_response (per: lineage): one state per lineage, each scored only in its lineage
+    for lin in adata.obs["lineage"].unique():
+        col = adata.obs[f"ifn_response.{lin.lower()}_score"].to_numpy()
+        own = (adata.obs["lineage"] == lin).to_numpy()
+        assert np.isfinite(col[own]).all() and np.isnan(col[~own]).all(), lin
+        assert rules.loc[f"ifn_response.{lin.lower()}", "base_state"] == "ifn_response"
+        assert rules.loc[f"ifn_response.{lin.lower()}", "stratum"] == lin
+    assert "ifn_response_score" not in adata.obs
+    # exhaustion: scored and called only in CD8 effector/memory T (not across T subsets)
     call = adata.obs["t_exhaustion"]
     cd8 = (adata.obs["cell_type"] == "CD8 effector/memory T").to_numpy()
     assert str(call.dtype) == "boolean"
     assert call[cd8].notna().all() and call[~cd8].isna().all()
     assert (
-        adata.obs.loc[adata.obs["cell_type"] == "CD4 memory T", "t_exhaustion_score"].notna().all()
+        adata.obs.loc[adata.obs["cell_type"] == "CD4 memory T", "t_exhaustion_score"].isna().all()
     )
     # control-quantile rule: ~5% of control cells called, more in sepsis
     for state in ("mono_hladr_low", "t_exhaustion", "trem2_high_macrophage"):
@@ -264,15 +271,17 @@ def test_score_states_skips_too_few_genes_and_cells():
     keep = [g for g in adata.var_names if g not in drop]
     adata = adata[:, keep].copy()
     adata = adata[adata.obs["lineage"] != "DC"].copy()
-    adata.obs.loc[adata.obs.index[:5], "lineage"] = "DC"  # 5 DCs only
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    adata.obs.loc[adata.obs.index[:5], ["lineage", "cell_type"]] = ["DC", "cDC2"]  # 5 DCs only
     table = score_states(adata, organism="auto", control="control", min_cells_parent=20).set_index(
         "state"
     )
     assert table.loc["trem2_high_macrophage", "status"] == "skipped"
     assert "2 of 16 genes" in table.loc["trem2_high_macrophage", "reason"]
     assert "trem2_high_macrophage_score" not in adata.obs
-    assert table.loc["dc_tolerogenic", "status"] == "skipped"
-    assert "5 cells" in table.loc["dc_tolerogenic", "reason"]
+    assert table.loc["dc_tolerogenic.cdc2", "status"] == "skipped"  # per: cell_type
+    assert "5 cells" in table.loc["dc_tolerogenic.cdc2", "reason"]
+    assert "0 cells" in table.loc["dc_tolerogenic.cdc1", "reason"]
     assert table.loc["mono_hladr_low", "status"] == "scored"
     # fraction rule from the config (scoring.min_genes_fraction)
     t2 = score_states(adata, control="control", min_genes=1, min_genes_fraction=0.5).set_index(
@@ -376,12 +385,12 @@ def test_ifn_score_rises_with_ifnb_in_every_lineage():
              "B": ["MS4A1", "CD79A", "CD79B"], "Monocyte": ["CD14", "LYZ", "FCGR3A", "S100A8"]}  # fmt: skip
     m = pd.DataFrame({k: _lognorm_expr(adata, v) for k, v in gates.items()}, index=adata.obs_names)
     adata.obs["lineage"] = np.where(m.max(axis=1) > 0.5, m.idxmax(axis=1), "Unassigned")
-    score_states(adata, organism="human", states=["ifn_response"])
-    df = adata.obs[["lineage", "stim", "ifn_response_score"]]
+    score_states(adata, organism="human", states=["ifn_response"])  # one state per lineage
     for lin in gates:
-        d = df[df["lineage"] == lin]
-        stim = d.loc[d["stim"] == "stim", "ifn_response_score"]
-        ctrl = d.loc[d["stim"] == "ctrl", "ifn_response_score"]
+        col = f"ifn_response.{lin.lower()}_score"
+        d = adata.obs.loc[adata.obs["lineage"] == lin, ["stim", col]]
+        stim = d.loc[d["stim"] == "stim", col]
+        ctrl = d.loc[d["stim"] == "ctrl", col]
         assert len(stim) >= 50 and len(ctrl) >= 50, lin
         # stimulated cells separate almost perfectly (AUROC > 0.95 in every lineage)
         auc = (stim.to_numpy()[:, None] > ctrl.to_numpy()[None, :]).mean()
@@ -416,7 +425,9 @@ def test_exhaustion_rna_score_tracks_checkpoint_proteins():
         _lognorm_expr(adata, ["LYZ", "CD14", "S100A8", "MS4A1", "CD79A"]) < 0.5
     )
     adata.obs["lineage"] = np.where(t, "T", "Unassigned")
-    score_states(adata, states=["t_exhaustion"], call_rules={"method": "otsu"})
+    # all T cells (no subset labels here): the RNA-protein agreement, not the shipped parent
+    sig = {**HUMAN["t_exhaustion"], "parent": {"lineage": ["T"]}}
+    score_states(adata, signatures=[sig], call_rules={"method": "otsu"})
     rna = adata.obs.loc[t, "t_exhaustion_score"].to_numpy()
     adt = np.log1p(adata.obsm["ADT_counts"].astype(float))
     clr = adt.sub(adt.mean(axis=1), axis=0).loc[t]  # CLR across the proteins of each cell

@@ -20,6 +20,7 @@ level by :mod:`sepsis_sc.stats` (never with cells as replicates).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,40 @@ from sepsis_sc.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_signatures", "ucell_scores", "score_states", "DEFAULT_CALL_RULE"]
+__all__ = [
+    "load_signatures",
+    "ucell_scores",
+    "score_states",
+    "base_state",
+    "DEFAULT_CALL_RULE",
+    "STRATUM_SEP",
+]
 
 #: Default rule for discrete calls: above the 95th percentile of the control samples' cells of
 #: the call population (a flow-cytometry-style gate set on healthy controls).
 DEFAULT_CALL_RULE: dict[str, Any] = {"method": "control_quantile", "quantile": 0.95}
 
 _REQUIRED_KEYS = ("name", "up", "down", "source", "parent")
+
+#: Separator between a state and its stratum in the names of stratified states
+#: (``per: lineage`` or ``per: cell_type`` in the signature file): ``cytokine_storm.monocyte``.
+STRATUM_SEP = "."
+_PER_FIELDS = ("lineage", "cell_type")
+_UNASSIGNED = "Unassigned"  # = sepsis_sc.annotate.UNASSIGNED; scoring does not need annotate
+
+
+def base_state(name: str) -> str:
+    """The signature a (possibly stratified) state name comes from.
+
+    ``base_state("cytokine_storm.monocyte") == "cytokine_storm"``; unstratified names are
+    returned unchanged. Therapy-target entries and primary metrics are keyed by the base.
+    """
+    return str(name).split(STRATUM_SEP, 1)[0]
+
+
+def _slug(value: str) -> str:
+    """A stratum label as a name part: ``"CD8 effector/memory T"`` -> ``cd8_effector_memory_t``."""
+    return re.sub(r"[^0-9a-z]+", "_", str(value).lower()).strip("_")
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +134,22 @@ def _normalise_signature(name: str, entry: Mapping[str, Any] | Sequence[str]) ->
         sig = dict(entry)
     else:
         sig = {"up": list(entry), "down": []}
+    base = str(sig.get("base_state") or name)
+    if not (sig.get("stratum") and name.startswith(base + STRATUM_SEP)):  # not an expansion
+        sig["base_state"], sig["stratum"] = name, ""
+        if STRATUM_SEP in name:
+            raise ValueError(
+                f"signature name {name!r} contains {STRATUM_SEP!r}, which separates a state "
+                "from its stratum (per: lineage / cell_type); rename it"
+            )
     sig["name"] = name
+    per = sig.get("per")
+    if per is not None and per not in _PER_FIELDS:
+        raise ValueError(
+            f"signature {name!r}: per must be one of {list(_PER_FIELDS)} (one state per "
+            f"lineage or per cell type of the parent), got {per!r}"
+        )
+    sig["per"] = per
     sig["up"] = [str(g) for g in (sig.get("up") or [])]
     sig["down"] = [str(g) for g in (sig.get("down") or [])]
     if not sig["up"] and not sig["down"]:
@@ -392,20 +435,70 @@ def _state_signatures(
     organism: str,
     signatures: Sequence[Mapping[str, Any]] | Mapping[str, Any] | str | Path | None,
     states: Sequence[str] | None,
+    strata: Mapping[str, Sequence[str]],
 ) -> list[dict[str, Any]]:
-    """The signatures to score: packaged/YAML/given ones, limited to ``states``."""
+    """The signatures to score: packaged/YAML/given ones, stratified signatures expanded
+    (:func:`_expand`), limited to ``states`` (base names select all their strata)."""
     if signatures is None or isinstance(signatures, str | Path):
         sigs = load_signatures(organism, signatures)
     else:
         sigs = _as_signature_list(signatures)
+    sigs = [e for s in sigs for e in _expand(s, strata)]
     if states is not None:
-        unknown = set(states) - {s["name"] for s in sigs}
+        known = {s["name"] for s in sigs} | {s["base_state"] for s in sigs}
+        unknown = set(states) - known
         if unknown:
-            raise ValueError(
-                f"unknown state(s) {sorted(unknown)}; known: {[s['name'] for s in sigs]}"
-            )
-        sigs = [s for s in sigs if s["name"] in set(states)]
+            raise ValueError(f"unknown state(s) {sorted(unknown)}; known: {sorted(known)}")
+        want = set(states)
+        sigs = [s for s in sigs if s["name"] in want or s["base_state"] in want]
     return sigs
+
+
+def _strata_present(
+    adata: ad.AnnData, lineage_key: str, cell_type_key: str
+) -> dict[str, list[str]]:
+    """Labels of each stratification field present in the data (category order, else sorted),
+    ``Unassigned`` and unresolved labels included (they are dropped per state below)."""
+    out: dict[str, list[str]] = {}
+    for field, key in (("lineage", lineage_key), ("cell_type", cell_type_key)):
+        if key not in adata.obs:
+            continue
+        col = adata.obs[key]
+        present = set(col.astype(str).unique())
+        order = [str(c) for c in col.cat.categories] if hasattr(col, "cat") else sorted(present)
+        out[field] = [c for c in order if c in present]
+    return out
+
+
+def _expand(sig: Mapping[str, Any], strata: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """One signature per stratum for ``per: lineage`` / ``per: cell_type`` signatures.
+
+    A stratified state is scored, called (its own control threshold) and tested within each
+    stratum separately, so a shift in the mix of strata between conditions is not read as a
+    change of state (cytokine and IFN scores differ between lineages at baseline). Strata:
+    the parent's own labels of that field when it lists them (pre-specified), else every label
+    of the field present in the data (``Unassigned`` left out). Names are
+    ``<state>.<stratum slug>``, labels ``<label> (<stratum>)``.
+    """
+    per = sig.get("per")
+    if not per:
+        return [dict(sig)]
+    parent = dict(sig["parent"] or {})
+    values = parent.get(per)
+    if not values:
+        if per not in strata:
+            raise KeyError(
+                f"state {sig['name']!r} is stratified per {per} but the data have no {per} "
+                "labels; run sepsis_sc.annotate.annotate first or pass lineage_key=/cell_type_key="
+            )
+        values = [v for v in strata[per] if v != _UNASSIGNED and "unresolved" not in v]
+    out = []
+    for v in values:
+        e = dict(sig)
+        e.update(name=f"{sig['name']}{STRATUM_SEP}{_slug(v)}", label=f"{sig['label']} ({v})",
+                 parent={per: [v]}, base_state=sig["name"], stratum=str(v), per=None)  # fmt: skip
+        out.append(e)
+    return out
 
 
 def _call_rules(call_rules: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -456,6 +549,8 @@ def _state_row(
     need = max(need, int(np.ceil(min_genes_fraction * n_total)))
     row = {
         "state": s["name"],
+        "base_state": s["base_state"],
+        "stratum": s["stratum"],
         "label": s["label"],
         "parent": _describe(s["parent"]),
         "call_population": _describe(s["call_within"] or s["parent"]) if s["discrete"] else "",
@@ -510,7 +605,9 @@ def _require_reference(
         s["name"]
         for s in to_score
         if s["discrete"]
-        and rules.get(s["name"], rules["default"]).get("method", "control_quantile")
+        and rules.get(s["name"], rules.get(s["base_state"], rules["default"])).get(
+            "method", "control_quantile"
+        )
         == "control_quantile"
     ]
     if need:
@@ -698,7 +795,8 @@ def score_states(
     if not 0 <= min_genes_fraction <= 1:
         raise ValueError(f"min_genes_fraction must be in [0, 1], got {min_genes_fraction}")
     organism = resolve_organism(adata.var_names, organism)
-    sigs = _state_signatures(organism, signatures, states)
+    strata = _strata_present(adata, lineage_key, cell_type_key)
+    sigs = _state_signatures(organism, signatures, states, strata)
     rules = _call_rules(call_rules)
     is_control = _control_cells(adata, control, condition_key)
 
@@ -725,7 +823,7 @@ def score_states(
         col = _write_score(adata, name, scores, parent)
         if s["discrete"]:
             call_pop = _call_population(adata, s, parent, table, lineage_key, cell_type_key)
-            rule = rules.get(name, rules["default"])
+            rule = rules.get(name, rules.get(s["base_state"], rules["default"]))
             _call_state(adata, table, name, col, call_pop, rule, is_control, calls)
 
     params = {

@@ -41,7 +41,7 @@ from sepsis_sc.design import (
     sample_meta,
 )
 from sepsis_sc.resources import load_yaml, resource_path
-from sepsis_sc.score import ucell_scores
+from sepsis_sc.score import base_state, ucell_scores
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,8 @@ def primary_metrics(
 ) -> dict[str, str]:
     """The pre-specified primary sample-level metric of each state.
 
-    From ``primary_metric`` in ``resources/therapy_targets.yaml`` (or ``targets``); a state
+    From ``primary_metric`` in ``resources/therapy_targets.yaml`` (or ``targets``); a
+    stratified state (``cytokine_storm.monocyte``) takes its base state's entry; a state
     without an entry takes ``fraction`` when it has discrete calls, else ``mean_score``. The
     primary metric is fixed before looking at the data: FDR is taken over the primary tests,
     and no other metric replaces it when it is missing (no metric shopping).
@@ -459,7 +460,7 @@ def primary_metrics(
     discrete = discrete or {}
     out = {}
     for s in states:
-        t = targets.get(s, {}) or {}
+        t = targets.get(s) or targets.get(base_state(s)) or {}
         out[s] = str(
             t.get("primary_metric") or ("fraction" if discrete.get(s, False) else "mean_score")
         )
@@ -1011,8 +1012,9 @@ def therapy_targets(
 ) -> pd.DataFrame:
     """Rank the therapeutic ideas behind each state by the evidence in ``effects``.
 
-    For each state with an entry in ``resources/therapy_targets.yaml`` (or ``targets``), the
-    state's **primary** row of ``effects`` (``role == "primary"``: the metric fixed in advance
+    For each state with an entry in ``resources/therapy_targets.yaml`` (or ``targets``; a
+    stratified state such as ``cytokine_storm.monocyte`` uses its base state's entry and gets
+    one row per stratum), the state's **primary** row of ``effects`` (``role == "primary"``: the metric fixed in advance
     by ``primary_metric``, see :func:`primary_metrics`) is classified as ``supported``
     (FDR <= alpha in the target direction), ``opposite`` (FDR <= alpha, other direction),
     ``not significant`` or ``not tested``; when the primary metric could not be computed the
@@ -1039,11 +1041,11 @@ def therapy_targets(
     """
     targets = _load_targets(targets)
     rows = []
-    for state, t in targets.items():
-        sub = effects[effects["state"] == state]
-        if sub.empty:
-            continue
-        rows.append(_target_row(state, t, sub, alpha))
+    bases = effects["state"].map(base_state)
+    for base, t in targets.items():
+        # a stratified state gives one row per stratum (cytokine_storm.monocyte, ...)
+        for state, sub in effects[bases == base].groupby("state", sort=False):
+            rows.append(_target_row(str(state), t, sub, alpha))
     out = pd.DataFrame(rows)
     if out.empty:
         logger.warning("no state in effects has a therapy-target entry")

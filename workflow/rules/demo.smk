@@ -43,6 +43,7 @@ if demo_sample_paths() and TESTED_CONTRASTS:
         params:
             effects=config["demo"]["effects"],
             alpha=config["stats"]["alpha"],
+            min_cells=config["stats"]["min_cells"],
             contrast=first_contrast(),
         script:
             "../scripts/demo_check.py"

@@ -20,7 +20,7 @@ contrast = snakemake.params.contrast
 if snakemake.params.effects:
     table = check_planted_effects(
         effects, composition, alpha=alpha, truth=truth,
-        case=contrast["case"], control=contrast["control"],
+        case=contrast["case"], control=contrast["control"], min_cells=snakemake.params.min_cells,
     )
 else:
     table = pd.DataFrame([null_calibration(
