@@ -12,9 +12,9 @@ dispersion, donors, batches, states and planted effects) and adds what real bloo
   types keep the PBMC model's relative fractions and sepsis shifts. Donor and sample noise
   act on the other types as in the PBMC model (none on the neutrophil share itself), so the
   realised share varies by a few points.
-* **Soup** (ambient RNA) per sample: 55 % the library-weighted mean of the sample's cells,
+* **Soup** (ambient RNA) per sample: 60 % the pooled profile of the sample's cells,
   20 % haemoglobin (lysed erythrocytes: HBB, HBA2, HBA1), 15 % neutrophil granule and
-  myeloid transcripts (S100A8, S100A9, LYZ, S100A12) and 10 % platelet transcripts (PPBP,
+  myeloid transcripts (S100A8, S100A9, LYZ, S100A12) and 5 % platelet transcripts (PPBP,
   PF4); Young & Behjati 2020 (SoupX) show haemoglobin and the highest-expressed myeloid
   genes dominating blood soup. Each droplet gets **additive** Poisson counts from the soup,
   ``soup counts ~ Poisson(N * rho / (1 - rho) * soup)`` where ``N`` is the cell's own count
@@ -61,7 +61,7 @@ BLOOD_SOUP_GENES: dict[str, dict[str, float]] = {
     "platelet": {"PPBP": 0.6, "PF4": 0.4},
 }
 #: weight of each soup component (cells' mean profile, then the extra components)
-_SOUP_WEIGHTS = {"cells": 0.55, "haemoglobin": 0.20, "granule": 0.15, "platelet": 0.10}
+_SOUP_WEIGHTS = {"cells": 0.60, "haemoglobin": 0.20, "granule": 0.15, "platelet": 0.05}
 _NEUTROPHIL_TYPES = ("Mature neutrophil", "Immature neutrophil")
 #: immature share of the neutrophils (left shift in sepsis)
 _IMMATURE_SHARE = {"control": 0.05, "case": 0.25}
@@ -80,7 +80,7 @@ def blood_soup_profile(
         Gene symbols of the columns.
     weights
         Share of each component (``cells``, ``haemoglobin``, ``granule``, ``platelet``);
-        default 55/20/15/10 %. Components whose genes are absent are dropped.
+        default 60/20/15/5 %. Components whose genes are absent are dropped.
 
     Returns
     -------
