@@ -1407,7 +1407,7 @@ def _add_blood_columns(
     empty droplets, ``filtered_pooled`` = pooled cells, ``not_estimated``),
     ``contamination_sets``, ``ambient_corrected``, ``soup_droplets``, ``upper_tail_rule``,
     ``platelet_monocyte`` (aggregates flagged), ``platelet_monocyte_action``, and per
-    first-pass lineage ``n_<lineage>``, ``removed_frac_<lineage>``.
+    first-pass lineage ``lineage_n_<lineage>``, ``lineage_removed_frac_<lineage>``.
     """
     samples = _sample_ids(adata, batch_key)
     lineage = adata.obs["qc_lineage"].astype(str)
@@ -1431,8 +1431,8 @@ def _add_blood_columns(
         }
         for lin in _ambient.LINEAGES:
             in_lin = m & (lineage == lin).to_numpy()
-            row[f"n_{lin}"] = int(in_lin.sum())
-            row[f"removed_frac_{lin}"] = float(removed[in_lin].mean()) if in_lin.any() else np.nan
+            row[f"lineage_n_{lin}"] = int(in_lin.sum())
+            row[f"lineage_removed_frac_{lin}"] = float(removed[in_lin].mean()) if in_lin.any() else np.nan
         extra.append(row)
     return pd.concat([summary.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
 
@@ -2077,6 +2077,9 @@ def merge_samples(
     if not parts:
         raise ValueError("every sample passed to merge_samples is empty; nothing to merge.")
     n_parts = len(parts)
+    if any("soupx_counts" in p.layers for p in parts):  # samples QC'd without it: raw
+        for part in parts:
+            part.layers.setdefault("soupx_counts", part.X.copy())
     merged = ad.concat(parts, join="outer", fill_value=0, merge="first", index_unique=None)
     del parts
     _tidy_merged_obs(merged, batch_key)
@@ -2117,7 +2120,15 @@ def _slim_sample(
         logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, (~keep).sum())
         counts, obs = counts[keep], obs.loc[keep]
     keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
-    return ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy())
+    corrected = a.layers.get("soupx_counts")
+    if corrected is not None:
+        corrected = sparse.csr_matrix(corrected)
+        if drop_outliers and "qc_outlier" in a.obs and a.obs["qc_outlier"].any():
+            corrected = corrected[~a.obs["qc_outlier"].to_numpy(dtype=bool)]
+    out = ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy())
+    if corrected is not None:
+        out.layers["soupx_counts"] = corrected
+    return out
 
 
 def _tidy_merged_obs(merged: ad.AnnData, batch_key: str) -> None:
@@ -2145,8 +2156,8 @@ def _drop_rare_genes(merged: ad.AnnData, min_cells_per_gene: int) -> ad.AnnData:
     return merged
 
 
-def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
-    """Log-normalise: ``X = log1p(counts / total * target_sum)`` from ``layers["counts"]``.
+def normalize(adata: ad.AnnData, *, target_sum: float = 1e4, layer: str = "counts") -> None:
+    """Log-normalise: ``X = log1p(counts / total * target_sum)`` from ``layers[layer]``.
 
     Parameters
     ----------
@@ -2154,6 +2165,10 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
         AnnData with raw counts in ``layers["counts"]`` (created from ``X`` when missing).
     target_sum
         Counts per cell after scaling (1e4: CP10k).
+    layer
+        Counts ``X`` is computed from: ``"counts"`` (raw) or ``"soupx_counts"``
+        (ambient-corrected, config ``qc.downstream_layer``); a missing ``soupx_counts``
+        falls back to the raw counts (logged). Recorded in ``uns["normalization"]``.
 
     Returns
     -------
@@ -2165,7 +2180,14 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
         adata.layers["counts"] = (
             counts.copy() if sparse.issparse(counts) else sparse.csr_matrix(counts)
         )
-    adata.X = sparse.csr_matrix(adata.layers["counts"], dtype=np.float32, copy=True)
+    if layer not in adata.layers:
+        logger.warning("no layers[%r]: X is normalised from the raw counts", layer)
+        layer = "counts"
+    adata.X = sparse.csr_matrix(adata.layers[layer], dtype=np.float32, copy=True)
     adata.uns.pop("log1p", None)
     log_normalise(adata, target_sum=target_sum)
-    adata.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum)}
+    adata.uns["normalization"] = {
+        "method": "log1p_cp",
+        "target_sum": float(target_sum),
+        "layer": layer,
+    }
