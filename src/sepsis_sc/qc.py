@@ -1432,7 +1432,9 @@ def _add_blood_columns(
         for lin in _ambient.LINEAGES:
             in_lin = m & (lineage == lin).to_numpy()
             row[f"lineage_n_{lin}"] = int(in_lin.sum())
-            row[f"lineage_removed_frac_{lin}"] = float(removed[in_lin].mean()) if in_lin.any() else np.nan
+            row[f"lineage_removed_frac_{lin}"] = (
+                float(removed[in_lin].mean()) if in_lin.any() else np.nan
+            )
         extra.append(row)
     return pd.concat([summary.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
 
@@ -1680,6 +1682,8 @@ def flag_platelet_monocyte(
         total = adata.obs["total_counts"].to_numpy(dtype=float)
         samples = _sample_ids(adata, batch_key)
         mono = adata.obs[lineage_key].astype(str).eq("Monocyte").to_numpy()
+        if "soup_droplet" in adata.obs:  # a soup droplet holds no cell at all
+            mono &= ~adata.obs["soup_droplet"].to_numpy(dtype=bool)
         pooled = np.asarray(counts.sum(axis=0), dtype=float).ravel()
         for sample in pd.unique(samples):
             m = (samples == sample).to_numpy()
