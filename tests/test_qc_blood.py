@@ -154,3 +154,15 @@ def test_real_pbmc4k_blood_qc():
     removed = adata.obs.groupby("Annotation", observed=True)["qc_outlier"].mean()
     assert removed.get("MNP", 0) < 0.15
     assert (adata.layers["soupx_counts"] - adata.layers["counts"]).nnz == 0
+
+
+def test_blood_qc_figures(blood, tmp_path):
+    from sepsis_sc.pl import qc as pl_qc
+
+    _, _, summary = blood
+    for p in (
+        pl_qc.removed_by_lineage(summary, tmp_path / "lineage.png"),
+        pl_qc.contamination(summary, tmp_path / "contamination.png"),
+        pl_qc.removed(summary, tmp_path / "removed.png"),
+    ):
+        assert p.exists() and p.stat().st_size > 5000

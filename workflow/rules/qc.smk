@@ -81,6 +81,18 @@ rule qc_figures:
             category="1. Quality control",
             labels={"title": "QC cells kept and removed per sample"},
         ),
+        lineage=report(
+            f"{RESULTS}/qc/figures/qc_lineage_removed.png",
+            caption="../report/qc_lineage_removed.rst",
+            category="1. Quality control",
+            labels={"title": "QC cells removed per lineage and sample"},
+        ),
+        contamination=report(
+            f"{RESULTS}/qc/figures/qc_contamination.png",
+            caption="../report/qc_contamination.rst",
+            category="1. Quality control",
+            labels={"title": "Ambient RNA contamination per sample"},
+        ),
     log:
         f"{LOGS}/qc_figures.log",
     benchmark:
