@@ -28,7 +28,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_counts",
+    "read_raw_droplets",
     "ingest_sample",
     "ensure_symbols",
     "write_10x_h5",
@@ -56,7 +57,7 @@ FORMATS = ("10x_h5", "mtx", "h5ad", "table")
 #: sample-sheet columns that describe where the data come from, not the sample itself;
 #: they are not copied into ``obs``.
 _SHEET_COLUMNS_NOT_IN_OBS = frozenset(
-    {"path", "url", "urls", "checksum", "md5", "sha256", "format", "fmt"}
+    {"path", "url", "urls", "checksum", "md5", "sha256", "format", "fmt", "raw_path"}
 )
 
 #: symbol columns that may hold gene symbols when ``var_names`` are Ensembl IDs.
@@ -522,6 +523,40 @@ def ingest_sample(
         org,
     )
     return adata
+
+
+def read_raw_droplets(path: str | Path, sample_id: str, var_names: Sequence[str]) -> ad.AnnData:
+    """Read a sample's raw (unfiltered) droplet matrix, symbols matched to ``var_names``.
+
+    Any format of :func:`read_counts` (Cell Ranger ``raw_feature_bc_matrix.h5``, an MTX
+    folder, ``.h5ad``). Genes are aligned to the filtered matrix's ``var_names``
+    (absent genes are zero); the ambient-RNA step (:mod:`sepsis_sc.ambient`) estimates the
+    soup from its low-UMI droplets.
+    """
+    try:
+        raw = read_counts(path)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise type(err)(f"sample {sample_id}: raw_path: {err}") from err
+    raw.uns.pop("ingest_format", None)
+    ensure_symbols(raw, sample_id)
+    if not raw.var_names.is_unique:
+        raw.var_names_make_unique()
+    check_counts(raw, sample_id=sample_id, source=f"raw_path {path}")
+    cols = raw.var_names.get_indexer(pd.Index(list(var_names)))
+    x = sp.csr_matrix(raw.X)
+    aligned = sp.csr_matrix((x.shape[0], len(cols)), dtype=np.float32)
+    if (cols >= 0).any():
+        sel = np.flatnonzero(cols >= 0)
+        aligned = sp.hstack(
+            [x[:, cols[sel]], sp.csr_matrix((x.shape[0], len(cols) - sel.size))], format="csr"
+        )
+        order = np.concatenate([sel, np.flatnonzero(cols < 0)])
+        aligned = aligned[:, np.argsort(order)]
+    return ad.AnnData(
+        X=sp.csr_matrix(aligned, dtype=np.float32),
+        obs=pd.DataFrame(index=raw.obs_names.copy()),
+        var=pd.DataFrame(index=pd.Index(list(var_names))),
+    )
 
 
 def _read_sample(

@@ -73,6 +73,7 @@ import scanpy as sc
 from scipy import sparse, stats
 from scipy.ndimage import uniform_filter1d
 
+from sepsis_sc import ambient as _ambient
 from sepsis_sc.data import get_counts, log_normalise, resolve_organism
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ __all__ = [
     "expected_doublet_rate",
     "detect_doublets",
     "rescue_low_rna_immune",
+    "lineage_upper_flags",
+    "flag_platelet_monocyte",
+    "DOUBLET_RATE_PER_1000",
     "QCParams",
     "run_qc",
     "filter_cells_qc",
@@ -124,7 +128,9 @@ RESCUE_MARKERS: dict[str, dict[str, list[str]]] = {
 
 #: removal reasons in the order used to attribute a cell to one reason in bar charts
 QC_REASONS: tuple[str, ...] = (
+    "ambient_droplet",
     "doublet",
+    "platelet_monocyte",
     "high_mt",
     "low_counts",
     "low_genes",
@@ -290,6 +296,7 @@ def adaptive_thresholds(
     max_genes: float | None = None,
     max_pct_mt: float | None = None,
     mt_threshold_floor: float | None = 8.0,
+    upper: bool = True,
 ) -> pd.DataFrame:
     """Per-sample outlier thresholds: median ± k·MAD, tightened by optional hard limits.
 
@@ -325,6 +332,12 @@ def adaptive_thresholds(
         monocytes, whose healthy mitochondrial fraction is 4-7 %: a cell-type bias that
         Heumos et al. 2023 warn about. 8 % is the fixed cut-off of their tutorial, used
         here as a lower bound on the adaptive threshold. ``None`` = purely adaptive.
+    upper
+        Give count and gene metrics an adaptive upper threshold too (``False``: lower side
+        only; hard ``max_counts`` / ``max_genes`` still apply). A sample-wide upper cut
+        depends on the cell mix: in a sample of 80 % low-UMI neutrophils it falls near
+        6,000 UMIs and removes healthy monocytes and plasmablasts (``docs/qc.md``), so
+        :func:`run_qc` replaces it by per-lineage cuts (``upper_tail="lineage"``).
 
     Returns
     -------
@@ -350,7 +363,7 @@ def adaptive_thresholds(
     for sample in pd.unique(samples):
         mask = (samples == sample).to_numpy()
         rows[str(sample)] = _sample_threshold_row(
-            adata.obs, sample, mask, nmads, hard, mt_threshold_floor
+            adata.obs, sample, mask, nmads, hard, mt_threshold_floor, upper=upper
         )
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "sample_id"
@@ -383,6 +396,8 @@ def _sample_threshold_row(
     nmads: Mapping[str, float],
     hard: Mapping[str, float | None],
     mt_threshold_floor: float | None,
+    *,
+    upper: bool = True,
 ) -> dict[str, float]:
     """One sample's row of :func:`adaptive_thresholds`: MAD statistics per metric, then the
     effective thresholds in natural units."""
@@ -400,8 +415,10 @@ def _sample_threshold_row(
     }
     for metric, k in nmads.items():
         values = obs[metric].to_numpy(dtype=float)[mask]
-        lower, upper = _mad_bounds(values, metric, k, sample, row)
-        _tighten_adaptive(effective, metric, lower, upper)
+        lo, up = _mad_bounds(values, metric, k, sample, row)
+        if not upper and not metric.startswith("pct_"):
+            up = np.nan
+        _tighten_adaptive(effective, metric, lo, up)
     _apply_hard_limits(effective, hard, mt_threshold_floor)
     row.update(effective)
     return row
@@ -541,8 +558,16 @@ def flag_outliers(
 # --------------------------------------------------------------------------------------
 
 
-def expected_doublet_rate(n_cells: int, cells_loaded: float | None = None) -> float:
-    """10x rule of thumb: about 0.8 % multiplets per 1,000 cells recovered.
+#: multiplet rate per 1,000 cells recovered, by 10x chemistry (sheet column ``chemistry``):
+#: 3' v2 and v3/v3.1 user guides ~0.8 % per 1,000 cells; the HT (high-throughput, v3.1 HT)
+#: guide ~0.8 % per 2,000 cells, i.e. 0.4 % per 1,000
+DOUBLET_RATE_PER_1000: dict[str, float] = {"v2": 0.008, "v3": 0.008, "v3.1": 0.008, "HT": 0.004}
+
+
+def expected_doublet_rate(
+    n_cells: int, cells_loaded: float | None = None, chemistry: str | None = None
+) -> float:
+    """10x rule of thumb: about 0.8 % multiplets per 1,000 cells recovered (0.4 % for HT).
 
     Parameters
     ----------
@@ -551,16 +576,29 @@ def expected_doublet_rate(n_cells: int, cells_loaded: float | None = None) -> fl
     cells_loaded
         Cells loaded on the chip, when the sample sheet has it; recovery is about
         1,000 of 1,650 loaded (10x Chromium 3' v3.1 user guide), so the rate becomes
-        ``0.008 * cells_loaded / 1650``.
+        ``rate_per_1000 * cells_loaded / 1650``.
+    chemistry
+        ``"v2"``, ``"v3"``, ``"v3.1"`` or ``"HT"`` (:data:`DOUBLET_RATE_PER_1000`); ``None``
+        or empty: 0.8 % per 1,000.
 
     Returns
     -------
     The expected doublet fraction, clipped to [0.001, 0.5].
     """
+    per_1000 = 0.008
+    if chemistry not in (None, "") and not (isinstance(chemistry, float) and np.isnan(chemistry)):
+        key = str(chemistry).strip()
+        match = {k.lower(): v for k, v in DOUBLET_RATE_PER_1000.items()}.get(key.lower())
+        if match is None:
+            raise ValueError(
+                f"unknown chemistry {chemistry!r}; use one of {sorted(DOUBLET_RATE_PER_1000)} "
+                "or leave the sheet's 'chemistry' column empty."
+            )
+        per_1000 = match
     if cells_loaded is not None and np.isfinite(cells_loaded) and cells_loaded > 0:
-        rate = 0.008 * float(cells_loaded) / 1650.0
+        rate = per_1000 * float(cells_loaded) / 1650.0
     else:
-        rate = 0.008 * float(n_cells) / 1000.0
+        rate = per_1000 * float(n_cells) / 1000.0
     return float(np.clip(rate, 0.001, 0.5))
 
 
@@ -825,6 +863,7 @@ def rescue_low_rna_immune(
     min_markers: int = 3,
     min_enrichment: float = 2.0,
     alpha: float = 1e-3,
+    soup: pd.Series | Mapping[str, pd.Series] | None = None,
 ) -> pd.Series:
     """Keep low-RNA immune cells (e.g. low-density neutrophils) that only fail low counts/genes.
 
@@ -859,6 +898,12 @@ def rescue_low_rna_immune(
         Fold enrichment of the marker UMI fraction over the sample's passing cells.
     alpha
         Significance level of the one-sided binomial enrichment test.
+    soup
+        The estimated soup profile (:func:`sepsis_sc.ambient.estimate_soup`; one Series over
+        ``var_names``, or a mapping sample -> Series). When given, the enrichment is tested
+        against the soup's fraction of the set instead of the pooled passing cells: a droplet
+        of soup carries the soup's share of S100A8/A9 or PPBP, which in blood can exceed the
+        average cell's, so only the soup is the right null for "this droplet holds a cell".
 
     Returns
     -------
@@ -883,6 +928,12 @@ def rescue_low_rna_immune(
         n_detected = np.asarray((sub > 0).sum(axis=1)).ravel()
         for sample in pd.unique(samples):
             in_sample = (samples == sample).to_numpy()
+            s_profile = soup.get(sample) if isinstance(soup, Mapping) else soup
+            p_soup = (
+                None
+                if s_profile is None
+                else float(s_profile.reindex(var_index[cols]).fillna(0.0).sum())
+            )
             hit = _rescue_in_sample(
                 cells,
                 k,
@@ -895,6 +946,7 @@ def rescue_low_rna_immune(
                 min_enrichment=min_enrichment,
                 alpha=alpha,
                 label=(sample, set_name),
+                p_soup=p_soup,
             )
             rescued[hit] = True
     _mark_rescued(adata, rescued)
@@ -975,16 +1027,21 @@ def _rescue_in_sample(
     min_enrichment: float,
     alpha: float,
     label: tuple[str, str],
+    p_soup: float | None = None,
 ) -> np.ndarray:
     """Indices of the sample's cells rescued by one marker set (``k`` set UMIs and
     ``n_detected`` set genes per cell): candidates that fail only low counts/genes, are no
     doublets, have low mito and enough UMIs/genes/markers, and are enriched for the set
-    over the pooled fraction of the sample's passing cells (binomial test)."""
-    ref = in_sample & cells.passing
-    if not ref.any():
-        ref = in_sample
-    p0 = float(k[ref].sum() / max(cells.total[ref].sum(), 1.0))
-    p0 = max(p0, 1e-6)
+    over the pooled fraction of the sample's passing cells (binomial test), or over the
+    soup's fraction ``p_soup`` when the soup was estimated."""
+    if p_soup is not None:
+        p0 = max(float(p_soup), 1e-6)
+    else:
+        ref = in_sample & cells.passing
+        if not ref.any():
+            ref = in_sample
+        p0 = float(k[ref].sum() / max(cells.total[ref].sum(), 1.0))
+        p0 = max(p0, 1e-6)
     if max_pct_mt is None:
         mt_in = cells.pct_mt[in_sample]
         mt_cap = float(np.nanmedian(mt_in) + 2 * _mad(mt_in))
@@ -1007,8 +1064,7 @@ def _rescue_in_sample(
     ok = (frac >= min_enrichment * p0) & (pval < alpha)
     hit = np.flatnonzero(cand)[ok]
     logger.info(
-        "sample %s: rescued %d low-RNA cells with %r markers (pooled fraction %.4f, "
-        "mito cap %.2f%%)",
+        "sample %s: rescued %d low-RNA cells with %r markers (null fraction %.4f, mito cap %.2f%%)",
         label[0],
         hit.size,
         label[1],
@@ -1076,6 +1132,24 @@ class QCParams:
     rescue_markers, rescue_max_pct_mt, rescue_min_counts, rescue_min_genes, \
 rescue_min_markers, rescue_min_enrichment, rescue_alpha
         Parameters of :func:`rescue_low_rna_immune` (without the ``rescue_`` prefix).
+    upper_tail
+        Upper count / gene cut: ``"lineage"`` (k MADs within each first-pass lineage of a
+        sample, :func:`lineage_upper_flags`), ``"sample"`` (k MADs over the whole sample,
+        the old rule, which depends on the cell mix) or ``"none"``.
+    ambient
+        ``"auto"``: estimate the soup (SoupX from raw droplets when given, else the pooled
+        cells) and the contamination per sample; ``"none"``: skip.
+    ambient_without_raw
+        Without raw droplets: ``"report"`` the estimate only (``layers["soupx_counts"]`` =
+        raw counts) or ``"correct"`` with the pooled-cell soup anyway.
+    soup_max_counts
+        Raw droplets with fewer UMIs are soup (SoupX ``soupRange``).
+    flag_soup_droplets
+        Remove droplets better explained by the soup than by any lineage (reason
+        ``ambient_droplet``); only with a soup from raw droplets.
+    platelet_monocyte
+        Platelet-monocyte aggregates (``doublet_type == "platelet_monocyte"``): ``"flag"``
+        (kept) or ``"remove"`` (reason ``platelet_monocyte``).
     """
 
     nmads: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_NMADS))
@@ -1097,6 +1171,12 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
     rescue_min_markers: int = 3
     rescue_min_enrichment: float = 2.0
     rescue_alpha: float = 1e-3
+    upper_tail: Literal["lineage", "sample", "none"] = "lineage"
+    ambient: Literal["auto", "none"] = "auto"
+    ambient_without_raw: Literal["report", "correct"] = "report"
+    soup_max_counts: float = 100.0
+    flag_soup_droplets: bool = True
+    platelet_monocyte: Literal["flag", "remove"] = "flag"
 
     def __post_init__(self) -> None:
         nmads = DEFAULT_NMADS if self.nmads is None else self.nmads
@@ -1106,7 +1186,13 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
     _CONFIG_NAMES: ClassVar[dict[str, str]] = {"rescue_low_rna_immune": "rescue"}
     #: ``qc`` config keys that belong to other steps (merge, run_qc's ``on_empty``)
     _NOT_PARAMS: ClassVar[frozenset[str]] = frozenset(
-        {"min_cells_per_gene", "on_empty", "min_cells_per_sample", "on_small_sample"}
+        {
+            "min_cells_per_gene",
+            "on_empty",
+            "min_cells_per_sample",
+            "on_small_sample",
+            "downstream_layer",
+        }
     )
     _NMADS_KEYS: ClassVar[dict[str, str]] = {
         "nmads_counts": "log1p_total_counts",
@@ -1167,13 +1253,20 @@ def run_qc(
     cells_loaded: float | Mapping[str, float] | None = None,
     seed: int = 0,
     on_empty: Literal["error", "drop"] = "error",
+    raw: ad.AnnData | Mapping[str, ad.AnnData] | None = None,
+    chemistry: str | Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Full QC of one sample (or of each sample in ``obs[batch_key]``), annotating in place.
 
-    Steps: :func:`qc_metrics` → :func:`adaptive_thresholds` → :func:`flag_outliers` →
-    :func:`detect_doublets` → :func:`rescue_low_rna_immune`. Cells are not removed here;
-    use :func:`filter_cells_qc` for the filtered copy.
+    Steps: :func:`qc_metrics` → first-pass lineage
+    (:func:`sepsis_sc.ambient.first_pass_lineage`) → soup profile and soup-only droplets
+    (:mod:`sepsis_sc.ambient`) → :func:`adaptive_thresholds` (lower side, mito) and
+    :func:`flag_outliers` → upper tail per lineage (:func:`lineage_upper_flags`) →
+    contamination → :func:`detect_doublets` on the cells that passed so far, and
+    platelet-monocyte aggregates (:func:`flag_platelet_monocyte`) →
+    :func:`rescue_low_rna_immune` against the soup → SoupX correction into
+    ``layers["soupx_counts"]``. Cells are not removed here; use :func:`filter_cells_qc`.
 
     Parameters
     ----------
@@ -1199,6 +1292,12 @@ def run_qc(
         What to do when a sample has no cell left: ``"error"`` raises ``ValueError`` naming
         the sample and the thresholds; ``"drop"`` logs a warning and marks the summary row
         ``empty = True``.
+    raw
+        The raw (unfiltered) droplet matrix of the sample (or a mapping sample -> matrix),
+        for the SoupX soup profile; ``None``: the soup is the pooled cells' profile.
+    chemistry
+        10x chemistry (``v2``, ``v3``, ``v3.1``, ``HT``; one value or per sample) for the
+        expected doublet rate; ``None`` reads ``obs["chemistry"]`` when present.
     **overrides
         Any :class:`QCParams` field by name (``nmads``, ``min_counts``, ``max_counts``,
         ``min_genes``, ``max_genes``, ``max_pct_mt``, ``mt_threshold_floor``,
@@ -1229,21 +1328,115 @@ def run_qc(
     _resolve_sample(adata, sample_id, batch_key)
     organism = qc_metrics(adata, organism)  # validates integer counts
     _ensure_counts_layer(adata)
+    _ambient.first_pass_lineage(adata)
+    soups = _soup_step(adata, p, batch_key=batch_key, raw=raw)
     thresholds = _sample_thresholds(adata, p, batch_key)
     flag_outliers(adata, thresholds, batch_key=batch_key)
+    _add_reason(adata, adata.obs["soup_droplet"].to_numpy(dtype=bool), "ambient_droplet")
+    upper = _upper_tail_step(adata, p, batch_key=batch_key)
+    _contamination_step(adata, soups, batch_key=batch_key)
     doublets = _doublet_step(
-        adata, p, thresholds.index, batch_key=batch_key, cells_loaded=cells_loaded, seed=seed
+        adata, p, thresholds.index, batch_key=batch_key, cells_loaded=cells_loaded,
+        chemistry=chemistry, seed=seed,
+    )  # fmt: skip
+    flag_platelet_monocyte(adata, soups, batch_key=batch_key)
+    _rescue_step(adata, p, batch_key=batch_key, organism=organism, soups=soups)
+    _finalise_reasons(
+        adata, remove_doublets=p.remove_doublets, platelet_monocyte=p.platelet_monocyte
     )
-    _rescue_step(adata, p, batch_key=batch_key, organism=organism)
-    _finalise_reasons(adata, remove_doublets=p.remove_doublets)
+    _correction_step(adata, p, soups, batch_key=batch_key, seed=seed)
     summary = _summarise(adata, thresholds, doublets, batch_key, organism)
+    summary = _add_blood_columns(summary, adata, soups, upper, p, batch_key=batch_key)
     adata.uns["qc"] = {
         "params": _params_record(p, organism=organism, seed=seed),
         "thresholds": thresholds.reset_index(),
+        "upper_tail": upper,
         "summary": summary.copy(),
     }
     _handle_empty_samples(summary, thresholds, on_empty=on_empty)
     return summary
+
+
+def _correction_step(
+    adata: ad.AnnData,
+    p: QCParams,
+    soups: dict[str, dict[str, Any]],
+    *,
+    batch_key: str,
+    seed: int,
+) -> None:
+    """SoupX subtraction per sample into ``layers["soupx_counts"]`` (integers); samples not
+    corrected (no estimate, or no raw droplets with ``ambient_without_raw="report"``) get
+    their raw counts there, so the layer always exists."""
+    samples = _sample_ids(adata, batch_key)
+    counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
+    blocks, order = [], []
+    for sample, info in soups.items():
+        idx = np.flatnonzero((samples == sample).to_numpy())
+        rho = info.get("rho", np.nan)
+        use = info["soup"] is not None and np.isfinite(rho) and rho > 0
+        use = use and (info["source"] == "raw" or p.ambient_without_raw == "correct")
+        info["corrected"] = bool(use)
+        if use:
+            sub = _sample_sub(adata, idx, ["qc_lineage"])
+            _ambient.correct_counts(sub, info["soup"], rho, seed=seed)
+            blocks.append(sub.layers["soupx_counts"])
+        else:
+            blocks.append(counts[idx])
+        order.append(idx)
+    if not blocks:
+        adata.layers["soupx_counts"] = counts.copy()
+        return
+    stacked = sparse.vstack(blocks, format="csr")
+    inverse = np.argsort(np.concatenate(order))
+    adata.layers["soupx_counts"] = sparse.csr_matrix(stacked[inverse], dtype=np.float32)
+
+
+def _add_blood_columns(
+    summary: pd.DataFrame,
+    adata: ad.AnnData,
+    soups: Mapping[str, Mapping[str, Any]],
+    upper: pd.DataFrame,
+    p: QCParams,
+    *,
+    batch_key: str,
+) -> pd.DataFrame:
+    """Ambient, upper-tail, aggregate and per-lineage columns of the QC summary.
+
+    ``contamination`` (NaN = not estimated), ``contamination_source`` (``raw`` = SoupX on
+    empty droplets, ``filtered_pooled`` = pooled cells, ``not_estimated``),
+    ``contamination_sets``, ``ambient_corrected``, ``soup_droplets``, ``upper_tail_rule``,
+    ``platelet_monocyte`` (aggregates flagged), ``platelet_monocyte_action``, and per
+    first-pass lineage ``lineage_n_<lineage>``, ``lineage_removed_frac_<lineage>``.
+    """
+    samples = _sample_ids(adata, batch_key)
+    lineage = adata.obs["qc_lineage"].astype(str)
+    removed = adata.obs["qc_outlier"].to_numpy(dtype=bool)
+    pm = adata.obs["doublet_type"].astype(str).eq("platelet_monocyte").to_numpy()
+    extra = []
+    for sample in summary["sample_id"]:
+        m = (samples == sample).to_numpy()
+        info = soups.get(sample, {})
+        row: dict[str, Any] = {
+            "contamination": float(info.get("rho", np.nan)),
+            "contamination_source": info.get("source", "not_estimated")
+            if np.isfinite(info.get("rho", np.nan))
+            else "not_estimated",
+            "contamination_sets": info.get("sets", ""),
+            "ambient_corrected": bool(info.get("corrected", False)),
+            "soup_droplets": int(adata.obs["soup_droplet"].to_numpy(dtype=bool)[m].sum()),
+            "upper_tail_rule": p.upper_tail,
+            "platelet_monocyte": int(pm[m].sum()),
+            "platelet_monocyte_action": p.platelet_monocyte,
+        }
+        for lin in _ambient.LINEAGES:
+            in_lin = m & (lineage == lin).to_numpy()
+            row[f"lineage_n_{lin}"] = int(in_lin.sum())
+            row[f"lineage_removed_frac_{lin}"] = (
+                float(removed[in_lin].mean()) if in_lin.any() else np.nan
+            )
+        extra.append(row)
+    return pd.concat([summary.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
 
 
 def _check_run_qc_args(
@@ -1254,6 +1447,15 @@ def _check_run_qc_args(
         raise ValueError(f"on_empty must be 'error' or 'drop', not {on_empty!r}.")
     if p.doublet_method not in ("scrublet", "none"):
         raise ValueError(f"doublet_method must be 'scrublet' or 'none', not {p.doublet_method!r}.")
+    choices = {
+        "upper_tail": ("lineage", "sample", "none"),
+        "ambient": ("auto", "none"),
+        "ambient_without_raw": ("report", "correct"),
+        "platelet_monocyte": ("flag", "remove"),
+    }
+    for name, allowed in choices.items():
+        if getattr(p, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {getattr(p, name)!r}.")
     if adata.n_obs == 0:
         raise ValueError(f"sample {sample_id or ''} has no cells before QC; check the input.")
 
@@ -1278,7 +1480,232 @@ def _sample_thresholds(adata: ad.AnnData, p: QCParams, batch_key: str) -> pd.Dat
         max_genes=p.max_genes,
         max_pct_mt=p.max_pct_mt,
         mt_threshold_floor=p.mt_threshold_floor,
+        upper=p.upper_tail == "sample",
     )
+
+
+def _sample_sub(adata: ad.AnnData, idx: np.ndarray, cols: Sequence[str]) -> ad.AnnData:
+    """A light AnnData of the cells ``idx``: raw counts in ``X`` and the ``obs`` columns."""
+    counts = sparse.csr_matrix(get_counts(adata, check=False)[0])[idx]
+    keep = [c for c in cols if c in adata.obs]
+    return ad.AnnData(
+        X=counts,
+        obs=adata.obs.iloc[idx][keep].copy(),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+
+
+def _raw_for(raw: ad.AnnData | Mapping[str, ad.AnnData] | None, sample: str, n_samples: int):
+    if raw is None:
+        return None
+    if isinstance(raw, Mapping):
+        return raw.get(sample)
+    if n_samples > 1:
+        raise ValueError("pass raw as a mapping {sample_id: raw AnnData} for several samples.")
+    return raw
+
+
+def _soup_step(
+    adata: ad.AnnData,
+    p: QCParams,
+    *,
+    batch_key: str,
+    raw: ad.AnnData | Mapping[str, ad.AnnData] | None,
+) -> dict[str, dict[str, Any]]:
+    """Soup profile per sample and (raw soup only) the soup-only droplets.
+
+    Returns ``{sample: {"soup": Series or None, "source": str, ...}}`` and writes
+    ``obs["soup_droplet"]`` and ``obs["soup_loglik_ratio"]``.
+    """
+    samples = _sample_ids(adata, batch_key)
+    adata.obs["soup_droplet"] = False
+    adata.obs["soup_loglik_ratio"] = np.nan
+    out: dict[str, dict[str, Any]] = {}
+    uniq = pd.unique(samples)
+    for sample in uniq:
+        idx = np.flatnonzero((samples == sample).to_numpy())
+        if p.ambient == "none":
+            out[sample] = {"soup": None, "source": "not_estimated"}
+            continue
+        sub = _sample_sub(adata, idx, ["qc_lineage"])
+        soup, source = _ambient.estimate_soup(
+            sub, _raw_for(raw, sample, len(uniq)), soup_max_counts=p.soup_max_counts
+        )
+        out[sample] = {"soup": soup, "source": source}
+        if source == "raw" and p.flag_soup_droplets:
+            flag = _ambient.flag_soup_droplets(sub, soup)
+            col = adata.obs.columns.get_loc("soup_droplet")
+            adata.obs.iloc[idx, col] = flag
+            col = adata.obs.columns.get_loc("soup_loglik_ratio")
+            adata.obs.iloc[idx, col] = sub.obs["soup_loglik_ratio"].to_numpy()
+    return out
+
+
+def _add_reason(adata: ad.AnnData, mask: np.ndarray, reason: str) -> None:
+    """Append ``reason`` to ``qc_reason`` of the cells in ``mask``."""
+    if not mask.any():
+        return
+    reasons = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
+    for i in np.flatnonzero(mask):
+        reasons[i] = reason if reasons[i] == "pass" else f"{reasons[i]};{reason}"
+    adata.obs["qc_reason"] = reasons
+    adata.obs["qc_outlier"] = adata.obs["qc_reason"].ne("pass").to_numpy()
+
+
+def lineage_upper_flags(
+    adata: ad.AnnData,
+    *,
+    batch_key: str = "sample_id",
+    lineage_key: str = "qc_lineage",
+    nmads: Mapping[str, float] | None = None,
+    min_cells: int = 30,
+) -> pd.DataFrame:
+    """Upper count / gene cuts per (sample, first-pass lineage): median + k MADs of log values.
+
+    A sample-wide upper cut moves with the cell mix (neutrophils carry ~1,000 UMIs,
+    monocytes ~4,500, plasmablasts ~8,000): in an 80 %-neutrophil sample it removes most
+    plasmablasts. Within a lineage the distribution does not depend on the mix. Statistics
+    use the cells that passed the lower and mitochondrial filters; lineages with fewer than
+    ``min_cells`` such cells in a sample get no upper cut (logged in the table).
+
+    Returns
+    -------
+    One row per (sample, lineage): ``n_cells``, ``max_counts``, ``max_genes`` (NaN = no cut),
+    ``flagged_high_counts``, ``flagged_high_genes``. Appends ``high_counts`` /
+    ``high_genes`` to ``obs["qc_reason"]``.
+    """
+    nmads = dict(DEFAULT_NMADS if nmads is None else nmads)
+    samples = _sample_ids(adata, batch_key)
+    lineage = adata.obs[lineage_key].astype(str)
+    passing = adata.obs["qc_reason"].astype(str).eq("pass").to_numpy()
+    metrics = {
+        "counts": ("log1p_total_counts", "total_counts"),
+        "genes": ("log1p_n_genes_by_counts", "n_genes_by_counts"),
+    }
+    flags = {stem: np.zeros(adata.n_obs, dtype=bool) for stem in metrics}
+    rows = []
+    for (sample, lin), grp in pd.DataFrame({"s": samples, "l": lineage}).groupby(
+        ["s", "l"], sort=True, observed=True
+    ):
+        members = adata.obs_names.get_indexer(grp.index)
+        ref = members[passing[members]]
+        row: dict[str, Any] = {"sample_id": sample, "lineage": lin, "n_cells": int(members.size)}
+        for stem, (log_col, nat_col) in metrics.items():
+            row[f"max_{stem}"] = np.nan
+            row[f"flagged_high_{stem}"] = 0
+            k = nmads.get(log_col)
+            if k is None or ref.size < min_cells:
+                continue
+            vals = adata.obs[log_col].to_numpy(dtype=float)[ref]
+            mad = _mad(vals)
+            if mad == 0:
+                continue
+            cut = float(np.expm1(np.median(vals) + k * mad))
+            bad = adata.obs[nat_col].to_numpy(dtype=float)[members] > cut
+            flags[stem][members[bad]] = True
+            row[f"max_{stem}"] = cut
+            row[f"flagged_high_{stem}"] = int(bad.sum())
+        rows.append(row)
+    for stem, mask in flags.items():
+        _add_reason(adata, mask, f"high_{stem}")
+    return pd.DataFrame(rows)
+
+
+def _upper_tail_step(adata: ad.AnnData, p: QCParams, *, batch_key: str) -> pd.DataFrame:
+    """The per-lineage upper cuts (``upper_tail="lineage"``), else an empty table."""
+    if p.upper_tail == "lineage":
+        return lineage_upper_flags(adata, batch_key=batch_key, nmads=p.nmads)
+    return pd.DataFrame(
+        columns=["sample_id", "lineage", "n_cells", "max_counts", "max_genes",
+                 "flagged_high_counts", "flagged_high_genes"]
+    )  # fmt: skip
+
+
+def _contamination_step(
+    adata: ad.AnnData, soups: dict[str, dict[str, Any]], *, batch_key: str
+) -> None:
+    """SoupX contamination per sample, from the cells that passed so far (no soup droplets,
+    no damaged cells); stored in ``soups[sample]``."""
+    samples = _sample_ids(adata, batch_key)
+    passing = adata.obs["qc_reason"].astype(str).eq("pass").to_numpy()
+    for sample, info in soups.items():
+        info.update(rho=np.nan, sets="", n_cells_used=0)
+        if info["soup"] is None:
+            continue
+        idx = np.flatnonzero((samples == sample).to_numpy())
+        sub = _sample_sub(adata, idx, ["qc_lineage"])
+        est = _ambient.estimate_contamination(
+            sub, info["soup"], source=info["source"], cells=passing[idx]
+        )
+        info.update(rho=est["rho"], sets=",".join(est["sets"]), n_cells_used=est["n_cells_used"])
+
+
+#: platelet genes for the platelet-monocyte aggregate call (biology reference §1.2)
+PLATELET_GENES: dict[str, list[str]] = {
+    "human": ["PPBP", "PF4", "GP9", "ITGA2B", "TUBB1", "GNG11", "NRGN", "CAVIN2"],
+    "mouse": ["Ppbp", "Pf4", "Itga2b", "Gp9", "Gp1bb", "Tubb1"],
+}
+
+
+def flag_platelet_monocyte(
+    adata: ad.AnnData,
+    soups: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    batch_key: str = "sample_id",
+    lineage_key: str = "qc_lineage",
+    min_excess: float = 10.0,
+    min_genes: int = 2,
+    alpha: float = 1e-4,
+    rho_unknown: float = 0.2,
+) -> np.ndarray:
+    """Platelet-monocyte aggregates: monocytes carrying platelet RNA beyond the soup's.
+
+    A droplet labelled ``Monocyte`` by the first-pass lineage is an aggregate when its
+    platelet-gene UMIs (:data:`PLATELET_GENES`) exceed what its contamination brings
+    (``rho x UMIs x soup fraction of the set``; ``rho_unknown`` = 0.2, a high contamination,
+    when rho was not estimated) by at least ``min_excess`` UMIs with a one-sided Poisson
+    p-value below ``alpha``, with at least ``min_genes`` platelet genes detected. Aggregates
+    rise in sepsis (Rondina 2015; Qiu 2021) and are biology, so they are their own category
+    (``obs["doublet_type"] = "platelet_monocyte"``), kept or removed by the config.
+
+    Returns the mask and writes ``obs["doublet_type"]`` (``"platelet_monocyte"``,
+    ``"heterotypic"`` for other predicted doublets, ``""``).
+    """
+    counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
+    index = pd.Index(adata.var_names.astype(str))
+    genes = [g for gl in PLATELET_GENES.values() for g in gl if g in index]
+    pm = np.zeros(adata.n_obs, dtype=bool)
+    if genes:
+        cols = index.get_indexer(genes)
+        k = np.asarray(counts[:, cols].sum(axis=1)).ravel()
+        n_det = np.asarray((counts[:, cols] > 0).sum(axis=1)).ravel()
+        total = adata.obs["total_counts"].to_numpy(dtype=float)
+        samples = _sample_ids(adata, batch_key)
+        mono = adata.obs[lineage_key].astype(str).eq("Monocyte").to_numpy()
+        if "soup_droplet" in adata.obs:  # a soup droplet holds no cell at all
+            mono &= ~adata.obs["soup_droplet"].to_numpy(dtype=bool)
+        pooled = np.asarray(counts.sum(axis=0), dtype=float).ravel()
+        for sample in pd.unique(samples):
+            m = (samples == sample).to_numpy()
+            info = (soups or {}).get(sample, {})
+            soup = info.get("soup")
+            frac = (
+                float(soup.reindex(genes).fillna(0).sum())
+                if soup is not None
+                else float(pooled[cols].sum() / max(pooled.sum(), 1))
+            )
+            rho = info.get("rho", np.nan)
+            rho = float(rho) if rho is not None and np.isfinite(rho) else rho_unknown
+            mu = np.maximum(rho * total * frac, 1e-3)
+            pval = stats.poisson.sf(k - 1, mu)
+            pm |= m & mono & (k - mu >= min_excess) & (pval < alpha) & (n_det >= min_genes)
+    dtype = np.full(adata.n_obs, "", dtype=object)
+    if "predicted_doublet" in adata.obs:
+        dtype[adata.obs["predicted_doublet"].to_numpy(dtype=bool)] = "heterotypic"
+    dtype[pm] = "platelet_monocyte"
+    adata.obs["doublet_type"] = dtype
+    logger.info("%d platelet-monocyte aggregates flagged", pm.sum())
+    return pm
 
 
 def _doublet_step(
@@ -1289,28 +1716,60 @@ def _doublet_step(
     batch_key: str,
     cells_loaded: float | Mapping[str, float] | None,
     seed: int,
+    chemistry: str | Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Scrublet per sample, or (``doublet_method="none"``) no scores and no doublets.
+    """Scrublet per sample on the cells that passed the filters so far, or
+    (``doublet_method="none"``) no scores and no doublets.
 
+    Damaged cells and soup droplets would enter Scrublet's simulated doublets and its kNN
+    graph as if they were cells, so they are left out; the expected rate still comes from
+    all barcodes recovered (and the chemistry), since it is a property of the loading.
     Returns the per-sample doublet table (NaN rate and threshold when not scored).
     """
-    if p.doublet_method == "scrublet":
-        return detect_doublets(
-            adata,
-            batch_key=batch_key,
-            expected_rate=p.expected_doublet_rate,
-            cells_loaded=cells_loaded,
-            threshold=p.doublet_threshold,
-            seed=seed,
-        )
     adata.obs["doublet_score"] = np.nan
     adata.obs["predicted_doublet"] = False
-    return pd.DataFrame(
-        {"expected_doublet_rate": np.nan, "doublet_threshold": np.nan}, index=samples
-    )
+    if p.doublet_method != "scrublet":
+        return pd.DataFrame(
+            {"expected_doublet_rate": np.nan, "doublet_threshold": np.nan}, index=samples
+        )
+    ids = _sample_ids(adata, batch_key)
+    passing = adata.obs["qc_reason"].astype(str).eq("pass").to_numpy()
+    rows = []
+    scores = np.full(adata.n_obs, np.nan)
+    calls = np.zeros(adata.n_obs, dtype=bool)
+    for sample in pd.unique(ids):
+        all_idx = np.flatnonzero((ids == sample).to_numpy())
+        idx = all_idx[passing[all_idx]]
+        chem = chemistry.get(sample) if isinstance(chemistry, Mapping) else chemistry
+        if chem is None and "chemistry" in adata.obs:
+            chem = str(adata.obs["chemistry"].iloc[all_idx[0]])
+        loaded = _sample_cells_loaded(adata, cells_loaded, sample, all_idx)
+        rate = (
+            float(p.expected_doublet_rate)
+            if p.expected_doublet_rate is not None
+            else expected_doublet_rate(all_idx.size, loaded, chem)
+        )
+        sub = _sample_sub(adata, idx, [batch_key])
+        table = detect_doublets(
+            sub, batch_key=batch_key, expected_rate=rate, threshold=p.doublet_threshold, seed=seed
+        )
+        scores[idx] = sub.obs["doublet_score"].to_numpy()
+        calls[idx] = sub.obs["predicted_doublet"].to_numpy(dtype=bool)
+        table = table.assign(chemistry=chem or "", n_scored=idx.size)
+        rows.append(table)
+    adata.obs["doublet_score"] = scores
+    adata.obs["predicted_doublet"] = calls
+    return pd.concat(rows)
 
 
-def _rescue_step(adata: ad.AnnData, p: QCParams, *, batch_key: str, organism: str) -> None:
+def _rescue_step(
+    adata: ad.AnnData,
+    p: QCParams,
+    *,
+    batch_key: str,
+    organism: str,
+    soups: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """:func:`rescue_low_rna_immune` with the settings of ``p``; else no cell is rescued."""
     if not p.rescue:
         adata.obs["low_rna_immune"] = False
@@ -1326,14 +1785,32 @@ def _rescue_step(adata: ad.AnnData, p: QCParams, *, batch_key: str, organism: st
         min_markers=p.rescue_min_markers,
         min_enrichment=p.rescue_min_enrichment,
         alpha=p.rescue_alpha,
+        soup={s: v["soup"] for s, v in (soups or {}).items() if v.get("soup") is not None} or None,
     )
 
 
-def _finalise_reasons(adata: ad.AnnData, *, remove_doublets: bool) -> None:
+def _finalise_reasons(
+    adata: ad.AnnData, *, remove_doublets: bool, platelet_monocyte: str = "flag"
+) -> None:
     """Add the reason ``doublet`` to predicted doublets (which are then never rescued) and
-    set ``obs["qc_outlier"]`` from the final ``qc_reason``."""
+    set ``obs["qc_outlier"]`` from the final ``qc_reason``. Platelet-monocyte aggregates
+    (``obs["doublet_type"]``) are their own category: kept (``"flag"``) or removed with
+    the reason ``platelet_monocyte``, never as plain doublets."""
+    pm = (
+        adata.obs["doublet_type"].astype(str).eq("platelet_monocyte").to_numpy()
+        if "doublet_type" in adata.obs
+        else np.zeros(adata.n_obs, dtype=bool)
+    )
+    if platelet_monocyte == "remove" and pm.any():
+        reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
+        for i in np.flatnonzero(pm):
+            reason[i] = (
+                "platelet_monocyte" if reason[i] == "pass" else f"{reason[i]};platelet_monocyte"
+            )
+        adata.obs["qc_reason"] = reason
+        adata.obs["low_rna_immune"] = adata.obs["low_rna_immune"].to_numpy(dtype=bool) & ~pm
     if remove_doublets:
-        dbl = adata.obs["predicted_doublet"].to_numpy(dtype=bool)
+        dbl = adata.obs["predicted_doublet"].to_numpy(dtype=bool) & ~pm
         reason = adata.obs["qc_reason"].astype(str).to_numpy(dtype=object)
         for i in np.flatnonzero(dbl):
             reason[i] = "doublet" if reason[i] == "pass" else f"{reason[i]};doublet"
@@ -1366,6 +1843,12 @@ def _params_record(p: QCParams, *, organism: str, seed: int) -> dict[str, Any]:
         "rescue_min_markers": p.rescue_min_markers,
         "rescue_min_enrichment": p.rescue_min_enrichment,
         "rescue_alpha": p.rescue_alpha,
+        "upper_tail": p.upper_tail,
+        "ambient": p.ambient,
+        "ambient_without_raw": p.ambient_without_raw,
+        "soup_max_counts": p.soup_max_counts,
+        "flag_soup_droplets": p.flag_soup_droplets,
+        "platelet_monocyte": p.platelet_monocyte,
         "seed": seed,
     }
     return {key: value for key, value in record.items() if value is not None}
@@ -1598,6 +2081,9 @@ def merge_samples(
     if not parts:
         raise ValueError("every sample passed to merge_samples is empty; nothing to merge.")
     n_parts = len(parts)
+    if any("soupx_counts" in p.layers for p in parts):  # samples QC'd without it: raw
+        for part in parts:
+            part.layers.setdefault("soupx_counts", part.X.copy())
     merged = ad.concat(parts, join="outer", fill_value=0, merge="first", index_unique=None)
     del parts
     _tidy_merged_obs(merged, batch_key)
@@ -1638,7 +2124,15 @@ def _slim_sample(
         logger.info("sample %s: dropping %d cells marked qc_outlier", key or i, (~keep).sum())
         counts, obs = counts[keep], obs.loc[keep]
     keep_var = [c for c in ("gene_ids", "gene_symbols") if c in a.var]
-    return ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy())
+    corrected = a.layers.get("soupx_counts")
+    if corrected is not None:
+        corrected = sparse.csr_matrix(corrected)
+        if drop_outliers and "qc_outlier" in a.obs and a.obs["qc_outlier"].any():
+            corrected = corrected[~a.obs["qc_outlier"].to_numpy(dtype=bool)]
+    out = ad.AnnData(X=counts, obs=obs, var=a.var[keep_var].copy())
+    if corrected is not None:
+        out.layers["soupx_counts"] = corrected
+    return out
 
 
 def _tidy_merged_obs(merged: ad.AnnData, batch_key: str) -> None:
@@ -1666,8 +2160,8 @@ def _drop_rare_genes(merged: ad.AnnData, min_cells_per_gene: int) -> ad.AnnData:
     return merged
 
 
-def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
-    """Log-normalise: ``X = log1p(counts / total * target_sum)`` from ``layers["counts"]``.
+def normalize(adata: ad.AnnData, *, target_sum: float = 1e4, layer: str = "counts") -> None:
+    """Log-normalise: ``X = log1p(counts / total * target_sum)`` from ``layers[layer]``.
 
     Parameters
     ----------
@@ -1675,6 +2169,10 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
         AnnData with raw counts in ``layers["counts"]`` (created from ``X`` when missing).
     target_sum
         Counts per cell after scaling (1e4: CP10k).
+    layer
+        Counts ``X`` is computed from: ``"counts"`` (raw) or ``"soupx_counts"``
+        (ambient-corrected, config ``qc.downstream_layer``); a missing ``soupx_counts``
+        falls back to the raw counts (logged). Recorded in ``uns["normalization"]``.
 
     Returns
     -------
@@ -1683,8 +2181,17 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     """
     counts, _ = get_counts(adata, max_values=None)
     if "counts" not in adata.layers:
-        adata.layers["counts"] = counts.copy() if sparse.issparse(counts) else sparse.csr_matrix(counts)
-    adata.X = sparse.csr_matrix(adata.layers["counts"], dtype=np.float32, copy=True)
+        adata.layers["counts"] = (
+            counts.copy() if sparse.issparse(counts) else sparse.csr_matrix(counts)
+        )
+    if layer not in adata.layers:
+        logger.warning("no layers[%r]: X is normalised from the raw counts", layer)
+        layer = "counts"
+    adata.X = sparse.csr_matrix(adata.layers[layer], dtype=np.float32, copy=True)
     adata.uns.pop("log1p", None)
     log_normalise(adata, target_sum=target_sum)
-    adata.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum)}
+    adata.uns["normalization"] = {
+        "method": "log1p_cp",
+        "target_sum": float(target_sum),
+        "layer": layer,
+    }

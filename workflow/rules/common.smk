@@ -251,6 +251,16 @@ def sample_input(wildcards):
     return samples.loc[wildcards.sample, "path"]
 
 
+def sample_inputs(wildcards):
+    """Inputs of one sample's QC job: its counts and, when the sheet names it, its raw
+    (unfiltered) droplet matrix for the SoupX soup profile."""
+    out = {"counts": samples.loc[wildcards.sample, "path"]}
+    raw = samples.loc[wildcards.sample].get("raw_path", "")
+    if isinstance(raw, str) and raw.strip():
+        out["raw"] = raw
+    return out
+
+
 def sample_record(wildcards):
     """The sheet row of one sample, as a plain dict (becomes obs columns)."""
     return samples.loc[wildcards.sample].to_dict()

@@ -7,7 +7,7 @@
 
 rule qc_sample:
     input:
-        sample_input,
+        unpack(sample_inputs),
     output:
         h5ad=f"{RESULTS}/qc/{{sample}}.h5ad",
         summary=f"{RESULTS}/qc/{{sample}}.qc.tsv",
@@ -53,6 +53,7 @@ rule qc_merge:
         min_cells_per_gene=config["qc"]["min_cells_per_gene"],
         min_cells_per_sample=config["qc"]["min_cells_per_sample"],
         on_small=config["qc"]["on_small_sample"],
+        downstream_layer=config["qc"]["downstream_layer"],
     script:
         "../scripts/qc_merge.py"
 
@@ -79,6 +80,18 @@ rule qc_figures:
             caption="../report/qc_removed.rst",
             category="1. Quality control",
             labels={"title": "QC cells kept and removed per sample"},
+        ),
+        lineage=report(
+            f"{RESULTS}/qc/figures/qc_lineage_removed.png",
+            caption="../report/qc_lineage_removed.rst",
+            category="1. Quality control",
+            labels={"title": "QC cells removed per lineage and sample"},
+        ),
+        contamination=report(
+            f"{RESULTS}/qc/figures/qc_contamination.png",
+            caption="../report/qc_contamination.rst",
+            category="1. Quality control",
+            labels={"title": "Ambient RNA contamination per sample"},
         ),
     log:
         f"{LOGS}/qc_figures.log",

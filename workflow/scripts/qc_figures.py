@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from sepsis_sc.pl.qc import removed, scatter, violins
+from sepsis_sc.pl.qc import contamination, removed, removed_by_lineage, scatter, violins
 from sepsis_sc.pl.style import set_style
 from sepsis_sc.utils import setup_logging
 
@@ -14,3 +14,5 @@ summary = pd.read_csv(snakemake.input.summary, sep="\t")
 violins(cells, summary, snakemake.output.violins)
 scatter(cells, snakemake.output.scatter)
 removed(summary, snakemake.output.removed)
+removed_by_lineage(summary, snakemake.output.lineage)
+contamination(summary, snakemake.output.contamination)

@@ -25,6 +25,6 @@ adata = merge_samples(  # a generator: one sample in memory at a time besides th
 adata.uns["excluded_samples"] = {
     str(s): str(w) for s, w in zip(summary["sample_id"], summary["excluded_reason"]) if w
 }
-normalize(adata)
+normalize(adata, layer=snakemake.params.downstream_layer)
 write_table(summary, snakemake.output.summary, digits=3)
 write_h5ad(adata, snakemake.output.h5ad)

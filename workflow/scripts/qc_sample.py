@@ -1,7 +1,7 @@
 """Snakemake script (rule qc_sample): read one sample's raw counts and label its cells from the
 sheet (ingest), then adaptive QC and doublets."""
 
-from sepsis_sc.io import ingest_sample
+from sepsis_sc.io import ingest_sample, read_raw_droplets
 from sepsis_sc.qc import QCParams, filter_cells_qc, run_qc
 from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 
@@ -16,6 +16,9 @@ adata = ingest_sample(
 )
 sample_id = snakemake.wildcards.sample
 cells_loaded = adata.obs["cells_loaded"].iloc[0] if "cells_loaded" in adata.obs else None
+raw_path = getattr(snakemake.input, "raw", None)
+raw = read_raw_droplets(raw_path, sample_id, adata.var_names) if raw_path else None
+chemistry = str(snakemake.params.record.get("chemistry") or "") or None
 summary = run_qc(
     adata,
     QCParams.from_config(q),
@@ -24,6 +27,8 @@ summary = run_qc(
     cells_loaded=float(cells_loaded) if cells_loaded not in (None, "") else None,
     seed=snakemake.params.seed,
     on_empty=q["on_empty"],
+    raw=raw,
+    chemistry=chemistry,
 )
 write_table(adata.obs, snakemake.output.cells, index=True)
 write_table(summary, snakemake.output.summary)

@@ -4,6 +4,8 @@
   sample's own thresholds drawn.
 * :func:`scatter`: UMI counts vs detected genes, coloured by mito %, removed cells marked.
 * :func:`removed`: cells removed per sample, stacked by main reason.
+* :func:`removed_by_lineage`: share of each first-pass lineage removed, per sample.
+* :func:`contamination`: estimated ambient-RNA contamination per sample.
 
 Each function writes the PNG ``path`` (folders created) and returns that path; their
 docstrings do not repeat it.
@@ -21,7 +23,7 @@ import pandas as pd
 from sepsis_sc.pl.style import savefig, set_style
 from sepsis_sc.qc import _primary_reason
 
-__all__ = ["violins", "scatter", "removed"]
+__all__ = ["violins", "scatter", "removed", "removed_by_lineage", "contamination"]
 
 
 def _obs(adata_or_obs: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
@@ -226,6 +228,8 @@ def removed(summary: pd.DataFrame, path: str | Path) -> Path:
         "removed_low_genes": "#6baed6",
         "removed_high_counts": "#7f7f7f",
         "removed_high_genes": "#c7c7c7",
+        "removed_ambient_droplet": "#8c564b",
+        "removed_platelet_monocyte": "#9467bd",
     }
     samples = summary["sample_id"].astype(str).to_numpy()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(samples) + 3), 3.8))
@@ -252,5 +256,85 @@ def removed(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.legend(frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left")
     if len(samples) > 4:
         ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def removed_by_lineage(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Heatmap: percent of each first-pass lineage removed by QC, per sample.
+
+    A rule fair to the cell mix removes about the same share of a lineage in every sample,
+    whatever its neutrophil share. Cells show the percent and, below it, the cells seen.
+
+    Parameters
+    ----------
+    summary
+        Table returned by :func:`sepsis_sc.qc.run_qc` (``lineage_removed_frac_<lineage>``
+        and ``lineage_n_<lineage>`` columns).
+    """
+    set_style()
+    cols = [c for c in summary.columns if c.startswith("lineage_removed_frac_")]
+    if not cols:
+        raise ValueError("summary has no lineage_removed_frac_<lineage> columns (run_qc output).")
+    names = [c.removeprefix("lineage_removed_frac_") for c in cols]
+    n = summary[[f"lineage_n_{x}" for x in names]].to_numpy(dtype=float)
+    keep = n.sum(axis=0) > 0
+    names = [x for x, k in zip(names, keep) if k]
+    frac = 100 * summary[[c for c, k in zip(cols, keep) if k]].to_numpy(dtype=float)
+    n = n[:, keep]
+    samples = summary["sample_id"].astype(str).to_numpy()
+    fig, ax = plt.subplots(figsize=(0.9 * len(names) + 2.5, 0.45 * len(samples) + 1.8))
+    im = ax.imshow(np.nan_to_num(frac, nan=0.0), cmap="Reds", vmin=0, vmax=max(20, np.nanmax(frac)))
+    for i in range(len(samples)):
+        for j in range(len(names)):
+            if n[i, j] > 0:
+                dark = frac[i, j] > 0.6 * max(20, np.nanmax(frac))
+                ax.text(j, i, f"{frac[i, j]:.0f}%\nn={int(n[i, j])}", ha="center", va="center",
+                        fontsize=7, color="white" if dark else "black")  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(samples)), samples)
+    rule = summary["upper_tail_rule"].iloc[0] if "upper_tail_rule" in summary else "?"
+    ax.set_title(f"Cells removed by QC per lineage (upper-tail rule: {rule})")
+    fig.colorbar(im, ax=ax, label="% of the lineage removed", shrink=0.8)
+    fig.tight_layout()
+    return savefig(fig, path)
+
+
+def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Bars: estimated ambient-RNA contamination per sample, labelled by how it was made.
+
+    Parameters
+    ----------
+    summary
+        Table returned by :func:`sepsis_sc.qc.run_qc` (``contamination``,
+        ``contamination_source``, ``ambient_corrected``).
+    """
+    set_style()
+    if "contamination" not in summary:
+        raise ValueError("summary has no contamination column (run_qc output).")
+    samples = summary["sample_id"].astype(str).to_numpy()
+    rho = 100 * summary["contamination"].to_numpy(dtype=float)
+    source = summary.get("contamination_source", pd.Series("", index=summary.index)).astype(str)
+    corrected = summary.get("ambient_corrected", pd.Series(False, index=summary.index))
+    colours = {"raw": "#1f77b4", "filtered_pooled": "#bdbdbd"}
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(samples) + 3), 3.8))
+    x = np.arange(len(samples))
+    ax.bar(x, np.nan_to_num(rho), color=[colours.get(s, "#ffffff") for s in source],
+           edgecolor="black", linewidth=0.5)  # fmt: skip
+    for i, (r, cor) in enumerate(zip(rho, corrected.astype(bool))):
+        label = (
+            "not estimated"
+            if not np.isfinite(r)
+            else f"{r:.1f}%" + ("" if cor else "\n(not corrected)")
+        )
+        ax.text(i, 0 if not np.isfinite(r) else r, label, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, samples, rotation=45 if len(samples) > 4 else 0)
+    ax.set_ylabel("contamination (% of UMIs from soup)")
+    ax.set_title("Ambient RNA per sample (SoupX)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, ["soup from raw droplets", "soup from pooled cells"], frameon=False,
+              bbox_to_anchor=(1.02, 1), loc="upper left")  # fmt: skip
+    top = np.nanmax(rho) if np.isfinite(rho).any() else 1.0
+    ax.set_ylim(0, 1.3 * top + 0.5)
     fig.tight_layout()
     return savefig(fig, path)
