@@ -6,53 +6,60 @@ Every cell's counts are negative binomial (gamma-Poisson), drawn per sample in c
 and stored as CSR, so memory stays at one chunk of cells x genes (``_CHUNK`` cells) however
 large the cohort is.
 
-* **Genes**: ``resources/genes/human_genes.tsv.gz`` (14,952 symbols expressed in 10x PBMC,
-  GRCh38 feature list; see its README). ``n_genes`` picks every marker/signature gene, the 13
-  ``MT-`` genes, ribosomal and haemoglobin genes, then a fixed (seed-independent) random
-  subset of the rest.
-* **Base programme** shared by all cell types: per-gene mean CP10k, log-normal, fitted to
-  ``soupx_pbmc4k`` (10x PBMC 4k, 2,170 cells): non-MT/ribo genes log CP10k ~ N(-2.91, 2.12);
-  ribosomal genes N(2.26, 2.93) rescaled to 36 % of UMIs (lymphocytes; x0.55 in myeloid
-  cells, x0.3 in neutrophils and platelets); MT genes at their fitted relative levels, 2.8 %
-  of UMIs.
-* **Cell-type profiles** = base x lineage perturbation (4 % of genes, log-sd 1.0) x subset
-  perturbation (2 % of genes, log-sd 0.7) + markers set to their level (mean CP10k in the
-  expressing PBMC population of soupx_pbmc4k where that population exists, literature-scale
-  defaults otherwise); marker genes of other types sit at their fitted background level.
+* **Genes**: ``resources/genes/human_genes.tsv.gz`` (14,955 symbols expressed in 10x PBMC,
+  GRCh38 feature list, plus XIST; see its README). ``n_genes`` picks every gene the simulator
+  moves (type folds, state programmes, sex-linked genes), the 13 ``MT-`` genes, ribosomal
+  and haemoglobin genes, then a fixed (seed-independent) random subset of the rest.
+* **Cell-type profiles come from data, not from the annotator.** Each type starts from the
+  mean CP10k of a real population (``resources/simulator/profiles.tsv.gz``, fitted by
+  ``benchmarks/fit_simulator_profiles.py``): soupx_pbmc4k T CD4, T CD8, NK, B, MNP
+  (monocytes + DCs) and its 20 pDCs; celltypist_sample macrophages (TREM2-high). Subsets
+  and populations absent from healthy PBMC (plasmablasts from B, neutrophils and platelets
+  from MNP, TREM2-low macrophages) get literature fold changes of 2-8x
+  (:data:`_TYPE_FOLDS`: Azimuth level-2 / Monaco / Villani / Xie, not
+  ``resources/markers``; an up gene rises from max(level, 0.5 CP10k)), so markers are
+  as sparse as in real data (dropout from the NB at real means) and partly overlap the
+  annotator's lists. 2 % of genes per type carry extra log-normal noise (sd 0.3).
+  ``sepsis_sc.simulate`` reads no marker or signature file (``tests/test_designs.py``).
+* **Covariates**: ``sex`` in the sheet silences Y-linked genes (RPS4Y1, DDX3Y, UTY, KDM5D,
+  EIF1AY, USP9Y, ZFY, NLGN4Y) in women and XIST/TSIX in men (drawn per donor if absent);
+  ``age`` moves log fractions per year above 50 (CD4 naive T -0.015, CD8 naive T -0.03,
+  CD8 effector/memory +0.01).
 * **Library size** per cell type: log-normal fitted per ``soupx_pbmc4k`` annotation
   (log-mean / log-sd: T CD4 8.28/0.36, T CD8 8.27/0.32, NK 8.12/0.28, B 8.19/0.36,
   monocytes/DCs 8.39/0.55); neutrophils 6.9/0.35 (~1,000 UMIs, 500-1,500 as in low-density
   neutrophils of sepsis PBMC), immature 6.8/0.35; platelets 6.6/0.5; plasmablasts 9.0/0.4.
-* **Dispersion** trend ``phi(mu) = exp(-1.9 - 0.35 log mu)`` clipped to [0.02, 3], with
-  per-gene log-normal scatter (sd 0.3). Fitted as log phi = a + b log(mean) on pooled
-  method-of-moments estimates (12 mean bins, genes with mean > 0.05, size-factor adjusted)
-  within one population of one sample: soupx_pbmc4k T CD4 -2.16/-0.39, B -2.39/-0.42,
-  NK -2.02/-0.18; the input values were tuned so that the same fit on one simulated sample
-  gives CD4 T -2.11/-0.42, B -2.31/-0.50, NK -2.29/-0.42 (cell states and ambient RNA add
-  dispersion on top of the input trend).
+* **Dispersion** trend ``phi(mu) = exp(-1.9 - 0.35 log mu)`` clipped to [0.02, 3], with a
+  per-gene residual from the data where the fit estimated one (pooled within-population
+  method-of-moments, halved, clipped to +-0.5), log-normal scatter (sd 0.3) elsewhere. The
+  trend was tuned so that the fit log phi = a + b log(mean) on one simulated sample
+  matches soupx_pbmc4k T CD4 -2.16/-0.39, B -2.39/-0.42, NK -2.02/-0.18 (12 mean bins,
+  genes with mean > 0.05); cell states and ambient RNA add dispersion on top.
 
 Planted sepsis effects (``effects=True``; sample level, sizes as multipliers on the control)
 ---------------------------------------------------------------------------------------------
 * Composition: T cells x0.5, NK x0.4, B cells x0.4, DCs x0.45, plasmablasts x2.5,
-  classical monocytes x1.6, mature neutrophils x2, immature neutrophils x4, TREM2-high
-  macrophages x3, platelets x3 (then renormalised). Sizes are set so that the demo design
-  (6 vs 6 samples, 1,500 cells) detects each at FDR 0.05 with power >= 0.9 when tested on the
-  true labels (:func:`oracle_tests`, 20 simulation seeds): smaller lymphocyte and platelet
-  effects (x0.5-0.6, x1.5) had oracle power 0.5-0.8, below what a self-check needs.
-* MS1-like state in classical monocytes (``ms1_like``): 8 % -> 26 % of classical monocytes;
-  RETN x10, IL1R2 x12, ALOX5AP x4, CD163 x5, MCEMP1 x8, CYP1B1 x6, S100A8/A9 x2.5,
-  S100A12 x4, PLAC8/CLU/SELL ... up; HLA class II x0.35, CD74 x0.5. MS1 cells are also
-  ``hla_low``.
-* HLA class II loss (``hla_low``) in monocytes and DCs: 10 % -> 35 % of monocytes and
-  10 % -> 60 % of DCs (Poehlmann 2009: most septic patients' DCs lose HLA-DR); HLA-D* x0.3,
-  CD74 x0.45, CD86 x0.4, CIITA x0.4, with the tolerogenic shift that accompanies it: CD274
-  (PD-L1) x4, IL10 x3, IDO1 x3.
-* T-cell exhaustion (``exhausted``): 5 % -> 16 % of T cells; PDCD1 x8, CTLA4 x6, HAVCR2 x6,
-  LAG3 x6, TIGIT x4, TOX x4, BTLA/CD160/CD244/ENTPD1 x3; IL7R x0.3, CD28 x0.35, TCF7 x0.4.
-* Cytokine programme in monocytes (``cytokine_high``): 5 % -> 20 % of monocytes; IL6 x15,
-  IL1B x5, TNF x5, CXCL8 x4, CCL2/CCL3/CCL4 x4, IL10 x5.
-* TREM2-high macrophages (``trem2_high``: TREM2, SPP1, GPNMB, APOE, LPL, CD9, FABP5, LGALS3,
-  CTSD high) are more frequent (composition above).
+  classical monocytes x1.7, mature neutrophils x2, immature neutrophils x4, TREM2-high
+  macrophages x4 (1 % other macrophages), platelets x3 (then renormalised). Sizes are set
+  so that the demo design (6 vs 6 samples, 1,500 cells) detects each at FDR 0.05 with power
+  >= 0.9 when tested on the true labels (:func:`oracle_tests`,
+  ``benchmarks/oracle_power.py``, 20 seeds: 0.90-1.00, TREM2-high share 0.95).
+* **State programmes are broader than the signatures** (:data:`_STATE_CORE`,
+  :data:`_STATE_REST`): each state moves 53-66 genes from the literature (core folds
+  given, the rest drawn once, log-uniform 1.5-4x up, 1.5-3x down), and each flagged cell
+  carries its programme at its own intensity (fold ** w, w ~ U(0.4, 1.6)). The shipped
+  signature is a partial subset: 70-81 % of a signature's genes are planted, 16-29 % of a
+  programme is scored (:func:`planted_vs_scored`; the demo writes
+  ``planted_vs_scored_genes.tsv``).
+* States and rates: MS1-like (``ms1_like``, Reyes 2020) 8 % -> 26 % of classical monocytes,
+  MS1 cells are also ``hla_low``; HLA class II loss (``hla_low``) 10 % -> 35 % of monocytes
+  and 10 % -> 60 % of DCs (Poehlmann 2009), with PD-L1 / IL-10 / IL4I1 up; T-cell
+  exhaustion (``exhausted``) 5 % -> 16 % of T cells at the reference odds, x3 odds in
+  effector/memory CD8 T, x1.5 in memory CD4 T and Treg, x0.5 in naive T (exhaustion follows
+  differentiation; effector/memory CD8 T also carry TIGIT, PDCD1, TOX, CD244, EOMES at
+  baseline); cytokine programme (``cytokine_high``) 5 % -> 20 % of monocytes; TREM2-high
+  macrophages (``trem2_high``, a cell type: the data macrophage profile, against the
+  other macrophages with the lipid-associated genes divided out) more frequent.
 
 Donor variation (both conditions, also with ``effects=False``): donor random effects on the
 log cell-type fractions (sd 0.3) and on the logit state fractions (sd 0.35), plus a smaller
@@ -75,7 +82,7 @@ import gzip
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +106,9 @@ __all__ = [
     "null_calibration",
     "PLANTED_EFFECTS",
     "STATES",
+    "planted_programmes",
+    "planted_vs_scored",
+    "targeted_panel",
 ]
 
 _CHUNK = 512  # cells per dense block while sampling
@@ -304,7 +314,7 @@ _STATE_CORE: dict[str, dict[str, float]] = {
     ),
     # MHC-II loss with a tolerogenic shift (Monneret 2006; Guignant 2011; Hotchkiss 2013)
     "hla_low": _folds(
-        "CD274:4 IL10:3 IL4I1:3; |0.35 HLA-DRA HLA-DRB1 HLA-DRB5 HLA-DPA1 "
+        "CD274:4 IL10:3 IL4I1:3; |0.35 HLA-DRA HLA-DRB1 HLA-DPA1 "
         "HLA-DPB1 HLA-DQA1 HLA-DQB1 HLA-DMA HLA-DMB; |0.5 CD74 CIITA CD86"
     ),
     # exhausted / dysfunctional T (Wherry 2007 Immunity; Zheng 2017 Cell; Guo 2018 Nat Med)
@@ -319,20 +329,20 @@ _STATE_CORE: dict[str, dict[str, float]] = {
 }
 _STATE_REST: dict[str, tuple[str, str]] = {  # (other up genes, other down genes)
     "ms1_like": (
-        "S100A8 S100A9 CLU SELL ALOX5AP CES1 THBS1 S100P LGALS1 CTSD CD36 FKBP5 TSC22D3 "
+        "S100A8 S100A9 SELL ALOX5AP CD36 FKBP5 TSC22D3 "
         "ZBTB16 VSIG4 IRAK3 PADI4 DYSF CLEC4E CLEC4D FCGR1A PGD ECHDC3 TLR5 BCL6 SOCS3 "
         "IL18R1 IL1RN PFKFB2 GYG1 STEAP4 CD177 MMP9 LCN2 CAMP ARG1 MGAM AQP9 NAMPT CSF3R "
         "ANXA1 OLFM4",
         "CX3CR1 LGALS2 CD1D MS4A6A KLF4 FCER1A CLEC10A CSF1R CD86 CIITA HLA-DMA HLA-DMB",
     ),
     "hla_low": (
-        "PDCD1LG2 LILRB2 ARG2 ADM S100A8 S100A9 IL1R2 CD163 SOCS3 TGFBI MARCKS SIGLEC10 "
-        "IRAK3 IL1RN TSC22D3 ANXA1 LGALS1 S100A12 FCGR1A CLEC4E VSIG4 MS4A4A",
+        "LILRB2 ARG2 ADM S100A8 S100A9 SOCS3 TGFBI MARCKS SIGLEC10 IRAK3 IL1RN TSC22D3 "
+        "ANXA1 LGALS1 FCGR1A CLEC4E VSIG4 MS4A4A",
         "CD40 CD80 CPVL IRF8 LGALS2 CST3 CTSS CLEC10A FCER1A CD1C CD1D CD1E PKIB HLA-DQA1 "
         "CD83 LAMP3 HLA-DOA HLA-DOB LY86 MS4A7 CD4 MARCKSL1",
     ),
     "exhausted": (
-        "CTLA4 ENTPD1 SNX9 ITGAE CCL3 CCL4 CCL5 GZMB GZMK RGS1 DUSP4 NR4A1 NR4A2 EOMES PRDM1 "
+        "SNX9 ITGAE CCL3 CCL4 CCL5 GZMB GZMK RGS1 DUSP4 NR4A1 NR4A2 EOMES PRDM1 "
         "BATF IRF4 ID2 MAF HLA-DRA CD38 B3GAT1 SIRPG CXCR6 ITM2A SRGN KLRG1 CTSW NKG7 CST7 "
         "TNFRSF18 CD27 RGS2 CD7",
         "CD28 LEF1 KLF2 S1PR1 GPR183 LTB MAL NOSIP PIK3IP1 LRRN3 FHIT",
@@ -620,6 +630,7 @@ def simulate_cohort(
     organism: str = "human",
     case: str = "sepsis",
     control: str = "control",
+    gene_panel: int | Sequence[str] | None = None,
 ) -> tuple[dict[str, ad.AnnData], pd.DataFrame]:
     """Simulate a PBMC sepsis cohort with planted truth (see the module docstring).
 
@@ -649,6 +660,15 @@ def simulate_cohort(
         ``"human"`` or ``"mouse"`` (mouse: approximate ortholog names, ``mt-`` genes).
     case, control
         Condition labels of the sheet.
+    gene_panel
+        A targeted gene panel: only these genes are measured (a list of symbols, or a
+        number of genes for :func:`targeted_panel`). Cells are simulated over all
+        ``n_genes`` first, so panel counts are what a targeted assay of the same cells reads
+        (smaller libraries, no MT genes unless listed).
+
+    Design covariates read from the sheet: ``sex`` (F/M: Y-linked genes or XIST silenced;
+    drawn per donor where absent) and ``age`` (years: naive T fractions fall with age). A
+    donor with several samples (time points) shares its donor effects across them.
 
     Returns
     -------
@@ -678,6 +698,7 @@ def simulate_cohort(
         organism=organism,
         case=case,
         control=control,
+        gene_panel=gene_panel,
     ):
         adatas[sid] = adata
         truths.append(truth)
@@ -706,6 +727,7 @@ def _iter_cohort(
     organism: str,
     case: str,
     control: str,
+    gene_panel: int | Sequence[str] | None = None,
 ):
     """Yield ``(sample_id, AnnData, truth)`` one sample at a time (bounded memory).
 
@@ -720,7 +742,13 @@ def _iter_cohort(
         low_quality_rate=low_quality_rate, batch_effect=batch_effect,
     )  # fmt: skip
     model = _cohort_model(samples, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
-    mouse = _mouse_genes(model.gene_table) if organism == "mouse" else None
+    panel = None
+    if gene_panel is not None:
+        panel = _panel_index(model.gene_table["gene_symbol"], gene_panel)
+        out_model = replace(model, gene_table=model.gene_table.iloc[panel].reset_index(drop=True))
+    else:
+        out_model = model
+    mouse = _mouse_genes(out_model.gene_table) if organism == "mouse" else None
     uns = {
         "seed": int(seed),
         "effects": bool(effects),
@@ -734,7 +762,38 @@ def _iter_cohort(
             effects=effects, case=case, ambient=ambient, low_quality_rate=low_quality_rate,
             doublets=doublets,
         )  # fmt: skip
-        yield sid, _sample_anndata(model, row, counts, truth, uns, mouse), truth
+        if panel is not None:
+            counts = counts[:, panel]
+            truth["total_counts"] = np.asarray(counts.sum(1)).ravel().astype(np.int64)
+        yield sid, _sample_anndata(out_model, row, counts, truth, uns, mouse), truth
+
+
+def targeted_panel(n_genes: int = 1300, *, seed: int = 1300) -> list[str]:
+    """A targeted immune panel of ``n_genes`` symbols (fixed by ``seed``): about half of the
+    genes the simulator moves (type folds, state programmes, sex-linked genes), no MT or
+    ribosomal genes, the rest drawn from the gene resource. Like commercial immune panels it
+    covers some markers of each population but not all, so marker sets can lose most of
+    their genes."""
+    table = pd.read_csv(resource_path("genes", "human_genes.tsv.gz"), sep="\t", dtype=str)
+    sym = table["gene_symbol"]
+    rng = np.random.default_rng(seed)
+    prog = np.array(sorted(set(_programme_genes()) - set(_MT_LEVELS)))
+    take = prog[rng.random(prog.size) < 0.5][: n_genes]
+    rest = sym[~sym.isin(prog) & ~sym.str.match(r"^MT-|^RP[SL]\d")].to_numpy()
+    extra = rng.choice(rest, max(n_genes - take.size, 0), replace=False)
+    return sorted(set(take) | set(extra))
+
+
+def _panel_index(symbols: pd.Series, gene_panel: int | Sequence[str]) -> np.ndarray:
+    """Column indices of the simulated genes in the panel (order of the gene table)."""
+    wanted = targeted_panel(gene_panel) if isinstance(gene_panel, int) else list(gene_panel)
+    idx = np.flatnonzero(np.asarray(symbols.isin(set(wanted))))
+    if idx.size < 10:
+        raise ValueError(
+            f"gene_panel keeps {idx.size} of the simulated genes; a panel needs >= 10 of them "
+            "(raise n_genes or list genes the simulator draws)."
+        )
+    return idx
 
 
 def _check_cohort_args(
@@ -1234,6 +1293,80 @@ def _write_sample(adata: ad.AnnData, p: Path, fmt: str, genome: str) -> Path:
     feats.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
     return folder
+
+
+#: which planted state each scored signature reads (signature name -> truth flag)
+SIGNATURE_STATES = {
+    "ms1_monocyte": "ms1_like",
+    "mono_hladr_low": "hla_low",
+    "dc_tolerogenic": "hla_low",
+    "t_exhaustion": "exhausted",
+    "cytokine_storm": "cytokine_high",
+    "trem2_high_macrophage": "trem2_high",
+}
+
+
+def planted_programmes() -> pd.DataFrame:
+    """Every gene a planted state moves: ``state``, ``gene``, ``fold`` (the fold at a cell's
+    mean intensity), ``direction``. ``trem2_high`` is a cell type: its programme is what
+    separates it from the other macrophages (the lipid-associated genes up, resident genes
+    down)."""
+    rows = [
+        {"state": st, "gene": g, "fold": f, "direction": "up" if f > 1 else "down"}
+        for st, prog in _STATE_PROGRAMMES.items()
+        for g, f in prog.items()
+    ]
+    for g, f in _TYPE_FOLDS["Macrophage"].items():
+        rows.append({"state": "trem2_high", "gene": g, "fold": 1 / f,
+                     "direction": "up" if f < 1 else "down"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def planted_vs_scored(
+    signatures: Sequence[Mapping[str, Any]], *, organism: str = "human"
+) -> pd.DataFrame:
+    """Overlap between the genes each planted state moves and the genes its signature scores.
+
+    Parameters
+    ----------
+    signatures
+        The scorer's signature sets (:func:`sepsis_sc.score.load_signatures`: ``name``,
+        ``up``, ``down``). The simulator never reads them itself; a caller passes them in.
+    organism
+        ``"mouse"`` compares the mouse names the simulator writes (approximate orthologs).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per signature of :data:`SIGNATURE_STATES`: ``signature``, ``state``,
+        ``n_programme`` (genes the state moves), ``n_signature`` (genes the signature
+        scores), ``n_shared`` (scored genes planted in the scored direction),
+        ``signature_planted`` (``n_shared / n_signature``), ``programme_scored``
+        (``n_shared / n_programme``), ``opposite`` (scored genes planted the other way),
+        ``scored_not_planted`` (scored genes the state leaves alone).
+    """
+    prog = planted_programmes()
+    if organism == "mouse":
+        prog["gene"] = _mouse_symbols(list(prog["gene"]))
+        prog = prog.dropna(subset=["gene"])
+    rows = []
+    for sig in signatures:
+        state = SIGNATURE_STATES.get(str(sig["name"]))
+        if state is None:
+            continue
+        mine = prog[prog["state"] == state].set_index("gene")["direction"]
+        scored = {g: "up" for g in sig.get("up") or []} | {g: "down" for g in sig.get("down") or []}
+        shared = [g for g, d in scored.items() if mine.get(g) == d]
+        opposite = [g for g, d in scored.items() if g in mine.index and mine[g] != d]
+        absent = [g for g in scored if g not in mine.index]
+        rows.append({
+            "signature": sig["name"], "state": state, "n_programme": len(mine),
+            "n_signature": len(scored), "n_shared": len(shared),
+            "signature_planted": round(len(shared) / max(len(scored), 1), 3),
+            "programme_scored": round(len(shared) / max(len(mine), 1), 3),
+            "opposite": " ".join(opposite), "scored_not_planted": " ".join(absent),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 #: The sample-level effects the simulator plants in sepsis (``effects=True``), each with the
