@@ -9,7 +9,8 @@ large the cohort is.
 * **Genes**: ``resources/genes/human_genes.tsv.gz`` (14,955 symbols expressed in 10x PBMC,
   GRCh38 feature list, plus XIST; see its README). ``n_genes`` picks every gene the simulator
   moves (type folds, state programmes, sex-linked genes), the 13 ``MT-`` genes, ribosomal
-  and haemoglobin genes, then a fixed (seed-independent) random subset of the rest.
+  and haemoglobin genes, then the rest by expression in the fitted data (highest mean CP10k of
+  any population first; seed-independent, blind to marker lists).
 * **Cell-type profiles come from data, not from the annotator.** Each type starts from the
   mean CP10k of a real population (``resources/simulator/profiles.tsv.gz``, fitted by
   ``benchmarks/fit_simulator_profiles.py``): soupx_pbmc4k T CD4, T CD8, NK, B, MNP
@@ -483,8 +484,12 @@ def _select_genes(n_genes: int) -> pd.DataFrame:
     if n_genes > len(table):
         raise ValueError(f"n_genes={n_genes} exceeds the {len(table)} genes in the resource.")
     rest = np.flatnonzero(~priority)
-    # gene choice is independent of the simulation seed, so cohorts share one gene list
-    chosen = np.random.default_rng(20240611).choice(rest, n_genes - n_prio, replace=False)
+    # the rest by expression in the data (the highest mean CP10k of any fitted population),
+    # as a real matrix keeps the genes it detects: seed-independent, so cohorts share one
+    # gene list, and chosen without looking at any marker list
+    level = _profile_table().drop(columns="disp_resid").max(axis=1).reindex(sym).fillna(0)
+    order = rest[np.argsort(-level.to_numpy()[rest], kind="stable")]
+    chosen = order[: n_genes - n_prio]
     idx = np.sort(np.concatenate([np.flatnonzero(priority), chosen]))
     return table.iloc[idx].reset_index(drop=True)
 
