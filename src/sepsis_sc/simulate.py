@@ -6,53 +6,61 @@ Every cell's counts are negative binomial (gamma-Poisson), drawn per sample in c
 and stored as CSR, so memory stays at one chunk of cells x genes (``_CHUNK`` cells) however
 large the cohort is.
 
-* **Genes**: ``resources/genes/human_genes.tsv.gz`` (14,952 symbols expressed in 10x PBMC,
-  GRCh38 feature list; see its README). ``n_genes`` picks every marker/signature gene, the 13
-  ``MT-`` genes, ribosomal and haemoglobin genes, then a fixed (seed-independent) random
-  subset of the rest.
-* **Base programme** shared by all cell types: per-gene mean CP10k, log-normal, fitted to
-  ``soupx_pbmc4k`` (10x PBMC 4k, 2,170 cells): non-MT/ribo genes log CP10k ~ N(-2.91, 2.12);
-  ribosomal genes N(2.26, 2.93) rescaled to 36 % of UMIs (lymphocytes; x0.55 in myeloid
-  cells, x0.3 in neutrophils and platelets); MT genes at their fitted relative levels, 2.8 %
-  of UMIs.
-* **Cell-type profiles** = base x lineage perturbation (4 % of genes, log-sd 1.0) x subset
-  perturbation (2 % of genes, log-sd 0.7) + markers set to their level (mean CP10k in the
-  expressing PBMC population of soupx_pbmc4k where that population exists, literature-scale
-  defaults otherwise); marker genes of other types sit at their fitted background level.
+* **Genes**: ``resources/genes/human_genes.tsv.gz`` (14,955 symbols expressed in 10x PBMC,
+  GRCh38 feature list, plus XIST; see its README). ``n_genes`` picks every gene the simulator
+  moves (type folds, state programmes, sex-linked genes), the 13 ``MT-`` genes, ribosomal
+  and haemoglobin genes, then the rest by expression in the fitted data (highest mean CP10k of
+  any population first; seed-independent, blind to marker lists).
+* **Cell-type profiles come from data, not from the annotator.** Each type starts from the
+  mean CP10k of a real population (``resources/simulator/profiles.tsv.gz``, fitted by
+  ``benchmarks/fit_simulator_profiles.py``): soupx_pbmc4k T CD4, T CD8, NK, B, MNP
+  (monocytes + DCs) and its 20 pDCs; celltypist_sample macrophages (TREM2-high). Subsets
+  and populations absent from healthy PBMC (plasmablasts from B, neutrophils and platelets
+  from MNP, TREM2-low macrophages) get literature fold changes of 2-8x
+  (:data:`_TYPE_FOLDS`: Azimuth level-2 / Monaco / Villani / Xie, not
+  ``resources/markers``; an up gene rises from max(level, 0.5 CP10k)), so markers are
+  as sparse as in real data (dropout from the NB at real means) and partly overlap the
+  annotator's lists. 2 % of genes per type carry extra log-normal noise (sd 0.3).
+  ``sepsis_sc.simulate`` reads no marker or signature file (``tests/test_designs.py``).
+* **Covariates**: ``sex`` in the sheet silences Y-linked genes (RPS4Y1, DDX3Y, UTY, KDM5D,
+  EIF1AY, USP9Y, ZFY, NLGN4Y) in women and XIST/TSIX in men (drawn per donor if absent);
+  ``age`` moves log fractions per year above 50 (CD4 naive T -0.015, CD8 naive T -0.03,
+  CD8 effector/memory +0.01).
 * **Library size** per cell type: log-normal fitted per ``soupx_pbmc4k`` annotation
   (log-mean / log-sd: T CD4 8.28/0.36, T CD8 8.27/0.32, NK 8.12/0.28, B 8.19/0.36,
   monocytes/DCs 8.39/0.55); neutrophils 6.9/0.35 (~1,000 UMIs, 500-1,500 as in low-density
   neutrophils of sepsis PBMC), immature 6.8/0.35; platelets 6.6/0.5; plasmablasts 9.0/0.4.
-* **Dispersion** trend ``phi(mu) = exp(-1.9 - 0.35 log mu)`` clipped to [0.02, 3], with
-  per-gene log-normal scatter (sd 0.3). Fitted as log phi = a + b log(mean) on pooled
-  method-of-moments estimates (12 mean bins, genes with mean > 0.05, size-factor adjusted)
-  within one population of one sample: soupx_pbmc4k T CD4 -2.16/-0.39, B -2.39/-0.42,
-  NK -2.02/-0.18; the input values were tuned so that the same fit on one simulated sample
-  gives CD4 T -2.11/-0.42, B -2.31/-0.50, NK -2.29/-0.42 (cell states and ambient RNA add
-  dispersion on top of the input trend).
+* **Dispersion** trend ``phi(mu) = exp(-1.9 - 0.35 log mu)`` clipped to [0.02, 3], with a
+  per-gene residual from the data where the fit estimated one (pooled within-population
+  method-of-moments, halved, clipped to +-0.5), log-normal scatter (sd 0.3) elsewhere. The
+  trend was tuned so that the fit log phi = a + b log(mean) on one simulated sample
+  matches soupx_pbmc4k T CD4 -2.16/-0.39, B -2.39/-0.42, NK -2.02/-0.18 (12 mean bins,
+  genes with mean > 0.05); cell states and ambient RNA add dispersion on top.
 
 Planted sepsis effects (``effects=True``; sample level, sizes as multipliers on the control)
 ---------------------------------------------------------------------------------------------
 * Composition: T cells x0.5, NK x0.4, B cells x0.4, DCs x0.45, plasmablasts x2.5,
-  classical monocytes x1.6, mature neutrophils x2, immature neutrophils x4, TREM2-high
-  macrophages x3, platelets x3 (then renormalised). Sizes are set so that the demo design
-  (6 vs 6 samples, 1,500 cells) detects each at FDR 0.05 with power >= 0.9 when tested on the
-  true labels (:func:`oracle_tests`, 20 simulation seeds): smaller lymphocyte and platelet
-  effects (x0.5-0.6, x1.5) had oracle power 0.5-0.8, below what a self-check needs.
-* MS1-like state in classical monocytes (``ms1_like``): 8 % -> 26 % of classical monocytes;
-  RETN x10, IL1R2 x12, ALOX5AP x4, CD163 x5, MCEMP1 x8, CYP1B1 x6, S100A8/A9 x2.5,
-  S100A12 x4, PLAC8/CLU/SELL ... up; HLA class II x0.35, CD74 x0.5. MS1 cells are also
-  ``hla_low``.
-* HLA class II loss (``hla_low``) in monocytes and DCs: 10 % -> 35 % of monocytes and
-  10 % -> 60 % of DCs (Poehlmann 2009: most septic patients' DCs lose HLA-DR); HLA-D* x0.3,
-  CD74 x0.45, CD86 x0.4, CIITA x0.4, with the tolerogenic shift that accompanies it: CD274
-  (PD-L1) x4, IL10 x3, IDO1 x3.
-* T-cell exhaustion (``exhausted``): 5 % -> 16 % of T cells; PDCD1 x8, CTLA4 x6, HAVCR2 x6,
-  LAG3 x6, TIGIT x4, TOX x4, BTLA/CD160/CD244/ENTPD1 x3; IL7R x0.3, CD28 x0.35, TCF7 x0.4.
-* Cytokine programme in monocytes (``cytokine_high``): 5 % -> 20 % of monocytes; IL6 x15,
-  IL1B x5, TNF x5, CXCL8 x4, CCL2/CCL3/CCL4 x4, IL10 x5.
-* TREM2-high macrophages (``trem2_high``: TREM2, SPP1, GPNMB, APOE, LPL, CD9, FABP5, LGALS3,
-  CTSD high) are more frequent (composition above).
+  classical monocytes x1.7, mature neutrophils x2, immature neutrophils x4, TREM2-high
+  macrophages x4 (1 % other macrophages), platelets x3 (then renormalised). Sizes are set
+  so that the demo design (6 vs 6 samples, 1,500 cells) detects each at FDR 0.05 with power
+  >= 0.9 when tested on the true labels (:func:`oracle_tests`,
+  ``benchmarks/oracle_power.py``, 20 seeds: 0.90-1.00, TREM2-high share 0.95).
+* **State programmes are broader than the signatures** (:data:`_STATE_CORE`,
+  :data:`_STATE_REST`): each state moves 53-66 genes from the literature (core folds
+  given, the rest drawn once, log-uniform 1.5-4x up, 1.5-3x down), and each flagged cell
+  carries its programme at its own intensity (fold ** w, w ~ U(0.4, 1.6)). The shipped
+  signature is a partial subset: 70-81 % of a signature's genes are planted, 16-29 % of a
+  programme is scored (:func:`planted_vs_scored`; the demo writes
+  ``planted_vs_scored_genes.tsv``).
+* States and rates: MS1-like (``ms1_like``, Reyes 2020) 8 % -> 26 % of classical monocytes,
+  MS1 cells are also ``hla_low``; HLA class II loss (``hla_low``) 10 % -> 35 % of monocytes
+  and 10 % -> 60 % of DCs (Poehlmann 2009), with PD-L1 / IL-10 / IL4I1 up; T-cell
+  exhaustion (``exhausted``) 5 % -> 16 % of T cells at the reference odds, x3 odds in
+  effector/memory CD8 T, x1.5 in memory CD4 T and Treg, x0.5 in naive T (exhaustion follows
+  differentiation; effector/memory CD8 T also carry TIGIT, PDCD1, TOX, CD244, EOMES at
+  baseline); cytokine programme (``cytokine_high``) 5 % -> 20 % of monocytes; TREM2-high
+  macrophages (``trem2_high``, a cell type: the data macrophage profile, against the
+  other macrophages with the lipid-associated genes divided out) more frequent.
 
 Donor variation (both conditions, also with ``effects=False``): donor random effects on the
 log cell-type fractions (sd 0.3) and on the logit state fractions (sd 0.35), plus a smaller
@@ -75,7 +83,7 @@ import gzip
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +107,9 @@ __all__ = [
     "null_calibration",
     "PLANTED_EFFECTS",
     "STATES",
+    "planted_programmes",
+    "planted_vs_scored",
+    "targeted_panel",
 ]
 
 _CHUNK = 512  # cells per dense block while sampling
@@ -154,152 +165,218 @@ _BASE_FRACTIONS = {
     "naive B": 0.06, "memory B": 0.03, "Plasmablast": 0.005, "Classical monocyte": 0.18,
     "Non-classical monocyte": 0.03, "cDC1": 0.004, "cDC2": 0.012, "pDC": 0.006,
     "Mature neutrophil": 0.03, "Immature neutrophil": 0.008, "Platelet": 0.012,
-    "TREM2-high macrophage": 0.005, "Macrophage": 0.005,
+    "TREM2-high macrophage": 0.005, "Macrophage": 0.01,
 }  # fmt: skip
 
 # Platelets x3: Qiu 2021 (GSE167363) saw 6 % in healthy controls -> 34 % of PBMC in late
 # non-survivors; x3 is a moderate version that a 6 vs 6 design detects (oracle power > 0.9)
 _LINEAGE_EFFECT = {"T": 0.5, "NK": 0.4, "B": 0.4, "DC": 0.45, "Plasma": 2.5, "Platelet": 3.0}
 _TYPE_EFFECT = {
-    "Classical monocyte": 1.6,
+    "Classical monocyte": 1.7,
     "Mature neutrophil": 2.0,
     "Immature neutrophil": 4.0,
-    "TREM2-high macrophage": 3.0,
+    # x4 with 1 % other macrophages: the TREM2-high share of macrophages (its primary row)
+    # has oracle power >= 0.9 in the demo design; x3 with 0.5 % had 0.6-0.75 (20 seeds)
+    "TREM2-high macrophage": 4.0,
 }
 
-# Marker levels in mean CP10k of the expressing population. Numbers with a "fit" note are the
-# mean CP10k in the matching soupx_pbmc4k annotation; the others are literature-scale defaults
-# for populations absent from healthy PBMC (neutrophils, plasmablasts, macrophages).
-_L = {
-    # T (fit, T_CD4/T_CD8)
-    "CD3D": 8.3, "CD3E": 6.7, "CD3G": 3.0, "TRAC": 12.4, "TRBC2": 7.6, "CD2": 2.9, "LCK": 4.3,
-    "CD247": 3.0, "IL7R": 4.9, "LTB": 20.5, "IL32": 12.0, "CD28": 0.8, "TCF7": 2.6,
-    "CCR7": 3.0, "LEF1": 2.3, "MAL": 1.7, "NOSIP": 4.2, "AQP3": 1.3, "ITGB1": 1.7, "CD4": 1.4,
-    "CD8A": 3.6, "CD8B": 5.5, "S100B": 0.6, "CCL5": 20.0, "GZMK": 4.8, "GZMH": 3.3,
-    "GZMA": 6.0, "KLRB1": 6.0, "FOXP3": 1.2, "IL2RA": 1.0, "CTLA4": 0.8, "TIGIT": 0.6,
-    "RTKN2": 0.8, "IKZF2": 0.6, "FCRL3": 0.6, "CD27": 3.0, "PIK3IP1": 3.0, "FHIT": 1.0,
-    "RGS10": 1.5, "CRTAM": 0.5, "CST7": 3.0,
-    # NK (fit, NK)
-    "NKG7": 50.5, "GNLY": 44.3, "KLRD1": 7.1, "KLRF1": 4.3, "PRF1": 10.1, "GZMB": 5.5,
-    "FCGR3A": 3.6, "FGFBP2": 7.5, "SPON2": 5.0, "XCL1": 4.0, "XCL2": 5.0, "KLRC1": 2.8,
-    "NCAM1": 1.5, "SPINK2": 1.0, "TYROBP": 34.1, "FCER1G": 14.4,
-    # B (fit, B)
-    "MS4A1": 10.0, "CD79A": 16.5, "CD79B": 15.1, "CD19": 1.4, "BANK1": 3.8, "PAX5": 0.6,
-    "CD22": 3.3, "FCRLA": 1.8, "IGHM": 15.4, "IGHD": 9.2, "TCL1A": 11.2, "IL4R": 1.0,
-    "FCER2": 1.0, "AIM2": 1.0, "COCH": 0.8, "SSPN": 0.8, "TNFRSF13B": 1.0,
-    # plasmablast (default)
-    "JCHAIN": 60.0, "MZB1": 30.0, "TNFRSF17": 4.0, "PRDM1": 2.0, "XBP1": 15.0, "SDC1": 1.0,
-    "DERL3": 5.0, "TXNDC5": 10.0, "IGHG1": 150.0, "IGHA1": 120.0, "IGHA2": 30.0,
-    # monocytes (fit, MNP)
-    "CD14": 4.3, "LYZ": 119.0, "FCN1": 13.4, "VCAN": 7.9, "S100A8": 100.9, "S100A9": 115.2,
-    "S100A12": 14.2, "CSF1R": 1.5, "CTSS": 29.3, "MNDA": 12.1, "CD68": 3.7, "LST1": 18.1,
-    "MS4A7": 2.3, "CDKN1C": 3.0, "HES4": 2.0, "G0S2": 1.0, "IL1B": 3.1, "CXCL8": 5.2,
-    "CD86": 0.8, "PLAC8": 7.3, "ALOX5AP": 2.9, "CTSD": 4.1, "LGALS3": 2.7, "CD163": 0.4,
-    "RETN": 1.1, "CYP1B1": 0.6, "MCEMP1": 0.3, "SELL": 4.4,
-    # MHC class II (fit, B/MNP)
-    "HLA-DRA": 59.4, "HLA-DRB1": 25.0, "HLA-DPA1": 22.6, "HLA-DPB1": 24.9, "HLA-DQA1": 8.5,
-    "HLA-DQB1": 18.6, "HLA-DMA": 6.2, "HLA-DMB": 4.7, "CD74": 132.9, "CIITA": 1.0,
-    "CD40": 1.6,
-    # DCs (defaults at monocyte-fit scale)
-    "CD1C": 6.0, "FCER1A": 8.0, "CLEC10A": 5.0, "CLEC9A": 5.0, "XCR1": 2.0, "IDO1": 3.0,
-    "CADM1": 2.0, "DNASE1L3": 4.0, "FLT3": 1.5, "LILRA4": 8.0, "IL3RA": 3.0, "SERPINF1": 5.0,
-    "ITM2C": 12.0, "SPIB": 4.0, "PLD4": 6.0,
-    # neutrophils (defaults; low-RNA cells dominated by a few genes)
-    "FCGR3B": 60.0, "CSF3R": 25.0, "CXCR2": 20.0, "CXCR1": 10.0, "CMTM2": 8.0, "FPR1": 10.0,
-    "NAMPT": 20.0, "PROK2": 6.0, "IFITM2": 30.0, "MME": 3.0,
-    "LCN2": 40.0, "LTF": 60.0, "CAMP": 30.0, "MMP8": 10.0, "CEACAM8": 8.0, "CEACAM6": 8.0,
-    "OLFM4": 10.0, "CD24": 8.0, "BPI": 6.0, "CRISP3": 6.0, "CHI3L1": 6.0, "ARG1": 5.0,
-    # platelets (defaults)
-    "PPBP": 300.0, "PF4": 150.0, "GP9": 8.0, "ITGA2B": 6.0, "TUBB1": 15.0, "GNG11": 30.0,
-    "NRGN": 40.0, "CAVIN2": 20.0, "CLU": 20.0, "H2AC6": 10.0,
-    # macrophages (defaults)
-    "C1QA": 40.0, "C1QB": 40.0, "C1QC": 30.0, "APOE": 60.0, "MRC1": 5.0, "MARCO": 6.0,
-    "SELENOP": 15.0, "FOLR2": 5.0, "TREM2": 15.0, "SPP1": 80.0, "GPNMB": 30.0, "LPL": 10.0,
-    "CD9": 15.0, "FABP5": 25.0, "CD36": 8.0, "LIPA": 6.0, "CTSB": 30.0, "CTSL": 15.0,
-    "PLIN2": 10.0, "CD63": 30.0, "ACP5": 10.0,
+# ----------------------------------------------------------------------------------------
+# cell-type profiles: real data (resources/simulator/profiles.tsv.gz, fitted by
+# benchmarks/fit_simulator_profiles.py) x literature fold changes. Deliberately NOT the
+# annotator's lists (resources/markers/*): the subset genes below are a separate source
+# (Azimuth PBMC level-2 markers, Hao 2021 Cell; Monaco 2019 Cell Rep; Villani 2017 Science
+# for DCs; Xie 2020 Nat Immunol and Wigerblad 2022 for neutrophils; Rowley 2011 Blood for
+# platelets; Mildner/Ramachandran 2019 Nature for macrophages; "[M]" literature memory),
+# with partial overlap with the annotator's sets, and folds of 2-8x, not 25x.
+# ----------------------------------------------------------------------------------------
+#: simulated type -> fitted data column it starts from
+_PROFILE_SOURCE = {
+    "CD4 naive T": "T_CD4", "CD4 memory T": "T_CD4", "Treg": "T_CD4",
+    "CD8 naive T": "T_CD8", "CD8 effector/memory T": "T_CD8",
+    "NK CD56dim": "NK", "NK CD56bright": "NK", "naive B": "B", "memory B": "B",
+    "Plasmablast": "B", "Classical monocyte": "MNP", "Non-classical monocyte": "MNP",
+    "cDC1": "MNP", "cDC2": "MNP", "pDC": "pDC", "Mature neutrophil": "MNP",
+    "Immature neutrophil": "MNP", "Platelet": "MNP", "TREM2-high macrophage": "MAC",
+    "Macrophage": "MAC",
 }  # fmt: skip
-_DEFAULT_LEVEL = 2.0
-_DEFAULT_FOLD = 25.0  # marker level / background elsewhere (median fit ~ 25-60)
+#: an up-regulated gene of a type reaches max(source level, _FOLD_REF CP10k) x fold, so a
+#: gene near zero in the source population (FCGR3B in PBMC monocytes) gets a modest level
+_FOLD_REF = 0.5
+_MHC2 = "HLA-DRA HLA-DRB1 HLA-DPA1 HLA-DPB1 HLA-DQA1 HLA-DQB1 CD74"
+_MONO_CORE = "LYZ S100A8 S100A9 S100A12 CD14 FCN1 VCAN CSF3R"
 
-_LINEAGE_MARKERS = {
-    "T": "CD3D CD3E CD3G TRAC TRBC2 CD2 LCK CD247 IL32 LTB CD27",
-    "NK": "NKG7 GNLY KLRD1 KLRF1 PRF1 TYROBP FCER1G CD247 CST7",
-    "B": "MS4A1 CD79A CD79B CD19 BANK1 PAX5 CD22 FCRLA CD74 HLA-DRA HLA-DRB1 HLA-DPA1 "
-    "HLA-DPB1 HLA-DQA1 HLA-DQB1 HLA-DMA HLA-DMB CIITA CD40",
-    "Plasma": "JCHAIN MZB1 TNFRSF17 PRDM1 XBP1 SDC1 DERL3 TXNDC5 IGHG1 IGHA1 IGHA2 CD27",
-    "Monocyte": "CD14 LYZ FCN1 VCAN S100A8 S100A9 CSF1R CTSS MNDA CD68 TYROBP FCER1G LST1 "
-    "CD74 HLA-DRA HLA-DRB1 HLA-DPA1 HLA-DPB1 HLA-DQA1 HLA-DQB1 HLA-DMA HLA-DMB CIITA CD86 "
-    "ALOX5AP CTSD LGALS3 PLAC8",
-    "Macrophage": "CD68 C1QA C1QB C1QC APOE MRC1 CD163 MARCO SELENOP FOLR2 CTSS TYROBP "
-    "FCER1G CD74 HLA-DRA HLA-DRB1 HLA-DPA1 HLA-DPB1 CTSB CTSD LGALS3 CD63",
-    "DC": "CD74 HLA-DRA HLA-DRB1 HLA-DPA1 HLA-DPB1 HLA-DQA1 HLA-DQB1 HLA-DMA HLA-DMB CIITA "
-    "FLT3 CD86 CD40",
-    "Neutrophil": "FCGR3B CSF3R CXCR2 CXCR1 CMTM2 FPR1 MNDA S100A8 S100A9 S100A12 NAMPT "
-    "PROK2 G0S2 IFITM2 SELL",
-    "Platelet": "PPBP PF4 GP9 ITGA2B TUBB1 GNG11 NRGN CAVIN2 CLU H2AC6",
-}
-_SUBSET_MARKERS = {
-    "CD4 naive T": "CD4 TCF7 CCR7 IL7R LEF1 MAL NOSIP PIK3IP1 FHIT SELL CD28",
-    "CD4 memory T": "CD4 IL7R ITGB1 AQP3 KLRB1 GZMK GZMA CCL5 CD28",
-    "Treg": "CD4 FOXP3 IL2RA CTLA4 TIGIT RTKN2 IKZF2 FCRL3",
-    "CD8 naive T": "CD8A CD8B CCR7 LEF1 TCF7 S100B NOSIP RGS10 CRTAM SELL CD28",
-    "CD8 effector/memory T": "CD8A CD8B CCL5 GZMH GZMK GZMA NKG7 KLRD1 CST7 PRF1",
-    "NK CD56dim": "FCGR3A FGFBP2 SPON2 GZMB GZMA GZMH CCL5",
-    "NK CD56bright": "NCAM1 XCL1 XCL2 SPINK2 KLRC1 GZMK SELL",
-    "naive B": "IGHM IGHD TCL1A IL4R FCER2",
-    "memory B": "AIM2 COCH SSPN TNFRSF13B CD27",
-    "Plasmablast": "",
-    "Classical monocyte": "S100A12 VCAN CD14 FCN1 IL1B G0S2 CXCL8 SELL",
-    "Non-classical monocyte": "FCGR3A CDKN1C HES4 MS4A7 LST1",
-    "cDC1": "CLEC9A XCR1 IDO1 CADM1 DNASE1L3",
-    "cDC2": "CD1C FCER1A CLEC10A",
-    "pDC": "LILRA4 IL3RA SERPINF1 ITM2C SPIB PLD4 MZB1",
-    "Mature neutrophil": "FCGR3B CXCR2 CXCR1 FPR1 MME CMTM2",
-    "Immature neutrophil": "LCN2 LTF CAMP MMP8 CEACAM8 CEACAM6 OLFM4 CD24 BPI CRISP3 CHI3L1 ARG1",
-    "Platelet": "",
-    "TREM2-high macrophage": "TREM2 SPP1 GPNMB APOE LPL CD9 FABP5 LGALS3 CTSD CD36 LIPA "
-    "CTSL PLIN2 ACP5",
-    "Macrophage": "",
-}
-#: genes a type expresses at reduced level (fold vs its marker level)
-_TYPE_DOWN = {
-    "Immature neutrophil": {"FCGR3B": 0.15, "CXCR2": 0.2, "MME": 0.1, "FPR1": 0.3},
-    "Non-classical monocyte": {"CD14": 0.1, "S100A12": 0.1, "VCAN": 0.1, "S100A8": 0.3},
-    "Treg": {"IL7R": 0.2},
-    "CD8 effector/memory T": {"CCR7": 0.1, "SELL": 0.2},
-    "NK CD56bright": {"FCGR3A": 0.1, "FGFBP2": 0.1},
-}
 
-# state programmes: gene -> (fold, floor CP10k)
-_STATE_PROGRAMMES: dict[str, dict[str, tuple[float, float]]] = {
-    "ms1_like": {
-        "RETN": (10, 8), "IL1R2": (12, 4), "ALOX5AP": (4, 8), "CD163": (5, 4),
-        "MCEMP1": (8, 4), "CYP1B1": (6, 3), "S100A8": (2.5, 0), "S100A9": (2.5, 0),
-        "S100A12": (4, 0), "PLAC8": (3, 0), "CLU": (4, 2), "SELL": (2, 0), "SLC39A8": (4, 1),
-        "ACSL1": (4, 2), "HP": (6, 2), "CES1": (4, 1), "THBS1": (3, 1), "S100P": (4, 1),
-        "LGALS1": (2, 0), "VCAN": (2, 0), "CTSD": (2, 0),
-        "HLA-DRA": (0.35, 0), "HLA-DRB1": (0.35, 0), "HLA-DPA1": (0.35, 0),
-        "HLA-DPB1": (0.35, 0), "HLA-DQA1": (0.35, 0), "HLA-DQB1": (0.35, 0), "CD74": (0.5, 0),
-    },
-    "hla_low": {
-        "HLA-DRA": (0.3, 0), "HLA-DRB1": (0.3, 0), "HLA-DRB5": (0.3, 0), "HLA-DPA1": (0.3, 0),
-        "HLA-DPB1": (0.3, 0), "HLA-DQA1": (0.3, 0), "HLA-DQB1": (0.3, 0), "HLA-DMA": (0.3, 0),
-        "HLA-DMB": (0.3, 0), "CD74": (0.45, 0), "CD86": (0.4, 0), "CIITA": (0.4, 0),
-        # tolerogenic shift that accompanies MHC-II loss in septic monocytes and DCs
-        # (PD-L1 up: Guignant 2011 Crit Care; IL-10/IDO: Hotchkiss 2013 Nat Rev Immunol)
-        "CD274": (4, 1.0), "IL10": (3, 0.5), "IDO1": (3, 0.5),
-    },
-    "exhausted": {
-        "PDCD1": (8, 1.5), "CTLA4": (6, 1.5), "HAVCR2": (6, 1.5), "LAG3": (6, 1.5),
-        "TIGIT": (4, 1.5), "TOX": (4, 1.5), "BTLA": (3, 0.8), "CD160": (3, 0.8),
-        "CD244": (3, 0.8), "ENTPD1": (3, 0.8),
-        "IL7R": (0.3, 0), "CD28": (0.35, 0), "TCF7": (0.4, 0),
-    },
-    "cytokine_high": {
-        "IL6": (15, 3), "IL1B": (5, 10), "TNF": (5, 3), "CXCL8": (4, 10), "CCL2": (4, 3),
-        "CCL3": (4, 4), "CCL4": (4, 4), "IL10": (5, 1), "NFKBIA": (2, 0), "TNFAIP3": (2, 0),
-    },
-}  # fmt: skip
+def _folds(spec: str) -> dict[str, float]:
+    """``"GENE:fold GENE:fold ..."``; a bare list after ``|x`` shares one fold
+    (``"|0.25 CD14 VCAN"``)."""
+    out: dict[str, float] = {}
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("|"):
+            head, *genes = part[1:].split()
+            out.update({g: float(head) for g in genes})
+        else:
+            for tok in part.split():
+                g, f = tok.rsplit(":", 1)
+                out[g] = float(f)
+    return out
+
+
+#: type -> gene fold changes on top of its source column (up 2-8, down 1/8-1/2)
+_TYPE_FOLDS: dict[str, dict[str, float]] = {
+    k: _folds(v)
+    for k, v in {
+        "CD4 naive T": "CCR7:3 SELL:3 LEF1:3 TCF7:2 NOSIP:2 PIK3IP1:2 LRRN3:4 FHIT:2; "
+        "|0.3 KLRB1 GZMK CCL5 S100A4 ANXA1",
+        "CD4 memory T": "KLRB1:4 GZMK:3 CCL5:3 ANXA1:2 S100A4:2.5 LGALS1:2 AQP3:2 ITGB1:2 "
+        "CRIP1:2; |0.4 CCR7 LEF1 SELL LRRN3",
+        "Treg": "FOXP3:8 IL2RA:6 CTLA4:4 RTKN2:6 IKZF2:4 TIGIT:3 FANK1:4 BATF:2 TNFRSF4:3 "
+        "TNFRSF18:3 DUSP4:3; |0.3 IL7R",
+        "CD8 naive T": "CCR7:3 LEF1:3 SELL:3 TCF7:2 NELL2:3 LRRN3:4 CD8B:2; "
+        "|0.2 CCL5 GZMK GZMH NKG7 GNLY KLRD1",
+        # effector/memory CD8 T carry part of the "exhaustion" programme at baseline
+        # (TIGIT, PDCD1, TOX, CD244, EOMES in healthy effector memory: Szabo 2019 Nat Commun)
+        "CD8 effector/memory T": "CCL5:3 GZMK:3 GZMH:4 GZMA:3 NKG7:3 CST7:3 KLRD1:3 GNLY:3 "
+        "CCL4:2 TIGIT:2.5 PDCD1:2 TOX:2 CD244:2 EOMES:2.5; |0.25 CCR7 SELL LEF1 LRRN3",
+        "NK CD56dim": "FCGR3A:3 FGFBP2:3 SPON2:2 GZMB:2 PRF1:2 CX3CR1:3; "
+        "|0.25 XCL1 XCL2 SELL GZMK KLRC1",
+        "NK CD56bright": "NCAM1:4 XCL1:6 XCL2:6 GZMK:6 SELL:4 KLRC1:3 SPINK2:6 CD44:2; "
+        "|0.15 FCGR3A FGFBP2 CX3CR1; |0.4 GZMB PRF1",
+        "naive B": "IGHD:4 IGHM:2 TCL1A:4 FCER2:4 IL4R:3 PLPP5:3 YBX3:2; |0.3 AIM2 SSPN COCH",
+        "memory B": "AIM2:4 COCH:5 SSPN:4 TNFRSF13B:4 CD27:3 CRIP1:2 IGHA1:3 IGHG1:3; "
+        "|0.25 IGHD TCL1A FCER2",
+        "Plasmablast": "JCHAIN:8 MZB1:8 XBP1:6 TXNDC5:8 DERL3:8 IGHG1:8 IGHA1:8 PRDM1:4 "
+        "TNFRSF17:8 SDC1:4 CD38:6 FKBP11:6 SEC11C:4 SSR4:4; "
+        "|0.125 MS4A1 TCL1A FCER2 IGHD; |0.25 CD19 BANK1 CD22 CD37 " + _MHC2,
+        "Classical monocyte": "CD14:2 VCAN:2 S100A12:2 CSF3R:2 FCN1:2; "
+        "|0.25 FCGR3A CDKN1C CD1C FCER1A CLEC10A; |0.4 MS4A7",
+        "Non-classical monocyte": "FCGR3A:6 CDKN1C:6 MS4A7:4 HES4:4 LST1:2 AIF1:2 IFITM2:2 "
+        "RHOC:3 C1QA:4 TCF7L2:3 CX3CR1:3; |0.15 CD14 S100A12 VCAN CSF3R; |0.35 S100A8 LYZ",
+        "cDC1": "CLEC9A:8 XCR1:8 IDO1:6 CADM1:8 DNASE1L3:8 C1orf54:8 CPNE3:4 WDFY4:6 BATF3:6 "
+        "HLA-DPB1:2 HLA-DPA1:2; |0.125 " + _MONO_CORE,
+        "cDC2": "CD1C:8 FCER1A:8 CLEC10A:8 HLA-DQA1:3 HLA-DQB1:3 CD1E:6 PKIB:6 ENHO:4 "
+        "HLA-DPB1:2; |0.2 S100A8 S100A9 CD14 FCN1 VCAN S100A12 CSF3R; |0.4 LYZ",
+        "pDC": "",  # its own data column (the 20 pDCs of soupx_pbmc4k)
+        "Mature neutrophil": "FCGR3B:8 CSF3R:4 CXCR2:8 CXCR1:8 CMTM2:8 FPR1:4 MME:6 PROK2:8 "
+        "NAMPT:3 G0S2:4 S100A8:2 S100A9:2 S100A12:3 MNDA:2 IFITM2:3 SOD2:3 MGAM:8 AQP9:6 "
+        "CXCL8:2 PTGS2:3; |0.125 HLA-DRB1 CST3 CSF1R " + _MHC2 + "; |0.25 LYZ CD14 LGALS2 "
+        "CD68 FCN1",
+        "Immature neutrophil": "LCN2:8 LTF:8 CAMP:8 MMP8:8 CEACAM8:8 CEACAM6:6 OLFM4:8 CD24:6 "
+        "BPI:6 CRISP3:6 CHI3L1:6 ARG1:6 MMP9:6 RETN:4 S100A8:2 S100A9:2 S100A12:3 CSF3R:2 "
+        "FCGR3B:2; |0.125 HLA-DRB1 CST3 CSF1R " + _MHC2 + "; |0.25 LYZ CD14 LGALS2 CD68 FCN1",
+        "Platelet": "PPBP:8 PF4:8 GP9:8 ITGA2B:8 TUBB1:8 GNG11:8 NRGN:8 CAVIN2:8 CLU:6 "
+        "H2AC6:6 SPARC:6 TREML1:8 CMTM5:6 TSC22D1:3; |0.125 CST3 CTSS VCAN "
+        + _MONO_CORE
+        + " "
+        + _MHC2
+        + "; |0.25 TYROBP FCER1G LST1 AIF1",
+        "TREM2-high macrophage": "",  # its own data column (celltypist_sample macrophages)
+        # TREM2-low macrophage: the lipid-associated programme divided back out, resident
+        # genes up (Ramachandran 2019 Nature; Dick 2022 Sci Immunol TLF+ macrophages)
+        "Macrophage": "C1QA:4 C1QB:4 C1QC:4 MRC1:4 SELENOP:6 FOLR2:6 LYVE1:6 F13A1:4 MARCO:4 "
+        "CD163:3; |0.15 TREM2; |0.2 SPP1; |0.25 GPNMB LPL ACP5; |0.3 APOE CD9 FABP5; "
+        "|0.4 CTSL LIPA PLIN2; |0.5 LGALS3 CTSD CD36",
+    }.items()
+}
+#: lipid-associated genes that make the TREM2-high macrophage differ from the other
+#: macrophage: its planted "programme" (the data profile, against the divided-out one)
+_TREM2_PROGRAMME = [g for g, f in _TYPE_FOLDS["Macrophage"].items() if f < 1]
+#: fraction of ribosomal UMIs relative to the source population (low-RNA granulocytes and
+#: anucleate platelets carry fewer ribosomal transcripts; Xie 2020)
+_RIBO_RELATIVE = {"Mature neutrophil": 0.5, "Immature neutrophil": 0.5, "Platelet": 0.5}
+
+# ----------------------------------------------------------------------------------------
+# covariates: sex-linked genes and age
+# ----------------------------------------------------------------------------------------
+#: Y-linked genes silent in female donors; XIST silent in male donors
+_Y_GENES = ("RPS4Y1", "DDX3Y", "UTY", "KDM5D", "EIF1AY", "USP9Y", "ZFY", "NLGN4Y")
+_X_FEMALE = ("XIST", "TSIX")
+#: log change of a type's fraction per year of age above 50 (naive T cells fall with age,
+#: CD8 faster than CD4; effector/memory rise: Goronzy & Weyand 2019 Nat Immunol; Saule 2006)
+_AGE_SLOPE = {"CD4 naive T": -0.015, "CD8 naive T": -0.03, "CD8 effector/memory T": 0.01}
+_AGE_REF = 50.0
+
+# ----------------------------------------------------------------------------------------
+# state programmes: broad literature programmes (60-100 genes each), of which the shipped
+# signature (resources/signatures/human.yaml, read only by the scorer) is a partial subset:
+# some signature genes are not planted at all, most programme genes are not in the
+# signature (see planted_vs_scored). Folds: "core" genes given, the rest drawn once
+# (seed-independent) log-uniform in [1.5, 4] up and [1/3, 1/1.5] down; each flagged cell
+# carries the programme at its own intensity (fold ** w, w ~ U(0.4, 1.6)).
+# ----------------------------------------------------------------------------------------
+_STATE_CORE: dict[str, dict[str, float]] = {
+    # MS1 (Reyes 2020 Nat Med), S100A-high HLA-DR-low monocytes (Schulte-Schrepping 2020
+    # Cell), emergency-myelopoiesis granule genes (Kwok 2023 Nat Immunol)
+    "ms1_like": _folds(
+        "RETN:6 IL1R2:6 MCEMP1:5 CYP1B1:4 S100A12:3 HP:4 SLC39A8:3 ACSL1:3 "
+        "CD163:3 PLAC8:2 VCAN:2; |0.4 " + _MHC2
+    ),
+    # MHC-II loss with a tolerogenic shift (Monneret 2006; Guignant 2011; Hotchkiss 2013)
+    "hla_low": _folds(
+        "CD274:4 IL10:3 IL4I1:3; |0.35 HLA-DRA HLA-DRB1 HLA-DPA1 "
+        "HLA-DPB1 HLA-DQA1 HLA-DQB1 HLA-DMA HLA-DMB; |0.5 CD74 CIITA CD86"
+    ),
+    # exhausted / dysfunctional T (Wherry 2007 Immunity; Zheng 2017 Cell; Guo 2018 Nat Med)
+    "exhausted": _folds(
+        "PDCD1:6 TOX:4 TIGIT:4 LAG3:5 HAVCR2:5 CD244:3 LAYN:4 PHLDA1:3 "
+        "TNFRSF9:3; |0.4 IL7R TCF7 CCR7 SELL"
+    ),
+    # circulating inflammatory monocytes (Schulte-Schrepping 2020; Wilk 2020 Nat Med)
+    "cytokine_high": _folds(
+        "IL1B:5 TNF:4 CXCL8:4 CCL3:4 CCL4:4 IL6:6 IER3:3 NFKBIA:2.5 TNFAIP3:2.5 CXCL2:4 PTGS2:3"
+    ),
+}
+_STATE_REST: dict[str, tuple[str, str]] = {  # (other up genes, other down genes)
+    "ms1_like": (
+        "S100A8 S100A9 SELL ALOX5AP CD36 FKBP5 TSC22D3 "
+        "ZBTB16 VSIG4 IRAK3 PADI4 DYSF CLEC4E CLEC4D FCGR1A PGD ECHDC3 TLR5 BCL6 SOCS3 "
+        "IL18R1 IL1RN PFKFB2 GYG1 STEAP4 CD177 MMP9 LCN2 CAMP ARG1 MGAM AQP9 NAMPT CSF3R "
+        "ANXA1 OLFM4",
+        "CX3CR1 LGALS2 CD1D MS4A6A KLF4 FCER1A CLEC10A CSF1R CD86 CIITA HLA-DMA HLA-DMB",
+    ),
+    "hla_low": (
+        "LILRB2 ARG2 ADM S100A8 S100A9 SOCS3 TGFBI MARCKS SIGLEC10 IRAK3 IL1RN TSC22D3 "
+        "ANXA1 LGALS1 FCGR1A CLEC4E VSIG4 MS4A4A",
+        "CD40 CD80 CPVL IRF8 LGALS2 CST3 CTSS CLEC10A FCER1A CD1C CD1D CD1E PKIB HLA-DQA1 "
+        "CD83 LAMP3 HLA-DOA HLA-DOB LY86 MS4A7 CD4 MARCKSL1",
+    ),
+    "exhausted": (
+        "SNX9 ITGAE CCL3 CCL4 CCL5 GZMB GZMK RGS1 DUSP4 NR4A1 NR4A2 EOMES PRDM1 "
+        "BATF IRF4 ID2 MAF HLA-DRA CD38 B3GAT1 SIRPG CXCR6 ITM2A SRGN KLRG1 CTSW NKG7 CST7 "
+        "TNFRSF18 CD27 RGS2 CD7",
+        "CD28 LEF1 KLF2 S1PR1 GPR183 LTB MAL NOSIP PIK3IP1 LRRN3 FHIT",
+    ),
+    "cytokine_high": (
+        "CCL2 CXCL3 CCL20 EREG NFKBIZ ICAM1 CD83 PLAUR OSM CCL4L2 PPP1R15A DUSP2 KDM6B ZFP36 "
+        "FOSB JUN ATF3 MAFF BCL2A1 SERPINB2 CXCL1 TRAF1 IL23A CXCL10 IL18 NLRP3 EHD1 SGK1 "
+        "SOD2 G0S2 IL10 IL1RN SOCS3 THBS1 NAMPT NR4A3 EGR1 EGR2 EGR3 IRF1 RELB NFKB1 NFKB2 "
+        "BIRC3 TNFAIP6 PDE4B TNFAIP2 CXCL5",
+        "",
+    ),
+}
+#: every cell's intensity of its states' programmes is fold ** w, w ~ U(*_INTENSITY)
+_INTENSITY = (0.4, 1.6)
+
+
+def _state_programmes() -> dict[str, dict[str, float]]:
+    """state -> {gene: fold}: the core folds plus the broader programme, whose folds are
+    drawn once from a fixed generator (the same programme in every cohort)."""
+    rng = np.random.default_rng(18)
+    out = {}
+    for state, core in _STATE_CORE.items():
+        prog = dict(core)
+        up, down = _STATE_REST[state]
+        for g in up.split():
+            prog.setdefault(g, float(np.exp(rng.uniform(np.log(1.5), np.log(4.0)))))
+        for g in down.split():
+            prog.setdefault(g, float(np.exp(-rng.uniform(np.log(1.5), np.log(3.0)))))
+        out[state] = prog
+    return out
+
+
+_STATE_PROGRAMMES = _state_programmes()
 # state -> (types it applies to, control fraction, sepsis fraction)
 _STATE_RATES = {
     "ms1_like": (("Classical monocyte",), 0.08, 0.26),
@@ -320,6 +397,13 @@ _STATE_RATES = {
 #: mDC and pDC HLA-DR loss; Hotchkiss 2013 Nat Rev Immunol): 60 % of septic DCs vs 35 % of
 #: monocytes. With ~15 DCs per septic sample a 10 % -> 35 % shift has oracle power < 0.8.
 _STATE_CASE_RATE_BY_TYPE = {"hla_low": {"cDC1": 0.6, "cDC2": 0.6, "pDC": 0.6}}
+#: odds multipliers of a state by type (both conditions): exhaustion follows
+#: differentiation, most frequent in effector/memory CD8 T, rare in naive T (Wherry 2015
+#: Nat Rev Immunol; Boomer 2011 JAMA saw PD-1 mostly on memory/effector cells)
+_STATE_TYPE_ODDS = {
+    "exhausted": {"CD8 effector/memory T": 3.0, "CD4 memory T": 1.5, "Treg": 1.5,
+                  "CD4 naive T": 0.5, "CD8 naive T": 0.5},
+}  # fmt: skip
 _DONOR_SD_FRACTION = 0.3
 _DONOR_SD_STATE = 0.35
 _SAMPLE_SD = 0.1
@@ -361,16 +445,22 @@ def cell_type_table() -> pd.DataFrame:
 # genes and profiles
 # ----------------------------------------------------------------------------------------
 def _programme_genes() -> list[str]:
-    genes: list[str] = list(_L)
-    for txt in list(_LINEAGE_MARKERS.values()) + list(_SUBSET_MARKERS.values()):
-        genes.extend(txt.split())
+    """Every gene the simulator moves: type folds, state programmes, sex-linked genes, MT."""
+    genes: list[str] = []
+    for d in _TYPE_FOLDS.values():
+        genes.extend(d)
     for prog in _STATE_PROGRAMMES.values():
         genes.extend(prog)
-    for d in _TYPE_DOWN.values():
-        genes.extend(d)
+    genes.extend(_Y_GENES + _X_FEMALE)
     genes.extend(_MT_LEVELS)
     genes.extend(["ISG15", "IFI6", "MX1", "IFIT1", "IFIT3", "IFI44L", "PTPRC", "ACTB", "B2M"])
     return list(dict.fromkeys(genes))
+
+
+def _profile_table() -> pd.DataFrame:
+    """The fitted per-population mean CP10k and dispersion residual of every gene
+    (``resources/simulator/profiles.tsv.gz``; see its README)."""
+    return pd.read_csv(resource_path("simulator", "profiles.tsv.gz"), sep="\t", index_col=0)
 
 
 def _select_genes(n_genes: int) -> pd.DataFrame:
@@ -387,69 +477,66 @@ def _select_genes(n_genes: int) -> pd.DataFrame:
     n_prio = int(priority.sum())
     if n_genes < n_prio:
         raise ValueError(
-            f"n_genes={n_genes} is smaller than the {n_prio} marker, signature, MT, ribosomal "
-            "and haemoglobin genes the simulator needs; use n_genes >= "
+            f"n_genes={n_genes} is smaller than the {n_prio} programme, sex-linked, MT, "
+            "ribosomal and haemoglobin genes the simulator needs; use n_genes >= "
             f"{n_prio} (10,000+ for realistic data)."
         )
     if n_genes > len(table):
         raise ValueError(f"n_genes={n_genes} exceeds the {len(table)} genes in the resource.")
     rest = np.flatnonzero(~priority)
-    # gene choice is independent of the simulation seed, so cohorts share one gene list
-    chosen = np.random.default_rng(20240611).choice(rest, n_genes - n_prio, replace=False)
+    # the rest by expression in the data (the highest mean CP10k of any fitted population),
+    # as a real matrix keeps the genes it detects: seed-independent, so cohorts share one
+    # gene list, and chosen without looking at any marker list
+    level = _profile_table().drop(columns="disp_resid").max(axis=1).reindex(sym).fillna(0)
+    order = rest[np.argsort(-level.to_numpy()[rest], kind="stable")]
+    chosen = order[: n_genes - n_prio]
     idx = np.sort(np.concatenate([np.flatnonzero(priority), chosen]))
     return table.iloc[idx].reset_index(drop=True)
 
 
 def _build_profiles(
     genes: pd.Series, rng: np.random.Generator
-) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
-    """Return (type x gene mean proportions, type names, state fold/floor vectors)."""
+) -> tuple[np.ndarray, list[str], dict[str, np.ndarray], np.ndarray]:
+    """Return (type x gene mean proportions, type names, state fold vectors, per-gene
+    dispersion residual).
+
+    Each type: its fitted data column (mean CP10k of a real population), times the type's
+    literature folds (:data:`_TYPE_FOLDS`; up genes from max(level, ``_FOLD_REF``)), times a
+    small per-type random perturbation of 2 % of genes (log-sd 0.3: two donors' worth of
+    subset noise); ribosomal genes scaled for low-RNA types; MT genes at their fitted
+    relative levels and share.
+    """
+    table = _profile_table().reindex(pd.Index(genes))
     sym = pd.Index(genes)
     n = len(sym)
     pos = {g: i for i, g in enumerate(sym)}
     is_mt = np.asarray(sym.str.startswith("MT-"))
     is_ribo = np.asarray(sym.str.match(r"^RP[SL]\d"))
-    base = np.exp(rng.normal(*_BASE_LOGCP10K, size=n))
-    ribo = np.exp(rng.normal(*_RIBO_LOGCP10K, size=n))
-    base[is_ribo] = ribo[is_ribo]
-    # background of every marker gene (level / fold) unless the base is already lower
-    marker_genes = set(_L)
-    for txt in list(_LINEAGE_MARKERS.values()) + list(_SUBSET_MARKERS.values()):
-        marker_genes.update(txt.split())
-    for g in marker_genes:
-        i = pos[g]
-        base[i] = min(base[i], _L.get(g, _DEFAULT_LEVEL) / _DEFAULT_FOLD)
     types = list(_TYPE_META)
-    lin_pert = {
-        lin: np.where(rng.random(n) < 0.04, np.exp(rng.normal(0, 1.0, n)), 1.0)
-        for lin in sorted({m[0] for m in _TYPE_META.values()})
-    }
     profiles = np.empty((len(types), n), dtype=np.float64)
+    floor = 1e-3  # CP10k: genes never seen in the data keep a trace
     for k, ct in enumerate(types):
-        lin, _, ribo_scale = _TYPE_META[ct]
-        p = base * lin_pert[lin]
-        p = p * np.where(rng.random(n) < 0.02, np.exp(rng.normal(0, 0.7, n)), 1.0)
-        up = _LINEAGE_MARKERS.get(lin, "").split() + _SUBSET_MARKERS[ct].split()
-        for g in up:
-            p[pos[g]] = _L.get(g, _DEFAULT_LEVEL) * np.exp(rng.normal(0, 0.15))
-        for g, fold in _TYPE_DOWN.get(ct, {}).items():
-            p[pos[g]] *= fold
-        # rescale ribosomal and mitochondrial blocks to their fitted shares
-        other = ~(is_mt | is_ribo)
-        p[other] *= (1 - _MT_FRACTION - _RIBO_FRACTION * ribo_scale) / p[other].sum()
-        p[is_ribo] *= _RIBO_FRACTION * ribo_scale / p[is_ribo].sum()
+        p = np.maximum(table[_PROFILE_SOURCE[ct]].fillna(0).to_numpy(float), floor)
+        for g, fold in _TYPE_FOLDS[ct].items():
+            i = pos[g]
+            p[i] = max(p[i], _FOLD_REF) * fold if fold > 1 else p[i] * fold
+        p = p * np.where(rng.random(n) < 0.02, np.exp(rng.normal(0, 0.3, n)), 1.0)
+        p[is_ribo] *= _RIBO_RELATIVE.get(ct, 1.0)
+        other = ~is_mt
+        p[other] *= (1 - _MT_FRACTION) / p[other].sum()
         mt = np.array([_MT_LEVELS[g] for g in sym[is_mt]])
         p[is_mt] = _MT_FRACTION * mt / mt.sum()
         profiles[k] = p
     states = {}
     for state, prog in _STATE_PROGRAMMES.items():
         fold = np.ones(n)
-        floor = np.zeros(n)
-        for g, (f, fl) in prog.items():
+        ref = np.zeros(n)
+        for g, f in prog.items():
             fold[pos[g]] = f
-            floor[pos[g]] = fl / 1e4
-        states[state] = np.vstack([fold, floor])
-    return profiles, types, states
+            ref[pos[g]] = _FOLD_REF / 1e4 if f > 1 else 0.0
+        states[state] = np.vstack([fold, ref])
+    resid = np.clip(table["disp_resid"].fillna(0).to_numpy(float), -0.5, 0.5)
+    return profiles, types, states, resid
 
 
 def _barcodes(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -548,6 +635,7 @@ def simulate_cohort(
     organism: str = "human",
     case: str = "sepsis",
     control: str = "control",
+    gene_panel: int | Sequence[str] | None = None,
 ) -> tuple[dict[str, ad.AnnData], pd.DataFrame]:
     """Simulate a PBMC sepsis cohort with planted truth (see the module docstring).
 
@@ -577,6 +665,15 @@ def simulate_cohort(
         ``"human"`` or ``"mouse"`` (mouse: approximate ortholog names, ``mt-`` genes).
     case, control
         Condition labels of the sheet.
+    gene_panel
+        A targeted gene panel: only these genes are measured (a list of symbols, or a
+        number of genes for :func:`targeted_panel`). Cells are simulated over all
+        ``n_genes`` first, so panel counts are what a targeted assay of the same cells reads
+        (smaller libraries, no MT genes unless listed).
+
+    Design covariates read from the sheet: ``sex`` (F/M: Y-linked genes or XIST silenced;
+    drawn per donor where absent) and ``age`` (years: naive T fractions fall with age). A
+    donor with several samples (time points) shares its donor effects across them.
 
     Returns
     -------
@@ -606,6 +703,7 @@ def simulate_cohort(
         organism=organism,
         case=case,
         control=control,
+        gene_panel=gene_panel,
     ):
         adatas[sid] = adata
         truths.append(truth)
@@ -634,6 +732,7 @@ def _iter_cohort(
     organism: str,
     case: str,
     control: str,
+    gene_panel: int | Sequence[str] | None = None,
 ):
     """Yield ``(sample_id, AnnData, truth)`` one sample at a time (bounded memory).
 
@@ -648,7 +747,13 @@ def _iter_cohort(
         low_quality_rate=low_quality_rate, batch_effect=batch_effect,
     )  # fmt: skip
     model = _cohort_model(samples, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
-    mouse = _mouse_genes(model.gene_table) if organism == "mouse" else None
+    panel = None
+    if gene_panel is not None:
+        panel = _panel_index(model.gene_table["gene_symbol"], gene_panel)
+        out_model = replace(model, gene_table=model.gene_table.iloc[panel].reset_index(drop=True))
+    else:
+        out_model = model
+    mouse = _mouse_genes(out_model.gene_table) if organism == "mouse" else None
     uns = {
         "seed": int(seed),
         "effects": bool(effects),
@@ -662,7 +767,38 @@ def _iter_cohort(
             effects=effects, case=case, ambient=ambient, low_quality_rate=low_quality_rate,
             doublets=doublets,
         )  # fmt: skip
-        yield sid, _sample_anndata(model, row, counts, truth, uns, mouse), truth
+        if panel is not None:
+            counts = counts[:, panel]
+            truth["total_counts"] = np.asarray(counts.sum(1)).ravel().astype(np.int64)
+        yield sid, _sample_anndata(out_model, row, counts, truth, uns, mouse), truth
+
+
+def targeted_panel(n_genes: int = 1300, *, seed: int = 1300) -> list[str]:
+    """A targeted immune panel of ``n_genes`` symbols (fixed by ``seed``): about half of the
+    genes the simulator moves (type folds, state programmes, sex-linked genes), no MT or
+    ribosomal genes, the rest drawn from the gene resource. Like commercial immune panels it
+    covers some markers of each population but not all, so marker sets can lose most of
+    their genes."""
+    table = pd.read_csv(resource_path("genes", "human_genes.tsv.gz"), sep="\t", dtype=str)
+    sym = table["gene_symbol"]
+    rng = np.random.default_rng(seed)
+    prog = np.array(sorted(set(_programme_genes()) - set(_MT_LEVELS)))
+    take = prog[rng.random(prog.size) < 0.5][: n_genes]
+    rest = sym[~sym.isin(prog) & ~sym.str.match(r"^MT-|^RP[SL]\d")].to_numpy()
+    extra = rng.choice(rest, max(n_genes - take.size, 0), replace=False)
+    return sorted(set(take) | set(extra))
+
+
+def _panel_index(symbols: pd.Series, gene_panel: int | Sequence[str]) -> np.ndarray:
+    """Column indices of the simulated genes in the panel (order of the gene table)."""
+    wanted = targeted_panel(gene_panel) if isinstance(gene_panel, int) else list(gene_panel)
+    idx = np.flatnonzero(np.asarray(symbols.isin(set(wanted))))
+    if idx.size < 10:
+        raise ValueError(
+            f"gene_panel keeps {idx.size} of the simulated genes; a panel needs >= 10 of them "
+            "(raise n_genes or list genes the simulator draws)."
+        )
+    return idx
 
 
 def _check_cohort_args(
@@ -709,6 +845,15 @@ class _CohortModel:
     donor_frac: dict[str, np.ndarray]
     donor_state: dict[str, np.ndarray]
     sample_seeds: np.ndarray
+    donor_sex: dict[str, str]  # "F" / "M"
+    donor_age: dict[str, float]
+    y_genes: np.ndarray
+    x_female_genes: np.ndarray
+
+    def sex_factor(self, donor: str) -> np.ndarray:
+        """Per-gene factor of a donor: Y-linked genes off in women, XIST off in men."""
+        off = self.y_genes if self.donor_sex[donor] == "F" else self.x_female_genes
+        return np.where(off, 0.0, 1.0)
 
 
 def _cohort_model(
@@ -722,14 +867,17 @@ def _cohort_model(
     """
     gene_table = _select_genes(n_genes)
     master = np.random.default_rng(seed)
-    profiles, types, state_vecs = _build_profiles(gene_table["gene_symbol"], master)
+    profiles, types, state_vecs, disp_resid = _build_profiles(gene_table["gene_symbol"], master)
     n_types, n = profiles.shape
     lib_mu = np.array([_TYPE_META[t][1][0] for t in types])
     # dispersion per (type, gene) from the fitted trend on the typical mean count
     mean_count = profiles * np.exp(lib_mu)[:, None]
     a, b = _DISP_TREND
     phi = np.exp(a + b * np.log(np.maximum(mean_count, 1e-3)))
-    phi = np.clip(phi * np.exp(master.normal(0, _DISP_SCATTER, n))[None, :], 0.02, 3.0)
+    # per-gene scatter: the data's residual where the fit estimated one, random elsewhere
+    scatter = master.normal(0, _DISP_SCATTER, n)
+    scatter = np.where(disp_resid != 0, disp_resid, scatter)
+    phi = np.clip(phi * np.exp(scatter)[None, :], 0.02, 3.0)
     # batches and donors
     batches = sorted(samples["batch"].astype(str).unique())
     batch_gene = {
@@ -741,6 +889,8 @@ def _cohort_model(
     donor_frac = {d: master.normal(0, _DONOR_SD_FRACTION, n_types) for d in donors}
     donor_state = {d: master.normal(0, _DONOR_SD_STATE, len(_STATE_RATES)) for d in donors}
     sample_seeds = master.integers(0, 2**63 - 1, size=len(samples))
+    donor_sex, donor_age = _donor_covariates(samples, donors, master)
+    sym = gene_table["gene_symbol"]
     return _CohortModel(
         gene_table=gene_table,
         types=types,
@@ -762,7 +912,33 @@ def _cohort_model(
         donor_frac=donor_frac,
         donor_state=donor_state,
         sample_seeds=sample_seeds,
+        donor_sex=donor_sex,
+        donor_age=donor_age,
+        y_genes=np.asarray(sym.isin(_Y_GENES)),
+        x_female_genes=np.asarray(sym.isin(_X_FEMALE)),
     )
+
+
+def _donor_covariates(
+    samples: pd.DataFrame, donors: list[str], rng: np.random.Generator
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Each donor's sex (sheet ``sex``: F/female/M/male; drawn 50:50 where absent or
+    unreadable) and age (sheet ``age``; ``_AGE_REF`` where absent, i.e. no age effect)."""
+    first = samples.drop_duplicates("donor").set_index(
+        samples.drop_duplicates("donor")["donor"].astype(str)
+    )
+    coin = rng.random(len(donors))
+    sex, age = {}, {}
+    for d, u in zip(donors, coin):
+        raw = str(first.loc[d, "sex"]).strip().upper()[:1] if "sex" in first.columns else ""
+        sex[d] = raw if raw in ("F", "M") else ("F" if u < 0.5 else "M")
+        val = (
+            pd.to_numeric(first.loc[d, "age"], errors="coerce")
+            if "age" in first.columns
+            else np.nan
+        )
+        age[d] = float(val) if np.isfinite(val) else _AGE_REF
+    return sex, age
 
 
 def _mouse_genes(gene_table: pd.DataFrame) -> tuple[np.ndarray, pd.Index]:
@@ -800,7 +976,8 @@ def _simulate_sample(
     flags = _sample_states(model, rng, ctype, is_case=is_case, donor=donor)
     low_q = rng.random(n_gen) < low_quality_rate
     lib, mt_target, amb = _sample_libraries(model, rng, ctype, low_q, batch, ambient)
-    counts = _sample_counts(model, rng, ctype, flags, low_q, lib, mt_target, amb, batch)
+    gene_fac = model.batch_gene[batch] * model.sex_factor(donor)
+    counts = _sample_counts(model, rng, ctype, flags, low_q, lib, mt_target, amb, gene_fac)
     counts, is_dbl, partner_type, drop = _add_doublets(model, rng, counts, ctype, low_q, n_dbl)
     keep = np.flatnonzero(~drop)[:n_cells]
     counts = counts[keep]
@@ -833,6 +1010,8 @@ def _sample_cell_types(
     case), with donor and sample noise on the log scale."""
     n_types = len(model.types)
     logf = np.log(model.base_frac * (model.sepsis_mult if is_case else 1.0))
+    age_shift = np.array([_AGE_SLOPE.get(t, 0.0) for t in model.types])
+    logf = logf + age_shift * (model.donor_age[donor] - _AGE_REF)
     logf = logf + model.donor_frac[donor] + rng.normal(0, _SAMPLE_SD, n_types)
     frac = np.exp(logf) / np.exp(logf).sum()
     return rng.choice(n_types, size=n_gen, p=frac)
@@ -851,7 +1030,9 @@ def _sample_states(
         p_type = np.full(n_types, p_case if is_case else p_ctrl)
         for t, rate in by_type.items():
             p_type[type_idx_of[t]] = rate
-        lp = _logit(p_type) + model.donor_state[donor][j] + rng.normal(0, _SAMPLE_SD)
+        odds = _STATE_TYPE_ODDS.get(state, {})
+        lo = np.log([odds.get(t, 1.0) for t in model.types])
+        lp = _logit(p_type) + lo + model.donor_state[donor][j] + rng.normal(0, _SAMPLE_SD)
         p = (1 / (1 + np.exp(-lp)))[ctype]
         eligible = np.isin(ctype, [type_idx_of[t] for t in applies])
         flags[state] = eligible & (rng.random(n_gen) < p)
@@ -888,24 +1069,26 @@ def _sample_counts(
     lib: np.ndarray,
     mt_target: np.ndarray,
     amb: np.ndarray,
-    batch: str,
+    gene_fac: np.ndarray,
 ) -> sp.csr_matrix:
     """Negative-binomial counts of every generated cell, in chunks of ``_CHUNK`` cells.
 
-    Each cell's profile: its type's, times the batch factors, with its states' folds and
-    floors; low-quality cells get ``mt_target`` of it on mitochondrial genes; then a
+    Each cell's profile: its type's, times the per-gene factors of the sample (``gene_fac``:
+    batch, sex-linked genes), with its states' programmes at the cell's own intensity
+    (up genes from max(level, ``_FOLD_REF``) x fold ** w, down genes x fold ** w); low-quality cells get ``mt_target`` of it on mitochondrial genes; then a
     fraction ``amb`` of the library comes from the soup (the sample's library-weighted mean
     profile).
     """
     n_gen, n = ctype.size, model.profiles.shape[1]
     # ---- soup: the sample's expected mean expression profile (library-weighted)
     weights = np.bincount(ctype, weights=lib, minlength=len(model.types))
-    soup = (weights[:, None] * model.profiles).sum(0) * model.batch_gene[batch]
+    soup = (weights[:, None] * model.profiles).sum(0) * gene_fac
     soup /= soup.sum()
     soup32 = soup.astype(np.float32)
     mt_cols = np.flatnonzero(model.is_mt)
     blocks = []
-    bfac32 = model.batch_gene[batch].astype(np.float32)
+    bfac32 = gene_fac.astype(np.float32)
+    prog_cols = {s: np.flatnonzero(v[0] != 1) for s, v in model.state_vecs.items()}
     for start in range(0, n_gen, _CHUNK):
         sl = slice(start, min(start + _CHUNK, n_gen))
         ct = ctype[sl]
@@ -913,7 +1096,10 @@ def _sample_counts(
         for state, vec in model.state_vecs.items():
             rows = np.flatnonzero(flags[state][sl])
             if rows.size:
-                p[rows] = np.maximum(p[rows] * vec[0], vec[1] * (vec[0] > 1))
+                cols = prog_cols[state]
+                w = rng.uniform(*_INTENSITY, rows.size).astype(np.float32)
+                sub = np.maximum(p[np.ix_(rows, cols)], vec[1][cols] * bfac32[cols])
+                p[np.ix_(rows, cols)] = sub * vec[0][cols].astype(np.float32)[None, :] ** w[:, None]
         p /= p.sum(1, keepdims=True)
         lq = np.flatnonzero(low_q[sl])
         if lq.size:
@@ -1112,6 +1298,80 @@ def _write_sample(adata: ad.AnnData, p: Path, fmt: str, genome: str) -> Path:
     feats.to_csv(folder / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(barcodes).to_csv(folder / "barcodes.tsv.gz", header=False, index=False)
     return folder
+
+
+#: which planted state each scored signature reads (signature name -> truth flag)
+SIGNATURE_STATES = {
+    "ms1_monocyte": "ms1_like",
+    "mono_hladr_low": "hla_low",
+    "dc_tolerogenic": "hla_low",
+    "t_exhaustion": "exhausted",
+    "cytokine_storm": "cytokine_high",
+    "trem2_high_macrophage": "trem2_high",
+}
+
+
+def planted_programmes() -> pd.DataFrame:
+    """Every gene a planted state moves: ``state``, ``gene``, ``fold`` (the fold at a cell's
+    mean intensity), ``direction``. ``trem2_high`` is a cell type: its programme is what
+    separates it from the other macrophages (the lipid-associated genes up, resident genes
+    down)."""
+    rows = [
+        {"state": st, "gene": g, "fold": f, "direction": "up" if f > 1 else "down"}
+        for st, prog in _STATE_PROGRAMMES.items()
+        for g, f in prog.items()
+    ]
+    for g, f in _TYPE_FOLDS["Macrophage"].items():
+        rows.append({"state": "trem2_high", "gene": g, "fold": 1 / f,
+                     "direction": "up" if f < 1 else "down"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def planted_vs_scored(
+    signatures: Sequence[Mapping[str, Any]], *, organism: str = "human"
+) -> pd.DataFrame:
+    """Overlap between the genes each planted state moves and the genes its signature scores.
+
+    Parameters
+    ----------
+    signatures
+        The scorer's signature sets (:func:`sepsis_sc.score.load_signatures`: ``name``,
+        ``up``, ``down``). The simulator never reads them itself; a caller passes them in.
+    organism
+        ``"mouse"`` compares the mouse names the simulator writes (approximate orthologs).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per signature of :data:`SIGNATURE_STATES`: ``signature``, ``state``,
+        ``n_programme`` (genes the state moves), ``n_signature`` (genes the signature
+        scores), ``n_shared`` (scored genes planted in the scored direction),
+        ``signature_planted`` (``n_shared / n_signature``), ``programme_scored``
+        (``n_shared / n_programme``), ``opposite`` (scored genes planted the other way),
+        ``scored_not_planted`` (scored genes the state leaves alone).
+    """
+    prog = planted_programmes()
+    if organism == "mouse":
+        prog["gene"] = _mouse_symbols(list(prog["gene"]))
+        prog = prog.dropna(subset=["gene"])
+    rows = []
+    for sig in signatures:
+        state = SIGNATURE_STATES.get(str(sig["name"]))
+        if state is None:
+            continue
+        mine = prog[prog["state"] == state].set_index("gene")["direction"]
+        scored = {g: "up" for g in sig.get("up") or []} | {g: "down" for g in sig.get("down") or []}
+        shared = [g for g, d in scored.items() if mine.get(g) == d]
+        opposite = [g for g, d in scored.items() if g in mine.index and mine[g] != d]
+        absent = [g for g in scored if g not in mine.index]
+        rows.append({
+            "signature": sig["name"], "state": state, "n_programme": len(mine),
+            "n_signature": len(scored), "n_shared": len(shared),
+            "signature_planted": round(len(shared) / max(len(scored), 1), 3),
+            "programme_scored": round(len(shared) / max(len(mine), 1), 3),
+            "opposite": " ".join(opposite), "scored_not_planted": " ".join(absent),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 #: The sample-level effects the simulator plants in sepsis (``effects=True``), each with the

@@ -8,6 +8,7 @@ if demo_sample_paths():
             samples=demo_sample_paths(),
             truth=f"{config['demo']['dir']}/truth.tsv.gz",
             sheet=f"{config['demo']['dir']}/samples.tsv",
+            overlap=f"{config['demo']['dir']}/planted_vs_scored_genes.tsv",
         log:
             f"{LOGS}/simulate_demo.log",
         benchmark:

@@ -1,7 +1,10 @@
-"""Snakemake script (rule simulate_demo): write the simulated demo cohort as 10x HDF5 files."""
+"""Snakemake script (rule simulate_demo): write the simulated demo cohort as 10x HDF5 files,
+and the overlap between the genes each planted state moves and the genes its signature
+scores (``planted_vs_scored_genes.tsv``: how far the demo's answers are in its data)."""
 
-from sepsis_sc.simulate import write_demo_cohort
-from sepsis_sc.utils import setup_logging
+from sepsis_sc.score import load_signatures
+from sepsis_sc.simulate import planted_vs_scored, write_demo_cohort
+from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
 
@@ -17,4 +20,9 @@ write_demo_cohort(
     case=p.case,
     control=p.control,
     seed=p.seed,
+)
+write_table(
+    planted_vs_scored(load_signatures(p.organism), organism=p.organism),
+    snakemake.output.overlap,
+    digits=3,
 )
