@@ -10,6 +10,7 @@ the oracle detects it (FDR <= 0.05 in the planted direction).
 Usage::
 
     python benchmarks/oracle_power.py --seeds 20 [--cells 1500] [--sheet config/samples.tsv]
+        [--min-cells 10]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def power(sheet: pd.DataFrame, seeds: range, cells: int, n_genes: int | None = None,
-          **kw) -> pd.DataFrame:  # fmt: skip
+          min_cells: int = 1, **kw) -> pd.DataFrame:  # fmt: skip
     from sepsis_sc import simulate
 
     n_genes = n_genes or _min_genes()
@@ -34,7 +35,7 @@ def power(sheet: pd.DataFrame, seeds: range, cells: int, n_genes: int | None = N
         _, truth = simulate.simulate_cohort(
             sheet, cells_per_sample=cells, n_genes=n_genes, seed=seed, **kw
         )
-        o = simulate.oracle_tests(truth)
+        o = simulate.oracle_tests(truth, min_cells=min_cells)
         hits.append((o["oracle_fdr"].to_numpy() <= 0.05) & (np.sign(o["oracle_effect"]) == sign))
     return pd.DataFrame(
         {
@@ -59,9 +60,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--cells", type=int, default=1500)
     ap.add_argument("--sheet", default=str(REPO / "config" / "samples.tsv"))
+    ap.add_argument("--min-cells", type=int, default=10,
+                    help="the pipeline's stats.min_cells: samples with fewer cells of a "
+                    "state's parent population give no value (default 10, as config.yaml)")  # fmt: skip
     args = ap.parse_args()
     sheet = pd.read_csv(args.sheet, sep="\t").drop(columns=["path"], errors="ignore")
-    out = power(sheet, range(args.seeds), args.cells)
+    out = power(sheet, range(args.seeds), args.cells, min_cells=args.min_cells)
     print(out.to_string(index=False))
 
 

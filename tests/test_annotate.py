@@ -484,13 +484,16 @@ def test_simulated_cohort_subset_precision_recall():
     p = adata.obs["cell_type"].astype(str).to_numpy()[clean]
     lin = adata.obs["lineage"].astype(str).to_numpy()[clean]
     # Issue #18: the simulator no longer plants the annotator's markers at 25x; profiles come
-    # from real populations with literature folds of 2-8x. Measured here (seed 0, 4,000
-    # genes): lineage 0.82, cell type 0.73 (was 0.98 / 0.93 on the self-consistent
-    # simulator); CD4 naive T recall 0.87 / precision 0.90, classical monocyte 1.00 / 0.84,
-    # naive B 1.00 / 0.93, CD8 naive T 0.63 / 0.69, NK CD56dim recall 0 (called elsewhere:
-    # open finding). Thresholds sit just below the measured values.
-    assert (lin == tr["lineage"].astype(str).to_numpy()[clean]).mean() >= 0.78
-    assert (y == p).mean() >= 0.68
+    # from the pure cells of real populations with literature folds of 2-8x. Measured here
+    # (seed 0, 4,000 genes): lineage 0.985, cell type 0.90 (0.98 / 0.93 on the old
+    # self-consistent simulator; 0.82 / 0.73 when the NK profile was the mean of a label
+    # holding gamma-delta T and MAIT cells). Weak spots: CD8 naive T called effector/memory
+    # (49 of 93), Tregs called CD4 T (28 of 40), plasmablasts (9 cells) absorbed by B cells.
+    # Thresholds sit just below the measured values.
+    assert (lin == tr["lineage"].astype(str).to_numpy()[clean]).mean() >= 0.96
+    assert (y == p).mean() >= 0.87
+    nk = np.isin(y, ["NK CD56dim", "NK CD56bright"])
+    assert (lin[nk] == "NK").mean() >= 0.95  # measured 0.985
     for label in ["CD4 naive T", "Classical monocyte", "naive B"]:
         recall = (p[y == label] == label).mean()
         precision = (y[p == label] == label).mean()

@@ -51,10 +51,19 @@ def test_removal_of_monocytes_and_plasmablasts_does_not_depend_on_condition(bloo
     tr = truth.loc[obs.index]
     intact = ~tr["is_doublet"] & ~tr["is_low_quality"] & ~tr["is_soup_droplet"]
     removed = obs["qc_outlier"]
+    upper = obs["qc_reason"].astype(str).str.contains("high_counts|high_genes")
     for cell_type in ("Classical monocyte", "Plasmablast"):
         m = intact & tr["cell_type"].eq(cell_type)
-        by_cond = removed[m].groupby(tr.loc[m, "condition"]).mean()
+        cond = tr.loc[m, "condition"]
+        # the upper-tail rule, the part that moved with the neutrophil share (sample-wide
+        # 5-MAD cut: 9-23 % of septic monocytes and 71-86 % of septic plasmablasts removed)
+        by_cond = upper[m].groupby(cond).mean()
         assert abs(by_cond["sepsis"] - by_cond["control"]) <= 0.02, (cell_type, by_cond)
+        if cell_type == "Classical monocyte":  # ~600 cells per condition: every reason
+            by_cond = removed[m].groupby(cond).mean()
+            assert abs(by_cond["sepsis"] - by_cond["control"]) <= 0.02, (cell_type, by_cond)
+    # plasmablasts are ~7 per condition here, so their total removal (Scrublet calls 0-2 of
+    # them in either condition) is checked on the upper tail only
 
 
 def test_soup_droplets_do_not_survive_as_neutrophils_or_platelets(blood):

@@ -291,8 +291,9 @@ def _simulated(effects: bool, seed: int = 0, n: int = 6):
 
 def test_simulator_planted_effects_found_at_fdr_005():
     adata, truth, rules = _simulated(effects=True)
-    # 3,000 simulated genes hold only 8 of the 25 IFN genes: skipped and reported
-    assert (rules.loc[rules["base_state"] == "ifn_response", "status"] == "skipped").all()
+    # genes are chosen by expression in real PBMC, so the IFN set is present: one row per lineage
+    ifn = rules[rules["base_state"] == "ifn_response"]
+    assert (ifn["status"] == "scored").all() and {"T", "Monocyte"} <= set(ifn["stratum"])
     # calls agree with the planted per-cell truth
     c = adata.obs["mono_hladr_low"].dropna().astype(bool)
     assert truth.loc[c.index[c], "hla_low"].mean() > 0.9

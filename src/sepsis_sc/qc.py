@@ -1663,7 +1663,8 @@ def flag_platelet_monocyte(
     A droplet labelled ``Monocyte`` by the first-pass lineage is an aggregate when its
     platelet-gene UMIs (:data:`PLATELET_GENES`) exceed what its contamination brings
     (``rho x UMIs x soup fraction of the set``; ``rho_unknown`` = 0.2, a high contamination,
-    when rho was not estimated) by at least ``min_excess`` UMIs with a one-sided Poisson
+    when rho was not estimated; where the soup holds haemoglobin, at least what the droplet's
+    own haemoglobin UMIs imply, since droplets differ in how much soup they take up) by at least ``min_excess`` UMIs with a one-sided Poisson
     p-value below ``alpha``, with at least ``min_genes`` platelet genes detected. Aggregates
     rise in sepsis (Rondina 2015; Qiu 2021) and are biology, so they are their own category
     (``obs["doublet_type"] = "platelet_monocyte"``), kept or removed by the config.
@@ -1697,6 +1698,14 @@ def flag_platelet_monocyte(
             rho = info.get("rho", np.nan)
             rho = float(rho) if rho is not None and np.isfinite(rho) else rho_unknown
             mu = np.maximum(rho * total * frac, 1e-3)
+            # contamination varies between droplets: where the soup holds haemoglobin (no
+            # leukocyte or platelet makes it), a droplet's own HB UMIs say how much soup it
+            # took up, and its platelet UMIs are judged against that
+            hb = [g for g in ("HBB", "HBA1", "HBA2", "Hbb-bs", "Hba-a1") if g in index]
+            hb_frac = float(soup.reindex(hb).fillna(0).sum()) if soup is not None and hb else 0.0
+            if hb_frac >= 1e-3:
+                k_hb = np.asarray(counts[:, index.get_indexer(hb)].sum(axis=1)).ravel()
+                mu = np.maximum(mu, (k_hb + 1.0) * frac / hb_frac)
             pval = stats.poisson.sf(k - 1, mu)
             pm |= m & mono & (k - mu >= min_excess) & (pval < alpha) & (n_det >= min_genes)
     dtype = np.full(adata.n_obs, "", dtype=object)
