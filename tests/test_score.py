@@ -253,7 +253,9 @@ def test_score_states_parent_calls_and_rules():
         case = (adata.obs["condition"] == "sepsis").to_numpy() & c.notna().to_numpy()
         assert c[ctrl].astype(bool).mean() <= 0.06
         assert c[case].astype(bool).mean() > 2 * c[ctrl].astype(bool).mean()
-        assert "control" in rules.loc[state, "rule"] and np.isfinite(rules.loc[state, "threshold"])
+        # TREM2-high: its signature asks for the bimodal rule (a subset, not a rare state)
+        want = "bimodal" if state == "trem2_high_macrophage" else "control"
+        assert want in rules.loc[state, "rule"] and np.isfinite(rules.loc[state, "threshold"])
     # the called cells are the planted ones (precision and recall of the call)
     for state in ("mono_hladr_low", "t_exhaustion"):
         c = adata.obs[state].dropna().astype(bool)
@@ -439,3 +441,29 @@ def test_exhaustion_rna_score_tracks_checkpoint_proteins():
     # measured on 379 T cells: signed protein analogue 0.63, checkpoint proteins alone 0.11
     assert rho_signed > 0.4
     assert rho_up > 0.05
+
+
+def test_bimodal_call_rule_for_a_subset_common_in_health():
+    """TREM2-high macrophages: 30 % of control and 70 % of septic macrophages. The bimodal
+    rule splits at the valley (the share is read right in both conditions); a control-
+    quantile gate calls 5 % of controls by construction; unimodal scores fall back."""
+    from sepsis_sc.score import _threshold
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    is_control = np.arange(n) < n // 2
+    high = np.where(is_control, rng.random(n) < 0.3, rng.random(n) < 0.7)
+    scores = np.where(high, rng.normal(0.87, 0.04, n), rng.normal(0.64, 0.07, n))
+    thr, text = _threshold(scores, is_control, {"method": "bimodal"})
+    called = scores > thr
+    assert "bimodal" in text
+    for grp in (is_control, ~is_control):  # the subset's share, read right in both
+        assert abs(called[grp].mean() - high[grp].mean()) < 0.05  # measured 0.036 / 0.01
+    assert (called == high).mean() > 0.95
+    q, _ = _threshold(scores, is_control, {"method": "control_quantile"})
+    assert (scores[is_control] > q).mean() == pytest.approx(0.05, abs=0.01)
+    flat = rng.normal(0.6, 0.05, n)
+    thr, text = _threshold(flat, is_control, {"method": "bimodal"})
+    assert "not bimodal" in text and (flat[is_control] > thr).mean() == pytest.approx(0.05, abs=0.01)
+    sig = {s["name"]: s for s in load_signatures("human")}["trem2_high_macrophage"]
+    assert sig["call_rule"] == {"method": "bimodal"}

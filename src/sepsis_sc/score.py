@@ -406,6 +406,25 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:][np.argmax(between)])
 
 
+def _mixture_split(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Two-component normal mixture of ``values``: the score where the two posteriors are
+    equal (between the means), and Ashman's D = sqrt(2) |m1 - m2| / sqrt(s1^2 + s2^2)
+    (D > 2: two populations cleanly apart; one normal population gives D < 1)."""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(values, dtype=float).reshape(-1, 1)
+    if x.shape[0] < 10 or np.ptp(x) == 0:
+        return float(np.nanmax(x)) if x.size else np.nan, 0.0
+    gm = GaussianMixture(n_components=2, random_state=seed).fit(x)
+    m = gm.means_.ravel()
+    sd = np.sqrt(gm.covariances_.ravel())
+    d = float(np.sqrt(2) * abs(m[0] - m[1]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2))
+    lo, hi = int(np.argmin(m)), int(np.argmax(m))
+    grid = np.linspace(m[lo], m[hi], 512).reshape(-1, 1)
+    post = gm.predict_proba(grid)[:, hi]
+    return float(grid[int(np.argmax(post >= 0.5)), 0]), d
+
+
 def _threshold(
     scores: np.ndarray, is_control: np.ndarray | None, rule: Mapping[str, Any]
 ) -> tuple[float, str]:
@@ -428,7 +447,21 @@ def _threshold(
     if method == "otsu":
         thr = _otsu(scores[np.isfinite(scores)])
         return thr, f"score > Otsu threshold over all cells of the call population ({thr:.4g})"
-    raise ValueError(f"unknown call rule method {method!r}; use control_quantile, otsu or fixed")
+    if method == "bimodal":
+        # a subset-like state that is common in health (TREM2-high macrophages): the
+        # control-quantile gate would call only the top 5 % of control cells and miss a
+        # change in the subset's share; split at the valley when the scores have one
+        thr, d = _mixture_split(scores[np.isfinite(scores)])
+        need = float(rule.get("min_separation", 2.0))
+        if d >= need:
+            return thr, (f"score > the valley of a two-component normal mixture ({thr:.4g}; "
+                         f"bimodal, Ashman's D {d:.1f})")  # fmt: skip
+        fallback = dict(rule.get("fallback") or DEFAULT_CALL_RULE)
+        thr, text = _threshold(scores, is_control, fallback)
+        return thr, f"{text} (not bimodal: Ashman's D {d:.1f} < {need:.1f})"
+    raise ValueError(
+        f"unknown call rule method {method!r}; use control_quantile, otsu, bimodal or fixed"
+    )
 
 
 def _state_signatures(
@@ -510,6 +543,25 @@ def _call_rules(call_rules: Mapping[str, Any] | None) -> dict[str, dict[str, Any
     rules = {str(k): dict(v) for k, v in call_rules.items()}
     rules.setdefault("default", dict(DEFAULT_CALL_RULE))
     return rules
+
+
+def _rule_for(s: Mapping[str, Any], rules: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A state's call rule: ``call_rules[<state>]`` or ``[<base state>]`` when given, else the
+    signature's own ``call_rule`` (its ``fallback`` = the default rule), else the default."""
+    for key in (s["name"], s["base_state"]):
+        if key in rules:
+            return dict(rules[key])
+    if s.get("call_rule"):
+        return {"fallback": dict(rules["default"]), **dict(s["call_rule"])}
+    return dict(rules["default"])
+
+
+def _needs_control(rule: Mapping[str, Any]) -> bool:
+    """A control-quantile rule, or a bimodal one that falls back to it."""
+    method = rule.get("method", "control_quantile")
+    if method == "bimodal":
+        return _needs_control(rule.get("fallback") or DEFAULT_CALL_RULE)
+    return method == "control_quantile"
 
 
 def _control_cells(adata: ad.AnnData, control: str | None, condition_key: str) -> np.ndarray | None:
@@ -605,10 +657,7 @@ def _require_reference(
         s["name"]
         for s in to_score
         if s["discrete"]
-        and rules.get(s["name"], rules.get(s["base_state"], rules["default"])).get(
-            "method", "control_quantile"
-        )
-        == "control_quantile"
+        and _needs_control(_rule_for(s, rules))
     ]
     if need:
         raise ValueError(
@@ -823,7 +872,7 @@ def score_states(
         col = _write_score(adata, name, scores, parent)
         if s["discrete"]:
             call_pop = _call_population(adata, s, parent, table, lineage_key, cell_type_key)
-            rule = rules.get(name, rules.get(s["base_state"], rules["default"]))
+            rule = _rule_for(s, rules)
             _call_state(adata, table, name, col, call_pop, rule, is_control, calls)
 
     params = {
