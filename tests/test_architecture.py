@@ -81,3 +81,24 @@ def test_stage_modules_have_no_figure_functions():
         tree = ast.parse(path.read_text())
         names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
         assert not [n for n in names if n.startswith("plot_")], path.name
+
+
+#: library calls in the rule scripts that read counts after QC, which must be told the
+#: count layer of config qc.downstream_layer (ambient-corrected counts when QC made them)
+_COUNT_READERS = {"annotate", "annotate_celltypist", "transfer_labels", "score_states",
+                  "sample_table", "pseudobulk_de", "profile", "select_hvgs"}  # fmt: skip
+
+
+def test_rule_scripts_pass_the_downstream_count_layer():
+    scripts = PACKAGE.parents[1] / "workflow" / "scripts"
+    missing = []
+    for path in sorted(scripts.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in _COUNT_READERS and "layer" not in {k.arg for k in node.keywords}:
+                missing.append(f"{path.name}:{node.lineno} {name}()")
+    assert not missing, f"calls without layer= (use sepsis_sc.data.counts_layer): {missing}"
+    # scVI reads the layer through the integrate script's method arguments
+    assert '"layer": layer' in (scripts / "integrate.py").read_text()

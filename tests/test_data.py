@@ -180,3 +180,14 @@ def test_log_normalise_anndata_form_is_scanpys():
     sc.pp.log1p(ref)
     np.testing.assert_array_equal(a.X.toarray(), ref.X.toarray())
     np.testing.assert_allclose(a.X.toarray(), data.log_normalise(counts).toarray(), rtol=1e-6)
+
+
+def test_counts_layer_prefers_the_corrected_counts_when_present():
+    from sepsis_sc.data import counts_layer
+
+    a = ad.AnnData(sp.csr_matrix(np.ones((3, 2), dtype=np.float32)))
+    a.layers["counts"] = a.X.copy()
+    assert counts_layer(a, "soupx_counts") == "counts"  # nothing corrected
+    a.layers["soupx_counts"] = a.X.copy()
+    assert counts_layer(a, "soupx_counts") == "soupx_counts"
+    assert counts_layer(a, "counts") == "counts" and counts_layer(a, None) == "counts"

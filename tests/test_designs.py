@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -258,3 +259,59 @@ def test_workflow_targeted_panel_runs_end_to_end(tmp_path):
     cells = pd.read_csv(res / "annotate" / "cell_types.tsv", sep="\t")
     assert len(cells)
     assert (res / "targets" / "sample_table.tsv").exists()
+
+
+@pytest.mark.slow
+def test_workflow_whole_blood_with_raw_droplets(tmp_path):
+    """Whole blood (neutrophils 50 % in controls, 80 % in sepsis) with raw droplet matrices
+    in the sheet (raw_path): SoupX contamination per sample, corrected counts used
+    downstream, and the neutrophil / T-cell shifts found in the planted direction."""
+    from sepsis_sc.simulate_blood import simulate_blood_cohort
+
+    sheet = _sheet(3, 3, batches=1)
+    adatas, truth, raws = simulate_blood_cohort(sheet, cells_per_sample=600, n_genes=3000,
+                                                contamination=(0.05, 0.15), seed=2)  # fmt: skip
+    (tmp_path / "data").mkdir()
+    paths, raw_paths = [], []
+    for sid in sheet["sample_id"]:
+        a = ad.AnnData(adatas[sid].layers["counts"], obs=adatas[sid].obs[[]],
+                       var=adatas[sid].var[[]])  # fmt: skip
+        a.write_h5ad(tmp_path / "data" / f"{sid}.h5ad")
+        r = raws[sid]
+        ad.AnnData(r.layers["counts"] if "counts" in r.layers else r.X, obs=r.obs[[]],
+                   var=r.var[[]]).write_h5ad(tmp_path / "data" / f"{sid}_raw.h5ad")  # fmt: skip
+        paths.append(f"data/{sid}.h5ad")
+        raw_paths.append(f"data/{sid}_raw.h5ad")
+    sheet = sheet.assign(path=paths, raw_path=raw_paths)
+    cfg = {**WF_CONFIG, "run_name": "blood", "demo": {"simulate": False}}
+    res = _run_workflow(tmp_path, sheet, cfg)
+    qc_sum = pd.read_csv(res / "qc" / "qc_summary.tsv", sep="\t").set_index("sample_id")
+    assert (qc_sum["contamination_source"] == "raw").all() and qc_sum["ambient_corrected"].all()
+    rho = truth.groupby("sample_id")["sample_contamination"].first()
+    assert np.allclose(qc_sum.loc[rho.index, "contamination"], rho, atol=0.03), (qc_sum, rho)
+    annotated = ad.read_h5ad(res / "annotated.h5ad", backed="r")
+    assert "soupx_counts" in annotated.layers
+    assert annotated.uns["normalization"]["layer"] == "soupx_counts"
+    comp = pd.read_csv(res / "targets" / "sepsis_vs_control" / "composition.tsv", sep="\t")
+    lin = comp[comp["level"] == "lineage"].set_index("label")
+    assert lin.loc["Neutrophil", "effect"] > 0 and lin.loc["T", "effect"] < 0
+
+
+@pytest.mark.slow
+def test_workflow_unbalanced_10_vs_3(tmp_path):
+    """10 sepsis vs 3 controls, two batches: the contrast counts 10 and 3 donors and the
+    strongest planted shifts come out in the oracle's direction."""
+    sheet = _sheet(10, 3, batches=2)
+    sheet["path"] = [f"demo/{s}/filtered_feature_bc_matrix.h5" for s in sheet["sample_id"]]
+    cfg = {**WF_CONFIG, "run_name": "unbalanced",
+           "demo": {"simulate": True, "dir": "demo", "cells_per_sample": 250,
+                    "n_genes": 3000}}  # fmt: skip
+    res = _run_workflow(tmp_path, sheet, cfg)
+    contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")
+    assert contrasts.loc[0, "status"] == "tested"
+    assert (contrasts.loc[0, "n_case"], contrasts.loc[0, "n_control"]) == (10, 3)
+    check = pd.read_csv(res / "targets" / "demo_check.tsv", sep="\t")
+    comp = check[check["tested_as"].str.startswith("composition")]
+    found = comp[comp["oracle_detected"].astype(bool)]
+    assert len(found) >= 3
+    assert (found["observed_direction"] == found["expected_direction"]).mean() >= 0.75, check

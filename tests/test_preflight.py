@@ -347,3 +347,15 @@ def test_workflow_stops_before_any_job(tmp_path):
     assert "preflight found 1 problem" in out and "sample P1 (data/P1.h5)" in out, out[-3000:]
     assert "HTML page" in out and "rule qc_sample" not in out
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_raw_path_is_named_before_any_job(tmp_path):
+    h5 = _h5(tmp_path / "a" / "filtered_feature_bc_matrix.h5")
+    raw = _h5(tmp_path / "a" / "raw_feature_bc_matrix.h5")
+    sheet = _sheet(str(h5.relative_to(tmp_path)), str(h5.relative_to(tmp_path)))
+    sheet["raw_path"] = [str(raw.relative_to(tmp_path)), "a/raw_typo.h5"]
+    problems = [str(p) for p in check_inputs(sheet, "human", base=tmp_path)]
+    assert len(problems) == 1
+    assert "S2" in problems[0] and "raw_typo.h5" in problems[0] and "raw_path" in problems[0]
+    sheet["raw_path"] = ["", ""]  # optional: empty is fine
+    assert check_inputs(sheet, "human", base=tmp_path) == []

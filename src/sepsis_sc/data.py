@@ -34,6 +34,7 @@ __all__ = [
     "NoRawCountsError",
     "OrganismEvidence",
     "check_counts",
+    "counts_layer",
     "detect_organism",
     "get_counts",
     "log_normalise",
@@ -292,6 +293,22 @@ def require_layer(adata: ad.AnnData, layer: str, *, why: str = "this step needs 
             "has counts in X, run adata.layers['counts'] = adata.X.copy() before normalising."
         )
     return adata.layers[layer]
+
+
+def counts_layer(adata: ad.AnnData, preferred: str | None = "counts") -> str:
+    """The count layer the stages after QC read: ``preferred`` when ``adata`` has it, else
+    ``"counts"``.
+
+    ``preferred`` is config ``qc.downstream_layer``: ``"soupx_counts"`` (ambient-corrected
+    counts, :mod:`sepsis_sc.ambient`) or ``"counts"`` (raw). QC writes ``soupx_counts`` only
+    when some sample was corrected (no second copy of the raw counts otherwise), so a cohort
+    without correction reads the raw counts; ``layers["counts"]`` always holds them.
+    """
+    if preferred and preferred in adata.layers:
+        return preferred
+    if preferred and preferred != "counts":
+        logger.info("no layers[%r] (nothing was corrected): the raw counts are used", preferred)
+    return "counts"
 
 
 # --------------------------------------------------------------------------------------

@@ -891,6 +891,17 @@ def _save_cache(cache: Path | None, data: dict) -> None:
         pass
 
 
+def _raw_path_problems(sid: str, row: pd.Series, base: Path) -> list[Problem]:
+    """The optional ``raw_path`` (unfiltered droplets for the SoupX soup) must exist."""
+    raw = row.get("raw_path", "")
+    if not isinstance(raw, str) or not raw.strip() or (base / raw).exists():
+        return []
+    return [Problem(sid, raw, "raw_path (the raw, unfiltered droplet matrix) does not exist",
+                    "fix the 'raw_path' column (relative to the working directory), or leave "
+                    "it empty: the contamination is then estimated from the filtered matrix "
+                    "and reported, not corrected (qc.ambient_without_raw)")]  # fmt: skip
+
+
 def check_inputs(
     samples: pd.DataFrame,
     organism: str | None,
@@ -938,6 +949,7 @@ def check_inputs(
     problems: list[Problem] = []
     before = json.dumps(passed, sort_keys=True)
     for sid, row in samples.iterrows():
+        problems += _raw_path_problems(str(sid), row, Path(base))
         rel = str(Path(str(row["path"])))
         path = Path(base) / rel
         if rel in skipped:

@@ -1140,8 +1140,8 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
         ``"auto"``: estimate the soup (SoupX from raw droplets when given, else the pooled
         cells) and the contamination per sample; ``"none"``: skip.
     ambient_without_raw
-        Without raw droplets: ``"report"`` the estimate only (``layers["soupx_counts"]`` =
-        raw counts) or ``"correct"`` with the pooled-cell soup anyway.
+        Without raw droplets: ``"report"`` the estimate only (the sample is not corrected)
+        or ``"correct"`` with the pooled-cell soup anyway.
     soup_max_counts
         Raw droplets with fewer UMIs are soup (SoupX ``soupRange``).
     flag_soup_droplets
@@ -1367,7 +1367,9 @@ def _correction_step(
 ) -> None:
     """SoupX subtraction per sample into ``layers["soupx_counts"]`` (integers); samples not
     corrected (no estimate, or no raw droplets with ``ambient_without_raw="report"``) get
-    their raw counts there, so the layer always exists."""
+    their raw counts there. Without any corrected sample the layer is not written (no
+    second copy of the raw counts; :func:`sepsis_sc.data.counts_layer` then reads
+    ``layers["counts"]``)."""
     samples = _sample_ids(adata, batch_key)
     counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
     blocks, order = [], []
@@ -1384,8 +1386,8 @@ def _correction_step(
         else:
             blocks.append(counts[idx])
         order.append(idx)
-    if not blocks:
-        adata.layers["soupx_counts"] = counts.copy()
+    if not any(info.get("corrected") for info in soups.values()):
+        adata.layers.pop("soupx_counts", None)
         return
     stacked = sparse.vstack(blocks, format="csr")
     inverse = np.argsort(np.concatenate(order))

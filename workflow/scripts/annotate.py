@@ -3,12 +3,14 @@
 import anndata as ad
 
 from sepsis_sc.annotate import annotate
+from sepsis_sc.data import counts_layer
 from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 
 setup_logging(snakemake.log[0])
 
 a = snakemake.params.annotation
 adata = ad.read_h5ad(snakemake.input.h5ad)
+layer = counts_layer(adata, snakemake.config["qc"]["downstream_layer"])
 summary = annotate(
     adata,
     organism="auto",
@@ -21,12 +23,13 @@ summary = annotate(
     min_margin=a["min_margin"],
     subset_min_score=a["subset_min_score"],
     cluster_weight=a["cluster_weight"],
+    layer=layer,
     seed=snakemake.params.seed,
 )
 if a["celltypist_model"]:
     from sepsis_sc.annotate import annotate_celltypist, annotation_agreement
 
-    annotate_celltypist(adata, a["celltypist_model"])
+    annotate_celltypist(adata, a["celltypist_model"], layer=layer)
     agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
     write_table(agreement, snakemake.output.agreement)
 if a["reference"]:
@@ -35,7 +38,7 @@ if a["reference"]:
     if not a["reference_label_key"]:
         raise ValueError("annotation.reference is set: annotation.reference_label_key is needed.")
     transfer_labels(adata, snakemake.input.reference, label_key=a["reference_label_key"],
-                    seed=snakemake.params.seed)  # fmt: skip
+                    layer=layer, seed=snakemake.params.seed)  # fmt: skip
     table = annotation_consensus(adata)
     write_table(table.reset_index(), snakemake.output.reference_agreement)
 write_table(summary, snakemake.output.table, digits=3)

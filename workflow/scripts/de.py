@@ -5,6 +5,7 @@ import logging
 import anndata as ad
 import pandas as pd
 
+from sepsis_sc.data import counts_layer
 from sepsis_sc.de import RESULT_COLUMNS, SUMMARY_COLUMNS, pseudobulk_de
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
 from sepsis_sc.utils import setup_logging, write_table
@@ -37,6 +38,7 @@ else:
         shrink=cfg["shrink"],
         n_cpus=snakemake.threads,
         alpha=p.stats["alpha"],
+        layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
     )
     write_table(results, snakemake.output.results)
     write_table(summary, snakemake.output.summary, digits=3)

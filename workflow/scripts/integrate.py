@@ -5,6 +5,7 @@ from pathlib import Path
 
 import anndata as ad
 
+from sepsis_sc.data import counts_layer
 from sepsis_sc.integrate import ScviParams, integrate, select_hvgs
 from sepsis_sc.utils import dump_yaml, setup_logging, write_h5ad
 
@@ -14,7 +15,8 @@ log = logging.getLogger("integrate")
 cfg = snakemake.params.integration
 seed = snakemake.params.seed
 adata = ad.read_h5ad(snakemake.input[0])
-select_hvgs(adata, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_key"])
+layer = counts_layer(adata, snakemake.config["qc"]["downstream_layer"])
+select_hvgs(adata, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_key"], layer=layer)
 if adata.uns["hvg"].get("note"):
     log.info("HVGs: %s", adata.uns["hvg"]["note"])
 
@@ -23,6 +25,7 @@ method_kwargs = {
         "params": ScviParams.from_config(cfg),
         "model_dir": snakemake.output.model,
         "threads": snakemake.threads,
+        "layer": layer,
     },
     "harmony": {},
     "pca": {},

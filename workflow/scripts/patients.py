@@ -3,6 +3,7 @@
 import anndata as ad
 import pandas as pd
 
+from sepsis_sc.data import counts_layer
 from sepsis_sc.patients import profile
 from sepsis_sc.utils import setup_logging, write_table
 
@@ -26,6 +27,7 @@ res = profile(
     timepoint_column=p["timepoint_column"],
     endotypes=p["endotypes"],
     run_name=snakemake.params.run_name,
+    layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")

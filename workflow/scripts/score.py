@@ -2,6 +2,7 @@
 
 import anndata as ad
 
+from sepsis_sc.data import counts_layer
 from sepsis_sc.score import score_states
 from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 
@@ -21,6 +22,7 @@ rules = score_states(
     calls=ref is not None or p.scoring["call_rule"] != "control_quantile",
     call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
     max_rank=p.scoring["max_rank"],
+    layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
     control=ref["value"] if ref is not None else None,
     condition_key=ref["column"] if ref is not None else "condition",
 )
