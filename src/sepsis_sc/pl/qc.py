@@ -321,19 +321,21 @@ def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
     x = np.arange(len(samples))
     ax.bar(x, np.nan_to_num(rho), color=[colours.get(s, "#ffffff") for s in source],
            edgecolor="black", linewidth=0.5)  # fmt: skip
-    for i, (r, cor) in enumerate(zip(rho, corrected.astype(bool))):
-        label = (
-            "not estimated"
-            if not np.isfinite(r)
-            else f"{r:.1f}%" + ("" if cor else "\n(not corrected)")
-        )
+    for i, (r, cor, src) in enumerate(zip(rho, corrected.astype(bool), source)):
+        # the colour says how the soup was made (raw: corrected; pooled: reported only);
+        # a sample that departs from that says so
+        note = "\n(not corrected)" if src == "raw" and not cor else ""
+        note = "\n(corrected)" if src != "raw" and cor else note
+        label = "not estimated" if not np.isfinite(r) else f"{r:.1f}%{note}"
         ax.text(i, 0 if not np.isfinite(r) else r, label, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, samples, rotation=45 if len(samples) > 4 else 0)
     ax.set_ylabel("contamination (% of UMIs from soup)")
-    ax.set_title("Ambient RNA per sample (SoupX)")
+    ax.set_title("Ambient RNA per sample")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, ["soup from raw droplets", "soup from pooled cells"], frameon=False,
-              bbox_to_anchor=(1.02, 1), loc="upper left")  # fmt: skip
+    ax.legend(handles, ["soup from raw droplets (SoupX; corrected)",
+                        "no raw droplets: soup from the pooled cells\n(rough, biased high on "
+                        "simulated blood;\nreported, not corrected)"],
+              frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)  # fmt: skip
     top = np.nanmax(rho) if np.isfinite(rho).any() else 1.0
     ax.set_ylim(0, 1.3 * top + 0.5)
     fig.tight_layout()
