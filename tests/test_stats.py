@@ -248,11 +248,15 @@ def test_figures_render(scored, table, tmp_path):
     tt = stats.therapy_targets(eff)
     figs = {
         "forest": pl_stats.forest(eff, case=CASE, control=CONTROL),
+        "forest_primary": pl_stats.forest(eff, case=CASE, control=CONTROL, primary_only=True),
         "points": pl_stats.sample_values(table, case=CASE, control=CONTROL, metric="fraction"),
         "umap": pl_stats.score_umaps(scored, ["mono_hladr_low", "t_exhaustion", "ifn_response.t"]),
         "composition": pl_stats.composition(scored, case=CASE, control=CONTROL),
         "targets": pl_stats.therapy_targets(tt),
     }
+    n_rows = {name: sum(len(ax.get_yticks()) for ax in figs[name].axes)
+              for name in ("forest", "forest_primary")}  # fmt: skip
+    assert n_rows["forest_primary"] == (eff["role"] == "primary").sum() < n_rows["forest"]
     for name, fig in figs.items():
         assert fig.axes, name
         path = savefig(fig, tmp_path / f"{name}.png")

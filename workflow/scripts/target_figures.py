@@ -23,7 +23,7 @@ levels = adata.obs[["sample_id", column]].astype(str).drop_duplicates("sample_id
 table["condition"] = table["sample_id"].map(levels.set_index("sample_id")[column])
 
 out = snakemake.output
-savefig(forest(effects, case=case, control=control, alpha=alpha), out.forest)
+savefig(forest(effects, case=case, control=control, alpha=alpha, primary_only=True), out.forest)
 savefig(sample_values(table, case=case, control=control), out.points)
 savefig(composition(adata, case=case, control=control, condition_key=column), out.composition)
 savefig(therapy_targets(targets, alpha=alpha), out.targets)

@@ -37,13 +37,25 @@ def _plt():
     return plt
 
 
-def forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float = 0.05):
+def forest(
+    effects: pd.DataFrame,
+    *,
+    case: str,
+    control: str,
+    alpha: float = 0.05,
+    primary_only: bool = False,
+):
     """Forest plot: effect and 95% CI per state, one panel per metric scale.
 
     Significant effects (FDR <= alpha) are drawn in the case colour, others in grey.
+    ``primary_only``: only each state's pre-specified primary row (``role == "primary"``,
+    the tests the FDR is taken over); the workflow draws these, since with a row per
+    stratum (``ifn_response.t``, ...) all four metrics make a figure too tall to read.
     Returns the matplotlib Figure (save with :func:`sepsis_sc.pl.style.savefig`).
     """
     plt = _plt()
+    if primary_only and "role" in effects:
+        effects = effects[effects["role"] == "primary"]
     metrics = [
         m
         for m in ("fraction", "mean_score", "pseudobulk_score", "pseudobulk_expression")
@@ -67,7 +79,7 @@ def forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float = 0.0
             ax.plot(r.effect, y, "o", color=c, ms=6, mfc=c if has_ci else "white")
         ax.axvline(0, color="black", lw=0.8, ls="--")
         labels = sub["label"].astype(str)
-        if "role" in sub:  # the state's pre-specified primary metric is starred
+        if "role" in sub and not primary_only:  # the pre-specified primary metric is starred
             labels = labels + np.where(sub["role"] == "primary", " *", "")
         ax.set_yticks(yy, labels)
         ax.set_xlabel(
@@ -84,7 +96,8 @@ def forest(effects: pd.DataFrame, *, case: str, control: str, alpha: float = 0.0
             }[m],
             loc="left",
         )
-    star = "; * = primary metric" if "role" in effects else ""
+    star = "; * = primary metric" if "role" in effects and not primary_only else ""
+    star = "; primary metric of each state" if primary_only else star
     fig.suptitle(
         f"{case} vs {control}: effect and 95% CI (coloured: FDR \u2264 {alpha}{star})",
         x=0.01,
