@@ -425,3 +425,23 @@ def test_therapy_target_evidence_and_missing_primary():
     sub = pd.DataFrame({"state": ["s"], "label": ["S"], "metric": ["mean_score"], "role": ["secondary"]})
     stand_in = stats._primary_effect(sub, {"primary_metric": "fraction"})
     assert stand_in["metric"] == "fraction" and "not computed" in stand_in["meaning"]
+
+
+def test_score_umaps_draw_one_panel_per_stratified_state():
+    """ifn_response scored per lineage is one panel (its strata's cells do not overlap)."""
+    import anndata as ad
+
+    from sepsis_sc.pl.stats import _score_panels
+
+    obs = pd.DataFrame({"ifn_response.t_score": [0.1, np.nan, np.nan],
+                        "ifn_response.b_score": [np.nan, 0.2, np.nan],
+                        "t_exhaustion_score": [0.5, np.nan, np.nan]})  # fmt: skip
+    a = ad.AnnData(obs=obs)
+    a.uns["state_rules"] = {
+        "ifn_response.t": {"label": "IFN (T)", "stratum": "T"},
+        "ifn_response.b": {"label": "IFN (B)", "stratum": "B"},
+        "t_exhaustion": {"label": "exhausted T", "stratum": ""},
+    }
+    panels = _score_panels(a, ["ifn_response.t", "ifn_response.b", "t_exhaustion"])
+    assert list(panels) == ["IFN (per stratum)", "exhausted T"]
+    np.testing.assert_allclose(panels["IFN (per stratum)"], [0.1, 0.2, np.nan])

@@ -175,15 +175,16 @@ def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols
         ]
     if not states:
         raise ValueError("no <state>_score columns in obs; run sepsis_sc.score.score_states first")
+    panels = _score_panels(adata, states)
     xy = np.asarray(adata.obsm[basis])[:, :2]
-    ncols = min(ncols, len(states))
-    nrows = int(np.ceil(len(states) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows), squeeze=False)
-    labels = adata.uns.get("state_rules", {})
+    ncols = min(ncols, len(panels))
+    nrows = int(np.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows + 0.4),
+                             squeeze=False)  # fmt: skip
     order = np.random.default_rng(0).permutation(adata.n_obs)
     size = max(0.5, min(8.0, 12000 / max(adata.n_obs, 1)))
-    for ax, st in zip(axes.flat, states):
-        v = adata.obs[f"{st}_score"].to_numpy(float)[order]
+    for ax, (lab, values) in zip(axes.flat, panels.items()):
+        v = values[order]
         p = xy[order]
         na = ~np.isfinite(v)
         ax.scatter(p[na, 0], p[na, 1], c="#e0e0e0", s=size, lw=0, rasterized=True)
@@ -191,17 +192,36 @@ def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols
             p[~na, 0], p[~na, 1], c=v[~na], cmap="viridis", s=size, lw=0, rasterized=True
         )
         fig.colorbar(sc, ax=ax, shrink=0.7)
-        lab = str(labels.get(st, {}).get("label", st))
         ax.set_title(wrap(lab, 32), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(states) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(
         "State scores (grey: cells outside the state's parent population)", x=0.01, ha="left"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
+
+
+def _score_panels(adata: ad.AnnData, states: Sequence[str]) -> dict[str, np.ndarray]:
+    """One panel per state, the strata of a stratified state (``ifn_response.t``, ...) drawn
+    together: their cells do not overlap, and nine small panels of one programme say less
+    than one. Panel title: the label (``... (per lineage)`` for a stratified state)."""
+    rules = adata.uns.get("state_rules", {})
+    panels: dict[str, np.ndarray] = {}
+    for st in states:
+        r = rules.get(st, {})
+        stratum = str(r.get("stratum", "") or "")
+        label = str(r.get("label", st))
+        values = adata.obs[f"{st}_score"].to_numpy(float)
+        if stratum and label.endswith(f" ({stratum})"):
+            label = label[: -len(f" ({stratum})")] + " (per stratum)"
+            if label in panels:
+                panels[label] = np.where(np.isfinite(panels[label]), panels[label], values)
+                continue
+        panels[label] = values.copy()
+    return panels
 
 
 def composition(
