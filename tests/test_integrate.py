@@ -460,7 +460,7 @@ def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
         ),
         log=[str(tmp_path / "integrate.log")],
         threads=1,
-        params=SimpleNamespace(integration=cfg, methods=methods, seed=0),
+        params=SimpleNamespace(integration=cfg, methods=methods, seed=0, counts_layer="soupx_counts"),
     )
     runpy.run_path(str(scripts / "integrate.py"), init_globals={"snakemake": smk})
     record = yaml.safe_load((out / "integration.yaml").read_text())

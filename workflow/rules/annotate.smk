@@ -22,6 +22,7 @@ rule annotate:
         mem_mb=cohort_mem_mb,
         runtime=60,
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         annotation=config["annotation"],
         organism=config["organism"],
         use_rep=EMBEDDING_KEYS[config["integration"]["method"]],

@@ -21,6 +21,7 @@ rule de:
         mem_mb=cohort_mem_mb,
         runtime=120,
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         contrast=contrast_spec,
         stats=config["stats"],
         de=config["de"],

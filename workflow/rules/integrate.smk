@@ -20,6 +20,7 @@ rule integrate:
         runtime=240,
         gpu=scvi_gpu_count(),
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         integration=config["integration"],
         methods=integration_methods(),
         seed=config["seed"],

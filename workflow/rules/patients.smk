@@ -22,6 +22,7 @@ rule patients:
         mem_mb=cohort_mem_mb,
         runtime=30,
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         patients=config["patients"],
         reference=patient_reference(),
         min_cells=config["stats"]["min_cells"],

@@ -21,6 +21,7 @@ rule score:
         mem_mb=cohort_mem_mb,
         runtime=60,
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         scoring=config["scoring"],
         organism=config["organism"],
         reference=call_reference(),
@@ -44,6 +45,7 @@ rule sample_table:
     resources:
         mem_mb=cohort_mem_mb,
     params:
+        counts_layer=config["qc"]["downstream_layer"],
         stats=config["stats"],
         contrasts=contrast_table(),
     script:

@@ -10,7 +10,7 @@ setup_logging(snakemake.log[0])
 
 a = snakemake.params.annotation
 adata = ad.read_h5ad(snakemake.input.h5ad)
-layer = counts_layer(adata, snakemake.config["qc"]["downstream_layer"])
+layer = counts_layer(adata, snakemake.params.counts_layer)
 summary = annotate(
     adata,
     organism="auto",

@@ -38,7 +38,7 @@ else:
         shrink=cfg["shrink"],
         n_cpus=snakemake.threads,
         alpha=p.stats["alpha"],
-        layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
+        layer=counts_layer(adata, snakemake.params.counts_layer),
     )
     write_table(results, snakemake.output.results)
     write_table(summary, snakemake.output.summary, digits=3)

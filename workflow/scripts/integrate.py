@@ -15,7 +15,7 @@ log = logging.getLogger("integrate")
 cfg = snakemake.params.integration
 seed = snakemake.params.seed
 adata = ad.read_h5ad(snakemake.input[0])
-layer = counts_layer(adata, snakemake.config["qc"]["downstream_layer"])
+layer = counts_layer(adata, snakemake.params.counts_layer)
 select_hvgs(adata, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_key"], layer=layer)
 if adata.uns["hvg"].get("note"):
     log.info("HVGs: %s", adata.uns["hvg"]["note"])

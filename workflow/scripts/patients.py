@@ -27,7 +27,7 @@ res = profile(
     timepoint_column=p["timepoint_column"],
     endotypes=p["endotypes"],
     run_name=snakemake.params.run_name,
-    layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
+    layer=counts_layer(adata, snakemake.params.counts_layer),
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")

@@ -11,6 +11,6 @@ setup_logging(snakemake.log[0])
 
 adata = ad.read_h5ad(snakemake.input[0])
 table = sample_table(adata, min_cells=snakemake.params.stats["min_cells"],
-                     layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]))
+                     layer=counts_layer(adata, snakemake.params.counts_layer))
 write_table(table, snakemake.output.sample_table)
 write_table(pd.DataFrame(snakemake.params.contrasts), snakemake.output.contrasts)

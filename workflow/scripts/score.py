@@ -22,7 +22,7 @@ rules = score_states(
     calls=ref is not None or p.scoring["call_rule"] != "control_quantile",
     call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
     max_rank=p.scoring["max_rank"],
-    layer=counts_layer(adata, snakemake.config["qc"]["downstream_layer"]),
+    layer=counts_layer(adata, snakemake.params.counts_layer),
     control=ref["value"] if ref is not None else None,
     condition_key=ref["column"] if ref is not None else "condition",
 )
