@@ -207,17 +207,16 @@ WF_CONFIG = {
 
 
 def _run_workflow(tmp: Path, sheet: pd.DataFrame, cfg: dict) -> Path:
-    from test_workflow import _snakemake
+    from test_workflow import run_workflow
 
-    sheet.to_csv(tmp / "samples.tsv", sep="\t", index=False)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    res = _snakemake(tmp, "--cores", "2")
-    if res.returncode != 0:
-        logs = "\n".join(
-            f"--- {p}\n{p.read_text()[-2000:]}" for p in (tmp / "results").rglob("*.log")
-        )
-        pytest.fail(f"workflow failed:\n{res.stderr[-4000:]}\n{logs[-6000:]}")
-    return tmp / "results" / cfg["run_name"]
+    return run_workflow(tmp, sheet, cfg)[0]
+
+
+def _demo_config(run_name: str, cells_per_sample: int) -> dict:
+    """WF_CONFIG with the demo simulator writing the sheet's samples into ``demo/``."""
+    return {**WF_CONFIG, "run_name": run_name,
+            "demo": {"simulate": True, "dir": "demo", "cells_per_sample": cells_per_sample,
+                     "n_genes": 3000}}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -226,10 +225,7 @@ def test_workflow_time_points_unbalanced_one_batch_with_covariates(tmp_path):
     donors, and the pipeline agrees in sign with the oracle on the effects the oracle finds."""
     sheet = _sheet(4, 3, times=("T0", "T6"), batches=1)
     sheet["path"] = [f"demo/{s}/filtered_feature_bc_matrix.h5" for s in sheet["sample_id"]]
-    cfg = {**WF_CONFIG, "run_name": "design",
-           "demo": {"simulate": True, "dir": "demo", "cells_per_sample": 350,
-                    "n_genes": 3000}}  # fmt: skip
-    res = _run_workflow(tmp_path, sheet, cfg)
+    res = _run_workflow(tmp_path, sheet, _demo_config("design", 350))
     contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")
     assert contrasts.loc[0, "status"] == "tested"
     assert (contrasts.loc[0, "n_case"], contrasts.loc[0, "n_control"]) == (4, 3)
@@ -303,10 +299,7 @@ def test_workflow_unbalanced_10_vs_3(tmp_path):
     strongest planted shifts come out in the oracle's direction."""
     sheet = _sheet(10, 3, batches=2)
     sheet["path"] = [f"demo/{s}/filtered_feature_bc_matrix.h5" for s in sheet["sample_id"]]
-    cfg = {**WF_CONFIG, "run_name": "unbalanced",
-           "demo": {"simulate": True, "dir": "demo", "cells_per_sample": 250,
-                    "n_genes": 3000}}  # fmt: skip
-    res = _run_workflow(tmp_path, sheet, cfg)
+    res = _run_workflow(tmp_path, sheet, _demo_config("unbalanced", 250))
     contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")
     assert contrasts.loc[0, "status"] == "tested"
     assert (contrasts.loc[0, "n_case"], contrasts.loc[0, "n_control"]) == (10, 3)

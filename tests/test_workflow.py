@@ -60,6 +60,23 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Com
     )
 
 
+def run_workflow(
+    workdir: Path, sheet: pd.DataFrame, config: dict, *args: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """Write ``samples.tsv`` and ``config.yaml`` into ``workdir`` and run the workflow on 2
+    cores; fail the test with the stderr and the job logs when it does not finish. Returns
+    the run's results folder and the completed process."""
+    sheet.to_csv(workdir / "samples.tsv", sep="\t", index=False)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    res = _snakemake(workdir, "--cores", "2", *args)
+    if res.returncode != 0:
+        logs = "\n".join(
+            f"--- {p}\n{p.read_text()[-2000:]}" for p in (workdir / "results").rglob("*.log")
+        )
+        pytest.fail(f"workflow failed:\n{res.stderr[-5000:]}\n{logs[-8000:]}")
+    return workdir / "results" / config["run_name"], res
+
+
 def test_dry_run_shows_every_stage(tmp_path):
     work = _write_workdir(tmp_path)
     res = _snakemake(work, "-n", "--cores", "1")

@@ -12,9 +12,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from conftest import shared_file
-from test_workflow import _snakemake
+from test_workflow import run_workflow
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -44,17 +43,8 @@ def _split(tmp, n_samples, seed=0):
 
 
 def _run(tmp, rows, run_name, extra=None):
-    sheet = pd.DataFrame(rows)
-    sheet.to_csv(tmp / "samples.tsv", sep="\t", index=False)
     cfg = {**CONFIG, "run_name": run_name, **(extra or {})}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    res = _snakemake(tmp, "--cores", "2")
-    if res.returncode != 0:
-        logs = "\n".join(
-            f"--- {p}\n{p.read_text()[-2000:]}" for p in (tmp / "results").rglob("*.log")
-        )
-        pytest.fail(f"workflow failed:\n{res.stderr[-5000:]}\n{logs[-8000:]}")
-    return tmp / "results" / run_name, res
+    return run_workflow(tmp, pd.DataFrame(rows), cfg)
 
 
 def test_one_batch_sheet_with_a_donor_sampled_twice_runs_end_to_end(tmp_path):
