@@ -1,0 +1,94 @@
+"""sepsis_sc.store: partial reads, streamed matrices, linked and copied matrices."""
+
+from __future__ import annotations
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from sepsis_sc import store
+
+
+@pytest.fixture
+def base(tmp_path):
+    rng = np.random.default_rng(0)
+    x = sp.random(1000, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    x.data = np.ceil(x.data * 5)
+    a = ad.AnnData(x, obs=pd.DataFrame({"s": np.repeat(["a", "b"], 500)}, index=[f"c{i}" for i in range(1000)]))
+    a.var_names = [f"g{i}" for i in range(50)]
+    a.layers["counts"] = x.copy()
+    a.layers["other"] = x.copy() * 2
+    a.obsm["Z"] = rng.normal(size=(1000, 3))
+    path = tmp_path / "base.h5ad"
+    a.write_h5ad(path)
+    return a, path
+
+
+def test_read_only_the_parts_asked_for(base):
+    a, path = base
+    b = store.read(path)
+    assert b.X is None and not b.layers and "Z" in b.obsm and b.shape == a.shape
+    c = store.read(path, X=True, layers=["counts"], genes=["g3", "g1"], chunk_rows=300)
+    assert list(c.var_names) == ["g1", "g3"] and list(c.layers) == ["counts"]
+    assert (c.X != a[:, ["g1", "g3"]].X).nnz == 0
+    assert (c.layers["counts"] != a[:, ["g1", "g3"]].layers["counts"]).nnz == 0
+    with pytest.raises(KeyError, match="no layer"):
+        store.read(path, layers=["soupx_counts"])
+    with pytest.raises(KeyError, match="not in the file"):
+        store.read(path, genes=["nope"])
+
+
+def test_iter_rows_and_column_sums(base):
+    a, path = base
+    chunks = list(store.iter_rows(path, "counts", chunk_rows=333))
+    assert [c[0] for c in chunks] == [0, 333, 666, 999]
+    assert (sp.vstack([c[2] for c in chunks]) != a.layers["counts"]).nnz == 0
+    groups = np.repeat(np.arange(4), 250)
+    groups[:10] = -1  # left out
+    sums = store.column_sums(path, "counts", groups, 4, chunk_rows=333)
+    want = np.vstack([np.asarray(a.X[groups == g].sum(axis=0)) for g in range(4)])
+    np.testing.assert_allclose(sums, want, rtol=1e-6)
+
+
+def test_write_links_and_copies_matrices(base, tmp_path):
+    a, path = base
+    mid = store.read(path)
+    mid.obs["new"] = 1
+    store.write(mid, tmp_path / "d1" / "mid.h5ad", source=path, link=["X", "counts"])
+    with h5py.File(tmp_path / "d1" / "mid.h5ad") as f:
+        assert isinstance(f.get("X", getlink=True), h5py.ExternalLink)
+        assert "other" not in f["layers"]
+    final = store.read(tmp_path / "d1" / "mid.h5ad")
+    store.write(final, tmp_path / "d2" / "final.h5ad", source=tmp_path / "d1" / "mid.h5ad",
+                link=["X"], copy=["counts"])  # fmt: skip
+    with h5py.File(tmp_path / "d2" / "final.h5ad") as f:
+        link = f.get("X", getlink=True)
+        assert link.filename == "../base.h5ad"  # followed to the file that holds it
+        assert isinstance(f.get("layers/counts", getlink=True), h5py.HardLink)
+    whole = ad.read_h5ad(tmp_path / "d2" / "final.h5ad")
+    assert (whole.X != a.X).nnz == 0 and (whole.layers["counts"] != a.X).nnz == 0
+    assert whole.obs["new"].eq(1).all()
+    with pytest.raises(ValueError, match="cells and genes must be the same"):
+        store.write(store.read(path, genes=["g1"]), tmp_path / "bad.h5ad", source=path, link=["X"])
+    assert not (tmp_path / "bad.h5ad").exists()
+
+
+def test_matrix_writer_streams_rows(base, tmp_path):
+    a, _ = base
+    out = tmp_path / "w.h5ad"
+    ad.AnnData(obs=a.obs, var=a.var).write_h5ad(out)
+    with store.MatrixWriter(out, ["X", "counts"], n_vars=50, n_obs=1000) as w:
+        for s0 in range(0, 1000, 300):
+            w.append("X", a.X[s0 : s0 + 300])
+            w.append("counts", a.layers["counts"][s0 : s0 + 300])
+    back = ad.read_h5ad(out)
+    assert (back.X != a.X).nnz == 0 and (back.layers["counts"] != a.X).nnz == 0
+    with h5py.File(out) as f:
+        assert f["X/indptr"].dtype == np.int64
+    ad.AnnData(obs=a.obs, var=a.var).write_h5ad(out)
+    with pytest.raises(ValueError, match="wrote 300 rows for 1000"):
+        with store.MatrixWriter(out, ["X"], n_vars=50, n_obs=1000) as w:
+            w.append("X", a.X[:300])
