@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from sepsis_sc import cluster as cl
+from sepsis_sc import store
 from sepsis_sc.pl import cluster as pl_cl
 
 SUMMARY_COLUMNS = [
@@ -353,3 +354,95 @@ def test_marker_groups_skip_singletons():
     adata.obs["g"] = ["a", "a", "a", "a", "c"]
     with pytest.raises(ValueError, match="at least two groups"):
         cl._marker_groups(adata, "g")
+
+
+# --------------------------------------------------------------------------------------
+# markers streamed from the file in gene blocks
+# --------------------------------------------------------------------------------------
+
+
+def streamed_marker_file(tmp_path) -> tuple[ad.AnnData, object]:
+    """Log-normalised marker_data (four clusters, one of a single cell, which is not
+    tested, and some stored zeros) in memory and written to an .h5ad."""
+    adata = marker_data(n_cells=430, seed=5)
+    cluster = adata.obs["leiden"].astype(str).to_numpy()
+    cluster[7] = "3"  # a one-cell cluster: skipped by _marker_groups, part of every "rest"
+    adata.obs["leiden"] = pd.Categorical(cluster)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.X.data[:11] = 0  # stored zeros tie with the implicit ones
+    path = tmp_path / "clustered.h5ad"
+    adata.write_h5ad(path)
+    return adata, path
+
+
+def test_cluster_markers_streamed_equals_in_memory(tmp_path):
+    adata, path = streamed_marker_file(tmp_path)
+    want = cl.cluster_markers(adata, n_genes=7, method="wilcoxon")
+    light = store.read(path)
+    assert light.X is None
+    # 37 genes per block leaves a short last block of 60; 150 rows a short last chunk of 430
+    got = cl.cluster_markers_streamed(light, path, n_genes=7, genes_per_block=37, chunk_rows=150)
+    assert set(got["cluster"]) == {"0", "1", "2"}  # the one-cell cluster is not tested
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0)
+    have, ref = light.uns["rank_genes_leiden"], adata.uns["rank_genes_leiden"]
+    assert set(have) == set(ref) and have["params"] == ref["params"]
+    for k in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj"):
+        assert have[k].dtype == ref[k].dtype, k
+        for g in ref[k].dtype.names:
+            if k == "names":
+                assert list(have[k][g]) == list(ref[k][g])
+            else:
+                np.testing.assert_allclose(have[k][g], ref[k][g], rtol=1e-12, atol=0, err_msg=k)
+    for k in ("pts", "pts_rest"):
+        pd.testing.assert_frame_equal(have[k], ref[k], check_exact=False, rtol=1e-12, atol=0)
+    # one block of all genes gives the same again
+    again = cl.cluster_markers_streamed(store.read(path), path, n_genes=7, genes_per_block=1000)
+    pd.testing.assert_frame_equal(again, want, check_exact=False, rtol=1e-12, atol=0)
+
+
+def test_cluster_markers_streamed_never_reads_the_whole_matrix(tmp_path, monkeypatch):
+    """With every whole-matrix read refused, the streamed markers still come out, reading one
+    full row chunk (the raw-counts check) and otherwise only a block's columns at a time."""
+    adata, path = streamed_marker_file(tmp_path)
+    want = cl.cluster_markers(adata, n_genes=5)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole matrix was read")
+
+    real_read, real_iter = store.read, store.iter_rows
+    seen = []
+
+    def read(*args, X=False, layers=(), **kwargs):
+        if X or layers:
+            refuse()
+        return real_read(*args, X=X, layers=layers, **kwargs)
+
+    def iter_rows(*args, genes=None, **kwargs):
+        for start, stop, chunk in real_iter(*args, genes=genes, **kwargs):
+            seen.append((genes is None, chunk.shape))
+            yield start, stop, chunk
+
+    light = store.read(path)
+    monkeypatch.setattr(ad, "read_h5ad", refuse)
+    monkeypatch.setattr(ad.io, "read_h5ad", refuse)
+    monkeypatch.setattr(store, "read", read)
+    monkeypatch.setattr(store, "_read_matrix", refuse)
+    monkeypatch.setattr(store, "iter_rows", iter_rows)
+    got = cl.cluster_markers_streamed(light, path, n_genes=5, genes_per_block=37, chunk_rows=150)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0)
+    whole = [shape for all_genes, shape in seen if all_genes]
+    assert whole == [(150, 60)]  # the first chunk only, for the raw-counts check
+    assert max(shape[1] for all_genes, shape in seen if not all_genes) == 37
+    assert max(shape[0] for _, shape in seen) == 150
+
+
+def test_cluster_markers_streamed_checks_its_input(tmp_path):
+    adata, path = streamed_marker_file(tmp_path)
+    light = store.read(path)
+    with pytest.raises(KeyError, match="missing_column"):
+        cl.cluster_markers_streamed(light, path, groupby="missing_column")
+    with pytest.raises(ValueError, match="raw counts"):
+        cl.cluster_markers_streamed(light, path, key="layers/counts")
+    with pytest.raises(ValueError, match="var_names"):
+        cl.cluster_markers_streamed(light[:, ::-1].copy(), path)

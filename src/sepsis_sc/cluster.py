@@ -17,17 +17,21 @@ number of clusters, modularity, smallest cluster, and two stability measures.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Literal
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from anndata.io import read_elem
 
+from sepsis_sc import store
 from sepsis_sc.data import looks_like_counts
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ __all__ = [
     "leiden_multi",
     "resolution_summary",
     "cluster_markers",
+    "cluster_markers_streamed",
 ]
 
 DEFAULT_RESOLUTIONS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0)
@@ -655,6 +660,142 @@ def cluster_markers(
     df = _markers_table(adata, key, groups, n_genes)
     logger.info("markers: top %d genes for %d groups of %s", n_genes, len(groups), groupby)
     return df
+
+
+def cluster_markers_streamed(
+    adata: ad.AnnData,
+    path: str | os.PathLike[str],
+    *,
+    key: str = "X",
+    groupby: str = "leiden",
+    n_genes: int = 25,
+    genes_per_block: int = 2000,
+    chunk_rows: int = store.DEFAULT_CHUNK_ROWS,
+) -> pd.DataFrame:
+    """:func:`cluster_markers` (Wilcoxon) read from the ``.h5ad`` in gene blocks.
+
+    At a million cells the log-normalised matrix is about 9 GB, and :func:`cluster_markers`
+    needs it whole plus a column-major (CSC) copy for the per-gene ranks: about 20 GB. Here
+    the per-gene statistics (:func:`_rank_sums_sparse`: rank sums, non-zero counts and value
+    sums per group) are computed ``genes_per_block`` genes at a time: the block's columns
+    are read over all cells in row chunks of ``chunk_rows`` (:func:`sepsis_sc.store.iter_rows`),
+    stacked, and dropped before the next block. Memory follows one block (its CSR and CSC
+    copies, about ``2 * genes_per_block / n_vars`` of the matrix) plus one full row chunk
+    while it is read, not the matrix; the price is one read of the file per block.
+
+    The tests, Benjamini-Hochberg adjustment (over all genes, per group), top-``n_genes``
+    selection, ``uns`` layout and table are the code :func:`cluster_markers` runs on a
+    sparse, non-negative ``X``, on the same numbers: the result is the same as
+    ``cluster_markers(adata_with_X, method="wilcoxon")`` (same genes and order, scores,
+    fold changes, p-values, adjusted p-values and detection rates).
+
+    Parameters
+    ----------
+    adata
+        The light AnnData of the same file (``obs`` with ``groupby``, ``var``, ``uns`` with
+        ``log1p``; e.g. :func:`sepsis_sc.store.read`), without the matrix. Gets
+        ``uns["rank_genes_{groupby}"]``; a non-categorical ``obs[groupby]`` is made categorical.
+    path
+        The ``.h5ad`` holding the log-normalised matrix as CSR (external links are followed).
+    key
+        The matrix: ``"X"`` or ``"layers/<name>"``.
+    groupby
+        ``obs`` column with clusters (groups with < 2 cells are not tested, as in
+        :func:`cluster_markers`).
+    n_genes
+        Markers kept per cluster.
+    genes_per_block
+        Genes whose columns are in memory at once.
+    chunk_rows
+        Rows read from the file at once.
+
+    Returns
+    -------
+    The tidy table of :func:`cluster_markers`; the full result is in
+    ``uns["rank_genes_{groupby}"]``.
+    """
+    if genes_per_block < 1:
+        raise ValueError(f"genes_per_block must be >= 1, not {genes_per_block}")
+    first = next(store.iter_rows(path, key, chunk_rows=chunk_rows), None)
+    _check_marker_inputs(
+        adata, groupby, first[2] if first is not None else sp.csr_matrix((0, adata.n_vars))
+    )
+    del first
+    _check_same_axes(adata, path)
+    groups, _ = _marker_groups(adata, groupby)
+    uns_key = f"rank_genes_{groupby}"
+    rank_sums = partial(
+        _rank_sums_streamed,
+        path,
+        key,
+        n_vars=adata.n_vars,
+        genes_per_block=int(genes_per_block),
+        chunk_rows=int(chunk_rows),
+    )
+    adata.uns[uns_key] = _sparse_wilcoxon_markers(adata, groupby, groups, n_genes, rank_sums)
+    if key != "X":
+        adata.uns[uns_key]["params"]["layer"] = key.removeprefix("layers/")
+    df = _markers_table(adata, uns_key, groups, n_genes)
+    logger.info(
+        "markers: top %d genes for %d groups of %s (streamed from %s:%s, %d genes per block)",
+        n_genes,
+        len(groups),
+        groupby,
+        path,
+        key,
+        genes_per_block,
+    )
+    return df
+
+
+def _check_same_axes(adata: ad.AnnData, path: str | os.PathLike[str]) -> None:
+    """The cells and genes of ``adata`` are those of the file, in the same order."""
+    with h5py.File(path, "r") as f:
+        names = {
+            axis: pd.Index(read_elem(f[axis][f[axis].attrs["_index"]]).astype(str))
+            for axis in ("obs", "var")
+        }
+    for axis, mine in (("obs", adata.obs_names), ("var", adata.var_names)):
+        if not names[axis].equals(pd.Index(mine.astype(str))):
+            raise ValueError(
+                f"{axis}_names of the AnnData ({len(mine)}) are not those of {path} "
+                f"({len(names[axis])}) in the same order; read it from that file (store.read)"
+            )
+
+
+def _rank_sums_streamed(
+    path: str | os.PathLike[str],
+    key: str,
+    codes: np.ndarray,
+    *,
+    n_vars: int,
+    genes_per_block: int,
+    chunk_rows: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_rank_sums_sparse` of the CSR matrix ``path:key``, one block of
+    ``genes_per_block`` genes at a time (each gene's numbers come from its column alone, so
+    the blocks' columns make up the whole). Only one block's columns are in memory."""
+    n_codes = int(codes.max()) + 2
+    sizes = np.bincount(codes.astype(np.int64) + 1, minlength=n_codes).astype(np.float64)
+    rank_sum, nnz, total = (np.empty((n_codes, n_vars)) for _ in range(3))
+    for lo in range(0, n_vars, genes_per_block):
+        hi = min(lo + genes_per_block, n_vars)
+        mask = np.zeros(n_vars, dtype=bool)
+        mask[lo:hi] = True
+        parts = [c for _, _, c in store.iter_rows(path, key, chunk_rows=chunk_rows, genes=mask)]
+        block = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, hi - lo))
+        del parts
+        if block.shape[0] != len(codes):
+            raise ValueError(f"{path}:{key} has {block.shape[0]} rows for {len(codes)} cells")
+        if block.nnz and block.data.min() < 0:
+            raise ValueError(
+                f"{path}:{key} has negative values; markers are ranked on log-normalised data "
+                "(use cluster_markers for other inputs)"
+            )
+        _, rank_sum[:, lo:hi], nnz[:, lo:hi], total[:, lo:hi] = _rank_sums_sparse(block, codes)
+        del block
+        logger.debug("markers: genes %d-%d of %d", lo, hi, n_vars)
+    return sizes, rank_sum, nnz, total
 
 
 def _check_marker_inputs(adata: ad.AnnData, groupby: str, x) -> None:
