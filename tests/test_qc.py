@@ -330,6 +330,78 @@ def test_merge_keeps_counts_and_normalises():
     assert filtered.n_vars > 100
 
 
+@pytest.mark.parametrize("with_soupx", [False, True])
+def test_merge_to_file_equals_merge_then_normalize(tmp_path, with_soupx):
+    """The streamed merge writes what merge_samples + normalize give, without the matrices
+    in memory: same cells, genes (union, rare genes dropped), identifiers, counts and X."""
+    from sepsis_sc.utils import write_h5ad
+
+    a = make_sample("A", n_per_type=20, seed=10)
+    b = make_sample("B", n_per_type=20, seed=11)
+    b = b[:, [g for g in GENES if g != "GENE0"]].copy()
+    b.var_names = [g if g != "GENE1" else "ONLY_IN_B" for g in b.var_names]
+    paths = []
+    for x in (a, b):
+        qc.run_qc(x, doublet_method="none")
+    fa, fb = qc.filter_cells_qc(a), qc.filter_cells_qc(b)
+    if with_soupx:  # one sample corrected, the other not (its raw counts stand in)
+        fa.layers["soupx_counts"] = fa.layers["counts"].copy()
+        fa.layers["soupx_counts"].data = np.floor(fa.layers["soupx_counts"].data * 0.8)
+    for x in (fa, fb):
+        paths.append(tmp_path / f"{x.obs['sample_id'].iloc[0]}.h5ad")
+        write_h5ad(x, paths[-1])
+    layer = "soupx_counts" if with_soupx else "counts"
+    want = qc.merge_samples([ad.read_h5ad(p) for p in paths], min_cells_per_gene=5)
+    qc.normalize(want, layer=layer)
+    out = tmp_path / "merged.h5ad"
+    shape = qc.merge_samples_to_file(paths, out, min_cells_per_gene=5, normalize_layer=layer,
+                                     uns={"excluded_samples": {}})  # fmt: skip
+    got = ad.read_h5ad(out)
+    assert shape == want.shape == got.shape
+    assert list(got.var_names) == list(want.var_names) and list(got.obs_names) == list(want.obs_names)
+    pd.testing.assert_frame_equal(got.var, want.var, check_dtype=False)
+    pd.testing.assert_frame_equal(got.obs, want.obs, check_dtype=False, check_categorical=False)
+    for key in ["counts"] + (["soupx_counts"] if with_soupx else []):
+        assert (got.layers[key] != want.layers[key]).nnz == 0
+    assert set(got.layers) == set(want.layers)
+    assert (got.X != want.X).nnz == 0  # bit-identical floats
+    assert got.uns["normalization"] == want.uns["normalization"]
+
+
+def test_merge_to_file_never_holds_the_merged_matrix(tmp_path):
+    """The streamed merge's peak memory is one sample and the merged obs, not the merged
+    matrices: well under one copy of the merged counts, and merging twice the samples
+    raises it by far less than twice (the in-memory merge holds about three copies)."""
+    import tracemalloc
+
+    from sepsis_sc.utils import write_h5ad
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        x = sparse.random(1500, 3000, density=0.08, format="csr", dtype=np.float32, rng=rng)
+        x.data = np.ceil(x.data * 20)
+        a = ad.AnnData(X=x, obs=pd.DataFrame({"sample_id": f"S{i}"}, index=[f"S{i}_{j}" for j in range(1500)]))
+        a.var_names = [f"G{j}" for j in range(3000)]
+        a.layers["counts"] = x.copy()
+        paths.append(tmp_path / f"S{i}.h5ad")
+        write_h5ad(a if i % 2 == 0 else a[:, 1:].copy(), paths[-1])  # odd samples lack G0
+    qc.merge_samples_to_file(paths[:2], tmp_path / "warm.h5ad")  # numba compiles once, untraced
+
+    def peak(n):
+        tracemalloc.start()
+        qc.merge_samples_to_file(paths[:n], tmp_path / f"m{n}.h5ad", min_cells_per_gene=1)
+        out = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return out
+
+    one_copy = 12 * (x.data.nbytes + x.indices.nbytes)
+    p6, p12 = peak(6), peak(12)
+    assert p12 < 0.6 * one_copy, p12 / one_copy
+    assert p12 < 1.4 * p6, p12 / p6
+    assert ad.read_h5ad(tmp_path / "m12.h5ad").n_obs == 18_000
+
+
 def test_figures(tmp_path):
     adata = ad.concat(
         [make_sample("A", n_highmt=10, n_neutro=10, seed=12), make_sample("B", seed=13)]

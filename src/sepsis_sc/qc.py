@@ -60,7 +60,9 @@ Slots written (see ``docs/architecture.md``): ``var["mt"|"ribo"|"hb"]``; ``obs``
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -2169,6 +2171,125 @@ def _drop_rare_genes(merged: ad.AnnData, min_cells_per_gene: int) -> ad.AnnData:
             merged = merged[:, detected >= min_cells_per_gene].copy()
         logger.info("dropped %d genes detected in < %d cells", n_drop, min_cells_per_gene)
     return merged
+
+
+def merge_samples_to_file(
+    paths: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    batch_key: str = "sample_id",
+    min_cells_per_gene: int = 3,
+    drop_outliers: bool = True,
+    organism: str = "auto",
+    normalize_layer: str = "counts",
+    target_sum: float = 1e4,
+    uns: Mapping[str, Any] | None = None,
+) -> tuple[int, int]:
+    """:func:`merge_samples` then :func:`normalize`, streamed from per-sample files to ``out``.
+
+    The same result as ``merged = merge_samples(read(p) for p in paths); normalize(merged)``
+    written with :func:`sepsis_sc.utils.write_h5ad`, but the merged matrices are never in
+    memory: a first pass over the samples collects ``obs``, the gene union and how many
+    cells detect each gene; a second pass reads each sample again and appends its rows of
+    ``layers["counts"]`` (and ``layers["soupx_counts"]`` when any sample has it), and of
+    ``X``, log-normalised per cell from ``normalize_layer`` exactly as :func:`normalize`
+    does, to the output (:class:`sepsis_sc.store.MatrixWriter`). Peak memory is one sample
+    plus the merged ``obs``; the output is written atomically.
+
+    Returns
+    -------
+    (cells, genes) of the merged file. ``uns`` entries given are stored with the
+    normalisation record.
+    """
+    from sepsis_sc import store
+    from sepsis_sc.utils import atomic_path
+
+    if not paths:
+        raise ValueError("merge_samples_to_file got no sample files.")
+    obs_parts, var_parts, detected, any_soupx = [], [], [], False
+    for i, path in enumerate(paths):  # pass 1: obs, genes, detection
+        part = _slim_sample(_read_sample(path), None, i, batch_key=batch_key, drop_outliers=drop_outliers)
+        if part is None:
+            continue
+        obs_parts.append((i, part.obs))
+        var_parts.append(part.var)
+        x = part.X
+        detected.append(np.bincount(x.indices[x.data > 0], minlength=part.n_vars))
+        any_soupx |= "soupx_counts" in part.layers
+        del part, x
+    if not obs_parts:
+        raise ValueError("every sample passed to merge_samples is empty; nothing to merge.")
+    genes = functools.reduce(lambda a, b: a.union(b), (v.index for v in var_parts))
+    n_detected = np.zeros(len(genes), dtype=np.int64)
+    for v, d in zip(var_parts, detected, strict=True):
+        n_detected[genes.get_indexer(v.index)] += d
+    keep = n_detected >= min_cells_per_gene if min_cells_per_gene > 0 else np.ones(len(genes), bool)
+    logger.info("dropped %d genes detected in < %d cells", int((~keep).sum()), min_cells_per_gene)
+    var = _first_values(var_parts, genes)[keep]
+    light = ad.AnnData(obs=pd.concat([o for _, o in obs_parts], join="outer"), var=var)
+    _tidy_merged_obs(light, batch_key)
+    flag_genes(light, organism)
+    if not any_soupx and normalize_layer == "soupx_counts":
+        logger.warning("no layers[%r]: X is normalised from the raw counts", normalize_layer)
+        normalize_layer = "counts"
+    light.uns.update(dict(uns or {}))
+    light.uns["log1p"] = {"base": None}
+    light.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum), "layer": normalize_layer}
+    keys = ["X", "layers/counts"] + (["layers/soupx_counts"] if any_soupx else [])
+    final = pd.Index(light.var_names)
+    with atomic_path(out) as tmp:
+        light.write_h5ad(tmp)
+        with store.MatrixWriter(tmp, keys, n_vars=light.n_vars, n_obs=light.n_obs) as w:
+            for i, _ in obs_parts:  # pass 2: rows, sample by sample
+                part = _slim_sample(_read_sample(paths[i]), None, i, batch_key=batch_key,
+                                    drop_outliers=drop_outliers)  # fmt: skip
+                cols = final.get_indexer(part.var_names)
+                mats = {"counts": part.X, "soupx_counts": part.layers.get("soupx_counts", part.X)}
+                for name, m in mats.items():
+                    if name == "counts" or any_soupx:
+                        mats[name] = _reindex_columns(sparse.csr_matrix(m), cols, light.n_vars)
+                        w.append(f"layers/{name}", mats[name])
+                chunk = ad.AnnData(X=sparse.csr_matrix(mats[normalize_layer], dtype=np.float32, copy=True))
+                log_normalise(chunk, target_sum=target_sum)  # per cell: chunks give normalize's floats
+                w.append("X", chunk.X)
+                del part, mats, chunk
+    logger.info("merged %d samples: %d cells x %d genes", len(obs_parts), light.n_obs, light.n_vars)
+    return light.n_obs, light.n_vars
+
+
+def _first_values(var_parts: Sequence[pd.DataFrame], genes: pd.Index) -> pd.DataFrame:
+    """Gene identifier columns over the union ``genes``: each gene's first non-missing value
+    (as ``anndata.concat(merge="first")``)."""
+    cols = list(dict.fromkeys(c for v in var_parts for c in v.columns))
+    out = pd.DataFrame(index=genes, columns=cols, dtype=object)
+    for v in var_parts:
+        for c in v.columns:
+            fill = out[c].isna() & out.index.isin(v.index)
+            if fill.any():
+                out.loc[fill, c] = v[c].reindex(out.index[fill]).to_numpy()
+    return out
+
+
+def _reindex_columns(m: sparse.csr_matrix, cols: np.ndarray, n_vars: int) -> sparse.csr_matrix:
+    """``m``'s columns moved to positions ``cols`` of ``n_vars`` (-1: dropped)."""
+    if m.shape[1] == n_vars and np.array_equal(cols, np.arange(n_vars)):
+        return m
+    new = cols[m.indices]
+    ok = new >= 0
+    indptr = np.concatenate([[0], np.cumsum(np.add.reduceat(ok, m.indptr[:-1]) * (np.diff(m.indptr) > 0))])
+    out = sparse.csr_matrix((m.data[ok], new[ok].astype(m.indices.dtype), indptr), shape=(m.shape[0], n_vars))
+    out.has_sorted_indices = False
+    out.sort_indices()
+    return out
+
+
+def _read_sample(path: str | os.PathLike[str]) -> ad.AnnData:
+    """A per-sample QC file with only the matrices the merge uses (its count layers)."""
+    from sepsis_sc import store
+
+    with_layers = [k.split("/", 1)[1] for k in store.matrix_keys(path) if k.startswith("layers/")]
+    wanted = [k for k in ("counts", "soupx_counts") if k in with_layers]
+    return store.read(path, X=not wanted, layers=wanted, obsm=False, obsp=False, uns=False)
 
 
 def normalize(adata: ad.AnnData, *, target_sum: float = 1e4, layer: str = "counts") -> None:
