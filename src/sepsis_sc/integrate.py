@@ -185,41 +185,75 @@ def select_hvgs(
     ``var["highly_variable_nbatches"]`` and ``var["variances_norm"]`` where the flavor
     gives them (NaN for excluded genes), and ``uns["hvg"]`` (settings used).
     """
-    if n_top_genes < 2:
-        raise ValueError(f"n_top_genes must be >= 2, got {n_top_genes}")
+    plan = _hvg_plan(adata, n_top_genes, batch_key, exclude_flags)
     counts_flavor = flavor.startswith("seurat_v3")
     if counts_flavor:
         why = "seurat_v3 HVGs model raw UMI counts"
         counts = require_layer(adata, layer, why=why)
-        check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
+        check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=_COUNT_CHECK_VALUES)
+    sub = adata[:, plan.keep] if plan.excluded.any() else adata
+    df = _scanpy_hvgs(
+        sub, plan.n, batch_key=plan.batch_key, flavor=flavor,
+        layer=layer if counts_flavor else None, span=span,
+    )  # fmt: skip
+    _record_hvgs(adata, df, plan, flavor=flavor)
+
+
+#: stored values checked to be counts (evenly spaced over the matrix, or over each chunk)
+_COUNT_CHECK_VALUES = 200_000
+
+
+@dataclass(frozen=True)
+class _HvgPlan:
+    """What :func:`select_hvgs` and :func:`select_hvgs_streamed` decide before ranking."""
+
+    batch_key: str | None  # None with one batch level
+    one_batch: dict  # uns["hvg"]'s one-batch entries (empty with batches)
+    excluded: np.ndarray  # genes flagged by exclude_flags
+    used_flags: list[str]
+    n: int  # number of HVGs: n_top_genes clamped to the eligible genes
+
+    @property
+    def keep(self) -> np.ndarray:
+        return ~self.excluded
+
+
+def _hvg_plan(
+    adata: ad.AnnData, n_top_genes: int, batch_key: str | None, exclude_flags: Sequence[str]
+) -> _HvgPlan:
+    """Check ``n_top_genes``, resolve the batch key and the excluded genes."""
+    if n_top_genes < 2:
+        raise ValueError(f"n_top_genes must be >= 2, got {n_top_genes}")
     batch_key, one_batch = _hvg_batch_key(adata, batch_key)
     excluded, used_flags = _flagged_genes(adata, exclude_flags)
-    keep = ~excluded
-    n_eligible = int(keep.sum())
+    n_eligible = int((~excluded).sum())
     n = min(n_top_genes, n_eligible)
     if n < n_top_genes:
         logger.warning("only %d eligible genes; selecting all of them as HVGs", n_eligible)
-    sub = adata[:, keep] if excluded.any() else adata
-    df = _scanpy_hvgs(
-        sub, n, batch_key=batch_key, flavor=flavor, layer=layer if counts_flavor else None,
-        span=span,
-    )  # fmt: skip
-    hv = _write_hvg_columns(adata, df, keep)
+    return _HvgPlan(batch_key, one_batch, excluded, used_flags, n)
+
+
+def _record_hvgs(
+    adata: ad.AnnData, df: pd.DataFrame, plan: _HvgPlan, *, flavor: str, how: str = ""
+) -> None:
+    """Write the ``var`` columns of ``df`` (eligible genes) and ``uns["hvg"]``, and log."""
+    hv = _write_hvg_columns(adata, df, plan.keep)
     adata.uns["hvg"] = {
         "flavor": flavor,
         "n_top_genes": int(hv.sum()),
-        "batch_key": batch_key,
-        "excluded_flags": used_flags,
-        "n_excluded": int(excluded.sum()),
-        **one_batch,
+        "batch_key": plan.batch_key,
+        "excluded_flags": plan.used_flags,
+        "n_excluded": int(plan.excluded.sum()),
+        **plan.one_batch,
     }
     logger.info(
-        "selected %d HVGs (%s, batch_key=%s; %d genes excluded by flags %s)",
+        "selected %d HVGs (%s%s, batch_key=%s; %d genes excluded by flags %s)",
         hv.sum(),
         flavor,
-        batch_key,
-        excluded.sum(),
-        used_flags,
+        how,
+        plan.batch_key,
+        plan.excluded.sum(),
+        plan.used_flags,
     )
 
 
@@ -275,13 +309,18 @@ def _scanpy_hvgs(
             inplace=False,
         )
     except ValueError as err:  # skmisc LOESS fails on batches with too few cells/genes
-        raise ValueError(
-            f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
-            "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
-            "use a coarser batch_key."
-        ) from err
+        raise _hvg_failure(flavor, batch_key, err) from err
     df.index = sub.var_names
     return df
+
+
+def _hvg_failure(flavor: str, batch_key: str | None, err: Exception) -> ValueError:
+    """The error raised when the per-batch LOESS fit fails."""
+    return ValueError(
+        f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
+        "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
+        "use a coarser batch_key."
+    )
 
 
 def _write_hvg_columns(adata: ad.AnnData, df: pd.DataFrame, keep: np.ndarray) -> np.ndarray:
