@@ -87,6 +87,151 @@ def test_select_hvgs_needs_raw_counts():
         ig.select_hvgs(adata, n_top_genes=50)
 
 
+# ------------------------------------------------------------------ HVGs streamed from the file
+_HVG_COLUMNS = (
+    "highly_variable", "highly_variable_rank", "highly_variable_nbatches", "variances_norm",
+)  # fmt: skip
+
+
+def _nb_counts(n_cells: int = 3_000, n_genes: int = 1_500, seed: int = 0) -> ad.AnnData:
+    """Negative-binomial counts in 3 batches of unequal size (interleaved, so row chunks
+    straddle batches), a one-level ``run`` column and mt-/RPS-/HB-flagged genes."""
+    from sepsis_sc.qc import flag_genes
+
+    rng = np.random.default_rng(seed)
+    batch = rng.choice(["b0", "b1", "b2"], n_cells, p=[0.55, 0.3, 0.15])
+    mu = rng.lognormal(-1.0, 1.5, n_genes)
+    batch_fx = np.exp(rng.normal(0, 0.4, (3, n_genes)))
+    lam = (
+        mu[None, :]
+        * batch_fx[np.searchsorted(["b0", "b1", "b2"], batch)]
+        * rng.lognormal(0, 0.3, n_cells)[:, None]
+    )
+    counts = sp.csr_matrix(rng.negative_binomial(2.0, 2.0 / (2.0 + lam)).astype(np.float32))
+    genes = [f"G{i}" for i in range(n_genes)]
+    genes[:6] = ["MT-CO1", "MT-ND1", "RPS3", "RPL10", "RPS27A", "HBB"]
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(batch), "run": pd.Categorical(["r1"] * n_cells)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    adata = ad.AnnData(X=counts.copy(), obs=obs, var=pd.DataFrame(index=genes))
+    adata.layers["counts"] = counts
+    flag_genes(adata, organism="human")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def hvg_file(tmp_path_factory):
+    """(in-memory AnnData, the .h5ad it was written to)."""
+    adata = _nb_counts()
+    path = tmp_path_factory.mktemp("hvg") / "counts.h5ad"
+    adata.write_h5ad(path)
+    return adata, path
+
+
+def _assert_same_hvgs(streamed: ad.AnnData, expected: ad.AnnData) -> None:
+    assert [c for c in _HVG_COLUMNS if c in streamed.var] == [
+        c for c in _HVG_COLUMNS if c in expected.var
+    ]
+    assert streamed.var["highly_variable"].tolist() == expected.var["highly_variable"].tolist()
+    for col in ("highly_variable_rank", "highly_variable_nbatches"):
+        if col in expected.var:
+            np.testing.assert_array_equal(streamed.var[col], expected.var[col])  # NaNs too
+    np.testing.assert_allclose(
+        streamed.var["variances_norm"], expected.var["variances_norm"], rtol=1e-6, atol=0
+    )
+    assert streamed.uns["hvg"] == expected.uns["hvg"]
+
+
+@pytest.mark.parametrize(
+    "batch_key", ["batch", None, "run"], ids=["3-batches", "no-key", "one-level"]
+)
+def test_select_hvgs_streamed_equals_select_hvgs(hvg_file, batch_key):
+    from sepsis_sc import store
+
+    adata, path = hvg_file
+    expected = adata.copy()
+    ig.select_hvgs(expected, n_top_genes=300, batch_key=batch_key)
+    light = store.read(path)
+    assert not light.layers and light.X is None
+    # 700-cell chunks: every chunk holds cells of all batches, the last one is short
+    ig.select_hvgs_streamed(light, path, n_top_genes=300, batch_key=batch_key, chunk_rows=700)
+    _assert_same_hvgs(light, expected)
+    assert light.var["highly_variable"].sum() == 300
+    flagged = (light.var["mt"] | light.var["ribo"] | light.var["hb"]).to_numpy()
+    assert flagged.sum() == light.uns["hvg"]["n_excluded"] == 6
+    assert light.var["variances_norm"][flagged].isna().all()
+    if batch_key == "run":
+        assert light.uns["hvg"]["batch_key"] is None and light.uns["hvg"]["n_batches"] == 1
+    # the sums are added in scanpy's order: the same to the last bit, not only within 1e-6
+    np.testing.assert_array_equal(light.var["variances_norm"], expected.var["variances_norm"])
+
+
+def test_select_hvgs_streamed_reads_only_chunks(hvg_file, monkeypatch):
+    """Nothing reads the whole count layer: reading it raises, and every chunk is small."""
+    from sepsis_sc import store
+
+    adata, path = hvg_file
+    expected = adata.copy()
+    ig.select_hvgs(expected, n_top_genes=300, batch_key="batch")
+    light = store.read(path)
+
+    def no_whole_matrix(*args, **kwargs):
+        raise AssertionError("the whole count matrix was read")
+
+    monkeypatch.setattr(ad, "read_h5ad", no_whole_matrix)
+    monkeypatch.setattr(sc, "read_h5ad", no_whole_matrix)
+    monkeypatch.setattr(store, "_read_matrix", no_whole_matrix)  # store.read's layers and X
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", no_whole_matrix)
+    chunks = []
+    iter_rows = store.iter_rows
+
+    def recording_iter_rows(*args, **kwargs):
+        for start, stop, chunk in iter_rows(*args, **kwargs):
+            chunks.append(chunk.shape[0])
+            yield start, stop, chunk
+
+    monkeypatch.setattr(store, "iter_rows", recording_iter_rows)
+    ig.select_hvgs_streamed(light, path, n_top_genes=300, batch_key="batch", chunk_rows=700)
+    _assert_same_hvgs(light, expected)
+    assert max(chunks) == 700 and sum(chunks) == 2 * adata.n_obs  # two passes of chunks
+
+
+def test_select_hvgs_streamed_rejects_what_select_hvgs_rejects(hvg_file, tmp_path):
+    from sepsis_sc import store
+
+    adata, _ = hvg_file
+    for name, change, match in (
+        ("half", lambda c: c * 0.5, "non-integer"),
+        ("negative", lambda c: c - c.max() / 2, "negative"),
+    ):
+        bad = adata[:, :200].copy()
+        counts = bad.layers["counts"].copy()
+        counts.data = change(counts.data)
+        bad.layers["counts"] = counts
+        path = tmp_path / f"{name}.h5ad"
+        bad.write_h5ad(path)
+        with pytest.raises(ValueError, match=match):
+            ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50, chunk_rows=700)
+    # a 3-cell batch breaks its LOESS fit: the message of select_hvgs
+    tiny = adata[:, :300].copy()
+    tiny.obs["batch"] = tiny.obs["batch"].astype(str)
+    tiny.obs.iloc[:3, tiny.obs.columns.get_loc("batch")] = "tiny"
+    path = tmp_path / "tiny.h5ad"
+    tiny.write_h5ad(path)
+    for select in (
+        lambda: ig.select_hvgs(tiny.copy(), n_top_genes=50),
+        lambda: ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50),
+    ):
+        with pytest.raises(ValueError, match="failed: .*merge small batches"):
+            select()
+    # the light object must be the file's; the layer must be there
+    with pytest.raises(ValueError, match="read adata from the same file"):
+        ig.select_hvgs_streamed(store.read(path), hvg_file[1], n_top_genes=50)
+    with pytest.raises(KeyError, match="layers/spliced"):
+        ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50, layer="spliced")
+
+
 # ------------------------------------------------------------------ accelerator / epochs
 def test_resolve_accelerator(monkeypatch):
     import torch

@@ -4,7 +4,8 @@ The stage reads the merged, QC-filtered AnnData (``layers["counts"]`` raw UMI co
 ``X`` log1p CP10k, ``obs`` ``sample_id``/``batch``/``donor``/``condition``) and adds
 
 - ``var["highly_variable"]`` (plus ``highly_variable_rank``, ``highly_variable_nbatches``,
-  ``variances_norm``) and ``uns["hvg"]`` (:func:`select_hvgs`);
+  ``variances_norm``) and ``uns["hvg"]`` (:func:`select_hvgs`; :func:`select_hvgs_streamed`
+  gives the same from the ``.h5ad`` with the counts read in row chunks, for cohort scale);
 - ``obsm["X_pca"]`` (:func:`run_pca`), ``obsm["X_harmony"]`` (:func:`run_harmony`),
   ``obsm["X_scVI"]`` (:func:`run_scvi`);
 - ``uns["integration"]``: method, device (``cpu``/``cuda``), epochs, seed, ... of the
@@ -40,11 +41,14 @@ except ImportError:  # pragma: no cover - torch is a dependency; scVI raises its
     pass
 
 import anndata as ad
+import h5py
+import numba
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from sepsis_sc import store
 from sepsis_sc.config import EMBEDDING_KEYS
 from sepsis_sc.data import check_counts, require_layer
 
@@ -52,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "select_hvgs",
+    "select_hvgs_streamed",
     "resolve_accelerator",
     "default_max_epochs",
     "ScviParams",
@@ -185,41 +190,75 @@ def select_hvgs(
     ``var["highly_variable_nbatches"]`` and ``var["variances_norm"]`` where the flavor
     gives them (NaN for excluded genes), and ``uns["hvg"]`` (settings used).
     """
-    if n_top_genes < 2:
-        raise ValueError(f"n_top_genes must be >= 2, got {n_top_genes}")
+    plan = _hvg_plan(adata, n_top_genes, batch_key, exclude_flags)
     counts_flavor = flavor.startswith("seurat_v3")
     if counts_flavor:
         why = "seurat_v3 HVGs model raw UMI counts"
         counts = require_layer(adata, layer, why=why)
-        check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=200_000)
+        check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=_COUNT_CHECK_VALUES)
+    sub = adata[:, plan.keep] if plan.excluded.any() else adata
+    df = _scanpy_hvgs(
+        sub, plan.n, batch_key=plan.batch_key, flavor=flavor,
+        layer=layer if counts_flavor else None, span=span,
+    )  # fmt: skip
+    _record_hvgs(adata, df, plan, flavor=flavor)
+
+
+#: stored values checked to be counts (evenly spaced over the matrix, or over each chunk)
+_COUNT_CHECK_VALUES = 200_000
+
+
+@dataclass(frozen=True)
+class _HvgPlan:
+    """What :func:`select_hvgs` and :func:`select_hvgs_streamed` decide before ranking."""
+
+    batch_key: str | None  # None with one batch level
+    one_batch: dict  # uns["hvg"]'s one-batch entries (empty with batches)
+    excluded: np.ndarray  # genes flagged by exclude_flags
+    used_flags: list[str]
+    n: int  # number of HVGs: n_top_genes clamped to the eligible genes
+
+    @property
+    def keep(self) -> np.ndarray:
+        return ~self.excluded
+
+
+def _hvg_plan(
+    adata: ad.AnnData, n_top_genes: int, batch_key: str | None, exclude_flags: Sequence[str]
+) -> _HvgPlan:
+    """Check ``n_top_genes``, resolve the batch key and the excluded genes."""
+    if n_top_genes < 2:
+        raise ValueError(f"n_top_genes must be >= 2, got {n_top_genes}")
     batch_key, one_batch = _hvg_batch_key(adata, batch_key)
     excluded, used_flags = _flagged_genes(adata, exclude_flags)
-    keep = ~excluded
-    n_eligible = int(keep.sum())
+    n_eligible = int((~excluded).sum())
     n = min(n_top_genes, n_eligible)
     if n < n_top_genes:
         logger.warning("only %d eligible genes; selecting all of them as HVGs", n_eligible)
-    sub = adata[:, keep] if excluded.any() else adata
-    df = _scanpy_hvgs(
-        sub, n, batch_key=batch_key, flavor=flavor, layer=layer if counts_flavor else None,
-        span=span,
-    )  # fmt: skip
-    hv = _write_hvg_columns(adata, df, keep)
+    return _HvgPlan(batch_key, one_batch, excluded, used_flags, n)
+
+
+def _record_hvgs(
+    adata: ad.AnnData, df: pd.DataFrame, plan: _HvgPlan, *, flavor: str, how: str = ""
+) -> None:
+    """Write the ``var`` columns of ``df`` (eligible genes) and ``uns["hvg"]``, and log."""
+    hv = _write_hvg_columns(adata, df, plan.keep)
     adata.uns["hvg"] = {
         "flavor": flavor,
         "n_top_genes": int(hv.sum()),
-        "batch_key": batch_key,
-        "excluded_flags": used_flags,
-        "n_excluded": int(excluded.sum()),
-        **one_batch,
+        "batch_key": plan.batch_key,
+        "excluded_flags": plan.used_flags,
+        "n_excluded": int(plan.excluded.sum()),
+        **plan.one_batch,
     }
     logger.info(
-        "selected %d HVGs (%s, batch_key=%s; %d genes excluded by flags %s)",
+        "selected %d HVGs (%s%s, batch_key=%s; %d genes excluded by flags %s)",
         hv.sum(),
         flavor,
-        batch_key,
-        excluded.sum(),
-        used_flags,
+        how,
+        plan.batch_key,
+        plan.excluded.sum(),
+        plan.used_flags,
     )
 
 
@@ -275,13 +314,18 @@ def _scanpy_hvgs(
             inplace=False,
         )
     except ValueError as err:  # skmisc LOESS fails on batches with too few cells/genes
-        raise ValueError(
-            f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
-            "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
-            "use a coarser batch_key."
-        ) from err
+        raise _hvg_failure(flavor, batch_key, err) from err
     df.index = sub.var_names
     return df
+
+
+def _hvg_failure(flavor: str, batch_key: str | None, err: Exception) -> ValueError:
+    """The error raised when the per-batch LOESS fit fails."""
+    return ValueError(
+        f"HVG selection ({flavor}, batch_key={batch_key!r}) failed: {err}. A batch with very "
+        "few cells can break the per-batch LOESS fit; merge small batches, raise `span`, or "
+        "use a coarser batch_key."
+    )
 
 
 def _write_hvg_columns(adata: ad.AnnData, df: pd.DataFrame, keep: np.ndarray) -> np.ndarray:
@@ -296,6 +340,237 @@ def _write_hvg_columns(adata: ad.AnnData, df: pd.DataFrame, keep: np.ndarray) ->
             full[keep] = df[col].to_numpy(dtype=float)
             adata.var[col] = full
     return hv
+
+
+# --------------------------------------------------------------------------------------
+# HVGs streamed from the .h5ad (cohort scale)
+# --------------------------------------------------------------------------------------
+def select_hvgs_streamed(
+    adata: ad.AnnData,
+    path: str | os.PathLike[str],
+    *,
+    n_top_genes: int = 2000,
+    batch_key: str | None = "batch",
+    layer: str = "counts",
+    exclude_flags: Sequence[str] = _FLAG_COLUMNS,
+    span: float = 0.3,
+    chunk_rows: int = store.DEFAULT_CHUNK_ROWS,
+) -> None:
+    """:func:`select_hvgs` (``flavor="seurat_v3"``) with the counts streamed from the file.
+
+    The same genes, ranks, batch counts and normalised variances as :func:`select_hvgs` on
+    the whole object, but the count matrix is read from ``path`` in row chunks and never
+    held whole: memory is one chunk plus a few (batches x genes) float64 accumulators, not
+    the ~9 GB of a million-cell matrix (plus the per-batch copies scanpy makes).
+
+    It re-implements scanpy's ``seurat_v3`` HVGs (``_highly_variable_genes_seurat_v3``,
+    scanpy 1.11.5) in two passes over the chunks, per batch of ``obs[batch_key]``:
+
+    1. per-gene sums and sums of squares, hence mean and variance (ddof=1); a LOESS fit
+       (``skmisc``, degree 2, ``span``) of log10 variance on log10 mean over the genes with
+       variance > 0 gives each gene's expected standard deviation ``reg_std`` and clip value
+       ``reg_std * sqrt(n_cells) + mean``;
+    2. per-gene sums and sums of squares of the counts clipped at that value, hence the
+       variance of the standardised counts (``variances_norm``).
+
+    Genes are then ranked within each batch and combined across batches (number of batches
+    where a gene is in the top ``n_top_genes``, then median rank) exactly as scanpy does. The
+    sums are added in the order scanpy adds them (cells in file order), so the results are
+    the same to the last bit, not only to rounding. Genes flagged by ``exclude_flags`` are
+    left out before the fit, as in :func:`select_hvgs`. Only ``flavor="seurat_v3"`` (the
+    pipeline's) is streamed.
+
+    Parameters
+    ----------
+    adata
+        The file's cells and genes without matrices (``sepsis_sc.store.read(path)``):
+        ``obs[batch_key]`` and the ``var`` flag columns are read from it, the results
+        written to it.
+    path
+        The ``.h5ad`` whose ``layers[layer]`` holds the raw counts (CSR; external links are
+        followed).
+    n_top_genes, batch_key, layer, exclude_flags, span
+        As in :func:`select_hvgs`.
+    chunk_rows
+        Cells per chunk read.
+
+    Returns
+    -------
+    None. Writes what :func:`select_hvgs` writes: ``var["highly_variable"]``,
+    ``var["highly_variable_rank"]``, ``var["highly_variable_nbatches"]`` (with a batch key),
+    ``var["variances_norm"]`` (NaN for excluded genes) and ``uns["hvg"]``.
+
+    Raises
+    ------
+    ValueError
+        The layer is not raw counts (non-integer, negative or non-finite values, checked on
+        an evenly spaced sample of each chunk), its shape is not ``adata``'s, or a batch's
+        LOESS fit fails (the message of :func:`select_hvgs`).
+    KeyError
+        The file has no ``layers[layer]``, or ``obs`` has no ``batch_key``.
+    """
+    plan = _hvg_plan(adata, n_top_genes, batch_key, exclude_flags)
+    key = f"layers/{layer}"
+    _check_stream_shape(path, key, adata)
+    codes, n_cells = _hvg_batch_codes(adata, plan.batch_key)
+    n_batches, keep = len(n_cells), plan.keep
+    sums, sq_sums = _streamed_batch_sums(path, key, codes, n_batches, chunk_rows)
+    mean, reg_std, clip = [], [], np.full((n_batches, adata.n_vars), np.inf)
+    for b, n in enumerate(n_cells):
+        m, s, clip[b, keep] = _seurat_v3_loess(
+            sums[b, keep], sq_sums[b, keep], int(n), span, batch_key=plan.batch_key
+        )
+        mean.append(m)
+        reg_std.append(s)
+    sums, sq_sums = _streamed_batch_sums(path, key, codes, n_batches, chunk_rows, clip=clip)
+    norm_gene_vars = np.concatenate(
+        [
+            _seurat_v3_norm_var(mean[b], reg_std[b], sums[b, keep], sq_sums[b, keep], int(n))
+            for b, n in enumerate(n_cells)
+        ]
+    )
+    df = _seurat_v3_table(norm_gene_vars, adata.var_names[keep], plan.n, plan.batch_key)
+    _record_hvgs(adata, df, plan, flavor="seurat_v3", how=f", streamed from {os.fspath(path)}")
+
+
+def _check_stream_shape(path: str | os.PathLike[str], key: str, adata: ad.AnnData) -> None:
+    """The matrix ``path:key`` (when there: :func:`store.iter_rows` names what is missing)
+    has ``adata``'s shape."""
+    with h5py.File(path, "r") as f:
+        shape = f[key].attrs.get("shape") if key in f else None
+    if shape is not None and tuple(int(d) for d in shape) != adata.shape:
+        raise ValueError(
+            f"{path}:{key} is {shape[0]} cells x {shape[1]} genes but adata is "
+            f"{adata.n_obs} x {adata.n_vars}; read adata from the same file "
+            "(sepsis_sc.store.read(path))"
+        )
+
+
+def _hvg_batch_codes(adata: ad.AnnData, batch_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's batch (0.. in scanpy's order, ``np.unique`` of ``obs[batch_key]``) and the
+    cells per batch; one batch without a key."""
+    if batch_key is None:
+        return np.zeros(adata.n_obs, dtype=np.intp), np.array([adata.n_obs])
+    _, codes = np.unique(adata.obs[batch_key].to_numpy(), return_inverse=True)
+    codes = codes.astype(np.intp).ravel()
+    return codes, np.bincount(codes)
+
+
+def _streamed_batch_sums(
+    path: str | os.PathLike[str],
+    key: str,
+    codes: np.ndarray,
+    n_batches: int,
+    chunk_rows: int,
+    *,
+    clip: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch per-gene sums and sums of squares of ``path:key``, streamed in row chunks:
+    of the values as stored (each chunk checked to be counts), or, with ``clip`` ((batches x
+    genes)), of each value clipped at its batch's and gene's clip value."""
+    sums = sq_sums = None
+    for start, stop, chunk in store.iter_rows(path, key, chunk_rows=chunk_rows):
+        if sums is None:
+            sums = np.zeros((n_batches, chunk.shape[1]))
+            sq_sums = np.zeros_like(sums)
+        args = (chunk.indptr, chunk.indices, chunk.data, codes[start:stop], sums, sq_sums)
+        if clip is None:
+            check_counts(chunk, source=f"{path}:{key}", max_values=_COUNT_CHECK_VALUES)
+            _add_batch_sums(*args)
+        else:
+            _add_clipped_batch_sums(*args, clip)
+    if sums is None:  # no cells
+        raise ValueError(f"{path}:{key} has no cells; HVGs need counts")
+    return sums, sq_sums
+
+
+@numba.njit(cache=True)
+def _add_batch_sums(indptr, indices, data, codes, sums, sq_sums):  # pragma: no cover - numba
+    # as scanpy's sparse_mean_var_minor_axis: the square in the data's dtype
+    for r in range(indptr.shape[0] - 1):
+        b = codes[r]
+        for j in range(indptr[r], indptr[r + 1]):
+            value = data[j]
+            sums[b, indices[j]] += value
+            sq_sums[b, indices[j]] += value * value
+
+
+@numba.njit(cache=True)
+def _add_clipped_batch_sums(
+    indptr, indices, data, codes, sums, sq_sums, clip
+):  # pragma: no cover - numba
+    # as scanpy's _sum_and_sum_squares_clipped, one batch's cells added in file order
+    for r in range(indptr.shape[0] - 1):
+        b = codes[r]
+        for j in range(indptr[r], indptr[r + 1]):
+            idx = indices[j]
+            element = min(np.float64(data[j]), clip[b, idx])
+            sq_sums[b, idx] += element**2
+            sums[b, idx] += element
+
+
+def _seurat_v3_loess(
+    sums: np.ndarray, sq_sums: np.ndarray, n_obs: int, span: float, *, batch_key: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch's gene means, LOESS standard deviations and clip values from its sums, as
+    scanpy computes them (``_get_mean_var``, then the ``seurat_v3`` fit)."""
+    from skmisc.loess import loess
+
+    mean = sums / n_obs
+    var = sq_sums / n_obs - mean**2
+    if n_obs != 1:
+        var *= n_obs / (n_obs - 1)
+    not_const = var > 0
+    estimat_var = np.zeros(mean.shape[0], dtype=np.float64)
+    y = np.log10(var[not_const])
+    x = np.log10(mean[not_const])
+    try:
+        model = loess(x, y, span=span, degree=2)
+        model.fit()
+    except ValueError as err:  # skmisc LOESS fails on batches with too few cells/genes
+        raise _hvg_failure("seurat_v3", batch_key, err) from err
+    estimat_var[not_const] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**estimat_var)
+    clip_val = reg_std * np.sqrt(n_obs) + mean
+    return mean, reg_std, clip_val
+
+
+def _seurat_v3_norm_var(
+    mean: np.ndarray, reg_std: np.ndarray, clipped_sums: np.ndarray, clipped_sq_sums: np.ndarray,
+    n_obs: int,
+) -> np.ndarray:  # fmt: skip
+    """One batch's variance of the standardised, clipped counts (a (1, genes) row)."""
+    norm_gene_var = (1 / ((n_obs - 1) * np.square(reg_std))) * (
+        (n_obs * np.square(mean)) + clipped_sq_sums - 2 * clipped_sums * mean
+    )
+    return norm_gene_var.reshape(1, -1)
+
+
+def _seurat_v3_table(
+    norm_gene_vars: np.ndarray, var_names: pd.Index, n_top_genes: int, batch_key: str | None
+) -> pd.DataFrame:
+    """scanpy's ``seurat_v3`` ranking of the (batches x genes) normalised variances: ranks
+    per batch, number of batches where a gene ranks in the top ``n_top_genes``, median rank
+    (NaN outside the top in every batch), then the top genes by median rank, more batches
+    first on ties. Columns as scanpy's ``inplace=False`` table (no nbatches without a key)."""
+    # argsort twice gives ranks, small rank means most variable
+    ranked = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1).astype(np.float32)
+    nbatches = np.sum((ranked < n_top_genes).astype(int), axis=0)
+    ranked[ranked >= n_top_genes] = np.nan
+    median_ranked = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
+    df = pd.DataFrame(index=var_names)
+    df["highly_variable_nbatches"] = nbatches
+    df["highly_variable_rank"] = median_ranked
+    df["variances_norm"] = np.mean(norm_gene_vars, axis=0)
+    sort_cols = ["highly_variable_rank", "highly_variable_nbatches"]
+    sorted_index = (
+        df[sort_cols].sort_values(sort_cols, ascending=[True, False], na_position="last").index
+    )
+    df["highly_variable"] = False
+    df.loc[sorted_index[: int(n_top_genes)], "highly_variable"] = True
+    if batch_key is None:
+        df = df.drop(["highly_variable_nbatches"], axis=1)
+    return df
 
 
 # --------------------------------------------------------------------------------------
