@@ -500,6 +500,33 @@ def test_simulated_cohort_subset_precision_recall():
         assert recall >= 0.8 and precision >= 0.8, (label, precision, recall)
 
 
+def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
+    """Lineages above LINEAGE_HVG_CELLS pick their re-embedding HVGs on a seeded sample and
+    read only those columns for every cell (no second copy of a 400,000-cell lineage's
+    counts at atlas scale); the calls stay those of the full computation."""
+    simulate = pytest.importorskip("sepsis_sc.simulate")
+    sheet = pd.DataFrame(
+        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
+         "batch": ["b1", "b1"]}
+    )  # fmt: skip
+    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=1200, n_genes=4000, seed=0)
+    adata = ad.concat(list(adatas.values()))
+    full = adata.copy()
+    an.annotate(full, expected_organism="human", seed=0)
+    calls = []
+    real = an._hvg_columns
+    monkeypatch.setattr(an, "LINEAGE_HVG_CELLS", 300)
+    monkeypatch.setattr(an, "_hvg_columns", lambda *a, **k: calls.append(a[1].size) or real(*a, **k))
+    an.annotate(adata, expected_organism="human", seed=0)
+    assert calls and max(calls) > 300  # the sampled path ran, on whole lineages
+    same = (adata.obs["cell_type"].astype(str) == full.obs["cell_type"].astype(str)).mean()
+    assert same >= 0.95, same
+    tr = truth.set_index("cell_id").reindex(adata.obs_names)
+    clean = (~tr["is_doublet"] & ~tr["is_low_quality"]).to_numpy()
+    acc = (adata.obs["cell_type"].astype(str).to_numpy()[clean] == tr["cell_type"].astype(str).to_numpy()[clean]).mean()
+    assert acc >= 0.86, acc
+
+
 def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
     """With the clustering stage's Leiden run on the same embedding, neighbours, seed and
     resolution, annotate reuses that partition instead of building a second kNN graph; any

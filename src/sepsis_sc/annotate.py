@@ -450,9 +450,9 @@ def _overcluster(
 
     from .cluster import neighbors
 
-    work = AnnData(X=counts.copy(), var=pd.DataFrame(index=var_names.astype(str)))
-    work.var_names_make_unique()
     if embedding is None:
+        work = AnnData(X=counts.copy(), var=pd.DataFrame(index=var_names.astype(str)))
+        work.var_names_make_unique()
         log_normalise(work)
         keep = np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3
         work = work[:, keep].copy()
@@ -463,7 +463,8 @@ def _overcluster(
         )
         sc.pp.pca(work, n_comps=n_comps, mask_var="highly_variable", random_state=seed)
         rep = "X_pca"
-    else:
+    else:  # the embedding alone: no copy of the counts (a million cells: ~9 GB)
+        work = AnnData(obs=pd.DataFrame(index=pd.RangeIndex(counts.shape[0]).astype(str)))
         work.obsm["X_emb"] = np.asarray(embedding, dtype=np.float32)
         rep = "X_emb"
     neighbors(  # the same kNN search as sepsis_sc.cluster.leiden_multi
@@ -773,6 +774,31 @@ def _cluster_supported(
     return out
 
 
+#: lineages with more cells choose their re-embedding HVGs on a seeded sample of this many
+LINEAGE_HVG_CELLS = 100_000
+
+
+def _hvg_columns(counts: sp.csr_matrix, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame) -> AnnData:
+    """Rows ``idx`` of ``counts``, log1p(CP10k) with size factors from all genes, in the HVG
+    columns of ``hvg_var`` only (its ``highly_variable`` genes), as an AnnData for the PCA."""
+    from anndata.utils import make_index_unique
+
+    genes = hvg_var.index[hvg_var["highly_variable"].to_numpy(dtype=bool)]
+    unique = make_index_unique(pd.Index(var_names))  # the names the HVG table carries
+    cols = np.sort(unique.get_indexer(genes))
+    totals = _row_totals(counts)[idx]
+    x = sp.csr_matrix(counts[:, cols][idx], dtype=np.float32)
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
+    x.data = np.log1p(x.data)
+    var = pd.DataFrame({"highly_variable": True}, index=unique[cols])
+    return AnnData(X=x, var=var)
+
+
+def _row_totals(counts: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+
+
 def _lineage_graph(
     counts: sp.csr_matrix,
     var_names: pd.Index,
@@ -784,6 +810,7 @@ def _lineage_graph(
     min_cells: int,
     n_top_genes: int = 500,
     n_pcs: int = 20,
+    max_hvg_cells: int | None = None,
 ) -> _Clusters | None:
     """Re-embedding of one lineage's cells on their own HVGs and PCA (issue #16 item 1).
 
@@ -799,11 +826,20 @@ def _lineage_graph(
 
     if idx.size < min_cells:
         return None
-    work = AnnData(X=counts[idx].copy(), var=pd.DataFrame(index=var_names.astype(str)))
+    # HVGs from at most max_hvg_cells of the lineage (all of them below that); above it a
+    # seeded sample picks the genes and the PCA reads only their columns for every cell, so
+    # a lineage of 400,000 cells never holds two copies of its counts (atlas scale)
+    pick = idx
+    max_hvg_cells = max_hvg_cells or LINEAGE_HVG_CELLS
+    if idx.size > max_hvg_cells:
+        pick = np.sort(np.random.default_rng(seed).choice(idx, max_hvg_cells, replace=False))
+    work = AnnData(X=counts[pick].copy(), var=pd.DataFrame(index=var_names.astype(str)))
     work.var_names_make_unique()
     log_normalise(work)
     work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()
     sc.pp.highly_variable_genes(work, n_top_genes=int(min(n_top_genes, work.n_vars)))
+    if pick is not idx:
+        work = _hvg_columns(counts, idx, pd.Index(var_names.astype(str)), work.var)
     n_comps = int(max(2, min(n_pcs, work.n_obs - 1, int(work.var["highly_variable"].sum()) - 1)))
     sc.pp.pca(work, n_comps=n_comps, mask_var="highly_variable", random_state=seed)
     neighbors(work, n_neighbors=int(min(n_neighbors, work.n_obs - 1)), use_rep="X_pca", seed=seed)

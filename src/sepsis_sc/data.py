@@ -295,16 +295,18 @@ def require_layer(adata: ad.AnnData, layer: str, *, why: str = "this step needs 
     return adata.layers[layer]
 
 
-def counts_layer(adata: ad.AnnData, preferred: str | None = "counts") -> str:
+def counts_layer(adata: ad.AnnData | Iterable[str], preferred: str | None = "counts") -> str:
     """The count layer the stages after QC read: ``preferred`` when ``adata`` has it, else
-    ``"counts"``.
+    ``"counts"``. ``adata`` may also be the layer names a file holds
+    (``sepsis_sc.store.layer_names``), so a stage can choose before reading any matrix.
 
     ``preferred`` is config ``qc.downstream_layer``: ``"soupx_counts"`` (ambient-corrected
     counts, :mod:`sepsis_sc.ambient`) or ``"counts"`` (raw). QC writes ``soupx_counts`` only
     when some sample was corrected (no second copy of the raw counts otherwise), so a cohort
     without correction reads the raw counts; ``layers["counts"]`` always holds them.
     """
-    if preferred and preferred in adata.layers:
+    names = set(adata.layers) if isinstance(adata, ad.AnnData) else set(adata)
+    if preferred and preferred in names:
         return preferred
     if preferred and preferred != "counts":
         logger.info("no layers[%r] (nothing was corrected): the raw counts are used", preferred)

@@ -42,6 +42,7 @@ __all__ = [
     "read_obs",
     "iter_rows",
     "matrix_keys",
+    "layer_names",
     "write",
     "MatrixWriter",
     "column_sums",
@@ -59,6 +60,11 @@ def matrix_keys(path: str | os.PathLike[str]) -> list[str]:
         if "layers" in f:
             keys += [f"layers/{name}" for name in f["layers"].keys()]
     return keys
+
+
+def layer_names(path: str | os.PathLike[str]) -> list[str]:
+    """The layers an ``.h5ad`` holds (or links to)."""
+    return [k.split("/", 1)[1] for k in matrix_keys(path) if k.startswith("layers/")]
 
 
 def _layer_key(name: str) -> str:

@@ -56,5 +56,6 @@ rule annotation_figures:
     params:
         annotation=config["annotation"],
         organism=config["organism"],
+        counts_layer=config["qc"]["downstream_layer"],
     script:
         "../scripts/annotation_figures.py"

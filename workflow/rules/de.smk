@@ -62,5 +62,6 @@ rule de_figures:
         contrast=contrast_spec,
         stats=config["stats"],
         de=config["de"],
+        counts_layer=config["qc"]["downstream_layer"],
     script:
         "../scripts/de_figures.py"

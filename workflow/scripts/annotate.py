@@ -1,16 +1,16 @@
 """Snakemake script (rule annotate): hierarchical marker-based immune annotation."""
 
-import anndata as ad
-
+from sepsis_sc import store
 from sepsis_sc.annotate import annotate
 from sepsis_sc.data import counts_layer
-from sepsis_sc.utils import setup_logging, write_h5ad, write_table
+from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
 
 a = snakemake.params.annotation
-adata = ad.read_h5ad(snakemake.input.h5ad)
-layer = counts_layer(adata, snakemake.params.counts_layer)
+src = snakemake.input.h5ad
+layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
+adata = store.read(src, layers=[layer])  # one count matrix: not X, not the other layers
 summary = annotate(
     adata,
     organism="auto",
@@ -42,4 +42,7 @@ if a["reference"]:
     table = annotation_consensus(adata)
     write_table(table.reset_index(), snakemake.output.reference_agreement)
 write_table(summary, snakemake.output.table, digits=3)
-write_h5ad(adata, snakemake.output.h5ad)
+# annotated.h5ad is the file users take away: whole, its matrices copied from the merged
+# file (dataset by dataset, not through memory), not linked
+del adata.layers[layer]
+store.write(adata, snakemake.output.h5ad, source=src, copy=store.matrix_keys(src))

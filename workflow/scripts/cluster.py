@@ -1,14 +1,18 @@
-"""Snakemake script (rule cluster): kNN graph, multi-resolution Leiden, UMAP."""
+"""Snakemake script (rule cluster): kNN graph, multi-resolution Leiden, UMAP.
 
-import anndata as ad
+Reads obs and the embeddings only; writes the clusters, graphs and UMAP with the count
+matrices linked to the merged file (sepsis_sc.store).
+"""
 
+from sepsis_sc import store
 from sepsis_sc.cluster import leiden_multi
-from sepsis_sc.utils import setup_logging, write_h5ad
+from sepsis_sc.utils import setup_logging
 
 setup_logging(snakemake.log[0])
 
 c = snakemake.params.clustering
-adata = ad.read_h5ad(snakemake.input[0])
+src = snakemake.input[0]
+adata = store.read(src, obsp=False)
 leiden_multi(
     adata,
     use_rep=snakemake.params.use_rep,
@@ -18,4 +22,4 @@ leiden_multi(
     seed=snakemake.params.seed,
     n_stability_runs=0,  # the seed-stability runs are in rule cluster_summary, off the critical path
 )
-write_h5ad(adata, snakemake.output.h5ad)
+store.write(adata, snakemake.output.h5ad, source=src, link=store.matrix_keys(src))

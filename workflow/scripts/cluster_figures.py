@@ -1,8 +1,8 @@
 """Snakemake script (rule cluster_figures): resolution summary and cluster UMAPs."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.pl.cluster import resolutions, umaps
 from sepsis_sc.pl.style import set_style
 from sepsis_sc.utils import setup_logging
@@ -11,7 +11,7 @@ setup_logging(snakemake.log[0])
 set_style()
 
 contrast = snakemake.params.contrast
-adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")
+adata = store.read(snakemake.input.h5ad, obsp=False)  # obs and the UMAP: no matrix
 table = pd.read_csv(snakemake.input.resolutions, sep="\t")
 resolutions(table, snakemake.output.resolutions, chosen=snakemake.params.resolution)
 umaps(

@@ -2,9 +2,9 @@
 
 import logging
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.data import counts_layer
 from sepsis_sc.de import RESULT_COLUMNS, SUMMARY_COLUMNS, pseudobulk_de
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
@@ -22,7 +22,9 @@ if not cfg.get("enabled", True):
     write_table(pd.DataFrame(columns=RESULT_COLUMNS), snakemake.output.results)
     write_table(pd.DataFrame(columns=SUMMARY_COLUMNS), snakemake.output.summary)
 else:
-    adata = ad.read_h5ad(snakemake.input[0])  # read fully: the counts are summed
+    src = snakemake.input[0]
+    layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
+    adata = store.read(src, layers=[layer], obsm=False, obsp=False)  # the summed counts only
     design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
     logger.info("contrast %s: %s", contrast.label(), design.description())
     for note in design.notes:
@@ -38,7 +40,7 @@ else:
         shrink=cfg["shrink"],
         n_cpus=snakemake.threads,
         alpha=p.stats["alpha"],
-        layer=counts_layer(adata, snakemake.params.counts_layer),
+        layer=layer,
     )
     write_table(results, snakemake.output.results)
     write_table(summary, snakemake.output.summary, digits=3)

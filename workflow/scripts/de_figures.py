@@ -1,8 +1,9 @@
 """Snakemake script (rule de_figures): volcano small multiples and the top-gene heatmap."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
+from sepsis_sc.data import counts_layer
 from sepsis_sc.de import label_units, pseudobulk
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
 from sepsis_sc.pl.de import top_genes_heatmap, volcano
@@ -30,11 +31,13 @@ tested = summary[summary["status"] == "tested"]
 pb = {}
 units = pd.DataFrame(columns=["donor", "level"])
 if len(tested):
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    src = snakemake.input.h5ad
+    layer = counts_layer(store.layer_names(src), p.counts_layer)  # the counts DE tested
+    adata = store.read(src, layers=[layer], obsm=False, obsp=False)
     design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
     units = design.units
     for level, labels in tested.groupby("level")["label"]:
-        counts, n_cells = pseudobulk(adata, label_key=level)
+        counts, n_cells = pseudobulk(adata, label_key=level, layer=layer)
         for label in labels:
             pb[(level, label)] = label_units(
                 counts[label], n_cells[label], design, min_cells=p.de["min_cells"]

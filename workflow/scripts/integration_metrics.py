@@ -1,8 +1,8 @@
 """Snakemake script (rule integration_metrics): scib-style metrics and UMAPs per method."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.integrate import EMBEDDING_KEYS, integration_metrics
 from sepsis_sc.pl.integrate import embedding_umaps, metrics
 from sepsis_sc.pl.style import set_style
@@ -12,7 +12,7 @@ setup_logging(snakemake.log[0])
 set_style()
 
 p = snakemake.params
-adata = ad.read_h5ad(snakemake.input.h5ad)
+adata = store.read(snakemake.input.h5ad, obsp=False)  # obs and the embeddings only
 if snakemake.input.labels:
     labels = pd.read_csv(snakemake.input.labels[0], sep="\t", index_col="cell_id")
     adata.obs[p.label_key] = labels[p.label_key].reindex(adata.obs_names).astype("category")

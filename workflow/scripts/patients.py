@@ -1,8 +1,8 @@
 """Snakemake script (rule patients): per-sample immune profiles, state calls, endotype scores."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.data import counts_layer
 from sepsis_sc.patients import profile
 from sepsis_sc.utils import setup_logging, write_table
@@ -12,7 +12,8 @@ setup_logging(snakemake.log[0])
 p = snakemake.params.patients
 ref = snakemake.params.reference
 inp = snakemake.input
-adata = ad.read_h5ad(inp.h5ad)
+layer = counts_layer(store.layer_names(inp.h5ad), snakemake.params.counts_layer)
+adata = store.read(inp.h5ad, layers=[layer], obsm=False, obsp=False)  # one count matrix
 sample_table = pd.read_csv(inp.sample_table, sep="\t", keep_default_na=True)
 sample_table["reason"] = sample_table["reason"].fillna("")
 res = profile(
@@ -27,7 +28,7 @@ res = profile(
     timepoint_column=p["timepoint_column"],
     endotypes=p["endotypes"],
     run_name=snakemake.params.run_name,
-    layer=counts_layer(adata, snakemake.params.counts_layer),
+    layer=layer,
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")

@@ -1,16 +1,17 @@
 """Snakemake script (rule score): therapy-target state scores within parent populations."""
 
-import anndata as ad
-
+from sepsis_sc import store
 from sepsis_sc.data import counts_layer
 from sepsis_sc.score import score_states
-from sepsis_sc.utils import setup_logging, write_h5ad, write_table
+from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
 
 p = snakemake.params
 ref = p.reference  # {column, value} of the control cells, or None
-adata = ad.read_h5ad(snakemake.input.h5ad)
+src = snakemake.input.h5ad
+layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
+adata = store.read(src, layers=[layer])
 rules = score_states(
     adata,
     organism=p.organism,
@@ -22,9 +23,10 @@ rules = score_states(
     calls=ref is not None or p.scoring["call_rule"] != "control_quantile",
     call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
     max_rank=p.scoring["max_rank"],
-    layer=counts_layer(adata, snakemake.params.counts_layer),
+    layer=layer,
     control=ref["value"] if ref is not None else None,
     condition_key=ref["column"] if ref is not None else "condition",
 )
 write_table(rules, snakemake.output.rules, index=True)
-write_h5ad(adata, snakemake.output.h5ad)
+del adata.layers[layer]  # unchanged: linked to annotated.h5ad
+store.write(adata, snakemake.output.h5ad, source=src, link=store.matrix_keys(src))

@@ -1,8 +1,8 @@
 """Snakemake script (rule stats): one contrast's condition effects, composition and targets."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.design import Contrast, StatsSettings, resolve_design, sample_meta
 from sepsis_sc.stats import composition_test, condition_effects, therapy_targets
 from sepsis_sc.utils import setup_logging, write_table
@@ -10,7 +10,7 @@ from sepsis_sc.utils import setup_logging, write_table
 setup_logging(snakemake.log[0])
 
 p = snakemake.params
-adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")  # obs only: X stays on disk
+adata = store.read(snakemake.input.h5ad, obsm=False, obsp=False)  # obs and uns: no matrix
 spec = dict(p.contrast)
 design = resolve_design(sample_meta(adata), Contrast(**spec), spec["design"], paired=spec["paired"])
 table = pd.read_csv(snakemake.input.sample_table, sep="\t", dtype={"sample_id": str, "donor": str})

@@ -1,9 +1,9 @@
 """Snakemake script (rule target_figures): one contrast's forest plot, per-sample points,
 composition and therapy-target summary."""
 
-import anndata as ad
 import pandas as pd
 
+from sepsis_sc import store
 from sepsis_sc.pl.stats import composition, forest, sample_values, therapy_targets
 from sepsis_sc.pl.style import savefig, set_style
 from sepsis_sc.utils import setup_logging
@@ -14,7 +14,7 @@ set_style()
 c = snakemake.params.contrast
 case, control, column = c["case"], c["control"], c["column"]
 alpha = snakemake.params.alpha
-adata = ad.read_h5ad(snakemake.input.h5ad, backed="r")  # obs only: X stays on disk
+adata = store.read(snakemake.input.h5ad, obsm=False, obsp=False)  # obs only: no matrix
 effects = pd.read_csv(snakemake.input.effects, sep="\t")
 table = pd.read_csv(snakemake.input.sample_table, sep="\t", dtype={"sample_id": str})
 targets = pd.read_csv(snakemake.input.targets, sep="\t")
