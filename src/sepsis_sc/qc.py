@@ -2287,8 +2287,7 @@ def _read_sample(path: str | os.PathLike[str]) -> ad.AnnData:
     """A per-sample QC file with only the matrices the merge uses (its count layers)."""
     from sepsis_sc import store
 
-    with_layers = [k.split("/", 1)[1] for k in store.matrix_keys(path) if k.startswith("layers/")]
-    wanted = [k for k in ("counts", "soupx_counts") if k in with_layers]
+    wanted = [k for k in ("counts", "soupx_counts") if k in store.layer_names(path)]
     return store.read(path, X=not wanted, layers=wanted, obsm=False, obsp=False, uns=False)
 
 
