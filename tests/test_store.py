@@ -88,7 +88,34 @@ def test_matrix_writer_streams_rows(base, tmp_path):
     assert (back.X != a.X).nnz == 0 and (back.layers["counts"] != a.X).nnz == 0
     with h5py.File(out) as f:
         assert f["X/indptr"].dtype == np.int64
+    # read back with 32-bit offsets: scipy would upcast the indices in every row selection
+    m = store.read(out, X=True).X
+    assert m.indptr.dtype == np.int32 and m.indices.dtype == np.int32
+    assert next(store.iter_rows(out, "X"))[2].indptr.dtype == np.int32
     ad.AnnData(obs=a.obs, var=a.var).write_h5ad(out)
     with pytest.raises(ValueError, match="wrote 300 rows for 1000"):
         with store.MatrixWriter(out, ["X"], n_vars=50, n_obs=1000) as w:
             w.append("X", a.X[:300])
+
+
+def test_group_sums_exact_and_without_copying_the_rows():
+    """data.group_sums: per-group row sums equal the dense computation (rows coded -1 left
+    out), and never copy more than a block of the selected rows."""
+    import tracemalloc
+
+    from sepsis_sc.data import group_sums
+
+    rng = np.random.default_rng(1)
+    x = sp.random(20_000, 300, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    x.data = np.ceil(x.data * 50)
+    codes = rng.integers(-1, 4, size=x.shape[0])
+    got = group_sums(x, codes, 4, chunk_rows=1_000)
+    dense = x.toarray().astype(np.float64)
+    want = np.vstack([dense[codes == g].sum(axis=0) for g in range(4)])
+    np.testing.assert_array_equal(got, want)
+    tracemalloc.start()
+    group_sums(x, np.zeros(x.shape[0], dtype=int), 1, chunk_rows=1_000)  # every row selected
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    one_copy = x.data.nbytes + x.indices.nbytes
+    assert peak < 0.25 * one_copy, peak / one_copy

@@ -775,7 +775,7 @@ def _cluster_supported(
 
 
 #: lineages with more cells choose their re-embedding HVGs on a seeded sample of this many
-LINEAGE_HVG_CELLS = 100_000
+LINEAGE_HVG_CELLS = 50_000
 
 
 def _hvg_columns(counts: sp.csr_matrix, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame) -> AnnData:
@@ -828,12 +828,13 @@ def _lineage_graph(
         return None
     # HVGs from at most max_hvg_cells of the lineage (all of them below that); above it a
     # seeded sample picks the genes and the PCA reads only their columns for every cell, so
-    # a lineage of 400,000 cells never holds two copies of its counts (atlas scale)
+    # a lineage of 400,000 cells never holds copies of its counts (atlas scale)
     pick = idx
     max_hvg_cells = max_hvg_cells or LINEAGE_HVG_CELLS
     if idx.size > max_hvg_cells:
         pick = np.sort(np.random.default_rng(seed).choice(idx, max_hvg_cells, replace=False))
-    work = AnnData(X=counts[pick].copy(), var=pd.DataFrame(index=var_names.astype(str)))
+    # a row selection is a new matrix already: normalising it in place leaves counts alone
+    work = AnnData(X=counts[pick], var=pd.DataFrame(index=var_names.astype(str)))
     work.var_names_make_unique()
     log_normalise(work)
     work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()

@@ -243,6 +243,28 @@ def get_counts(
     return adata.X, "X"
 
 
+def group_sums(x: Any, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 5_000) -> np.ndarray:
+    """Sums of the rows of ``x`` per group: ``(n_groups, n_vars)`` float64, exact for counts.
+
+    ``codes`` gives each row's group (0..n_groups-1; -1 leaves the row out). The selected
+    rows are summed in blocks of ``chunk_rows``, each copied (to float64) only while it is
+    summed, so neither all selected rows nor a float64 copy of ``x`` is ever made (at a
+    million cells either would be gigabytes).
+    """
+    codes = np.asarray(codes)
+    n_vars = x.shape[1]
+    sums = np.zeros((n_groups, n_vars))
+    sel = np.flatnonzero(codes >= 0)
+    for start in range(0, sel.size, chunk_rows):
+        rows = sel[start : start + chunk_rows]
+        block = x[rows]  # only the selected rows of this block
+        block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
+        ind = sp.csr_matrix((np.ones(rows.size), (codes[rows], np.arange(rows.size))), shape=(n_groups, rows.size))
+        part = ind @ block
+        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+    return sums
+
+
 def looks_like_counts(x: Any, *, max_values: int = 100_000, min_max: float = 30.0) -> bool:
     """Whether a matrix still holds unnormalised counts (for stages that need log data).
 

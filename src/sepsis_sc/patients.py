@@ -40,10 +40,9 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from scipy import stats as sstats
 
-from sepsis_sc.data import get_counts
+from sepsis_sc.data import get_counts, group_sums
 from sepsis_sc.design import ConfigSettings, sample_meta
 from sepsis_sc.resources import load_yaml, resource_path
 
@@ -250,15 +249,11 @@ def pseudobulk_log2cpm(
     if not keep or not present:
         return out, n_cells
     codes = pd.Categorical(samples, categories=keep).codes
-    sel = np.flatnonzero(cells & (codes >= 0))
-    ind = sp.csr_matrix(
-        (np.ones(sel.size), (codes[sel], np.arange(sel.size))), shape=(len(keep), sel.size)
-    )
-    sub = counts[sel]
-    pb = sp.csr_matrix(ind @ (sub if sp.issparse(sub) else sp.csr_matrix(sub)))
-    lib = np.maximum(np.asarray(pb.sum(axis=1)).ravel(), 1.0)
+    codes = np.where(cells & (codes >= 0), codes, -1)
+    pb = group_sums(counts, codes, len(keep))  # no copy of the population's rows
+    lib = np.maximum(pb.sum(axis=1), 1.0)
     idx = adata.var_names.get_indexer(present)
-    sel_counts = np.asarray(pb[:, idx].todense(), dtype=float)
+    sel_counts = pb[:, idx]
     out.loc[keep, present] = np.log2(sel_counts * (1e6 / lib[:, None]) + 1.0)
     return out, n_cells
 

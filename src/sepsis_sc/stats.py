@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from sepsis_sc.data import NoRawCountsError, get_counts
+from sepsis_sc.data import NoRawCountsError, get_counts, group_sums
 from sepsis_sc.design import (
     COEF,
     Contrast,
@@ -337,12 +337,8 @@ def _pseudobulk_scores(
     if not keep:
         return {}, {}
     codes = pd.Categorical(samples, categories=keep).codes
-    sel = np.flatnonzero(parent & (codes >= 0))
-    indicator = sp.csr_matrix(
-        (np.ones(sel.size), (codes[sel], np.arange(sel.size))), shape=(len(keep), sel.size)
-    )
-    sub = counts[sel]
-    pb = indicator @ (sub if sp.issparse(sub) else sp.csr_matrix(sub))
+    codes = np.where(parent & (codes >= 0), codes, -1)
+    pb = group_sums(counts, codes, len(keep))  # no copy of the parent cells' rows
     pb_ad = ad.AnnData(sp.csr_matrix(pb))
     pb_ad.var_names = var_names
     res = ucell_scores(

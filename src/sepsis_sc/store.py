@@ -124,7 +124,17 @@ def iter_rows(
                 chunk = chunk[np.asarray(rows[start:stop], dtype=bool)]
             if cols is not None:
                 chunk = chunk[:, cols]
-            yield start, stop, sp.csr_matrix(chunk)
+            yield start, stop, _int32_offsets(sp.csr_matrix(chunk))
+
+
+def _int32_offsets(m: Any) -> Any:
+    """A CSR/CSC matrix with 32-bit offsets when its entries allow (files written by
+    :class:`MatrixWriter` store 64-bit ones). scipy upcasts the column indices of a matrix
+    with 64-bit offsets to 64 bits in every row selection: a full transient copy."""
+    if sp.issparse(m) and m.format in ("csr", "csc") and m.indptr.dtype == np.int64:
+        if m.nnz < np.iinfo(np.int32).max and m.indices.dtype == np.int32:
+            m.indptr = m.indptr.astype(np.int32)
+    return m
 
 
 def _read_matrix(
@@ -132,7 +142,7 @@ def _read_matrix(
 ) -> sp.csr_matrix | np.ndarray:
     elem = f[key]
     if cols is None:
-        return read_elem(elem)
+        return _int32_offsets(read_elem(elem))
     if isinstance(elem, h5py.Dataset):  # dense
         return elem[:, cols] if len(cols) else np.zeros((elem.shape[0], 0), elem.dtype)
     ds = sparse_dataset(elem)
@@ -142,7 +152,7 @@ def _read_matrix(
         sp.csr_matrix(ds[start : min(start + chunk_rows, ds.shape[0])][:, cols])
         for start in range(0, ds.shape[0], chunk_rows)
     ]
-    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(cols)))
+    return _int32_offsets(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((0, len(cols)))
 
 
 def read(

@@ -19,7 +19,7 @@ rule annotate:
         "../envs/sepsis_sc.yaml"
     threads: 1  # numpy-bound and short: leaves the other core to cluster_summary
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("annotate"),
         runtime=60,
     params:
         counts_layer=config["qc"]["downstream_layer"],
@@ -53,6 +53,8 @@ rule annotation_figures:
         f"{BENCH}/annotation_figures.tsv"
     conda:
         "../envs/sepsis_sc.yaml"
+    resources:
+        mem_mb=cohort_mem("annotation_figures"),  # the dot plot reads one count matrix
     params:
         annotation=config["annotation"],
         organism=config["organism"],

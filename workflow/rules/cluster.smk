@@ -16,7 +16,7 @@ rule cluster:
         "../envs/sepsis_sc.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("cluster"),
         runtime=120,
     params:
         clustering=config["clustering"],
@@ -39,7 +39,7 @@ rule cluster_summary:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("cluster_summary"),
         runtime=120,
     params:
         clustering=config["clustering"],

@@ -18,7 +18,7 @@ rule de:
         "../envs/sepsis_sc.yaml"
     threads: config["resources"]["threads"]  # PyDESeq2 spreads each label's genes
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("de"),
         runtime=120,
     params:
         counts_layer=config["qc"]["downstream_layer"],
@@ -56,7 +56,7 @@ rule de_figures:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("de_figures"),
         runtime=30,
     params:
         contrast=contrast_spec,

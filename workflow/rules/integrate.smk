@@ -16,7 +16,7 @@ rule integrate:
         "../envs/sepsis_sc.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("integrate"),
         runtime=240,
         gpu=scvi_gpu_count(),
     params:
@@ -54,7 +54,7 @@ rule integration_metrics:
         "../envs/sepsis_sc.yaml"
     threads: config["resources"]["threads"]
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("integration_metrics"),
         runtime=120,
     params:
         methods=integration_methods(),

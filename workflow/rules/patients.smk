@@ -19,7 +19,7 @@ rule patients:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("patients"),
         runtime=30,
     params:
         counts_layer=config["qc"]["downstream_layer"],

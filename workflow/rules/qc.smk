@@ -47,7 +47,7 @@ rule qc_merge:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("qc_merge"),
         runtime=60,
     params:
         min_cells_per_gene=config["qc"]["min_cells_per_gene"],

@@ -18,7 +18,7 @@ rule score:
         "../envs/sepsis_sc.yaml"
     threads: 1  # numpy-bound and short: leaves the other core to cluster_summary
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("score"),
         runtime=60,
     params:
         counts_layer=config["qc"]["downstream_layer"],
@@ -43,7 +43,7 @@ rule sample_table:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("sample_table"),
     params:
         counts_layer=config["qc"]["downstream_layer"],
         stats=config["stats"],
@@ -69,7 +69,7 @@ rule stats:
     conda:
         "../envs/sepsis_sc.yaml"
     resources:
-        mem_mb=cohort_mem_mb,
+        mem_mb=cohort_mem("stats"),
     params:
         stats=config["stats"],
         contrast=contrast_spec,
