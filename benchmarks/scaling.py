@@ -1,4 +1,4 @@
-"""Scaling benchmark: the pipeline against a one-process scanpy reference, 10k to 200k cells.
+"""Scaling benchmark: the pipeline against a one-process scanpy reference, 10k to 1M cells.
 
 For each cohort size the demo simulator writes ``size / cells_per_sample`` samples (half
 sepsis, half control, two batches) as 10x HDF5 files under ``--workdir``; then
@@ -15,9 +15,11 @@ Results go to ``<workdir>/scaling.tsv`` (one row per size and tool) and
 ``<workdir>/stages.tsv``; ``benchmarks/report.py`` turns them into ``docs/benchmarks.md`` and
 its plot (run at the end unless ``--no-report``). Simulation time is not counted.
 
-Usage (the numbers in docs/benchmarks.md; about 1.5 h on 2 cores)::
+Usage (the numbers in docs/benchmarks.md)::
 
-    python benchmarks/scaling.py --sizes 10000 50000 100000 200000 --epochs 10
+    python benchmarks/scaling.py --sizes 10000 50000 100000 200000 --epochs 5
+    # atlas scale, pipeline only (the reference does not fit in memory there)
+    python benchmarks/scaling.py --sizes 500000 1000000 --epochs 5 --skip reference
 
 CI runs ``python benchmarks/scaling.py --sizes 2000 --cells-per-sample 500 --epochs 2
 --no-report`` to prove the benchmark works; that is not a timing.
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", choices=["pipeline", "reference"], default=None)
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results folder of an interrupted pipeline run and let Snakemake "
+                         "continue where it stopped (the wall time is then that of the resumed part)")
     args = ap.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -135,18 +140,21 @@ def main(argv: list[str] | None = None) -> None:
         if args.skip != "pipeline":
             cfg = bench_config(size, sheet, args.workdir, args.epochs, args.cores)
             results = REPO / "results" / f"bench_{size}"
-            subprocess.run(["rm", "-rf", str(results)], check=True)
+            if not args.resume:
+                subprocess.run(["rm", "-rf", str(results)], check=True)
             wall, peak = _run_measured(
                 [sys.executable, "-m", "snakemake", "--cores", str(args.cores), "--configfile",
-                 str(cfg), "--quiet", "rules"],
+                 str(cfg), "--quiet", "rules", "--rerun-incomplete"],
                 args.workdir / f"pipeline_{size}.log", env,
             )
             st = stage_table(results / "benchmarks", size)
             n_cells = int(pd.read_csv(results / "qc" / "qc_summary.tsv", sep="\t")["cells_out"].sum()) \
                 if (results / "qc" / "qc_summary.tsv").exists() else None
+            disk = sum(f.stat().st_size for f in results.rglob("*") if f.is_file()) / 1e9
             rows.append({"cells": size, "tool": "pipeline", "wall_s": round(wall, 1),
                          "peak_rss_gb": round(peak, 3), "cells_after_qc": n_cells,
-                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t"))})
+                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t")),
+                         "results_gb": round(disk, 2), "resumed": bool(args.resume)})
             if len(old_stages):
                 old_stages = old_stages[old_stages["cells"] != size]
             old_stages = pd.concat([old_stages, st], ignore_index=True)

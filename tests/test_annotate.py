@@ -527,6 +527,33 @@ def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
     assert acc >= 0.86, acc
 
 
+def test_annotate_streams_counts_from_the_file(tmp_path):
+    """annotate(counts_file=) reads the counts from the .h5ad in row chunks (the workflow's
+    path at atlas scale; adata holds no matrix) and calls exactly what the in-memory run calls."""
+    from sepsis_sc import store
+    from sepsis_sc.utils import write_h5ad
+
+    simulate = pytest.importorskip("sepsis_sc.simulate")
+    sheet = pd.DataFrame(
+        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
+         "batch": ["b1", "b1"]}
+    )  # fmt: skip
+    adatas, _ = simulate.simulate_cohort(sheet, cells_per_sample=600, n_genes=3000, seed=3)
+    adata = ad.concat(list(adatas.values()))
+    adata.layers["counts"] = adata.X.copy()
+    path = tmp_path / "cells.h5ad"
+    write_h5ad(adata, path)
+    an.annotate(adata, expected_organism="human", seed=0)
+    light = store.read(path)
+    assert light.X is None and not light.layers
+    an.annotate(light, expected_organism="human", seed=0, counts_file=path)
+    for col in ("lineage", "cell_type", "annotation_cluster"):
+        assert (light.obs[col].astype(str) == adata.obs[col].astype(str)).all(), col
+    np.testing.assert_array_equal(light.obs["annotation_confidence"], adata.obs["annotation_confidence"])
+    with pytest.raises(ValueError, match="holds 1200 cells"):
+        an.annotate(light[:100].copy(), expected_organism="human", counts_file=path)
+
+
 def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
     """With the clustering stage's Leiden run on the same embedding, neighbours, seed and
     resolution, annotate reuses that partition instead of building a second kNN graph; any

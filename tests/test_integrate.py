@@ -714,7 +714,7 @@ def test_scviparams_defaults_are_the_schema_defaults():
         value = getattr(params, key)
         assert (list(value) if isinstance(value, tuple) else value) == spec["default"], key
         checked.append(key)
-    assert len(checked) == 7  # covariates x2, n_latent, max_epochs, early_stopping, ...
+    assert len(checked) == 8  # covariates x2, n_latent, max_epochs, early_stopping(+min_delta), ...
     assert ig.ScviParams.from_config({k: v["default"] for k, v in section.items()}) == params
 
 

@@ -119,3 +119,33 @@ def test_group_sums_exact_and_without_copying_the_rows():
     tracemalloc.stop()
     one_copy = x.data.nbytes + x.indices.nbytes
     assert peak < 0.25 * one_copy, peak / one_copy
+
+
+def test_memory_requests_follow_cells_and_stage(base, tmp_path):
+    """Cohort rules ask for their stage's measured footprint at the job's cells (from the
+    input files), the floor for small cohorts, the flat per-10k rule when configured, and
+    more on a retry."""
+    a, path = base
+    assert store.h5ad_cells([path, path]) == 2000
+    assert store.h5ad_cells([tmp_path / "missing.h5ad"]) is None
+    assert store.stage_mem_mb("integrate", 1600) == store.MEMORY_FLOOR_MB
+    fixed, slope = store.STAGE_MEMORY["annotate"]
+    assert store.stage_mem_mb("annotate", 1_000_000) == int(1.3 * (fixed + slope * 100))
+    assert store.stage_mem_mb("annotate", 1_000_000, attempt=2) == 2 * store.stage_mem_mb("annotate", 1_000_000)
+    assert store.stage_mem_mb("annotate", 200_000, per_10k_cells=2000) == 40_000
+    with pytest.raises(KeyError, match="no measured memory"):
+        store.stage_mem_mb("nope", 10)
+
+
+def test_file_counts_equal_in_memory_counts(base):
+    """FileCounts reads what CountSource gives from the matrix: totals, columns, rows."""
+    a, path = base
+    mem = store.CountSource(a.layers["counts"])
+    disk = store.FileCounts(path, "counts", chunk_rows=333)
+    assert disk.shape == mem.shape
+    np.testing.assert_array_equal(disk.totals, mem.totals)
+    cols = np.array([7, 3, 40])
+    assert (disk.columns(cols) != mem.columns(cols)).nnz == 0
+    rows = np.array([0, 5, 332, 333, 334, 998])
+    assert (disk.rows(rows) != mem.rows(rows)).nnz == 0
+    assert (disk.full() != a.layers["counts"]).nnz == 0

@@ -45,8 +45,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .data import counts_csr, log_normalise, organism_evidence, resolve_organism
+from .data import check_counts, counts_csr, log_normalise, organism_evidence, resolve_organism
 from .resources import load_yaml, resource_path
+from .store import CountSource, FileCounts
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def _reusable_leiden(
 
 
 def _overcluster(
-    counts: sp.csr_matrix,
+    counts: CountSource,
     var_names: pd.Index,
     *,
     resolution: float,
@@ -451,7 +452,7 @@ def _overcluster(
     from .cluster import neighbors
 
     if embedding is None:
-        work = AnnData(X=counts.copy(), var=pd.DataFrame(index=var_names.astype(str)))
+        work = AnnData(X=counts.full(), var=pd.DataFrame(index=var_names.astype(str)))
         work.var_names_make_unique()
         log_normalise(work)
         keep = np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3
@@ -629,7 +630,7 @@ class _Markers:
 
 def _annotation_clusters(
     adata: AnnData,
-    counts: sp.csr_matrix,
+    counts: CountSource,
     *,
     cluster_key: str | None,
     use_rep: str | None,
@@ -672,7 +673,7 @@ def _annotation_clusters(
 
 
 def _marker_expression(
-    counts: sp.csr_matrix,
+    counts: CountSource,
     var_names: pd.Index,
     mk: Mapping[str, Any],
     clusters: _Clusters,
@@ -693,7 +694,7 @@ def _marker_expression(
             f"of the {organism} genome (use sepsis_sc.io.ensure_symbols)."
         )
     genes = list(gene_pos)
-    E = log_normalise(counts, columns=np.array([gene_pos[g] for g in genes]))
+    E = log_normalise(counts.columns(np.array([gene_pos[g] for g in genes])), totals=counts.totals)
     big = clusters.sizes >= min_cluster_size
     if not big.any():
         big = clusters.sizes > 0
@@ -778,7 +779,7 @@ def _cluster_supported(
 LINEAGE_HVG_CELLS = 50_000
 
 
-def _hvg_columns(counts: sp.csr_matrix, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame) -> AnnData:
+def _hvg_columns(counts: CountSource, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame) -> AnnData:
     """Rows ``idx`` of ``counts``, log1p(CP10k) with size factors from all genes, in the HVG
     columns of ``hvg_var`` only (its ``highly_variable`` genes), as an AnnData for the PCA."""
     from anndata.utils import make_index_unique
@@ -786,8 +787,8 @@ def _hvg_columns(counts: sp.csr_matrix, idx: np.ndarray, var_names: pd.Index, hv
     genes = hvg_var.index[hvg_var["highly_variable"].to_numpy(dtype=bool)]
     unique = make_index_unique(pd.Index(var_names))  # the names the HVG table carries
     cols = np.sort(unique.get_indexer(genes))
-    totals = _row_totals(counts)[idx]
-    x = sp.csr_matrix(counts[:, cols][idx], dtype=np.float32)
+    totals = counts.totals[idx]
+    x = sp.csr_matrix(counts.columns(cols)[idx], dtype=np.float32)
     scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
     x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
     x.data = np.log1p(x.data)
@@ -795,12 +796,8 @@ def _hvg_columns(counts: sp.csr_matrix, idx: np.ndarray, var_names: pd.Index, hv
     return AnnData(X=x, var=var)
 
 
-def _row_totals(counts: sp.csr_matrix) -> np.ndarray:
-    return np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-
-
 def _lineage_graph(
-    counts: sp.csr_matrix,
+    counts: CountSource,
     var_names: pd.Index,
     idx: np.ndarray,
     *,
@@ -834,7 +831,7 @@ def _lineage_graph(
     if idx.size > max_hvg_cells:
         pick = np.sort(np.random.default_rng(seed).choice(idx, max_hvg_cells, replace=False))
     # a row selection is a new matrix already: normalising it in place leaves counts alone
-    work = AnnData(X=counts[pick], var=pd.DataFrame(index=var_names.astype(str)))
+    work = AnnData(X=counts.rows(pick), var=pd.DataFrame(index=var_names.astype(str)))
     work.var_names_make_unique()
     log_normalise(work)
     work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()
@@ -928,7 +925,7 @@ def _subset_scores(
 
 
 def _subset_graph(
-    counts: sp.csr_matrix,
+    counts: CountSource,
     var_names: pd.Index,
     idx: np.ndarray,
     clusters: _Clusters,
@@ -992,7 +989,7 @@ def _call_subsets(
     mk: Mapping[str, Any],
     vocab: Vocabulary,
     clusters: _Clusters,
-    counts: sp.csr_matrix,
+    counts: CountSource,
     var_names: pd.Index,
     p: Mapping[str, Any],
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], dict[str, str]]:
@@ -1100,6 +1097,7 @@ def annotate(
     cluster_key: str | None = None,
     markers: str | PathLike[str] | Mapping[str, Any] | None = None,
     layer: str | None = "counts",
+    counts_file: str | PathLike[str] | None = None,
     min_score: float = 0.2,
     min_margin: float = 0.05,
     subset_min_score: float = 0.2,
@@ -1141,6 +1139,11 @@ def annotate(
         :func:`load_markers`).
     layer
         Layer with raw counts; ``X`` is used when the layer is absent and ``X`` is integer.
+    counts_file
+        Read the counts from ``layers[layer]`` of this ``.h5ad`` in row chunks instead of from
+        ``adata`` (which then needs no matrix: obs, var and the embedding are enough; the
+        cells and genes must be the file's). At a million cells the annotation then never
+        holds the count matrix (the workflow's rule ``annotate`` does this).
     min_score
         Minimum combined lineage score (0-1 scale) for a lineage call.
     min_margin
@@ -1206,7 +1209,7 @@ def annotate(
     vocab = load_vocabulary()
     org, detected = _resolve_organism(adata, organism, expected_organism)
     mk = load_markers(markers, org, vocabulary=vocab)
-    counts = counts_csr(adata, layer)
+    counts = _count_source(adata, layer, counts_file)
     clusters = _annotation_clusters(
         adata,
         counts,
@@ -1259,6 +1262,24 @@ def annotate(
         100 * float((lin.call == UNASSIGNED).mean()),
     )
     return _cluster_summary(clusters, lin, cell_type, conf)
+
+
+def _count_source(adata: AnnData, layer: str | None, counts_file: str | PathLike[str] | None) -> CountSource:
+    """The raw counts the annotation reads: ``adata``'s (checked), or streamed from
+    ``counts_file`` (its first chunk checked; cells and genes must match ``adata``)."""
+    if counts_file is None:
+        return CountSource(counts_csr(adata, layer))
+    src = FileCounts(counts_file, layer or "X")
+    if src.shape != adata.shape:
+        raise ValueError(
+            f"counts_file {counts_file} holds {src.shape[0]} cells x {src.shape[1]} genes, adata "
+            f"{adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
+        )
+    from .store import iter_rows
+
+    _, _, first = next(iter_rows(counts_file, layer or "X", chunk_rows=20_000))
+    check_counts(first, source=f"{counts_file}:{layer}")
+    return src
 
 
 def _log_coverage(coverage: pd.DataFrame) -> None:

@@ -509,6 +509,7 @@ def log_normalise(
     *,
     target_sum: float = 1e4,
     columns: np.ndarray | None = None,
+    totals: np.ndarray | None = None,
 ) -> sp.csr_matrix | None:
     """``log1p(counts / total * target_sum)``, size factors from all genes.
 
@@ -530,6 +531,9 @@ def log_normalise(
         Counts per cell after scaling (1e4: CP10k).
     columns
         Matrix form only: integer positions of the genes to return.
+    totals
+        Matrix form only: the cells' counts over all genes, when the matrix passed holds only
+        some genes (read by columns from a file, :class:`sepsis_sc.store.CountSource`).
 
     Returns
     -------
@@ -538,13 +542,13 @@ def log_normalise(
     if isinstance(adata_or_counts, ad.AnnData):
         import scanpy as sc
 
-        if columns is not None:
-            raise ValueError("columns= is only for the matrix form of log_normalise")
+        if columns is not None or totals is not None:
+            raise ValueError("columns= and totals= are only for the matrix form of log_normalise")
         sc.pp.normalize_total(adata_or_counts, target_sum=target_sum)
         sc.pp.log1p(adata_or_counts)
         return None
     counts = sp.csr_matrix(adata_or_counts)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
+    totals = np.asarray(counts.sum(axis=1)).ravel() if totals is None else np.asarray(totals)
     scale = np.divide(
         target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
     )

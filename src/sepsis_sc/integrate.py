@@ -758,7 +758,7 @@ class ScviParams:
     max_epochs: int | None = None
     early_stopping: bool = True
     early_stopping_patience: int = 10
-    early_stopping_min_delta: float = 2e-4
+    early_stopping_min_delta: float = 5e-4
     batch_size: int = 256
     train_size: float = 0.9
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"

@@ -46,6 +46,11 @@ __all__ = [
     "write",
     "MatrixWriter",
     "column_sums",
+    "CountSource",
+    "FileCounts",
+    "h5ad_cells",
+    "stage_mem_mb",
+    "STAGE_MEMORY",
     "DEFAULT_CHUNK_ROWS",
 ]
 
@@ -405,3 +410,134 @@ def column_sums(
         total = np.zeros((n_groups, n_vars))
     return total
 
+
+
+
+class CountSource:
+    """Raw counts that an algorithm reads by rows or by columns: in memory, or streamed from
+    an ``.h5ad`` (:class:`FileCounts`) so the whole matrix is never held.
+
+    ``totals`` are the cells' row sums over all genes, as scipy computes them (float32 for
+    float32 counts), so size factors from a source equal those from the matrix.
+    """
+
+    def __init__(self, matrix: sp.csr_matrix) -> None:
+        self._m = sp.csr_matrix(matrix)
+        self.shape = self._m.shape
+        self._totals: np.ndarray | None = None
+
+    @property
+    def totals(self) -> np.ndarray:
+        if self._totals is None:
+            self._totals = np.asarray(self._m.sum(axis=1)).ravel()
+        return self._totals
+
+    def columns(self, cols: np.ndarray) -> sp.csr_matrix:
+        """All cells, the given gene columns (positions, ascending)."""
+        return sp.csr_matrix(self._m[:, cols])
+
+    def rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        """The given cells (positions, ascending), all genes: a new matrix."""
+        return sp.csr_matrix(self._m[idx])
+
+    def full(self) -> sp.csr_matrix:
+        """The whole matrix (a copy the caller may modify)."""
+        return self._m.copy()
+
+
+class FileCounts(CountSource):
+    """:class:`CountSource` over ``path:key`` (``"layers/counts"``), read in row chunks:
+    each request is one pass over the file, memory follows what is returned."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str = "layers/counts", *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        self.path, self.key, self.chunk_rows = Path(path), _layer_key(key), chunk_rows
+        with h5py.File(self.path, "r") as f:
+            if self.key not in f:
+                raise KeyError(f"{self.path} has no {self.key!r}")
+            self.shape = tuple(sparse_dataset(f[self.key]).shape)
+        self._totals = None
+
+    def _chunks(self):
+        return iter_rows(self.path, self.key, chunk_rows=self.chunk_rows)
+
+    @property
+    def totals(self) -> np.ndarray:
+        if self._totals is None:
+            self._totals = np.concatenate(
+                [np.asarray(c.sum(axis=1)).ravel() for _, _, c in self._chunks()]
+            ) if self.shape[0] else np.zeros(0, np.float32)
+        return self._totals
+
+    def columns(self, cols: np.ndarray) -> sp.csr_matrix:
+        parts = [c[:, cols] for _, _, c in self._chunks()]
+        return _int32_offsets(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((0, len(cols)))
+
+    def rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        idx = np.asarray(idx)
+        parts = []
+        for start, stop, c in self._chunks():
+            lo, hi = np.searchsorted(idx, [start, stop])
+            if hi > lo:
+                parts.append(c[idx[lo:hi] - start])
+        if not parts:
+            return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        return _int32_offsets(sp.vstack(parts, format="csr"))
+
+    def full(self) -> sp.csr_matrix:
+        parts = [c for _, _, c in self._chunks()]
+        return _int32_offsets(sp.vstack(parts, format="csr"))
+
+# --------------------------------------------------------------------------------------
+# memory requests of the cohort-level rules
+# --------------------------------------------------------------------------------------
+#: peak resident memory of each cohort-level stage as (MB, MB per 10,000 cells), fitted to
+#: the per-stage peaks of ``benchmarks/scaling.py`` (docs/benchmarks.md, "Memory requests")
+STAGE_MEMORY: dict[str, tuple[float, float]] = {
+    "qc_merge": (400, 45),
+    "integrate": (600, 120),
+    "integration_metrics": (400, 150),
+    "cluster": (300, 80),
+    "cluster_summary": (300, 40),
+    "annotate": (300, 280),
+    "annotation_figures": (300, 210),
+    "score": (300, 200),
+    "sample_table": (300, 130),
+    "stats": (300, 30),
+    "de": (300, 200),
+    "de_figures": (300, 200),
+    "patients": (300, 130),
+}
+
+#: a request is this much above the fitted peak
+MEMORY_MARGIN = 1.3
+#: and at least this many MB
+MEMORY_FLOOR_MB = 2000
+
+
+def h5ad_cells(paths: Iterable[str | os.PathLike[str]]) -> int | None:
+    """Cells in the ``.h5ad`` files together (from each obs index, nothing else read);
+    ``None`` when there are none or one is missing (a dry run before they exist)."""
+    paths = list(paths)
+    if not paths or not all(Path(p).exists() for p in paths):
+        return None
+    total = 0
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            total += f["obs"][f["obs"].attrs["_index"]].shape[0]
+    return total
+
+
+def stage_mem_mb(stage: str, cells: int, *, per_10k_cells: float | None = None, attempt: int = 1) -> int:
+    """Memory (MB) a cohort-level job asks the scheduler for.
+
+    ``MEMORY_MARGIN`` x the stage's fitted peak at ``cells`` (:data:`STAGE_MEMORY`), at least
+    ``MEMORY_FLOOR_MB``; or, with ``per_10k_cells`` (config ``resources.mem_mb_per_10k_cells``),
+    that many MB per 10,000 cells for every stage (at least 4000). Times ``attempt``, so a
+    job killed for memory asks for more when Snakemake retries it.
+    """
+    if per_10k_cells is not None:
+        return int(max(4000, per_10k_cells * max(1.0, cells / 1e4)) * attempt)
+    if stage not in STAGE_MEMORY:
+        raise KeyError(f"no measured memory for stage {stage!r}; known: {sorted(STAGE_MEMORY)}")
+    fixed, slope = STAGE_MEMORY[stage]
+    return int(max(MEMORY_FLOOR_MB, MEMORY_MARGIN * (fixed + slope * cells / 1e4)) * attempt)

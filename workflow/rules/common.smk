@@ -274,38 +274,20 @@ def n_cells_estimate():
     return per_sample * len(SAMPLES)
 
 
-#: measured peak memory of each cohort-level stage: (MB, MB per 10,000 cells), fitted to
-#: benchmarks/scaling.py's runs (docs/benchmarks.md, "Memory requests"); a job asks for
-#: 1.3x the fit (at least 2000 MB), times its attempt number
-STAGE_MEMORY = {}
-
-
-def cohort_cells(input):
-    """Cells in a cohort job's .h5ad inputs (the per-sample files summed for qc_merge),
-    read from the files' obs index; None before they exist (dry runs)."""
-    import h5py
-
-    files = [f for f in input if str(f).endswith(".h5ad")]
-    if not files or not all(Path(f).exists() for f in files):
-        return None
-    total = 0
-    for f in files:
-        with h5py.File(f, "r") as h:
-            total += h["obs"][h["obs"].attrs["_index"]].shape[0]
-    return total
-
-
 def cohort_mem(stage):
     """``mem_mb`` of a cohort-level rule: the stage's measured footprint at the job's cells
-    (from its inputs, else the sheet's estimate), or resources.mem_mb_per_10k_cells when set."""
+    (counted in its .h5ad inputs, else the sheet's estimate; sepsis_sc.store.stage_mem_mb),
+    or resources.mem_mb_per_10k_cells when set."""
+    from sepsis_sc.store import h5ad_cells, stage_mem_mb
 
     def mem_mb(wildcards, input, attempt):
-        cells = cohort_cells(input) or n_cells_estimate()
-        per_10k = config["resources"]["mem_mb_per_10k_cells"]
-        if per_10k is not None:  # the user's flat rule for every cohort stage
-            return int(max(4000, per_10k * max(1.0, cells / 1e4)) * attempt)
-        fixed, slope = STAGE_MEMORY[stage]
-        return int(max(2000, 1.3 * (fixed + slope * cells / 1e4)) * attempt)
+        cells = h5ad_cells([f for f in input if str(f).endswith(".h5ad")])
+        return stage_mem_mb(
+            stage,
+            cells or n_cells_estimate(),
+            per_10k_cells=config["resources"]["mem_mb_per_10k_cells"],
+            attempt=attempt,
+        )
 
     return mem_mb
 

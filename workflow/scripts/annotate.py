@@ -10,7 +10,9 @@ setup_logging(snakemake.log[0])
 a = snakemake.params.annotation
 src = snakemake.input.h5ad
 layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
-adata = store.read(src, layers=[layer])  # one count matrix: not X, not the other layers
+# the marker annotation streams the counts from the file; CellTypist and scANVI need them in memory
+in_memory = bool(a["celltypist_model"] or a["reference"])
+adata = store.read(src, layers=[layer] if in_memory else [])
 summary = annotate(
     adata,
     organism="auto",
@@ -24,6 +26,7 @@ summary = annotate(
     subset_min_score=a["subset_min_score"],
     cluster_weight=a["cluster_weight"],
     layer=layer,
+    counts_file=None if in_memory else src,
     seed=snakemake.params.seed,
 )
 if a["celltypist_model"]:
@@ -44,5 +47,6 @@ if a["reference"]:
 write_table(summary, snakemake.output.table, digits=3)
 # annotated.h5ad is the file users take away: whole, its matrices copied from the merged
 # file (dataset by dataset, not through memory), not linked
-del adata.layers[layer]
+if in_memory:
+    del adata.layers[layer]
 store.write(adata, snakemake.output.h5ad, source=src, copy=store.matrix_keys(src))

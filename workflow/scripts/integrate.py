@@ -28,8 +28,11 @@ select_hvgs_streamed(adata, src, n_top_genes=cfg["n_hvg"], batch_key=cfg["batch_
 if adata.uns["hvg"].get("note"):
     log.info("HVGs: %s", adata.uns["hvg"]["note"])
 hvg = adata.var["highly_variable"].to_numpy(dtype=bool)
-# the methods see the HVGs only: their raw counts (scVI) and log-normalised X (PCA, Harmony)
-sub = store.read(src, X=True, layers=[layer], genes=hvg, obsm=False, obsp=False)
+# the methods see the HVGs only: their raw counts (scVI) and log-normalised X (PCA, Harmony),
+# each read only when a method needs it
+needs_x = any(m != "scvi" for m in snakemake.params.methods)
+needs_counts = "scvi" in snakemake.params.methods
+sub = store.read(src, X=needs_x, layers=[layer] if needs_counts else [], genes=hvg, obsm=False, obsp=False)
 
 method_kwargs = {
     "scvi": {

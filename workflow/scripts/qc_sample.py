@@ -32,4 +32,7 @@ summary = run_qc(
 )
 write_table(adata.obs, snakemake.output.cells, index=True)
 write_table(summary, snakemake.output.summary)
-write_h5ad(filter_cells_qc(adata), snakemake.output.h5ad)
+kept = filter_cells_qc(adata)
+if "counts" in kept.layers and kept.X is not None and (kept.X != kept.layers["counts"]).nnz == 0:
+    kept.X = None  # X repeats the raw counts: the file stores them once (layers["counts"])
+write_h5ad(kept, snakemake.output.h5ad)
