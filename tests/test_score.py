@@ -324,6 +324,23 @@ def test_score_states_counts_in_x_or_layer_alike():
     pd.testing.assert_frame_equal(adata.obs, in_x.obs)
 
 
+def test_score_states_streams_counts_from_the_file(tmp_path):
+    """score_states(counts_file=) ranks the counts streamed from the .h5ad (adata holds no
+    matrix; the workflow's rule score at atlas scale) and gives the in-memory result."""
+    from sepsis_sc import store
+    from sepsis_sc.utils import write_h5ad
+
+    adata = make_cohort(n_case=3, n_control=3, cells_per_type=40)
+    path = tmp_path / "cells.h5ad"
+    write_h5ad(adata, path)
+    t1 = score_states(adata, control="control", chunk_size=77)
+    light = store.read(path)
+    assert light.X is None and not light.layers
+    t2 = score_states(light, control="control", chunk_size=77, counts_file=path)
+    pd.testing.assert_frame_equal(t1, t2)
+    pd.testing.assert_frame_equal(adata.obs, light.obs)
+
+
 def test_score_steps_signature_columns_and_call_rules():
     from sepsis_sc.score import _call_rules, _signature_columns
 

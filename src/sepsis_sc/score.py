@@ -20,6 +20,7 @@ level by :mod:`sepsis_sc.stats` (never with cells as replicates).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -310,6 +311,7 @@ def ucell_scores(
     clip: bool = False,
     chunk_size: int = 2000,
     mask: np.ndarray | None = None,
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Per-cell signed UCell scores.
 
@@ -343,6 +345,10 @@ def ucell_scores(
         Cells ranked at a time (memory ~ 24 bytes x non-zeros of a chunk).
     mask
         Optional boolean vector over cells; other cells get NaN and are not ranked.
+    counts_file
+        Rank ``layers[layer]`` of this ``.h5ad``, streamed in row chunks, instead of
+        ``adata``'s matrix (``adata`` then needs only obs and var; the cells and genes must be
+        the file's). The scores are the same: each cell is ranked on its own.
 
     Returns
     -------
@@ -353,18 +359,46 @@ def ucell_scores(
     """
     max_rank = _ucell_params(adata, max_rank, chunk_size)
     sigs = _as_signature_list(signatures)
-    mat = _ranking_matrix(adata, layer)
     query_idx, parts = _signature_columns(sigs, adata.var_names)
     cells = np.arange(adata.n_obs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
     out = np.full((adata.n_obs, len(sigs)), np.nan)
     if query_idx.size and cells.size:
-        for start in range(0, cells.size, chunk_size):
-            idx = cells[start : start + chunk_size]
-            block = mat[idx]
-            block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        for idx, block in _ranked_blocks(adata, layer, cells, chunk_size, counts_file):
             ranks = _chunk_ranks(block, query_idx, max_rank)
             out[idx] = _signed_scores(ranks, sigs, parts, max_rank, w_neg, clip)
     return pd.DataFrame(out, index=adata.obs_names, columns=[s["name"] for s in sigs])
+
+
+def _ranked_blocks(
+    adata: ad.AnnData,
+    layer: str | None,
+    cells: np.ndarray,
+    chunk_size: int,
+    counts_file: str | os.PathLike[str] | None,
+):
+    """``(cell positions, CSR rows)`` blocks of at most ``chunk_size`` of the given cells,
+    from ``adata`` or streamed from ``counts_file`` (one pass over the file)."""
+    if counts_file is None:
+        mat = _ranking_matrix(adata, layer)
+        for start in range(0, cells.size, chunk_size):
+            idx = cells[start : start + chunk_size]
+            block = mat[idx]
+            yield idx, sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        return
+    from sepsis_sc import store
+
+    src = store.FileCounts(counts_file, layer or "X")
+    if src.shape != adata.shape:
+        raise ValueError(
+            f"counts_file {counts_file} holds {src.shape[0]} cells x {src.shape[1]} genes, "
+            f"adata {adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
+        )
+    wanted = np.zeros(adata.n_obs, bool)
+    wanted[cells] = True
+    for start, stop, chunk in store.iter_rows(counts_file, layer or "X", rows=wanted):
+        idx = cells[(cells >= start) & (cells < stop)]
+        for lo in range(0, idx.size, chunk_size):
+            yield idx[lo : lo + chunk_size], chunk[lo : lo + chunk_size]
 
 
 # --------------------------------------------------------------------------------------
@@ -788,6 +822,7 @@ def score_states(
     max_rank: int = 1500,
     w_neg: float = 1.0,
     chunk_size: int = 2000,
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Score therapy-target states inside their parent populations and call discrete states.
 
@@ -828,7 +863,7 @@ def score_states(
         Label of the control (reference) condition in ``obs[condition_key]``.
     condition_key, lineage_key, cell_type_key
         obs columns holding condition, lineage and subset labels.
-    layer, max_rank, w_neg, chunk_size
+    layer, max_rank, w_neg, chunk_size, counts_file
         Passed to :func:`ucell_scores` (scores are kept signed, not clipped).
 
     Returns
@@ -864,7 +899,8 @@ def score_states(
     if calls:
         _require_reference(to_score, rules, is_control)
 
-    ucell = {"max_rank": max_rank, "w_neg": w_neg, "layer": layer, "chunk_size": chunk_size}
+    ucell = {"max_rank": max_rank, "w_neg": w_neg, "layer": layer, "chunk_size": chunk_size,
+             "counts_file": counts_file}  # fmt: skip
     scores = _parent_scores(adata, to_score, parents, ucell)
     for s in to_score:
         name = s["name"]

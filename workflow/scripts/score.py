@@ -11,7 +11,7 @@ p = snakemake.params
 ref = p.reference  # {column, value} of the control cells, or None
 src = snakemake.input.h5ad
 layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
-adata = store.read(src, layers=[layer])
+adata = store.read(src)  # obs, var, uns: the counts are streamed from the file
 rules = score_states(
     adata,
     organism=p.organism,
@@ -24,9 +24,9 @@ rules = score_states(
     call_rules={"method": p.scoring["call_rule"], "quantile": p.scoring["call_quantile"]},
     max_rank=p.scoring["max_rank"],
     layer=layer,
+    counts_file=src,
     control=ref["value"] if ref is not None else None,
     condition_key=ref["column"] if ref is not None else "condition",
 )
 write_table(rules, snakemake.output.rules, index=True)
-del adata.layers[layer]  # unchanged: linked to annotated.h5ad
 store.write(adata, snakemake.output.h5ad, source=src, link=store.matrix_keys(src))
