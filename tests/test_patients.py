@@ -227,3 +227,18 @@ def test_reference_samples_notes():
     assert P._reference_samples(meta, P.PatientSettings(reference_column="arm", reference_value="x"), notes) is None
     assert notes == ["no sample has condition == 'healthy'", "obs['arm'] missing: no in-run reference samples"]
     assert "matches none" in P._skipped_note(P.PatientSettings(reference_value="x"))
+
+
+def test_profile_streams_counts_from_the_file(cohort, res, tmp_path):
+    """profile(counts_file=) sums the pseudobulk readouts from the .h5ad in streamed passes
+    (adata holds no matrix; the workflow's rule at atlas scale) and gives the same profiles."""
+    from sepsis_sc import store
+    from sepsis_sc.utils import write_h5ad
+
+    path = tmp_path / "scored.h5ad"
+    write_h5ad(cohort, path)
+    light = store.read(path)
+    assert light.X is None and not light.layers
+    got = P.profile(light, reference_value="control", min_cells=10, run_name="sim", counts_file=path)
+    pd.testing.assert_frame_equal(got.profiles, res.profiles)
+    pd.testing.assert_frame_equal(got.endotypes, res.endotypes)

@@ -445,3 +445,21 @@ def test_score_umaps_draw_one_panel_per_stratified_state():
     panels = _score_panels(a, ["ifn_response.t", "ifn_response.b", "t_exhaustion"])
     assert list(panels) == ["IFN (per stratum)", "exhausted T"]
     np.testing.assert_allclose(panels["IFN (per stratum)"], [0.1, 0.2, np.nan])
+
+
+def test_sample_table_streams_counts_from_the_file(scored, tmp_path):
+    """sample_table(counts_file=) sums every state's parent cells in one pass over the .h5ad
+    (adata holds no matrix; the workflow's rule at atlas scale) and gives the same table."""
+    from sepsis_sc import store
+    from sepsis_sc.utils import write_h5ad
+
+    path = tmp_path / "scored.h5ad"
+    write_h5ad(scored, path)
+    light = store.read(path)
+    assert light.X is None and not light.layers
+    want = stats.sample_table(scored, min_cells=20)
+    got = stats.sample_table(light, min_cells=20, counts_file=path)
+    assert (want["metric"] == "pseudobulk_expression").any()
+    key = ["state", "sample_id", "metric"]  # uns read back from HDF5 lists the states sorted
+    pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
+                                  want.sort_values(key).reset_index(drop=True))  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,7 @@ def pseudobulk(
     label_key: str,
     sample_key: str = "sample_id",
     layer: str | None = "counts",
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Raw counts summed per sample x label.
 
@@ -129,6 +131,9 @@ def pseudobulk(
         obs column with the sample IDs.
     layer
         Layer with the raw counts (None: ``X``).
+    counts_file
+        Sum ``layers[layer]`` of this ``.h5ad`` in one streamed pass instead of ``adata``'s
+        matrix (``adata`` then needs only obs and var; cells and genes must be the file's).
 
     Returns
     -------
@@ -146,12 +151,24 @@ def pseudobulk(
         The counts are not non-negative integers (the message names the matrix and the fix).
     """
     _check_obs_columns(adata, label_key, sample_key)
-    X, where = get_counts(adata, layer, check=False, max_values=100_000)
     s_codes, samples = _codes(adata.obs[sample_key])
     l_codes, labels = _codes(adata.obs[label_key])
     n_lab = max(len(labels), 1)
     groups, inverse, ind = _group_indicator(s_codes, l_codes, n_lab, adata.n_obs)
-    sums = _summed_counts(X, ind, adata.n_obs, adata.n_vars, where)
+    if counts_file is None:
+        X, where = get_counts(adata, layer, check=False, max_values=100_000)
+        blocks = (
+            (start, min(start + _CHUNK_CELLS, adata.n_obs), X[start : start + _CHUNK_CELLS])
+            for start in range(0, adata.n_obs, _CHUNK_CELLS)
+        )
+    else:
+        from sepsis_sc import store
+
+        where = f"{counts_file}:{layer or 'X'}"
+        if store.h5ad_cells([counts_file]) != adata.n_obs:
+            raise ValueError(f"counts_file {counts_file} does not hold adata's {adata.n_obs} cells")
+        blocks = store.iter_rows(counts_file, layer or "X", chunk_rows=_CHUNK_CELLS)
+    sums = _summed_counts(blocks, ind, adata.n_vars, where)
     g_sample, g_label = groups // n_lab, groups % n_lab
     nc = np.zeros((len(samples), len(labels)), dtype=np.int64)
     nc[g_sample, g_label] = np.bincount(inverse, minlength=groups.size)
@@ -183,16 +200,15 @@ def _group_indicator(
     return groups, inverse, ind
 
 
-def _summed_counts(X: Any, ind: sp.csr_matrix, n_obs: int, n_vars: int, where: str) -> np.ndarray:
-    """Groups x genes sums of ``X`` in blocks of cells; error unless non-negative integers.
+def _summed_counts(blocks: Any, ind: sp.csr_matrix, n_vars: int, where: str) -> np.ndarray:
+    """Groups x genes sums of the ``(start, stop, block)`` row blocks of a count matrix; error
+    unless non-negative integers.
 
     Each block is copied to float64 only while it is summed (sums stay exact).
     """
     sums = np.zeros((ind.shape[0], n_vars))
     min_value = 0.0
-    for start in range(0, n_obs, _CHUNK_CELLS):
-        stop = min(start + _CHUNK_CELLS, n_obs)
-        block = X[start:stop]
+    for start, stop, block in blocks:
         block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
         if block.size:
             data = block.data if sp.issparse(block) else block
@@ -472,6 +488,7 @@ def pseudobulk_de(
     shrink: bool = True,
     n_cpus: int = 1,
     alpha: float = 0.05,
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pseudobulk DE (PyDESeq2) of the contrast, per label of each annotation level.
 
@@ -503,6 +520,9 @@ def pseudobulk_de(
         obs columns with labels, e.g. ``("cell_type", "lineage")``.
     sample_key, layer
         obs column of the sample IDs; layer with the raw counts.
+    counts_file
+        Sum the counts streamed from this ``.h5ad`` (one pass per level) instead of from
+        ``adata``, which then needs no matrix (:func:`pseudobulk`).
     min_cells
         Fewest cells of a label for a sample to contribute (per sample, before summing).
     min_samples_per_group
@@ -545,7 +565,7 @@ def pseudobulk_de(
                           min_total_count=min_total_count, min_count=min_count, shrink=shrink)  # fmt: skip
     _check_de_input(adata, settings)
     rows, jobs = _label_jobs(adata, design, settings, sample_key=sample_key, layer=layer,
-                             exclude=exclude, alpha=alpha)  # fmt: skip
+                             exclude=exclude, alpha=alpha, counts_file=counts_file)  # fmt: skip
     if not jobs:
         why = sorted({r["reason"] for r in rows if r["reason"]})
         logger.warning("pseudobulk DE: no label could be tested (%s)", "; ".join(why) or "no label")
@@ -583,12 +603,14 @@ def _label_jobs(
     layer: str | None,
     exclude: Sequence[str],
     alpha: float,
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A summary row for every label of every level, and a fit job for each testable one."""
     rows: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     for level in settings.levels:
-        counts, n_cells = pseudobulk(adata, label_key=level, sample_key=sample_key, layer=layer)
+        counts, n_cells = pseudobulk(adata, label_key=level, sample_key=sample_key, layer=layer,
+                                     counts_file=counts_file)  # fmt: skip
         for label in n_cells.columns:
             row = _summary_row(level, label)
             rows.append(row)

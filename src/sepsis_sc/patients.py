@@ -31,6 +31,7 @@ rank patients relative to this run's controls, for research; they are never trea
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ def pseudobulk_log2cpm(
     *,
     sample_key: str = "sample_id",
     layer: str | None = "counts",
+    counts_file: str | os.PathLike[str] | None = None,
     min_cells: int = 10,
 ) -> tuple[pd.DataFrame, pd.Series]:
     """log2(CPM + 1) of ``genes`` in the summed raw counts of ``cells``, per sample.
@@ -229,6 +231,9 @@ def pseudobulk_log2cpm(
         Genes to return (absent genes are dropped).
     sample_key, layer
         Sample column and count layer.
+    counts_file
+        Sum ``layers[layer]`` of this ``.h5ad`` in one streamed pass instead of ``adata``'s
+        matrix (``adata`` then needs no matrix).
     min_cells
         Samples with fewer cells of the population get NaN.
 
@@ -239,7 +244,6 @@ def pseudobulk_log2cpm(
     n_cells
         Cells of the population per sample.
     """
-    counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
     samples = adata.obs[sample_key].astype(str).to_numpy()
     all_ids = list(dict.fromkeys(samples))
     n_cells = pd.Series({s: int((cells & (samples == s)).sum()) for s in all_ids}, dtype=int)
@@ -250,7 +254,13 @@ def pseudobulk_log2cpm(
         return out, n_cells
     codes = pd.Categorical(samples, categories=keep).codes
     codes = np.where(cells & (codes >= 0), codes, -1)
-    pb = group_sums(counts, codes, len(keep))  # no copy of the population's rows
+    if counts_file is not None:
+        from sepsis_sc import store
+
+        pb = store.column_sums(counts_file, layer or "X", codes, len(keep))
+    else:
+        counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
+        pb = group_sums(counts, codes, len(keep))  # no copy of the population's rows
     lib = np.maximum(pb.sum(axis=1), 1.0)
     idx = adata.var_names.get_indexer(present)
     sel_counts = pb[:, idx]
@@ -265,6 +275,7 @@ def sample_readouts(
     readouts: Sequence[Readout] = READOUTS,
     sample_key: str = "sample_id",
     layer: str | None = "counts",
+    counts_file: str | os.PathLike[str] | None = None,
     min_cells: int = 10,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compute every readout per sample.
@@ -296,7 +307,8 @@ def sample_readouts(
     if sample_table is None:
         from sepsis_sc.stats import sample_table as _st
 
-        sample_table = _st(adata, sample_key=sample_key, min_cells=min_cells)
+        sample_table = _st(adata, sample_key=sample_key, min_cells=min_cells, layer=layer,
+                           counts_file=counts_file)  # fmt: skip
     samples = adata.obs[sample_key].astype(str).to_numpy()
     ids = list(dict.fromkeys(samples))
     st = sample_table.copy()
@@ -307,6 +319,7 @@ def sample_readouts(
             rows += _share_rows(adata.obs, r, samples, ids, min_cells)
         elif r.kind == "pseudobulk":
             rows += _pseudobulk_rows(adata, r, ids, sample_key=sample_key, layer=layer,
+                                     counts_file=counts_file,
                                      min_cells=min_cells)  # fmt: skip
         elif r.kind == "state":
             rows += _state_readout_rows(st, r, ids)
@@ -338,11 +351,12 @@ def _share_rows(
 
 def _pseudobulk_rows(
     adata: ad.AnnData, r: Readout, ids: Sequence[str], *, sample_key: str, layer: str | None,
+    counts_file: str | os.PathLike[str] | None = None,
     min_cells: int,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """A ``pseudobulk`` readout per sample: log2(CPM + 1) of the gene set's summed CPM."""
     vals, n = pseudobulk_log2cpm(adata, _mask(adata.obs, r.cells), r.genes, sample_key=sample_key,
-                                 layer=layer, min_cells=min_cells)  # fmt: skip
+                                 layer=layer, min_cells=min_cells, counts_file=counts_file)  # fmt: skip
     cpm = np.exp2(vals) - 1.0
     rows = []
     for s in ids:
@@ -782,6 +796,7 @@ def endotype_scores(
     *,
     sample_key: str = "sample_id",
     layer: str | None = "counts",
+    counts_file: str | os.PathLike[str] | None = None,
     endotypes: Mapping[str, Any] | None = None,
     min_cells: int = 10,
 ) -> pd.DataFrame:
@@ -824,7 +839,7 @@ def endotype_scores(
                      if (g2 := _resolve(g, var, aliases)) is not None})  # fmt: skip
     allc = np.ones(adata.n_obs, bool)
     lc, _ = pseudobulk_log2cpm(adata, allc, wanted, sample_key=sample_key, layer=layer,
-                               min_cells=min_cells)  # fmt: skip
+                               min_cells=min_cells, counts_file=counts_file)  # fmt: skip
     rows = []
     for e, comp, up, dn in comps:
         upr = [g2 for g in up if (g2 := _resolve(g, var, aliases))]
@@ -1025,6 +1040,7 @@ def profile(
     condition_key: str = "condition",
     timepoint_column: str | None = "timepoint",
     layer: str | None = "counts",
+    counts_file: str | os.PathLike[str] | None = None,
     state_rules: str | Path | Sequence[Mapping[str, Any]] | None = None,
     endotypes: bool = True,
     run_name: str = "",
@@ -1058,6 +1074,9 @@ def profile(
         computed here).
     sample_key, donor_key, condition_key, timepoint_column, layer
         obs columns and raw-count layer.
+    counts_file
+        Stream the counts of the pseudobulk readouts from this ``.h5ad`` (one pass per
+        readout) instead of ``adata``'s matrix, which it then does not need.
     state_rules
         Rules path or list (default ``resources/patient_states.yaml``).
     endotypes
@@ -1078,7 +1097,7 @@ def profile(
              else list(state_rules))  # fmt: skip
     meta = _profile_meta(adata, settings, sample_key=sample_key, donor_key=donor_key,
                          condition_key=condition_key)  # fmt: skip
-    values, detail = sample_readouts(adata, sample_table, sample_key=sample_key, layer=layer,
+    values, detail = sample_readouts(adata, sample_table, sample_key=sample_key, layer=layer, counts_file=counts_file,
                                      min_cells=min_cells)  # fmt: skip
     notes: list[str] = []
     is_ref = _reference_samples(meta, settings, notes)
@@ -1089,7 +1108,8 @@ def profile(
     prof, m = _profile_table(scored, detail, meta, condition_key, timepoint_column)
     states = call_states(prof, rules, note=note, z_probable=z_threshold)
     states = m.merge(states, on="sample_id")
-    endo = (endotype_scores(adata, sample_key=sample_key, layer=layer, min_cells=min_cells)
+    endo = (endotype_scores(adata, sample_key=sample_key, layer=layer, min_cells=min_cells,
+                             counts_file=counts_file)
             if endotypes else pd.DataFrame())  # fmt: skip
     traj = trajectories(prof, meta, timepoint_column=timepoint_column)
     n_yes = states[states["call"] == "yes"].groupby("state").size().to_dict() if len(states) else {}

@@ -20,6 +20,7 @@ Figures of these tables are in :mod:`sepsis_sc.pl.stats`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -151,6 +152,7 @@ def sample_table(
     layer: str | None = "counts",
     max_rank: int | None = None,
     w_neg: float | None = None,
+    counts_file: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Aggregate per-cell state scores and calls to one value per sample.
 
@@ -174,6 +176,9 @@ def sample_table(
     layer, max_rank, w_neg
         Count layer and UCell settings for the pseudobulk score (default: those recorded in
         ``uns["state_rules_params"]``, else counts / 1500 / 1).
+    counts_file
+        Sum ``layers[layer]`` of this ``.h5ad`` for every state in one streamed pass instead
+        of ``adata``'s matrix (``adata`` then needs no matrix; the same values).
 
     Returns
     -------
@@ -190,8 +195,11 @@ def sample_table(
     meta = _sample_meta(adata, sample_key, condition_key, donor_key)
     info = _state_info(adata, states)
     max_rank, w_neg = _ucell_settings(adata, max_rank, w_neg)
-    counts = _count_layer(adata, layer) if pseudobulk else None
     samples = adata.obs[sample_key].astype(str).to_numpy()
+    if pseudobulk and counts_file is not None:
+        counts = _streamed_sums(adata, info, samples, meta.index.to_numpy(), min_cells, counts_file, layer)
+    else:
+        counts = _count_layer(adata, layer) if pseudobulk else None
     rows: list[dict[str, Any]] = []
     for state, si in info.items():
         rows += _state_rows(adata, state, si, meta, samples, counts=counts, min_cells=min_cells,
@@ -316,6 +324,51 @@ def _row(
     }
 
 
+def _parent_codes(
+    samples: np.ndarray, parent: np.ndarray, sample_ids: np.ndarray, min_cells: int
+) -> tuple[list[str], np.ndarray]:
+    """Samples with at least ``min_cells`` parent cells, and each cell's position among them
+    (-1: not a parent cell, or its sample has too few)."""
+    keep = [s for s in sample_ids if int((parent & (samples == s)).sum()) >= min_cells]
+    codes = pd.Categorical(samples, categories=keep).codes
+    return keep, np.where(parent & (codes >= 0), codes, -1).astype(np.int64)
+
+
+def _streamed_sums(
+    adata: ad.AnnData,
+    info: Mapping[str, Mapping[str, Any]],
+    samples: np.ndarray,
+    sample_ids: np.ndarray,
+    min_cells: int,
+    counts_file: str | os.PathLike[str],
+    layer: str | None,
+) -> dict[bytes, np.ndarray]:
+    """Every state's per-sample parent sums in one streamed pass over ``counts_file``, keyed
+    by the state's code vector (states with the same parent cells share one sum)."""
+    from sepsis_sc import store
+
+    wanted: dict[bytes, tuple[np.ndarray, int]] = {}
+    for state, si in info.items():
+        if not (si["up"] or si["down"]):
+            continue
+        parent = np.isfinite(adata.obs[f"{state}_score"].to_numpy(dtype=float))
+        keep, codes = _parent_codes(samples, parent, sample_ids, min_cells)
+        if keep:
+            wanted.setdefault(codes.tobytes(), (codes, len(keep)))
+    if store.h5ad_cells([counts_file]) != adata.n_obs:
+        raise ValueError(f"counts_file {counts_file} does not hold adata's {adata.n_obs} cells")
+    sums = {k: np.zeros((n, adata.n_vars)) for k, (_, n) in wanted.items()}
+    for start, stop, chunk in store.iter_rows(counts_file, layer or "X", chunk_rows=10_000):
+        block = chunk.astype(np.float64)
+        for k, (codes, n) in wanted.items():
+            c = codes[start:stop]
+            rows = np.flatnonzero(c >= 0)
+            if rows.size:
+                ind = sp.csr_matrix((np.ones(rows.size), (c[rows], rows)), shape=(n, stop - start))
+                sums[k] += (ind @ block).toarray()
+    return sums
+
+
 def _pseudobulk_scores(
     counts: Any,
     var_names: pd.Index,
@@ -333,12 +386,13 @@ def _pseudobulk_scores(
     genes in the summed counts. Unlike rank scores it moves when very highly expressed genes
     (MHC class II in monocytes and DCs) drop a few-fold, which is what flow mHLA-DR measures.
     """
-    keep = [s for s in sample_ids if int((parent & (samples == s)).sum()) >= min_cells]
+    keep, codes = _parent_codes(samples, parent, sample_ids, min_cells)
     if not keep:
         return {}, {}
-    codes = pd.Categorical(samples, categories=keep).codes
-    codes = np.where(parent & (codes >= 0), codes, -1)
-    pb = group_sums(counts, codes, len(keep))  # no copy of the parent cells' rows
+    if isinstance(counts, Mapping):  # summed beforehand in one pass over the file
+        pb = counts[codes.tobytes()]
+    else:
+        pb = group_sums(counts, codes, len(keep))  # no copy of the parent cells' rows
     pb_ad = ad.AnnData(sp.csr_matrix(pb))
     pb_ad.var_names = var_names
     res = ucell_scores(

@@ -24,7 +24,7 @@ if not cfg.get("enabled", True):
 else:
     src = snakemake.input[0]
     layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
-    adata = store.read(src, layers=[layer], obsm=False, obsp=False)  # the summed counts only
+    adata = store.read(src, obsm=False, obsp=False)  # obs and var: the counts are streamed
     design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
     logger.info("contrast %s: %s", contrast.label(), design.description())
     for note in design.notes:
@@ -41,6 +41,7 @@ else:
         n_cpus=snakemake.threads,
         alpha=p.stats["alpha"],
         layer=layer,
+        counts_file=src,
     )
     write_table(results, snakemake.output.results)
     write_table(summary, snakemake.output.summary, digits=3)

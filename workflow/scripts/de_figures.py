@@ -33,11 +33,11 @@ units = pd.DataFrame(columns=["donor", "level"])
 if len(tested):
     src = snakemake.input.h5ad
     layer = counts_layer(store.layer_names(src), p.counts_layer)  # the counts DE tested
-    adata = store.read(src, layers=[layer], obsm=False, obsp=False)
+    adata = store.read(src, obsm=False, obsp=False)  # the counts are streamed
     design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
     units = design.units
     for level, labels in tested.groupby("level")["label"]:
-        counts, n_cells = pseudobulk(adata, label_key=level, layer=layer)
+        counts, n_cells = pseudobulk(adata, label_key=level, layer=layer, counts_file=src)
         for label in labels:
             pb[(level, label)] = label_units(
                 counts[label], n_cells[label], design, min_cells=p.de["min_cells"]

@@ -13,7 +13,7 @@ p = snakemake.params.patients
 ref = snakemake.params.reference
 inp = snakemake.input
 layer = counts_layer(store.layer_names(inp.h5ad), snakemake.params.counts_layer)
-adata = store.read(inp.h5ad, layers=[layer], obsm=False, obsp=False)  # one count matrix
+adata = store.read(inp.h5ad, obsm=False, obsp=False)  # no matrix: the counts are streamed
 sample_table = pd.read_csv(inp.sample_table, sep="\t", keep_default_na=True)
 sample_table["reason"] = sample_table["reason"].fillna("")
 res = profile(
@@ -29,6 +29,7 @@ res = profile(
     endotypes=p["endotypes"],
     run_name=snakemake.params.run_name,
     layer=layer,
+    counts_file=inp.h5ad,
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")
