@@ -346,6 +346,27 @@ def test_figures_are_written(tmp_path):
         pl_an.umap_cell_types(adata, tmp_path / "x.png")
 
 
+def test_dotplot_streams_counts_from_the_file(tmp_path, monkeypatch):
+    """marker_dotplot(counts_file=) plots the same values from the counts streamed out of the
+    .h5ad (adata without a matrix, as the workflow's figure job)."""
+    from sepsis_sc import store
+    from sepsis_sc.utils import write_h5ad
+
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl")
+    path = tmp_path / "a.h5ad"
+    write_h5ad(adata, path)
+    drawn = []
+    real = pl_an._draw_dotplot
+    monkeypatch.setattr(pl_an, "_draw_dotplot", lambda a, *r: drawn.append(a) or real(a, *r))
+    pl_an.marker_dotplot(adata, tmp_path / "mem.png")
+    light = store.read(path)
+    assert light.X is None and not light.layers
+    pl_an.marker_dotplot(light, tmp_path / "file.png", counts_file=path)
+    assert list(drawn[0].var_names) == list(drawn[1].var_names)
+    assert (drawn[0].X != drawn[1].X).nnz == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # CellTypist path (optional dependency)
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ set_style()
 
 src = snakemake.input[0]
 layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
-adata = store.read(src, layers=[layer], obsp=False)  # the dot plot's counts; no X
+adata = store.read(src, obsp=False)  # no matrix: the dot plot streams its genes' counts
 umap_cell_types(adata, snakemake.output.umap, key="cell_type")
 marker_dotplot(
     adata,
@@ -20,4 +20,5 @@ marker_dotplot(
     markers=snakemake.params.annotation["markers"],
     organism=snakemake.params.organism,
     layer=layer,
+    counts_file=src,
 )

@@ -42,6 +42,7 @@ def marker_dotplot(
     organism: Literal["human", "mouse"] | None = None,
     layer: str | None = "counts",
     n_genes: int = 3,
+    counts_file: str | PathLike[str] | None = None,
     min_cells: int = 5,
 ) -> Path:
     """Dot plot of the top markers of each observed label (rows) across labels (groups).
@@ -62,6 +63,9 @@ def marker_dotplot(
         Layer with raw counts; expression shown is log1p(CP10k).
     n_genes
         Up-markers shown per label, in marker-file order, among genes present in the data.
+    counts_file
+        Read the marker genes' counts from ``layers[layer]`` of this ``.h5ad`` (streamed)
+        instead of from ``adata``, which then needs no matrix.
     min_cells
         Labels with fewer cells are left out.
 
@@ -86,7 +90,14 @@ def marker_dotplot(
     all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
     if not all_genes:
         raise ValueError("None of the marker genes of the plotted labels are in the data.")
-    E_all = log_normalise(counts_csr(adata, layer), columns=np.array([gene_pos[g] for g in all_genes]))
+    cols = np.array([gene_pos[g] for g in all_genes])
+    if counts_file is None:
+        E_all = log_normalise(counts_csr(adata, layer), columns=cols)
+    else:  # the marker columns streamed from the file, size factors from all genes
+        from sepsis_sc.store import FileCounts
+
+        src = FileCounts(counts_file, layer or "X")
+        E_all = log_normalise(src.columns(cols), totals=src.totals)
     keep = groups.isin(present).to_numpy()
     codes = pd.Categorical(groups[keep], categories=present).codes
     means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
