@@ -68,6 +68,52 @@ def scaling_plot(res: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def fit_stage_memory(st: pd.DataFrame) -> pd.DataFrame:
+    """Per stage, a least-squares line through its peak memory (MB) against cells: the
+    ``(MB, MB per 10,000 cells)`` of ``sepsis_sc.store.STAGE_MEMORY`` (slope and intercept
+    at least 0; the intercept at most the smallest peak)."""
+    rows = []
+    for stage, g in st.groupby("stage"):
+        x = g["cells"].to_numpy(float) / 1e4
+        y = g["max_rss_gb"].to_numpy(float) * 1024
+        if len(g) >= 2 and np.ptp(x) > 0:
+            slope, fixed = np.polyfit(x, y, 1)
+        else:
+            slope, fixed = y.max() / max(x.max(), 1e-9), 0.0
+        slope = max(slope, 0.0)
+        fixed = float(min(max(fixed, 0.0), y.min()))
+        slope = max(slope, float(((y - fixed) / x).max()) if len(x) else slope)  # covers every point
+        rows.append({"stage": stage, "fixed_mb": round(fixed), "mb_per_10k_cells": round(slope, 1)})
+    return pd.DataFrame(rows)
+
+
+def _memory_requests(st: pd.DataFrame) -> list[str]:
+    """The memory each cohort stage asks SLURM for (sepsis_sc.store.stage_mem_mb) next to
+    what it used, at the measured sizes and at 1M cells."""
+    sys.path.insert(0, str(REPO / "src"))
+    from sepsis_sc.store import MEMORY_FLOOR_MB, MEMORY_MARGIN, STAGE_MEMORY, stage_mem_mb
+
+    sizes = sorted(st["cells"].unique())
+    rows = []
+    for stage, (fixed, slope) in STAGE_MEMORY.items():
+        g = st[st["stage"] == stage].set_index("cells")["max_rss_gb"]
+        row = {"stage": stage, "fit (MB + MB per 10k cells)": f"{fixed:g} + {slope:g}"}
+        for n in sizes:
+            used = g.get(n)
+            req = stage_mem_mb(stage, int(n)) / 1024
+            row[f"{n:,}: used / asked (GB)"] = "" if used is None else f"{used:.2f} / {req:.1f}"
+        row["1,000,000: asked (GB)"] = f"{stage_mem_mb(stage, 1_000_000) / 1024:.1f}"
+        rows.append(row)
+    return [
+        "### Memory requests", "",
+        "What each cohort-level rule asks the scheduler for (`sepsis_sc.store.stage_mem_mb`: "
+        f"{MEMORY_MARGIN}x a line fitted to the stage's measured peaks, at least "
+        f"{MEMORY_FLOOR_MB} MB, times the attempt number), against what it used. Refit with "
+        "`python benchmarks/report.py --fit-memory` after a scaling run.", "",
+        _md(pd.DataFrame(rows)), "",
+    ]
+
+
 def _scvi_findings(sv: pd.DataFrame) -> list[str]:
     """Sentences comparing the sepsis-sc default rows with scvi-tools' default rows, seed by
     seed (each training seed's speed-up is that seed's scvi-tools time over its sepsis-sc
@@ -91,8 +137,8 @@ def _scvi_findings(sv: pd.DataFrame) -> list[str]:
     spread = f" (sd {speed.std(ddof=1):.2f})" if len(seeds) > 1 else ""
     lines = [
         f"The sepsis-sc default ({first['layers/latent']} layers/latent, batch "
-        f"{int(first['batch_size'])}, early stopping on the validation ELBO with a relative "
-        f"threshold of {first.get('min_delta_rel', 0):g}) trained {speed.mean():.2f}x faster than "
+        f"{int(first['batch_size'])}, early stopping: {first.get('stopping', 'validation ELBO')}) "
+        f"trained {speed.mean():.2f}x faster than "
         f"scvi-tools' defaults over {len(seeds)} training seed(s){spread}, {speed.min():.2f}x at "
         f"worst ({per_seed}): {mine.loc[seeds, 'train_s'].mean():.0f} s against "
         f"{base.loc[seeds, 'train_s'].mean():.0f} s, after "
@@ -121,8 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks/out")
     ap.add_argument("--docs", type=Path, default=REPO / "docs")
+    ap.add_argument("--fit-memory", action="store_true",
+                    help="print the per-stage memory fit for sepsis_sc.store.STAGE_MEMORY and stop")
     args = ap.parse_args(argv)
 
+    if args.fit_memory:
+        fit = fit_stage_memory(pd.read_csv(args.workdir / "stages.tsv", sep="\t"))
+        print(fit.to_string(index=False))
+        print({r.stage: (r.fixed_mb, r.mb_per_10k_cells) for r in fit.itertuples()})
+        return
     res = pd.read_csv(args.workdir / "scaling.tsv", sep="\t")
     wide = res.pivot_table(index="cells", columns="tool", values=["wall_s", "peak_rss_gb"])
     table = pd.DataFrame(index=wide.index)
@@ -134,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         table["time ratio"] = (wide[("wall_s", "pipeline")] / wide[("wall_s", "reference")]).round(2)
         table["memory ratio"] = (wide[("peak_rss_gb", "pipeline")]
                                  / wide[("peak_rss_gb", "reference")]).round(2)
+    if "results_gb" in res:
+        disk = res[res["tool"] == "pipeline"].set_index("cells")["results_gb"]
+        table["pipeline results on disk (GB)"] = disk.reindex(table.index)
     table = table.reset_index()
     plot = args.docs / "img" / "benchmark_scaling.png"
     scaling_plot(res, plot)
@@ -170,6 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         "changes, checked against `sc.tl.rank_genes_groups` in the tests); the reference "
         "calls `sc.tl.rank_genes_groups`.",
         "",
+        "Since issue #23 no cohort-level job holds the whole count matrix: `qc_merge` writes the "
+        "merged matrices sample by sample, the stages after it write only what they add and "
+        "link the matrices (HDF5 external links; `annotated.h5ad` gets a full copy), and "
+        "HVG statistics, markers, annotation, scoring, pseudobulk sums and the dot plot stream "
+        "the counts from the file in row chunks or gene blocks (`sepsis_sc.store`, "
+        "docs/architecture.md). Peak memory then follows the per-cell tables (obs, embeddings, "
+        "the kNN graph), not the matrix.",
+        "",
     ]
     stages_file = args.workdir / "stages.tsv"
     if stages_file.exists():
@@ -183,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                       _md(t.reset_index()), "",
                       "### Pipeline peak memory per stage (GB; largest job)", "",
                       _md(m.reset_index()), ""]
+            parts += _memory_requests(st)
     scvi_file = args.workdir / "scvi_cpu.tsv"
     if scvi_file.exists():
         sv = pd.read_csv(scvi_file, sep="\t")

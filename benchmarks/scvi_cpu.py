@@ -19,8 +19,9 @@ Settings:
   ``threads`` = the cores;
 * variants given with ``--variants``, each ``name:key=value,...`` with keys ``bs`` (batch
   size), ``epochs`` (cap), ``es`` (early stopping 1/0), ``layers``, ``latent``, ``lr``,
-  ``threads``, ``rd`` (early stopping's relative min delta; 0 = scvi-tools' rule) and ``dense``
-  (1 = densify the HVG counts first); unset keys take the
+  ``threads``, ``mi`` (early stopping's minimum relative improvement of the smoothed
+  validation ELBO; 0 = scvi-tools' rule), ``pat`` (its patience) and ``dense`` (1 = densify
+  the HVG counts first); unset keys take the
   sepsis-sc defaults. Example: ``b512:bs=512,epochs=200,lr=0.002``.
 
 Usage::
@@ -75,7 +76,7 @@ def _cohort(n_samples: int, cells: int, seed: int):
 
 
 def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping, threads, seed,
-           dense=False, lr=None, min_delta_rel=0.0):
+           dense=False, lr=None, min_improvement=0.0, patience=10):
     import scvi
 
     from sepsis_sc.integrate import _torch_threads
@@ -95,11 +96,14 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
             kwargs["batch_size"] = batch_size
         if max_epochs:
             kwargs["max_epochs"] = max_epochs
-        if early_stopping:  # min_delta_rel 0: scvi-tools' own rule
-            from sepsis_sc.integrate import relative_early_stopping
+        if early_stopping and min_improvement:  # sepsis-sc's rule on the smoothed ELBO
+            from sepsis_sc.integrate import plateau_stopping
 
             kwargs.update(check_val_every_n_epoch=1,
-                          callbacks=[relative_early_stopping(10, min_delta_rel)])
+                          callbacks=[plateau_stopping(patience, min_improvement)])
+        elif early_stopping:  # scvi-tools' own rule (patience epochs without a new best)
+            kwargs.update(early_stopping=True, early_stopping_patience=patience,
+                          check_val_every_n_epoch=1)
         t0 = time.perf_counter()
         model.train(**kwargs)
         seconds = time.perf_counter() - t0
@@ -118,7 +122,7 @@ def _sepsis_defaults(n_train: int, cores: int) -> dict:
     return dict(n_layers=d.n_layers, n_latent=d.n_latent, batch_size=d.batch_size,
                 max_epochs=default_max_epochs(n_train, batch_size=d.batch_size),
                 early_stopping=d.early_stopping, threads=cores, lr=getattr(d, "lr", None),
-                min_delta_rel=d.early_stopping_min_delta)
+                min_improvement=d.early_stopping_min_improvement, patience=d.early_stopping_patience)
 
 
 def _variant(spec: str, base: dict) -> tuple[str, dict]:
@@ -127,7 +131,7 @@ def _variant(spec: str, base: dict) -> tuple[str, dict]:
     keys = {"bs": ("batch_size", int), "epochs": ("max_epochs", int), "layers": ("n_layers", int),
             "latent": ("n_latent", int), "lr": ("lr", float), "threads": ("threads", int),
             "es": ("early_stopping", lambda v: v == "1"), "dense": ("dense", lambda v: v == "1"),
-            "rd": ("min_delta_rel", float)}
+            "mi": ("min_improvement", float), "pat": ("patience", int)}
     kw = dict(base)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
@@ -195,7 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             "setting": name, "seed": seed, "cells": n, "layers/latent": f"{kw['n_layers']}/{kw['n_latent']}",
             "batch_size": kw["batch_size"] or 128, "lr": kw.get("lr") or 0.001,
             "max_epochs": kw["max_epochs"] or 400, "early_stopping": bool(kw["early_stopping"]),
-            "min_delta_rel": kw.get("min_delta_rel", 0.0) if kw["early_stopping"] else None,
+            "stopping": (f"smoothed ELBO < {kw['min_improvement']:g} over {kw['patience']}"
+                         if kw["early_stopping"] and kw.get("min_improvement")
+                         else f"no new best in {kw.get('patience', 10)}" if kw["early_stopping"]
+                         else "none"),
             "threads": kw["threads"] or "torch default",
             "data": "dense" if kw.get("dense") else "sparse",
             "epochs_run": epochs, "train_s": round(seconds, 1),

@@ -764,3 +764,36 @@ def test_metric_summary_scores_and_table():
     skipped = ig._skipped_rows({"X_harmony": "why"}, 10, cells)
     table = ig._metrics_table([{"embedding": "X_pca", **row}, *skipped])
     assert table.columns[-1] == "note" and table["note"].tolist()[1] == "why"
+
+
+def test_plateau_stopping_on_the_smoothed_validation_loss():
+    """plateau_stopping stops once the 5-epoch mean of the validation loss fell by less than
+    min_improvement (relative) over `patience` epochs, and not while it still falls; a noisy
+    new best does not restart it (scvi-tools' rule would)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def run(losses, **kw):
+        cb = ig.plateau_stopping(**kw)
+        trainer = SimpleNamespace(sanity_checking=False, should_stop=False, current_epoch=0,
+                                  callback_metrics={})  # fmt: skip
+        for epoch, loss in enumerate(losses):
+            trainer.current_epoch = epoch
+            trainer.callback_metrics = {"elbo_validation": torch.tensor(loss)}
+            cb.on_validation_end(trainer, None)
+            if trainer.should_stop:
+                return epoch + 1
+        return None
+
+    rng = np.random.default_rng(0)
+    falling = 1000 * np.exp(-np.arange(200) / 20) + 700  # improving > 0.3 % per 20 epochs early on
+    stop = run(falling + rng.normal(0, 0.3, 200), patience=20, min_improvement=3e-3)
+    assert stop is not None and 60 < stop < 200
+    # the relative fall over 20 epochs at the stop is below the threshold, 10 epochs earlier above
+    assert (falling[stop - 25] - falling[stop - 5]) / falling[stop - 5] < 4e-3
+    flat = 700 + rng.normal(0, 0.5, 100)  # noise only: stops as soon as it can judge
+    assert run(flat, patience=20, min_improvement=3e-3) == 25
+    assert run(np.linspace(900, 700, 100), patience=20, min_improvement=3e-3) is None  # steady fall
+    with pytest.raises(ValueError, match="patience and window"):
+        ig.plateau_stopping(patience=0)
