@@ -86,7 +86,8 @@ def test_stage_modules_have_no_figure_functions():
 #: library calls in the rule scripts that read counts after QC, which must be told the
 #: count layer of config qc.downstream_layer (ambient-corrected counts when QC made them)
 _COUNT_READERS = {"annotate", "annotate_celltypist", "transfer_labels", "score_states",
-                  "sample_table", "pseudobulk_de", "profile", "select_hvgs"}  # fmt: skip
+                  "sample_table", "pseudobulk_de", "pseudobulk", "profile", "select_hvgs",
+                  "select_hvgs_streamed", "marker_dotplot"}  # fmt: skip
 
 
 def test_rule_scripts_pass_the_downstream_count_layer():
@@ -102,3 +103,21 @@ def test_rule_scripts_pass_the_downstream_count_layer():
     assert not missing, f"calls without layer= (use sepsis_sc.data.counts_layer): {missing}"
     # scVI reads the layer through the integrate script's method arguments
     assert '"layer": layer' in (scripts / "integrate.py").read_text()
+
+
+def test_cohort_rule_scripts_never_read_a_whole_h5ad():
+    """Atlas scale (issue #23): the rule scripts after QC read the parts they use through
+    sepsis_sc.store (no matrix, one layer, a gene subset) and write with store.write; a plain
+    anndata.read_h5ad / write_h5ad would load or rewrite every matrix."""
+    scripts = PACKAGE.parents[1] / "workflow" / "scripts"
+    per_sample = {"qc_sample.py", "simulate_demo.py", "download.py", "unpack.py"}
+    found = []
+    for path in sorted(scripts.glob("*.py")):
+        if path.name in per_sample:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ("read_h5ad", "write_h5ad"):
+                    found.append(f"{path.name}:{node.lineno} {name}()")
+    assert not found, found

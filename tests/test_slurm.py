@@ -211,8 +211,13 @@ def test_every_rule_instance_is_one_slurm_job_with_its_resources(slurm_cluster, 
     assert int(records[by_rule["integrate"]["slurm_id"]]["TimeLimit"]) == 360
     assert int(records[by_rule["qc_sample"]["slurm_id"]]["TimeLimit"]) == 60
     assert int(records[by_rule["integrate"]["slurm_id"]]["ProcCnt"]) == 2
-    # memory: cohort_mem_mb (4000 MB floor for 1,600 cells) and sample_mem_mb (2000 MB floor)
-    assert "mem=4000M" in records[by_rule["integrate"]["slurm_id"]]["Tres"]
+    # memory: the stage's measured footprint at the job's cells (sepsis_sc.store.stage_mem_mb,
+    # 2000 MB floor for 1,600 cells) and sample_mem_mb (2000 MB floor)
+    from sepsis_sc.store import h5ad_cells, stage_mem_mb
+
+    cells = h5ad_cells([work / "results" / "tiny" / "qc" / "merged.h5ad"])
+    assert cells and f"mem={stage_mem_mb('integrate', cells)}M" in records[by_rule["integrate"]["slurm_id"]]["Tres"]
+    assert "mem=2000M" in records[by_rule["integrate"]["slurm_id"]]["Tres"]
     assert "mem=2000M" in records[by_rule["qc_sample"]["slurm_id"]]["Tres"]
     # every job's own rule log is in place too
     for s in subs:
