@@ -82,3 +82,21 @@ def test_design_calibration_benchmark_runs(tmp_path):
     table = pd.read_csv(tmp_path / "design_calibration.tsv", sep="\t")
     assert len(table) == 12 and table["fpr_0.05"].between(0, 1).all()
     assert (tmp_path / "img" / "design_calibration.png").stat().st_size > 5000
+
+
+def test_stage_memory_fit_covers_every_measured_peak():
+    """report.fit_stage_memory: the (MB, MB per 10k cells) line of each stage lies on or above
+    every measured peak, so a request from it (x 1.3) never asks for less than was used."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import fit_stage_memory
+
+    st = pd.DataFrame({
+        "stage": ["annotate"] * 3 + ["stats"] * 2,
+        "cells": [50_000, 100_000, 200_000, 50_000, 200_000],
+        "max_rss_gb": [0.9, 1.6, 3.5, 0.3, 0.31],
+    })
+    fit = fit_stage_memory(st).set_index("stage")
+    for row in st.itertuples():
+        fixed, slope = fit.loc[row.stage, ["fixed_mb", "mb_per_10k_cells"]]
+        assert fixed + slope * row.cells / 1e4 >= row.max_rss_gb * 1024 - 1, row
+    assert fit.loc["stats", "mb_per_10k_cells"] < 1.0  # flat stages stay flat
