@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra settings name:key=value,... (keys bs, epochs, es, layers, latent, "
                          "lr, threads, dense; unset keys take the sepsis-sc defaults)")
     ap.add_argument("--skip-default", action="store_true", help="skip the scvi-tools default run")
+    ap.add_argument("--skip-ours", action="store_true", help="skip the sepsis-sc default run")
     ap.add_argument("--cap-epochs", type=int, default=None,
                     help="cap every setting's epochs (smoke tests only: breaks the comparison)")
     ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                                                     max_epochs=None, early_stopping=False,
                                                     threads=None)))
     sepsis = _sepsis_defaults(int(0.9 * n), args.cores)
-    settings.append(("sepsis-sc default", sepsis))
+    if not args.skip_ours:
+        settings.append(("sepsis-sc default", sepsis))
     for v in args.variants:
         settings.append(_variant(v, sepsis))
     if args.cap_epochs:

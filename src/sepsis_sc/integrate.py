@@ -708,24 +708,25 @@ def _epoch_logger(max_epochs: int):
 
 
 def plateau_stopping(
-    patience: int = 20,
-    min_improvement: float = 3e-3,
-    window: int = 5,
+    patience: int = 10,
+    min_improvement: float = 2e-3,
+    window: int = 10,
     monitor: str = "elbo_validation",
 ):
     """Early stopping when the smoothed validation ELBO has stopped improving.
 
     After each validation the loss is averaged over the last ``window`` epochs and compared
     with the same average ``patience`` epochs earlier; training stops once it fell by less
-    than ``min_improvement`` of its value (relative; default 0.3 % over 20 epochs).
+    than ``min_improvement`` of its value (relative; default 0.2 % over 10 epochs).
 
     scvi-tools' rule (stop after ``patience`` epochs without a new best, any improvement
     counting) follows the noise of the per-epoch validation ELBO: a new best by a hundredth
     restarts the count, so on CPU runs of the same cohort it stopped after 152, 217 and 220
     epochs for three training seeds while the loss had flattened near epoch 140. Averaging
     removes that noise and a relative threshold fits cohorts whose ELBO per cell differs
-    with depth and gene panel: the same seeds stop after 131-140 epochs with a validation
-    ELBO 0.5-4 units (0.1-0.6 %) from the longest run's best (docs/benchmarks.md).
+    with depth and gene panel: the same seeds stop after 118-120 epochs with a validation
+    ELBO 2.6-5 units (0.4-0.7 %) from the longest run's best, as good as scvi-tools'
+    defaults after 400 epochs (docs/benchmarks.md).
 
     Returns a Lightning callback for ``model.train(callbacks=[...])`` (scvi-tools'
     ``early_stopping`` off); its ``stopped_epoch`` is 0 when it never stopped training.
@@ -774,8 +775,8 @@ class ScviParams:
     gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb"
     max_epochs: int | None = None
     early_stopping: bool = True
-    early_stopping_patience: int = 20
-    early_stopping_min_improvement: float = 3e-3
+    early_stopping_patience: int = 10
+    early_stopping_min_improvement: float = 2e-3
     batch_size: int = 256
     train_size: float = 0.9
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
@@ -862,7 +863,7 @@ def run_scvi(
     max_epochs
         Upper bound on epochs; ``None`` = :func:`default_max_epochs`.
     early_stopping, early_stopping_patience, early_stopping_min_improvement
-        Stop when the validation ELBO, averaged over 5 epochs, improved by less than
+        Stop when the validation ELBO, averaged over 10 epochs, improved by less than
         ``early_stopping_min_improvement`` of its value over the last
         ``early_stopping_patience`` epochs (:func:`plateau_stopping`).
     batch_size
