@@ -51,6 +51,12 @@ def test_iter_rows_and_column_sums(base):
     sums = store.column_sums(path, "counts", groups, 4, chunk_rows=333)
     want = np.vstack([np.asarray(a.X[groups == g].sum(axis=0)) for g in range(4)])
     np.testing.assert_allclose(sums, want, rtol=1e-6)
+    # several groupings in one pass
+    other = np.where(np.arange(1000) % 3 == 0, 1, -1)
+    both = store.column_sums(path, "counts", [groups, other], [4, 2], chunk_rows=333)
+    np.testing.assert_allclose(both[0], want, rtol=1e-6)
+    np.testing.assert_allclose(both[1][1], np.asarray(a.X[other == 1].sum(axis=0)).ravel(), rtol=1e-6)
+    assert not both[1][0].any()
 
 
 def test_write_links_and_copies_matrices(base, tmp_path):

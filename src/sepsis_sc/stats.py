@@ -357,16 +357,10 @@ def _streamed_sums(
             wanted.setdefault(codes.tobytes(), (codes, len(keep)))
     if store.h5ad_cells([counts_file]) != adata.n_obs:
         raise ValueError(f"counts_file {counts_file} does not hold adata's {adata.n_obs} cells")
-    sums = {k: np.zeros((n, adata.n_vars)) for k, (_, n) in wanted.items()}
-    for start, stop, chunk in store.iter_rows(counts_file, layer or "X", chunk_rows=10_000):
-        block = chunk.astype(np.float64)
-        for k, (codes, n) in wanted.items():
-            c = codes[start:stop]
-            rows = np.flatnonzero(c >= 0)
-            if rows.size:
-                ind = sp.csr_matrix((np.ones(rows.size), (c[rows], rows)), shape=(n, stop - start))
-                sums[k] += (ind @ block).toarray()
-    return sums
+    keys = list(wanted)
+    sums = store.column_sums(counts_file, layer or "X", [wanted[k][0] for k in keys],
+                             [wanted[k][1] for k in keys], chunk_rows=10_000)  # fmt: skip
+    return dict(zip(keys, sums, strict=True))
 
 
 def _pseudobulk_scores(

@@ -389,28 +389,36 @@ class MatrixWriter:
 
 
 def column_sums(
-    path: str | os.PathLike[str], key: str, groups: np.ndarray, n_groups: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> np.ndarray:
+    path: str | os.PathLike[str],
+    key: str,
+    groups: np.ndarray | Sequence[np.ndarray],
+    n_groups: int | Sequence[int],
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> np.ndarray | list[np.ndarray]:
     """Sum a sparse matrix's rows per group in one streamed pass: (n_groups, n_vars) float64.
 
-    ``groups`` gives each cell's group code (0..n_groups-1; -1 leaves the cell out).
+    ``groups`` gives each cell's group code (0..n_groups-1; -1 leaves the cell out). Several
+    groupings (a list of code vectors and a list of sizes) are summed in the same pass and
+    returned as a list, e.g. the parent cells of every state.
     """
-    total = None
+    many = not isinstance(groups, np.ndarray)
+    codes = [np.asarray(g) for g in groups] if many else [np.asarray(groups)]
+    sizes = list(n_groups) if many else [int(n_groups)]
+    with h5py.File(path, "r") as f:
+        n_vars = read_elem(f["var"]).shape[0]
+    totals = [np.zeros((n, n_vars)) for n in sizes]
     for start, stop, chunk in iter_rows(path, key, chunk_rows=chunk_rows):
-        g = np.asarray(groups[start:stop])
-        keep = g >= 0
-        ind = sp.csr_matrix(
-            (np.ones(int(keep.sum())), (g[keep], np.flatnonzero(keep))), shape=(n_groups, stop - start)
-        )
-        part = np.asarray((ind @ chunk).todense(), dtype=np.float64)
-        total = part if total is None else total + part
-    if total is None:
-        with h5py.File(path, "r") as f:
-            n_vars = read_elem(f["var"]).shape[0]
-        total = np.zeros((n_groups, n_vars))
-    return total
-
-
+        block = None
+        for g, n, total in zip(codes, sizes, totals, strict=True):
+            c = g[start:stop]
+            rows = np.flatnonzero(c >= 0)
+            if not rows.size:
+                continue
+            block = chunk.astype(np.float64) if block is None else block  # exact integer sums
+            ind = sp.csr_matrix((np.ones(rows.size), (c[rows], rows)), shape=(n, stop - start))
+            total += (ind @ block).toarray()
+    return totals if many else totals[0]
 
 
 class CountSource:
@@ -486,6 +494,7 @@ class FileCounts(CountSource):
     def full(self) -> sp.csr_matrix:
         parts = [c for _, _, c in self._chunks()]
         return _int32_offsets(sp.vstack(parts, format="csr"))
+
 
 # --------------------------------------------------------------------------------------
 # memory requests of the cohort-level rules
