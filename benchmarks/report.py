@@ -109,7 +109,10 @@ def _memory_requests(st: pd.DataFrame) -> list[str]:
         "What each cohort-level rule asks the scheduler for (`sepsis_sc.store.stage_mem_mb`: "
         f"{MEMORY_MARGIN}x a line fitted to the stage's measured peaks, at least "
         f"{MEMORY_FLOOR_MB} MB, times the attempt number), against what it used. Refit with "
-        "`python benchmarks/report.py --fit-memory` after a scaling run.", "",
+        "`python benchmarks/report.py --fit-memory` after a scaling run."
+        + (" The lines were fitted to one cohort size, so they are proportional to cells and "
+           "over-ask at larger sizes where part of a streamed stage's peak is fixed (its row "
+           "chunks)." if len(sizes) < 2 else ""), "",
         _md(pd.DataFrame(rows)), "",
     ]
 
@@ -219,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "The pipeline does more than the reference: 3 extra Leiden runs per resolution for "
         "the seed-stability column of `cluster/resolutions.tsv`, detection rates in the "
-        "marker table, annotation, state scores, sample-level statistics, provenance and "
-        "the figures; and it writes an `.h5ad` after each stage so a run resumes where it "
-        "stopped. Its Wilcoxon markers are scanpy's test computed on the non-zero entries "
+        "marker table, annotation, state scores, sample-level statistics, pseudobulk DE "
+        "(PyDESeq2 per cell type and lineage, the largest of these), patient profiles, "
+        "provenance and the figures; and it writes an `.h5ad` after each stage so a run "
+        "resumes where it stopped. Its Wilcoxon markers are scanpy's test computed on the non-zero entries "
         "only (`sepsis_sc.cluster.cluster_markers`: the same scores, p-values and fold "
         "changes, checked against `sc.tl.rank_genes_groups` in the tests); the reference "
         "calls `sc.tl.rank_genes_groups`.",
