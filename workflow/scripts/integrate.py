@@ -33,6 +33,8 @@ hvg = adata.var["highly_variable"].to_numpy(dtype=bool)
 needs_x = any(m != "scvi" for m in snakemake.params.methods)
 needs_counts = "scvi" in snakemake.params.methods
 sub = store.read(src, X=needs_x, layers=[layer] if needs_counts else [], genes=hvg, obsm=False, obsp=False)
+sub.var = adata.var.loc[sub.var_names]  # the HVG flags (all True here) and their ranks
+sub.uns["hvg"] = adata.uns["hvg"]
 
 method_kwargs = {
     "scvi": {
