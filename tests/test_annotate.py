@@ -489,15 +489,21 @@ def test_celltypist_sample_trem2_macrophages():
         assert (lin[mac_like | (cd68 & c1q)] == "Macrophage").mean() >= 0.8
 
 
-def test_simulated_cohort_subset_precision_recall():
-    """Planted truth of sepsis_sc.simulate (same vocabulary): lineage and subset accuracy."""
+def _simulated_pair(*, cells_per_sample: int, n_genes: int, seed: int):
+    """Two simulated samples (one septic, one control, one batch) concatenated, and the truth."""
     simulate = pytest.importorskip("sepsis_sc.simulate")
     sheet = pd.DataFrame(
         {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
          "batch": ["b1", "b1"]}
     )  # fmt: skip
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=1200, n_genes=4000, seed=0)
-    adata = ad.concat(list(adatas.values()))
+    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=cells_per_sample,
+                                             n_genes=n_genes, seed=seed)  # fmt: skip
+    return ad.concat(list(adatas.values())), truth
+
+
+def test_simulated_cohort_subset_precision_recall():
+    """Planted truth of sepsis_sc.simulate (same vocabulary): lineage and subset accuracy."""
+    adata, truth = _simulated_pair(cells_per_sample=1200, n_genes=4000, seed=0)
     an.annotate(adata, expected_organism="human", seed=0)
     tr = truth.set_index("cell_id").reindex(adata.obs_names)
     clean = (~tr["is_doublet"] & ~tr["is_low_quality"]).to_numpy()
@@ -525,13 +531,7 @@ def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
     """Lineages above LINEAGE_HVG_CELLS pick their re-embedding HVGs on a seeded sample and
     read only those columns for every cell (no second copy of a 400,000-cell lineage's
     counts at atlas scale); the calls stay those of the full computation."""
-    simulate = pytest.importorskip("sepsis_sc.simulate")
-    sheet = pd.DataFrame(
-        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
-         "batch": ["b1", "b1"]}
-    )  # fmt: skip
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=1200, n_genes=4000, seed=0)
-    adata = ad.concat(list(adatas.values()))
+    adata, truth = _simulated_pair(cells_per_sample=1200, n_genes=4000, seed=0)
     full = adata.copy()
     an.annotate(full, expected_organism="human", seed=0)
     calls = []
@@ -554,13 +554,7 @@ def test_annotate_streams_counts_from_the_file(tmp_path):
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
 
-    simulate = pytest.importorskip("sepsis_sc.simulate")
-    sheet = pd.DataFrame(
-        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
-         "batch": ["b1", "b1"]}
-    )  # fmt: skip
-    adatas, _ = simulate.simulate_cohort(sheet, cells_per_sample=600, n_genes=3000, seed=3)
-    adata = ad.concat(list(adatas.values()))
+    adata, _ = _simulated_pair(cells_per_sample=600, n_genes=3000, seed=3)
     adata.layers["counts"] = adata.X.copy()
     path = tmp_path / "cells.h5ad"
     write_h5ad(adata, path)

@@ -1269,12 +1269,7 @@ def _count_source(adata: AnnData, layer: str | None, counts_file: str | PathLike
     ``counts_file`` (its first chunk checked; cells and genes must match ``adata``)."""
     if counts_file is None:
         return CountSource(counts_csr(adata, layer))
-    src = FileCounts(counts_file, layer or "X")
-    if src.shape != adata.shape:
-        raise ValueError(
-            f"counts_file {counts_file} holds {src.shape[0]} cells x {src.shape[1]} genes, adata "
-            f"{adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
-        )
+    src = FileCounts.matching(counts_file, layer or "X", adata)
     from .store import iter_rows
 
     _, _, first = next(iter_rows(counts_file, layer or "X", chunk_rows=20_000))

@@ -165,8 +165,7 @@ def pseudobulk(
         from sepsis_sc import store
 
         where = f"{counts_file}:{layer or 'X'}"
-        if store.h5ad_cells([counts_file]) != adata.n_obs:
-            raise ValueError(f"counts_file {counts_file} does not hold adata's {adata.n_obs} cells")
+        store.FileCounts.matching(counts_file, layer or "X", adata)
         blocks = store.iter_rows(counts_file, layer or "X", chunk_rows=_CHUNK_CELLS)
     sums = _summed_counts(blocks, ind, adata.n_vars, where)
     g_sample, g_label = groups // n_lab, groups % n_lab

@@ -387,12 +387,7 @@ def _ranked_blocks(
         return
     from sepsis_sc import store
 
-    src = store.FileCounts(counts_file, layer or "X")
-    if src.shape != adata.shape:
-        raise ValueError(
-            f"counts_file {counts_file} holds {src.shape[0]} cells x {src.shape[1]} genes, "
-            f"adata {adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
-        )
+    store.FileCounts.matching(counts_file, layer or "X", adata)
     wanted = np.zeros(adata.n_obs, bool)
     wanted[cells] = True
     for start, stop, chunk in store.iter_rows(counts_file, layer or "X", rows=wanted):

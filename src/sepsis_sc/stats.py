@@ -355,8 +355,7 @@ def _streamed_sums(
         keep, codes = _parent_codes(samples, parent, sample_ids, min_cells)
         if keep:
             wanted.setdefault(codes.tobytes(), (codes, len(keep)))
-    if store.h5ad_cells([counts_file]) != adata.n_obs:
-        raise ValueError(f"counts_file {counts_file} does not hold adata's {adata.n_obs} cells")
+    store.FileCounts.matching(counts_file, layer or "X", adata)
     keys = list(wanted)
     sums = store.column_sums(counts_file, layer or "X", [wanted[k][0] for k in keys],
                              [wanted[k][1] for k in keys], chunk_rows=10_000)  # fmt: skip

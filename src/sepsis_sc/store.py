@@ -465,6 +465,18 @@ class FileCounts(CountSource):
             self.shape = tuple(sparse_dataset(f[self.key]).shape)
         self._totals = None
 
+    @classmethod
+    def matching(cls, path: str | os.PathLike[str], key: str, adata: ad.AnnData) -> FileCounts:
+        """The counts of ``path:key`` for ``adata``: ``ValueError`` unless the file holds
+        its cells and genes (read ``adata`` from that file with :func:`read`)."""
+        src = cls(path, key)
+        if src.shape != adata.shape:
+            raise ValueError(
+                f"counts_file {path} holds {src.shape[0]} cells x {src.shape[1]} genes, adata "
+                f"{adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
+            )
+        return src
+
     def _chunks(self):
         return iter_rows(self.path, self.key, chunk_rows=self.chunk_rows)
 
