@@ -4,11 +4,15 @@ One process, no intermediate files: read the per-sample 10x HDF5 files, QC metri
 per-sample MAD filters, Scrublet per sample, gene filter, normalise, HVGs across batches,
 scVI with a fixed number of epochs, kNN graph, Leiden at every configured resolution, UMAP,
 cluster markers (Wilcoxon), lineage marker scores and therapy-target signature scores
-(``sc.tl.score_genes``). Parameters come from the same config file the pipeline reads, so
+(``sc.tl.score_genes``), a plain cell-type call (best lineage set, then the best of its
+subset sets) and the pipeline's pseudobulk DE on it (``sepsis_sc.de.pseudobulk_de``: PyDESeq2
+per cell type and lineage, the same gates and settings; DE has no scanpy equivalent, and the
+pipeline has run it since 2026-12-01, so a reference without it would not do the same work).
+Parameters come from the same config file the pipeline reads, so
 both do the same work with the same settings (exact kNN for Scrublet and for the graph up to
 the pipeline's cut-offs, scVI batch size from the config); what the pipeline adds on top (rescue of low-RNA immune cells,
 subset annotation with an Unassigned outcome, UCell within parent populations, sample-level
-statistics, figures, provenance) is the price of its outputs and shows up in the ratio.
+statistics, patient profiles, figures, provenance) is the price of its outputs and shows up in the ratio.
 
 Usage::
 
@@ -171,14 +175,65 @@ def main(argv: list[str] | None = None) -> dict:
         names = list(lineage_scores)
         adata.obs["lineage_set"] = np.array(names)[np.argmax(np.column_stack(
             [lineage_scores[n] for n in names]), axis=1)]
+        # a plain cell-type call for the DE levels: the lineage of the best lineage set, then
+        # the best of that lineage's subset sets (no Unassigned outcome, no re-embedding)
+        from sepsis_sc.annotate import load_vocabulary
+
+        vocab = load_vocabulary()
+        set_lineage = {s["name"]: s["lineage"] for s in markers["lineage_sets"]}
+        adata.obs["lineage"] = adata.obs["lineage_set"].map(set_lineage).astype(str)
+        cell_type = adata.obs["lineage"].to_numpy(dtype=object).copy()
+        subset_scores: dict[str, dict[str, np.ndarray]] = {}
+        for s in markers["subset_sets"]:
+            up = [g for g in s["up"] if g in genes]
+            if len(up) >= 2:
+                sc.tl.score_genes(adata, up, score_name="_s", random_state=seed)
+                lin = vocab.lineage_of(s["cell_type"])
+                best = subset_scores.setdefault(lin, {})
+                score = adata.obs.pop("_s").to_numpy()
+                prev = best.get(s["cell_type"])
+                best[s["cell_type"]] = score if prev is None else np.maximum(prev, score)
+        for lin, by_type in subset_scores.items():
+            rows = np.flatnonzero(adata.obs["lineage"].to_numpy() == lin)
+            types = list(by_type)
+            pick = np.argmax(np.column_stack([by_type[t][rows] for t in types]), axis=1)
+            cell_type[rows] = np.array(types, dtype=object)[pick]
+        adata.obs["cell_type"] = pd.Categorical(cell_type)
         sigs = yaml.safe_load((repo / f"resources/signatures/{organism}.yaml").read_text())
         for s in sigs:
             up = [g for g in s["up"] if g in genes]
             if len(up) >= 2:
                 sc.tl.score_genes(adata, up, score_name=f"{s['name']}_score", random_state=seed)
 
+    from sepsis_sc.config import load_config
+
+    full_cfg = load_config(args.config)  # the schema's defaults for the DE and stats keys
+    de_cfg = full_cfg["de"]
+    n_fits = 0
+    if de_cfg.get("enabled", True):
+        with _step(timings, "de"):
+            # the pipeline's pseudobulk DE (PyDESeq2 per label, the same gates and settings),
+            # run in this process on the in-memory counts: DE has no scanpy equivalent
+            from sepsis_sc.de import pseudobulk_de
+            from sepsis_sc.design import parse_contrasts, resolve_design, sample_meta
+
+            stats_cfg = full_cfg["stats"]
+            contrast = parse_contrasts(full_cfg)[0]
+            design = resolve_design(sample_meta(adata), contrast,
+                                    contrast.design or stats_cfg.get("design"),
+                                    paired=stats_cfg.get("paired"))
+            _, summary = pseudobulk_de(
+                adata, design, levels=de_cfg["levels"], min_cells=de_cfg["min_cells"],
+                min_samples_per_group=de_cfg["min_samples_per_group"],
+                min_total_count=de_cfg["min_total_count"], min_count=de_cfg["min_count"],
+                shrink=de_cfg["shrink"], n_cpus=args.threads, alpha=stats_cfg["alpha"],
+                layer="counts",
+            )
+            n_fits = int((summary["status"] == "tested").sum())
+
     record = {
         "steps": timings,
+        "de_fits": n_fits,
         "total_s": round(time.perf_counter() - t_start, 2),
         "peak_rss_gb": round(_peak_gb(), 3),
         "n_cells": int(adata.n_obs),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
     # both analysed (nearly) the same cells: the same QC rule on the same files
     after = res.set_index("tool")["cells_after_qc"]
     assert abs(after["pipeline"] - after["reference"]) < 0.1 * after["reference"]
+    # the reference runs the pipeline's pseudobulk DE too (2 vs 2 samples here: none tested)
+    rec = json.loads((work / f"reference_{size}.json").read_text())
+    assert "de" in rec["steps"] and rec["de_fits"] == 0
     stages = pd.read_csv(work / "stages.tsv", sep="\t")
     assert {"qc", "integrate", "cluster", "annotate", "score"} <= set(stages["stage"])
     assert (stages.loc[stages["stage"] == "qc", "jobs"] == 4).all()
@@ -41,6 +45,7 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
                     "--docs", str(docs)], check=True, cwd=REPO)
     text = (docs / "benchmarks.md").read_text()
     assert "time ratio" in text and "| 1600 |" in text
+    assert "| de labels tested | 0 |" in text
     assert (docs / "img" / "benchmark_scaling.png").stat().st_size > 10_000
 
 
