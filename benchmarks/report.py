@@ -167,6 +167,12 @@ def _scvi_findings(sv: pd.DataFrame) -> list[str]:
     ]
 
 
+def _reference_has_de(workdir: Path) -> bool:
+    """Whether every saved reference record ran the DE step."""
+    recs = [json.loads(f.read_text()) for f in workdir.glob("reference_*.json")]
+    return bool(recs) and all("de" in r["steps"] for r in recs)
+
+
 def _reference_steps(workdir: Path) -> list[str]:
     """The reference's seconds per step (its ``reference_<cells>.json`` records)."""
     cols = {}
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"![scaling](img/{plot.name})",
         "",
+        ("" if _reference_has_de(args.workdir) else "**The reference rows here predate its DE "
+         "step: rerun `scaling.py --skip pipeline` for a like-for-like time ratio.** ") +
         "Both run pseudobulk DE (PyDESeq2 per cell type and lineage, the same gates and "
         "settings: the reference calls `sepsis_sc.de.pseudobulk_de` in its process, on a plain "
         "cell-type call, the best lineage marker set and then the best of its subset sets). "

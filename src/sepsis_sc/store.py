@@ -512,25 +512,24 @@ class FileCounts(CountSource):
 # memory requests of the cohort-level rules
 # --------------------------------------------------------------------------------------
 #: peak resident memory of each cohort-level stage as (MB, MB per 10,000 cells), fitted to
-#: the per-stage peaks of ``benchmarks/scaling.py`` (``benchmarks/report.py --fit-memory``;
-#: docs/benchmarks.md, "Memory requests"). Fitted to one run (100,000 cells, 2026-12-01),
-#: so proportional: the streamed stages' peaks are partly fixed (row chunks of 50,000
-#: cells), and these lines over-ask above 100k cells until a 500k/1M run refits them.
-#: integration_metrics (off in the benchmark) keeps its earlier estimate.
+#: the per-stage peaks of ``benchmarks/scaling.py`` at 100k, 200k and 1M cells (2026-12-01/02;
+#: ``benchmarks/report.py --fit-memory``; docs/benchmarks.md, "Memory requests"): each line
+#: lies on or above every measured peak. integration_metrics (off in the benchmark) keeps its
+#: earlier estimate.
 STAGE_MEMORY: dict[str, tuple[float, float]] = {
-    "qc_merge": (0, 65),
-    "integrate": (0, 146),
+    "qc_merge": (553, 9.7),
+    "integrate": (992, 46.4),
     "integration_metrics": (400, 150),
-    "cluster": (0, 97),
-    "cluster_summary": (0, 89),
-    "annotate": (0, 159),
-    "annotation_figures": (0, 136),
-    "score": (0, 144),
-    "sample_table": (0, 69),
-    "stats": (0, 29),
-    "de": (0, 213),
-    "de_figures": (0, 139),
-    "patients": (0, 198),
+    "cluster": (0, 98.7),
+    "cluster_summary": (399, 48.9),
+    "annotate": (1420, 42.2),
+    "annotation_figures": (1276, 12.4),
+    "score": (1232, 20.8),
+    "sample_table": (591, 9.8),
+    "stats": (186, 10.2),
+    "de": (1995, 17.4),
+    "de_figures": (1385, 53.6),
+    "patients": (1948, 13.9),
 }
 
 #: a request is this much above the fitted peak
