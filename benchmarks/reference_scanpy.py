@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
         import yaml
 
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    from sepsis_sc.config import load_config
+
+    cfg = load_config(args.config)  # with the schema's defaults (the DE and stats keys)
     qc, integ, clus = cfg["qc"], cfg["integration"], cfg["clustering"]
     organism = cfg.get("organism", "human")
     seed = int(cfg.get("seed", 0))
@@ -205,10 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             if len(up) >= 2:
                 sc.tl.score_genes(adata, up, score_name=f"{s['name']}_score", random_state=seed)
 
-    from sepsis_sc.config import load_config
-
-    full_cfg = load_config(args.config)  # the schema's defaults for the DE and stats keys
-    de_cfg = full_cfg["de"]
+    de_cfg = cfg["de"]
     n_fits = 0
     if de_cfg.get("enabled", True):
         with _step(timings, "de"):
@@ -217,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
             from sepsis_sc.de import pseudobulk_de
             from sepsis_sc.design import parse_contrasts, resolve_design, sample_meta
 
-            stats_cfg = full_cfg["stats"]
-            contrast = parse_contrasts(full_cfg)[0]
+            stats_cfg = cfg["stats"]
+            contrast = parse_contrasts(cfg)[0]
             design = resolve_design(sample_meta(adata), contrast,
                                     contrast.design or stats_cfg.get("design"),
                                     paired=stats_cfg.get("paired"))

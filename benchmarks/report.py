@@ -167,23 +167,22 @@ def _scvi_findings(sv: pd.DataFrame) -> list[str]:
     ]
 
 
-def _reference_has_de(workdir: Path) -> bool:
-    """Whether every saved reference record ran the DE step."""
-    recs = [json.loads(f.read_text()) for f in workdir.glob("reference_*.json")]
-    return bool(recs) and all("de" in r["steps"] for r in recs)
+def _reference_records(workdir: Path) -> dict[int, dict]:
+    """The saved reference records (``reference_<cells>.json``), by cells."""
+    files = workdir.glob("reference_*.json")
+    return dict(sorted((int(f.stem.split("_")[1]), json.loads(f.read_text())) for f in files))
 
 
-def _reference_steps(workdir: Path) -> list[str]:
-    """The reference's seconds per step (its ``reference_<cells>.json`` records)."""
-    cols = {}
-    for f in sorted(workdir.glob("reference_*.json"), key=lambda f: int(f.stem.split("_")[1])):
-        rec = json.loads(f.read_text())
-        name = f"{int(f.stem.split('_')[1]):,} cells (s)"
-        cols[name] = pd.Series(rec["steps"], dtype=float).round(0)
-        if "de_fits" in rec:
-            cols[name]["de labels tested"] = rec["de_fits"]
-    if not cols:
+def _reference_steps(records: dict[int, dict]) -> list[str]:
+    """The reference's seconds per step, one column per cohort size."""
+    if not records:
         return []
+    cols = {}
+    for cells, rec in records.items():
+        col = pd.Series(rec["steps"], dtype=float)
+        if "de_fits" in rec:
+            col["de labels tested"] = rec["de_fits"]
+        cols[f"{cells:,} cells (s)"] = col
     t = pd.concat(cols, axis=1, sort=False).round(0).astype("Int64")
     t.index.name = "step"
     return ["### Reference time per step (seconds)", "", _md(t.reset_index()), ""]
@@ -217,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         disk = res[res["tool"] == "pipeline"].set_index("cells")["results_gb"]
         table["pipeline results on disk (GB)"] = disk.reindex(table.index)
     table = table.reset_index()
+    references = _reference_records(args.workdir)
+    ref_has_de = bool(references) and all("de" in r["steps"] for r in references.values())
     plot = args.docs / "img" / "benchmark_scaling.png"
     scaling_plot(res, plot)
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"![scaling](img/{plot.name})",
         "",
-        ("" if _reference_has_de(args.workdir) else "**The reference rows here predate its DE "
+        ("" if ref_has_de else "**The reference rows here predate its DE "
          "step: rerun `scaling.py --skip pipeline` for a like-for-like time ratio.** ") +
         "Both run pseudobulk DE (PyDESeq2 per cell type and lineage, the same gates and "
         "settings: the reference calls `sepsis_sc.de.pseudobulk_de` in its process, on a plain "
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "the kNN graph), not the matrix.",
         "",
     ]
-    parts += _reference_steps(args.workdir)
+    parts += _reference_steps(references)
     stages_file = args.workdir / "stages.tsv"
     if stages_file.exists():
         st = pd.read_csv(stages_file, sep="\t")
