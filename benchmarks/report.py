@@ -167,6 +167,31 @@ def _scvi_findings(sv: pd.DataFrame) -> list[str]:
     ]
 
 
+def _measured_on(res: pd.DataFrame) -> pd.Series | None:
+    """Per cohort size, the UTC date(s) its rows were measured ("pipeline / reference" when the
+    two differ); None for tables written before scaling.py recorded dates."""
+    if "date" not in res or res["date"].isna().all():
+        return None
+
+    def days(sub: pd.DataFrame) -> str:
+        by_tool = sub.sort_values("tool").set_index("tool")["date"].fillna("?").astype(str)
+        return by_tool.iloc[0] if by_tool.nunique() == 1 else " / ".join(by_tool)
+
+    return res.groupby("cells")[["tool", "date"]].apply(days)
+
+
+def _dates_note(res: pd.DataFrame) -> list[str]:
+    if "date" not in res or res["date"].dropna().nunique() < 2:
+        return []
+    same_day = res.groupby("cells")["date"].nunique() <= 1
+    ratios = ("The ratio columns compare the two tools measured on the same day" if same_day.all()
+              else "Where `measured` shows two dates (pipeline / reference), the ratio compares "
+                   "runs from different days")
+    return [f"The rows were measured on {res['date'].dropna().nunique()} different days "
+            f"(`measured`), and this machine's speed varies from day to day. {ratios}; growth "
+            "between sizes measured on different days includes that variation.", ""]
+
+
 def _reference_records(workdir: Path) -> dict[int, dict]:
     """The saved reference records (``reference_<cells>.json``), by cells."""
     files = workdir.glob("reference_*.json")
@@ -215,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     if "results_gb" in res:
         disk = res[res["tool"] == "pipeline"].set_index("cells")["results_gb"]
         table["pipeline results on disk (GB)"] = disk.reindex(table.index)
+    days = _measured_on(res)
+    if days is not None:
+        table["measured"] = days.reindex(table.index)
     table = table.reset_index()
     references = _reference_records(args.workdir)
     ref_has_de = bool(references) and all("de" in r["steps"] for r in references.values())
@@ -242,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         _md(table),
         "",
+        *_dates_note(res),
         f"![scaling](img/{plot.name})",
         "",
         ("" if ref_has_de else "**The reference rows here predate its DE "

@@ -59,6 +59,12 @@ def _run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) 
     return wall, usage.ru_maxrss / 1024**2
 
 
+def _today() -> str:
+    """The UTC date of a measurement: the machine's speed varies between days, so the page
+    says when each row was measured."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 def make_cohort(size: int, cells_per_sample: int, workdir: Path, seed: int) -> Path:
     """Simulate the cohort once (reused across runs); return its sample sheet."""
     from sepsis_sc.simulate import write_demo_cohort
@@ -154,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"cells": size, "tool": "pipeline", "wall_s": round(wall, 1),
                          "peak_rss_gb": round(peak, 3), "cells_after_qc": n_cells,
                          "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t")),
-                         "results_gb": round(disk, 2), "resumed": bool(args.resume)})
+                         "results_gb": round(disk, 2), "resumed": bool(args.resume),
+                         "date": _today()})
             if len(old_stages):
                 old_stages = old_stages[old_stages["cells"] != size]
             old_stages = pd.concat([old_stages, st], ignore_index=True)
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             rec = yaml.safe_load(rec_file.read_text())
             rows.append({"cells": size, "tool": "reference", "wall_s": round(wall, 1),
                          "peak_rss_gb": round(peak, 3), "cells_after_qc": rec["n_cells"],
-                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t"))})
+                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t")),
+                         "date": _today()})
             print(f"reference {size}: {wall:.0f} s, peak {peak:.2f} GB", flush=True)
         new = pd.DataFrame(rows)
         if len(old):

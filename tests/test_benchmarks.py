@@ -29,6 +29,7 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
         subprocess.run(["rm", "-rf", str(REPO / "results" / f"bench_{size}")], check=False)
     res = pd.read_csv(work / "scaling.tsv", sep="\t")
     assert set(res["tool"]) == {"pipeline", "reference"}
+    assert res["date"].str.fullmatch(r"\d{4}-\d{2}-\d{2}").all()  # when each row was measured
     assert (res["wall_s"] > 0).all() and (res["peak_rss_gb"] > 0.05).all()
     # both analysed (nearly) the same cells: the same QC rule on the same files
     after = res.set_index("tool")["cells_after_qc"]
@@ -105,3 +106,27 @@ def test_stage_memory_fit_covers_every_measured_peak():
         fixed, slope = fit.loc[row.stage, ["fixed_mb", "mb_per_10k_cells"]]
         assert fixed + slope * row.cells / 1e4 >= row.max_rss_gb * 1024 - 1, row
     assert fit.loc["stats", "mb_per_10k_cells"] < 1.0  # flat stages stay flat
+
+
+def test_report_says_when_each_row_was_measured():
+    """The machine's speed varies between days: the table gives each size's date(s), and the
+    page says when the ratio of a row compares runs from different days."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import _dates_note, _measured_on
+
+    res = pd.DataFrame({
+        "cells": [100_000, 100_000, 200_000, 1_000_000],
+        "tool": ["pipeline", "reference", "pipeline", "pipeline"],
+        "date": ["2026-12-02", "2026-12-02", "2026-12-01", "2026-12-01"],
+    })
+    assert _measured_on(res).to_dict() == {100_000: "2026-12-02", 200_000: "2026-12-01",
+                                            1_000_000: "2026-12-01"}
+    note = " ".join(_dates_note(res))
+    assert "2 different days" in note and "compare the two tools measured on the same day" in note
+
+    res.loc[1, "date"] = "2026-11-30"
+    assert _measured_on(res)[100_000] == "2026-12-02 / 2026-11-30"  # pipeline / reference
+    assert "ratio compares runs from different days" in " ".join(_dates_note(res))
+
+    assert _measured_on(res.drop(columns="date")) is None  # tables from before dates
+    assert _dates_note(res.assign(date="2026-12-02")) == []  # one day: nothing to say
