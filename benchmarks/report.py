@@ -194,8 +194,9 @@ def _dates_note(res: pd.DataFrame) -> list[str]:
 
 def _reference_records(workdir: Path) -> dict[int, dict]:
     """The saved reference records (``reference_<cells>.json``), by cells."""
-    files = workdir.glob("reference_*.json")
-    return dict(sorted((int(f.stem.split("_")[1]), json.loads(f.read_text())) for f in files))
+    files = [f for f in workdir.glob("reference_*.json") if f.stem.split("_", 1)[1].isdigit()]
+    records = {int(f.stem.split("_", 1)[1]): json.loads(f.read_text()) for f in files}
+    return dict(sorted(records.items()))  # other names (e.g. a saved copy) are not records
 
 
 def _reference_steps(records: dict[int, dict]) -> list[str]:
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     if stages_file.exists():
         st = pd.read_csv(stages_file, sep="\t")
         if len(st):
-            t = st.pivot_table(index="stage", columns="cells", values="s").round(0)
+            t = st.pivot_table(index="stage", columns="cells", values="s").round(0).astype("Int64")
             m = st.pivot_table(index="stage", columns="cells", values="max_rss_gb").round(2)
             t.columns = [f"{c:,} cells (s)" for c in t.columns]
             m.columns = [f"{c:,} cells (GB)" for c in m.columns]

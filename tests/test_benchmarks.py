@@ -130,3 +130,15 @@ def test_report_says_when_each_row_was_measured():
 
     assert _measured_on(res.drop(columns="date")) is None  # tables from before dates
     assert _dates_note(res.assign(date="2026-12-02")) == []  # one day: nothing to say
+
+
+def test_report_reads_only_reference_records(tmp_path):
+    """reference_<cells>.json files are records; a saved copy beside them is not one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from report import _reference_records
+
+    (tmp_path / "reference_100000.json").write_text(json.dumps({"steps": {"de": 1.0}}))
+    (tmp_path / "reference_2000.json").write_text(json.dumps({"steps": {"de": 2.0}}))
+    (tmp_path / "reference_100000_old.json").write_text(json.dumps({"steps": {}}))
+    records = _reference_records(tmp_path)
+    assert list(records) == [2000, 100_000] and records[100_000]["steps"] == {"de": 1.0}
