@@ -181,13 +181,14 @@ def _measured_on(res: pd.DataFrame) -> pd.Series | None:
 
 
 def _dates_note(res: pd.DataFrame) -> list[str]:
-    if "date" not in res or res["date"].dropna().nunique() < 2:
+    n_days = res["date"].dropna().nunique() if "date" in res else 0
+    if n_days < 2:
         return []
     same_day = res.groupby("cells")["date"].nunique() <= 1
     ratios = ("The ratio columns compare the two tools measured on the same day" if same_day.all()
               else "Where `measured` shows two dates (pipeline / reference), the ratio compares "
                    "runs from different days")
-    return [f"The rows were measured on {res['date'].dropna().nunique()} different days "
+    return [f"The rows were measured on {n_days} different days "
             f"(`measured`), and this machine's speed varies from day to day. {ratios}; growth "
             "between sizes measured on different days includes that variation.", ""]
 
