@@ -51,12 +51,23 @@ def run(n_cohorts: int, seed: int = 0) -> tuple[pd.DataFrame, dict[str, dict[str
             state_p += eff["pvalue"].tolist()
             prim_p += eff.loc[eff["role"] == "primary", "pvalue"].tolist()
         pvals[name] = {"composition": np.asarray(comp_p), "state metrics": np.asarray(state_p)}
-        for test, p in (("composition", comp_p), ("state metrics", state_p), ("primary states", prim_p)):
+        for test, p in (
+            ("composition", comp_p),
+            ("state metrics", state_p),
+            ("primary states", prim_p),
+        ):
             p = np.asarray(p, float)
             p = p[np.isfinite(p)]
-            rows.append({"design": name, "test": test, "n_tests": p.size,
-                         "fpr_0.05": float(np.mean(p < 0.05)), "fpr_0.01": float(np.mean(p < 0.01)),
-                         "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "design": name,
+                    "test": test,
+                    "n_tests": p.size,
+                    "fpr_0.05": float(np.mean(p < 0.05)),
+                    "fpr_0.01": float(np.mean(p < 0.01)),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
     return pd.DataFrame(rows), pvals
 
 
@@ -82,8 +93,9 @@ def plot(pvals: dict[str, dict[str, np.ndarray]], path: Path) -> None:
         ax.set_title(f"{test.capitalize()}: null cohorts", loc="left")
     axes[0].set_ylabel("observed -log10 p")
     axes[1].legend(frameon=False, fontsize=8, loc="upper left")
-    fig.suptitle("Sample-level tests on null cohorts: points on the diagonal = calibrated",
-                 x=0.01, ha="left")  # fmt: skip
+    fig.suptitle(
+        "Sample-level tests on null cohorts: points on the diagonal = calibrated", x=0.01, ha="left"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)

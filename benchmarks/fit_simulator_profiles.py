@@ -50,8 +50,15 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "resources" / "simulator" / "profiles.tsv.gz"
 SHRINK = 5.0
 #: old symbols in soupx_pbmc4k -> the current HGNC symbols of the gene resource
-RENAMED = {"SEPP1": "SELENOP", "SDPR": "CAVIN2", "FYB": "FYB1", "WARS": "WARS1",
-           "HIST1H2AC": "H2AC6", "HRASLS2": "PLAAT2", "FAM129A": "NIBAN1"}  # fmt: skip
+RENAMED = {
+    "SEPP1": "SELENOP",
+    "SDPR": "CAVIN2",
+    "FYB": "FYB1",
+    "WARS": "WARS1",
+    "HIST1H2AC": "H2AC6",
+    "HRASLS2": "PLAAT2",
+    "FAM129A": "NIBAN1",
+}
 
 
 def _cp10k(X: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:

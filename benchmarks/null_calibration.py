@@ -35,8 +35,13 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
     from sepsis_sc.stats import composition_test, condition_effects, sample_table
 
     sheet = pd.read_csv(REPO / "config/samples.tsv", sep="\t")
-    adatas, truth = simulate_cohort(sheet, cells_per_sample=cfg["demo"]["cells_per_sample"],
-                                    n_genes=n_genes, effects=False, seed=seed)
+    adatas, truth = simulate_cohort(
+        sheet,
+        cells_per_sample=cfg["demo"]["cells_per_sample"],
+        n_genes=n_genes,
+        effects=False,
+        seed=seed,
+    )
     adata = ad.concat(list(adatas.values()), merge="same")
     t = truth.set_index("cell_id").loc[adata.obs_names]
     keep = ~(t["is_doublet"].to_numpy(bool) | t["is_low_quality"].to_numpy(bool))
@@ -46,19 +51,31 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
     adata.layers["counts"] = adata.X.copy()
     normalize(adata)
     sc_cfg, st = cfg["scoring"], cfg["stats"]
-    score_states(adata, organism="human", min_genes_fraction=sc_cfg["min_genes_fraction"],
-                 min_cells_parent=st["min_cells"], max_rank=sc_cfg["max_rank"],
-                 call_rules={"method": sc_cfg["call_rule"], "quantile": sc_cfg["call_quantile"]},
-                 control="control")
+    score_states(
+        adata,
+        organism="human",
+        min_genes_fraction=sc_cfg["min_genes_fraction"],
+        min_cells_parent=st["min_cells"],
+        max_rank=sc_cfg["max_rank"],
+        call_rules={"method": sc_cfg["call_rule"], "quantile": sc_cfg["call_quantile"]},
+        control="control",
+    )
     table = sample_table(adata, min_cells=st["min_cells"])
     effects = condition_effects(table, case="sepsis", control="control", test=st["test"])
-    comp = pd.concat([composition_test(adata, case="sepsis", control="control", level=lv)
-                      for lv in ("lineage", "cell_type")])
+    comp = pd.concat(
+        [
+            composition_test(adata, case="sepsis", control="control", level=lv)
+            for lv in ("lineage", "cell_type")
+        ]
+    )
     summary = null_calibration(effects, comp, alpha=0.05)
-    return {"seed": seed, "n_tests": summary["n_tests"],
-            "n_p_below_0.05": summary["n_p_below_alpha"],
-            "fraction_p_below_0.05": round(summary["fraction_p_below_alpha"], 4),
-            "n_fdr_below_0.05": summary["n_fdr_below_alpha"]}
+    return {
+        "seed": seed,
+        "n_tests": summary["n_tests"],
+        "n_p_below_0.05": summary["n_p_below_alpha"],
+        "fraction_p_below_0.05": round(summary["fraction_p_below_alpha"], 4),
+        "n_fdr_below_0.05": summary["n_fdr_below_alpha"],
+    }
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -74,16 +91,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append(one_cohort(seed, cfg, args.n_genes))
         print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
-    total = {"seed": "all", "n_tests": int(df["n_tests"].sum()),
-             "n_p_below_0.05": int(df["n_p_below_0.05"].sum()),
-             "fraction_p_below_0.05": round(float(df["n_p_below_0.05"].sum() / df["n_tests"].sum()), 4),
-             "n_fdr_below_0.05": int(df["n_fdr_below_0.05"].sum())}
+    total = {
+        "seed": "all",
+        "n_tests": int(df["n_tests"].sum()),
+        "n_p_below_0.05": int(df["n_p_below_0.05"].sum()),
+        "fraction_p_below_0.05": round(float(df["n_p_below_0.05"].sum() / df["n_tests"].sum()), 4),
+        "n_fdr_below_0.05": int(df["n_fdr_below_0.05"].sum()),
+    }
     df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "null_calibration.tsv", sep="\t", index=False)
     print(df.to_string(index=False))
-    print(f"cohorts with more than 1 in 20 tests at p < 0.05: "
-          f"{int((df['fraction_p_below_0.05'].iloc[:-1] > 0.05).sum())} of {args.seeds}")
+    print(
+        f"cohorts with more than 1 in 20 tests at p < 0.05: "
+        f"{int((df['fraction_p_below_0.05'].iloc[:-1] > 0.05).sum())} of {args.seeds}"
+    )
     return df
 
 

@@ -24,8 +24,14 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 
 
-def power(sheet: pd.DataFrame, seeds: range, cells: int, n_genes: int | None = None,
-          min_cells: int = 1, **kw) -> pd.DataFrame:  # fmt: skip
+def power(
+    sheet: pd.DataFrame,
+    seeds: range,
+    cells: int,
+    n_genes: int | None = None,
+    min_cells: int = 1,
+    **kw,
+) -> pd.DataFrame:
     from sepsis_sc import simulate
 
     n_genes = n_genes or _min_genes()
@@ -41,7 +47,7 @@ def power(sheet: pd.DataFrame, seeds: range, cells: int, n_genes: int | None = N
         {
             "planted_effect": [s["effect"] for s in simulate.PLANTED_EFFECTS],
             "oracle_power": np.mean(hits, 0),
-        }  # fmt: skip
+        }
     )
 
 
@@ -60,9 +66,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--cells", type=int, default=1500)
     ap.add_argument("--sheet", default=str(REPO / "config" / "samples.tsv"))
-    ap.add_argument("--min-cells", type=int, default=10,
-                    help="the pipeline's stats.min_cells: samples with fewer cells of a "
-                    "state's parent population give no value (default 10, as config.yaml)")  # fmt: skip
+    ap.add_argument(
+        "--min-cells",
+        type=int,
+        default=10,
+        help="the pipeline's stats.min_cells: samples with fewer cells of a "
+        "state's parent population give no value (default 10, as config.yaml)",
+    )
     args = ap.parse_args()
     sheet = pd.read_csv(args.sheet, sep="\t").drop(columns=["path"], errors="ignore")
     out = power(sheet, range(args.seeds), args.cells, min_cells=args.min_cells)

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     with _step(timings, "qc"):
         mt_prefix = "MT-" if organism == "human" else "mt-"
         adata.var["mt"] = adata.var_names.str.startswith(mt_prefix)
-        sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=True, inplace=True)
+        sc.pp.calculate_qc_metrics(
+            adata, qc_vars=["mt"], percent_top=None, log1p=True, inplace=True
+        )
         keep = np.ones(adata.n_obs, dtype=bool)
         for _, idx in adata.obs.groupby("sample_id", observed=True).indices.items():
             o = adata.obs.iloc[idx]
@@ -108,8 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
             bad |= _mad_outlier(o["log1p_n_genes_by_counts"].to_numpy(), qc["nmads_genes"])
             mt = o["pct_counts_mt"].to_numpy()
             med = np.median(mt)
-            mt_cut = max(med + qc["nmads_mt"] * np.median(np.abs(mt - med)) * 1.4826,
-                         qc.get("mt_threshold_floor") or 0)
+            mt_cut = max(
+                med + qc["nmads_mt"] * np.median(np.abs(mt - med)) * 1.4826,
+                qc.get("mt_threshold_floor") or 0,
+            )
             if qc.get("max_pct_mt") is not None:
                 mt_cut = min(mt_cut, qc["max_pct_mt"])
             bad |= mt > mt_cut
@@ -121,8 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
         # the pipeline's own per-sample threshold is computed the same cheap way (histogram)
         # exact kNN, as the pipeline uses for samples of <= 30,000 cells (faster than pynndescent
         # at these sizes, so the reference is not slowed by a setting the pipeline avoids)
-        sc.pp.scrublet(adata, batch_key="sample_id", threshold=0.25, random_state=seed,
-                       use_approx_neighbors=False)
+        sc.pp.scrublet(
+            adata,
+            batch_key="sample_id",
+            threshold=0.25,
+            random_state=seed,
+            use_approx_neighbors=False,
+        )
         adata = adata[~adata.obs["predicted_doublet"].to_numpy(bool)].copy()
         sc.pp.filter_genes(adata, min_cells=qc.get("min_cells_per_gene", 3))
 
@@ -130,16 +139,26 @@ def main(argv: list[str] | None = None) -> dict:
         adata.layers["counts"] = adata.X.copy()
         sc.pp.normalize_total(adata, target_sum=1e4)
         sc.pp.log1p(adata)
-        sc.pp.highly_variable_genes(adata, n_top_genes=integ["n_hvg"], flavor="seurat_v3",
-                                    layer="counts", batch_key=integ["batch_key"])
+        sc.pp.highly_variable_genes(
+            adata,
+            n_top_genes=integ["n_hvg"],
+            flavor="seurat_v3",
+            layer="counts",
+            batch_key=integ["batch_key"],
+        )
 
     with _step(timings, "scvi"):
         scvi.settings.seed = seed
         hvg = adata[:, adata.var["highly_variable"]].copy()
         scvi.model.SCVI.setup_anndata(hvg, layer="counts", batch_key=integ["batch_key"])
         model = scvi.model.SCVI(hvg, n_latent=integ["n_latent"], n_layers=2)
-        model.train(max_epochs=args.epochs, batch_size=args.batch_size or integ["batch_size"],
-                    early_stopping=False, accelerator="cpu", enable_progress_bar=False)
+        model.train(
+            max_epochs=args.epochs,
+            batch_size=args.batch_size or integ["batch_size"],
+            early_stopping=False,
+            accelerator="cpu",
+            enable_progress_bar=False,
+        )
         adata.obsm["X_scVI"] = model.get_latent_representation()
         del hvg, model
 
@@ -149,13 +168,25 @@ def main(argv: list[str] | None = None) -> dict:
         from sepsis_sc.cluster import EXACT_KNN_MAX_CELLS
 
         exact = adata.n_obs <= EXACT_KNN_MAX_CELLS
-        sc.pp.neighbors(adata, n_neighbors=clus["n_neighbors"], use_rep="X_scVI", random_state=seed,
-                        transformer="sklearn" if exact else "pynndescent")
+        sc.pp.neighbors(
+            adata,
+            n_neighbors=clus["n_neighbors"],
+            use_rep="X_scVI",
+            random_state=seed,
+            transformer="sklearn" if exact else "pynndescent",
+        )
 
     with _step(timings, "leiden"):
         for res in clus["resolutions"]:
-            sc.tl.leiden(adata, resolution=res, flavor="igraph", n_iterations=2, directed=False,
-                         random_state=seed, key_added=f"leiden_r{res}")
+            sc.tl.leiden(
+                adata,
+                resolution=res,
+                flavor="igraph",
+                n_iterations=2,
+                directed=False,
+                random_state=seed,
+                key_added=f"leiden_r{res}",
+            )
         adata.obs["leiden"] = adata.obs[f"leiden_r{clus['resolution']}"]
 
     with _step(timings, "umap"):
@@ -175,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
                 sc.tl.score_genes(adata, up, score_name="_s", random_state=seed)
                 lineage_scores[s["name"]] = adata.obs.pop("_s").to_numpy()
         names = list(lineage_scores)
-        adata.obs["lineage_set"] = np.array(names)[np.argmax(np.column_stack(
-            [lineage_scores[n] for n in names]), axis=1)]
+        adata.obs["lineage_set"] = np.array(names)[
+            np.argmax(np.column_stack([lineage_scores[n] for n in names]), axis=1)
+        ]
         # a plain cell-type call for the DE levels: the lineage of the best lineage set, then
         # the best of that lineage's subset sets (no Unassigned outcome, no re-embedding)
         from sepsis_sc.annotate import load_vocabulary
@@ -218,14 +250,23 @@ def main(argv: list[str] | None = None) -> dict:
 
             stats_cfg = cfg["stats"]
             contrast = parse_contrasts(cfg)[0]
-            design = resolve_design(sample_meta(adata), contrast,
-                                    contrast.design or stats_cfg.get("design"),
-                                    paired=stats_cfg.get("paired"))
+            design = resolve_design(
+                sample_meta(adata),
+                contrast,
+                contrast.design or stats_cfg.get("design"),
+                paired=stats_cfg.get("paired"),
+            )
             _, summary = pseudobulk_de(
-                adata, design, levels=de_cfg["levels"], min_cells=de_cfg["min_cells"],
+                adata,
+                design,
+                levels=de_cfg["levels"],
+                min_cells=de_cfg["min_cells"],
                 min_samples_per_group=de_cfg["min_samples_per_group"],
-                min_total_count=de_cfg["min_total_count"], min_count=de_cfg["min_count"],
-                shrink=de_cfg["shrink"], n_cpus=args.threads, alpha=stats_cfg["alpha"],
+                min_total_count=de_cfg["min_total_count"],
+                min_count=de_cfg["min_count"],
+                shrink=de_cfg["shrink"],
+                n_cpus=args.threads,
+                alpha=stats_cfg["alpha"],
                 layer="counts",
             )
             n_fits = int((summary["status"] == "tested").sum())

@@ -35,8 +35,10 @@ def _md(df: pd.DataFrame) -> str:
 
 def scaling_plot(res: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, col, label in ((axes[0], "wall_s", "wall time (s)"),
-                           (axes[1], "peak_rss_gb", "peak memory (GB)")):
+    for ax, col, label in (
+        (axes[0], "wall_s", "wall time (s)"),
+        (axes[1], "peak_rss_gb", "peak memory (GB)"),
+    ):
         for tool, sub in res.groupby("tool"):
             sub = sub.sort_values("cells")
             ax.plot(sub["cells"], sub[col], "o-", color=COLOURS.get(tool), label=tool)
@@ -44,8 +46,13 @@ def scaling_plot(res: pd.DataFrame, path: Path) -> None:
         if len(cells) > 1:  # linear-growth guide through the smallest pipeline point
             p0 = res[(res["tool"] == "pipeline")].sort_values("cells")
             if len(p0):
-                ax.plot(cells, p0[col].iloc[0] * cells / cells[0], ":", color="#bbbbbb",
-                        label="linear in cells")
+                ax.plot(
+                    cells,
+                    p0[col].iloc[0] * cells / cells[0],
+                    ":",
+                    color="#bbbbbb",
+                    label="linear in cells",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
@@ -83,7 +90,9 @@ def fit_stage_memory(st: pd.DataFrame) -> pd.DataFrame:
             slope, fixed = y.max() / max(x.max(), 1e-9), 0.0
         slope = max(slope, 0.0)
         fixed = float(min(max(fixed, 0.0), y.min()))
-        slope = max(slope, float(((y - fixed) / x).max()) if len(x) else slope)  # covers every point
+        slope = max(
+            slope, float(((y - fixed) / x).max()) if len(x) else slope
+        )  # covers every point
         rows.append({"stage": stage, "fixed_mb": round(fixed), "mb_per_10k_cells": round(slope, 1)})
     return pd.DataFrame(rows)
 
@@ -106,15 +115,22 @@ def _memory_requests(st: pd.DataFrame) -> list[str]:
         row["1,000,000: asked (GB)"] = f"{stage_mem_mb(stage, 1_000_000) / 1024:.1f}"
         rows.append(row)
     return [
-        "### Memory requests", "",
+        "### Memory requests",
+        "",
         "What each cohort-level rule asks the scheduler for (`sepsis_sc.store.stage_mem_mb`: "
         f"{MEMORY_MARGIN}x a line fitted to the stage's measured peaks, at least "
         f"{MEMORY_FLOOR_MB} MB, times the attempt number), against what it used. Refit with "
         "`python benchmarks/report.py --fit-memory` after a scaling run."
-        + (" The lines were fitted to one cohort size, so they are proportional to cells and "
-           "over-ask at larger sizes where part of a streamed stage's peak is fixed (its row "
-           "chunks)." if len(sizes) < 2 else ""), "",
-        _md(pd.DataFrame(rows)), "",
+        + (
+            " The lines were fitted to one cohort size, so they are proportional to cells and "
+            "over-ask at larger sizes where part of a streamed stage's peak is fixed (its row "
+            "chunks)."
+            if len(sizes) < 2
+            else ""
+        ),
+        "",
+        _md(pd.DataFrame(rows)),
+        "",
     ]
 
 
@@ -185,12 +201,18 @@ def _dates_note(res: pd.DataFrame) -> list[str]:
     if n_days < 2:
         return []
     same_day = res.groupby("cells")["date"].nunique() <= 1
-    ratios = ("The ratio columns compare the two tools measured on the same day" if same_day.all()
-              else "Where `measured` shows two dates (pipeline / reference), the ratio compares "
-                   "runs from different days")
-    return [f"The rows were measured on {n_days} different days "
-            f"(`measured`), and this machine's speed varies from day to day. {ratios}; growth "
-            "between sizes measured on different days includes that variation.", ""]
+    ratios = (
+        "The ratio columns compare the two tools measured on the same day"
+        if same_day.all()
+        else "Where `measured` shows two dates (pipeline / reference), the ratio compares "
+        "runs from different days"
+    )
+    return [
+        f"The rows were measured on {n_days} different days "
+        f"(`measured`), and this machine's speed varies from day to day. {ratios}; growth "
+        "between sizes measured on different days includes that variation.",
+        "",
+    ]
 
 
 def _reference_records(workdir: Path) -> dict[int, dict]:
@@ -219,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks/out")
     ap.add_argument("--docs", type=Path, default=REPO / "docs")
-    ap.add_argument("--fit-memory", action="store_true",
-                    help="print the per-stage memory fit for sepsis_sc.store.STAGE_MEMORY and stop")
+    ap.add_argument(
+        "--fit-memory",
+        action="store_true",
+        help="print the per-stage memory fit for sepsis_sc.store.STAGE_MEMORY and stop",
+    )
     args = ap.parse_args(argv)
 
     if args.fit_memory:
@@ -236,9 +261,12 @@ def main(argv: list[str] | None = None) -> None:
             table[f"{tool} time (s)"] = wide[("wall_s", tool)].round(0).astype("Int64")
             table[f"{tool} peak (GB)"] = wide[("peak_rss_gb", tool)].round(2)
     if {("wall_s", "pipeline"), ("wall_s", "reference")} <= set(wide.columns):
-        table["time ratio"] = (wide[("wall_s", "pipeline")] / wide[("wall_s", "reference")]).round(2)
-        table["memory ratio"] = (wide[("peak_rss_gb", "pipeline")]
-                                 / wide[("peak_rss_gb", "reference")]).round(2)
+        table["time ratio"] = (wide[("wall_s", "pipeline")] / wide[("wall_s", "reference")]).round(
+            2
+        )
+        table["memory ratio"] = (
+            wide[("peak_rss_gb", "pipeline")] / wide[("peak_rss_gb", "reference")]
+        ).round(2)
     if "results_gb" in res:
         disk = res[res["tool"] == "pipeline"].set_index("cells")["results_gb"]
         table["pipeline results on disk (GB)"] = disk.reindex(table.index)
@@ -275,9 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         *_dates_note(res),
         f"![scaling](img/{plot.name})",
         "",
-        ("" if ref_has_de else "**The reference rows here predate its DE "
-         "step: rerun `scaling.py --skip pipeline` for a like-for-like time ratio.** ") +
-        "Both run pseudobulk DE (PyDESeq2 per cell type and lineage, the same gates and "
+        (
+            ""
+            if ref_has_de
+            else "**The reference rows here predate its DE "
+            "step: rerun `scaling.py --skip pipeline` for a like-for-like time ratio.** "
+        )
+        + "Both run pseudobulk DE (PyDESeq2 per cell type and lineage, the same gates and "
         "settings: the reference calls `sepsis_sc.de.pseudobulk_de` in its process, on a plain "
         "cell-type call, the best lineage marker set and then the best of its subset sets). "
         "The pipeline does more than the reference: the #17 QC (first-pass lineages that "
@@ -309,34 +341,46 @@ def main(argv: list[str] | None = None) -> None:
             m = st.pivot_table(index="stage", columns="cells", values="max_rss_gb").round(2)
             t.columns = [f"{c:,} cells (s)" for c in t.columns]
             m.columns = [f"{c:,} cells (GB)" for c in m.columns]
-            parts += ["### Pipeline time per stage (seconds; per-sample jobs summed)", "",
-                      _md(t.reset_index()), "",
-                      "### Pipeline peak memory per stage (GB; largest job)", "",
-                      _md(m.reset_index()), ""]
+            parts += [
+                "### Pipeline time per stage (seconds; per-sample jobs summed)",
+                "",
+                _md(t.reset_index()),
+                "",
+                "### Pipeline peak memory per stage (GB; largest job)",
+                "",
+                _md(m.reset_index()),
+                "",
+            ]
             parts += _memory_requests(st)
     scvi_file = args.workdir / "scvi_cpu.tsv"
     if scvi_file.exists():
         sv = pd.read_csv(scvi_file, sep="\t")
         parts += [
-            "## scVI on CPU: training settings", "",
+            "## scVI on CPU: training settings",
+            "",
             f"`python benchmarks/scvi_cpu.py`: one simulated cohort ({int(sv['cells'].iloc[0]):,} "
             "cells, two batches, 2,000 HVGs), scVI trained with each setting on 2 idle cores. "
             "`train_s` is the wall time of `train()`; throughput is training cells x epochs per "
             "second; `elbo_validation` is the ELBO of the same held-out 10 % of cells, computed "
             "after training (higher is better); iLISI, batch ASW, NMI and ARI (against the "
             "planted cell types, Leiden optimised over resolutions) come from "
-            "`sepsis_sc.integrate.integration_metrics`.", "",
-            _md(sv), "",
+            "`sepsis_sc.integrate.integration_metrics`.",
+            "",
+            _md(sv),
+            "",
         ]
         parts += _scvi_findings(sv)
     null_file = args.workdir / "null_calibration.tsv"
     if null_file.exists():
         parts += [
-            "## False-positive rate over null cohorts", "",
+            "## False-positive rate over null cohorts",
+            "",
             "`python benchmarks/null_calibration.py`: cohorts with the demo design and no planted "
             "effects, true cell types as the annotation, the pipeline's scoring and sample-level "
-            "statistics. Expected: about 5 % of p-values below 0.05 and no FDR hits.", "",
-            _md(pd.read_csv(null_file, sep="\t")), "",
+            "statistics. Expected: about 5 % of p-values below 0.05 and no FDR hits.",
+            "",
+            _md(pd.read_csv(null_file, sep="\t")),
+            "",
         ]
     out = args.docs / "benchmarks.md"
     out.write_text("\n".join(parts))

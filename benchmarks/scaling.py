@@ -40,7 +40,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
+def _run_measured(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """Run ``cmd``; return (wall seconds, peak RSS in GB of its largest process).
 
     ``os.wait4`` gives the rusage of the child; ``ru_maxrss`` of RUSAGE_CHILDREN-style
@@ -79,13 +81,25 @@ def make_cohort(size: int, cells_per_sample: int, workdir: Path, seed: int) -> P
     for i in range(n):
         cond = "sepsis" if i % 2 == 0 else "control"
         sid = f"B{i + 1:03d}_{cond}"
-        rows.append({"sample_id": sid, "condition": cond, "donor": f"D{i + 1:03d}",
-                     "batch": f"batch{1 + (i // 2) % 2}",
-                     "path": str(cohort / sid / "filtered_feature_bc_matrix.h5")})
+        rows.append(
+            {
+                "sample_id": sid,
+                "condition": cond,
+                "donor": f"D{i + 1:03d}",
+                "batch": f"batch{1 + (i // 2) % 2}",
+                "path": str(cohort / sid / "filtered_feature_bc_matrix.h5"),
+            }
+        )
     sheet = pd.DataFrame(rows)
     t0 = time.perf_counter()
-    write_demo_cohort(sheet, truth_dir=cohort, fmt="10x_h5", seed=seed,
-                      cells_per_sample=round(size / n), n_genes=12000)
+    write_demo_cohort(
+        sheet,
+        truth_dir=cohort,
+        fmt="10x_h5",
+        seed=seed,
+        cells_per_sample=round(size / n),
+        n_genes=12000,
+    )
     print(f"simulated {size} cells in {n} samples: {time.perf_counter() - t0:.0f} s", flush=True)
     return sheet_path
 
@@ -110,12 +124,19 @@ def stage_table(bench_dir: Path, size: int) -> pd.DataFrame:
     for f in sorted(bench_dir.rglob("*.tsv")):
         b = pd.read_csv(f, sep="\t")
         stage = f.parent.name if f.parent != bench_dir else f.stem
-        rows.append({"stage": stage, "s": float(b["s"].iloc[-1]),
-                     "max_rss_gb": float(b["max_rss"].iloc[-1]) / 1024})
+        rows.append(
+            {
+                "stage": stage,
+                "s": float(b["s"].iloc[-1]),
+                "max_rss_gb": float(b["max_rss"].iloc[-1]) / 1024,
+            }
+        )
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    out = df.groupby("stage").agg(s=("s", "sum"), max_rss_gb=("max_rss_gb", "max"), jobs=("s", "size"))
+    out = df.groupby("stage").agg(
+        s=("s", "sum"), max_rss_gb=("max_rss_gb", "max"), jobs=("s", "size")
+    )
     return out.reset_index().assign(cells=size)
 
 
@@ -129,9 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", choices=["pipeline", "reference"], default=None)
     ap.add_argument("--no-report", action="store_true")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep the results folder of an interrupted pipeline run and let Snakemake "
-                         "continue where it stopped (the wall time is then that of the resumed part)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results folder of an interrupted pipeline run and let Snakemake "
+        "continue where it stopped (the wall time is then that of the resumed part)",
+    )
     args = ap.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -149,19 +173,42 @@ def main(argv: list[str] | None = None) -> None:
             if not args.resume:
                 subprocess.run(["rm", "-rf", str(results)], check=True)
             wall, peak = _run_measured(
-                [sys.executable, "-m", "snakemake", "--cores", str(args.cores), "--configfile",
-                 str(cfg), "--quiet", "rules", "--rerun-incomplete"],
-                args.workdir / f"pipeline_{size}.log", env,
+                [
+                    sys.executable,
+                    "-m",
+                    "snakemake",
+                    "--cores",
+                    str(args.cores),
+                    "--configfile",
+                    str(cfg),
+                    "--quiet",
+                    "rules",
+                    "--rerun-incomplete",
+                ],
+                args.workdir / f"pipeline_{size}.log",
+                env,
             )
             st = stage_table(results / "benchmarks", size)
-            n_cells = int(pd.read_csv(results / "qc" / "qc_summary.tsv", sep="\t")["cells_out"].sum()) \
-                if (results / "qc" / "qc_summary.tsv").exists() else None
+            n_cells = (
+                int(pd.read_csv(results / "qc" / "qc_summary.tsv", sep="\t")["cells_out"].sum())
+                if (results / "qc" / "qc_summary.tsv").exists()
+                else None
+            )
             disk = sum(f.stat().st_size for f in results.rglob("*") if f.is_file()) / 1e9
-            rows.append({"cells": size, "tool": "pipeline", "wall_s": round(wall, 1),
-                         "peak_rss_gb": round(peak, 3), "cells_after_qc": n_cells,
-                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t")),
-                         "results_gb": round(disk, 2), "resumed": bool(args.resume),
-                         "date": _today()})
+            rows.append(
+                {
+                    "cells": size,
+                    "tool": "pipeline",
+                    "wall_s": round(wall, 1),
+                    "peak_rss_gb": round(peak, 3),
+                    "cells_after_qc": n_cells,
+                    "epochs": args.epochs,
+                    "samples": len(pd.read_csv(sheet, sep="\t")),
+                    "results_gb": round(disk, 2),
+                    "resumed": bool(args.resume),
+                    "date": _today(),
+                }
+            )
             if len(old_stages):
                 old_stages = old_stages[old_stages["cells"] != size]
             old_stages = pd.concat([old_stages, st], ignore_index=True)
@@ -169,16 +216,36 @@ def main(argv: list[str] | None = None) -> None:
         if args.skip != "reference":
             rec_file = args.workdir / f"reference_{size}.json"
             wall, peak = _run_measured(
-                [sys.executable, str(REPO / "benchmarks/reference_scanpy.py"), "--config",
-                 str(REPO / "config/config.yaml"), "--samples", str(sheet), "--epochs",
-                 str(args.epochs), "--threads", str(args.cores), "--out", str(rec_file)],
-                args.workdir / f"reference_{size}.log", env,
+                [
+                    sys.executable,
+                    str(REPO / "benchmarks/reference_scanpy.py"),
+                    "--config",
+                    str(REPO / "config/config.yaml"),
+                    "--samples",
+                    str(sheet),
+                    "--epochs",
+                    str(args.epochs),
+                    "--threads",
+                    str(args.cores),
+                    "--out",
+                    str(rec_file),
+                ],
+                args.workdir / f"reference_{size}.log",
+                env,
             )
             rec = yaml.safe_load(rec_file.read_text())
-            rows.append({"cells": size, "tool": "reference", "wall_s": round(wall, 1),
-                         "peak_rss_gb": round(peak, 3), "cells_after_qc": rec["n_cells"],
-                         "epochs": args.epochs, "samples": len(pd.read_csv(sheet, sep="\t")),
-                         "date": _today()})
+            rows.append(
+                {
+                    "cells": size,
+                    "tool": "reference",
+                    "wall_s": round(wall, 1),
+                    "peak_rss_gb": round(peak, 3),
+                    "cells_after_qc": rec["n_cells"],
+                    "epochs": args.epochs,
+                    "samples": len(pd.read_csv(sheet, sep="\t")),
+                    "date": _today(),
+                }
+            )
             print(f"reference {size}: {wall:.0f} s, peak {peak:.2f} GB", flush=True)
         new = pd.DataFrame(rows)
         if len(old):
@@ -188,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         old_stages.to_csv(stages_file, sep="\t", index=False)
     print(old.to_string(index=False))
     if not args.no_report:
-        subprocess.run([sys.executable, str(REPO / "benchmarks/report.py"), "--workdir",
-                        str(args.workdir)], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, str(REPO / "benchmarks/report.py"), "--workdir", str(args.workdir)],
+            check=True,
+            cwd=REPO,
+        )
 
 
 if __name__ == "__main__":

@@ -58,14 +58,22 @@ def _cohort(n_samples: int, cells: int, seed: int):
     from sepsis_sc.qc import normalize
     from sepsis_sc.simulate import simulate_cohort
 
-    sheet = pd.DataFrame({
-        "sample_id": [f"S{i}" for i in range(n_samples)],
-        "condition": ["sepsis" if i % 2 == 0 else "control" for i in range(n_samples)],
-        "donor": [f"D{i}" for i in range(n_samples)],
-        "batch": [f"b{(i // 2) % 2}" for i in range(n_samples)],
-    })
-    adatas, truth = simulate_cohort(sheet, cells_per_sample=cells, n_genes=12000, seed=seed,
-                                    doublets=False, low_quality_rate=0.0)
+    sheet = pd.DataFrame(
+        {
+            "sample_id": [f"S{i}" for i in range(n_samples)],
+            "condition": ["sepsis" if i % 2 == 0 else "control" for i in range(n_samples)],
+            "donor": [f"D{i}" for i in range(n_samples)],
+            "batch": [f"b{(i // 2) % 2}" for i in range(n_samples)],
+        }
+    )
+    adatas, truth = simulate_cohort(
+        sheet,
+        cells_per_sample=cells,
+        n_genes=12000,
+        seed=seed,
+        doublets=False,
+        low_quality_rate=0.0,
+    )
     adata = ad.concat(list(adatas.values()), merge="same")
     adata.obs["cell_type"] = truth.set_index("cell_id").loc[adata.obs_names, "cell_type"].to_numpy()
     adata = adata[:, np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3].copy()
@@ -75,8 +83,21 @@ def _cohort(n_samples: int, cells: int, seed: int):
     return adata
 
 
-def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping, threads, seed,
-           dense=False, lr=None, min_improvement=0.0, patience=10):
+def _train(
+    adata,
+    *,
+    n_layers,
+    n_latent,
+    batch_size,
+    max_epochs,
+    early_stopping,
+    threads,
+    seed,
+    dense=False,
+    lr=None,
+    min_improvement=0.0,
+    patience=10,
+):
     import scvi
 
     from sepsis_sc.integrate import _torch_threads
@@ -99,11 +120,13 @@ def _train(adata, *, n_layers, n_latent, batch_size, max_epochs, early_stopping,
         if early_stopping and min_improvement:  # sepsis-sc's rule on the smoothed ELBO
             from sepsis_sc.integrate import plateau_stopping
 
-            kwargs.update(check_val_every_n_epoch=1,
-                          callbacks=[plateau_stopping(patience, min_improvement)])
+            kwargs.update(
+                check_val_every_n_epoch=1, callbacks=[plateau_stopping(patience, min_improvement)]
+            )
         elif early_stopping:  # scvi-tools' own rule (patience epochs without a new best)
-            kwargs.update(early_stopping=True, early_stopping_patience=patience,
-                          check_val_every_n_epoch=1)
+            kwargs.update(
+                early_stopping=True, early_stopping_patience=patience, check_val_every_n_epoch=1
+            )
         t0 = time.perf_counter()
         model.train(**kwargs)
         seconds = time.perf_counter() - t0
@@ -119,19 +142,34 @@ def _sepsis_defaults(n_train: int, cores: int) -> dict:
     from sepsis_sc.integrate import ScviParams, default_max_epochs
 
     d = ScviParams()
-    return dict(n_layers=d.n_layers, n_latent=d.n_latent, batch_size=d.batch_size,
-                max_epochs=default_max_epochs(n_train, batch_size=d.batch_size),
-                early_stopping=d.early_stopping, threads=cores, lr=getattr(d, "lr", None),
-                min_improvement=d.early_stopping_min_improvement, patience=d.early_stopping_patience)
+    return dict(
+        n_layers=d.n_layers,
+        n_latent=d.n_latent,
+        batch_size=d.batch_size,
+        max_epochs=default_max_epochs(n_train, batch_size=d.batch_size),
+        early_stopping=d.early_stopping,
+        threads=cores,
+        lr=getattr(d, "lr", None),
+        min_improvement=d.early_stopping_min_improvement,
+        patience=d.early_stopping_patience,
+    )
 
 
 def _variant(spec: str, base: dict) -> tuple[str, dict]:
     """Parse ``name:key=value,...`` into a setting, starting from ``base``."""
     name, _, rest = spec.partition(":")
-    keys = {"bs": ("batch_size", int), "epochs": ("max_epochs", int), "layers": ("n_layers", int),
-            "latent": ("n_latent", int), "lr": ("lr", float), "threads": ("threads", int),
-            "es": ("early_stopping", lambda v: v == "1"), "dense": ("dense", lambda v: v == "1"),
-            "mi": ("min_improvement", float), "pat": ("patience", int)}
+    keys = {
+        "bs": ("batch_size", int),
+        "epochs": ("max_epochs", int),
+        "layers": ("n_layers", int),
+        "latent": ("n_latent", int),
+        "lr": ("lr", float),
+        "threads": ("threads", int),
+        "es": ("early_stopping", lambda v: v == "1"),
+        "dense": ("dense", lambda v: v == "1"),
+        "mi": ("min_improvement", float),
+        "pat": ("patience", int),
+    }
     kw = dict(base)
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
@@ -148,17 +186,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", type=int, default=1500)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra settings name:key=value,... (keys bs, epochs, es, layers, latent, "
-                         "lr, threads, dense; unset keys take the sepsis-sc defaults)")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        help="extra settings name:key=value,... (keys bs, epochs, es, layers, latent, "
+        "lr, threads, dense; unset keys take the sepsis-sc defaults)",
+    )
     ap.add_argument("--skip-default", action="store_true", help="skip the scvi-tools default run")
     ap.add_argument("--skip-ours", action="store_true", help="skip the sepsis-sc default run")
-    ap.add_argument("--cap-epochs", type=int, default=None,
-                    help="cap every setting's epochs (smoke tests only: breaks the comparison)")
-    ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
-                    help="scVI training seeds (default: --seed); each setting runs once per seed")
-    ap.add_argument("--append", action="store_true",
-                    help="keep the saved rows of other (setting, seed) pairs on the same cohort")
+    ap.add_argument(
+        "--cap-epochs",
+        type=int,
+        default=None,
+        help="cap every setting's epochs (smoke tests only: breaks the comparison)",
+    )
+    ap.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="scVI training seeds (default: --seed); each setting runs once per seed",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the saved rows of other (setting, seed) pairs on the same cohort",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/out")
     args = ap.parse_args(argv)
 
@@ -168,9 +222,19 @@ def main(argv: list[str] | None = None) -> None:
     n = adata.n_obs
     settings = []
     if not args.skip_default:
-        settings.append(("scvi-tools default", dict(n_layers=1, n_latent=10, batch_size=None,
-                                                    max_epochs=None, early_stopping=False,
-                                                    threads=None)))
+        settings.append(
+            (
+                "scvi-tools default",
+                dict(
+                    n_layers=1,
+                    n_latent=10,
+                    batch_size=None,
+                    max_epochs=None,
+                    early_stopping=False,
+                    threads=None,
+                ),
+            )
+        )
     sepsis = _sepsis_defaults(int(0.9 * n), args.cores)
     if not args.skip_ours:
         settings.append(("sepsis-sc default", sepsis))
@@ -195,29 +259,45 @@ def main(argv: list[str] | None = None) -> None:
         seconds, epochs, elbo_val, latent, n_train = _train(adata, seed=seed, **kw)
         key = "X_" + name.replace(" ", "_")
         adata.obsm[key] = latent
-        m = integration_metrics(adata, embed_keys=[key], batch_key="batch",
-                                label_key="cell_type", seed=args.seed).iloc[0]
-        rows.append({
-            "setting": name, "seed": seed, "cells": n, "layers/latent": f"{kw['n_layers']}/{kw['n_latent']}",
-            "batch_size": kw["batch_size"] or 128, "lr": kw.get("lr") or 0.001,
-            "max_epochs": kw["max_epochs"] or 400, "early_stopping": bool(kw["early_stopping"]),
-            "stopping": (f"smoothed ELBO < {kw['min_improvement']:g} over {kw['patience']}"
-                         if kw["early_stopping"] and kw.get("min_improvement")
-                         else f"no new best in {kw.get('patience', 10)}" if kw["early_stopping"]
-                         else "none"),
-            "threads": kw["threads"] or "torch default",
-            "data": "dense" if kw.get("dense") else "sparse",
-            "epochs_run": epochs, "train_s": round(seconds, 1),
-            "cells_x_epochs_per_s": round(n_train * epochs / seconds),
-            "elbo_validation": round(elbo_val, 1), "ilisi": round(float(m["ilisi"]), 3),
-            "batch_asw": round(float(m["batch_asw"]), 3), "nmi": round(float(m["nmi"]), 3),
-            "ari": round(float(m["ari"]), 3),
-        })
+        m = integration_metrics(
+            adata, embed_keys=[key], batch_key="batch", label_key="cell_type", seed=args.seed
+        ).iloc[0]
+        rows.append(
+            {
+                "setting": name,
+                "seed": seed,
+                "cells": n,
+                "layers/latent": f"{kw['n_layers']}/{kw['n_latent']}",
+                "batch_size": kw["batch_size"] or 128,
+                "lr": kw.get("lr") or 0.001,
+                "max_epochs": kw["max_epochs"] or 400,
+                "early_stopping": bool(kw["early_stopping"]),
+                "stopping": (
+                    f"smoothed ELBO < {kw['min_improvement']:g} over {kw['patience']}"
+                    if kw["early_stopping"] and kw.get("min_improvement")
+                    else f"no new best in {kw.get('patience', 10)}"
+                    if kw["early_stopping"]
+                    else "none"
+                ),
+                "threads": kw["threads"] or "torch default",
+                "data": "dense" if kw.get("dense") else "sparse",
+                "epochs_run": epochs,
+                "train_s": round(seconds, 1),
+                "cells_x_epochs_per_s": round(n_train * epochs / seconds),
+                "elbo_validation": round(elbo_val, 1),
+                "ilisi": round(float(m["ilisi"]), 3),
+                "batch_asw": round(float(m["batch_asw"]), 3),
+                "nmi": round(float(m["nmi"]), 3),
+                "ari": round(float(m["ari"]), 3),
+            }
+        )
         print(rows[-1], flush=True)
         new = pd.DataFrame(rows)
         if len(kept):
             done = set(zip(new["setting"], new["seed"], strict=True))
-            old = kept[[(a, b) not in done for a, b in zip(kept["setting"], kept["seed"], strict=True)]]
+            old = kept[
+                [(a, b) not in done for a, b in zip(kept["setting"], kept["seed"], strict=True)]
+            ]
             new = pd.concat([old, new], ignore_index=True)
         new.to_csv(out_file, sep="\t", index=False)
     table = new

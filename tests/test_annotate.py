@@ -16,26 +16,82 @@ from sepsis_sc.pl import annotate as pl_an
 from sepsis_sc.resources import load_yaml, resource_path
 
 VOCAB_LABELS = [
-    "CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T", "CD8 effector/memory T", "MAIT",
-    "gamma-delta T", "T unresolved", "NK CD56bright", "NK CD56dim", "naive B", "memory B",
-    "B unresolved", "Plasmablast", "Classical monocyte", "Non-classical monocyte", "cDC1",
-    "cDC2", "pDC", "DC unresolved", "Mature neutrophil",
-    "Immature neutrophil", "TREM2-high macrophage", "Macrophage", "Platelet", "Erythroid",
-    "HSPC", "Unassigned",
-]  # fmt: skip
+    "CD4 naive T",
+    "CD4 memory T",
+    "Treg",
+    "CD8 naive T",
+    "CD8 effector/memory T",
+    "MAIT",
+    "gamma-delta T",
+    "T unresolved",
+    "NK CD56bright",
+    "NK CD56dim",
+    "naive B",
+    "memory B",
+    "B unresolved",
+    "Plasmablast",
+    "Classical monocyte",
+    "Non-classical monocyte",
+    "cDC1",
+    "cDC2",
+    "pDC",
+    "DC unresolved",
+    "Mature neutrophil",
+    "Immature neutrophil",
+    "TREM2-high macrophage",
+    "Macrophage",
+    "Platelet",
+    "Erythroid",
+    "HSPC",
+    "Unassigned",
+]
 
 # Toy populations: label -> genes expressed at a high rate.
 _T = ["CD3D", "CD3E", "CD3G", "TRAC", "TRBC2", "CD2", "LCK", "CD247"]
 _POPS = {
     "CD4 naive T": _T + ["CD4", "CCR7", "LEF1", "TCF7", "IL7R", "MAL", "NOSIP", "LDHB"],
     "CD8 effector/memory T": _T + ["CD8A", "CD8B", "CCL5", "GZMH", "GZMK", "NKG7", "CST7"],
-    "NK CD56dim": ["NKG7", "GNLY", "KLRD1", "KLRF1", "PRF1", "GZMB", "FCGR3A", "FCER1G",
-                   "TYROBP", "FGFBP2", "SPON2", "CD247"],
-    "naive B": ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "PAX5", "CD22", "IGHM", "IGHD",
-                "TCL1A", "IL4R", "FCER2"],
-    "Classical monocyte": ["CD14", "LYZ", "FCN1", "VCAN", "S100A8", "S100A9", "CSF1R", "CTSS",
-                           "MNDA", "S100A12"],
-}  # fmt: skip
+    "NK CD56dim": [
+        "NKG7",
+        "GNLY",
+        "KLRD1",
+        "KLRF1",
+        "PRF1",
+        "GZMB",
+        "FCGR3A",
+        "FCER1G",
+        "TYROBP",
+        "FGFBP2",
+        "SPON2",
+        "CD247",
+    ],
+    "naive B": [
+        "MS4A1",
+        "CD79A",
+        "CD79B",
+        "CD19",
+        "BANK1",
+        "PAX5",
+        "CD22",
+        "IGHM",
+        "IGHD",
+        "TCL1A",
+        "IL4R",
+        "FCER2",
+    ],
+    "Classical monocyte": [
+        "CD14",
+        "LYZ",
+        "FCN1",
+        "VCAN",
+        "S100A8",
+        "S100A9",
+        "CSF1R",
+        "CTSS",
+        "MNDA",
+        "S100A12",
+    ],
+}
 _BACKGROUND = [f"GENE{i}" for i in range(150)]
 
 
@@ -97,11 +153,19 @@ def test_vocabulary_matches_architecture_contract():
     assert list(vocab.lineages.index) == list(an.LINEAGES)
     ct = vocab.cell_types
     expected_cl = {
-        "CD4 naive T": "CL:0000895", "Treg": "CL:0000815", "Classical monocyte": "CL:0000860",
-        "Non-classical monocyte": "CL:0000875", "pDC": "CL:0000784", "Plasmablast": "CL:0000980",
-        "NK CD56dim": "CL:0000939", "NK CD56bright": "CL:0000938", "MAIT": "CL:0000940",
-        "gamma-delta T": "CL:0000798", "naive B": "CL:0000788", "memory B": "CL:0000787",
-    }  # fmt: skip
+        "CD4 naive T": "CL:0000895",
+        "Treg": "CL:0000815",
+        "Classical monocyte": "CL:0000860",
+        "Non-classical monocyte": "CL:0000875",
+        "pDC": "CL:0000784",
+        "Plasmablast": "CL:0000980",
+        "NK CD56dim": "CL:0000939",
+        "NK CD56bright": "CL:0000938",
+        "MAIT": "CL:0000940",
+        "gamma-delta T": "CL:0000798",
+        "naive B": "CL:0000788",
+        "memory B": "CL:0000787",
+    }
     for label, cl in expected_cl.items():
         assert ct.at[label, "cl"] == cl, label
     assert vocab.lineages.at["NK", "cl"] == "CL:0000623"
@@ -301,7 +365,9 @@ def test_organism_detection_and_mismatch():
     assert mouse.uns["annotation"]["params"]["organism"] == "mouse"
     with pytest.raises(ValueError, match="expects organism 'human'"):
         an.annotate(mouse, markers=mk, cluster_key="cl", expected_organism="human")
-    with pytest.raises(ValueError, match="organism: human but the genes of the annotation input are mouse"):
+    with pytest.raises(
+        ValueError, match="organism: human but the genes of the annotation input are mouse"
+    ):
         an.annotate(mouse, organism="human", cluster_key="cl")
     human = _toy()
     with pytest.raises(ValueError, match="expects organism 'mouse'"):
@@ -321,9 +387,15 @@ def test_annotation_agreement_reports_lineage_accuracy():
     adata = _toy()
     an.annotate(adata, cluster_key="cl")
     adata.obs["coarse"] = adata.obs["truth"].map(
-        {"CD4 naive T": "T_CD4", "CD8 effector/memory T": "T_CD8", "NK CD56dim": "NK",
-         "naive B": "B", "Classical monocyte": "MNP", "debris": "Unassigned"}
-    )  # fmt: skip
+        {
+            "CD4 naive T": "T_CD4",
+            "CD8 effector/memory T": "T_CD8",
+            "NK CD56dim": "NK",
+            "naive B": "B",
+            "Classical monocyte": "MNP",
+            "debris": "Unassigned",
+        }
+    )
     tab = an.annotation_agreement(adata, "coarse", "cell_type", label_map={"MNP": "Monocyte"})
     assert tab.attrs["lineage_accuracy"] >= 0.98
     row = tab.set_index("label").loc["T_CD8"]
@@ -493,11 +565,16 @@ def _simulated_pair(*, cells_per_sample: int, n_genes: int, seed: int):
     """Two simulated samples (one septic, one control, one batch) concatenated, and the truth."""
     simulate = pytest.importorskip("sepsis_sc.simulate")
     sheet = pd.DataFrame(
-        {"sample_id": ["s1", "s2"], "condition": ["sepsis", "control"], "donor": ["d1", "d2"],
-         "batch": ["b1", "b1"]}
-    )  # fmt: skip
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=cells_per_sample,
-                                             n_genes=n_genes, seed=seed)  # fmt: skip
+        {
+            "sample_id": ["s1", "s2"],
+            "condition": ["sepsis", "control"],
+            "donor": ["d1", "d2"],
+            "batch": ["b1", "b1"],
+        }
+    )
+    adatas, truth = simulate.simulate_cohort(
+        sheet, cells_per_sample=cells_per_sample, n_genes=n_genes, seed=seed
+    )
     return ad.concat(list(adatas.values())), truth
 
 
@@ -537,14 +614,19 @@ def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
     calls = []
     real = an._hvg_columns
     monkeypatch.setattr(an, "LINEAGE_HVG_CELLS", 300)
-    monkeypatch.setattr(an, "_hvg_columns", lambda *a, **k: calls.append(a[1].size) or real(*a, **k))
+    monkeypatch.setattr(
+        an, "_hvg_columns", lambda *a, **k: calls.append(a[1].size) or real(*a, **k)
+    )
     an.annotate(adata, expected_organism="human", seed=0)
     assert calls and max(calls) > 300  # the sampled path ran, on whole lineages
     same = (adata.obs["cell_type"].astype(str) == full.obs["cell_type"].astype(str)).mean()
     assert same >= 0.95, same
     tr = truth.set_index("cell_id").reindex(adata.obs_names)
     clean = (~tr["is_doublet"] & ~tr["is_low_quality"]).to_numpy()
-    acc = (adata.obs["cell_type"].astype(str).to_numpy()[clean] == tr["cell_type"].astype(str).to_numpy()[clean]).mean()
+    acc = (
+        adata.obs["cell_type"].astype(str).to_numpy()[clean]
+        == tr["cell_type"].astype(str).to_numpy()[clean]
+    ).mean()
     assert acc >= 0.86, acc
 
 
@@ -564,7 +646,9 @@ def test_annotate_streams_counts_from_the_file(tmp_path):
     an.annotate(light, expected_organism="human", seed=0, counts_file=path)
     for col in ("lineage", "cell_type", "annotation_cluster"):
         assert (light.obs[col].astype(str) == adata.obs[col].astype(str)).all(), col
-    np.testing.assert_array_equal(light.obs["annotation_confidence"], adata.obs["annotation_confidence"])
+    np.testing.assert_array_equal(
+        light.obs["annotation_confidence"], adata.obs["annotation_confidence"]
+    )
     with pytest.raises(ValueError, match="holds 1200 cells"):
         an.annotate(light[:100].copy(), expected_organism="human", counts_file=path)
 
@@ -576,9 +660,18 @@ def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
     from sepsis_sc.cluster import leiden_multi
 
     adata = _toy(n_per=60, seed=1)
-    adata.obsm["X_emb"] = np.asarray(np.log1p(adata.layers["counts"][:, :30].toarray()), dtype=np.float32)
-    leiden_multi(adata, use_rep="X_emb", n_neighbors=15, resolutions=[1.0, 2.0],
-                 default_resolution=1.0, seed=0, umap=False)
+    adata.obsm["X_emb"] = np.asarray(
+        np.log1p(adata.layers["counts"][:, :30].toarray()), dtype=np.float32
+    )
+    leiden_multi(
+        adata,
+        use_rep="X_emb",
+        n_neighbors=15,
+        resolutions=[1.0, 2.0],
+        default_resolution=1.0,
+        seed=0,
+        umap=False,
+    )
     an.annotate(adata, cluster_key=None, use_rep="X_emb", resolution=2.0, seed=0)
     clusters = adata.obs["annotation_cluster"].astype(str)
     assert (clusters == adata.obs["leiden_r2.0"].astype(str)).all()
@@ -643,8 +736,13 @@ def test_kang_targeted_panel_lineage_accuracy_and_unassigned():
     obs = adata.obs
     lab = obs["muscat_cluster_id_partial"]
     has = lab.notna().to_numpy()
-    ok_map = {"CD14+ Monocytes": "Monocyte", "FCGR3A+ Monocytes": "Monocyte",
-              "CD4 T cells": "T", "CD8 T cells": "T", "B cells": "B"}  # fmt: skip
+    ok_map = {
+        "CD14+ Monocytes": "Monocyte",
+        "FCGR3A+ Monocytes": "Monocyte",
+        "CD4 T cells": "T",
+        "CD8 T cells": "T",
+        "B cells": "B",
+    }
     want = lab[has].astype(str).map(ok_map)
     got = obs.loc[has, "lineage"].astype(str)
     assert (want == got).mean() >= 0.90
@@ -653,8 +751,7 @@ def test_kang_targeted_panel_lineage_accuracy_and_unassigned():
     cov = pd.DataFrame(adata.uns["annotation"]["lineage_coverage"]).set_index("lineage")
     assert cov.at["B", "best_coverage"] >= 0.5 and cov.at["DC", "best_coverage"] < 0.5
     ct = obs["cell_type"].astype(str)
-    t_cd = ct.isin(["CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T",
-                    "CD8 effector/memory T"])  # fmt: skip
+    t_cd = ct.isin(["CD4 naive T", "CD4 memory T", "Treg", "CD8 naive T", "CD8 effector/memory T"])
     assert not t_cd.any() and (ct == "T unresolved").sum() > 500
 
 

@@ -34,8 +34,15 @@ def test_consensus_rules_and_agreement_table():
     out = adata.obs["consensus_lineage"].astype(str).tolist()
     why = adata.obs["consensus_lineage_source"].astype(str).tolist()
     assert out == ["T", "Unassigned", "B", "Monocyte", "Unassigned", "NK", "Unassigned"]
-    assert why == ["agree", "disagree", "agree", "reference_only", "reference_uncertain",
-                   "markers_only", "neither"]  # fmt: skip
+    assert why == [
+        "agree",
+        "disagree",
+        "agree",
+        "reference_only",
+        "reference_uncertain",
+        "markers_only",
+        "neither",
+    ]
     assert tab.attrs["n_compared"] == 3 and tab.attrs["agreement"] == pytest.approx(2 / 3)
     assert tab.loc["T", "NK"] == 1
 
@@ -80,13 +87,30 @@ def test_scanvi_transfer_pbmc4k_to_eccite_agrees_with_markers_and_protein():
     query = ad.read_h5ad(shared_file("eccite_pbmc_citefuse.h5ad"))
     lab = ref.obs["Annotation"].astype(str)
     ref.obs["label"] = lab.where(ref.obs["Cluster"].astype(str) != "6", "gdT")
-    label_map = {"T_CD4": "T", "T_CD8": "T", "gdT": "gamma-delta T", "MNP": "Monocyte",
-                 "?": "pDC", "NK": "NK", "B": "B"}  # fmt: skip
+    label_map = {
+        "T_CD4": "T",
+        "T_CD8": "T",
+        "gdT": "gamma-delta T",
+        "MNP": "Monocyte",
+        "?": "pDC",
+        "NK": "NK",
+        "B": "B",
+    }
     summary = rf.transfer_labels(
-        query, ref, label_key="label", layer=None, reference_layer=None, label_map=label_map,
-        n_top_genes=1000, n_latent=10, scvi_epochs=50, scanvi_epochs=20, query_epochs=50,
-        accelerator="cpu", seed=0,
-    )  # fmt: skip
+        query,
+        ref,
+        label_key="label",
+        layer=None,
+        reference_layer=None,
+        label_map=label_map,
+        n_top_genes=1000,
+        n_latent=10,
+        scvi_epochs=50,
+        scanvi_epochs=20,
+        query_epochs=50,
+        accelerator="cpu",
+        seed=0,
+    )
     assert set(summary["label"]) <= set(ref.obs["label"])
     u = query.obs["reference_uncertainty"].to_numpy()
     assert np.all((u >= 0) & (u <= 1)) and np.median(u) < 0.2

@@ -71,8 +71,15 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
 def test_pl_covers_the_stages():
     pl = PACKAGE / "pl"
     assert {p.stem for p in pl.glob("*.py")} >= {
-        "qc", "integrate", "cluster", "annotate", "stats", "de", "patients", "style",
-    }  # fmt: skip
+        "qc",
+        "integrate",
+        "cluster",
+        "annotate",
+        "stats",
+        "de",
+        "patients",
+        "style",
+    }
     assert not (PACKAGE / "plotting.py").exists()  # one home for the palettes: pl/style.py
 
 
@@ -85,9 +92,19 @@ def test_stage_modules_have_no_figure_functions():
 
 #: library calls in the rule scripts that read counts after QC, which must be told the
 #: count layer of config qc.downstream_layer (ambient-corrected counts when QC made them)
-_COUNT_READERS = {"annotate", "annotate_celltypist", "transfer_labels", "score_states",
-                  "sample_table", "pseudobulk_de", "pseudobulk", "profile", "select_hvgs",
-                  "select_hvgs_streamed", "marker_dotplot"}  # fmt: skip
+_COUNT_READERS = {
+    "annotate",
+    "annotate_celltypist",
+    "transfer_labels",
+    "score_states",
+    "sample_table",
+    "pseudobulk_de",
+    "pseudobulk",
+    "profile",
+    "select_hvgs",
+    "select_hvgs_streamed",
+    "marker_dotplot",
+}
 
 
 def test_rule_scripts_pass_the_downstream_count_layer():

@@ -19,9 +19,23 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
     size = 1600
     try:
         subprocess.run(
-            [sys.executable, str(REPO / "benchmarks/scaling.py"), "--sizes", str(size),
-             "--cells-per-sample", "400", "--epochs", "2", "--workdir", str(work), "--no-report"],
-            check=True, cwd=REPO, capture_output=True, text=True,
+            [
+                sys.executable,
+                str(REPO / "benchmarks/scaling.py"),
+                "--sizes",
+                str(size),
+                "--cells-per-sample",
+                "400",
+                "--epochs",
+                "2",
+                "--workdir",
+                str(work),
+                "--no-report",
+            ],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
     except subprocess.CalledProcessError as err:  # pragma: no cover - shown on failure
         pytest.fail(f"scaling.py failed:\n{err.stdout[-3000:]}\n{err.stderr[-3000:]}")
@@ -42,8 +56,18 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
     assert (stages.loc[stages["stage"] == "qc", "jobs"] == 4).all()
 
     docs = tmp_path / "docs"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/report.py"), "--workdir", str(work),
-                    "--docs", str(docs)], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/report.py"),
+            "--workdir",
+            str(work),
+            "--docs",
+            str(docs),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     text = (docs / "benchmarks.md").read_text()
     assert "time ratio" in text and "| 1600 |" in text
     assert "| de labels tested | 0 |" in text
@@ -53,10 +77,24 @@ def test_scaling_benchmark_runs_pipeline_and_reference(tmp_path):
 @pytest.mark.slow
 def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/scvi_cpu.py"), "--samples", "4", "--cells", "300",
-         "--skip-default", "--variants", "tiny:bs=256,epochs=3,layers=1,lr=0.002", "--cap-epochs",
-         "5", "--out", str(tmp_path)],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            str(REPO / "benchmarks/scvi_cpu.py"),
+            "--samples",
+            "4",
+            "--cells",
+            "300",
+            "--skip-default",
+            "--variants",
+            "tiny:bs=256,epochs=3,layers=1,lr=0.002",
+            "--cap-epochs",
+            "5",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     table = pd.read_csv(tmp_path / "scvi_cpu.tsv", sep="\t")
     assert list(table["setting"]) == ["sepsis-sc default", "tiny"]
@@ -67,23 +105,48 @@ def test_scvi_cpu_benchmark_reports_throughput_and_quality(tmp_path):
     assert table[["elbo_validation", "ilisi", "ari"]].notna().all().all()
     # another training seed of the default setting is added to the saved rows
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/scvi_cpu.py"), "--samples", "4", "--cells", "300",
-         "--skip-default", "--cap-epochs", "2", "--train-seeds", "1", "--append",
-         "--out", str(tmp_path)],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            str(REPO / "benchmarks/scvi_cpu.py"),
+            "--samples",
+            "4",
+            "--cells",
+            "300",
+            "--skip-default",
+            "--cap-epochs",
+            "2",
+            "--train-seeds",
+            "1",
+            "--append",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     table = pd.read_csv(tmp_path / "scvi_cpu.tsv", sep="\t")
     assert list(zip(table["setting"], table["seed"])) == [
-        ("sepsis-sc default", 0), ("tiny", 0), ("sepsis-sc default", 1)
+        ("sepsis-sc default", 0),
+        ("tiny", 0),
+        ("sepsis-sc default", 1),
     ]
 
 
 def test_design_calibration_benchmark_runs(tmp_path):
     res = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/design_calibration.py"), "--cohorts", "3",
-         "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "benchmarks/design_calibration.py"),
+            "--cohorts",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     table = pd.read_csv(tmp_path / "design_calibration.tsv", sep="\t")
     assert len(table) == 12 and table["fpr_0.05"].between(0, 1).all()
@@ -96,11 +159,13 @@ def test_stage_memory_fit_covers_every_measured_peak():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from report import fit_stage_memory
 
-    st = pd.DataFrame({
-        "stage": ["annotate"] * 3 + ["stats"] * 2,
-        "cells": [50_000, 100_000, 200_000, 50_000, 200_000],
-        "max_rss_gb": [0.9, 1.6, 3.5, 0.3, 0.31],
-    })
+    st = pd.DataFrame(
+        {
+            "stage": ["annotate"] * 3 + ["stats"] * 2,
+            "cells": [50_000, 100_000, 200_000, 50_000, 200_000],
+            "max_rss_gb": [0.9, 1.6, 3.5, 0.3, 0.31],
+        }
+    )
     fit = fit_stage_memory(st).set_index("stage")
     for row in st.itertuples():
         fixed, slope = fit.loc[row.stage, ["fixed_mb", "mb_per_10k_cells"]]
@@ -114,13 +179,18 @@ def test_report_says_when_each_row_was_measured():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from report import _dates_note, _measured_on
 
-    res = pd.DataFrame({
-        "cells": [100_000, 100_000, 200_000, 1_000_000],
-        "tool": ["pipeline", "reference", "pipeline", "pipeline"],
-        "date": ["2026-12-02", "2026-12-02", "2026-12-01", "2026-12-01"],
-    })
-    assert _measured_on(res).to_dict() == {100_000: "2026-12-02", 200_000: "2026-12-01",
-                                            1_000_000: "2026-12-01"}
+    res = pd.DataFrame(
+        {
+            "cells": [100_000, 100_000, 200_000, 1_000_000],
+            "tool": ["pipeline", "reference", "pipeline", "pipeline"],
+            "date": ["2026-12-02", "2026-12-02", "2026-12-01", "2026-12-01"],
+        }
+    )
+    assert _measured_on(res).to_dict() == {
+        100_000: "2026-12-02",
+        200_000: "2026-12-01",
+        1_000_000: "2026-12-01",
+    }
     note = " ".join(_dates_note(res))
     assert "2 different days" in note and "compare the two tools measured on the same day" in note
 

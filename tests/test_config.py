@@ -30,8 +30,13 @@ def _sheet(**overrides):
 def test_default_config_is_valid_and_fills_defaults(repo_root):
     cfg = load_config(repo_root / "config" / "config.yaml")
     assert cfg["run_name"] == "demo"
-    assert cfg["contrast"] == {"column": "condition", "case": "sepsis", "control": "control",
-                               "design": None, "paired": None}  # fmt: skip
+    assert cfg["contrast"] == {
+        "column": "condition",
+        "case": "sepsis",
+        "control": "control",
+        "design": None,
+        "paired": None,
+    }
     assert cfg["contrasts"] is None and cfg["stats"]["design"] is None
     # a key absent from a minimal config comes from the schema default
     minimal = validate_config({"run_name": "x"})
@@ -140,7 +145,10 @@ def test_demo_sheet_is_valid(repo_root):
 
 def test_command_line_strings_are_coerced_to_schema_types():
     cfg = validate_config(
-        {"integration": {"max_epochs": "30", "early_stopping": "false"}, "qc": {"max_pct_mt": "null"}}
+        {
+            "integration": {"max_epochs": "30", "early_stopping": "false"},
+            "qc": {"max_pct_mt": "null"},
+        }
     )
     assert cfg["integration"]["max_epochs"] == 30
     assert cfg["integration"]["early_stopping"] is False

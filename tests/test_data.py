@@ -55,7 +55,10 @@ def test_counts_in_layer_or_integer_x():
 
 def test_log_normalised_input_rejected_with_the_fix():
     a = _adata(_lognorm(_counts()))
-    with pytest.raises(data.NoRawCountsError, match=r"layers\[\"counts\"\] is absent.*non-integer.*adata.layers\['counts'\] = adata.X.copy\(\)"):  # fmt: skip
+    with pytest.raises(
+        data.NoRawCountsError,
+        match=r"layers\[\"counts\"\] is absent.*non-integer.*adata.layers\['counts'\] = adata.X.copy\(\)",
+    ):
         data.get_counts(a)
     # the error is both: old callers caught KeyError (missing layer) or ValueError
     with pytest.raises(KeyError):
@@ -131,7 +134,10 @@ def test_mixed_or_unknown_names_are_undecidable():
     assert data.detect_organism(HUMAN[:3] + MOUSE[:3]) is None
     assert data.detect_organism(["foo1", "bar2"]) is None
     assert data.detect_organism([]) is None
-    with pytest.raises(ValueError, match=r"cannot infer the organism.*human: .*CD3E.*mouse: .*Cd3e.*organism='human'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"cannot infer the organism.*human: .*CD3E.*mouse: .*Cd3e.*organism='human'",
+    ):
         data.resolve_organism(HUMAN[:3] + MOUSE[:3])
 
 

@@ -60,8 +60,12 @@ def _cohort(
                 mu = mu * 2.0**log2fc
             lam = mu * rng.gamma(1 / dispersion, dispersion, n_genes)
             blocks.append(sp.csr_matrix(rng.poisson(lam / n, size=(n, n_genes)).astype(np.float32)))
-            obs.append(pd.DataFrame({"sample_id": sid, "cell_type": label,
-                                     **{c: row[c] for c in samples.columns}}, index=range(n)))  # fmt: skip
+            obs.append(
+                pd.DataFrame(
+                    {"sample_id": sid, "cell_type": label, **{c: row[c] for c in samples.columns}},
+                    index=range(n),
+                )
+            )
     obs = pd.concat(obs, ignore_index=True)
     obs.index = [f"c{i}" for i in range(len(obs))]
     a = ad.AnnData(sp.vstack(blocks).tocsr(), obs=obs)
@@ -107,7 +111,10 @@ def test_pseudobulk_sums_match_groupby_and_errors():
     del b.layers["counts"]
     assert de.pseudobulk(b, label_key="cell_type")[0]["T"].equals(counts["T"])
     b.X = b.X * 0.37
-    with pytest.raises(ValueError, match=r'layers\["counts"\] is absent and X does not hold raw counts.*non-integer'):
+    with pytest.raises(
+        ValueError,
+        match=r'layers\["counts"\] is absent and X does not hold raw counts.*non-integer',
+    ):
         de.pseudobulk(b, label_key="cell_type")
     b.layers["counts"] = b.X.copy()
     with pytest.raises(ValueError, match=r'layers\["counts"\] does not hold raw integer counts'):
@@ -201,8 +208,11 @@ def test_repeated_donor_samples_are_summed_per_donor():
 
 def test_paired_design_uses_donor_blocks():
     rng = np.random.default_rng(4)
-    rows = [{"sample_id": f"P{i}_{t}", "timepoint": t, "donor": f"P{i}", "condition": "sepsis"}
-            for i in range(6) for t in ("T0", "T6")]  # fmt: skip
+    rows = [
+        {"sample_id": f"P{i}_{t}", "timepoint": t, "donor": f"P{i}", "condition": "sepsis"}
+        for i in range(6)
+        for t in ("T0", "T6")
+    ]
     sheet = pd.DataFrame(rows).set_index("sample_id")
     lfc = np.zeros(N_GENES)
     lfc[:10] = 2.0  # 6 pairs: t on 5 residual df (use_t) finds a 4-fold change
@@ -266,15 +276,19 @@ def test_figures_on_small_result(tmp_path):
     assert len([ax for ax in fig.axes if ax.axison]) == 2
     assert savefig(fig, tmp_path / "volcano.png").stat().st_size > 10_000
     counts, n_cells = de.pseudobulk(a, label_key="cell_type")
-    pb = {("cell_type", lab): de.label_units(counts[lab], n_cells[lab], design)[0]
-          for lab in ("Mono", "T")}  # fmt: skip
+    pb = {
+        ("cell_type", lab): de.label_units(counts[lab], n_cells[lab], design)[0]
+        for lab in ("Mono", "T")
+    }
     fig = pl_de.top_genes_heatmap(res, pb, design.units, case="sepsis", control="control")
     assert savefig(fig, tmp_path / "heatmap.png").stat().st_size > 10_000
     # nothing tested / nothing significant: a figure that says so
     empty = de.pseudobulk_de(a, design, levels=("cell_type",), min_samples_per_group=9)
     assert savefig(pl_de.volcano(*empty, case="sepsis", control="control"), tmp_path / "v0.png")
-    assert savefig(pl_de.top_genes_heatmap(empty[0], {}, design.units, case="sepsis",
-                                           control="control"), tmp_path / "h0.png")  # fmt: skip
+    assert savefig(
+        pl_de.top_genes_heatmap(empty[0], {}, design.units, case="sepsis", control="control"),
+        tmp_path / "h0.png",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -328,7 +342,9 @@ def test_pseudobulk_and_de_stream_counts_from_the_file(tmp_path):
     r1, s1 = de.pseudobulk_de(a, design, levels=["cell_type"])
     r2, s2 = de.pseudobulk_de(light, design, levels=["cell_type"], counts_file=path)
     pd.testing.assert_frame_equal(r1, r2)
-    pd.testing.assert_frame_equal(s1.drop(columns="seconds", errors="ignore"), s2.drop(columns="seconds", errors="ignore"))
+    pd.testing.assert_frame_equal(
+        s1.drop(columns="seconds", errors="ignore"), s2.drop(columns="seconds", errors="ignore")
+    )
 
 
 def _kang_annotated() -> ad.AnnData:
@@ -362,16 +378,17 @@ def test_kang_interferon_genes_up_in_stimulated_monocytes(kang_stim):
     top = set(up["gene"].head(50))
     for genes in (["ISG15"], ["IFI6"], ["IFIT1", "IFIT3"], ["MX1"]):
         assert top & set(genes), f"{genes} not among the top 50 up genes: {sorted(top)[:20]}"
-    print(f"Kang monocytes: {row['n_genes_tested']} genes, {row['n_up']} up, "
-          f"{row['n_down']} down in {row['seconds']} s; top up {row['top_up']}")  # fmt: skip
+    print(
+        f"Kang monocytes: {row['n_genes_tested']} genes, {row['n_up']} up, "
+        f"{row['n_down']} down in {row['seconds']} s; top up {row['top_up']}"
+    )
 
 
 @pytest.mark.realdata
 def test_kang_null_split_of_controls():
     a = kang_monocytes("null", seed=1)
     design = _design(a, Contrast("a_vs_b", "condition", "a", "b"))
-    res, summ = de.pseudobulk_de(a, design, levels=("cell_type",),
-                                 shrink=False, n_cpus=2)  # fmt: skip
+    res, summ = de.pseudobulk_de(a, design, levels=("cell_type",), shrink=False, n_cpus=2)
     assert summ.set_index("label").loc["Monocyte", "status"] == "tested"
     frac = float((res["padj"] < 0.05).sum() / len(res))
     print(f"Kang ctrl 3 vs 3 random split: {frac:.4f} of {len(res)} genes at padj < 0.05")
@@ -390,8 +407,9 @@ def test_de_settings_defaults_are_the_schema_defaults():
 
 
 def test_testable_genes_follow_the_smaller_group():
-    counts = pd.DataFrame({"g1": [5, 5, 0, 0, 0], "g2": [1, 1, 1, 1, 1], "g3": [0, 0, 0, 9, 9]},
-                          index=list("abcde"))  # fmt: skip
+    counts = pd.DataFrame(
+        {"g1": [5, 5, 0, 0, 0], "g2": [1, 1, 1, 1, 1], "g3": [0, 0, 0, 9, 9]}, index=list("abcde")
+    )
     matrix = pd.DataFrame({"Intercept": 1.0, COEF: [1.0, 1.0, 0.0, 0.0, 0.0]}, index=list("abcde"))
     genes, why = de._testable_genes(counts, matrix, de.DESettings(min_total_count=10, min_count=5))
     assert list(genes) == ["g1", "g3"] and why == ""  # 2 units of the smaller group suffice
@@ -408,5 +426,8 @@ def test_label_and_unit_gates_say_why():
     why = de._unit_gate(row, design.matrix, "", design, de.DESettings(min_samples_per_group=3))
     assert why.startswith("fewer than 3 units per group")
     row = {"n_case": 3, "n_control": 3}
-    assert de._unit_gate(row, None, "", design, de.DESettings()) == "contrast not estimable on the units left"
+    assert (
+        de._unit_gate(row, None, "", design, de.DESettings())
+        == "contrast not estimable on the units left"
+    )
     assert de._unit_gate(row, design.matrix, "", design, de.DESettings()) == ""

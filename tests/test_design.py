@@ -65,16 +65,24 @@ def test_within_patient_contrast_is_paired_and_matches_paired_t():
 
 
 def test_parse_contrasts_shorthand_list_and_null():
-    one = parse_contrasts({"contrast": {"column": "condition", "case": "sepsis", "control": "control"}})
+    one = parse_contrasts(
+        {"contrast": {"column": "condition", "case": "sepsis", "control": "control"}}
+    )
     assert one == [Contrast("sepsis_vs_control", "condition", "sepsis", "control")]
-    many = parse_contrasts({"contrasts": [
-        {"column": "condition", "case": "sepsis", "control": "control"},
-        {"name": "late", "column": "timepoint", "case": "T6", "control": "T0"},
-    ]})  # fmt: skip
+    many = parse_contrasts(
+        {
+            "contrasts": [
+                {"column": "condition", "case": "sepsis", "control": "control"},
+                {"name": "late", "column": "timepoint", "case": "T6", "control": "T0"},
+            ]
+        }
+    )
     assert [c.name for c in many] == ["sepsis_vs_control", "late"]
     assert parse_contrasts({"contrast": None}) == []
     with pytest.raises(DesignError, match="used twice"):
-        parse_contrasts({"contrasts": [{"case": "a", "control": "b"}, {"case": "a", "control": "b"}]})
+        parse_contrasts(
+            {"contrasts": [{"case": "a", "control": "b"}, {"case": "a", "control": "b"}]}
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -153,17 +161,30 @@ def _age_confounded_table(seed: int = 3):
             meta.append({"sample_id": sid, "condition": cond, "donor": sid, "age": str(age)})
             for j in range(6):
                 score = 0.1 + 0.004 * age + rng.normal(0, 0.02)  # age drives it; sepsis does not
-                rows.append({"sample_id": sid, "condition": cond, "donor": sid, "state": f"s{j}",
-                             "label": f"s{j}", "population": "p", "metric": "mean_score",
-                             "value": score, "n_cells": 100, "n_called": np.nan, "reason": ""})  # fmt: skip
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "condition": cond,
+                        "donor": sid,
+                        "state": f"s{j}",
+                        "label": f"s{j}",
+                        "population": "p",
+                        "metric": "mean_score",
+                        "value": score,
+                        "n_cells": 100,
+                        "n_called": np.nan,
+                        "reason": "",
+                    }
+                )
     return pd.DataFrame(rows), pd.DataFrame(meta).set_index("sample_id")
 
 
 def test_age_confounded_with_condition_is_removed_by_adjusting():
     tab, meta = _age_confounded_table()
     plain = stats.condition_effects(tab, case="sepsis", control="control", meta=meta)
-    adj = stats.condition_effects(tab, case="sepsis", control="control", meta=meta,
-                                  formula="~ age + condition")  # fmt: skip
+    adj = stats.condition_effects(
+        tab, case="sepsis", control="control", meta=meta, formula="~ age + condition"
+    )
     assert (plain["fdr"] < 0.05).all()  # unadjusted: age shows up as a sepsis effect
     assert (adj["pvalue"] > 0.05).all()  # adjusted: no effect of sepsis itself
     assert adj["design"].str.contains("age").all()
@@ -239,8 +260,14 @@ def _obs_adata(obs: dict) -> object:
 
 
 def test_sample_meta_with_columns_adds_donor_and_keeps_obs_order():
-    a = _obs_adata({"sample_id": ["b", "a", "b", "c"], "condition": ["x", "y", "x", "y"],
-                    "donor": ["D2", "D1", "D2", "D1"], "score": [0.1, 0.2, 0.3, 0.4]})  # fmt: skip
+    a = _obs_adata(
+        {
+            "sample_id": ["b", "a", "b", "c"],
+            "condition": ["x", "y", "x", "y"],
+            "donor": ["D2", "D1", "D2", "D1"],
+            "score": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
     sheet = sample_meta(a)  # every constant text column, sorted by sample
     assert list(sheet.index) == ["a", "b", "c"] and list(sheet.columns) == ["condition", "donor"]
     m = sample_meta(a, columns=["condition", "condition"], obs_order=True)

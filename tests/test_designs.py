@@ -31,11 +31,25 @@ def _sheet(n_case=3, n_control=3, times=("T0",), batches=1, sex=True, age=True):
     rows = []
     for i in range(n_case):
         for t in times:
-            rows.append({"sample_id": f"P{i}_{t}", "condition": "sepsis", "donor": f"P{i}",
-                         "timepoint": t, "batch": f"b{i % batches}"})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": f"P{i}_{t}",
+                    "condition": "sepsis",
+                    "donor": f"P{i}",
+                    "timepoint": t,
+                    "batch": f"b{i % batches}",
+                }
+            )
     for i in range(n_control):
-        rows.append({"sample_id": f"H{i}", "condition": "control", "donor": f"H{i}",
-                     "timepoint": "none", "batch": f"b{i % batches}"})  # fmt: skip
+        rows.append(
+            {
+                "sample_id": f"H{i}",
+                "condition": "control",
+                "donor": f"H{i}",
+                "timepoint": "none",
+                "batch": f"b{i % batches}",
+            }
+        )
     sheet = pd.DataFrame(rows)
     if sex:
         sheet["sex"] = np.where(np.arange(len(sheet)) % 2, "M", "F")
@@ -58,8 +72,9 @@ def test_simulator_opens_no_marker_or_signature_file(tmp_path):
     sys.addaudithook(hook)  # audit hooks cannot be removed: switched off below
     try:
         simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=1)
-        simulate.write_demo_cohort(_sheet(1, 1), tmp_path / "w", cells_per_sample=60,
-                                   n_genes=N_GENES, gene_panel=400)  # fmt: skip
+        simulate.write_demo_cohort(
+            _sheet(1, 1), tmp_path / "w", cells_per_sample=60, n_genes=N_GENES, gene_panel=400
+        )
     finally:
         active[0] = False
     res = [p for p in opened if "resources" in p]
@@ -73,8 +88,9 @@ def test_simulator_works_without_marker_and_signature_files(tmp_path, monkeypatc
     for sub in ("genes", "simulator"):
         shutil.copytree(REPO / "resources" / sub, res / sub)
     monkeypatch.setenv("SEPSIS_SC_RESOURCES", str(res))
-    adatas, truth = simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=60,
-                                             n_genes=N_GENES, seed=2)  # fmt: skip
+    adatas, truth = simulate.simulate_cohort(
+        _sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=2
+    )
     assert len(adatas) == 2 and len(truth) == 120
 
 
@@ -109,8 +125,12 @@ def test_fold_changes_are_realistic():
         low = 1 / 40 if cell_type == "Platelet" else 1 / 8
         assert all(low <= f <= 8 for f in folds.values()), cell_type
     # absolute identity levels only for populations the fitted PBMC data lack
-    assert set(simulate._TYPE_LEVELS) <= {"Platelet", "Mature neutrophil",
-                                          "Immature neutrophil", "Plasmablast"}  # fmt: skip
+    assert set(simulate._TYPE_LEVELS) <= {
+        "Platelet",
+        "Mature neutrophil",
+        "Immature neutrophil",
+        "Plasmablast",
+    }
     for prog in simulate._STATE_PROGRAMMES.values():
         assert all(1 / 3 <= f <= 6 for f in prog.values())
     # effector CD8 T carry part of the exhaustion programme at baseline
@@ -133,11 +153,19 @@ def test_subset_genes_are_not_the_annotators_lists():
 
 
 def test_sex_and_age_act():
-    sheet = pd.DataFrame({"sample_id": ["f_old", "m_young"], "condition": ["control"] * 2,
-                          "donor": ["d1", "d2"], "batch": "b1", "sex": ["female", "M"],
-                          "age": [85, 25]})  # fmt: skip
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=3000, n_genes=N_GENES,
-                                             effects=False, seed=4)  # fmt: skip
+    sheet = pd.DataFrame(
+        {
+            "sample_id": ["f_old", "m_young"],
+            "condition": ["control"] * 2,
+            "donor": ["d1", "d2"],
+            "batch": "b1",
+            "sex": ["female", "M"],
+            "age": [85, 25],
+        }
+    )
+    adatas, truth = simulate.simulate_cohort(
+        sheet, cells_per_sample=3000, n_genes=N_GENES, effects=False, seed=4
+    )
     f, m = adatas["f_old"], adatas["m_young"]
     assert f[:, ["RPS4Y1", "DDX3Y"]].X.sum() == 0 and f[:, "XIST"].X.sum() > 0
     assert m[:, "XIST"].X.sum() == 0 and m[:, "RPS4Y1"].X.sum() > 100
@@ -160,8 +188,7 @@ DESIGNS = {
 @pytest.mark.parametrize("name", list(DESIGNS))
 def test_design_simulates_and_the_oracle_reads_it(name):
     sheet = DESIGNS[name]
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=300, n_genes=N_GENES,
-                                             seed=5)  # fmt: skip
+    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=300, n_genes=N_GENES, seed=5)
     assert set(adatas) == set(sheet["sample_id"])
     for col in ("donor", "batch", "timepoint"):
         assert col in next(iter(adatas.values())).obs
@@ -180,8 +207,9 @@ def test_design_simulates_and_the_oracle_reads_it(name):
 def test_targeted_panel_measures_only_its_genes():
     panel = simulate.targeted_panel(1300)
     assert len(panel) == 1300 and not any(g.startswith("MT-") for g in panel)
-    adatas, truth = simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=200,
-                                             n_genes=6000, gene_panel=1300, seed=6)  # fmt: skip
+    adatas, truth = simulate.simulate_cohort(
+        _sheet(1, 1), cells_per_sample=200, n_genes=6000, gene_panel=1300, seed=6
+    )
     a = next(iter(adatas.values()))
     assert set(a.var_names) <= set(panel) and 300 < a.n_vars <= 1300
     full, _ = simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=200, n_genes=6000, seed=6)
@@ -189,8 +217,9 @@ def test_targeted_panel_measures_only_its_genes():
         np.asarray(next(iter(full.values())).X.sum(1)).ravel()
     )
     with pytest.raises(ValueError, match="gene_panel keeps"):
-        simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=50, n_genes=N_GENES,
-                                 gene_panel=["CD3E"])  # fmt: skip
+        simulate.simulate_cohort(
+            _sheet(1, 1), cells_per_sample=50, n_genes=N_GENES, gene_panel=["CD3E"]
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,9 +243,16 @@ def _run_workflow(tmp: Path, sheet: pd.DataFrame, cfg: dict) -> Path:
 
 def _demo_config(run_name: str, cells_per_sample: int) -> dict:
     """WF_CONFIG with the demo simulator writing the sheet's samples into ``demo/``."""
-    return {**WF_CONFIG, "run_name": run_name,
-            "demo": {"simulate": True, "dir": "demo", "cells_per_sample": cells_per_sample,
-                     "n_genes": 3000}}  # fmt: skip
+    return {
+        **WF_CONFIG,
+        "run_name": run_name,
+        "demo": {
+            "simulate": True,
+            "dir": "demo",
+            "cells_per_sample": cells_per_sample,
+            "n_genes": 3000,
+        },
+    }
 
 
 @pytest.mark.slow
@@ -244,12 +280,19 @@ def test_workflow_targeted_panel_runs_end_to_end(tmp_path):
     """A ~1,300-gene targeted panel (no MT genes, most marker sets partly present)."""
     sheet = _sheet(2, 2, batches=1)
     sheet["path"] = [f"data/{s}" for s in sheet["sample_id"]]
-    out = simulate.write_demo_cohort(sheet, truth_dir=tmp_path / "truth", fmt="mtx",
-                                     cells_per_sample=350, n_genes=6000, gene_panel=1300,
-                                     seed=3)  # fmt: skip
+    out = simulate.write_demo_cohort(
+        sheet,
+        truth_dir=tmp_path / "truth",
+        fmt="mtx",
+        cells_per_sample=350,
+        n_genes=6000,
+        gene_panel=1300,
+        seed=3,
+    )
     for p in out["path"]:
-        shutil.move(p, tmp_path / Path(p).relative_to(Path(p).parents[1]).parent
-                    / Path(p).name) if not (tmp_path / p).exists() else None  # fmt: skip
+        shutil.move(
+            p, tmp_path / Path(p).relative_to(Path(p).parents[1]).parent / Path(p).name
+        ) if not (tmp_path / p).exists() else None
     cfg = {**WF_CONFIG, "run_name": "panel", "demo": {"simulate": False}}
     res = _run_workflow(tmp_path, sheet, cfg)
     cells = pd.read_csv(res / "annotate" / "cell_types.tsv", sep="\t")
@@ -265,17 +308,20 @@ def test_workflow_whole_blood_with_raw_droplets(tmp_path):
     from sepsis_sc.simulate_blood import simulate_blood_cohort
 
     sheet = _sheet(3, 3, batches=1)
-    adatas, truth, raws = simulate_blood_cohort(sheet, cells_per_sample=600, n_genes=3000,
-                                                contamination=(0.05, 0.15), seed=2)  # fmt: skip
+    adatas, truth, raws = simulate_blood_cohort(
+        sheet, cells_per_sample=600, n_genes=3000, contamination=(0.05, 0.15), seed=2
+    )
     (tmp_path / "data").mkdir()
     paths, raw_paths = [], []
     for sid in sheet["sample_id"]:
-        a = ad.AnnData(adatas[sid].layers["counts"], obs=adatas[sid].obs[[]],
-                       var=adatas[sid].var[[]])  # fmt: skip
+        a = ad.AnnData(
+            adatas[sid].layers["counts"], obs=adatas[sid].obs[[]], var=adatas[sid].var[[]]
+        )
         a.write_h5ad(tmp_path / "data" / f"{sid}.h5ad")
         r = raws[sid]
-        ad.AnnData(r.layers["counts"] if "counts" in r.layers else r.X, obs=r.obs[[]],
-                   var=r.var[[]]).write_h5ad(tmp_path / "data" / f"{sid}_raw.h5ad")  # fmt: skip
+        ad.AnnData(
+            r.layers["counts"] if "counts" in r.layers else r.X, obs=r.obs[[]], var=r.var[[]]
+        ).write_h5ad(tmp_path / "data" / f"{sid}_raw.h5ad")
         paths.append(f"data/{sid}.h5ad")
         raw_paths.append(f"data/{sid}_raw.h5ad")
     sheet = sheet.assign(path=paths, raw_path=raw_paths)

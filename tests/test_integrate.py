@@ -89,8 +89,11 @@ def test_select_hvgs_needs_raw_counts():
 
 # ------------------------------------------------------------------ HVGs streamed from the file
 _HVG_COLUMNS = (
-    "highly_variable", "highly_variable_rank", "highly_variable_nbatches", "variances_norm",
-)  # fmt: skip
+    "highly_variable",
+    "highly_variable_rank",
+    "highly_variable_nbatches",
+    "variances_norm",
+)
 
 
 def _nb_counts(n_cells: int = 3_000, n_genes: int = 1_500, seed: int = 0) -> ad.AnnData:
@@ -605,7 +608,9 @@ def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
         ),
         log=[str(tmp_path / "integrate.log")],
         threads=1,
-        params=SimpleNamespace(integration=cfg, methods=methods, seed=0, counts_layer="soupx_counts"),
+        params=SimpleNamespace(
+            integration=cfg, methods=methods, seed=0, counts_layer="soupx_counts"
+        ),
     )
     runpy.run_path(str(scripts / "integrate.py"), init_globals={"snakemake": smk})
     record = yaml.safe_load((out / "integration.yaml").read_text())
@@ -751,11 +756,22 @@ def test_scvi_steps():
 
 def test_metric_summary_scores_and_table():
     cells = ig._MetricCells(
-        batches=np.array(["a", "b"]), n_batches=2, batch_note=None, labels=None, n_labels=0,
+        batches=np.array(["a", "b"]),
+        n_batches=2,
+        batch_note=None,
+        labels=None,
+        n_labels=0,
         sub=np.arange(2),
-    )  # fmt: skip
-    row = {"ilisi": 0.5, "batch_asw": 0.7, "graph_connectivity": np.nan, "clisi": np.nan,
-           "label_asw": np.nan, "nmi": np.nan, "ari": np.nan}  # fmt: skip
+    )
+    row = {
+        "ilisi": 0.5,
+        "batch_asw": 0.7,
+        "graph_connectivity": np.nan,
+        "clisi": np.nan,
+        "label_asw": np.nan,
+        "nmi": np.nan,
+        "ari": np.nan,
+    }
     ig._summary_scores(row, cells)
     assert row["batch_correction"] == pytest.approx(0.6)
     assert np.isnan(row["bio_conservation"]) and np.isnan(row["overall"]) and "note" not in row
@@ -776,8 +792,9 @@ def test_plateau_stopping_on_the_smoothed_validation_loss():
 
     def run(losses, **kw):
         cb = ig.plateau_stopping(**kw)
-        trainer = SimpleNamespace(sanity_checking=False, should_stop=False, current_epoch=0,
-                                  callback_metrics={})  # fmt: skip
+        trainer = SimpleNamespace(
+            sanity_checking=False, should_stop=False, current_epoch=0, callback_metrics={}
+        )
         for epoch, loss in enumerate(losses):
             trainer.current_epoch = epoch
             trainer.callback_metrics = {"elbo_validation": torch.tensor(loss)}

@@ -161,7 +161,9 @@ def test_ingest_rejects_lognormalised(tmp_path):
 def test_ingest_organism_mismatch(tmp_path):
     path = tmp_path / "filtered_feature_bc_matrix.h5"
     io.write_10x_h5(path, _counts(), BARCODES, IDS, GENES)
-    with pytest.raises(ValueError, match=r"organism: mouse but the genes of sample S1 \(.*\) are human \(.*CD3E"):
+    with pytest.raises(
+        ValueError, match=r"organism: mouse but the genes of sample S1 \(.*\) are human \(.*CD3E"
+    ):
         io.ingest_sample(path, {"sample_id": "S1"}, organism="mouse")
 
 
@@ -178,11 +180,24 @@ def test_ingest_sample_contract_and_unique_barcodes(tmp_path):
         paths[sid] = tmp_path / sid / "filtered_feature_bc_matrix.h5"
         io.write_10x_h5(paths[sid], _counts(), BARCODES, IDS, GENES)  # same barcodes
     sheets = {
-        "S1": {"sample_id": "S1", "condition": "sepsis", "donor": "D1", "batch": "b1",
-               "path": str(paths["S1"]), "url": "https://x", "age": 61},
-        "S2": {"sample_id": "S2", "condition": "control", "donor": "D2", "batch": "b2",
-               "path": str(paths["S2"]), "age": 55},
-    }  # fmt: skip
+        "S1": {
+            "sample_id": "S1",
+            "condition": "sepsis",
+            "donor": "D1",
+            "batch": "b1",
+            "path": str(paths["S1"]),
+            "url": "https://x",
+            "age": 61,
+        },
+        "S2": {
+            "sample_id": "S2",
+            "condition": "control",
+            "donor": "D2",
+            "batch": "b2",
+            "path": str(paths["S2"]),
+            "age": 55,
+        },
+    }
     adatas = [io.ingest_sample(paths[s], sheets[s], organism="human") for s in sheets]
     a = adatas[0]
     assert a.obs_names[0] == f"S1_{BARCODES[0]}"

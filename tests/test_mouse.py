@@ -24,12 +24,20 @@ def mouse_cohort():
         }
     )
     adatas, truth = simulate_cohort(
-        sheet, cells_per_sample=500, n_genes=4000, organism="mouse", case="CLP", control="sham", seed=3
+        sheet,
+        cells_per_sample=500,
+        n_genes=4000,
+        organism="mouse",
+        case="CLP",
+        control="sham",
+        seed=3,
     )
     filtered = []
     for sid, adata in adatas.items():
         for col in ("sample_id", "condition", "donor", "batch"):
-            adata.obs[col] = sheet.set_index("sample_id").loc[sid, col] if col != "sample_id" else sid
+            adata.obs[col] = (
+                sheet.set_index("sample_id").loc[sid, col] if col != "sample_id" else sid
+            )
         run_qc(adata, sample_id=sid, organism="mouse", seed=0)
         filtered.append(filter_cells_qc(adata))
     merged = merge_samples(filtered, organism="mouse")

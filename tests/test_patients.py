@@ -22,8 +22,10 @@ def _plant_immunoparalysis(adata, samples, keep=0.3, seed=0):
     """Binomial thinning of HLA class II counts in every classical monocyte of ``samples``."""
     rng = np.random.default_rng(seed)
     counts = adata.layers["counts"].toarray()
-    rows = np.flatnonzero(adata.obs["sample_id"].isin(samples).to_numpy()
-                          & (adata.obs["cell_type"] == "Classical monocyte").to_numpy())  # fmt: skip
+    rows = np.flatnonzero(
+        adata.obs["sample_id"].isin(samples).to_numpy()
+        & (adata.obs["cell_type"] == "Classical monocyte").to_numpy()
+    )
     cols = adata.var_names.get_indexer([g for g in MHC2 if g in adata.var_names])
     block = counts[np.ix_(rows, cols)].astype(int)
     counts[np.ix_(rows, cols)] = rng.binomial(block, keep)
@@ -40,8 +42,7 @@ def cohort():
     """6 controls, 4 septic samples without other effects; S0 and S1 immunoparalysed
     (100 cells per type: with 40, a control fraction of called cells moves by 1-2 cells);
     S2 and S3 are the same donor at T0 and T6."""
-    a = make_cohort(n_case=4, n_control=6, cells_per_type=100, effects=False, seed=3,
-                    n_filler=200)  # fmt: skip
+    a = make_cohort(n_case=4, n_control=6, cells_per_type=100, effects=False, seed=3, n_filler=200)
     _plant_immunoparalysis(a, PARALYSED)
     a.obs["donor"] = a.obs["donor"].astype(str).replace({"DS3": "DS2"})
     a.obs["timepoint"] = np.where(a.obs["sample_id"] == "S3", "T6", "T0")
@@ -150,15 +151,32 @@ def test_trajectory_of_a_donor_sampled_twice(res):
 def test_state_rules_file_loads_with_source_and_threshold(tmp_path):
     rules = P.load_state_rules()
     names = {r["name"] for r in rules}
-    assert {"immunoparalysis", "lymphopenia", "t_cell_exhaustion", "hyperinflammation",
-            "dc_depletion", "trem2_macrophage_deficit", "msc_candidate"} <= names  # fmt: skip
+    assert {
+        "immunoparalysis",
+        "lymphopenia",
+        "t_cell_exhaustion",
+        "hyperinflammation",
+        "dc_depletion",
+        "trem2_macrophage_deficit",
+        "msc_candidate",
+    } <= names
     for r in rules:
         assert r["source"] and r["threshold"] and r["hypotheses"], r["name"]
         assert "[V" in r["source"] or "[M]" in r["source"], r["name"]
     assert next(r for r in rules if r["name"] == "trem2_macrophage_deficit")["tissue_only"]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump([{"name": "x", "label": "x", "threshold": "t",
-                                    "all_of": [{"readout": "mono_hladr_expr", "flag": "below"}]}]))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "x",
+                    "label": "x",
+                    "threshold": "t",
+                    "all_of": [{"readout": "mono_hladr_expr", "flag": "below"}],
+                }
+            ]
+        )
+    )
     with pytest.raises(ValueError, match="has no 'source'"):
         P.load_state_rules(bad)
 
@@ -209,8 +227,10 @@ def test_reference_steps():
     assert (c, n, basis) == (3.0, 3, "controls, leave-one-out") and list(vals) == [2.0, 3.0, 4.0]
     c, s, n, basis, _ = P._control_reference(dv, "A", True, "r", min_controls=4)
     assert np.isnan(c) and "3 donors with a value < min_controls=4" in basis
-    rr = pd.DataFrame({"centre": [1.0], "spread": [0.5], "n": [5], "source_run": ["old"]},
-                      index=pd.Index(["r"], name="readout"))  # fmt: skip
+    rr = pd.DataFrame(
+        {"centre": [1.0], "spread": [0.5], "n": [5], "source_run": ["old"]},
+        index=pd.Index(["r"], name="readout"),
+    )
     assert P._file_reference(rr, "r") == (1.0, 0.5, 5, "reference file (run old)", None)
     assert P._file_reference(rr, "q")[3] == "readout not in the reference file"
     row = P._score_row("S", "r", 2.0, 1.0, 0.5, 5, "b", np.array([0.0, 2.0, 3.0]), 2.0)
@@ -224,8 +244,16 @@ def test_reference_samples_notes():
     is_ref = P._reference_samples(meta, P.PatientSettings(reference_value="control"), notes)
     assert list(is_ref) == [False, True] and notes == []
     assert P._reference_samples(meta, P.PatientSettings(reference_value="healthy"), notes) is None
-    assert P._reference_samples(meta, P.PatientSettings(reference_column="arm", reference_value="x"), notes) is None
-    assert notes == ["no sample has condition == 'healthy'", "obs['arm'] missing: no in-run reference samples"]
+    assert (
+        P._reference_samples(
+            meta, P.PatientSettings(reference_column="arm", reference_value="x"), notes
+        )
+        is None
+    )
+    assert notes == [
+        "no sample has condition == 'healthy'",
+        "obs['arm'] missing: no in-run reference samples",
+    ]
     assert "matches none" in P._skipped_note(P.PatientSettings(reference_value="x"))
 
 
@@ -239,6 +267,8 @@ def test_profile_streams_counts_from_the_file(cohort, res, tmp_path):
     write_h5ad(cohort, path)
     light = store.read(path)
     assert light.X is None and not light.layers
-    got = P.profile(light, reference_value="control", min_cells=10, run_name="sim", counts_file=path)
+    got = P.profile(
+        light, reference_value="control", min_cells=10, run_name="sim", counts_file=path
+    )
     pd.testing.assert_frame_equal(got.profiles, res.profiles)
     pd.testing.assert_frame_equal(got.endotypes, res.endotypes)

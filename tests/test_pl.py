@@ -50,10 +50,17 @@ def test_therapy_targets_texts_are_wrapped_not_cut(tmp_path):
 def test_sample_value_and_score_titles_are_wrapped_not_cut():
     label = "TREM2-high (lipid-associated) macrophage in the lung and elsewhere"
     rows = [
-        {"state": "trem2", "label": label, "metric": "mean_score", "condition": c,
-         "donor": f"d{i}", "sample_id": f"s{i}{c}", "value": float(v)}
+        {
+            "state": "trem2",
+            "label": label,
+            "metric": "mean_score",
+            "condition": c,
+            "donor": f"d{i}",
+            "sample_id": f"s{i}{c}",
+            "value": float(v),
+        }
         for i, (c, v) in enumerate([("control", 0.1), ("sepsis", 0.5), ("control", 0.2)])
-    ]  # fmt: skip
+    ]
     fig = pl_stats.sample_values(pd.DataFrame(rows), case="sepsis", control="control")
     assert label in [t.replace("\n", " ") for t in _texts(fig)]
 
@@ -146,9 +153,13 @@ def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours(tmp_path
     figs = []
     monkeypatch.setattr(pl_ig, "savefig", lambda fig, path: figs.append(fig) or path)
     pl_ig.embedding_umaps(
-        adata, tmp_path / "u.png", embed_keys=["X_pca"], batch_key="batch",
-        label_key="cell_type", label_title="simulated truth cell type",
-    )  # fmt: skip
+        adata,
+        tmp_path / "u.png",
+        embed_keys=["X_pca"],
+        batch_key="batch",
+        label_key="cell_type",
+        label_title="simulated truth cell type",
+    )
     ax = figs[0].axes[1]
     assert "simulated truth cell type" in ax.get_title().replace("\n", " ")
     drawn = {to_hex(c) for c in ax.collections[0].get_facecolors()}

@@ -354,11 +354,14 @@ def test_merge_to_file_equals_merge_then_normalize(tmp_path, with_soupx):
     want = qc.merge_samples([ad.read_h5ad(p) for p in paths], min_cells_per_gene=5)
     qc.normalize(want, layer=layer)
     out = tmp_path / "merged.h5ad"
-    shape = qc.merge_samples_to_file(paths, out, min_cells_per_gene=5, normalize_layer=layer,
-                                     uns={"excluded_samples": {}})  # fmt: skip
+    shape = qc.merge_samples_to_file(
+        paths, out, min_cells_per_gene=5, normalize_layer=layer, uns={"excluded_samples": {}}
+    )
     got = ad.read_h5ad(out)
     assert shape == want.shape == got.shape
-    assert list(got.var_names) == list(want.var_names) and list(got.obs_names) == list(want.obs_names)
+    assert list(got.var_names) == list(want.var_names) and list(got.obs_names) == list(
+        want.obs_names
+    )
     pd.testing.assert_frame_equal(got.var, want.var, check_dtype=False)
     pd.testing.assert_frame_equal(got.obs, want.obs, check_dtype=False, check_categorical=False)
     for key in ["counts"] + (["soupx_counts"] if with_soupx else []):
@@ -381,7 +384,9 @@ def test_merge_to_file_never_holds_the_merged_matrix(tmp_path):
     for i in range(12):
         x = sparse.random(1500, 3000, density=0.08, format="csr", dtype=np.float32, rng=rng)
         x.data = np.ceil(x.data * 20)
-        a = ad.AnnData(X=x, obs=pd.DataFrame({"sample_id": f"S{i}"}, index=[f"S{i}_{j}" for j in range(1500)]))
+        a = ad.AnnData(
+            X=x, obs=pd.DataFrame({"sample_id": f"S{i}"}, index=[f"S{i}_{j}" for j in range(1500)])
+        )
         a.var_names = [f"G{j}" for j in range(3000)]
         a.layers["counts"] = x.copy()
         paths.append(tmp_path / f"S{i}.h5ad")
@@ -606,7 +611,16 @@ def test_rescue_in_sample_requires_enrichment():
     k = np.array([80, 1, 80, 20, 10, 10], dtype=float)  # set UMIs; pooled fraction 1 %
     n_det = np.array([5, 1, 5, 5, 3, 3])
     hit = qc._rescue_in_sample(
-        cells, k, n_det, np.ones(n, dtype=bool), max_pct_mt=None, min_counts=100,
-        min_genes=50, min_markers=3, min_enrichment=2.0, alpha=1e-3, label=("S", "neutrophil"),
-    )  # fmt: skip
+        cells,
+        k,
+        n_det,
+        np.ones(n, dtype=bool),
+        max_pct_mt=None,
+        min_counts=100,
+        min_genes=50,
+        min_markers=3,
+        min_enrichment=2.0,
+        alpha=1e-3,
+        label=("S", "neutrophil"),
+    )
     assert list(hit) == [0]  # 1: no markers; 2: high mito; 3: below the floors

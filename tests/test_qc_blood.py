@@ -144,9 +144,14 @@ def test_rescue_tests_against_the_soup():
     k = np.array([30, 30, 30, 30], dtype=float)  # 10 % in the droplet; 1 % in the cells
     n_det = np.array([5, 5, 5, 5])
     kw = dict(
-        max_pct_mt=None, min_counts=100, min_genes=50, min_markers=3, min_enrichment=2.0,
-        alpha=1e-3, label=("S", "neutrophil"),
-    )  # fmt: skip
+        max_pct_mt=None,
+        min_counts=100,
+        min_genes=50,
+        min_markers=3,
+        min_enrichment=2.0,
+        alpha=1e-3,
+        label=("S", "neutrophil"),
+    )
     assert list(qc._rescue_in_sample(cells, k, n_det, np.ones(n, bool), **kw)) == [0]
     assert list(qc._rescue_in_sample(cells, k, n_det, np.ones(n, bool), p_soup=0.1, **kw)) == []
 

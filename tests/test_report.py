@@ -41,8 +41,12 @@ def test_table_html_is_a_readable_page():
     df = pd.DataFrame(
         {"state": ["<T exhaustion>", "DC"], "effect": [0.45678, -1.23456], "ok": [True, False]}
     )
-    page = table_html(df, title="Therapy targets", description="Para one.\n\nPara two.",
-                      source="results/x/therapy_targets.tsv")  # fmt: skip
+    page = table_html(
+        df,
+        title="Therapy targets",
+        description="Para one.\n\nPara two.",
+        source="results/x/therapy_targets.tsv",
+    )
     assert page.startswith("<!DOCTYPE html>") and "<h1>Therapy targets</h1>" in page
     assert "&lt;T exhaustion&gt;" in page, "cell text is escaped"
     assert "0.457" in page and "-1.23" in page and "0.45678" not in page

@@ -26,20 +26,50 @@ CELL_TYPES = [
 ]
 BASE = {  # lineage programmes (mean counts per cell at library factor 1)
     "T": {"CD3D": 8, "CD3E": 8, "IL7R": 6, "CD28": 4, "TCF7": 4},
-    "Monocyte": {"CD14": 10, "LYZ": 30, "S100A8": 8, "S100A9": 8, "CD74": 25, "HLA-DRA": 20,
-                 "HLA-DRB1": 12, "HLA-DPA1": 8, "HLA-DPB1": 8, "HLA-DQA1": 3, "HLA-DQB1": 3,
-                 "HLA-DMA": 3, "HLA-DMB": 3, "CD86": 2, "CIITA": 1},
+    "Monocyte": {
+        "CD14": 10,
+        "LYZ": 30,
+        "S100A8": 8,
+        "S100A9": 8,
+        "CD74": 25,
+        "HLA-DRA": 20,
+        "HLA-DRB1": 12,
+        "HLA-DPA1": 8,
+        "HLA-DPB1": 8,
+        "HLA-DQA1": 3,
+        "HLA-DQB1": 3,
+        "HLA-DMA": 3,
+        "HLA-DMB": 3,
+        "CD86": 2,
+        "CIITA": 1,
+    },
     "Macrophage": {"C1QA": 15, "C1QB": 15, "APOE": 6, "CD68": 8, "CD74": 20, "CTSD": 4},
     "DC": {"CD1C": 5, "FCER1A": 5, "CD74": 30, "HLA-DRA": 25, "HLA-DPA1": 10, "CD86": 2},
     "Neutrophil": {"FCGR3B": 10, "CXCR2": 6, "CSF3R": 6, "FPR1": 4, "CMTM2": 3},
-}  # fmt: skip
+}
 STATE_GENES = {  # state -> (lineage, cell_type or None, up genes x fold, down genes x fold)
-    "mono_hladr_low": ("Monocyte", None, {"S100A8": 4, "S100A9": 4, "S100A12": 30, "IL1R2": 30, "CD163": 20},
-                       {g: 0.1 for g in BASE["Monocyte"] if g.startswith("HLA") or g in ("CD74", "CD86", "CIITA")}),
-    "t_exhaustion": ("T", "CD8 effector/memory T", {g: 40 for g in ("PDCD1", "HAVCR2", "LAG3", "TIGIT", "TOX", "CTLA4")},
-                     {"IL7R": 0.1, "CD28": 0.1, "TCF7": 0.1}),
-    "trem2_high_macrophage": ("Macrophage", None, {g: 30 for g in ("TREM2", "SPP1", "GPNMB", "LPL", "CD9", "FABP5", "LGALS3", "CTSD", "APOE")}, {}),
-}  # fmt: skip
+    "mono_hladr_low": (
+        "Monocyte",
+        None,
+        {"S100A8": 4, "S100A9": 4, "S100A12": 30, "IL1R2": 30, "CD163": 20},
+        {g: 0.1 for g in BASE["Monocyte"] if g.startswith("HLA") or g in ("CD74", "CD86", "CIITA")},
+    ),
+    "t_exhaustion": (
+        "T",
+        "CD8 effector/memory T",
+        {g: 40 for g in ("PDCD1", "HAVCR2", "LAG3", "TIGIT", "TOX", "CTLA4")},
+        {"IL7R": 0.1, "CD28": 0.1, "TCF7": 0.1},
+    ),
+    "trem2_high_macrophage": (
+        "Macrophage",
+        None,
+        {
+            g: 30
+            for g in ("TREM2", "SPP1", "GPNMB", "LPL", "CD9", "FABP5", "LGALS3", "CTSD", "APOE")
+        },
+        {},
+    ),
+}
 
 
 def make_cohort(
@@ -105,7 +135,7 @@ def make_cohort(
                         "lineage": lineage,
                         "cell_type": ctype,
                         **planted,
-                    }  # fmt: skip
+                    }
                 )
             )
     counts = sp.vstack(blocks).tocsr()
@@ -181,8 +211,9 @@ def test_ucell_mask_and_bad_input():
     got = ucell_scores(a, {"s": ["G1", "G2"]}, max_rank=50, mask=mask)
     assert got["s"].isna().sum() == a.n_obs - 10 and got["s"][mask].notna().all()
     # an absent layer falls back to integer-valued X (counts in X work as in a layer) ...
-    pd.testing.assert_frame_equal(ucell_scores(a, {"s": ["G1"]}, layer="nope"),
-                                  ucell_scores(a, {"s": ["G1"]}))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        ucell_scores(a, {"s": ["G1"]}, layer="nope"), ucell_scores(a, {"s": ["G1"]})
+    )
     b = a.copy()
     b.X.data = np.log1p(b.X.data)
     with pytest.raises(KeyError, match=r'layers\["nope"\] is absent and X does not hold raw'):
@@ -200,8 +231,16 @@ def test_ucell_mask_and_bad_input():
 def test_signature_resources_are_complete(organism):
     sigs = load_signatures(organism)
     names = {s["name"] for s in sigs}
-    assert {"trem2_high_macrophage", "t_exhaustion", "mono_hladr_low", "ifn_response",
-            "cytokine_storm", "dc_tolerogenic", "neutrophil_immature", "treg_suppressive"} <= names  # fmt: skip
+    assert {
+        "trem2_high_macrophage",
+        "t_exhaustion",
+        "mono_hladr_low",
+        "ifn_response",
+        "cytokine_storm",
+        "dc_tolerogenic",
+        "neutrophil_immature",
+        "treg_suppressive",
+    } <= names
     for s in sigs:
         assert s["source"] and s["parent"] and (s["up"] or s["down"])
         genes = s["up"] + s["down"]
@@ -301,7 +340,9 @@ def test_score_states_needs_a_reference_or_calls_false():
     adata = make_cohort(n_case=2, n_control=2, cells_per_type=30)
     before = list(adata.obs.columns)
     # a control-quantile call without control= is refused, not switched to Otsu
-    with pytest.raises(ValueError, match=r"mono_hladr_low.*control reference.*control=.*calls=False"):
+    with pytest.raises(
+        ValueError, match=r"mono_hladr_low.*control reference.*control=.*calls=False"
+    ):
         score_states(adata, states=["mono_hladr_low", "ifn_response"])
     assert list(adata.obs.columns) == before  # nothing written
     t = score_states(adata, states=["mono_hladr_low", "ifn_response"], calls=False)
@@ -344,8 +385,10 @@ def test_score_states_streams_counts_from_the_file(tmp_path):
 def test_score_steps_signature_columns_and_call_rules():
     from sepsis_sc.score import _call_rules, _signature_columns
 
-    sigs = [{"name": "a", "up": ["G2", "G1", "G2", "nope"], "down": ["G5"]},
-            {"name": "b", "up": ["G5"], "down": []}]  # fmt: skip
+    sigs = [
+        {"name": "a", "up": ["G2", "G1", "G2", "nope"], "down": ["G5"]},
+        {"name": "b", "up": ["G5"], "down": []},
+    ]
     idx, parts = _signature_columns(sigs, pd.Index([f"G{i}" for i in range(6)]))
     assert list(idx) == [2, 1, 5]  # union in first-seen order; absent genes dropped
     assert parts == {"a": ([0, 1], [2]), "b": ([2], [])}
@@ -361,8 +404,11 @@ def test_score_states_otsu_and_fixed_rules_and_errors():
         "state"
     )
     assert "Otsu" in t.loc["mono_hladr_low", "rule"]
-    t = score_states(adata, states=["mono_hladr_low"],
-                     call_rules={"mono_hladr_low": {"method": "fixed", "threshold": 0.0}}).set_index("state")  # fmt: skip
+    t = score_states(
+        adata,
+        states=["mono_hladr_low"],
+        call_rules={"mono_hladr_low": {"method": "fixed", "threshold": 0.0}},
+    ).set_index("state")
     called = adata.obs["mono_hladr_low"].dropna().astype(bool)
     assert called.mean() == pytest.approx((adata.obs["mono_hladr_low_score"].dropna() > 0).mean())
     with pytest.raises(ValueError, match="control"):
@@ -400,8 +446,12 @@ def _lognorm_expr(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
 def test_ifn_score_rises_with_ifnb_in_every_lineage():
     adata = ad.read_h5ad(shared_file("kang_ifnb_harmony.h5ad"))
     adata.layers["counts"] = adata.X.copy()
-    gates = {"T": ["CD3D", "CD3E", "CD2"], "NK": ["GNLY", "NKG7", "KLRD1"],
-             "B": ["MS4A1", "CD79A", "CD79B"], "Monocyte": ["CD14", "LYZ", "FCGR3A", "S100A8"]}  # fmt: skip
+    gates = {
+        "T": ["CD3D", "CD3E", "CD2"],
+        "NK": ["GNLY", "NKG7", "KLRD1"],
+        "B": ["MS4A1", "CD79A", "CD79B"],
+        "Monocyte": ["CD14", "LYZ", "FCGR3A", "S100A8"],
+    }
     m = pd.DataFrame({k: _lognorm_expr(adata, v) for k, v in gates.items()}, index=adata.obs_names)
     adata.obs["lineage"] = np.where(m.max(axis=1) > 0.5, m.idxmax(axis=1), "Unassigned")
     score_states(adata, organism="human", states=["ifn_response"])  # one state per lineage
@@ -481,6 +531,8 @@ def test_bimodal_call_rule_for_a_subset_common_in_health():
     assert (scores[is_control] > q).mean() == pytest.approx(0.05, abs=0.01)
     flat = rng.normal(0.6, 0.05, n)
     thr, text = _threshold(flat, is_control, {"method": "bimodal"})
-    assert "not bimodal" in text and (flat[is_control] > thr).mean() == pytest.approx(0.05, abs=0.01)
+    assert "not bimodal" in text and (flat[is_control] > thr).mean() == pytest.approx(
+        0.05, abs=0.01
+    )
     sig = {s["name"]: s for s in load_signatures("human")}["trem2_high_macrophage"]
     assert sig["call_rule"] == {"method": "bimodal"}

@@ -165,8 +165,12 @@ def test_planted_sample_level_effects(cohort):
     assert trem2["sepsis"] > 1.5 * trem2["control"]
     # not trivially perfect: donor variation makes samples within a condition differ
     per_sample = _fraction(truth, truth["ms1_like"], cmono)
-    assert per_sample.groupby(truth.drop_duplicates("sample_id").set_index("sample_id")[
-        "condition"]).std().min() > 0.005  # fmt: skip
+    assert (
+        per_sample.groupby(truth.drop_duplicates("sample_id").set_index("sample_id")["condition"])
+        .std()
+        .min()
+        > 0.005
+    )
 
 
 def test_state_flags_match_expression(cohort):
@@ -290,9 +294,14 @@ def test_write_mtx(tmp_path):
 def test_mouse_variant_and_custom_labels():
     sheet = _sheet(1, case="CLP", control="sham")
     adatas, truth = simulate.simulate_cohort(
-        sheet, cells_per_sample=100, n_genes=N_GENES, seed=1, organism="mouse",
-        case="CLP", control="sham",
-    )  # fmt: skip
+        sheet,
+        cells_per_sample=100,
+        n_genes=N_GENES,
+        seed=1,
+        organism="mouse",
+        case="CLP",
+        control="sham",
+    )
     a = adatas["S1"]
     assert {"mt-Co1", "Ptprc", "Cd3e", "Lyz2", "Ly6g", "H2-Ab1"} <= set(a.var_names)
     assert not any(a.var_names.str.startswith("MT-"))
@@ -320,9 +329,26 @@ def test_check_planted_effects_scores_direction_and_fdr():
     for spec in PLANTED_EFFECTS:
         sign = 1.0 if spec["direction"] == "up" else -1.0
         if spec["table"] == "composition":
-            comp_rows.append({"level": spec["level"], "label": spec["label"], "effect": sign, "pvalue": 0.001, "fdr": 0.01})
+            comp_rows.append(
+                {
+                    "level": spec["level"],
+                    "label": spec["label"],
+                    "effect": sign,
+                    "pvalue": 0.001,
+                    "fdr": 0.01,
+                }
+            )
         else:
-            eff_rows.append({"state": spec["level"], "metric": "fraction", "role": "primary", "effect": sign, "pvalue": 0.001, "fdr": 0.01})
+            eff_rows.append(
+                {
+                    "state": spec["level"],
+                    "metric": "fraction",
+                    "role": "primary",
+                    "effect": sign,
+                    "pvalue": 0.001,
+                    "fdr": 0.01,
+                }
+            )
     effects, composition = pd.DataFrame(eff_rows), pd.DataFrame(comp_rows)
     assert check_planted_effects(effects, composition)["detected"].all()
 
@@ -348,14 +374,47 @@ def test_demo_check_and_therapy_targets_read_the_same_row_of_a_state():
     from sepsis_sc.simulate import check_planted_effects
     from sepsis_sc.stats import therapy_targets
 
-    effects = pd.DataFrame([
-        {"state": "trem2_high_macrophage", "label": "TREM2-high", "metric": "fraction", "role": "primary",
-         "effect": 0.4, "ci_low": -0.1, "ci_high": 0.9, "pvalue": 0.2, "fdr": 0.3, "direction": "", "meaning": ""},
-        {"state": "trem2_high_macrophage", "label": "TREM2-high", "metric": "mean_score", "role": "secondary",
-         "effect": 0.2, "ci_low": 0.1, "ci_high": 0.3, "pvalue": 1e-4, "fdr": 1e-3, "direction": "up", "meaning": ""},
-    ])  # fmt: skip
-    composition = pd.DataFrame([{"level": "cell_type", "label": "TREM2-high macrophage",
-                                 "effect": 1.5, "pvalue": 1e-6, "fdr": 1e-5}])  # fmt: skip
+    effects = pd.DataFrame(
+        [
+            {
+                "state": "trem2_high_macrophage",
+                "label": "TREM2-high",
+                "metric": "fraction",
+                "role": "primary",
+                "effect": 0.4,
+                "ci_low": -0.1,
+                "ci_high": 0.9,
+                "pvalue": 0.2,
+                "fdr": 0.3,
+                "direction": "",
+                "meaning": "",
+            },
+            {
+                "state": "trem2_high_macrophage",
+                "label": "TREM2-high",
+                "metric": "mean_score",
+                "role": "secondary",
+                "effect": 0.2,
+                "ci_low": 0.1,
+                "ci_high": 0.3,
+                "pvalue": 1e-4,
+                "fdr": 1e-3,
+                "direction": "up",
+                "meaning": "",
+            },
+        ]
+    )
+    composition = pd.DataFrame(
+        [
+            {
+                "level": "cell_type",
+                "label": "TREM2-high macrophage",
+                "effect": 1.5,
+                "pvalue": 1e-6,
+                "fdr": 1e-5,
+            }
+        ]
+    )
     check = check_planted_effects(effects, composition).set_index("planted_effect")
     row = check.loc["more TREM2-high macrophages"]
     assert row["tested_as"] == "state trem2_high_macrophage (fraction, primary)"
@@ -383,8 +442,9 @@ def test_oracle_tests_find_planted_effects_and_not_null_ones():
     mono = sepsis[sepsis["cell_type"] == "Non-classical monocyte"]["hla_low"].mean()
     assert dc > 0.45 and mono < 0.45
 
-    _, null_truth = simulate.simulate_cohort(sheet, cells_per_sample=600, n_genes=800, seed=3,
-                                             effects=False)
+    _, null_truth = simulate.simulate_cohort(
+        sheet, cells_per_sample=600, n_genes=800, seed=3, effects=False
+    )
     null = oracle_tests(null_truth)
     assert (null["oracle_fdr"] > 0.05).all()
 
@@ -394,10 +454,27 @@ def test_check_planted_effects_adds_oracle_columns():
 
     sheet = _sheet(3)
     _, truth = simulate.simulate_cohort(sheet, cells_per_sample=800, n_genes=800, seed=1)
-    comp = pd.DataFrame([{"level": s["level"], "label": s["label"], "effect": 1.0, "pvalue": 0.5,
-                          "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "composition"])
-    eff = pd.DataFrame([{"state": s["level"], "metric": "fraction", "role": "primary", "effect": 1.0,
-                         "pvalue": 0.5, "fdr": 0.5} for s in PLANTED_EFFECTS if s["table"] == "effects"])
+    comp = pd.DataFrame(
+        [
+            {"level": s["level"], "label": s["label"], "effect": 1.0, "pvalue": 0.5, "fdr": 0.5}
+            for s in PLANTED_EFFECTS
+            if s["table"] == "composition"
+        ]
+    )
+    eff = pd.DataFrame(
+        [
+            {
+                "state": s["level"],
+                "metric": "fraction",
+                "role": "primary",
+                "effect": 1.0,
+                "pvalue": 0.5,
+                "fdr": 0.5,
+            }
+            for s in PLANTED_EFFECTS
+            if s["table"] == "effects"
+        ]
+    )
     res = check_planted_effects(eff, comp, truth=truth)
     assert {"oracle_fdr", "oracle_detected"} <= set(res.columns)
     assert not res["detected"].any()  # FDR 0.5 everywhere

@@ -73,8 +73,14 @@ def _profile_defaults() -> dict:
     return yaml.safe_load((PROFILE / "config.yaml").read_text())["default-resources"]
 
 
-def _slurm_snakemake(cluster, workdir: Path, *args: str, snakefile: Path | None = None,
-                     configfile: Path | None = None, timeout: int = 900):  # fmt: skip
+def _slurm_snakemake(
+    cluster,
+    workdir: Path,
+    *args: str,
+    snakefile: Path | None = None,
+    configfile: Path | None = None,
+    timeout: int = 900,
+):
     """Snakemake with the shipped SLURM profile on the test cluster.
 
     Overrides: the local partition (on the command line --default-resources replaces the
@@ -82,20 +88,34 @@ def _slurm_snakemake(cluster, workdir: Path, *args: str, snakefile: Path | None 
     2 cores (threads per job are capped at --cores), squeue status checks, quick first check.
     """
     defaults = dict(_profile_defaults(), slurm_partition=PARTITION)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile or REPO / "Snakefile"),
-           "--directory", str(workdir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(snakefile or REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+    ]
     if configfile is not None or snakefile is None:
         cmd += ["--configfile", str(configfile or workdir / "config.yaml")]
     cmd += [
-        "--workflow-profile", str(PROFILE),
-        "--jobs", "2", "--cores", "2",
-        "--default-resources", *[f"{k}={v}" for k, v in defaults.items()],
+        "--workflow-profile",
+        str(PROFILE),
+        "--jobs",
+        "2",
+        "--cores",
+        "2",
+        "--default-resources",
+        *[f"{k}={v}" for k, v in defaults.items()],
         "--slurm-no-account",
-        "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "2",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
         "--slurm-keep-successful-logs",
         *args,
-    ]  # fmt: skip
+    ]
     env = cluster.env(dict(os.environ, PYTHONUNBUFFERED="1"))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -162,10 +182,19 @@ def slurm_and_local_runs(slurm_cluster, tmp_path_factory):
     work = _write_workdir(tmp_path_factory.mktemp("slurm_run"))
     t0 = time.time()
     local_proc = subprocess.Popen(
-        [*SNAKEMAKE, "--directory", str(local), "--configfile", str(local / "config.yaml"),
-         "--cores", "2"],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            *SNAKEMAKE,
+            "--directory",
+            str(local),
+            "--configfile",
+            str(local / "config.yaml"),
+            "--cores",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         res = _slurm_snakemake(slurm_cluster, work)
     finally:
@@ -177,7 +206,9 @@ def slurm_and_local_runs(slurm_cluster, tmp_path_factory):
     return {"work": work, "local": local, "log": res.stdout + res.stderr, "elapsed": elapsed}
 
 
-def test_every_rule_instance_is_one_slurm_job_with_its_resources(slurm_cluster, slurm_and_local_runs):
+def test_every_rule_instance_is_one_slurm_job_with_its_resources(
+    slurm_cluster, slurm_and_local_runs
+):
     run = slurm_and_local_runs
     log, work = run["log"], run["work"]
     subs = _submissions(log)
@@ -216,7 +247,11 @@ def test_every_rule_instance_is_one_slurm_job_with_its_resources(slurm_cluster, 
     from sepsis_sc.store import h5ad_cells, stage_mem_mb
 
     cells = h5ad_cells([work / "results" / "tiny" / "qc" / "merged.h5ad"])
-    assert cells and f"mem={stage_mem_mb('integrate', cells)}M" in records[by_rule["integrate"]["slurm_id"]]["Tres"]
+    assert (
+        cells
+        and f"mem={stage_mem_mb('integrate', cells)}M"
+        in records[by_rule["integrate"]["slurm_id"]]["Tres"]
+    )
     assert "mem=2000M" in records[by_rule["integrate"]["slurm_id"]]["Tres"]
     assert "mem=2000M" in records[by_rule["qc_sample"]["slurm_id"]]["Tres"]
     # every job's own rule log is in place too
@@ -227,9 +262,13 @@ def test_every_rule_instance_is_one_slurm_job_with_its_resources(slurm_cluster, 
 
     # sacct itself can read the job-completion log (no database)
     res = slurm_cluster.run(
-        "sacct", "--completion", "--parsable2", "--noheader",
-        "--format=JobID,State,AllocCPUS,Timelimit", check=False,
-    )  # fmt: skip
+        "sacct",
+        "--completion",
+        "--parsable2",
+        "--noheader",
+        "--format=JobID,State,AllocCPUS,Timelimit",
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     ids = {line.split("|")[0] for line in res.stdout.splitlines()}
     assert {s["slurm_id"] for s in subs} <= ids
@@ -270,8 +309,9 @@ rule doomed:
 
 def test_memory_drill_retries_with_more_memory_and_fails_cleanly(slurm_cluster, tmp_path):
     (tmp_path / "Snakefile").write_text(DRILL_SNAKEFILE)
-    res = _slurm_snakemake(slurm_cluster, tmp_path, "--keep-going", snakefile=tmp_path / "Snakefile",
-                           timeout=400)  # fmt: skip
+    res = _slurm_snakemake(
+        slurm_cluster, tmp_path, "--keep-going", snakefile=tmp_path / "Snakefile", timeout=400
+    )
     out = res.stdout + res.stderr
     assert res.returncode != 0, "the doomed job should fail the run"
     subs = _submissions(out)
@@ -302,9 +342,14 @@ def test_gpu_request_reaches_the_scheduler(slurm_cluster, slurm_and_local_runs):
     cfg = dict(TINY_CONFIG, resources={"gpu": True})
     (work / "gpu.yaml").write_text(yaml.safe_dump(cfg))
     res = _slurm_snakemake(
-        slurm_cluster, work, "--forcerun", "integrate", "--verbose",
-        "results/tiny/integrate/integration.yaml", configfile=work / "gpu.yaml",
-    )  # fmt: skip
+        slurm_cluster,
+        work,
+        "--forcerun",
+        "integrate",
+        "--verbose",
+        "results/tiny/integrate/integration.yaml",
+        configfile=work / "gpu.yaml",
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, _failure_report(res, work)
     subs = _submissions(out)  # one, or two if attempt 1 failed (retries: 1)
@@ -337,14 +382,30 @@ def test_killed_run_is_unlocked_and_resumed(slurm_cluster, tmp_path):
     snakefile = tmp_path / "Snakefile"
     defaults = dict(_profile_defaults(), slurm_partition=PARTITION)
     cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(tmp_path),
-        "--workflow-profile", str(PROFILE), "--jobs", "1", "--cores", "1",
-        "--default-resources", *[f"{k}={v}" for k, v in defaults.items()],
-        "--slurm-no-account", "--slurm-status-command", "squeue",
-        "--slurm-init-seconds-before-status-checks", "2",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=slurm_cluster.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(snakefile),
+        "--directory",
+        str(tmp_path),
+        "--workflow-profile",
+        str(PROFILE),
+        "--jobs",
+        "1",
+        "--cores",
+        "1",
+        "--default-resources",
+        *[f"{k}={v}" for k, v in defaults.items()],
+        "--slurm-no-account",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=slurm_cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     job_id = None
     deadline = time.time() + 120
     while time.time() < deadline and job_id is None:

@@ -36,51 +36,147 @@ HUMAN = {s["name"]: s for s in load_signatures("human")}
 #: TCF7; neutrophils make more IL1B / CXCL8 than monocytes; cDC1 express IDO1 and CD274.
 TYPES = {
     "CD8 naive T": ("T", {"CD3D": 8, "CD8A": 4, "IL7R": 6, "CD28": 4, "TCF7": 5, "CCR7": 4}),
-    "CD8 effector/memory T": ("T", {"CD3D": 8, "CD8A": 4, "IL7R": 1.5, "CD28": 1.0, "TCF7": 1.0,
-                                    "PDCD1": 1.0, "TIGIT": 1.5, "CD160": 0.8, "CD244": 0.8,
-                                    "HAVCR2": 0.3, "TOX": 0.6, "GZMK": 5}),
+    "CD8 effector/memory T": (
+        "T",
+        {
+            "CD3D": 8,
+            "CD8A": 4,
+            "IL7R": 1.5,
+            "CD28": 1.0,
+            "TCF7": 1.0,
+            "PDCD1": 1.0,
+            "TIGIT": 1.5,
+            "CD160": 0.8,
+            "CD244": 0.8,
+            "HAVCR2": 0.3,
+            "TOX": 0.6,
+            "GZMK": 5,
+        },
+    ),
     "CD4 memory T": ("T", {"CD3D": 8, "CD4": 3, "IL7R": 6, "CD28": 4, "TCF7": 3}),
-    "Treg": ("T", {"CD3D": 8, "CD4": 3, "FOXP3": 2, "IL2RA": 2, "CTLA4": 1.5, "IKZF2": 1,
-                   "TIGIT": 1.2, "TNFRSF18": 0.8, "TNFRSF4": 0.8, "ENTPD1": 0.5, "IL7R": 1}),
-    "Classical monocyte": ("Monocyte", {"CD14": 10, "LYZ": 30, "IL1B": 1.5, "CXCL8": 1.5,
-                                        "CCL3": 0.4, "CCL4": 0.4, "TNF": 0.2}),
-    "Mature neutrophil": ("Neutrophil", {"FCGR3B": 10, "CXCR2": 6, "IL1B": 6, "CXCL8": 10,
-                                         "CCL3": 2, "CCL4": 2, "TNF": 1.5, "OSM": 1.5, "CSF3": 0.6}),
-    "cDC1": ("DC", {"CLEC9A": 4, "HLA-DRA": 25, "HLA-DPA1": 10, "CD74": 30, "IDO1": 5,
-                    "CD274": 1.5, "CD86": 2, "CD40": 1.5}),
-    "cDC2": ("DC", {"CD1C": 5, "HLA-DRA": 25, "HLA-DPA1": 10, "CD74": 30, "IDO1": 0.2,
-                    "CD274": 0.2, "CD86": 2, "CD40": 0.8}),
-}  # fmt: skip
+    "Treg": (
+        "T",
+        {
+            "CD3D": 8,
+            "CD4": 3,
+            "FOXP3": 2,
+            "IL2RA": 2,
+            "CTLA4": 1.5,
+            "IKZF2": 1,
+            "TIGIT": 1.2,
+            "TNFRSF18": 0.8,
+            "TNFRSF4": 0.8,
+            "ENTPD1": 0.5,
+            "IL7R": 1,
+        },
+    ),
+    "Classical monocyte": (
+        "Monocyte",
+        {"CD14": 10, "LYZ": 30, "IL1B": 1.5, "CXCL8": 1.5, "CCL3": 0.4, "CCL4": 0.4, "TNF": 0.2},
+    ),
+    "Mature neutrophil": (
+        "Neutrophil",
+        {
+            "FCGR3B": 10,
+            "CXCR2": 6,
+            "IL1B": 6,
+            "CXCL8": 10,
+            "CCL3": 2,
+            "CCL4": 2,
+            "TNF": 1.5,
+            "OSM": 1.5,
+            "CSF3": 0.6,
+        },
+    ),
+    "cDC1": (
+        "DC",
+        {
+            "CLEC9A": 4,
+            "HLA-DRA": 25,
+            "HLA-DPA1": 10,
+            "CD74": 30,
+            "IDO1": 5,
+            "CD274": 1.5,
+            "CD86": 2,
+            "CD40": 1.5,
+        },
+    ),
+    "cDC2": (
+        "DC",
+        {
+            "CD1C": 5,
+            "HLA-DRA": 25,
+            "HLA-DPA1": 10,
+            "CD74": 30,
+            "IDO1": 0.2,
+            "CD274": 0.2,
+            "CD86": 2,
+            "CD40": 0.8,
+        },
+    ),
+}
 
 #: cells per sample (control); the composition scenario moves them in sepsis
-CONTROL_CELLS = {"CD8 naive T": 110, "CD8 effector/memory T": 50, "CD4 memory T": 150,
-                 "Treg": 20, "Classical monocyte": 150, "Mature neutrophil": 50, "cDC1": 12,
-                 "cDC2": 50}  # fmt: skip
-SEPSIS_SHIFT = {"CD8 naive T": 50, "CD8 effector/memory T": 110, "CD4 memory T": 120,
-                "Treg": 42, "Classical monocyte": 50, "Mature neutrophil": 150, "cDC1": 30,
-                "cDC2": 32}  # fmt: skip
+CONTROL_CELLS = {
+    "CD8 naive T": 110,
+    "CD8 effector/memory T": 50,
+    "CD4 memory T": 150,
+    "Treg": 20,
+    "Classical monocyte": 150,
+    "Mature neutrophil": 50,
+    "cDC1": 12,
+    "cDC2": 50,
+}
+SEPSIS_SHIFT = {
+    "CD8 naive T": 50,
+    "CD8 effector/memory T": 110,
+    "CD4 memory T": 120,
+    "Treg": 42,
+    "Classical monocyte": 50,
+    "Mature neutrophil": 150,
+    "cDC1": 30,
+    "cDC2": 32,
+}
 
 #: state programmes inside one subset: cell type -> (up genes x fold, down genes x fold,
 #: control rate, sepsis rate)
 STATES = {
-    "CD8 effector/memory T": ({g: 8 for g in ("PDCD1", "HAVCR2", "LAG3", "TOX", "CTLA4", "TIGIT")},
-                              {"IL7R": 0.3, "CD28": 0.3, "TCF7": 0.3}, 0.05, 0.30),
-    "Classical monocyte": ({g: 6 for g in ("IL1B", "CXCL8", "TNF", "CCL3", "CCL4", "IL6", "CCL2")},
-                           {}, 0.05, 0.35),
-    "cDC2": ({g: 8 for g in ("IDO1", "CD274", "IL10", "PDCD1LG2", "LILRB4")},
-             {"HLA-DRA": 0.3, "HLA-DPA1": 0.3, "CD74": 0.4, "CD86": 0.4, "CD40": 0.4}, 0.05, 0.5),
-    "Treg": ({g: 5 for g in ("FOXP3", "CTLA4", "IKZF2", "TNFRSF18", "TNFRSF4", "CCR8", "ENTPD1")},
-             {}, 0.1, 0.6),
-}  # fmt: skip
+    "CD8 effector/memory T": (
+        {g: 8 for g in ("PDCD1", "HAVCR2", "LAG3", "TOX", "CTLA4", "TIGIT")},
+        {"IL7R": 0.3, "CD28": 0.3, "TCF7": 0.3},
+        0.05,
+        0.30,
+    ),
+    "Classical monocyte": (
+        {g: 6 for g in ("IL1B", "CXCL8", "TNF", "CCL3", "CCL4", "IL6", "CCL2")},
+        {},
+        0.05,
+        0.35,
+    ),
+    "cDC2": (
+        {g: 8 for g in ("IDO1", "CD274", "IL10", "PDCD1LG2", "LILRB4")},
+        {"HLA-DRA": 0.3, "HLA-DPA1": 0.3, "CD74": 0.4, "CD86": 0.4, "CD40": 0.4},
+        0.05,
+        0.5,
+    ),
+    "Treg": (
+        {g: 5 for g in ("FOXP3", "CTLA4", "IKZF2", "TNFRSF18", "TNFRSF4", "CCR8", "ENTPD1")},
+        {},
+        0.1,
+        0.6,
+    ),
+}
 
 #: the states under test and the pooled parents they had before scoring within subsets
 OLD_PARENTS = {
-    "t_exhaustion": {"parent": {"lineage": ["T"]},
-                     "call_within": {"cell_type": ["CD8 naive T", "CD8 effector/memory T"]}},
+    "t_exhaustion": {
+        "parent": {"lineage": ["T"]},
+        "call_within": {"cell_type": ["CD8 naive T", "CD8 effector/memory T"]},
+    },
     "treg_suppressive": {"parent": {"lineage": ["T"]}},
     "dc_tolerogenic": {"parent": {"lineage": ["DC"]}, "per": None},
     "cytokine_storm": {"parent": {"lineage": ["Monocyte", "Neutrophil"]}, "per": None},
-}  # fmt: skip
+}
 
 
 def _cohort(*, shift: bool, state_change: bool, n: int = 5, seed: int = 0) -> ad.AnnData:
@@ -116,8 +212,18 @@ def _cohort(*, shift: bool, state_change: bool, n: int = 5, seed: int = 0) -> ad
                 lib = rng.lognormal(0, 0.3, k)[:, None]
                 counts = rng.poisson(rng.gamma(5.0, mu * lib / 5.0))
                 blocks.append(sp.csr_matrix(counts.astype(np.float32)))
-                obs.append(pd.DataFrame({"sample_id": sid, "condition": cond, "donor": f"D{sid}",
-                                         "lineage": lineage, "cell_type": ctype}, index=range(k)))  # fmt: skip
+                obs.append(
+                    pd.DataFrame(
+                        {
+                            "sample_id": sid,
+                            "condition": cond,
+                            "donor": f"D{sid}",
+                            "lineage": lineage,
+                            "cell_type": ctype,
+                        },
+                        index=range(k),
+                    )
+                )
     counts = sp.vstack(blocks).tocsr()
     obs_df = pd.concat(obs, ignore_index=True)
     obs_df.index = [f"c{i}" for i in range(len(obs_df))]
@@ -146,8 +252,14 @@ def shifted():
 def test_composition_shift_alone_gives_no_state_effect(shifted):
     eff = _primary_effects(shifted.copy())
     # one row per stratum: cytokine per lineage, tolerogenic DC per cDC subset
-    assert {"t_exhaustion", "treg_suppressive", "dc_tolerogenic.cdc1", "dc_tolerogenic.cdc2",
-            "cytokine_storm.monocyte", "cytokine_storm.neutrophil"} <= set(eff.index)  # fmt: skip
+    assert {
+        "t_exhaustion",
+        "treg_suppressive",
+        "dc_tolerogenic.cdc1",
+        "dc_tolerogenic.cdc2",
+        "cytokine_storm.monocyte",
+        "cytokine_storm.neutrophil",
+    } <= set(eff.index)
     assert eff.loc["t_exhaustion", "population"].startswith("cell_type: CD8 effector/memory T")
     assert (eff["fdr"] > 0.05).all(), eff[["effect", "fdr"]]
     # the same genes over the pooled old parents read the subset shift as a state change
@@ -158,8 +270,12 @@ def test_composition_shift_alone_gives_no_state_effect(shifted):
 
 def test_state_change_within_fixed_composition_is_found():
     eff = _primary_effects(_cohort(shift=False, state_change=True, seed=4))
-    for state in ("t_exhaustion", "treg_suppressive", "dc_tolerogenic.cdc2",
-                  "cytokine_storm.monocyte"):  # fmt: skip
+    for state in (
+        "t_exhaustion",
+        "treg_suppressive",
+        "dc_tolerogenic.cdc2",
+        "cytokine_storm.monocyte",
+    ):
         assert eff.loc[state, "fdr"] <= 0.05 and eff.loc[state, "effect"] > 0, state
     # the strata where nothing was planted stay quiet
     for state in ("dc_tolerogenic.cdc1", "cytokine_storm.neutrophil"):
@@ -170,12 +286,17 @@ def test_stratified_states_in_therapy_table_and_primary_metrics():
     """A stratified state takes its base state's therapy entry: one target row per stratum."""
     adata = _cohort(shift=False, state_change=True, n=3, seed=5)
     eff = _primary_effects(adata)
-    full = stats.condition_effects(stats.sample_table(adata, min_cells=8), case=CASE,
-                                   control=CONTROL)  # fmt: skip
+    full = stats.condition_effects(
+        stats.sample_table(adata, min_cells=8), case=CASE, control=CONTROL
+    )
     targets = stats.therapy_targets(full)
     rows = targets.set_index("state")
-    assert {"cytokine_storm.monocyte", "cytokine_storm.neutrophil", "dc_tolerogenic.cdc1",
-            "dc_tolerogenic.cdc2"} <= set(rows.index)  # fmt: skip
+    assert {
+        "cytokine_storm.monocyte",
+        "cytokine_storm.neutrophil",
+        "dc_tolerogenic.cdc1",
+        "dc_tolerogenic.cdc2",
+    } <= set(rows.index)
     assert rows.loc["cytokine_storm.monocyte", "therapy"].startswith("Extracorporeal")
     assert rows.loc["dc_tolerogenic.cdc2", "metric"] == "mean_score"
     assert stats.primary_metrics(["dc_tolerogenic.cdc2"]) == {"dc_tolerogenic.cdc2": "mean_score"}
@@ -187,13 +308,18 @@ def test_stratification_rules_are_checked(shifted):
     with pytest.raises(ValueError, match="per must be one of"):
         score_states(shifted.copy(), signatures=bad, control=CONTROL)
     with pytest.raises(ValueError, match="separates a state from its stratum"):
-        score_states(shifted.copy(), signatures=[{**HUMAN["t_exhaustion"], "name": "a.b"}],
-                     control=CONTROL)  # fmt: skip
+        score_states(
+            shifted.copy(), signatures=[{**HUMAN["t_exhaustion"], "name": "a.b"}], control=CONTROL
+        )
     # a per-lineage state over all cells: one state per lineage present, Unassigned left out
     a = shifted.copy()
     a.obs["lineage"] = a.obs["lineage"].astype(str)
     a.obs.loc[a.obs_names[:30], "lineage"] = "Unassigned"
     t = score_states(a, states=["ifn_response"], control=CONTROL, min_genes=1).set_index("state")
-    assert set(t.index) == {"ifn_response.t", "ifn_response.monocyte",
-                            "ifn_response.neutrophil", "ifn_response.dc"}  # fmt: skip
+    assert set(t.index) == {
+        "ifn_response.t",
+        "ifn_response.monocyte",
+        "ifn_response.neutrophil",
+        "ifn_response.dc",
+    }
     assert np.isnan(a.obs.loc[a.obs_names[:30], "ifn_response.t_score"]).all()

@@ -58,8 +58,10 @@ def test_sample_table_values(scored, table):
 
 
 def test_too_few_cells_gives_na_with_reason(scored):
-    small = scored[~((scored.obs["sample_id"] == "S0") & (scored.obs["lineage"] == "Monocyte"))
-                   | (np.arange(scored.n_obs) % 10 == 0)].copy()  # fmt: skip
+    small = scored[
+        ~((scored.obs["sample_id"] == "S0") & (scored.obs["lineage"] == "Monocyte"))
+        | (np.arange(scored.n_obs) % 10 == 0)
+    ].copy()
     tab = stats.sample_table(small, min_cells=20, states=["mono_hladr_low"])
     s0 = tab[tab["sample_id"] == "S0"]
     assert s0["value"].isna().all()
@@ -164,8 +166,15 @@ def _null_table(rng, n=4, donor_sd=0.3, cells=60, n_states=1):
         for i in range(n):
             p = 1 / (1 + np.exp(-(-2.0 + rng.normal(0, donor_sd))))
             k = rng.binomial(cells, p)
-            base = dict(sample_id=f"{cond}{i}", condition=cond, donor=f"{cond}{i}", label="x",
-                        population="p", n_cells=cells, reason="")  # fmt: skip
+            base = dict(
+                sample_id=f"{cond}{i}",
+                condition=cond,
+                donor=f"{cond}{i}",
+                label="x",
+                population="p",
+                n_cells=cells,
+                reason="",
+            )
             rows.append(
                 {**base, "state": st, "metric": "fraction", "value": k / cells, "n_called": k}
             )
@@ -254,8 +263,10 @@ def test_figures_render(scored, table, tmp_path):
         "composition": pl_stats.composition(scored, case=CASE, control=CONTROL),
         "targets": pl_stats.therapy_targets(tt),
     }
-    n_rows = {name: sum(len(ax.get_yticks()) for ax in figs[name].axes)
-              for name in ("forest", "forest_primary")}  # fmt: skip
+    n_rows = {
+        name: sum(len(ax.get_yticks()) for ax in figs[name].axes)
+        for name in ("forest", "forest_primary")
+    }
     assert n_rows["forest_primary"] == (eff["role"] == "primary").sum() < n_rows["forest"]
     for name, fig in figs.items():
         assert fig.axes, name
@@ -303,9 +314,13 @@ def test_simulator_planted_effects_found_at_fdr_005():
     assert truth.loc[c.index[c], "hla_low"].mean() > 0.9
     eff = stats.condition_effects(stats.sample_table(adata), case=CASE, control=CONTROL)
     e = eff.set_index(["state", "metric"])
-    for key in [("mono_hladr_low", "fraction"), ("mono_hladr_low", "pseudobulk_score"),
-                ("ms1_monocyte", "mean_score"), ("ms1_monocyte", "pseudobulk_score"),
-                ("cytokine_storm.monocyte", "pseudobulk_score")]:  # fmt: skip
+    for key in [
+        ("mono_hladr_low", "fraction"),
+        ("mono_hladr_low", "pseudobulk_score"),
+        ("ms1_monocyte", "mean_score"),
+        ("ms1_monocyte", "pseudobulk_score"),
+        ("cytokine_storm.monocyte", "pseudobulk_score"),
+    ]:
         assert e.loc[key, "fdr"] <= 0.05 and e.loc[key, "effect"] > 0, key
     comp = stats.composition_test(adata, case=CASE, control=CONTROL, level="cell_type")
     c = comp.set_index("label")
@@ -396,10 +411,16 @@ def test_effect_notes_drop_p_with_fewer_than_two_units():
     from sepsis_sc.design import Contrast, resolve_design
     from sepsis_sc.simulate_design import repeated_sheet
 
-    design = resolve_design(repeated_sheet(1, 3, ("T0",)), Contrast("c", "condition", "sepsis", "control"))
+    design = resolve_design(
+        repeated_sheet(1, 3, ("T0",)), Contrast("c", "condition", "sepsis", "control")
+    )
     r = pd.Series({"note": "", "pvalue": 0.01, "n_case": 1, "n_control": 3})
     notes, p = stats._effect_notes(design, r, n_na=2)
-    assert np.isnan(p) and "2 sample(s) NA" in notes[0] and "fewer than 2 units in sepsis (n=1)" in notes[1]
+    assert (
+        np.isnan(p)
+        and "2 sample(s) NA" in notes[0]
+        and "fewer than 2 units in sepsis (n=1)" in notes[1]
+    )
     r0 = pd.Series({"note": "", "pvalue": np.nan, "n_case": 0, "n_control": 3})
     assert stats._effect_notes(design, r0, 0)[0] == ["no sample with enough cells in one condition"]
     assert stats._test_name(design, "rank", True) == "Mann-Whitney U"
@@ -409,11 +430,23 @@ def test_effect_notes_drop_p_with_fewer_than_two_units():
 def test_direction_and_composition_meaning():
     res = pd.DataFrame({"significant": [True, True, False], "effect": [1.0, -1.0, 2.0]})
     assert list(stats._direction(res, "sepsis")) == ["higher in sepsis", "lower in sepsis", ""]
-    r = pd.Series({"label": "Monocyte", "effect": 0.5, "significant": False, "fdr": np.nan,
-                   "mean_prop_case": 0.2, "mean_prop_control": 0.1})  # fmt: skip
-    assert stats._composition_meaning(r, "sepsis", "control").endswith("20.0% vs 10.0%; not tested.")
+    r = pd.Series(
+        {
+            "label": "Monocyte",
+            "effect": 0.5,
+            "significant": False,
+            "fdr": np.nan,
+            "mean_prop_case": 0.2,
+            "mean_prop_control": 0.1,
+        }
+    )
+    assert stats._composition_meaning(r, "sepsis", "control").endswith(
+        "20.0% vs 10.0%; not tested."
+    )
     r["significant"], r["fdr"] = True, 0.01
-    assert "share of cells is larger in sepsis" in stats._composition_meaning(r, "sepsis", "control")
+    assert "share of cells is larger in sepsis" in stats._composition_meaning(
+        r, "sepsis", "control"
+    )
 
 
 def test_therapy_target_evidence_and_missing_primary():
@@ -422,7 +455,9 @@ def test_therapy_target_evidence_and_missing_primary():
     assert stats._evidence(r, "up", 0.05) == "opposite"
     assert stats._evidence(pd.Series({"fdr": 0.2, "effect": 1.0}), "up", 0.05) == "not significant"
     assert stats._evidence(pd.Series({"fdr": np.nan, "effect": 1.0}), "up", 0.05) == "not tested"
-    sub = pd.DataFrame({"state": ["s"], "label": ["S"], "metric": ["mean_score"], "role": ["secondary"]})
+    sub = pd.DataFrame(
+        {"state": ["s"], "label": ["S"], "metric": ["mean_score"], "role": ["secondary"]}
+    )
     stand_in = stats._primary_effect(sub, {"primary_metric": "fraction"})
     assert stand_in["metric"] == "fraction" and "not computed" in stand_in["meaning"]
 
@@ -433,9 +468,13 @@ def test_score_umaps_draw_one_panel_per_stratified_state():
 
     from sepsis_sc.pl.stats import _score_panels
 
-    obs = pd.DataFrame({"ifn_response.t_score": [0.1, np.nan, np.nan],
-                        "ifn_response.b_score": [np.nan, 0.2, np.nan],
-                        "t_exhaustion_score": [0.5, np.nan, np.nan]})  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "ifn_response.t_score": [0.1, np.nan, np.nan],
+            "ifn_response.b_score": [np.nan, 0.2, np.nan],
+            "t_exhaustion_score": [0.5, np.nan, np.nan],
+        }
+    )
     a = ad.AnnData(obs=obs)
     a.uns["state_rules"] = {
         "ifn_response.t": {"label": "IFN (T)", "stratum": "T"},
@@ -461,5 +500,6 @@ def test_sample_table_streams_counts_from_the_file(scored, tmp_path):
     got = stats.sample_table(light, min_cells=20, counts_file=path)
     assert (want["metric"] == "pseudobulk_expression").any()
     key = ["state", "sample_id", "metric"]  # uns read back from HDF5 lists the states sorted
-    pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
-                                  want.sort_values(key).reset_index(drop=True))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        got.sort_values(key).reset_index(drop=True), want.sort_values(key).reset_index(drop=True)
+    )

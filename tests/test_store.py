@@ -17,7 +17,9 @@ def base(tmp_path):
     rng = np.random.default_rng(0)
     x = sp.random(1000, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
     x.data = np.ceil(x.data * 5)
-    a = ad.AnnData(x, obs=pd.DataFrame({"s": np.repeat(["a", "b"], 500)}, index=[f"c{i}" for i in range(1000)]))
+    a = ad.AnnData(
+        x, obs=pd.DataFrame({"s": np.repeat(["a", "b"], 500)}, index=[f"c{i}" for i in range(1000)])
+    )
     a.var_names = [f"g{i}" for i in range(50)]
     a.layers["counts"] = x.copy()
     a.layers["other"] = x.copy() * 2
@@ -55,7 +57,9 @@ def test_iter_rows_and_column_sums(base):
     other = np.where(np.arange(1000) % 3 == 0, 1, -1)
     both = store.column_sums(path, "counts", [groups, other], [4, 2], chunk_rows=333)
     np.testing.assert_allclose(both[0], want, rtol=1e-6)
-    np.testing.assert_allclose(both[1][1], np.asarray(a.X[other == 1].sum(axis=0)).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(
+        both[1][1], np.asarray(a.X[other == 1].sum(axis=0)).ravel(), rtol=1e-6
+    )
     assert not both[1][0].any()
 
 
@@ -68,8 +72,13 @@ def test_write_links_and_copies_matrices(base, tmp_path):
         assert isinstance(f.get("X", getlink=True), h5py.ExternalLink)
         assert "other" not in f["layers"]
     final = store.read(tmp_path / "d1" / "mid.h5ad")
-    store.write(final, tmp_path / "d2" / "final.h5ad", source=tmp_path / "d1" / "mid.h5ad",
-                link=["X"], copy=["counts"])  # fmt: skip
+    store.write(
+        final,
+        tmp_path / "d2" / "final.h5ad",
+        source=tmp_path / "d1" / "mid.h5ad",
+        link=["X"],
+        copy=["counts"],
+    )
     with h5py.File(tmp_path / "d2" / "final.h5ad") as f:
         link = f.get("X", getlink=True)
         assert link.filename == "../base.h5ad"  # followed to the file that holds it
@@ -137,7 +146,9 @@ def test_memory_requests_follow_cells_and_stage(base, tmp_path):
     assert store.stage_mem_mb("integrate", 1600) == store.MEMORY_FLOOR_MB
     fixed, slope = store.STAGE_MEMORY["annotate"]
     assert store.stage_mem_mb("annotate", 1_000_000) == int(1.3 * (fixed + slope * 100))
-    assert store.stage_mem_mb("annotate", 1_000_000, attempt=2) == 2 * store.stage_mem_mb("annotate", 1_000_000)
+    assert store.stage_mem_mb("annotate", 1_000_000, attempt=2) == 2 * store.stage_mem_mb(
+        "annotate", 1_000_000
+    )
     assert store.stage_mem_mb("annotate", 200_000, per_10k_cells=2000) == 40_000
     with pytest.raises(KeyError, match="no measured memory"):
         store.stage_mem_mb("nope", 10)

@@ -52,7 +52,14 @@ def _write_workdir(tmp: Path, config: dict | None = None, sheet: str = TINY_SHEE
 def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [*SNAKEMAKE, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args],
+        [
+            *SNAKEMAKE,
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "config.yaml"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -178,8 +185,17 @@ def test_end_to_end_outputs(tiny_run):
     res = tiny_run / "results" / "tiny"
     adata = ad.read_h5ad(res / "annotated.h5ad")
     # output contract
-    for col in ["sample_id", "condition", "donor", "batch", "lineage", "cell_type",
-                "cell_type_ontology_term_id", "annotation_confidence", "leiden"]:
+    for col in [
+        "sample_id",
+        "condition",
+        "donor",
+        "batch",
+        "lineage",
+        "cell_type",
+        "cell_type_ontology_term_id",
+        "annotation_confidence",
+        "leiden",
+    ]:
         assert col in adata.obs, col
     assert "counts" in adata.layers
     counts = adata.layers["counts"]
@@ -196,8 +212,18 @@ def test_end_to_end_outputs(tiny_run):
     table = pd.read_csv(res / "targets" / "sample_table.tsv", sep="\t")
     assert set(table["sample_id"]) == {"T1", "T2", "T3", "T4"}
     effects = pd.read_csv(res / "targets" / "sepsis_vs_control" / "condition_effects.tsv", sep="\t")
-    for col in ["state", "effect", "unit", "ci_low", "ci_high", "pvalue", "fdr", "role",
-                "n_case", "n_control"]:  # fmt: skip
+    for col in [
+        "state",
+        "effect",
+        "unit",
+        "ci_low",
+        "ci_high",
+        "pvalue",
+        "fdr",
+        "role",
+        "n_case",
+        "n_control",
+    ]:
         assert col in effects.columns, col
     assert (effects["n_case"] <= 2).all()  # sample-level: never more units than samples
     contrasts = pd.read_csv(res / "targets" / "contrasts.tsv", sep="\t")
@@ -220,12 +246,21 @@ def test_rerun_is_a_no_op_and_resolution_change_reruns_from_clustering(tiny_run)
     res = _snakemake(tiny_run, "-n", "--cores", "1")
     assert res.returncode == 0
     assert "Nothing to be done" in res.stdout + res.stderr
-    res = _snakemake(tiny_run, "-n", "--cores", "1", "--config", "clustering={'resolution': 0.5, 'resolutions': [0.5, 1.0]}")
+    res = _snakemake(
+        tiny_run,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        "clustering={'resolution': 0.5, 'resolutions': [0.5, 1.0]}",
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "cluster" in out and "annotate" in out
     for upstream in ["qc_sample", "qc_merge", "integrate"]:
-        assert f"rule {upstream}:" not in out and f"\n{upstream} " not in out.split("Job stats")[-1], upstream
+        assert (
+            f"rule {upstream}:" not in out and f"\n{upstream} " not in out.split("Job stats")[-1]
+        ), upstream
 
 
 @pytest.mark.parametrize(
@@ -254,7 +289,9 @@ def test_slurm_profile_dry_run_shows_rule_resources(tmp_path):
     QC jobs for their own memory and runtime."""
     cfg = dict(TINY_CONFIG, resources={"gpu": True})
     work = _write_workdir(tmp_path, cfg)
-    res = _snakemake(work, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"))
+    res = _snakemake(
+        work, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm")
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     jobs = {block.split(":", 1)[0].strip(): block for block in out.split("\nrule ")[1:]}
@@ -264,7 +301,9 @@ def test_slurm_profile_dry_run_shows_rule_resources(tmp_path):
     assert "mem_mb=" in qc and "runtime=60" in qc and "gpu" not in qc
     # without resources.gpu no GPU is requested
     work2 = _write_workdir(tmp_path / "nogpu")
-    res = _snakemake(work2, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"))
+    res = _snakemake(
+        work2, "-n", "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm")
+    )
     integrate = res.stdout.split("\nrule integrate:")[1].split("\nrule ")[0]
     assert "gpu=" not in integrate.replace("gpu=0", "")
 
@@ -283,8 +322,12 @@ def test_report_contains_every_figure(tiny_run):
     assert "provenance.yaml" in html and "condition_effects.tsv" in html
     # the landing page says what the data are; every table is a titled page inside the report
     assert "SIMULATED DATA" in html
-    for title in ("Therapy targets (evidence per state)", "Condition effects (sample level)",
-                  "QC summary per sample", "UMAP of annotated cell types"):  # fmt: skip
+    for title in (
+        "Therapy targets (evidence per state)",
+        "Condition effects (sample level)",
+        "QC summary per sample",
+        "UMAP of annotated cell types",
+    ):
         assert f'"title": "{title}"' in html, f"report entry {title!r} missing"
     tables = sorted((tiny_run / "results" / "tiny" / "report").rglob("*.html"))
     assert len(tables) >= 12
@@ -307,5 +350,7 @@ def test_scvi_as_comparison_method_keeps_its_model(tmp_path):
     model = work / "results" / "tiny" / "integrate" / "scvi_model"
     assert (model / "model.pt").exists()
     assert not (model / "NOT_TRAINED.txt").exists()
-    record = yaml.safe_load((work / "results" / "tiny" / "integrate" / "integration.yaml").read_text())
+    record = yaml.safe_load(
+        (work / "results" / "tiny" / "integrate" / "integration.yaml").read_text()
+    )
     assert record["method"] == "harmony" and "scvi" in record["runs"]

@@ -52,8 +52,13 @@ def test_one_batch_sheet_with_a_donor_sampled_twice_runs_end_to_end(tmp_path):
     donors = ["P1", "P1", "P2", "H1", "H2", "H3"]  # P1 sampled twice (e.g. T0 and T6)
     conds = ["sepsis"] * 3 + ["control"] * 3
     rows = [
-        {"sample_id": f"s{i}", "condition": conds[i], "donor": donors[i], "batch": "run1",
-         "path": paths[i]}  # fmt: skip
+        {
+            "sample_id": f"s{i}",
+            "condition": conds[i],
+            "donor": donors[i],
+            "batch": "run1",
+            "path": paths[i],
+        }
         for i in range(6)
     ]
     res, out = _run(tmp_path, rows, "onebatch")
@@ -66,7 +71,9 @@ def test_one_batch_sheet_with_a_donor_sampled_twice_runs_end_to_end(tmp_path):
     eff = pd.read_csv(res / "targets" / "sepsis_vs_control" / "condition_effects.tsv", sep="\t")
     assert (eff["n_case"] <= 2).all() and (eff["n_control"] <= 3).all()  # donors, not samples
     comp = pd.read_csv(res / "targets" / "sepsis_vs_control" / "composition.tsv", sep="\t")
-    assert (comp["n_case"] == 2).all() and comp["note"].str.contains("aggregated into one unit").all()
+    assert (comp["n_case"] == 2).all() and comp["note"].str.contains(
+        "aggregated into one unit"
+    ).all()
     summary = pd.read_csv(res / "de" / "sepsis_vs_control" / "summary.tsv", sep="\t")
     assert (summary["status"] == "tested").any()
     for png in res.rglob("*.png"):
@@ -76,8 +83,13 @@ def test_one_batch_sheet_with_a_donor_sampled_twice_runs_end_to_end(tmp_path):
 def test_one_condition_sheet_runs_and_says_not_tested(tmp_path):
     paths = _split(tmp_path, 4, seed=1)
     rows = [
-        {"sample_id": f"s{i}", "condition": "sepsis", "donor": f"P{i}", "batch": f"b{i % 2}",
-         "path": paths[i]}  # fmt: skip
+        {
+            "sample_id": f"s{i}",
+            "condition": "sepsis",
+            "donor": f"P{i}",
+            "batch": f"b{i % 2}",
+            "path": paths[i],
+        }
         for i in range(4)
     ]
     res, out = _run(tmp_path, rows, "onecond")
@@ -88,9 +100,11 @@ def test_one_condition_sheet_runs_and_says_not_tested(tmp_path):
     assert set(table["sample_id"]) == {"s0", "s1", "s2", "s3"}
     assert "fraction" not in set(table["metric"])  # no control reference: no discrete calls
     rules = pd.read_csv(res / "targets" / "state_rules.tsv", sep="\t")
-    assert rules.loc[rules["discrete"] & (rules["status"] == "scored"), "reason"].str.contains(
-        "no control reference"
-    ).all()
+    assert (
+        rules.loc[rules["discrete"] & (rules["status"] == "scored"), "reason"]
+        .str.contains("no control reference")
+        .all()
+    )
     assert not (res / "targets" / "sepsis_vs_control").exists()
     assert (res / "targets" / "figures" / "umap_scores.png").stat().st_size > 5000
     assert (res / "annotate" / "figures" / "umap_cell_types.png").exists()

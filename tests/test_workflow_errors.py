@@ -105,7 +105,9 @@ def test_a_tiny_sample_is_flagged_before_any_job_and_left_out_of_the_cohort(tmp_
     merged = ad.read_h5ad(tmp_path / "results/err/qc/merged.h5ad", backed="r")
     assert set(merged.obs["sample_id"].astype(str)) == {"S0", "S1", "S2", "S3"}
     composition = pd.read_csv(tmp_path / target, sep="\t")
-    assert composition["samples_left_out"].str.match(r"^S4 \(\d+ cells after QC < qc.min_cells").all()
+    assert (
+        composition["samples_left_out"].str.match(r"^S4 \(\d+ cells after QC < qc.min_cells").all()
+    )
     assert (composition["n_case"] == 2).all() and (composition["n_control"] == 2).all()
 
 
@@ -124,15 +126,35 @@ def test_a_tiny_sample_stops_the_run_before_any_job_when_the_config_says_so(tmp_
     "section,value,expected",
     [
         ("integration", {"batch_key": "lane"}, "integration.batch_key"),
-        ("integration", {"categorical_covariates": ["chemistry"]}, "integration.categorical_covariates"),
-        ("integration", {"continuous_covariates": ["age_years"]}, "integration.continuous_covariates"),
+        (
+            "integration",
+            {"categorical_covariates": ["chemistry"]},
+            "integration.categorical_covariates",
+        ),
+        (
+            "integration",
+            {"continuous_covariates": ["age_years"]},
+            "integration.continuous_covariates",
+        ),
         ("stats", {"design": "~ age + condition"}, "['age']"),
         ("contrast", {"column": "status", "case": "sepsis", "control": "control"}, "status"),
-        ("scoring", {"reference": {"column": "group", "value": "healthy"}}, "scoring.reference.column"),
-        ("scoring", {"reference": {"column": "condition", "value": "healthy"}}, "scoring.reference.value"),
-        ("patients", {"reference_column": "condition", "reference_value": "hc"}, "patients.reference_value"),
+        (
+            "scoring",
+            {"reference": {"column": "group", "value": "healthy"}},
+            "scoring.reference.column",
+        ),
+        (
+            "scoring",
+            {"reference": {"column": "condition", "value": "healthy"}},
+            "scoring.reference.value",
+        ),
+        (
+            "patients",
+            {"reference_column": "condition", "reference_value": "hc"},
+            "patients.reference_value",
+        ),
     ],
-)  # fmt: skip
+)
 def test_config_keys_naming_sheet_columns_are_checked_before_any_job(
     tmp_path, section, value, expected
 ):

@@ -178,8 +178,9 @@ def first_pass_lineage(
             leuko_label = np.where(other, own, nbhd)
         # platelet / erythroid genes on a droplet with a leukocyte identity mark an aggregate
         # (or soup), not a platelet: such droplets take their leukocyte label
-        labels = np.where(~other | (best_leuko >= np.maximum(min_score, 0.4 * s.max(axis=1))),
-                          leuko_label, best)  # fmt: skip
+        labels = np.where(
+            ~other | (best_leuko >= np.maximum(min_score, 0.4 * s.max(axis=1))), leuko_label, best
+        )
         labels[s.max(axis=1) < min_score] = "Unassigned"
     out = pd.Series(pd.Categorical(labels, categories=[c for c in LINEAGES]), index=adata.obs_names)
     adata.obs[key_added] = out.to_numpy()
@@ -241,9 +242,12 @@ def estimate_soup(
 
             rgenes = pd.Index(raw.var_names.astype(str))
             ch = pysoupx.SoupChannel(
-                rc[empty].T, rc[:1].T, genes=list(rgenes), cells=["probe"],
+                rc[empty].T,
+                rc[:1].T,
+                genes=list(rgenes),
+                cells=["probe"],
                 calc_soup_profile=False,
-            )  # fmt: skip
+            )
             ch.n_drop_umis = total[empty]
             pysoupx.estimate_soup(ch, soup_range=(0, soup_max_counts))
             est = pd.Series(ch.soup_profile["est"].to_numpy(), index=rgenes)
@@ -357,9 +361,12 @@ def _channel(sub: ad.AnnData, counts: sparse.csr_matrix, soup: pd.Series, lineag
 
     genes = list(sub.var_names.astype(str))
     ch = pysoupx.SoupChannel(
-        counts.T, counts.T, genes=genes, cells=list(sub.obs_names.astype(str)),
+        counts.T,
+        counts.T,
+        genes=genes,
+        cells=list(sub.obs_names.astype(str)),
         calc_soup_profile=False,
-    )  # fmt: skip
+    )
     ch.tod = None
     est = soup.reindex(pd.Index(genes)).fillna(0.0).to_numpy()
     ch.soup_profile = pd.DataFrame({"est": est, "counts": est}, index=genes)

@@ -176,8 +176,6 @@ def load_vocabulary(path: str | PathLike[str] | None = None) -> Vocabulary:
     return Vocabulary(lineages=lin, cell_types=ct)
 
 
-# Over 80 lines: a long public docstring (the marker-file format) and one validation pass
-# per section of the file (each check names the set and key at fault).
 def load_markers(
     markers: str | PathLike[str] | Mapping[str, Any] | None = None,
     organism: Literal["human", "mouse"] = "human",
@@ -779,7 +777,9 @@ def _cluster_supported(
 LINEAGE_HVG_CELLS = 50_000
 
 
-def _hvg_columns(counts: CountSource, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame) -> AnnData:
+def _hvg_columns(
+    counts: CountSource, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame
+) -> AnnData:
     """Rows ``idx`` of ``counts``, log1p(CP10k) with size factors from all genes, in the HVG
     columns of ``hvg_var`` only (its ``highly_variable`` genes), as an AnnData for the PCA."""
     from anndata.utils import make_index_unique
@@ -1087,8 +1087,6 @@ def _cluster_summary(
     return pd.DataFrame(rows)
 
 
-# Over 80 lines only by its docstring (the public parameter reference); the body is a
-# list of named steps (cluster evidence, marker expression, lineage, subsets, write).
 def annotate(
     adata: AnnData,
     *,
@@ -1264,7 +1262,9 @@ def annotate(
     return _cluster_summary(clusters, lin, cell_type, conf)
 
 
-def _count_source(adata: AnnData, layer: str | None, counts_file: str | PathLike[str] | None) -> CountSource:
+def _count_source(
+    adata: AnnData, layer: str | None, counts_file: str | PathLike[str] | None
+) -> CountSource:
     """The raw counts the annotation reads: ``adata``'s (checked), or streamed from
     ``counts_file`` (its first chunk checked; cells and genes must match ``adata``)."""
     if counts_file is None:
@@ -1329,7 +1329,6 @@ def _label_lineages(
     return labels.astype(str).map(out)
 
 
-# Over 80 lines only by its docstring (the public parameter reference); the body is 45 lines.
 def annotate_celltypist(
     adata: AnnData,
     model_path: str | PathLike[str],

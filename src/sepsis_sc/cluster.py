@@ -314,8 +314,6 @@ def neighbors(
     return method
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 44 lines of named steps.
 def leiden_multi(
     adata: ad.AnnData,
     *,

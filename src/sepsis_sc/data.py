@@ -109,8 +109,9 @@ def _who(sample_id: str | None, source: str | None) -> str:
     return what or "the count matrix"
 
 
-
-def counts_csr(adata: ad.AnnData, layer: str | None = "counts", *, max_values: int | None = 100_000):
+def counts_csr(
+    adata: ad.AnnData, layer: str | None = "counts", *, max_values: int | None = 100_000
+):
     """Raw counts (:func:`get_counts`, checked) as a CSR float32 matrix, for stages that
     normalise counts themselves (annotation, reference mapping, the marker dot plot).
 
@@ -119,6 +120,7 @@ def counts_csr(adata: ad.AnnData, layer: str | None = "counts", *, max_values: i
     """
     x, _ = get_counts(adata, layer, max_values=max_values)
     return sp.csr_matrix(x, dtype=np.float32)
+
 
 def check_counts(
     adata_or_matrix: ad.AnnData | sp.spmatrix | np.ndarray,
@@ -259,7 +261,9 @@ def group_sums(x: Any, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 5_
         rows = sel[start : start + chunk_rows]
         block = x[rows]  # only the selected rows of this block
         block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
-        ind = sp.csr_matrix((np.ones(rows.size), (codes[rows], np.arange(rows.size))), shape=(n_groups, rows.size))
+        ind = sp.csr_matrix(
+            (np.ones(rows.size), (codes[rows], np.arange(rows.size))), shape=(n_groups, rows.size)
+        )
         part = ind @ block
         sums += part.toarray() if sp.issparse(part) else np.asarray(part)
     return sums

@@ -53,14 +53,33 @@ __all__ = [
 
 #: columns of the long results table of :func:`pseudobulk_de`
 RESULT_COLUMNS = [
-    "level", "label", "gene", "base_mean", "log2fc", "log2fc_shrunk", "lfc_se", "stat",
-    "pvalue", "padj",
-]  # fmt: skip
+    "level",
+    "label",
+    "gene",
+    "base_mean",
+    "log2fc",
+    "log2fc_shrunk",
+    "lfc_se",
+    "stat",
+    "pvalue",
+    "padj",
+]
 #: columns of the per-label summary of :func:`pseudobulk_de`
 SUMMARY_COLUMNS = [
-    "level", "label", "status", "reason", "n_case", "n_control", "n_cells", "n_genes_tested",
-    "n_up", "n_down", "top_up", "top_down", "seconds",
-]  # fmt: skip
+    "level",
+    "label",
+    "status",
+    "reason",
+    "n_case",
+    "n_control",
+    "n_cells",
+    "n_genes_tested",
+    "n_up",
+    "n_down",
+    "top_up",
+    "top_down",
+    "seconds",
+]
 _FIT_COLUMNS = ["base_mean", "log2fc", "log2fc_shrunk", "lfc_se", "stat", "pvalue", "padj"]
 _CHUNK_CELLS = 50_000  # cells per block of the indicator product (bounds the float64 copy)
 
@@ -447,14 +466,24 @@ def _fit_job(job: dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            res = fit_deseq(job["counts"], job["matrix"], shrink=job["shrink"],
-                            alpha=job["alpha"], n_cpus=job["n_cpus"])  # fmt: skip
+            res = fit_deseq(
+                job["counts"],
+                job["matrix"],
+                shrink=job["shrink"],
+                alpha=job["alpha"],
+                n_cpus=job["n_cpus"],
+            )
             err = ""
         except Exception as e:  # any PyDESeq2 failure becomes a "failed" summary row
             res, err = None, f"{type(e).__name__}: {e}"
     msgs = sorted({str(w.message).strip() for w in caught})
-    return {"key": job["key"], "result": res, "error": err, "warnings": msgs,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "key": job["key"],
+        "result": res,
+        "error": err,
+        "warnings": msgs,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _run(jobs: list[dict[str, Any]], n_cpus: int) -> Iterator[dict[str, Any]]:
@@ -470,8 +499,6 @@ def _top(genes: pd.DataFrame, n: int = 5) -> str:
     return ", ".join(order["gene"].head(n).astype(str))
 
 
-# Over 80 lines only by its docstring (the public parameter reference for notebook users);
-# the body is 20 lines of named steps.
 def pseudobulk_de(
     adata: Any,
     design: SampleDesign,
@@ -559,12 +586,25 @@ def pseudobulk_de(
     ValueError
         The counts are not raw integers (names the matrix and the fix).
     """
-    settings = DESettings(levels=tuple(levels), min_cells=min_cells,
-                          min_samples_per_group=min_samples_per_group,
-                          min_total_count=min_total_count, min_count=min_count, shrink=shrink)  # fmt: skip
+    settings = DESettings(
+        levels=tuple(levels),
+        min_cells=min_cells,
+        min_samples_per_group=min_samples_per_group,
+        min_total_count=min_total_count,
+        min_count=min_count,
+        shrink=shrink,
+    )
     _check_de_input(adata, settings)
-    rows, jobs = _label_jobs(adata, design, settings, sample_key=sample_key, layer=layer,
-                             exclude=exclude, alpha=alpha, counts_file=counts_file)  # fmt: skip
+    rows, jobs = _label_jobs(
+        adata,
+        design,
+        settings,
+        sample_key=sample_key,
+        layer=layer,
+        exclude=exclude,
+        alpha=alpha,
+        counts_file=counts_file,
+    )
     if not jobs:
         why = sorted({r["reason"] for r in rows if r["reason"]})
         logger.warning("pseudobulk DE: no label could be tested (%s)", "; ".join(why) or "no label")
@@ -590,7 +630,9 @@ def _check_de_input(adata: Any, settings: DESettings) -> None:
             f"{', '.join(map(str, adata.obs.columns))}); annotate first or set de.levels"
         )
     if settings.min_samples_per_group < 2:
-        raise ValueError(f"min_samples_per_group must be >= 2, got {settings.min_samples_per_group}")
+        raise ValueError(
+            f"min_samples_per_group must be >= 2, got {settings.min_samples_per_group}"
+        )
 
 
 def _label_jobs(
@@ -608,8 +650,9 @@ def _label_jobs(
     rows: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     for level in settings.levels:
-        counts, n_cells = pseudobulk(adata, label_key=level, sample_key=sample_key, layer=layer,
-                                     counts_file=counts_file)  # fmt: skip
+        counts, n_cells = pseudobulk(
+            adata, label_key=level, sample_key=sample_key, layer=layer, counts_file=counts_file
+        )
         for label in n_cells.columns:
             row = _summary_row(level, label)
             rows.append(row)
@@ -621,9 +664,21 @@ def _label_jobs(
 
 def _summary_row(level: str, label: str) -> dict[str, Any]:
     """A label's summary row before any gate (``not tested``, zeros)."""
-    return {"level": level, "label": label, "status": "not tested", "reason": "", "n_case": 0,
-            "n_control": 0, "n_cells": 0, "n_genes_tested": 0, "n_up": 0, "n_down": 0,
-            "top_up": "", "top_down": "", "seconds": 0.0}  # fmt: skip
+    return {
+        "level": level,
+        "label": label,
+        "status": "not tested",
+        "reason": "",
+        "n_case": 0,
+        "n_control": 0,
+        "n_cells": 0,
+        "n_genes_tested": 0,
+        "n_up": 0,
+        "n_down": 0,
+        "top_up": "",
+        "top_down": "",
+        "seconds": 0.0,
+    }
 
 
 def _label_job(
@@ -643,8 +698,9 @@ def _label_job(
     label = row["label"]
     why = _label_gate(label, counts, design, exclude)
     if not why:
-        unit_counts, matrix, note = label_units(counts[label], n_cells[label], design,
-                                                min_cells=settings.min_cells)  # fmt: skip
+        unit_counts, matrix, note = label_units(
+            counts[label], n_cells[label], design, min_cells=settings.min_cells
+        )
         _count_units(row, n_cells[label], design, matrix, unit_counts, settings.min_cells)
         why = _unit_gate(row, matrix, note, design, settings)
     if not why:
@@ -654,12 +710,18 @@ def _label_job(
         return None
     row["reason"] = note
     row["n_genes_tested"] = len(genes)
-    return {"key": (row["level"], label), "counts": unit_counts[genes], "matrix": matrix,
-            "shrink": settings.shrink, "alpha": alpha}  # fmt: skip
+    return {
+        "key": (row["level"], label),
+        "counts": unit_counts[genes],
+        "matrix": matrix,
+        "shrink": settings.shrink,
+        "alpha": alpha,
+    }
 
 
-def _label_gate(label: str, counts: dict[str, pd.DataFrame], design: SampleDesign,
-                exclude: Sequence[str]) -> str:  # fmt: skip
+def _label_gate(
+    label: str, counts: dict[str, pd.DataFrame], design: SampleDesign, exclude: Sequence[str]
+) -> str:
     """Why a label is not tested before looking at its units (empty: go on)."""
     if label in exclude:
         return "excluded (de exclude list)"
@@ -689,9 +751,12 @@ def _count_units(
 
 
 def _unit_gate(
-    row: dict[str, Any], matrix: pd.DataFrame | None, note: str, design: SampleDesign,
+    row: dict[str, Any],
+    matrix: pd.DataFrame | None,
+    note: str,
+    design: SampleDesign,
     settings: DESettings,
-) -> str:  # fmt: skip
+) -> str:
     """Why a label is not tested on the units it keeps (empty: go on)."""
     case, control = design.contrast.case, design.contrast.control
     if min(row["n_case"], row["n_control"]) < settings.min_samples_per_group:
@@ -702,7 +767,9 @@ def _unit_gate(
     if matrix is None:
         return note or "contrast not estimable on the units left"
     if len(matrix) - matrix.shape[1] < 1:
-        return f"no residual degree of freedom ({len(matrix)} units, {matrix.shape[1]} model columns)"
+        return (
+            f"no residual degree of freedom ({len(matrix)} units, {matrix.shape[1]} model columns)"
+        )
     return ""
 
 
@@ -713,11 +780,15 @@ def _testable_genes(
     units as the smaller group has (edgeR's ``filterByExpr`` idea); reason when none."""
     n_small = int(min(matrix[COEF].sum(), len(matrix) - matrix[COEF].sum()))
     uc = unit_counts.loc[matrix.index].to_numpy()
-    keep = (uc.sum(axis=0) >= settings.min_total_count) & ((uc >= settings.min_count).sum(axis=0) >= n_small)
+    keep = (uc.sum(axis=0) >= settings.min_total_count) & (
+        (uc >= settings.min_count).sum(axis=0) >= n_small
+    )
     genes = unit_counts.columns[keep]
     if len(genes) == 0:
-        return genes, (f"no gene with >= {settings.min_total_count} counts and >= "
-                       f"{settings.min_count} in {n_small} units")  # fmt: skip
+        return genes, (
+            f"no gene with >= {settings.min_total_count} counts and >= "
+            f"{settings.min_count} in {n_small} units"
+        )
     return genes, ""
 
 
@@ -737,9 +808,18 @@ def _collect(done: dict[str, Any], row: dict[str, Any], alpha: float) -> pd.Data
     res.insert(0, "level", level)
     sig = res[res["padj"] < alpha]
     up, down = sig[sig["log2fc"] > 0], sig[sig["log2fc"] < 0]
-    row.update(status="tested", n_up=len(up), n_down=len(down), top_up=_top(up),
-               top_down=_top(down))  # fmt: skip
-    logger.info("%s %s: %d vs %d units, %d genes, %d up, %d down (%.1f s)", level, label,
-                row["n_case"], row["n_control"], row["n_genes_tested"], len(up), len(down),
-                done["seconds"])  # fmt: skip
+    row.update(
+        status="tested", n_up=len(up), n_down=len(down), top_up=_top(up), top_down=_top(down)
+    )
+    logger.info(
+        "%s %s: %d vs %d units, %d genes, %d up, %d down (%.1f s)",
+        level,
+        label,
+        row["n_case"],
+        row["n_control"],
+        row["n_genes_tested"],
+        len(up),
+        len(down),
+        done["seconds"],
+    )
     return res[RESULT_COLUMNS]

@@ -281,7 +281,9 @@ def _terms(formula: str) -> list[list[str]]:
 
     text = formula.strip()
     if not text.startswith("~"):
-        raise DesignError(f"design formula {formula!r} must start with '~' (e.g. '~ age + condition')")
+        raise DesignError(
+            f"design formula {formula!r} must start with '~' (e.g. '~ age + condition')"
+        )
     try:
         parsed = Formula(text)
     except Exception as err:  # formulaic raises several parser error types
@@ -301,7 +303,10 @@ def formula_columns(formula: str) -> list[str]:
     for factors in _terms(formula):
         for f in factors:
             for name in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", f):
-                if name not in ("C", "np", "log", "center", "scale", "poly", "Treatment") and name not in cols:
+                if (
+                    name not in ("C", "np", "log", "center", "scale", "poly", "Treatment")
+                    and name not in cols
+                ):
                     cols.append(name)
     return cols
 
@@ -403,8 +408,9 @@ class ContrastArgs:
 
     def shorthand(self) -> Contrast:
         """``case`` vs ``control`` of the ``condition`` column as a :class:`Contrast`."""
-        return Contrast(f"{self.case}_vs_{self.control}", "condition", str(self.case),
-                        str(self.control))  # fmt: skip
+        return Contrast(
+            f"{self.case}_vs_{self.control}", "condition", str(self.case), str(self.control)
+        )
 
     def resolve(self, meta: pd.DataFrame) -> SampleDesign:
         """The design on the samples of ``meta``: ``design`` when given, else ``contrast``
@@ -534,8 +540,9 @@ def resolve_design(
     kept = _informative_covariates(base, cov_x, use_paired, contrast, formula, notes)
     matrix = _design_matrix(base, cov_x, kept, units, contrast)
     testable, reason = _estimability(matrix, kept, contrast, formula, use_paired)
-    return SampleDesign(contrast, formula, units, sample_unit, matrix, use_paired, notes,
-                        testable, reason)  # fmt: skip
+    return SampleDesign(
+        contrast, formula, units, sample_unit, matrix, use_paired, notes, testable, reason
+    )
 
 
 def _paired_mode(contrast: Contrast, paired: str | bool | None) -> str:
@@ -598,9 +605,17 @@ def _covariate_columns(formula: str, col: str, meta: pd.DataFrame) -> list[str]:
 def _empty_design(contrast: Contrast, formula: str) -> SampleDesign:
     """The untestable design of a contrast that no sample of the sheet belongs to."""
     units = pd.DataFrame(columns=["donor", "level", "n_samples"])
-    return SampleDesign(contrast, formula, units, pd.Series(dtype=str), pd.DataFrame(), False,
-                        [], False, f"no sample has {contrast.column} == {contrast.case!r} or "
-                        f"{contrast.control!r}")  # fmt: skip
+    return SampleDesign(
+        contrast,
+        formula,
+        units,
+        pd.Series(dtype=str),
+        pd.DataFrame(),
+        False,
+        [],
+        False,
+        f"no sample has {contrast.column} == {contrast.case!r} or {contrast.control!r}",
+    )
 
 
 def _pair_donors(
@@ -616,7 +631,9 @@ def _pair_donors(
     if use_paired:
         left = units[~units["donor"].isin(paired_donors)]
         if len(left):
-            notes.append(f"paired on {len(paired_donors)} donor(s); {left['donor'].nunique()} donor(s) seen at one level left out")
+            notes.append(
+                f"paired on {len(paired_donors)} donor(s); {left['donor'].nunique()} donor(s) seen at one level left out"
+            )
         units = units[units["donor"].isin(paired_donors)]
         sample_unit = sample_unit[sample_unit.isin(units.index)]
     elif len(paired_donors):
@@ -648,7 +665,9 @@ def _covariate_matrix(
     try:
         mm = model_matrix("~ " + " + ".join(cov_terms), data, na_action="raise")
     except Exception as err:
-        raise DesignError(f"design formula {formula!r} cannot be evaluated on the sheet: {err}") from err
+        raise DesignError(
+            f"design formula {formula!r} cannot be evaluated on the sheet: {err}"
+        ) from err
     cov_x = pd.DataFrame(np.asarray(mm, dtype=float), index=units.index, columns=list(mm.columns))
     return cov_x.drop(columns=[c for c in cov_x.columns if c == "Intercept"])
 
@@ -699,9 +718,12 @@ def _informative_covariates(
 
 
 def _design_matrix(
-    base: pd.DataFrame, cov_x: pd.DataFrame, kept: list[str], units: pd.DataFrame,
+    base: pd.DataFrame,
+    cov_x: pd.DataFrame,
+    kept: list[str],
+    units: pd.DataFrame,
     contrast: Contrast,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """Base columns, kept covariates and the case indicator :data:`COEF` (last)."""
     x_cov = np.column_stack([base.to_numpy()] + [cov_x[k].to_numpy() for k in kept])
     matrix = pd.DataFrame(x_cov, index=units.index, columns=list(base.columns) + kept)
@@ -719,7 +741,10 @@ def _estimability(
     n_case = int(matrix[COEF].sum())
     n_ctrl = int(len(matrix) - matrix[COEF].sum())
     if n_case == 0 or n_ctrl == 0:
-        return False, f"one group has no unit ({contrast.case}: {n_case}, {contrast.control}: {n_ctrl})"
+        return (
+            False,
+            f"one group has no unit ({contrast.case}: {n_case}, {contrast.control}: {n_ctrl})",
+        )
     full = matrix.to_numpy()
     if _rank(full) < full.shape[1]:
         culprits = kept or ["donor blocks"]
@@ -872,8 +897,20 @@ def linear_test(
         out[c] = np.nan
     if fits:
         _moderated_t(out, fits, moderate=moderate, level=level)
-    cols = ["effect", "se", "ci_low", "ci_high", "t", "df", "pvalue", "n_case", "n_control",
-            "df_resid", "d0", "note"]  # fmt: skip
+    cols = [
+        "effect",
+        "se",
+        "ci_low",
+        "ci_high",
+        "t",
+        "df",
+        "pvalue",
+        "n_case",
+        "n_control",
+        "df_resid",
+        "d0",
+        "note",
+    ]
     return out[cols]
 
 

@@ -338,9 +338,16 @@ def _attempt(
         length = response.headers.get("Content-Length")
         expected_total = offset + int(length) if length and length.isdigit() else None
         received = _stream_body(
-            response, url, dest, part, mode=mode, offset=offset, hashers=state["hashers"],
-            chunk_size=chunk_size, expects_html=expects_html,
-        )  # fmt: skip
+            response,
+            url,
+            dest,
+            part,
+            mode=mode,
+            offset=offset,
+            hashers=state["hashers"],
+            chunk_size=chunk_size,
+            expects_html=expects_html,
+        )
         if expected_total is not None and received < expected_total:
             raise _Retryable(f"connection dropped after {received} of {expected_total} bytes")
 
@@ -452,8 +459,6 @@ def _stream_body(
     return received
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 30 lines of named steps.
 def download(
     url: str,
     dest: str | os.PathLike[str],
@@ -541,9 +546,17 @@ def download(
         _hash_existing(part, state["hashers"])
     try:
         _fetch_with_retries(
-            url, dest, part, state, session, expected=expected, retries=retries,
-            backoff=backoff, timeout=timeout, chunk_size=chunk_size,
-        )  # fmt: skip
+            url,
+            dest,
+            part,
+            state,
+            session,
+            expected=expected,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            chunk_size=chunk_size,
+        )
     finally:
         if own_session:
             session.close()

@@ -198,9 +198,13 @@ def select_hvgs(
         check_counts(counts, source=f"adata.layers[{layer!r}]", max_values=_COUNT_CHECK_VALUES)
     sub = adata[:, plan.keep] if plan.excluded.any() else adata
     df = _scanpy_hvgs(
-        sub, plan.n, batch_key=plan.batch_key, flavor=flavor,
-        layer=layer if counts_flavor else None, span=span,
-    )  # fmt: skip
+        sub,
+        plan.n,
+        batch_key=plan.batch_key,
+        flavor=flavor,
+        layer=layer if counts_flavor else None,
+        span=span,
+    )
     _record_hvgs(adata, df, plan, flavor=flavor)
 
 
@@ -536,9 +540,12 @@ def _seurat_v3_loess(
 
 
 def _seurat_v3_norm_var(
-    mean: np.ndarray, reg_std: np.ndarray, clipped_sums: np.ndarray, clipped_sq_sums: np.ndarray,
+    mean: np.ndarray,
+    reg_std: np.ndarray,
+    clipped_sums: np.ndarray,
+    clipped_sq_sums: np.ndarray,
     n_obs: int,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """One batch's variance of the standardised, clipped counts (a (1, genes) row)."""
     norm_gene_var = (1 / ((n_obs - 1) * np.square(reg_std))) * (
         (n_obs * np.square(mean)) + clipped_sq_sums - 2 * clipped_sums * mean
@@ -814,8 +821,6 @@ class ScviParams:
         return replace(self, **overrides) if overrides else self
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 31 lines of named steps.
 def run_scvi(
     adata: ad.AnnData,
     params: ScviParams | None = None,
@@ -911,15 +916,30 @@ def run_scvi(
     n_train = int(round(sub.n_obs * p.train_size))
     max_epochs = _scvi_max_epochs(p, n_train)
     model, latent, n_threads, seconds = _train_scvi(
-        sub, p, batch_key=batch_key, device=device, max_epochs=max_epochs, n_train=n_train,
-        seed=seed, threads=threads,
-    )  # fmt: skip
+        sub,
+        p,
+        batch_key=batch_key,
+        device=device,
+        max_epochs=max_epochs,
+        n_train=n_train,
+        seed=seed,
+        threads=threads,
+    )
     adata.obsm[key_added] = np.asarray(latent, dtype=np.float32)
     record = _scvi_record(
-        adata, p, model.history, key_added=key_added, device=device, n_threads=n_threads,
-        max_epochs=max_epochs, seed=seed, batch_key=batch_key, n_hvg=int(hvg.sum()),
-        seconds=seconds, one_batch=one_batch,
-    )  # fmt: skip
+        adata,
+        p,
+        model.history,
+        key_added=key_added,
+        device=device,
+        n_threads=n_threads,
+        max_epochs=max_epochs,
+        seed=seed,
+        batch_key=batch_key,
+        n_hvg=int(hvg.sum()),
+        seconds=seconds,
+        one_batch=one_batch,
+    )
     if model_dir is not None:
         model.save(str(model_dir), overwrite=True, save_anndata=False)
         record["model_dir"] = str(model_dir)
@@ -1024,7 +1044,9 @@ def _train_scvi(
     drop_last = 0 < n_train % p.batch_size < 3
     callbacks = [_epoch_logger(max_epochs)]
     if p.early_stopping and use_validation:
-        callbacks.append(plateau_stopping(p.early_stopping_patience, p.early_stopping_min_improvement))
+        callbacks.append(
+            plateau_stopping(p.early_stopping_patience, p.early_stopping_min_improvement)
+        )
     t0 = time.perf_counter()
     with _torch_threads(threads) as n_threads:
         logger.info(
@@ -1296,22 +1318,45 @@ def run_harmony(
         pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float32)
         adata.obsm[key_added] = pcs.copy()
         adata.uns["integration"] = {
-            **_harmony_record(adata, key_added, 0, max_iter_harmony, seed, batch_key, keys,
-                              pcs.shape[1], theta, time.perf_counter() - t0),  # fmt: skip
+            **_harmony_record(
+                adata,
+                key_added,
+                0,
+                max_iter_harmony,
+                seed,
+                batch_key,
+                keys,
+                pcs.shape[1],
+                theta,
+                time.perf_counter() - t0,
+            ),
             **_harmony_one_batch(keys, levels, key_added, pcs.shape[1]),
         }
         return
     pcs = np.asarray(adata.obsm["X_pca"][:, :n_pcs], dtype=np.float64)
     z, epochs = _harmonypy(
-        pcs, adata.obs[keys], keys, theta=theta, max_iter_harmony=max_iter_harmony, seed=seed,
+        pcs,
+        adata.obs[keys],
+        keys,
+        theta=theta,
+        max_iter_harmony=max_iter_harmony,
+        seed=seed,
         threads=threads,
-    )  # fmt: skip
+    )
     adata.obsm[key_added] = z.astype(np.float32)
     seconds = time.perf_counter() - t0
     adata.uns["integration"] = _harmony_record(
-        adata, key_added, epochs, max_iter_harmony, seed, batch_key, keys, pcs.shape[1], theta,
+        adata,
+        key_added,
+        epochs,
+        max_iter_harmony,
+        seed,
+        batch_key,
+        keys,
+        pcs.shape[1],
+        theta,
         seconds,
-    )  # fmt: skip
+    )
     logger.info("Harmony on %d PCs over %s: %.1f s", pcs.shape[1], keys, seconds)
 
 
@@ -1644,8 +1689,6 @@ def _best_leiden_nmi_ari(
     return best
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 26 lines of named steps.
 def integration_metrics(
     adata: ad.AnnData,
     *,
@@ -1742,10 +1785,17 @@ def integration_metrics(
         ckey = cluster_key.get(key) if isinstance(cluster_key, Mapping) else cluster_key
         row.update(
             _label_terms(
-                adata, x, dist, idx, cells, cluster_key=ckey, n_neighbors=n_neighbors,
-                leiden_resolutions=leiden_resolutions, seed=seed,
+                adata,
+                x,
+                dist,
+                idx,
+                cells,
+                cluster_key=ckey,
+                n_neighbors=n_neighbors,
+                leiden_resolutions=leiden_resolutions,
+                seed=seed,
             )
-        )  # fmt: skip
+        )
         _summary_scores(row, cells)
         rows.append(row)
         _log_metrics(row, time.perf_counter() - t0)

@@ -119,75 +119,202 @@ _CLASSICAL = {"cell_type": ("Classical monocyte",)}
 
 #: The readouts, in display order.
 READOUTS: tuple[Readout, ...] = (
-    Readout("lymphocyte_share", "lymphocytes (T+NK+B) / all cells", "lymphocytes", "share",
-            "relative analogue of the absolute lymphocyte count used by IL-7 / anti-PD-L1 trials "
-            "(IRIS-7 [V], Hotchkiss 2019 [V]); relative, preparation-dependent [M]",
-            cells={"lineage": ("T", "NK", "B")}),
-    Readout("t_share", "T cells / all cells", "lymphocytes", "share",
-            "T-cell loss in sepsis (Hotchkiss 2013 [M]; Boomer 2011 [V])", cells={"lineage": ("T",)}),
-    Readout("cd4_share", "CD4 T / all cells", "lymphocytes", "share", "IRIS-7 CD4 counts [V]",
-            cells={"cell_type": _CD4}),
-    Readout("cd8_share", "CD8 T / all cells", "lymphocytes", "share", "IRIS-7 CD8 counts [V]",
-            cells={"cell_type": _CD8}),
-    Readout("nk_share", "NK cells / all cells", "lymphocytes", "share", "NK loss in sepsis [M]",
-            cells={"lineage": ("NK",)}),
-    Readout("b_share", "B cells / all cells", "lymphocytes", "share", "B-cell loss in sepsis [M]",
-            cells={"lineage": ("B",)}),
-    Readout("treg_share", "Treg / CD4 T cells", "lymphocytes", "share",
-            "Treg share of CD4 T cells (flow convention); MSC Treg induction (Gonzalez-Rey 2009 [V]); "
-            "human blood Treg results conflict [M]", cells={"cell_type": ("Treg",)},
-            of={"cell_type": _CD4}),
-    Readout("exhausted_cd8_fraction", "exhausted CD8 effector/memory T fraction", "lymphocytes",
-            "state", "t_exhaustion calls within CD8 effector/memory T cells (Boomer 2011/2012 [V])",
-            state="t_exhaustion", metric="fraction"),
-    Readout("mono_hladr_expr", "mHLA-DR analogue (log2 CPM)", "monocytes", "pseudobulk",
-            "classical-monocyte pseudobulk HLA-DR mRNA; analogue of flow mHLA-DR (Monneret 2006 [V]); "
-            "flow cut-offs do not transfer to mRNA [V: biology-patients.md section 4]",
-            cells=_CLASSICAL, genes=("HLA-DRA", "HLA-DRB1", "HLA-DRB5")),
-    Readout("hladr_low_fraction", "HLA-DR-low monocyte fraction", "monocytes", "state",
-            "mono_hladr_low calls in monocytes (Yao 2023 [V])", state="mono_hladr_low",
-            metric="fraction"),
-    Readout("ms1_score", "MS1 score (monocytes)", "monocytes", "state",
-            "MS1 programme, mean per-cell score (Reyes 2020 [V]; 20-gene list [V2]); MS1 is not a "
-            "discrete call in this pipeline, so a score, not a fraction", state="ms1_monocyte",
-            metric="mean_score"),
-    Readout("cytokine_score", "cytokine programme (monocytes)", "monocytes", "state",
-            "cytokine_storm mean score in monocytes (hyperinflammation analogue; MALS itself is "
-            "ferritin-defined, PROVIDE 2022 [V])", state="cytokine_storm.monocyte",
-            metric="mean_score"),
-    Readout("mono_nfkb_expr", "monocyte NF-kB cytokines (log2 CPM)", "monocytes", "pseudobulk",
-            "TSG-6 / NF-kB dampening readout of MSCs (Choi 2011 [V] mechanism; genes [M])",
-            cells=_CLASSICAL, genes=("TNF", "IL1B", "CXCL8", "CCL3", "CCL4", "NFKBIA", "NFKBIZ")),
-    Readout("mono_il10_expr", "monocyte IL-10 / PGE2 programme (log2 CPM)", "monocytes",
-            "pseudobulk",
-            "MSC PGE2 -> EP2/EP4 -> IL-10 reprogramming readout (Nemeth 2009 [V] mechanism; genes [M])",
-            cells=_CLASSICAL, genes=("IL10", "PTGER2", "PTGER4", "NR4A1", "NR4A2", "CREM", "CD163")),
-    Readout("dc_share", "DCs / all cells", "dendritic cells", "share",
-            "DC loss predicts death (Poehlmann 2009 [V])", cells={"lineage": ("DC",)}),
-    Readout("dc_hla_class2_expr", "DC HLA class II (log2 CPM)", "dendritic cells", "pseudobulk",
-            "DC pseudobulk HLA class II mRNA (proxy genes of biology-patients.md section 4 [M])",
-            cells={"lineage": ("DC",)},
-            genes=("HLA-DRA", "HLA-DRB1", "HLA-DPA1", "HLA-DPB1", "HLA-DQA1", "HLA-DQB1", "CD74")),
-    Readout("dc_tolerogenic_score", "tolerogenic cDC2 score", "dendritic cells", "state",
-            "dc_tolerogenic mean score in cDC2, the commoner blood cDC [M]",
-            state="dc_tolerogenic.cdc2", metric="mean_score"),
-    Readout("immature_neutrophil_score", "immature neutrophil score", "neutrophils", "state",
-            "neutrophil_immature mean score (Kwok 2023 [V])", state="neutrophil_immature",
-            metric="mean_score"),
-    Readout("immature_neutrophil_share", "immature neutrophils / all cells", "neutrophils", "share",
-            "emergency granulopoiesis (Kwok 2023 [V]); PBMC holds only low-density neutrophils",
-            cells={"cell_type": ("Immature neutrophil",)}),
-    Readout("neutrophil_activation_expr", "neutrophil activation / NET genes (log2 CPM)",
-            "neutrophils", "pseudobulk",
-            "MSC-dampened neutrophil activation / NETs: not verified; genes [M]",
-            cells={"lineage": ("Neutrophil",)}, genes=("PADI4", "MPO", "ELANE", "CD177", "ITGAM")),
-    Readout("ifn_score", "type I IFN response (monocytes)", "global", "state",
-            "ifn_response mean score in monocytes (Leite 2024 [V]; gene set [M])",
-            state="ifn_response.monocyte", metric="mean_score"),
-    Readout("trem2_macrophage_fraction", "TREM2-high macrophage fraction", "tissue", "state",
-            "trem2_high_macrophage calls in macrophages (Zhang 2023 [V], mouse heart); tissue only",
-            state="trem2_high_macrophage", metric="fraction"),
-)  # fmt: skip
+    Readout(
+        "lymphocyte_share",
+        "lymphocytes (T+NK+B) / all cells",
+        "lymphocytes",
+        "share",
+        "relative analogue of the absolute lymphocyte count used by IL-7 / anti-PD-L1 trials "
+        "(IRIS-7 [V], Hotchkiss 2019 [V]); relative, preparation-dependent [M]",
+        cells={"lineage": ("T", "NK", "B")},
+    ),
+    Readout(
+        "t_share",
+        "T cells / all cells",
+        "lymphocytes",
+        "share",
+        "T-cell loss in sepsis (Hotchkiss 2013 [M]; Boomer 2011 [V])",
+        cells={"lineage": ("T",)},
+    ),
+    Readout(
+        "cd4_share",
+        "CD4 T / all cells",
+        "lymphocytes",
+        "share",
+        "IRIS-7 CD4 counts [V]",
+        cells={"cell_type": _CD4},
+    ),
+    Readout(
+        "cd8_share",
+        "CD8 T / all cells",
+        "lymphocytes",
+        "share",
+        "IRIS-7 CD8 counts [V]",
+        cells={"cell_type": _CD8},
+    ),
+    Readout(
+        "nk_share",
+        "NK cells / all cells",
+        "lymphocytes",
+        "share",
+        "NK loss in sepsis [M]",
+        cells={"lineage": ("NK",)},
+    ),
+    Readout(
+        "b_share",
+        "B cells / all cells",
+        "lymphocytes",
+        "share",
+        "B-cell loss in sepsis [M]",
+        cells={"lineage": ("B",)},
+    ),
+    Readout(
+        "treg_share",
+        "Treg / CD4 T cells",
+        "lymphocytes",
+        "share",
+        "Treg share of CD4 T cells (flow convention); MSC Treg induction (Gonzalez-Rey 2009 [V]); "
+        "human blood Treg results conflict [M]",
+        cells={"cell_type": ("Treg",)},
+        of={"cell_type": _CD4},
+    ),
+    Readout(
+        "exhausted_cd8_fraction",
+        "exhausted CD8 effector/memory T fraction",
+        "lymphocytes",
+        "state",
+        "t_exhaustion calls within CD8 effector/memory T cells (Boomer 2011/2012 [V])",
+        state="t_exhaustion",
+        metric="fraction",
+    ),
+    Readout(
+        "mono_hladr_expr",
+        "mHLA-DR analogue (log2 CPM)",
+        "monocytes",
+        "pseudobulk",
+        "classical-monocyte pseudobulk HLA-DR mRNA; analogue of flow mHLA-DR (Monneret 2006 [V]); "
+        "flow cut-offs do not transfer to mRNA [V: biology-patients.md section 4]",
+        cells=_CLASSICAL,
+        genes=("HLA-DRA", "HLA-DRB1", "HLA-DRB5"),
+    ),
+    Readout(
+        "hladr_low_fraction",
+        "HLA-DR-low monocyte fraction",
+        "monocytes",
+        "state",
+        "mono_hladr_low calls in monocytes (Yao 2023 [V])",
+        state="mono_hladr_low",
+        metric="fraction",
+    ),
+    Readout(
+        "ms1_score",
+        "MS1 score (monocytes)",
+        "monocytes",
+        "state",
+        "MS1 programme, mean per-cell score (Reyes 2020 [V]; 20-gene list [V2]); MS1 is not a "
+        "discrete call in this pipeline, so a score, not a fraction",
+        state="ms1_monocyte",
+        metric="mean_score",
+    ),
+    Readout(
+        "cytokine_score",
+        "cytokine programme (monocytes)",
+        "monocytes",
+        "state",
+        "cytokine_storm mean score in monocytes (hyperinflammation analogue; MALS itself is "
+        "ferritin-defined, PROVIDE 2022 [V])",
+        state="cytokine_storm.monocyte",
+        metric="mean_score",
+    ),
+    Readout(
+        "mono_nfkb_expr",
+        "monocyte NF-kB cytokines (log2 CPM)",
+        "monocytes",
+        "pseudobulk",
+        "TSG-6 / NF-kB dampening readout of MSCs (Choi 2011 [V] mechanism; genes [M])",
+        cells=_CLASSICAL,
+        genes=("TNF", "IL1B", "CXCL8", "CCL3", "CCL4", "NFKBIA", "NFKBIZ"),
+    ),
+    Readout(
+        "mono_il10_expr",
+        "monocyte IL-10 / PGE2 programme (log2 CPM)",
+        "monocytes",
+        "pseudobulk",
+        "MSC PGE2 -> EP2/EP4 -> IL-10 reprogramming readout (Nemeth 2009 [V] mechanism; genes [M])",
+        cells=_CLASSICAL,
+        genes=("IL10", "PTGER2", "PTGER4", "NR4A1", "NR4A2", "CREM", "CD163"),
+    ),
+    Readout(
+        "dc_share",
+        "DCs / all cells",
+        "dendritic cells",
+        "share",
+        "DC loss predicts death (Poehlmann 2009 [V])",
+        cells={"lineage": ("DC",)},
+    ),
+    Readout(
+        "dc_hla_class2_expr",
+        "DC HLA class II (log2 CPM)",
+        "dendritic cells",
+        "pseudobulk",
+        "DC pseudobulk HLA class II mRNA (proxy genes of biology-patients.md section 4 [M])",
+        cells={"lineage": ("DC",)},
+        genes=("HLA-DRA", "HLA-DRB1", "HLA-DPA1", "HLA-DPB1", "HLA-DQA1", "HLA-DQB1", "CD74"),
+    ),
+    Readout(
+        "dc_tolerogenic_score",
+        "tolerogenic cDC2 score",
+        "dendritic cells",
+        "state",
+        "dc_tolerogenic mean score in cDC2, the commoner blood cDC [M]",
+        state="dc_tolerogenic.cdc2",
+        metric="mean_score",
+    ),
+    Readout(
+        "immature_neutrophil_score",
+        "immature neutrophil score",
+        "neutrophils",
+        "state",
+        "neutrophil_immature mean score (Kwok 2023 [V])",
+        state="neutrophil_immature",
+        metric="mean_score",
+    ),
+    Readout(
+        "immature_neutrophil_share",
+        "immature neutrophils / all cells",
+        "neutrophils",
+        "share",
+        "emergency granulopoiesis (Kwok 2023 [V]); PBMC holds only low-density neutrophils",
+        cells={"cell_type": ("Immature neutrophil",)},
+    ),
+    Readout(
+        "neutrophil_activation_expr",
+        "neutrophil activation / NET genes (log2 CPM)",
+        "neutrophils",
+        "pseudobulk",
+        "MSC-dampened neutrophil activation / NETs: not verified; genes [M]",
+        cells={"lineage": ("Neutrophil",)},
+        genes=("PADI4", "MPO", "ELANE", "CD177", "ITGAM"),
+    ),
+    Readout(
+        "ifn_score",
+        "type I IFN response (monocytes)",
+        "global",
+        "state",
+        "ifn_response mean score in monocytes (Leite 2024 [V]; gene set [M])",
+        state="ifn_response.monocyte",
+        metric="mean_score",
+    ),
+    Readout(
+        "trem2_macrophage_fraction",
+        "TREM2-high macrophage fraction",
+        "tissue",
+        "state",
+        "trem2_high_macrophage calls in macrophages (Zhang 2023 [V], mouse heart); tissue only",
+        state="trem2_high_macrophage",
+        metric="fraction",
+    ),
+)
 
 _READOUT = {r.name: r for r in READOUTS}
 
@@ -307,8 +434,9 @@ def sample_readouts(
     if sample_table is None:
         from sepsis_sc.stats import sample_table as _st
 
-        sample_table = _st(adata, sample_key=sample_key, min_cells=min_cells, layer=layer,
-                           counts_file=counts_file)  # fmt: skip
+        sample_table = _st(
+            adata, sample_key=sample_key, min_cells=min_cells, layer=layer, counts_file=counts_file
+        )
     samples = adata.obs[sample_key].astype(str).to_numpy()
     ids = list(dict.fromkeys(samples))
     st = sample_table.copy()
@@ -318,9 +446,15 @@ def sample_readouts(
         if r.kind == "share":
             rows += _share_rows(adata.obs, r, samples, ids, min_cells)
         elif r.kind == "pseudobulk":
-            rows += _pseudobulk_rows(adata, r, ids, sample_key=sample_key, layer=layer,
-                                     counts_file=counts_file,
-                                     min_cells=min_cells)  # fmt: skip
+            rows += _pseudobulk_rows(
+                adata,
+                r,
+                ids,
+                sample_key=sample_key,
+                layer=layer,
+                counts_file=counts_file,
+                min_cells=min_cells,
+            )
         elif r.kind == "state":
             rows += _state_readout_rows(st, r, ids)
         else:
@@ -342,21 +476,38 @@ def _share_rows(
         ins = samples == s
         nd = int((den & ins).sum())
         ok = nd >= (min_cells if r.of is not None else 1)
-        rows.append({"sample_id": s, "readout": r.name,
-                     "value": float((num & ins).sum() / nd) if ok else np.nan,
-                     "n_cells": nd,
-                     "reason": "" if ok else f"{nd} cells in the denominator (< min_cells={min_cells})"})  # fmt: skip
+        rows.append(
+            {
+                "sample_id": s,
+                "readout": r.name,
+                "value": float((num & ins).sum() / nd) if ok else np.nan,
+                "n_cells": nd,
+                "reason": "" if ok else f"{nd} cells in the denominator (< min_cells={min_cells})",
+            }
+        )
     return rows
 
 
 def _pseudobulk_rows(
-    adata: ad.AnnData, r: Readout, ids: Sequence[str], *, sample_key: str, layer: str | None,
+    adata: ad.AnnData,
+    r: Readout,
+    ids: Sequence[str],
+    *,
+    sample_key: str,
+    layer: str | None,
     counts_file: str | os.PathLike[str] | None = None,
     min_cells: int,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """A ``pseudobulk`` readout per sample: log2(CPM + 1) of the gene set's summed CPM."""
-    vals, n = pseudobulk_log2cpm(adata, _mask(adata.obs, r.cells), r.genes, sample_key=sample_key,
-                                 layer=layer, min_cells=min_cells, counts_file=counts_file)  # fmt: skip
+    vals, n = pseudobulk_log2cpm(
+        adata,
+        _mask(adata.obs, r.cells),
+        r.genes,
+        sample_key=sample_key,
+        layer=layer,
+        min_cells=min_cells,
+        counts_file=counts_file,
+    )
     cpm = np.exp2(vals) - 1.0
     rows = []
     for s in ids:
@@ -366,8 +517,9 @@ def _pseudobulk_rows(
             v, why = np.nan, f"{n[s]} cells of the population (< min_cells={min_cells})"
         else:
             v, why = float(np.log2(cpm.loc[s].sum() + 1.0)), ""
-        rows.append({"sample_id": s, "readout": r.name, "value": v,
-                     "n_cells": int(n[s]), "reason": why})  # fmt: skip
+        rows.append(
+            {"sample_id": s, "readout": r.name, "value": v, "n_cells": int(n[s]), "reason": why}
+        )
     return rows
 
 
@@ -377,14 +529,28 @@ def _state_readout_rows(st: pd.DataFrame, r: Readout, ids: Sequence[str]) -> lis
     rows = []
     for s in ids:
         if s not in sub.index:
-            rows.append({"sample_id": s, "readout": r.name, "value": np.nan, "n_cells": 0,
-                         "reason": f"state {r.state!r} ({r.metric}) not scored in this run"})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": s,
+                    "readout": r.name,
+                    "value": np.nan,
+                    "n_cells": 0,
+                    "reason": f"state {r.state!r} ({r.metric}) not scored in this run",
+                }
+            )
             continue
         row = sub.loc[s]
         reason = row.get("reason", "")
         reason = "" if (reason is None or reason != reason) else str(reason)
-        rows.append({"sample_id": s, "readout": r.name, "value": float(row["value"]),
-                     "n_cells": int(row["n_cells"]), "reason": reason})  # fmt: skip
+        rows.append(
+            {
+                "sample_id": s,
+                "readout": r.name,
+                "value": float(row["value"]),
+                "n_cells": int(row["n_cells"]),
+                "reason": reason,
+            }
+        )
     return rows
 
 
@@ -487,9 +653,20 @@ def reference_ranges(
         x = dv[r].dropna().to_numpy(dtype=float)
         c, s = _centre_spread(x) if x.size >= min_controls else (np.nan, np.nan)
         k = flag_multiplier(x.size, z_threshold)
-        rows.append({"readout": r, "centre": c, "spread": s, "low": c - k * s,
-                     "high": c + k * s, "k": k, "n": int(x.size), "z_threshold": z_threshold,
-                     "reference": reference, "source_run": source_run})  # fmt: skip
+        rows.append(
+            {
+                "readout": r,
+                "centre": c,
+                "spread": s,
+                "low": c - k * s,
+                "high": c + k * s,
+                "k": k,
+                "n": int(x.size),
+                "z_threshold": z_threshold,
+                "reference": reference,
+                "source_run": source_run,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -574,8 +751,11 @@ def score_samples(
         def ref_of(sid: Any, r: str) -> tuple[float, float, int, str, np.ndarray | None]:
             return _file_reference(rr, r)
 
-    rows = [_score_row(sid, r, float(values.at[sid, r]), *ref_of(sid, r), z_threshold)
-            for sid in values.index for r in values.columns]  # fmt: skip
+    rows = [
+        _score_row(sid, r, float(values.at[sid, r]), *ref_of(sid, r), z_threshold)
+        for sid in values.index
+        for r in values.columns
+    ]
     return pd.DataFrame(rows)
 
 
@@ -604,9 +784,16 @@ def _file_reference(rr: pd.DataFrame, r: str) -> tuple[float, float, int, str, N
 
 
 def _score_row(
-    sid: Any, r: str, v: float, c: float, s: float, n: int, basis: str,
-    ref_vals: np.ndarray | None, z_threshold: float,
-) -> dict[str, Any]:  # fmt: skip
+    sid: Any,
+    r: str,
+    v: float,
+    c: float,
+    s: float,
+    n: int,
+    basis: str,
+    ref_vals: np.ndarray | None,
+    z_threshold: float,
+) -> dict[str, Any]:
     """z, percentile (empirical, else from the normal) and flag of one sample x readout."""
     k = flag_multiplier(n, z_threshold)
     z = (v - c) / s if np.isfinite(v) and np.isfinite(c) and s > 0 else np.nan
@@ -616,9 +803,21 @@ def _score_row(
         pct = 100.0 * (np.sum(ref_vals < v) + 0.5 * np.sum(ref_vals == v)) / ref_vals.size
     else:
         pct = 100.0 * float(sstats.norm.cdf(z))
-    return {"sample_id": sid, "readout": r, "value": v, "ref_centre": c, "ref_spread": s,
-            "ref_low": c - k * s, "ref_high": c + k * s, "ref_k": k, "ref_n": n,
-            "ref_basis": basis, "z": z, "percentile": pct, "flag": _flag(z, k)}  # fmt: skip
+    return {
+        "sample_id": sid,
+        "readout": r,
+        "value": v,
+        "ref_centre": c,
+        "ref_spread": s,
+        "ref_low": c - k * s,
+        "ref_high": c + k * s,
+        "ref_k": k,
+        "ref_n": n,
+        "ref_basis": basis,
+        "z": z,
+        "percentile": pct,
+        "flag": _flag(z, k),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -718,7 +917,11 @@ def call_states(
         ``any_of``: yes when one holds, not assessable when none is assessable.
     """
     rules = list(rules) if rules is not None else load_state_rules()
-    by = {(s, r): row for (s, r), row in scored.set_index(["sample_id", "readout"]).iterrows()} if len(scored) else {}  # fmt: skip
+    by = (
+        {(s, r): row for (s, r), row in scored.set_index(["sample_id", "readout"]).iterrows()}
+        if len(scored)
+        else {}
+    )
     rows = []
     for sid in dict.fromkeys(scored["sample_id"]):
         for rule in rules:
@@ -735,31 +938,49 @@ def call_states(
             sup = [(c, by.get((sid, c["readout"]))) for c in rule["support"]]
             n_sup = sum(1 for c, g in sup if g is not None and g["flag"] == c["flag"])
             if call == "no" and z_probable is not None and n_sup >= 1:
-                need = prim if rule["all_of"] else [
-                    c for c, g in zip(prim, got) if g is not None and g["flag"] in FLAGS
-                ]
+                need = (
+                    prim
+                    if rule["all_of"]
+                    else [c for c, g in zip(prim, got) if g is not None and g["flag"] in FLAGS]
+                )
                 zs = {c["readout"]: by.get((sid, c["readout"])) for c in need}
                 near = [
-                    g is not None and np.isfinite(float(g["z"]))
-                    and (float(g["z"]) <= -z_probable if c["flag"] == "below" else float(g["z"]) >= z_probable)
+                    g is not None
+                    and np.isfinite(float(g["z"]))
+                    and (
+                        float(g["z"]) <= -z_probable
+                        if c["flag"] == "below"
+                        else float(g["z"]) >= z_probable
+                    )
                     for c, g in ((c, zs[c["readout"]]) for c in need)
-                ]  # fmt: skip
+                ]
                 if near and (all(near) if rule["all_of"] else any(near)):
                     call = "probable"
             if note:
                 evidence = note
             else:
-                evidence = ("; ".join(_fmt(c["readout"], g) for c, g in zip(prim, got))
-                            + ("" if not sup else " | support: " + ", ".join(_fmt(c["readout"], g) for c, g in sup)))  # fmt: skip
+                evidence = "; ".join(_fmt(c["readout"], g) for c, g in zip(prim, got)) + (
+                    ""
+                    if not sup
+                    else " | support: " + ", ".join(_fmt(c["readout"], g) for c, g in sup)
+                )
                 if call == "not assessable" and rule["tissue_only"]:
                     evidence += " | tissue-only state: too few or no cells of the population"
-            rows.append({"sample_id": sid, "state": rule["name"], "label": rule["label"],
-                         "call": call, "n_support": n_sup if not note else 0,
-                         "n_support_total": len(sup), "evidence": evidence,
-                         "threshold": " ".join(str(rule["threshold"]).split()),
-                         "source": " ".join(str(rule["source"]).split()),
-                         "therapy_targets": ", ".join(rule["therapy_targets"]),
-                         "hypotheses": " / ".join(rule["hypotheses"])})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "state": rule["name"],
+                    "label": rule["label"],
+                    "call": call,
+                    "n_support": n_sup if not note else 0,
+                    "n_support_total": len(sup),
+                    "evidence": evidence,
+                    "threshold": " ".join(str(rule["threshold"]).split()),
+                    "source": " ".join(str(rule["source"]).split()),
+                    "therapy_targets": ", ".join(rule["therapy_targets"]),
+                    "hypotheses": " / ".join(rule["hypotheses"]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -824,9 +1045,11 @@ def endotype_scores(
     """
     cfg = endotypes if endotypes is not None else load_endotypes()
     aliases = cfg.get("aliases", {})
-    caveat = ("derived on whole-blood / leukocyte bulk transcriptomes; on single-cell pseudobulk "
-              "(PBMC especially) scores are exploratory and composition-driven; read with the "
-              "neutrophil share")  # fmt: skip
+    caveat = (
+        "derived on whole-blood / leukocyte bulk transcriptomes; on single-cell pseudobulk "
+        "(PBMC especially) scores are exploratory and composition-driven; read with the "
+        "neutrophil share"
+    )
     comps: list[tuple[dict, str, list[str], list[str]]] = []
     for e in cfg["endotypes"]:
         if e["kind"] == "pairs":
@@ -835,11 +1058,24 @@ def endotype_scores(
         else:
             comps.append((e, e["name"], list(e.get("up") or []), list(e.get("down") or [])))
     var = pd.Index(adata.var_names)
-    wanted = sorted({g2 for _, _, up, dn in comps for g in up + dn
-                     if (g2 := _resolve(g, var, aliases)) is not None})  # fmt: skip
+    wanted = sorted(
+        {
+            g2
+            for _, _, up, dn in comps
+            for g in up + dn
+            if (g2 := _resolve(g, var, aliases)) is not None
+        }
+    )
     allc = np.ones(adata.n_obs, bool)
-    lc, _ = pseudobulk_log2cpm(adata, allc, wanted, sample_key=sample_key, layer=layer,
-                               min_cells=min_cells, counts_file=counts_file)  # fmt: skip
+    lc, _ = pseudobulk_log2cpm(
+        adata,
+        allc,
+        wanted,
+        sample_key=sample_key,
+        layer=layer,
+        min_cells=min_cells,
+        counts_file=counts_file,
+    )
     rows = []
     for e, comp, up, dn in comps:
         upr = [g2 for g in up if (g2 := _resolve(g, var, aliases))]
@@ -859,11 +1095,21 @@ def endotype_scores(
         sd = float(np.nanstd(score, ddof=1)) if np.isfinite(score).sum() > 1 else np.nan
         z = (score - np.nanmean(score)) / sd if sd and sd > 0 else score * np.nan
         for sid in lc.index:
-            rows.append({"sample_id": sid, "endotype": e["name"], "component": comp,
-                         "score": float(score[sid]), "z": float(z[sid]),
-                         "genes_used": ", ".join(upr + dnr), "genes_missing": ", ".join(miss),
-                         "call": " ".join(str(e["call"]).split()), "caveat": caveat,
-                         "source": e["source"], "marker": e["marker"]})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": sid,
+                    "endotype": e["name"],
+                    "component": comp,
+                    "score": float(score[sid]),
+                    "z": float(z[sid]),
+                    "genes_used": ", ".join(upr + dnr),
+                    "genes_missing": ", ".join(miss),
+                    "call": " ".join(str(e["call"]).split()),
+                    "caveat": caveat,
+                    "source": e["source"],
+                    "marker": e["marker"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -922,7 +1168,9 @@ def trajectories(
         return pd.DataFrame(columns=cols)
     parts = []
     for donor, sub in m[rep].groupby("donor", sort=False):
-        sub = sub.assign(_k=[_time_key(t) if t != "" else (p, "") for t, p in zip(sub["timepoint"], sub["_pos"])])  # fmt: skip
+        sub = sub.assign(
+            _k=[_time_key(t) if t != "" else (p, "") for t, p in zip(sub["timepoint"], sub["_pos"])]
+        )
         sub = sub.sort_values("_k")
         order = {s: i for i, s in enumerate(sub.index)}
         p = profiles[profiles["sample_id"].isin(order)].copy()
@@ -1023,8 +1271,6 @@ class PatientProfiles:
         return self.states.pivot(index="sample_id", columns="state", values="call")
 
 
-# Over 80 lines only by its docstring (the public parameter reference for notebook users);
-# the body is 29 lines of named steps.
 def profile(
     adata: ad.AnnData,
     sample_table: pd.DataFrame | str | Path | None = None,
@@ -1088,36 +1334,70 @@ def profile(
     -------
     PatientProfiles
     """
-    settings = PatientSettings(reference_column=reference_column, reference_value=reference_value,
-                               reference_file=None if reference_file is None else str(reference_file),
-                               min_controls=min_controls, z_threshold=z_threshold,
-                               timepoint_column=timepoint_column, endotypes=endotypes)  # fmt: skip
+    settings = PatientSettings(
+        reference_column=reference_column,
+        reference_value=reference_value,
+        reference_file=None if reference_file is None else str(reference_file),
+        min_controls=min_controls,
+        z_threshold=z_threshold,
+        timepoint_column=timepoint_column,
+        endotypes=endotypes,
+    )
     sample_table = _read_sample_table(sample_table)
-    rules = (load_state_rules(state_rules) if state_rules is None or isinstance(state_rules, str | Path)
-             else list(state_rules))  # fmt: skip
-    meta = _profile_meta(adata, settings, sample_key=sample_key, donor_key=donor_key,
-                         condition_key=condition_key)  # fmt: skip
-    values, detail = sample_readouts(adata, sample_table, sample_key=sample_key, layer=layer, counts_file=counts_file,
-                                     min_cells=min_cells)  # fmt: skip
+    rules = (
+        load_state_rules(state_rules)
+        if state_rules is None or isinstance(state_rules, str | Path)
+        else list(state_rules)
+    )
+    meta = _profile_meta(
+        adata, settings, sample_key=sample_key, donor_key=donor_key, condition_key=condition_key
+    )
+    values, detail = sample_readouts(
+        adata,
+        sample_table,
+        sample_key=sample_key,
+        layer=layer,
+        counts_file=counts_file,
+        min_cells=min_cells,
+    )
     notes: list[str] = []
     is_ref = _reference_samples(meta, settings, notes)
     meta["is_reference"] = is_ref if is_ref is not None else False
     status, note, reference, scored = _score_against_reference(
-        values, meta, is_ref, settings, reference_file=reference_file, run_name=run_name, notes=notes
+        values,
+        meta,
+        is_ref,
+        settings,
+        reference_file=reference_file,
+        run_name=run_name,
+        notes=notes,
     )
     prof, m = _profile_table(scored, detail, meta, condition_key, timepoint_column)
     states = call_states(prof, rules, note=note, z_probable=z_threshold)
     states = m.merge(states, on="sample_id")
-    endo = (endotype_scores(adata, sample_key=sample_key, layer=layer, min_cells=min_cells,
-                             counts_file=counts_file)
-            if endotypes else pd.DataFrame())  # fmt: skip
+    endo = (
+        endotype_scores(
+            adata, sample_key=sample_key, layer=layer, min_cells=min_cells, counts_file=counts_file
+        )
+        if endotypes
+        else pd.DataFrame()
+    )
     traj = trajectories(prof, meta, timepoint_column=timepoint_column)
     n_yes = states[states["call"] == "yes"].groupby("state").size().to_dict() if len(states) else {}
     logger.info("patient profiles: status %s; calls %s", status, n_yes)
-    return PatientProfiles(status=status, notes=notes, values=values, profiles=prof,
-                           states=states, reference=reference, endotypes=endo,
-                           trajectories=traj, meta=meta, z_threshold=z_threshold,
-                           condition_key=condition_key)  # fmt: skip
+    return PatientProfiles(
+        status=status,
+        notes=notes,
+        values=values,
+        profiles=prof,
+        states=states,
+        reference=reference,
+        endotypes=endo,
+        trajectories=traj,
+        meta=meta,
+        z_threshold=z_threshold,
+        condition_key=condition_key,
+    )
 
 
 def _read_sample_table(sample_table: pd.DataFrame | str | Path | None) -> pd.DataFrame | None:
@@ -1129,19 +1409,30 @@ def _read_sample_table(sample_table: pd.DataFrame | str | Path | None) -> pd.Dat
 
 
 def _profile_meta(
-    adata: ad.AnnData, settings: PatientSettings, *, sample_key: str, donor_key: str,
+    adata: ad.AnnData,
+    settings: PatientSettings,
+    *,
+    sample_key: str,
+    donor_key: str,
     condition_key: str,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """Per sample (order of appearance, index ``sample_id``): donor, condition, reference
     column and time point (:func:`sepsis_sc.design.sample_meta`)."""
     tp = settings.timepoint_column
-    meta = sample_meta(adata, sample_key, columns=[condition_key, settings.reference_column]
-                       + ([tp] if tp else []), donor_key=donor_key, obs_order=True)  # fmt: skip
+    meta = sample_meta(
+        adata,
+        sample_key,
+        columns=[condition_key, settings.reference_column] + ([tp] if tp else []),
+        donor_key=donor_key,
+        obs_order=True,
+    )
     meta.index.name = "sample_id"
     return meta
 
 
-def _reference_samples(meta: pd.DataFrame, settings: PatientSettings, notes: list[str]) -> pd.Series | None:
+def _reference_samples(
+    meta: pd.DataFrame, settings: PatientSettings, notes: list[str]
+) -> pd.Series | None:
     """Which samples are the in-run reference (None: none); says why not in ``notes``."""
     column, value = settings.reference_column, settings.reference_value
     if value is not None and column in meta:
@@ -1174,25 +1465,44 @@ def _score_against_reference(
     ref_desc = f"{settings.reference_column} == {settings.reference_value}"
     if is_ref is not None:
         try:
-            reference = reference_ranges(values[is_ref], meta["donor"], min_controls=settings.min_controls,
-                                         z_threshold=settings.z_threshold, source_run=run_name,
-                                         reference=ref_desc)  # fmt: skip
-            scored = score_samples(values, meta, is_reference=is_ref, min_controls=settings.min_controls,
-                                   z_threshold=settings.z_threshold)  # fmt: skip
+            reference = reference_ranges(
+                values[is_ref],
+                meta["donor"],
+                min_controls=settings.min_controls,
+                z_threshold=settings.z_threshold,
+                source_run=run_name,
+                reference=ref_desc,
+            )
+            scored = score_samples(
+                values,
+                meta,
+                is_reference=is_ref,
+                min_controls=settings.min_controls,
+                z_threshold=settings.z_threshold,
+            )
             n_don = meta.loc[is_ref, "donor"].nunique()
-            notes.append(f"reference: {n_don} control donors ({ref_desc}); controls scored "
-                         "leave-one-out; one value per donor")  # fmt: skip
+            notes.append(
+                f"reference: {n_don} control donors ({ref_desc}); controls scored "
+                "leave-one-out; one value per donor"
+            )
         except InsufficientReferenceError as err:
             status, note = "refused", f"refused: {err}"
     elif reference_file is not None:
         ref = read_reference(reference_file)
-        scored = score_samples(values, meta, reference=ref, min_controls=settings.min_controls,
-                               z_threshold=settings.z_threshold)  # fmt: skip
+        scored = score_samples(
+            values,
+            meta,
+            reference=ref,
+            min_controls=settings.min_controls,
+            z_threshold=settings.z_threshold,
+        )
         status = "reference_file"
         runs = ", ".join(sorted(set(ref["source_run"]) - {""})) or "unnamed run"
-        notes.append(f"no in-run controls: reference ranges from {reference_file} ({runs}); "
-                     "percentiles from the normal approximation; valid only for the same "
-                     "preparation, chemistry and gene panel")  # fmt: skip
+        notes.append(
+            f"no in-run controls: reference ranges from {reference_file} ({runs}); "
+            "percentiles from the normal approximation; valid only for the same "
+            "preparation, chemistry and gene panel"
+        )
     else:
         status, note = "skipped", _skipped_note(settings)
     if note:
@@ -1206,32 +1516,60 @@ def _score_against_reference(
 def _skipped_note(settings: PatientSettings) -> str:
     """Why profiling was skipped: no reference samples and no reference file."""
     value = settings.reference_value
-    return ("skipped: no reference samples in this run"
-            + (f" ({settings.reference_column} == {value!r} matches none)" if value is not None else "")
-            + " and no reference_file given; pass patients.reference_file "
-            "(patients/reference.tsv of a run with >= min_controls control donors)")  # fmt: skip
+    return (
+        "skipped: no reference samples in this run"
+        + (f" ({settings.reference_column} == {value!r} matches none)" if value is not None else "")
+        + " and no reference_file given; pass patients.reference_file "
+        "(patients/reference.tsv of a run with >= min_controls control donors)"
+    )
 
 
 def _unscored(values: pd.DataFrame, note: str) -> pd.DataFrame:
     """The :func:`score_samples` layout with every value ``not assessed`` (basis = ``note``)."""
-    return pd.DataFrame([{"sample_id": s, "readout": r, "value": float(values.at[s, r]),
-                          "ref_centre": np.nan, "ref_spread": np.nan, "ref_low": np.nan,
-                          "ref_high": np.nan, "ref_k": np.nan, "ref_n": 0, "ref_basis": note, "z": np.nan,
-                          "percentile": np.nan, "flag": NOT_ASSESSED}
-                         for s in values.index for r in values.columns])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "sample_id": s,
+                "readout": r,
+                "value": float(values.at[s, r]),
+                "ref_centre": np.nan,
+                "ref_spread": np.nan,
+                "ref_low": np.nan,
+                "ref_high": np.nan,
+                "ref_k": np.nan,
+                "ref_n": 0,
+                "ref_basis": note,
+                "z": np.nan,
+                "percentile": np.nan,
+                "flag": NOT_ASSESSED,
+            }
+            for s in values.index
+            for r in values.columns
+        ]
+    )
 
 
 def _profile_table(
-    scored: pd.DataFrame, detail: pd.DataFrame, meta: pd.DataFrame, condition_key: str,
+    scored: pd.DataFrame,
+    detail: pd.DataFrame,
+    meta: pd.DataFrame,
+    condition_key: str,
     timepoint_column: str | None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The long profile table (meta, labels, cells behind each value; readouts with a reason
     are ``not assessed``) and the per-sample columns it starts with."""
     lab = {r.name: r for r in READOUTS}
-    prof = scored.merge(detail[["sample_id", "readout", "n_cells", "reason"]], on=["sample_id", "readout"], how="left")  # fmt: skip
+    prof = scored.merge(
+        detail[["sample_id", "readout", "n_cells", "reason"]],
+        on=["sample_id", "readout"],
+        how="left",
+    )
     prof["label"] = prof["readout"].map(lambda x: lab[x].label if x in lab else x)
     prof["group"] = prof["readout"].map(lambda x: lab[x].group if x in lab else "")
     prof["flag"] = np.where(prof["reason"].fillna("") != "", NOT_ASSESSED, prof["flag"])
-    m = meta.reset_index()[["sample_id", "donor"] + [c for c in (condition_key, timepoint_column) if c and c in meta and c != "donor"]]  # fmt: skip
+    m = meta.reset_index()[
+        ["sample_id", "donor"]
+        + [c for c in (condition_key, timepoint_column) if c and c in meta and c != "donor"]
+    ]
     m = m.loc[:, ~m.columns.duplicated()]
     return m.merge(prof, on="sample_id"), m

@@ -369,7 +369,9 @@ class _H5Matrix:
     data: np.ndarray
 
 
-def _check_10x_h5(path: Path, organism: str | None, max_cells: int, cells: CellLimits) -> list[_Bad]:
+def _check_10x_h5(
+    path: Path, organism: str | None, max_cells: int, cells: CellLimits
+) -> list[_Bad]:
     """A Cell Ranger ``.h5``: its layout, sizes that agree, cells, barcodes, genes, values."""
     _expect(path, sniff(path), ("hdf5",), "a Cell Ranger filtered_feature_bc_matrix.h5 (HDF5)")
     with _open_h5(path) as f:
@@ -425,9 +427,7 @@ def _h5_features(f: Any, path: Path) -> tuple[Any, np.ndarray, np.ndarray, np.nd
             path,
         )
     groups = [
-        k
-        for k in f
-        if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
+        k for k in f if isinstance(f[k], h5py.Group) and "barcodes" in f[k] and "gene_names" in f[k]
     ]
     if not groups:
         raise _Bad(
@@ -534,13 +534,15 @@ def _check_mtx(path: Path, organism: str | None, max_cells: int, cells: CellLimi
     _mtx_check_complete(matrix, gz, n_header, nnz)
     features = _read_small_table(features_path)
     barcodes = _read_small_table(barcodes_path)
-    _mtx_check_triplet(matrix, (n_rows, n_cols), features_path, len(features), barcodes_path,
-                       len(barcodes))  # fmt: skip
+    _mtx_check_triplet(
+        matrix, (n_rows, n_cols), features_path, len(features), barcodes_path, len(barcodes)
+    )
     out = _cells_problems(len(barcodes), cells, matrix)
     out += _barcode_problems(barcodes[0].to_numpy(), barcodes_path)
     if nnz:
-        out += _mtx_value_problems(matrix, n_header, (n_rows, n_cols, nnz), max_cells,
-                                   len(barcodes))  # fmt: skip
+        out += _mtx_value_problems(
+            matrix, n_header, (n_rows, n_cols, nnz), max_cells, len(barcodes)
+        )
     out += _gene_problems(_mtx_var(features), organism, features_path)
     return out
 
@@ -896,10 +898,16 @@ def _raw_path_problems(sid: str, row: pd.Series, base: Path) -> list[Problem]:
     raw = row.get("raw_path", "")
     if not isinstance(raw, str) or not raw.strip() or (base / raw).exists():
         return []
-    return [Problem(sid, raw, "raw_path (the raw, unfiltered droplet matrix) does not exist",
-                    "fix the 'raw_path' column (relative to the working directory), or leave "
-                    "it empty: the contamination is then estimated from the filtered matrix "
-                    "and reported, not corrected (qc.ambient_without_raw)")]  # fmt: skip
+    return [
+        Problem(
+            sid,
+            raw,
+            "raw_path (the raw, unfiltered droplet matrix) does not exist",
+            "fix the 'raw_path' column (relative to the working directory), or leave "
+            "it empty: the contamination is then estimated from the filtered matrix "
+            "and reported, not corrected (qc.ambient_without_raw)",
+        )
+    ]
 
 
 def check_inputs(

@@ -114,19 +114,40 @@ DEFAULT_NMADS: dict[str, float] = {
 RESCUE_MARKERS: dict[str, dict[str, list[str]]] = {
     "human": {
         "neutrophil": [
-            "FCGR3B", "CSF3R", "CXCR2", "CXCR1", "CMTM2", "FPR1", "MNDA", "S100A8",
-            "S100A9", "S100A12", "G0S2", "NAMPT", "PROK2",
+            "FCGR3B",
+            "CSF3R",
+            "CXCR2",
+            "CXCR1",
+            "CMTM2",
+            "FPR1",
+            "MNDA",
+            "S100A8",
+            "S100A9",
+            "S100A12",
+            "G0S2",
+            "NAMPT",
+            "PROK2",
         ],
         "platelet": ["PPBP", "PF4", "GP9", "ITGA2B", "TUBB1", "GNG11", "NRGN", "CAVIN2", "CLU"],
     },
     "mouse": {
         "neutrophil": [
-            "Ly6g", "S100a8", "S100a9", "Retnlg", "Cxcr2", "Csf3r", "Ngp", "Camp", "Ltf",
-            "Lcn2", "Mmp9", "G0s2",
+            "Ly6g",
+            "S100a8",
+            "S100a9",
+            "Retnlg",
+            "Cxcr2",
+            "Csf3r",
+            "Ngp",
+            "Camp",
+            "Ltf",
+            "Lcn2",
+            "Mmp9",
+            "G0s2",
         ],
         "platelet": ["Ppbp", "Pf4", "Itga2b", "Gp9", "Gp1bb", "Tubb1"],
     },
-}  # fmt: skip
+}
 
 #: removal reasons in the order used to attribute a cell to one reason in bar charts
 QC_REASONS: tuple[str, ...] = (
@@ -851,8 +872,6 @@ def _doublet_threshold(
 # --------------------------------------------------------------------------------------
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 33 lines of named steps.
 def rescue_low_rna_immune(
     adata: ad.AnnData,
     *,
@@ -1243,8 +1262,6 @@ rescue_min_markers, rescue_min_enrichment, rescue_alpha
 _RUN_QC_DEFAULTS = QCParams(max_pct_mt=None)
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 20 lines of named steps.
 def run_qc(
     adata: ad.AnnData,
     params: QCParams | None = None,
@@ -1338,9 +1355,14 @@ def run_qc(
     upper = _upper_tail_step(adata, p, batch_key=batch_key)
     _contamination_step(adata, soups, batch_key=batch_key)
     doublets = _doublet_step(
-        adata, p, thresholds.index, batch_key=batch_key, cells_loaded=cells_loaded,
-        chemistry=chemistry, seed=seed,
-    )  # fmt: skip
+        adata,
+        p,
+        thresholds.index,
+        batch_key=batch_key,
+        cells_loaded=cells_loaded,
+        chemistry=chemistry,
+        seed=seed,
+    )
     flag_platelet_monocyte(adata, soups, batch_key=batch_key)
     _rescue_step(adata, p, batch_key=batch_key, organism=organism, soups=soups)
     _finalise_reasons(
@@ -1620,9 +1642,16 @@ def _upper_tail_step(adata: ad.AnnData, p: QCParams, *, batch_key: str) -> pd.Da
     if p.upper_tail == "lineage":
         return lineage_upper_flags(adata, batch_key=batch_key, nmads=p.nmads)
     return pd.DataFrame(
-        columns=["sample_id", "lineage", "n_cells", "max_counts", "max_genes",
-                 "flagged_high_counts", "flagged_high_genes"]
-    )  # fmt: skip
+        columns=[
+            "sample_id",
+            "lineage",
+            "n_cells",
+            "max_counts",
+            "max_genes",
+            "flagged_high_counts",
+            "flagged_high_genes",
+        ]
+    )
 
 
 def _contamination_step(
@@ -2208,7 +2237,9 @@ def merge_samples_to_file(
         raise ValueError("merge_samples_to_file got no sample files.")
     obs_parts, var_parts, detected, any_soupx = [], [], [], False
     for i, path in enumerate(paths):  # pass 1: obs, genes, detection
-        part = _slim_sample(_read_sample(path), None, i, batch_key=batch_key, drop_outliers=drop_outliers)
+        part = _slim_sample(
+            _read_sample(path), None, i, batch_key=batch_key, drop_outliers=drop_outliers
+        )
         if part is None:
             continue
         obs_parts.append((i, part.obs))
@@ -2234,23 +2265,36 @@ def merge_samples_to_file(
         normalize_layer = "counts"
     light.uns.update(dict(uns or {}))
     light.uns["log1p"] = {"base": None}
-    light.uns["normalization"] = {"method": "log1p_cp", "target_sum": float(target_sum), "layer": normalize_layer}
+    light.uns["normalization"] = {
+        "method": "log1p_cp",
+        "target_sum": float(target_sum),
+        "layer": normalize_layer,
+    }
     keys = ["X", "layers/counts"] + (["layers/soupx_counts"] if any_soupx else [])
     final = pd.Index(light.var_names)
     with atomic_path(out) as tmp:
         light.write_h5ad(tmp)
         with store.MatrixWriter(tmp, keys, n_vars=light.n_vars, n_obs=light.n_obs) as w:
             for i, _ in obs_parts:  # pass 2: rows, sample by sample
-                part = _slim_sample(_read_sample(paths[i]), None, i, batch_key=batch_key,
-                                    drop_outliers=drop_outliers)  # fmt: skip
+                part = _slim_sample(
+                    _read_sample(paths[i]),
+                    None,
+                    i,
+                    batch_key=batch_key,
+                    drop_outliers=drop_outliers,
+                )
                 cols = final.get_indexer(part.var_names)
                 mats = {"counts": part.X, "soupx_counts": part.layers.get("soupx_counts", part.X)}
                 for name, m in mats.items():
                     if name == "counts" or any_soupx:
                         mats[name] = _reindex_columns(sparse.csr_matrix(m), cols, light.n_vars)
                         w.append(f"layers/{name}", mats[name])
-                chunk = ad.AnnData(X=sparse.csr_matrix(mats[normalize_layer], dtype=np.float32, copy=True))
-                log_normalise(chunk, target_sum=target_sum)  # per cell: chunks give normalize's floats
+                chunk = ad.AnnData(
+                    X=sparse.csr_matrix(mats[normalize_layer], dtype=np.float32, copy=True)
+                )
+                log_normalise(
+                    chunk, target_sum=target_sum
+                )  # per cell: chunks give normalize's floats
                 w.append("X", chunk.X)
                 del part, mats, chunk
     logger.info("merged %d samples: %d cells x %d genes", len(obs_parts), light.n_obs, light.n_vars)
@@ -2276,8 +2320,12 @@ def _reindex_columns(m: sparse.csr_matrix, cols: np.ndarray, n_vars: int) -> spa
         return m
     new = cols[m.indices]
     ok = new >= 0
-    indptr = np.concatenate([[0], np.cumsum(np.add.reduceat(ok, m.indptr[:-1]) * (np.diff(m.indptr) > 0))])
-    out = sparse.csr_matrix((m.data[ok], new[ok].astype(m.indices.dtype), indptr), shape=(m.shape[0], n_vars))
+    indptr = np.concatenate(
+        [[0], np.cumsum(np.add.reduceat(ok, m.indptr[:-1]) * (np.diff(m.indptr) > 0))]
+    )
+    out = sparse.csr_matrix(
+        (m.data[ok], new[ok].astype(m.indices.dtype), indptr), shape=(m.shape[0], n_vars)
+    )
     out.has_sorted_indices = False
     out.sort_indices()
     return out

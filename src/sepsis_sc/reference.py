@@ -148,8 +148,6 @@ def _train_and_map(
     return qm
 
 
-# Over 80 lines only by its docstring (the public parameter reference); the body is 45 lines
-# of named steps (reference model, query surgery, predictions, uncertainty).
 def transfer_labels(
     query: AnnData,
     reference: AnnData | str | PathLike[str],
@@ -221,12 +219,18 @@ def transfer_labels(
     except ImportError as err:  # pragma: no cover - scvi-tools is a dependency
         raise ImportError("transfer_labels needs scvi-tools (pip install scvi-tools).") from err
     ref, q = _prepare_pair(
-        query, _read_reference(reference), label_key, layer, reference_layer,
-        reference_batch_key, n_top_genes,
-    )  # fmt: skip
+        query,
+        _read_reference(reference),
+        label_key,
+        layer,
+        reference_layer,
+        reference_batch_key,
+        n_top_genes,
+    )
     epochs = {"scvi": scvi_epochs, "scanvi": scanvi_epochs, "query": query_epochs}
-    qm = _train_and_map(ref, q, n_latent=n_latent, epochs=epochs, seed=seed,
-                        accelerator=accelerator)  # fmt: skip
+    qm = _train_and_map(
+        ref, q, n_latent=n_latent, epochs=epochs, seed=seed, accelerator=accelerator
+    )
     probs = qm.predict(q, soft=True)
     best = probs.to_numpy().argmax(axis=1)
     label = pd.Series(np.asarray(probs.columns)[best], index=query.obs_names)

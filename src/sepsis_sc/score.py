@@ -483,8 +483,10 @@ def _threshold(
         thr, d = _mixture_split(scores[np.isfinite(scores)])
         need = float(rule.get("min_separation", 2.0))
         if d >= need:
-            return thr, (f"score > the valley of a two-component normal mixture ({thr:.4g}; "
-                         f"bimodal, Ashman's D {d:.1f})")  # fmt: skip
+            return thr, (
+                f"score > the valley of a two-component normal mixture ({thr:.4g}; "
+                f"bimodal, Ashman's D {d:.1f})"
+            )
         fallback = dict(rule.get("fallback") or DEFAULT_CALL_RULE)
         thr, text = _threshold(scores, is_control, fallback)
         return thr, f"{text} (not bimodal: Ashman's D {d:.1f} < {need:.1f})"
@@ -557,8 +559,14 @@ def _expand(sig: Mapping[str, Any], strata: Mapping[str, Sequence[str]]) -> list
     out = []
     for v in values:
         e = dict(sig)
-        e.update(name=f"{sig['name']}{STRATUM_SEP}{_slug(v)}", label=f"{sig['label']} ({v})",
-                 parent={per: [v]}, base_state=sig["name"], stratum=str(v), per=None)  # fmt: skip
+        e.update(
+            name=f"{sig['name']}{STRATUM_SEP}{_slug(v)}",
+            label=f"{sig['label']} ({v})",
+            parent={per: [v]},
+            base_state=sig["name"],
+            stratum=str(v),
+            per=None,
+        )
         out.append(e)
     return out
 
@@ -682,12 +690,7 @@ def _require_reference(
     """
     if is_control is not None:
         return
-    need = [
-        s["name"]
-        for s in to_score
-        if s["discrete"]
-        and _needs_control(_rule_for(s, rules))
-    ]
+    need = [s["name"] for s in to_score if s["discrete"] and _needs_control(_rule_for(s, rules))]
     if need:
         raise ValueError(
             f"state calls for {', '.join(need)} need a control reference (cells above the "
@@ -796,8 +799,6 @@ def _record_rules(adata: ad.AnnData, table: pd.DataFrame, params: Mapping[str, A
     adata.uns["state_rules_params"] = dict(params)
 
 
-# Over 80 lines only by its docstring (the public parameter reference); the body is a list
-# of named steps (signatures, call rules, reference cells, score and call each state).
 def score_states(
     adata: ad.AnnData,
     *,
@@ -894,8 +895,13 @@ def score_states(
     if calls:
         _require_reference(to_score, rules, is_control)
 
-    ucell = {"max_rank": max_rank, "w_neg": w_neg, "layer": layer, "chunk_size": chunk_size,
-             "counts_file": counts_file}  # fmt: skip
+    ucell = {
+        "max_rank": max_rank,
+        "w_neg": w_neg,
+        "layer": layer,
+        "chunk_size": chunk_size,
+        "counts_file": counts_file,
+    }
     scores = _parent_scores(adata, to_score, parents, ucell)
     for s in to_score:
         name = s["name"]

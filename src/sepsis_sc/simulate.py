@@ -129,10 +129,20 @@ _RIBO_FRACTION = 0.36  # median ribosomal fraction of UMIs in lymphocytes
 _MT_FRACTION = 0.028  # median mitochondrial fraction
 #: relative MT gene levels (mean CP10k in soupx_pbmc4k)
 _MT_LEVELS = {
-    "MT-ND1": 17.2, "MT-ND2": 26.6, "MT-CO1": 69.9, "MT-CO2": 44.1, "MT-ATP8": 0.2,
-    "MT-ATP6": 21.0, "MT-CO3": 49.8, "MT-ND3": 25.9, "MT-ND4L": 3.1, "MT-ND4": 31.2,
-    "MT-ND5": 12.0, "MT-ND6": 0.4, "MT-CYB": 18.7,
-}  # fmt: skip
+    "MT-ND1": 17.2,
+    "MT-ND2": 26.6,
+    "MT-CO1": 69.9,
+    "MT-CO2": 44.1,
+    "MT-ATP8": 0.2,
+    "MT-ATP6": 21.0,
+    "MT-CO3": 49.8,
+    "MT-ND3": 25.9,
+    "MT-ND4L": 3.1,
+    "MT-ND4": 31.2,
+    "MT-ND5": 12.0,
+    "MT-ND6": 0.4,
+    "MT-CYB": 18.7,
+}
 _DISP_TREND = (-1.9, -0.35)  # log phi = a + b log(mean count); see module docstring
 _DISP_SCATTER = 0.3
 
@@ -165,13 +175,27 @@ _TYPE_META: dict[str, tuple[str, tuple[float, float], float]] = {
 #: sample (stats.min_cells), and at 1.2 % a septic sample (DCs x0.45) held 5-8 of them
 #: (oracle power 0.8 under that rule; 1.0 at 2 %)
 _BASE_FRACTIONS = {
-    "CD4 naive T": 0.16, "CD4 memory T": 0.14, "Treg": 0.02, "CD8 naive T": 0.06,
-    "CD8 effector/memory T": 0.08, "NK CD56dim": 0.09, "NK CD56bright": 0.006,
-    "naive B": 0.06, "memory B": 0.03, "Plasmablast": 0.005, "Classical monocyte": 0.18,
-    "Non-classical monocyte": 0.03, "cDC1": 0.004, "cDC2": 0.02, "pDC": 0.006,
-    "Mature neutrophil": 0.03, "Immature neutrophil": 0.008, "Platelet": 0.012,
-    "TREM2-high macrophage": 0.005, "Macrophage": 0.01,
-}  # fmt: skip
+    "CD4 naive T": 0.16,
+    "CD4 memory T": 0.14,
+    "Treg": 0.02,
+    "CD8 naive T": 0.06,
+    "CD8 effector/memory T": 0.08,
+    "NK CD56dim": 0.09,
+    "NK CD56bright": 0.006,
+    "naive B": 0.06,
+    "memory B": 0.03,
+    "Plasmablast": 0.005,
+    "Classical monocyte": 0.18,
+    "Non-classical monocyte": 0.03,
+    "cDC1": 0.004,
+    "cDC2": 0.02,
+    "pDC": 0.006,
+    "Mature neutrophil": 0.03,
+    "Immature neutrophil": 0.008,
+    "Platelet": 0.012,
+    "TREM2-high macrophage": 0.005,
+    "Macrophage": 0.01,
+}
 
 # Platelets x3: Qiu 2021 (GSE167363) saw 6 % in healthy controls -> 34 % of PBMC in late
 # non-survivors; x3 is a moderate version that a 6 vs 6 design detects (oracle power > 0.9)
@@ -196,14 +220,27 @@ _TYPE_EFFECT = {
 # ----------------------------------------------------------------------------------------
 #: simulated type -> fitted data column it starts from
 _PROFILE_SOURCE = {
-    "CD4 naive T": "T_CD4", "CD4 memory T": "T_CD4", "Treg": "T_CD4",
-    "CD8 naive T": "T_CD8", "CD8 effector/memory T": "T_CD8",
-    "NK CD56dim": "NK", "NK CD56bright": "NK", "naive B": "B", "memory B": "B",
-    "Plasmablast": "B", "Classical monocyte": "MNP", "Non-classical monocyte": "MNP",
-    "cDC1": "cDC", "cDC2": "cDC", "pDC": "pDC", "Mature neutrophil": "MNP",
-    "Immature neutrophil": "MNP", "Platelet": "MNP", "TREM2-high macrophage": "MAC",
+    "CD4 naive T": "T_CD4",
+    "CD4 memory T": "T_CD4",
+    "Treg": "T_CD4",
+    "CD8 naive T": "T_CD8",
+    "CD8 effector/memory T": "T_CD8",
+    "NK CD56dim": "NK",
+    "NK CD56bright": "NK",
+    "naive B": "B",
+    "memory B": "B",
+    "Plasmablast": "B",
+    "Classical monocyte": "MNP",
+    "Non-classical monocyte": "MNP",
+    "cDC1": "cDC",
+    "cDC2": "cDC",
+    "pDC": "pDC",
+    "Mature neutrophil": "MNP",
+    "Immature neutrophil": "MNP",
+    "Platelet": "MNP",
+    "TREM2-high macrophage": "MAC",
     "Macrophage": "MAC",
-}  # fmt: skip
+}
 #: an up-regulated gene of a type reaches max(source level, _FOLD_REF CP10k) x fold, so a
 #: gene near zero in the source population (FCGR3B in PBMC monocytes) gets a modest level
 _FOLD_REF = 0.5
@@ -294,16 +331,48 @@ _TYPE_FOLDS: dict[str, dict[str, float]] = {
 #: LTF / LCN2 / CAMP of immature ones (Xie 2020 Nat Immunol; Mare 2015 Genome Med; Kwok 2023
 #: Nat Immunol), immunoglobulin and JCHAIN of plasmablasts (5-20 % of their UMIs).
 _TYPE_LEVELS: dict[str, dict[str, float]] = {
-    "Platelet": {"PPBP": 300, "PF4": 150, "NRGN": 40, "GNG11": 30, "CAVIN2": 20, "CLU": 20,
-                 "TUBB1": 15, "SPARC": 15, "H2AC6": 10, "GP9": 8, "ITGA2B": 6, "TREML1": 6},
-    "Mature neutrophil": {"FCGR3B": 60, "IFITM2": 30, "CSF3R": 25, "CXCR2": 20, "NAMPT": 20,
-                          "G0S2": 15, "MNDA": 12, "CXCR1": 10, "FPR1": 10, "CMTM2": 8,
-                          "MGAM": 8, "AQP9": 8, "PROK2": 6},
-    "Immature neutrophil": {"LTF": 60, "LCN2": 40, "CAMP": 30, "MMP8": 10, "OLFM4": 10,
-                            "CEACAM8": 8, "CD24": 8, "BPI": 6, "ARG1": 5},
-    "Plasmablast": {"IGHG1": 150, "IGHA1": 120, "JCHAIN": 60, "MZB1": 30, "XBP1": 15,
-                    "TXNDC5": 10},
-}  # fmt: skip
+    "Platelet": {
+        "PPBP": 300,
+        "PF4": 150,
+        "NRGN": 40,
+        "GNG11": 30,
+        "CAVIN2": 20,
+        "CLU": 20,
+        "TUBB1": 15,
+        "SPARC": 15,
+        "H2AC6": 10,
+        "GP9": 8,
+        "ITGA2B": 6,
+        "TREML1": 6,
+    },
+    "Mature neutrophil": {
+        "FCGR3B": 60,
+        "IFITM2": 30,
+        "CSF3R": 25,
+        "CXCR2": 20,
+        "NAMPT": 20,
+        "G0S2": 15,
+        "MNDA": 12,
+        "CXCR1": 10,
+        "FPR1": 10,
+        "CMTM2": 8,
+        "MGAM": 8,
+        "AQP9": 8,
+        "PROK2": 6,
+    },
+    "Immature neutrophil": {
+        "LTF": 60,
+        "LCN2": 40,
+        "CAMP": 30,
+        "MMP8": 10,
+        "OLFM4": 10,
+        "CEACAM8": 8,
+        "CD24": 8,
+        "BPI": 6,
+        "ARG1": 5,
+    },
+    "Plasmablast": {"IGHG1": 150, "IGHA1": 120, "JCHAIN": 60, "MZB1": 30, "XBP1": 15, "TXNDC5": 10},
+}
 #: Platelet transcripts in the fitted monocyte column (PPBP 0.8, NRGN 0.8 CP10k, with a
 #: heavy tail) come from platelet-monocyte aggregates in the source PBMC data; the simulator
 #: plants aggregates and platelet doublets itself, so in every non-platelet type these genes
@@ -431,27 +500,67 @@ _STATE_CASE_RATE_BY_TYPE = {"hla_low": {"cDC1": 0.6, "cDC2": 0.6, "pDC": 0.6}}
 #: differentiation, most frequent in effector/memory CD8 T, rare in naive T (Wherry 2015
 #: Nat Rev Immunol; Boomer 2011 JAMA saw PD-1 mostly on memory/effector cells)
 _STATE_TYPE_ODDS = {
-    "exhausted": {"CD8 effector/memory T": 3.0, "CD4 memory T": 1.5, "Treg": 1.5,
-                  "CD4 naive T": 0.5, "CD8 naive T": 0.5},
-}  # fmt: skip
+    "exhausted": {
+        "CD8 effector/memory T": 3.0,
+        "CD4 memory T": 1.5,
+        "Treg": 1.5,
+        "CD4 naive T": 0.5,
+        "CD8 naive T": 0.5,
+    },
+}
 _DONOR_SD_FRACTION = 0.3
 _DONOR_SD_STATE = 0.35
 _SAMPLE_SD = 0.1
 
 # mouse names that are not the title-cased human symbol (approximation: ortholog by name)
 _MOUSE_NAMES = {
-    "LYZ": "Lyz2", "CD8B": "Cd8b1", "HBB": "Hbb-bs", "HBA1": "Hba-a1", "HBA2": "Hba-a2",
-    "HLA-DRA": "H2-Ea", "HLA-DRB1": "H2-Eb1", "HLA-DQA1": "H2-Aa", "HLA-DQB1": "H2-Ab1",
-    "HLA-DMA": "H2-DMa", "HLA-DMB": "H2-DMb1", "HLA-A": "H2-K1", "HLA-B": "H2-D1",
-    "HLA-E": "H2-T23", "CD244": "Cd244a", "RETN": "Retnlg", "FCGR3B": "Ly6g",
-    "S100A12": "Chil3", "GNLY": "Klrb1c", "CD1C": "Cd209a", "LILRA4": "Siglech",
-    "CXCL8": "Cxcl2", "MCEMP1": "Clec4d", "FCGR3A": "Fcgr4", "SELENOP": "Selenop",
-    "MT-CYB": "mt-Cytb", "TRAC": "Trac", "TRBC2": "Trbc2", "FTL": "Ftl1",
-    "CAVIN2": "Cavin2", "H2AC6": "H2ac6", "IGHM": "Ighm", "IGHD": "Ighd",
-    "IGHG1": "Ighg1", "IGHA1": "Igha", "JCHAIN": "Jchain", "HLA-DPA1": None,
-    "HLA-DPB1": None, "HLA-DRB5": None, "HLA-C": None, "KLRF1": None, "CEACAM8": None,
-    "IGHA2": None, "HBD": None, "HBG1": None, "HBG2": None,
-}  # fmt: skip
+    "LYZ": "Lyz2",
+    "CD8B": "Cd8b1",
+    "HBB": "Hbb-bs",
+    "HBA1": "Hba-a1",
+    "HBA2": "Hba-a2",
+    "HLA-DRA": "H2-Ea",
+    "HLA-DRB1": "H2-Eb1",
+    "HLA-DQA1": "H2-Aa",
+    "HLA-DQB1": "H2-Ab1",
+    "HLA-DMA": "H2-DMa",
+    "HLA-DMB": "H2-DMb1",
+    "HLA-A": "H2-K1",
+    "HLA-B": "H2-D1",
+    "HLA-E": "H2-T23",
+    "CD244": "Cd244a",
+    "RETN": "Retnlg",
+    "FCGR3B": "Ly6g",
+    "S100A12": "Chil3",
+    "GNLY": "Klrb1c",
+    "CD1C": "Cd209a",
+    "LILRA4": "Siglech",
+    "CXCL8": "Cxcl2",
+    "MCEMP1": "Clec4d",
+    "FCGR3A": "Fcgr4",
+    "SELENOP": "Selenop",
+    "MT-CYB": "mt-Cytb",
+    "TRAC": "Trac",
+    "TRBC2": "Trbc2",
+    "FTL": "Ftl1",
+    "CAVIN2": "Cavin2",
+    "H2AC6": "H2ac6",
+    "IGHM": "Ighm",
+    "IGHD": "Ighd",
+    "IGHG1": "Ighg1",
+    "IGHA1": "Igha",
+    "JCHAIN": "Jchain",
+    "HLA-DPA1": None,
+    "HLA-DPB1": None,
+    "HLA-DRB5": None,
+    "HLA-C": None,
+    "KLRF1": None,
+    "CEACAM8": None,
+    "IGHA2": None,
+    "HBD": None,
+    "HBG1": None,
+    "HBG2": None,
+}
 
 
 def cell_type_table() -> pd.DataFrame:
@@ -658,8 +767,6 @@ def _sim_defaults() -> dict[str, Any]:
     return {k: v.default for k, v in sig.parameters.items() if v.default is not inspect._empty}
 
 
-# Longer than 80 lines only for its numpy-style docstring (the public API's
-# reference); the body is 28 lines of named steps.
 def simulate_cohort(
     samples: pd.DataFrame,
     *,
@@ -781,10 +888,15 @@ def _iter_cohort(
     """
     samples = samples.reset_index(drop=True).copy()
     _check_cohort_args(
-        samples, case=case, control=control, organism=organism,
-        cells_per_sample=cells_per_sample, ambient=ambient,
-        low_quality_rate=low_quality_rate, batch_effect=batch_effect,
-    )  # fmt: skip
+        samples,
+        case=case,
+        control=control,
+        organism=organism,
+        cells_per_sample=cells_per_sample,
+        ambient=ambient,
+        low_quality_rate=low_quality_rate,
+        batch_effect=batch_effect,
+    )
     model = _cohort_model(samples, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
     panel = None
     if gene_panel is not None:
@@ -802,10 +914,16 @@ def _iter_cohort(
     }
     for row, sseed in zip(samples.to_dict("records"), model.sample_seeds):
         sid, counts, truth = _simulate_sample(
-            model, row, np.random.default_rng(sseed), cells_per_sample=cells_per_sample,
-            effects=effects, case=case, ambient=ambient, low_quality_rate=low_quality_rate,
+            model,
+            row,
+            np.random.default_rng(sseed),
+            cells_per_sample=cells_per_sample,
+            effects=effects,
+            case=case,
+            ambient=ambient,
+            low_quality_rate=low_quality_rate,
             doublets=doublets,
-        )  # fmt: skip
+        )
         if panel is not None:
             counts = counts[:, panel]
             truth["total_counts"] = np.asarray(counts.sum(1)).ravel().astype(np.int64)
@@ -822,7 +940,7 @@ def targeted_panel(n_genes: int = 1300, *, seed: int = 1300) -> list[str]:
     sym = table["gene_symbol"]
     rng = np.random.default_rng(seed)
     prog = np.array(sorted(set(_programme_genes()) - set(_MT_LEVELS)))
-    take = prog[rng.random(prog.size) < 0.5][: n_genes]
+    take = prog[rng.random(prog.size) < 0.5][:n_genes]
     rest = sym[~sym.isin(prog) & ~sym.str.match(r"^MT-|^RP[SL]\d")].to_numpy()
     extra = rng.choice(rest, max(n_genes - take.size, 0), replace=False)
     return sorted(set(take) | set(extra))
@@ -1361,8 +1479,14 @@ def planted_programmes() -> pd.DataFrame:
         for g, f in prog.items()
     ]
     for g, f in _TYPE_FOLDS["Macrophage"].items():
-        rows.append({"state": "trem2_high", "gene": g, "fold": 1 / f,
-                     "direction": "up" if f < 1 else "down"})  # fmt: skip
+        rows.append(
+            {
+                "state": "trem2_high",
+                "gene": g,
+                "fold": 1 / f,
+                "direction": "up" if f < 1 else "down",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -1403,13 +1527,19 @@ def planted_vs_scored(
         shared = [g for g, d in scored.items() if mine.get(g) == d]
         opposite = [g for g, d in scored.items() if g in mine.index and mine[g] != d]
         absent = [g for g in scored if g not in mine.index]
-        rows.append({
-            "signature": sig["name"], "state": state, "n_programme": len(mine),
-            "n_signature": len(scored), "n_shared": len(shared),
-            "signature_planted": round(len(shared) / max(len(scored), 1), 3),
-            "programme_scored": round(len(shared) / max(len(mine), 1), 3),
-            "opposite": " ".join(opposite), "scored_not_planted": " ".join(absent),
-        })  # fmt: skip
+        rows.append(
+            {
+                "signature": sig["name"],
+                "state": state,
+                "n_programme": len(mine),
+                "n_signature": len(scored),
+                "n_shared": len(shared),
+                "signature_planted": round(len(shared) / max(len(scored), 1), 3),
+                "programme_scored": round(len(shared) / max(len(mine), 1), 3),
+                "opposite": " ".join(opposite),
+                "scored_not_planted": " ".join(absent),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -1421,22 +1551,112 @@ def planted_vs_scored(
 #: table cannot disagree on what a state's readout is, and the check cannot pick the
 #: luckiest metric.
 PLANTED_EFFECTS: tuple[dict[str, str], ...] = (
-    {"effect": "fewer T cells", "table": "composition", "level": "lineage", "label": "T", "direction": "down"},
-    {"effect": "fewer NK cells", "table": "composition", "level": "lineage", "label": "NK", "direction": "down"},
-    {"effect": "fewer B cells", "table": "composition", "level": "lineage", "label": "B", "direction": "down"},
-    {"effect": "fewer DCs", "table": "composition", "level": "lineage", "label": "DC", "direction": "down"},
-    {"effect": "more plasmablasts", "table": "composition", "level": "cell_type", "label": "Plasmablast", "direction": "up"},
-    {"effect": "more mature neutrophils", "table": "composition", "level": "cell_type", "label": "Mature neutrophil", "direction": "up"},
-    {"effect": "more platelets", "table": "composition", "level": "lineage", "label": "Platelet", "direction": "up"},
-    {"effect": "classical monocyte expansion", "table": "composition", "level": "cell_type", "label": "Classical monocyte", "direction": "up"},
-    {"effect": "more immature neutrophils", "table": "composition", "level": "cell_type", "label": "Immature neutrophil", "direction": "up"},
-    {"effect": "more TREM2-high macrophages", "table": "effects", "level": "trem2_high_macrophage", "label": "primary", "direction": "up"},
-    {"effect": "MS1-like monocyte state", "table": "effects", "level": "ms1_monocyte", "label": "primary", "direction": "up"},
-    {"effect": "HLA class II loss in monocytes", "table": "effects", "level": "mono_hladr_low", "label": "primary", "direction": "up"},
-    {"effect": "HLA class II loss in DCs", "table": "effects", "level": "dc_tolerogenic.cdc2", "label": "primary", "direction": "up"},
-    {"effect": "T-cell exhaustion programme", "table": "effects", "level": "t_exhaustion", "label": "primary", "direction": "up"},
-    {"effect": "monocyte cytokine programme", "table": "effects", "level": "cytokine_storm.monocyte", "label": "primary", "direction": "up"},
-)  # fmt: skip
+    {
+        "effect": "fewer T cells",
+        "table": "composition",
+        "level": "lineage",
+        "label": "T",
+        "direction": "down",
+    },
+    {
+        "effect": "fewer NK cells",
+        "table": "composition",
+        "level": "lineage",
+        "label": "NK",
+        "direction": "down",
+    },
+    {
+        "effect": "fewer B cells",
+        "table": "composition",
+        "level": "lineage",
+        "label": "B",
+        "direction": "down",
+    },
+    {
+        "effect": "fewer DCs",
+        "table": "composition",
+        "level": "lineage",
+        "label": "DC",
+        "direction": "down",
+    },
+    {
+        "effect": "more plasmablasts",
+        "table": "composition",
+        "level": "cell_type",
+        "label": "Plasmablast",
+        "direction": "up",
+    },
+    {
+        "effect": "more mature neutrophils",
+        "table": "composition",
+        "level": "cell_type",
+        "label": "Mature neutrophil",
+        "direction": "up",
+    },
+    {
+        "effect": "more platelets",
+        "table": "composition",
+        "level": "lineage",
+        "label": "Platelet",
+        "direction": "up",
+    },
+    {
+        "effect": "classical monocyte expansion",
+        "table": "composition",
+        "level": "cell_type",
+        "label": "Classical monocyte",
+        "direction": "up",
+    },
+    {
+        "effect": "more immature neutrophils",
+        "table": "composition",
+        "level": "cell_type",
+        "label": "Immature neutrophil",
+        "direction": "up",
+    },
+    {
+        "effect": "more TREM2-high macrophages",
+        "table": "effects",
+        "level": "trem2_high_macrophage",
+        "label": "primary",
+        "direction": "up",
+    },
+    {
+        "effect": "MS1-like monocyte state",
+        "table": "effects",
+        "level": "ms1_monocyte",
+        "label": "primary",
+        "direction": "up",
+    },
+    {
+        "effect": "HLA class II loss in monocytes",
+        "table": "effects",
+        "level": "mono_hladr_low",
+        "label": "primary",
+        "direction": "up",
+    },
+    {
+        "effect": "HLA class II loss in DCs",
+        "table": "effects",
+        "level": "dc_tolerogenic.cdc2",
+        "label": "primary",
+        "direction": "up",
+    },
+    {
+        "effect": "T-cell exhaustion programme",
+        "table": "effects",
+        "level": "t_exhaustion",
+        "label": "primary",
+        "direction": "up",
+    },
+    {
+        "effect": "monocyte cytokine programme",
+        "table": "effects",
+        "level": "cytokine_storm.monocyte",
+        "label": "primary",
+        "direction": "up",
+    },
+)
 
 
 #: truth flag and parent cell types behind each state row of :data:`PLANTED_EFFECTS`: the
@@ -1493,7 +1713,9 @@ def oracle_tests(
     obs.index = obs.index.astype(str)
     labelled = ad.AnnData(obs=obs)
     comp = {
-        level: composition_test(labelled, case=case, control=control, level=level).set_index("label")
+        level: composition_test(labelled, case=case, control=control, level=level).set_index(
+            "label"
+        )
         for level in ("lineage", "cell_type")
     }
     rows = []
@@ -1501,10 +1723,12 @@ def oracle_tests(
         if spec["table"] == "composition":
             tab = comp[spec["level"]]
             hit = tab.loc[spec["label"]] if spec["label"] in tab.index else None
-            rows.append({
-                "oracle_effect": float(hit["effect"]) if hit is not None else np.nan,
-                "oracle_pvalue": float(hit["pvalue"]) if hit is not None else np.nan,
-            })
+            rows.append(
+                {
+                    "oracle_effect": float(hit["effect"]) if hit is not None else np.nan,
+                    "oracle_pvalue": float(hit["pvalue"]) if hit is not None else np.nan,
+                }
+            )
             continue
         flag, parents = _ORACLE_STATES[spec["level"]]
         sub = cells[cells["cell_type"].isin(parents)]
@@ -1602,7 +1826,9 @@ def check_planted_effects(
                 "effect_size": effect,
                 "fdr": fdr,
                 "observed_direction": observed if np.isfinite(effect) else "not tested",
-                "detected": bool(np.isfinite(fdr) and fdr <= alpha and observed == spec["direction"]),
+                "detected": bool(
+                    np.isfinite(fdr) and fdr <= alpha and observed == spec["direction"]
+                ),
             }
         )
     out = pd.DataFrame(rows)

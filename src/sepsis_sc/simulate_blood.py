@@ -180,7 +180,6 @@ def _check_args(neutrophil_fraction, contamination, case, control, organism) -> 
         raise ValueError(f"contamination must lie in [0, 0.5), not {contamination!r}.")
 
 
-# Longer than 80 lines for its numpy-style docstring and the per-sample steps it chains.
 def simulate_blood_cohort(
     samples: pd.DataFrame,
     *,
@@ -245,20 +244,31 @@ case, control
     _check_args(neutrophil_fraction, contamination, case, control, organism)
     sheet = samples.reset_index(drop=True).copy()
     _sim._check_cohort_args(
-        sheet, case=case, control=control, organism=organism,
-        cells_per_sample=cells_per_sample, ambient=0.0,
-        low_quality_rate=low_quality_rate, batch_effect=batch_effect,
-    )  # fmt: skip
+        sheet,
+        case=case,
+        control=control,
+        organism=organism,
+        cells_per_sample=cells_per_sample,
+        ambient=0.0,
+        low_quality_rate=low_quality_rate,
+        batch_effect=batch_effect,
+    )
     model = _sim._cohort_model(sheet, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
     model = _blood_model(model, neutrophil_fraction, case, control)
     var_names = pd.Index(model.gene_table["gene_symbol"].astype(str))
     adatas, raws, truths = {}, {}, []
     for row, sseed in zip(sheet.to_dict("records"), model.sample_seeds, strict=True):
         sid, counts, truth = _sim._simulate_sample(
-            model, row, np.random.default_rng(sseed), cells_per_sample=cells_per_sample,
-            effects=effects, case=case, ambient=0.0, low_quality_rate=low_quality_rate,
+            model,
+            row,
+            np.random.default_rng(sseed),
+            cells_per_sample=cells_per_sample,
+            effects=effects,
+            case=case,
+            ambient=0.0,
+            low_quality_rate=low_quality_rate,
             doublets=doublets,
-        )  # fmt: skip
+        )
         rng = np.random.default_rng([int(sseed) % 2**32, 17])
         cond = str(row["condition"])
         counts, pm = _platelet_aggregates(model, rng, counts, truth, pm_rate.get(cond, 0.0))
@@ -266,10 +276,17 @@ case, control
         truth.loc[pm, "is_doublet"] = True
         truth.loc[pm, "doublet_partner_type"] = "Platelet"
         adata, raw, truth = _blood_sample(
-            model, row, rng, counts, truth, var_names,
-            contamination=contamination, soup_droplet_rate=soup_droplet_rate, n_empty=n_empty,
+            model,
+            row,
+            rng,
+            counts,
+            truth,
+            var_names,
+            contamination=contamination,
+            soup_droplet_rate=soup_droplet_rate,
+            n_empty=n_empty,
             uns={"seed": int(seed), "scenario": "whole_blood", "effects": bool(effects)},
-        )  # fmt: skip
+        )
         adatas[sid], raws[sid] = adata, raw
         truths.append(truth)
     return adatas, pd.concat(truths, ignore_index=True), raws

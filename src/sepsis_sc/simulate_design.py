@@ -17,8 +17,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-__all__ = ["LABELS", "BASE_LOGIT", "repeated_sheet", "simulate_cells", "patient_level_truth",
-           "simulate_state_table"]  # fmt: skip
+__all__ = [
+    "LABELS",
+    "BASE_LOGIT",
+    "repeated_sheet",
+    "simulate_cells",
+    "patient_level_truth",
+    "simulate_state_table",
+]
 
 LABELS = ["T", "Monocyte", "B", "NK", "DC", "Neutrophil"]
 # DCs at ~4 % (count noise of rarer labels alone exceeds the 0.15 tolerance at 10x sample sizes)
@@ -34,11 +40,25 @@ def repeated_sheet(n_patients: int = 5, n_controls: int = 3, times=("T0", "T6"))
     rows = []
     for p in range(n_patients):
         for t in times:
-            rows.append({"sample_id": f"P{p}_{t}", "condition": "sepsis", "donor": f"P{p}",
-                         "timepoint": t, "batch": "b1"})  # fmt: skip
+            rows.append(
+                {
+                    "sample_id": f"P{p}_{t}",
+                    "condition": "sepsis",
+                    "donor": f"P{p}",
+                    "timepoint": t,
+                    "batch": "b1",
+                }
+            )
     for h in range(n_controls):
-        rows.append({"sample_id": f"H{h}", "condition": "control", "donor": f"H{h}",
-                     "timepoint": "none", "batch": "b1"})  # fmt: skip
+        rows.append(
+            {
+                "sample_id": f"H{h}",
+                "condition": "control",
+                "donor": f"H{h}",
+                "timepoint": "none",
+                "batch": "b1",
+            }
+        )
     return pd.DataFrame(rows).set_index("sample_id", drop=False)
 
 
@@ -46,7 +66,9 @@ def _donor_logits(rng, sheet, effect, donor_sd):
     donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
     out = {}
     for d, cond in donors.items():
-        out[d] = BASE_LOGIT + rng.normal(0, donor_sd, len(LABELS)) + (effect if cond == "sepsis" else 0)
+        out[d] = (
+            BASE_LOGIT + rng.normal(0, donor_sd, len(LABELS)) + (effect if cond == "sepsis" else 0)
+        )
     return out
 
 
@@ -66,9 +88,17 @@ def simulate_cells(rng, sheet, effect=None, donor_sd=0.5, time_sd=0.15, cells=(8
         n = rng.integers(*cells)
         k = rng.multinomial(n, p)
         lab = np.repeat(LABELS, k)
-        obs.append(pd.DataFrame({"sample_id": sid, "condition": row["condition"],
-                                 "donor": row["donor"], "timepoint": row["timepoint"],
-                                 "lineage": lab}))  # fmt: skip
+        obs.append(
+            pd.DataFrame(
+                {
+                    "sample_id": sid,
+                    "condition": row["condition"],
+                    "donor": row["donor"],
+                    "timepoint": row["timepoint"],
+                    "lineage": lab,
+                }
+            )
+        )
     obs = pd.concat(obs, ignore_index=True)
     obs.index = obs.index.astype(str)
     return ad.AnnData(obs=obs), truth_p
@@ -92,25 +122,37 @@ def _patient_truth(per_sample: dict[str, float], sheet: pd.DataFrame) -> float:
     return float(per_donor[cond == "sepsis"].mean() - per_donor[cond == "control"].mean())
 
 
-def simulate_state_table(rng, sheet, effect=0.0, donor_sd=0.4, time_sd=0.15, n_states=8,
-                         n_cells=300):  # fmt: skip
+def simulate_state_table(
+    rng, sheet, effect=0.0, donor_sd=0.4, time_sd=0.15, n_states=8, n_cells=300
+):
     """sample_table-like rows: a discrete state fraction and a mean score per sample; the
     truth is patient level (true values averaged per donor, then case minus control)."""
     donors = sheet.drop_duplicates("donor").set_index("donor")["condition"]
     rows, truth = [], {}
     for j in range(n_states):
-        d_logit = {d: -2.0 + rng.normal(0, donor_sd) + (effect if c == "sepsis" else 0)
-                   for d, c in donors.items()}  # fmt: skip
-        d_score = {d: 0.2 + rng.normal(0, 0.04) + (effect * 0.05 if c == "sepsis" else 0)
-                   for d, c in donors.items()}  # fmt: skip
+        d_logit = {
+            d: -2.0 + rng.normal(0, donor_sd) + (effect if c == "sepsis" else 0)
+            for d, c in donors.items()
+        }
+        d_score = {
+            d: 0.2 + rng.normal(0, 0.04) + (effect * 0.05 if c == "sepsis" else 0)
+            for d, c in donors.items()
+        }
         true_f, true_s = {}, {}
         for sid, row in sheet.iterrows():
             p = 1 / (1 + np.exp(-(d_logit[row["donor"]] + rng.normal(0, time_sd))))
             true_f[sid] = np.log2(p)
             k = rng.binomial(n_cells, p)
-            base = {"sample_id": sid, "condition": row["condition"], "donor": row["donor"],
-                    "state": f"s{j}", "label": f"s{j}", "population": "p", "n_cells": n_cells,
-                    "reason": ""}  # fmt: skip
+            base = {
+                "sample_id": sid,
+                "condition": row["condition"],
+                "donor": row["donor"],
+                "state": f"s{j}",
+                "label": f"s{j}",
+                "population": "p",
+                "n_cells": n_cells,
+                "reason": "",
+            }
             rows.append({**base, "metric": "fraction", "value": k / n_cells, "n_called": k})
             true_s[sid] = d_score[row["donor"]] + rng.normal(0, 0.01)
             score = true_s[sid] + rng.normal(0, 0.1) / np.sqrt(n_cells)  # mean of n cells

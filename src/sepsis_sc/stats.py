@@ -109,8 +109,9 @@ def _sample_meta(
             raise KeyError(f"obs[{key!r}] is missing; it comes from the sample sheet")
     if donor_key and donor_key not in adata.obs:
         logger.info("obs[%r] missing: each sample is treated as its own donor", donor_key)
-    meta = sample_meta(adata, sample_key, columns=[condition_key], donor_key=donor_key or None,
-                       obs_order=True)  # fmt: skip
+    meta = sample_meta(
+        adata, sample_key, columns=[condition_key], donor_key=donor_key or None, obs_order=True
+    )
     return meta.rename(columns={condition_key: "condition"})[["condition", "donor"]]
 
 
@@ -197,20 +198,33 @@ def sample_table(
     max_rank, w_neg = _ucell_settings(adata, max_rank, w_neg)
     samples = adata.obs[sample_key].astype(str).to_numpy()
     if pseudobulk and counts_file is not None:
-        counts = _streamed_sums(adata, info, samples, meta.index.to_numpy(), min_cells, counts_file, layer)
+        counts = _streamed_sums(
+            adata, info, samples, meta.index.to_numpy(), min_cells, counts_file, layer
+        )
     else:
         counts = _count_layer(adata, layer) if pseudobulk else None
     rows: list[dict[str, Any]] = []
     for state, si in info.items():
-        rows += _state_rows(adata, state, si, meta, samples, counts=counts, min_cells=min_cells,
-                            max_rank=max_rank, w_neg=w_neg)  # fmt: skip
+        rows += _state_rows(
+            adata,
+            state,
+            si,
+            meta,
+            samples,
+            counts=counts,
+            min_cells=min_cells,
+            max_rank=max_rank,
+            w_neg=w_neg,
+        )
     out = pd.DataFrame(rows)
     n_na = int((out["reason"] != "").sum()) if len(out) else 0
     logger.info("sample table: %d rows, %d NA (too few cells)", len(out), n_na)
     return out
 
 
-def _ucell_settings(adata: ad.AnnData, max_rank: int | None, w_neg: float | None) -> tuple[int, float]:
+def _ucell_settings(
+    adata: ad.AnnData, max_rank: int | None, w_neg: float | None
+) -> tuple[int, float]:
     """UCell ``max_rank`` and ``w_neg``: as given, else as scored (``uns``), else 1500 / 1."""
     params = dict(adata.uns.get("state_rules_params", {}))
     max_rank = int(max_rank or params.get("max_rank", 1500))
@@ -253,19 +267,33 @@ def _state_rows(
     pb_scores = pb_expr = None
     if counts is not None and (si["up"] or si["down"]):
         pb_scores, pb_expr = _pseudobulk_scores(
-            counts, adata.var_names, samples, parent, meta.index.to_numpy(), si, min_cells,
-            max_rank, w_neg,
-        )  # fmt: skip
+            counts,
+            adata.var_names,
+            samples,
+            parent,
+            meta.index.to_numpy(),
+            si,
+            min_cells,
+            max_rank,
+            w_neg,
+        )
     rows = []
     for sid in meta.index.to_numpy():
         in_s = samples == sid
         n_par = int((parent & in_s).sum())
-        reason = (f"{n_par} cells of {si['parent'] or 'the parent'} in this sample "
-                  f"(< min_cells={min_cells})" if n_par < min_cells else "")  # fmt: skip
+        reason = (
+            f"{n_par} cells of {si['parent'] or 'the parent'} in this sample "
+            f"(< min_cells={min_cells})"
+            if n_par < min_cells
+            else ""
+        )
         mean = float(np.mean(score[parent & in_s])) if n_par else np.nan
         rows.append(_row(meta, sid, state, si, "mean_score", mean, n_par, np.nan, reason))
         if pb_scores is not None:
-            for metric, values in (("pseudobulk_score", pb_scores), ("pseudobulk_expression", pb_expr)):
+            for metric, values in (
+                ("pseudobulk_score", pb_scores),
+                ("pseudobulk_expression", pb_expr),
+            ):
                 value = float(values.get(sid, np.nan))
                 rows.append(_row(meta, sid, state, si, metric, value, n_par, np.nan, reason))
         if call is not None:
@@ -357,8 +385,13 @@ def _streamed_sums(
             wanted.setdefault(codes.tobytes(), (codes, len(keep)))
     store.FileCounts.matching(counts_file, layer or "X", adata)
     keys = list(wanted)
-    sums = store.column_sums(counts_file, layer or "X", [wanted[k][0] for k in keys],
-                             [wanted[k][1] for k in keys], chunk_rows=10_000)  # fmt: skip
+    sums = store.column_sums(
+        counts_file,
+        layer or "X",
+        [wanted[k][0] for k in keys],
+        [wanted[k][1] for k in keys],
+        chunk_rows=10_000,
+    )
     return dict(zip(keys, sums, strict=True))
 
 
@@ -414,7 +447,9 @@ def _pseudobulk_scores(
 def _test_scale(df: pd.DataFrame, metric: str) -> np.ndarray:
     """Sample values on the test scale: log2 fraction (0.5-cell pseudo-count) or the value."""
     if metric == "fraction":
-        return np.log2((df["n_called"].to_numpy(float) + 0.5) / (df["n_cells"].to_numpy(float) + 1.0))
+        return np.log2(
+            (df["n_called"].to_numpy(float) + 0.5) / (df["n_cells"].to_numpy(float) + 1.0)
+        )
     return df["value"].to_numpy(float)
 
 
@@ -527,8 +562,6 @@ def _meta_for(
     return m
 
 
-# Over 80 lines only by its docstring (the public parameter reference for notebook users);
-# the body is 13 lines of named steps.
 def condition_effects(
     table: pd.DataFrame,
     *,
@@ -624,7 +657,9 @@ def _check_rank_test(design: SampleDesign, test: str) -> None:
         )
 
 
-def _design_rows(table: pd.DataFrame, design: SampleDesign, metrics: Sequence[str] | None) -> pd.DataFrame:
+def _design_rows(
+    table: pd.DataFrame, design: SampleDesign, metrics: Sequence[str] | None
+) -> pd.DataFrame:
     """Rows of the samples in the design (sample IDs as text), of the chosen metrics."""
     tab = table[table["sample_id"].astype(str).isin(design.sample_unit.index)].copy()
     tab["sample_id"] = tab["sample_id"].astype(str)
@@ -675,10 +710,21 @@ def _metric_effects(
     y, raw, n_na = _unit_values(mdf, metric, design, feats)
     fit = linear_test(design, y, moderate=moderate)
     return [
-        _effect_row(state, metric, design, fit.loc[state], y, raw, n_na[state],
-                    info.loc[(state, metric)], primary, test=test, moderate=moderate)
+        _effect_row(
+            state,
+            metric,
+            design,
+            fit.loc[state],
+            y,
+            raw,
+            n_na[state],
+            info.loc[(state, metric)],
+            primary,
+            test=test,
+            moderate=moderate,
+        )
         for state in feats
-    ]  # fmt: skip
+    ]
 
 
 def _effect_notes(design: SampleDesign, r: pd.Series, n_na: int) -> tuple[list[str], float]:
@@ -691,7 +737,11 @@ def _effect_notes(design: SampleDesign, r: pd.Series, n_na: int) -> tuple[list[s
     if r["note"]:
         notes.append(str(r["note"]))
     p = float(r["pvalue"])
-    small = [f"{lab} (n={n})" for lab, n in ((con.case, r["n_case"]), (con.control, r["n_control"])) if n < 2]
+    small = [
+        f"{lab} (n={n})"
+        for lab, n in ((con.case, r["n_case"]), (con.control, r["n_control"]))
+        if n < 2
+    ]
     if r["n_case"] == 0 or r["n_control"] == 0:
         notes.append("no sample with enough cells in one condition")
     elif small and not design.paired:
@@ -703,8 +753,9 @@ def _effect_notes(design: SampleDesign, r: pd.Series, n_na: int) -> tuple[list[s
 def _test_name(design: SampleDesign, test: str, moderate: bool) -> str:
     """E.g. ``paired moderated t`` or ``Mann-Whitney U``."""
     ptype = "moderated t" if moderate else "t"
-    return ("paired " if design.paired else "") + (ptype if test == "t" else (
-        "Wilcoxon signed-rank" if design.paired else "Mann-Whitney U"))  # fmt: skip
+    return ("paired " if design.paired else "") + (
+        ptype if test == "t" else ("Wilcoxon signed-rank" if design.paired else "Mann-Whitney U")
+    )
 
 
 def _effect_row(
@@ -755,7 +806,9 @@ def _effect_row(
 def _direction(res: pd.DataFrame, case: str) -> np.ndarray:
     """``higher in <case>`` / ``lower in <case>`` where significant, else empty."""
     return np.where(
-        ~res["significant"], "", np.where(res["effect"] > 0, f"higher in {case}", f"lower in {case}")
+        ~res["significant"],
+        "",
+        np.where(res["effect"] > 0, f"higher in {case}", f"lower in {case}"),
     )
 
 
@@ -770,16 +823,49 @@ def _effects_table(results: list[dict[str, Any]], con: Contrast, alpha: float) -
     res["significant"] = res["fdr"] <= alpha
     res["direction"] = _direction(res, con.case)
     res["meaning"] = [
-        _meaning(r.label, r.metric, r.population, con.case, con.control, r.effect, r.ci_low,
-                 r.ci_high, r.fdr, alpha, r.note, r.mean_case, r.mean_control)
+        _meaning(
+            r.label,
+            r.metric,
+            r.population,
+            con.case,
+            con.control,
+            r.effect,
+            r.ci_low,
+            r.ci_high,
+            r.fdr,
+            alpha,
+            r.note,
+            r.mean_case,
+            r.mean_control,
+        )
         for r in res.itertuples()
-    ]  # fmt: skip
+    ]
     cols = [
-        "contrast", "state", "label", "metric", "role", "population", "effect_type", "unit",
-        "mean_case", "mean_control", "effect", "ci_low", "ci_high", "pvalue", "fdr",
-        "significant", "test", "design", "n_case", "n_control", "n_pairs", "direction",
-        "meaning", "note",
-    ]  # fmt: skip
+        "contrast",
+        "state",
+        "label",
+        "metric",
+        "role",
+        "population",
+        "effect_type",
+        "unit",
+        "mean_case",
+        "mean_control",
+        "effect",
+        "ci_low",
+        "ci_high",
+        "pvalue",
+        "fdr",
+        "significant",
+        "test",
+        "design",
+        "n_case",
+        "n_control",
+        "n_pairs",
+        "direction",
+        "meaning",
+        "note",
+    ]
     order = {"primary": 0, "secondary": 1}
     res = res.assign(_r=res["role"].map(order)).sort_values(["_r"], kind="stable")
     return res[cols].reset_index(drop=True)
@@ -797,7 +883,9 @@ def _rank_p(design: SampleDesign, y: pd.Series) -> float:
         piv = piv.dropna()
         if len(piv) < 2:
             return np.nan
-        return float(stats.wilcoxon(piv[design.contrast.case] - piv[design.contrast.control]).pvalue)
+        return float(
+            stats.wilcoxon(piv[design.contrast.case] - piv[design.contrast.control]).pvalue
+        )
     a = v[u["level"] == design.contrast.case].to_numpy()
     b = v[u["level"] == design.contrast.control].to_numpy()
     if a.size < 2 or b.size < 2:
@@ -907,7 +995,9 @@ def _composition_meta(
     return meta, contrast
 
 
-def _label_counts(adata: ad.AnnData, design: SampleDesign, sample_key: str, level: str) -> pd.DataFrame:
+def _label_counts(
+    adata: ad.AnnData, design: SampleDesign, sample_key: str, level: str
+) -> pd.DataFrame:
     """Samples of the design x labels: cell counts (zeros included)."""
     obs = adata.obs[[sample_key, level]].astype(str)
     obs = obs[obs[sample_key].isin(design.sample_unit.index)]
@@ -931,7 +1021,9 @@ def _unit_proportions(
     return y, props
 
 
-def _proportion_summary(props: pd.DataFrame, labels: Sequence[str], design: SampleDesign) -> pd.DataFrame:
+def _proportion_summary(
+    props: pd.DataFrame, labels: Sequence[str], design: SampleDesign
+) -> pd.DataFrame:
     """Per label: mean proportion over case and control units, and their ratio."""
     is_case = (design.matrix[COEF] == 1).to_numpy()
     res = pd.DataFrame({"label": labels})
@@ -943,7 +1035,9 @@ def _proportion_summary(props: pd.DataFrame, labels: Sequence[str], design: Samp
     return res
 
 
-def _composition_fit(design: SampleDesign, y: pd.DataFrame, labels: Sequence[str]) -> tuple[pd.DataFrame, str]:
+def _composition_fit(
+    design: SampleDesign, y: pd.DataFrame, labels: Sequence[str]
+) -> tuple[pd.DataFrame, str]:
     """Moderated linear model per label (no p-values without residual df) and the note."""
     fit = linear_test(design, y, moderate=len(labels) >= 3).reindex(labels)
     note = "; ".join(n for n in [design.reason, *design.notes] if n)
@@ -955,9 +1049,13 @@ def _composition_fit(design: SampleDesign, y: pd.DataFrame, labels: Sequence[str
 
 
 def _composition_columns(
-    res: pd.DataFrame, fit: pd.DataFrame, design: SampleDesign, note: str, transform: str,
+    res: pd.DataFrame,
+    fit: pd.DataFrame,
+    design: SampleDesign,
+    note: str,
+    transform: str,
     alpha: float,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """Add the fit, BH-FDR, significance, design, note, unit and direction columns."""
     for c in ("effect", "ci_low", "ci_high", "t", "df", "pvalue"):
         res[c] = fit[c].to_numpy(float)
@@ -966,7 +1064,11 @@ def _composition_columns(
     res["n_case"], res["n_control"] = design.n_case, design.n_control
     res["design"], res["note"] = design.description(), note
     res["transform"] = transform
-    res["unit"] = "logit proportion difference" if transform == "logit" else "arcsine-sqrt proportion difference"
+    res["unit"] = (
+        "logit proportion difference"
+        if transform == "logit"
+        else "arcsine-sqrt proportion difference"
+    )
     res["direction"] = _direction(res, design.contrast.case)
     return res
 
@@ -1004,10 +1106,19 @@ def _primary_effect(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.Series:
     if not pref.empty:
         return pref.iloc[0]
     metric = str(t.get("primary_metric") or t.get("metric", ""))
-    return pd.Series({"label": sub["label"].iloc[0], "metric": metric, "effect": np.nan,
-                      "ci_low": np.nan, "ci_high": np.nan, "fdr": np.nan, "direction": "",
-                      "unit": _UNIT.get(metric, ""),
-                      "meaning": f"primary metric {metric!r} not computed for this state"})  # fmt: skip
+    return pd.Series(
+        {
+            "label": sub["label"].iloc[0],
+            "metric": metric,
+            "effect": np.nan,
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+            "fdr": np.nan,
+            "direction": "",
+            "unit": _UNIT.get(metric, ""),
+            "meaning": f"primary metric {metric!r} not computed for this state",
+        }
+    )
 
 
 def _evidence(r: pd.Series, want: str, alpha: float) -> str:
@@ -1021,7 +1132,9 @@ def _evidence(r: pd.Series, want: str, alpha: float) -> str:
     return "opposite"
 
 
-def _target_row(state: str, t: Mapping[str, Any], sub: pd.DataFrame, alpha: float) -> dict[str, Any]:
+def _target_row(
+    state: str, t: Mapping[str, Any], sub: pd.DataFrame, alpha: float
+) -> dict[str, Any]:
     """One therapy-target row: the state's primary effect classified against the target."""
     r = _primary_effect(sub, t)
     want = str(t.get("target_direction", "up"))

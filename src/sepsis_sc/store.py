@@ -110,7 +110,9 @@ def iter_rows(
     key = _layer_key(key)
     with h5py.File(path, "r") as f:
         if key not in f:
-            raise KeyError(f"{path} has no {key!r} (it holds {', '.join(matrix_keys(path)) or 'no matrix'})")
+            raise KeyError(
+                f"{path} has no {key!r} (it holds {', '.join(matrix_keys(path)) or 'no matrix'})"
+            )
         elem = f[key]
         if not isinstance(elem, h5py.Group):
             raise TypeError(f"{path}:{key} is dense; iter_rows streams sparse (CSR) matrices")
@@ -157,7 +159,9 @@ def _read_matrix(
         sp.csr_matrix(ds[start : min(start + chunk_rows, ds.shape[0])][:, cols])
         for start in range(0, ds.shape[0], chunk_rows)
     ]
-    return _int32_offsets(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((0, len(cols)))
+    return (
+        _int32_offsets(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((0, len(cols)))
+    )
 
 
 def read(
@@ -211,9 +215,7 @@ def read(
             names = [layers] if isinstance(layers, str) else list(layers)
         missing = [n for n in names if n not in present]
         if missing:
-            raise KeyError(
-                f"{path} has no layer(s) {missing}; it has {present or 'none'}"
-            )
+            raise KeyError(f"{path} has no layer(s) {missing}; it has {present or 'none'}")
         mats = {n: _read_matrix(f, f"layers/{n}", cols, chunk_rows) for n in names}
         x = _read_matrix(f, "X", cols, chunk_rows) if X and "X" in f else None
         out = ad.AnnData(X=x, obs=obs, var=var, layers=mats or None)
@@ -364,13 +366,20 @@ class MatrixWriter:
             grp = self._f[key]
             # resizable, with chunks large enough for ~10^9 entries; int64 offsets from the
             # start (a million cells hold more than 2**31 entries)
-            for name, dtype, size in (("data", None, 1 << 18), ("indices", None, 1 << 18),
-                                      ("indptr", np.int64, 1 << 16)):  # fmt: skip
+            for name, dtype, size in (
+                ("data", None, 1 << 18),
+                ("indices", None, 1 << 18),
+                ("indptr", np.int64, 1 << 16),
+            ):
                 values = grp[name][...]
                 del grp[name]
-                grp.create_dataset(name, data=values.astype(dtype or values.dtype),
-                                   maxshape=(None,), chunks=(size,),
-                                   compression=self.compression if name != "indptr" else None)  # fmt: skip
+                grp.create_dataset(
+                    name,
+                    data=values.astype(dtype or values.dtype),
+                    maxshape=(None,),
+                    chunks=(size,),
+                    compression=self.compression if name != "indptr" else None,
+                )
             self._ds[key] = sparse_dataset(self._f[key])
         else:
             self._ds[key].append(chunk)
@@ -383,7 +392,9 @@ class MatrixWriter:
                     if key not in self._ds:  # no rows at all
                         write_elem(self._f, key, sp.csr_matrix((0, self.n_vars), dtype=np.float32))
                     if self._rows[key] != self.n_obs:
-                        raise ValueError(f"{key}: wrote {self._rows[key]} rows for {self.n_obs} cells")
+                        raise ValueError(
+                            f"{key}: wrote {self._rows[key]} rows for {self.n_obs} cells"
+                        )
         finally:
             self._f.close()
 
@@ -457,7 +468,13 @@ class FileCounts(CountSource):
     """:class:`CountSource` over ``path:key`` (``"layers/counts"``), read in row chunks:
     each request is one pass over the file, memory follows what is returned."""
 
-    def __init__(self, path: str | os.PathLike[str], key: str = "layers/counts", *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        key: str = "layers/counts",
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> None:
         self.path, self.key, self.chunk_rows = Path(path), _layer_key(key), chunk_rows
         with h5py.File(self.path, "r") as f:
             if self.key not in f:
@@ -483,14 +500,20 @@ class FileCounts(CountSource):
     @property
     def totals(self) -> np.ndarray:
         if self._totals is None:
-            self._totals = np.concatenate(
-                [np.asarray(c.sum(axis=1)).ravel() for _, _, c in self._chunks()]
-            ) if self.shape[0] else np.zeros(0, np.float32)
+            self._totals = (
+                np.concatenate([np.asarray(c.sum(axis=1)).ravel() for _, _, c in self._chunks()])
+                if self.shape[0]
+                else np.zeros(0, np.float32)
+            )
         return self._totals
 
     def columns(self, cols: np.ndarray) -> sp.csr_matrix:
         parts = [c[:, cols] for _, _, c in self._chunks()]
-        return _int32_offsets(sp.vstack(parts, format="csr")) if parts else sp.csr_matrix((0, len(cols)))
+        return (
+            _int32_offsets(sp.vstack(parts, format="csr"))
+            if parts
+            else sp.csr_matrix((0, len(cols)))
+        )
 
     def rows(self, idx: np.ndarray) -> sp.csr_matrix:
         idx = np.asarray(idx)
@@ -551,7 +574,9 @@ def h5ad_cells(paths: Iterable[str | os.PathLike[str]]) -> int | None:
     return total
 
 
-def stage_mem_mb(stage: str, cells: int, *, per_10k_cells: float | None = None, attempt: int = 1) -> int:
+def stage_mem_mb(
+    stage: str, cells: int, *, per_10k_cells: float | None = None, attempt: int = 1
+) -> int:
     """Memory (MB) a cohort-level job asks the scheduler for.
 
     ``MEMORY_MARGIN`` x the stage's fitted peak at ``cells`` (:data:`STAGE_MEMORY`), at least

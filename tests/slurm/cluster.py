@@ -27,7 +27,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order
-BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "squeue", "sinfo", "scontrol", "scancel", "sacct")
+BINARIES = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "srun",
+    "sbatch",
+    "squeue",
+    "sinfo",
+    "scontrol",
+    "scancel",
+    "sacct",
+)
 
 
 def missing_binaries() -> list[str]:
@@ -96,7 +107,11 @@ class LocalSlurm:
         self.conf.write_text(text)
         # A GPU that is only a count (no device file): SLURM allocates it like a real one, so
         # `--gpus=1` jobs schedule and show gres/gpu in their TRES; nothing uses CUDA.
-        gres_lines = f"NodeName={self.host} Name=gpu File=/dev/null Count={self.fake_gpus}\n" if self.fake_gpus else ""
+        gres_lines = (
+            f"NodeName={self.host} Name=gpu File=/dev/null Count={self.fake_gpus}\n"
+            if self.fake_gpus
+            else ""
+        )
         (self.root / "gres.conf").write_text(gres_lines)
         # The jobstep plugin drops every SLURM_* variable (SLURM_CONF too) before its `srun`
         # inside the job; on a real cluster srun finds /etc/slurm/slurm.conf, here a shim on
@@ -141,22 +156,36 @@ class LocalSlurm:
         m = self.root / "munge"
         subprocess.run(
             [
-                _which("munged"), "--force",
-                f"--socket={m}/munge.socket", f"--key-file={m}/munge.key",
-                f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
+                _which("munged"),
+                "--force",
+                f"--socket={m}/munge.socket",
+                f"--key-file={m}/munge.key",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
                 f"--seed-file={m}/munged.seed",
-            ],  # fmt: skip
-            check=True, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         env = self.env()
         subprocess.run(
             [_which("slurmctld"), "-f", str(self.conf), "-i"],
-            check=True, env=env, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         subprocess.run(
             [_which("slurmd"), "-f", str(self.conf), "-N", self.host],
-            check=True, env=env, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.time() + timeout

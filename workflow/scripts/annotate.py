@@ -40,8 +40,13 @@ if a["reference"]:
 
     if not a["reference_label_key"]:
         raise ValueError("annotation.reference is set: annotation.reference_label_key is needed.")
-    transfer_labels(adata, snakemake.input.reference, label_key=a["reference_label_key"],
-                    layer=layer, seed=snakemake.params.seed)  # fmt: skip
+    transfer_labels(
+        adata,
+        snakemake.input.reference,
+        label_key=a["reference_label_key"],
+        layer=layer,
+        seed=snakemake.params.seed,
+    )
     table = annotation_consensus(adata)
     write_table(table.reset_index(), snakemake.output.reference_agreement)
 write_table(summary, snakemake.output.table, digits=3)

@@ -19,12 +19,25 @@ alpha = snakemake.params.alpha
 contrast = snakemake.params.contrast
 if snakemake.params.effects:
     table = check_planted_effects(
-        effects, composition, alpha=alpha, truth=truth,
-        case=contrast["case"], control=contrast["control"], min_cells=snakemake.params.min_cells,
+        effects,
+        composition,
+        alpha=alpha,
+        truth=truth,
+        case=contrast["case"],
+        control=contrast["control"],
+        min_cells=snakemake.params.min_cells,
     )
 else:
-    table = pd.DataFrame([null_calibration(
-        effects, composition, alpha=alpha, truth=truth,
-        case=contrast["case"], control=contrast["control"],
-    )])
+    table = pd.DataFrame(
+        [
+            null_calibration(
+                effects,
+                composition,
+                alpha=alpha,
+                truth=truth,
+                case=contrast["case"],
+                control=contrast["control"],
+            )
+        ]
+    )
 write_table(table, snakemake.output[0], digits=3)

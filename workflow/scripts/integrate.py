@@ -32,7 +32,9 @@ hvg = adata.var["highly_variable"].to_numpy(dtype=bool)
 # each read only when a method needs it
 needs_x = any(m != "scvi" for m in snakemake.params.methods)
 needs_counts = "scvi" in snakemake.params.methods
-sub = store.read(src, X=needs_x, layers=[layer] if needs_counts else [], genes=hvg, obsm=False, obsp=False)
+sub = store.read(
+    src, X=needs_x, layers=[layer] if needs_counts else [], genes=hvg, obsm=False, obsp=False
+)
 sub.var = adata.var.loc[sub.var_names]  # the HVG flags (all True here) and their ranks
 sub.uns["hvg"] = adata.uns["hvg"]
 
@@ -75,7 +77,9 @@ if "PCs" in sub.varm:  # PCA loadings: zero for the genes that are not HVGs
     adata.varm["PCs"] = pcs
     adata.uns["pca"] = sub.uns["pca"]
 adata.uns["integration"] = records[main]
-adata.uns["integration_runs"] = {m: {k: v for k, v in r.items() if v is not None} for m, r in records.items()}
+adata.uns["integration_runs"] = {
+    m: {k: v for k, v in r.items() if v is not None} for m, r in records.items()
+}
 if "scvi" not in records:  # keep the declared output directory even without a scVI model
     marker = Path(snakemake.output.model) / "NOT_TRAINED.txt"
     marker.parent.mkdir(parents=True, exist_ok=True)

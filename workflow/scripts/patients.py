@@ -43,9 +43,19 @@ if res.status == "reference_file":
     reference = read_reference(inp.reference_file)  # record the ranges this run used
 elif reference.empty:
     reference = pd.DataFrame(
-        columns=["readout", "centre", "spread", "low", "high", "k", "n", "z_threshold",
-                 "reference", "source_run"]
-    )  # fmt: skip
+        columns=[
+            "readout",
+            "centre",
+            "spread",
+            "low",
+            "high",
+            "k",
+            "n",
+            "z_threshold",
+            "reference",
+            "source_run",
+        ]
+    )
 write_table(reference, out.reference)
 write_table(res.endotypes, out.endotypes)
 write_table(res.trajectories, out.trajectories)

@@ -9,8 +9,10 @@ from sepsis_sc.utils import atomic_path, setup_logging
 
 setup_logging(snakemake.log[0])
 
-for specs, outdir in ((snakemake.params.cohort, snakemake.output.cohort),
-                      (snakemake.params.contrasts, snakemake.output.contrasts)):  # fmt: skip
+for specs, outdir in (
+    (snakemake.params.cohort, snakemake.output.cohort),
+    (snakemake.params.contrasts, snakemake.output.contrasts),
+):
     Path(outdir).mkdir(parents=True, exist_ok=True)
     for spec in specs:
         table = pd.read_csv(spec["path"], sep="\t", low_memory=False)

@@ -12,6 +12,8 @@ setup_logging(snakemake.log[0])
 src = snakemake.input[0]
 layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
 adata = store.read(src, obsm=False, obsp=False)  # no matrix: the counts are streamed
-table = sample_table(adata, min_cells=snakemake.params.stats["min_cells"], layer=layer, counts_file=src)
+table = sample_table(
+    adata, min_cells=snakemake.params.stats["min_cells"], layer=layer, counts_file=src
+)
 write_table(table, snakemake.output.sample_table)
 write_table(pd.DataFrame(snakemake.params.contrasts), snakemake.output.contrasts)

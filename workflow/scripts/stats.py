@@ -18,7 +18,10 @@ settings = StatsSettings.from_config(p.stats)
 alpha = settings.alpha
 effects = condition_effects(table, design=design, alpha=alpha, test=settings.test)
 composition = pd.concat(
-    [composition_test(adata, design=design, level=level, alpha=alpha) for level in ("lineage", "cell_type")],
+    [
+        composition_test(adata, design=design, level=level, alpha=alpha)
+        for level in ("lineage", "cell_type")
+    ],
     ignore_index=True,
 )
 # samples left out at qc_merge (too few cells after QC) are named in the composition table

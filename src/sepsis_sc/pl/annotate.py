@@ -211,10 +211,19 @@ def _label_gene_groups(ax: plt.Axes, var_groups: Mapping[str, list[str]]) -> Non
     for label, genes in var_groups.items():
         y0, y1 = sorted((ys[start], ys[start + len(genes) - 1]))
         start += len(genes)
-        ax.plot([0, 0], [y0 - 0.35, y1 + 0.35], color="black", lw=1.2, transform=line,
-                clip_on=False)  # fmt: skip
-        ax.text(0, (y0 + y1) / 2, wrap(label, 24), ha="right", va="center", fontsize=9,
-                transform=text, clip_on=False)  # fmt: skip
+        ax.plot(
+            [0, 0], [y0 - 0.35, y1 + 0.35], color="black", lw=1.2, transform=line, clip_on=False
+        )
+        ax.text(
+            0,
+            (y0 + y1) / 2,
+            wrap(label, 24),
+            ha="right",
+            va="center",
+            fontsize=9,
+            transform=text,
+            clip_on=False,
+        )
 
 
 def umap_cell_types(

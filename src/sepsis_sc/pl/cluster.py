@@ -128,8 +128,9 @@ def umaps(
     size = max(1.5, min(20.0, 60_000 / adata.n_obs))
     for ax, key in zip(axes.ravel(), present):
         condition = key == condition_key and case is not None and control is not None
-        _umap_panel(ax, um, adata.obs[key], key, order, size,
-                    (case, control) if condition else None)  # fmt: skip
+        _umap_panel(
+            ax, um, adata.obs[key], key, order, size, (case, control) if condition else None
+        )
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     fig.tight_layout()

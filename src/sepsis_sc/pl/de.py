@@ -142,10 +142,21 @@ def volcano(
         sub = results[(results["level"] == level) & (results["label"] == label)]
         title = label if len(levels) == 1 else f"{label} ({level})"
         row = summ.loc[(level, label)]
-        title = (f"{title}\n{int(row['n_case'])} vs {int(row['n_control'])} units, "
-                 f"{int(row['n_up'])} up, {int(row['n_down'])} down")  # fmt: skip
-        _volcano_panel(ax, sub, title, pal=pal, case=case, control=control, alpha=alpha,
-                       n_labels=n_labels, shrunk=shrunk)  # fmt: skip
+        title = (
+            f"{title}\n{int(row['n_case'])} vs {int(row['n_control'])} units, "
+            f"{int(row['n_up'])} up, {int(row['n_down'])} down"
+        )
+        _volcano_panel(
+            ax,
+            sub,
+            title,
+            pal=pal,
+            case=case,
+            control=control,
+            alpha=alpha,
+            n_labels=n_labels,
+            shrunk=shrunk,
+        )
     for ax in axes.ravel()[len(keys) :]:
         ax.axis("off")
     handles = [
@@ -155,8 +166,9 @@ def volcano(
     ]
     fig.suptitle(
         f"Pseudobulk differential expression, {case} vs {control} (coloured: FDR < {alpha})",
-        x=0.01, ha="left",
-    )  # fmt: skip
+        x=0.01,
+        ha="left",
+    )
     fig.tight_layout(rect=(0, 0.05 if nrows == 1 else 0.03, 1, 1 - 0.35 / fig.get_figheight()))
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     return fig
@@ -222,7 +234,7 @@ def _name_genes(ax, top: pd.DataFrame, x_col: str) -> None:
             ha="left" if r[x_col] >= 0 else "right",
             va="center",
             zorder=4,
-        )  # fmt: skip
+        )
         for _, r in top.iterrows()
     ]
     _repel(ax, texts, top[[x_col, "_y"]].to_numpy(float))
@@ -283,8 +295,13 @@ def top_genes_heatmap(
     if not keys:
         fig, ax = plt.subplots(figsize=(6.5, 1.6))
         ax.axis("off")
-        ax.text(0, 0.5, f"No gene at FDR < {alpha} in any tested label: no heatmap.",
-                va="center", ha="left")  # fmt: skip
+        ax.text(
+            0,
+            0.5,
+            f"No gene at FDR < {alpha} in any tested label: no heatmap.",
+            va="center",
+            ha="left",
+        )
         return fig
     order = units[units["level"].isin([control, case])].copy()
     order["_g"] = (order["level"] == case).astype(int)
@@ -297,20 +314,35 @@ def top_genes_heatmap(
     ax_bar.set_title(f"Top DE genes, {case} vs {control} (FDR < {alpha})", loc="left", pad=22)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e0e0e0")
     lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
-    im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim,
-                   interpolation="nearest")  # fmt: skip
+    im = ax.imshow(
+        np.ma.masked_invalid(mat),
+        aspect="auto",
+        cmap=cmap,
+        vmin=-lim,
+        vmax=lim,
+        interpolation="nearest",
+    )
     ax.set_yticks(np.arange(mat.shape[0]), genes, fontsize=8)
     ax.yaxis.tick_right()
-    ax.set_xticks(np.arange(mat.shape[1]), [str(d) for d in order["donor"]], rotation=90,
-                  fontsize=8)  # fmt: skip
+    ax.set_xticks(
+        np.arange(mat.shape[1]), [str(d) for d in order["donor"]], rotation=90, fontsize=8
+    )
     ax.set_xlabel("unit (donor)")
     start = 0
     for name, z in blocks:
         end = start + len(z)
         if start:
             ax.axhline(start - 0.5, color="white", lw=2)
-        ax.text(-0.6, (start + end - 1) / 2, name, ha="right", va="center", fontsize=9,
-                transform=ax.transData, clip_on=False)  # fmt: skip
+        ax.text(
+            -0.6,
+            (start + end - 1) / 2,
+            name,
+            ha="right",
+            va="center",
+            fontsize=9,
+            transform=ax.transData,
+            clip_on=False,
+        )
         start = end
     for s in ax.spines.values():
         s.set_visible(False)
@@ -355,11 +387,13 @@ def _heatmap_layout(plt, blocks, genes: list[str], order: pd.DataFrame, shape: t
     fig_w, fig_h = left + hm_w + gene_w + 0.15 + 0.9, bottom + hm_h + 0.08 + bar_h + top
     fig = plt.figure(figsize=(fig_w, fig_h))
     ax = fig.add_axes((left / fig_w, bottom / fig_h, hm_w / fig_w, hm_h / fig_h))
-    ax_bar = fig.add_axes((left / fig_w, (bottom + hm_h + 0.08) / fig_h, hm_w / fig_w,
-                           bar_h / fig_h), sharex=ax)  # fmt: skip
+    ax_bar = fig.add_axes(
+        (left / fig_w, (bottom + hm_h + 0.08) / fig_h, hm_w / fig_w, bar_h / fig_h), sharex=ax
+    )
     cb_h = min(hm_h, 2.5)
-    ax_cb = fig.add_axes(((left + hm_w + gene_w) / fig_w, (bottom + hm_h - cb_h) / fig_h,
-                          0.15 / fig_w, cb_h / fig_h))  # fmt: skip
+    ax_cb = fig.add_axes(
+        ((left + hm_w + gene_w) / fig_w, (bottom + hm_h - cb_h) / fig_h, 0.15 / fig_w, cb_h / fig_h)
+    )
     return fig, ax, ax_bar, ax_cb
 
 
@@ -368,8 +402,14 @@ def _condition_bar(plt, ax_bar, order: pd.DataFrame, pal, case: str, control: st
     from matplotlib.colors import ListedColormap
 
     bar = (order["level"] == case).astype(int).to_numpy()[None, :]
-    ax_bar.imshow(bar, aspect="auto", cmap=ListedColormap([pal[control], pal[case]]), vmin=0,
-                  vmax=1, interpolation="nearest")  # fmt: skip
+    ax_bar.imshow(
+        bar,
+        aspect="auto",
+        cmap=ListedColormap([pal[control], pal[case]]),
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     ax_bar.set_yticks([])
     ax_bar.tick_params(bottom=False, labelbottom=False)
     for s in ax_bar.spines.values():
@@ -378,5 +418,11 @@ def _condition_bar(plt, ax_bar, order: pd.DataFrame, pal, case: str, control: st
         plt.Rectangle((0, 0), 1, 1, color=pal[control], label=control),
         plt.Rectangle((0, 0), 1, 1, color=pal[case], label=case),
     ]
-    ax_bar.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.05), ncol=2,
-                  frameon=False, borderaxespad=0)  # fmt: skip
+    ax_bar.legend(
+        handles=handles,
+        loc="lower left",
+        bbox_to_anchor=(0, 1.05),
+        ncol=2,
+        frameon=False,
+        borderaxespad=0,
+    )

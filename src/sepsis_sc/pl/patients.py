@@ -78,8 +78,11 @@ def immune_card(
         raise KeyError(f"sample {sample_id!r} not in the profile table")
     p = p.reset_index(drop=True)
     n = len(p)
-    st = (states[states["sample_id"].astype(str) == str(sample_id)]
-          if states is not None else pd.DataFrame())  # fmt: skip
+    st = (
+        states[states["sample_id"].astype(str) == str(sample_id)]
+        if states is not None
+        else pd.DataFrame()
+    )
     n_lines = 1 + (len(st) if len(st) else 0)
     fig = plt.figure(figsize=(8.2, 0.26 * n + 1.5 + 0.17 * n_lines))
     h = fig.get_figheight()
@@ -111,8 +114,16 @@ def _card_points(plt, ax, p: pd.DataFrame, y: np.ndarray) -> None:
         col = FLAG_COLOURS.get(flag, "#4d4d4d")
         zc = float(np.clip(z, -_CLIP, _CLIP))
         marker = "o" if abs(z) <= _CLIP else (">" if z > 0 else "<")
-        ax.scatter([zc], [yi], s=42 if flag != "within" else 26, color=col, marker=marker,
-                   zorder=3, edgecolor="white", linewidth=0.5)  # fmt: skip
+        ax.scatter(
+            [zc],
+            [yi],
+            s=42 if flag != "within" else 26,
+            color=col,
+            marker=marker,
+            zorder=3,
+            edgecolor="white",
+            linewidth=0.5,
+        )
 
 
 def _card_axis(ax, p: pd.DataFrame, y: np.ndarray) -> None:
@@ -132,8 +143,15 @@ def _card_axis(ax, p: pd.DataFrame, y: np.ndarray) -> None:
         v = r["value"]
         txt = "NA" if pd.isna(v) else f"{float(v):.3g}"
         ax.text(1.02, yi, txt, transform=ax.get_yaxis_transform(), fontsize=7.5, va="center")
-    ax.text(1.02, n - 0.3, "value", transform=ax.get_yaxis_transform(), fontsize=7.5,
-            va="bottom", style="italic")  # fmt: skip
+    ax.text(
+        1.02,
+        n - 0.3,
+        "value",
+        transform=ax.get_yaxis_transform(),
+        fontsize=7.5,
+        va="bottom",
+        style="italic",
+    )
 
 
 def _card_header(plt, fig, p: pd.DataFrame, sample_id: str, case, control, condition_key) -> None:
@@ -142,30 +160,60 @@ def _card_header(plt, fig, p: pd.DataFrame, sample_id: str, case, control, condi
     cond = str(p[condition_key].iloc[0]) if condition_key in p else ""
     donor = str(p["donor"].iloc[0]) if "donor" in p else ""
     pal = _palette([cond], case, control)
-    fig.text(0.02, 1 - 0.3 / h, f"Immune card: {sample_id}", fontsize=11,
-             fontweight="bold", va="center")  # fmt: skip
-    fig.text(0.40, 1 - 0.3 / h, f"{cond}", color=pal.get(cond, "black"),
-             fontsize=10, fontweight="bold", va="center")  # fmt: skip
+    fig.text(
+        0.02, 1 - 0.3 / h, f"Immune card: {sample_id}", fontsize=11, fontweight="bold", va="center"
+    )
+    fig.text(
+        0.40,
+        1 - 0.3 / h,
+        f"{cond}",
+        color=pal.get(cond, "black"),
+        fontsize=10,
+        fontweight="bold",
+        va="center",
+    )
     fig.text(0.58, 1 - 0.3 / h, f"donor {donor}", fontsize=9, va="center")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f)
-               for f, c in FLAG_COLOURS.items()]  # fmt: skip
-    fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.3 / h),
-               ncol=3, fontsize=7.5, frameon=False, handletextpad=0.2,
-               columnspacing=0.8)  # fmt: skip
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in FLAG_COLOURS.items()
+    ]
+    fig.legend(
+        handles=handles,
+        loc="center right",
+        bbox_to_anchor=(0.99, 1 - 0.3 / h),
+        ncol=3,
+        fontsize=7.5,
+        frameon=False,
+        handletextpad=0.2,
+        columnspacing=0.8,
+    )
 
 
 def _card_states(fig, st: pd.DataFrame, y_head: float) -> None:
     """The sample's state calls under the readouts (yes / probable in colour and bold)."""
     step = 0.17 / fig.get_figheight()
-    fig.text(0.02, y_head, "State calls (research hypotheses, not treatment advice):",
-             fontsize=8, fontweight="bold")  # fmt: skip
+    fig.text(
+        0.02,
+        y_head,
+        "State calls (research hypotheses, not treatment advice):",
+        fontsize=8,
+        fontweight="bold",
+    )
     for i, (_, s) in enumerate(st.iterrows()):
         call = str(s["call"])
-        extra = (f" (support {int(s['n_support'])}/{int(s['n_support_total'])})"
-                 if call in ("yes", "probable") and int(s.get("n_support_total", 0)) else "")  # fmt: skip
+        extra = (
+            f" (support {int(s['n_support'])}/{int(s['n_support_total'])})"
+            if call in ("yes", "probable") and int(s.get("n_support_total", 0))
+            else ""
+        )
         colour = {"yes": "#b2182b", "probable": "#e08214", "no": "black"}.get(call, "#737373")
-        fig.text(0.04, y_head - (i + 1) * step, f"{s['label']}: {call}{extra}", fontsize=7.5,
-                 color=colour, fontweight="bold" if call in ("yes", "probable") else "normal")  # fmt: skip
+        fig.text(
+            0.04,
+            y_head - (i + 1) * step,
+            f"{s['label']}: {call}{extra}",
+            fontsize=7.5,
+            color=colour,
+            fontweight="bold" if call in ("yes", "probable") else "normal",
+        )
 
 
 def cohort_heatmap(
@@ -226,8 +274,13 @@ def cohort_heatmap(
     data = np.ma.masked_invalid(z.to_numpy(dtype=float).clip(-vmax, vmax))
     im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(n_r))
-    ax.set_xticklabels([str(labels.get(r, r)) for r in z.columns], rotation=60, ha="right",
-                       fontsize=7.5, rotation_mode="anchor")  # fmt: skip
+    ax.set_xticklabels(
+        [str(labels.get(r, r)) for r in z.columns],
+        rotation=60,
+        ha="right",
+        fontsize=7.5,
+        rotation_mode="anchor",
+    )
     ax.set_yticks([])
     pal = _palette(sorted(set(cond)), case, control)
     _condition_strip(bar, rows, cond, pal)
@@ -235,8 +288,16 @@ def cohort_heatmap(
     cb.set_label(f"z vs controls (clipped at +/-{vmax:g})", fontsize=8)
     cb.ax.tick_params(labelsize=7.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=pal[c]) for c in pal]
-    fig.legend(handles, list(pal), loc="upper left", bbox_to_anchor=(0.01, 1 - 0.05 / h),
-               ncol=len(pal), fontsize=8, frameon=False, title=None)  # fmt: skip
+    fig.legend(
+        handles,
+        list(pal),
+        loc="upper left",
+        bbox_to_anchor=(0.01, 1 - 0.05 / h),
+        ncol=len(pal),
+        fontsize=8,
+        frameon=False,
+        title=None,
+    )
     ax.set_title("Patient immune profiles (grey = not measurable)", fontsize=10, loc="right")
     return fig
 
@@ -260,9 +321,14 @@ def _condition_strip(bar, rows: list[str], cond: pd.Series, pal: Mapping[str, st
     from matplotlib.colors import ListedColormap
 
     cats = list(pal)
-    bar.imshow(np.array([[cats.index(cond[s])] for s in rows]), aspect="auto",
-               cmap=ListedColormap([pal[c] for c in cats]), vmin=-0.5,
-               vmax=len(cats) - 0.5, interpolation="nearest")  # fmt: skip
+    bar.imshow(
+        np.array([[cats.index(cond[s])] for s in rows]),
+        aspect="auto",
+        cmap=ListedColormap([pal[c] for c in cats]),
+        vmin=-0.5,
+        vmax=len(cats) - 0.5,
+        interpolation="nearest",
+    )
     bar.set_xticks([])
     bar.set_yticks(range(len(rows)))
     bar.set_yticklabels(rows, fontsize=7.5)
@@ -299,8 +365,14 @@ def trajectory_plot(
     t = trajectories
     if t is None or t.empty:
         fig, ax = plt.subplots(figsize=(5, 1.6))
-        ax.text(0.5, 0.5, "no donor was sampled more than once:\nno trajectories", ha="center",
-                va="center", fontsize=10)  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "no donor was sampled more than once:\nno trajectories",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
         ax.axis("off")
         return fig
     t = t.copy()
@@ -316,8 +388,9 @@ def trajectory_plot(
     pal = categorical_palette(donors)
     nrow = int(np.ceil(len(readouts) / ncols))
     ncol = min(ncols, len(readouts))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol + 0.4, 2.1 * nrow + 0.8),
-                             squeeze=False, sharex=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(2.6 * ncol + 0.4, 2.1 * nrow + 0.8), squeeze=False, sharex=True
+    )
     tp = t.drop_duplicates(["order"]).set_index("order")["timepoint"].astype(str)
     for ax, r in zip(axes.flat, readouts):
         sub = t[t["readout"] == r]
@@ -327,8 +400,15 @@ def trajectory_plot(
         ax.axhline(0, color="#969696", lw=0.7)
         for d, g in sub.groupby(sub["donor"].astype(str), sort=False):
             g = g.sort_values("order")
-            ax.plot(g["order"], g["z"].clip(-_CLIP, _CLIP), marker="o", ms=4, color=pal[d],
-                    lw=1.2, label=d)  # fmt: skip
+            ax.plot(
+                g["order"],
+                g["z"].clip(-_CLIP, _CLIP),
+                marker="o",
+                ms=4,
+                color=pal[d],
+                lw=1.2,
+                label=d,
+            )
         ax.set_title(str((labels or {}).get(r, r)), fontsize=8.5)
         ax.tick_params(labelsize=7.5)
         ax.set_xticks(list(tp.index))
@@ -338,10 +418,20 @@ def trajectory_plot(
     for ax in axes[:, 0]:
         ax.set_ylabel("z vs controls", fontsize=8)
     handles = [plt.Line2D([], [], color=pal[d], marker="o", label=d) for d in donors]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(donors), 6), fontsize=8,
-               frameon=False, title="donor", title_fontsize=8,
-               bbox_to_anchor=(0.5, 1.0))  # fmt: skip
-    fig.suptitle("Trajectories of repeatedly sampled donors (grey band: control range)", fontsize=10,
-                 y=1.0 + 0.35 / fig.get_figheight())  # fmt: skip
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=min(len(donors), 6),
+        fontsize=8,
+        frameon=False,
+        title="donor",
+        title_fontsize=8,
+        bbox_to_anchor=(0.5, 1.0),
+    )
+    fig.suptitle(
+        "Trajectories of repeatedly sampled donors (grey band: control range)",
+        fontsize=10,
+        y=1.0 + 0.35 / fig.get_figheight(),
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     return fig

@@ -196,9 +196,15 @@ def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
     if "low_rna_immune" in obs and obs["low_rna_immune"].any():
         sel = obs["low_rna_immune"].to_numpy(dtype=bool)
         ax.scatter(
-            x[sel], y[sel], marker="o", s=22, facecolors="none", edgecolors="#e377c2", lw=0.9,
+            x[sel],
+            y[sel],
+            marker="o",
+            s=22,
+            facecolors="none",
+            edgecolors="#e377c2",
+            lw=0.9,
             label="kept: low-RNA immune",
-        )  # fmt: skip
+        )
     ax.set_xlabel("log10 UMI counts per cell")
     ax.set_ylabel("log10 genes per cell")
     n_removed = int(primary.notna().sum())
@@ -289,8 +295,15 @@ def removed_by_lineage(summary: pd.DataFrame, path: str | Path) -> Path:
         for j in range(len(names)):
             if n[i, j] > 0:
                 dark = frac[i, j] > 0.6 * max(20, np.nanmax(frac))
-                ax.text(j, i, f"{frac[i, j]:.0f}%\nn={int(n[i, j])}", ha="center", va="center",
-                        fontsize=7, color="white" if dark else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{frac[i, j]:.0f}%\nn={int(n[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(samples)), samples)
     rule = summary["upper_tail_rule"].iloc[0] if "upper_tail_rule" in summary else "?"
@@ -319,8 +332,13 @@ def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
     colours = {"raw": "#1f77b4", "filtered_pooled": "#bdbdbd"}
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(samples) + 3), 3.8))
     x = np.arange(len(samples))
-    ax.bar(x, np.nan_to_num(rho), color=[colours.get(s, "#ffffff") for s in source],
-           edgecolor="black", linewidth=0.5)  # fmt: skip
+    ax.bar(
+        x,
+        np.nan_to_num(rho),
+        color=[colours.get(s, "#ffffff") for s in source],
+        edgecolor="black",
+        linewidth=0.5,
+    )
     for i, (r, cor, src) in enumerate(zip(rho, corrected.astype(bool), source)):
         # the colour says how the soup was made (raw: corrected; pooled: reported only);
         # a sample that departs from that says so
@@ -332,10 +350,18 @@ def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylabel("contamination (% of UMIs from soup)")
     ax.set_title("Ambient RNA per sample")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, ["soup from raw droplets (SoupX; corrected)",
-                        "no raw droplets: soup from the pooled cells\n(rough, biased high on "
-                        "simulated blood;\nreported, not corrected)"],
-              frameon=False, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)  # fmt: skip
+    ax.legend(
+        handles,
+        [
+            "soup from raw droplets (SoupX; corrected)",
+            "no raw droplets: soup from the pooled cells\n(rough, biased high on "
+            "simulated blood;\nreported, not corrected)",
+        ],
+        frameon=False,
+        bbox_to_anchor=(1.02, 1),
+        loc="upper left",
+        fontsize=8,
+    )
     top = np.nanmax(rho) if np.isfinite(rho).any() else 1.0
     ax.set_ylim(0, 1.3 * top + 0.5)
     fig.tight_layout()

@@ -63,9 +63,12 @@ def forest(
     ]
     heights = [max(1, (effects["metric"] == m).sum()) for m in metrics]
     fig, axes = plt.subplots(
-        len(metrics), 1, figsize=(7, 1.0 + 0.38 * sum(heights) + 0.6 * len(metrics)),
-        gridspec_kw={"height_ratios": heights}, squeeze=False,
-    )  # fmt: skip
+        len(metrics),
+        1,
+        figsize=(7, 1.0 + 0.38 * sum(heights) + 0.6 * len(metrics)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     col = condition_palette(case, control)[case]
     for ax, m in zip(axes[:, 0], metrics):
         sub = effects[effects["metric"] == m].iloc[::-1]
@@ -156,8 +159,9 @@ def sample_values(
     return fig
 
 
-def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols: int = 3,
-                     basis: str = "X_umap"):  # fmt: skip
+def score_umaps(
+    adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols: int = 3, basis: str = "X_umap"
+):
     """UMAP small multiples coloured by state scores (grey: outside the parent population).
 
     Needs ``obsm[basis]``. Returns the Figure.
@@ -179,8 +183,7 @@ def score_umaps(adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols
     xy = np.asarray(adata.obsm[basis])[:, :2]
     ncols = min(ncols, len(panels))
     nrows = int(np.ceil(len(panels) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows + 0.4),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.1 * nrows + 0.4), squeeze=False)
     order = np.random.default_rng(0).permutation(adata.n_obs)
     size = max(0.5, min(8.0, 12000 / max(adata.n_obs, 1)))
     for ax, (lab, values) in zip(axes.flat, panels.items()):

@@ -100,7 +100,9 @@ def categorical_palette(
 
 def lineage_palette(lineages: Iterable[str] | None = None) -> dict[str, str]:
     """Colours for lineages (all known lineages when ``lineages`` is None)."""
-    return categorical_palette(lineages if lineages is not None else LINEAGE_COLOURS, LINEAGE_COLOURS)
+    return categorical_palette(
+        lineages if lineages is not None else LINEAGE_COLOURS, LINEAGE_COLOURS
+    )
 
 
 def cell_type_palette(cell_types: Iterable[str] | None = None) -> dict[str, str]:
