@@ -138,3 +138,220 @@ def test_cohort_rule_scripts_never_read_a_whole_h5ad():
                 if name in ("read_h5ad", "write_h5ad"):
                     found.append(f"{path.name}:{node.lineno} {name}()")
     assert not found, found
+
+
+# ---- the library's house (issue #31) -------------------------------------------------
+#: most lines a module of the package may hold (one sitting's read)
+MAX_MODULE_LINES = 800
+
+
+def _package_modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _absolute(path: Path, node: ast.ImportFrom) -> str:
+    """The module an ``from ... import`` names, with relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    base = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _cross_module_privates(path: Path) -> list[str]:
+    """``from sepsis_sc.x import _name`` (and ``x._name`` on an imported sepsis_sc module)
+    where ``x`` is another module than the file's own."""
+    own = _module_name(path)
+    tree = ast.parse(path.read_text())
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _absolute(path, node)
+            if not target.startswith("sepsis_sc"):
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and target != own:
+                    found.append(f"line {node.lineno}: from {target} import {alias.name}")
+                # `from sepsis_sc import store` binds a module
+                aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("sepsis_sc") and alias.asname:
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and aliases[node.value.id] != own
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", _package_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_are_small_enough_to_read(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_MODULE_LINES, (
+        f"{path.relative_to(PACKAGE)} has {n} lines (> {MAX_MODULE_LINES})"
+    )
+
+
+@pytest.mark.parametrize("path", _package_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_name_crosses_modules(path):
+    bad = _cross_module_privates(path)
+    assert not bad, (
+        f"{path.relative_to(PACKAGE)} uses private names of other modules ({'; '.join(bad)}); "
+        "make what another module needs public"
+    )
+
+
+def test_the_private_import_check_finds_them(tmp_path):
+    pkg = tmp_path / "sepsis_sc" / "stage"
+    pkg.mkdir(parents=True)
+    mod = pkg / "m.py"
+    mod.write_text(
+        "from sepsis_sc.other import _hidden, shown\n"
+        "from .sibling import _x\n"
+        "from sepsis_sc import store\n"
+        "store._read_matrix\n"
+        "from . import m as me\n"
+    )
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path / "sepsis_sc"
+    try:
+        found = _cross_module_privates(mod)
+    finally:
+        PACKAGE = saved
+    assert [f.split(": ", 1)[1] for f in found] == [
+        "from sepsis_sc.other import _hidden",
+        "from sepsis_sc.stage.sibling import _x",
+        "store._read_matrix",
+    ]
+
+
+def test_one_way_to_read_counts():
+    """Stages take a store.CountSource (``counts=``): no ``counts_file`` parameter, no
+    ``*_streamed`` twin of a function."""
+    bad = []
+    for path in _package_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args.args + node.args.kwonlyargs + node.args.posonlyargs
+                if any(a.arg == "counts_file" for a in args):
+                    bad.append(
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(counts_file=)"
+                    )
+                if "_streamed" in node.name:
+                    bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not bad, bad
+
+
+def test_one_definition_of_pseudobulk_and_log2cpm():
+    """Counts summed per group and log2-CPM are defined once, in the data contract."""
+    defs = []
+    for path in _package_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in (
+                "pseudobulk",
+                "log2cpm",
+                "log_cpm",
+                "group_sums",
+                "column_sums",
+                "pseudobulk_log2cpm",
+            ):
+                defs.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert sorted(defs) == ["data.py:log2cpm", "data.py:pseudobulk"], defs
+
+
+def test_settings_defaults_are_the_schema_defaults():
+    """Each config section has one settings class whose fields are the section's keys and
+    whose defaults are the schema's (the one place a default is written)."""
+    import dataclasses
+
+    from sepsis_sc.config import SETTINGS, load_schema
+
+    schema = load_schema("config")["properties"]
+    sections = {k for k, v in schema.items() if "properties" in v and k not in ("contrast",)}
+    assert set(SETTINGS) == sections
+    for name, cls in SETTINGS.items():
+        props = schema[name]["properties"]
+        obj = cls()
+        assert [f.name for f in dataclasses.fields(cls)] == list(cls.__annotations__)
+        assert {f.name for f in dataclasses.fields(cls)} == set(props), name
+        for key, sub in props.items():
+            want = sub["default"]
+            got = getattr(obj, key)
+            got = list(got) if isinstance(got, tuple) else got
+            assert got == want, f"{name}.{key}: {got!r} != schema {want!r}"
+
+
+def test_settings_are_built_in_one_place():
+    """No settings dataclass outside sepsis_sc.config: nothing else defines from_config."""
+    bad = []
+    for path in _package_modules():
+        if path.relative_to(PACKAGE).parts[0] == "config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name == "from_config":
+                bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not bad, bad
+
+
+def test_stage_functions_take_settings_not_copies_of_them():
+    """A public function that takes a settings object takes no keyword named like one of
+    its fields (those are overrides, ``**overrides``, read from the one definition)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    from sepsis_sc.config import Settings
+
+    bad = []
+    for path in _package_modules():
+        name = _module_name(path)
+        if name.startswith("sepsis_sc.pl") or name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(name)
+        for fname, fn in vars(mod).items():
+            if fname.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != name:
+                continue
+            try:
+                hints = typing.get_type_hints(fn)
+            except Exception:  # noqa: BLE001 - unresolvable forward references
+                continue
+            for hint in hints.values():
+                classes = [a for a in typing.get_args(hint) if isinstance(a, type)] or [hint]
+                for cls in classes:
+                    if isinstance(cls, type) and issubclass(cls, Settings) and cls is not Settings:
+                        fields = {f.name for f in dataclasses.fields(cls)}
+                        dup = sorted(fields & set(inspect.signature(fn).parameters))
+                        if dup:
+                            bad.append(f"{name}.{fname}: {dup}")
+    assert not bad, bad
+
+
+def test_pl_functions_return_figures():
+    """``sepsis_sc.pl`` draws: each public figure function returns a matplotlib Figure (the
+    caller saves it with ``pl.savefig``), none takes a path to write."""
+    bad = []
+    for path in sorted((PACKAGE / "pl").glob("*.py")):
+        if path.name in ("__init__.py", "style.py"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                ret = ast.unparse(node.returns) if node.returns else ""
+                params = [a.arg for a in node.args.args + node.args.kwonlyargs]
+                if "Figure" not in ret or "path" in params:
+                    bad.append(f"pl/{path.name}:{node.name} -> {ret or '?'} ({', '.join(params)})")
+    assert not bad, bad

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from sepsis_sc import store
+from sepsis_sc.data import pseudobulk
 
 
 @pytest.fixture
@@ -43,19 +44,19 @@ def test_read_only_the_parts_asked_for(base):
         store.read(path, genes=["nope"])
 
 
-def test_iter_rows_and_column_sums(base):
+def test_iter_rows_and_pseudobulk_from_the_file(base):
     a, path = base
     chunks = list(store.iter_rows(path, "counts", chunk_rows=333))
     assert [c[0] for c in chunks] == [0, 333, 666, 999]
     assert (sp.vstack([c[2] for c in chunks]) != a.layers["counts"]).nnz == 0
     groups = np.repeat(np.arange(4), 250)
     groups[:10] = -1  # left out
-    sums = store.column_sums(path, "counts", groups, 4, chunk_rows=333)
+    sums = pseudobulk(store.FileCounts(path, "counts"), groups, 4, chunk_rows=333)
     want = np.vstack([np.asarray(a.X[groups == g].sum(axis=0)) for g in range(4)])
     np.testing.assert_allclose(sums, want, rtol=1e-6)
     # several groupings in one pass
     other = np.where(np.arange(1000) % 3 == 0, 1, -1)
-    both = store.column_sums(path, "counts", [groups, other], [4, 2], chunk_rows=333)
+    both = pseudobulk(store.FileCounts(path, "counts"), [groups, other], [4, 2], chunk_rows=333)
     np.testing.assert_allclose(both[0], want, rtol=1e-6)
     np.testing.assert_allclose(
         both[1][1], np.asarray(a.X[other == 1].sum(axis=0)).ravel(), rtol=1e-6
@@ -113,23 +114,23 @@ def test_matrix_writer_streams_rows(base, tmp_path):
             w.append("X", a.X[:300])
 
 
-def test_group_sums_exact_and_without_copying_the_rows():
-    """data.group_sums: per-group row sums equal the dense computation (rows coded -1 left
-    out), and never copy more than a block of the selected rows."""
+def test_pseudobulk_in_memory_exact_and_without_copying_the_rows():
+    """data.pseudobulk over an in-memory CountSource: per-group row sums equal the dense
+    computation (rows coded -1 left out), and never copy more than a chunk of the rows."""
     import tracemalloc
-
-    from sepsis_sc.data import group_sums
 
     rng = np.random.default_rng(1)
     x = sp.random(20_000, 300, density=0.2, format="csr", dtype=np.float32, random_state=1)
     x.data = np.ceil(x.data * 50)
     codes = rng.integers(-1, 4, size=x.shape[0])
-    got = group_sums(x, codes, 4, chunk_rows=1_000)
+    got = pseudobulk(store.CountSource(x), codes, 4, chunk_rows=1_000)
     dense = x.toarray().astype(np.float64)
     want = np.vstack([dense[codes == g].sum(axis=0) for g in range(4)])
     np.testing.assert_array_equal(got, want)
     tracemalloc.start()
-    group_sums(x, np.zeros(x.shape[0], dtype=int), 1, chunk_rows=1_000)  # every row selected
+    pseudobulk(
+        store.CountSource(x), np.zeros(x.shape[0], dtype=int), 1, chunk_rows=1_000
+    )  # every row selected
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     one_copy = x.data.nbytes + x.indices.nbytes

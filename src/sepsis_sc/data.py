@@ -13,20 +13,25 @@ Every stage reads its input through these functions, so one rule decides each qu
   genes, the case of the symbols), and the mismatch errors (mouse genes under
   ``organism: human`` ...).
 * :func:`log_normalise`: ``log1p(CP10k)``, size factors from all genes.
+* :func:`pseudobulk`: counts summed per group of cells (from a
+  :class:`sepsis_sc.store.CountSource`), and :func:`log2cpm` of such sums.
 * :func:`require_layer`: a layer that must be present, with the fix in the error.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from sepsis_sc.store import CountSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,10 @@ __all__ = [
     "detect_organism",
     "get_counts",
     "log_normalise",
+    "log2cpm",
     "looks_like_counts",
     "organism_evidence",
+    "pseudobulk",
     "require_layer",
     "resolve_organism",
 ]
@@ -245,28 +252,61 @@ def get_counts(
     return adata.X, "X"
 
 
-def group_sums(x: Any, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 5_000) -> np.ndarray:
-    """Sums of the rows of ``x`` per group: ``(n_groups, n_vars)`` float64, exact for counts.
+def pseudobulk(
+    counts: CountSource,
+    groups: np.ndarray | Sequence[np.ndarray],
+    n_groups: int | Sequence[int],
+    *,
+    chunk_rows: int = 10_000,
+) -> np.ndarray | list[np.ndarray]:
+    """Counts summed per group of cells: ``(n_groups, n_genes)`` float64, exact for counts.
 
-    ``codes`` gives each row's group (0..n_groups-1; -1 leaves the row out). The selected
-    rows are summed in blocks of ``chunk_rows``, each copied (to float64) only while it is
-    summed, so neither all selected rows nor a float64 copy of ``x`` is ever made (at a
-    million cells either would be gigabytes).
+    The one pseudobulk of the pipeline (per sample, per sample x label, per state's parent
+    cells): ``groups`` gives each cell's group code (0..n_groups-1; -1 leaves the cell out).
+    Several groupings (a list of code vectors and a list of sizes) are summed in the same
+    pass and returned as a list. The matrix is read in row chunks of ``chunk_rows`` from
+    ``counts`` (:class:`sepsis_sc.store.CountSource`, in memory or streamed from the file),
+    only the rows some grouping selects, each chunk copied to float64 only while it is
+    summed, so neither the selected rows nor a float64 copy of the matrix is ever made.
     """
-    codes = np.asarray(codes)
-    n_vars = x.shape[1]
-    sums = np.zeros((n_groups, n_vars))
-    sel = np.flatnonzero(codes >= 0)
-    for start in range(0, sel.size, chunk_rows):
-        rows = sel[start : start + chunk_rows]
-        block = x[rows]  # only the selected rows of this block
-        block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, np.float64)
-        ind = sp.csr_matrix(
-            (np.ones(rows.size), (codes[rows], np.arange(rows.size))), shape=(n_groups, rows.size)
+    many = not isinstance(groups, np.ndarray)
+    codes = [np.asarray(g) for g in groups] if many else [np.asarray(groups)]
+    sizes = [int(n) for n in n_groups] if many else [int(n_groups)]
+    for c in codes:
+        if c.shape != (counts.shape[0],):
+            raise ValueError(
+                f"group codes for {c.shape[0]} cells; the counts hold {counts.shape[0]}"
+            )
+    totals = [np.zeros((n, counts.shape[1])) for n in sizes]
+    wanted = (
+        np.logical_or.reduce([c >= 0 for c in codes]) if codes else np.zeros(counts.shape[0], bool)
+    )
+    if not wanted.any():
+        return totals if many else totals[0]
+    for start, stop, chunk in counts.chunks(chunk_rows, rows=wanted):
+        if not chunk.shape[0]:
+            continue
+        block = chunk.astype(np.float64)  # exact integer sums
+        for c, n, total in zip(codes, sizes, totals, strict=True):
+            g = c[start:stop][wanted[start:stop]]
+            sel = np.flatnonzero(g >= 0)
+            if sel.size:
+                ind = sp.csr_matrix((np.ones(sel.size), (g[sel], sel)), shape=(n, block.shape[0]))
+                total += (ind @ block).toarray()
+    return totals if many else totals[0]
+
+
+def log2cpm(sums: Any, prior_count: float = 1.0) -> Any:
+    """``log2(CPM + prior_count)`` of units x genes summed counts (library size = the row's
+    total over all genes, at least 1): the pipeline's one log-CPM (sample tables, patient
+    readouts, DE heatmaps). A DataFrame stays a DataFrame; sparse input becomes dense."""
+    if isinstance(sums, pd.DataFrame):
+        return pd.DataFrame(
+            log2cpm(sums.to_numpy(dtype=float), prior_count), index=sums.index, columns=sums.columns
         )
-        part = ind @ block
-        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
-    return sums
+    x = sums.toarray() if sp.issparse(sums) else np.asarray(sums, dtype=float)
+    lib = np.maximum(x.sum(axis=1), 1.0)
+    return np.log2(x * (1e6 / lib[:, None]) + prior_count)
 
 
 def looks_like_counts(x: Any, *, max_values: int = 100_000, min_max: float = 30.0) -> bool:

@@ -43,7 +43,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sstats
 
-from sepsis_sc.data import get_counts, group_sums
+from sepsis_sc import store
+from sepsis_sc.data import get_counts, pseudobulk
 from sepsis_sc.design import ConfigSettings, sample_meta
 from sepsis_sc.resources import load_yaml, resource_path
 
@@ -382,12 +383,12 @@ def pseudobulk_log2cpm(
     codes = pd.Categorical(samples, categories=keep).codes
     codes = np.where(cells & (codes >= 0), codes, -1)
     if counts_file is not None:
-        from sepsis_sc import store
-
-        pb = store.column_sums(counts_file, layer or "X", codes, len(keep))
+        pb = pseudobulk(store.FileCounts(counts_file, layer or "X"), codes, len(keep))
     else:
         counts = adata.X if layer is None else get_counts(adata, layer, check=False)[0]
-        pb = group_sums(counts, codes, len(keep))  # no copy of the population's rows
+        pb = pseudobulk(
+            store.CountSource(counts), codes, len(keep)
+        )  # no copy of the population's rows
     lib = np.maximum(pb.sum(axis=1), 1.0)
     idx = adata.var_names.get_indexer(present)
     sel_counts = pb[:, idx]

@@ -1703,7 +1703,7 @@ def oracle_tests(
         One row per entry of :data:`PLANTED_EFFECTS`: ``oracle_effect`` (case minus control
         mean of the sample values), ``oracle_pvalue`` and ``oracle_fdr``.
     """
-    from sepsis_sc.stats import _welch, bh_fdr, composition_test
+    from sepsis_sc.stats import bh_fdr, composition_test, welch_test
 
     cells = truth[~truth["is_doublet"].astype(bool) & ~truth["is_low_quality"].astype(bool)]
     cells = cells.reset_index(drop=True)
@@ -1737,7 +1737,9 @@ def oracle_tests(
         value = np.log((k + 0.5) / (n - k + 0.5)).where(n >= max(int(min_cells), 1))
         a = value[cond == case].dropna().to_numpy(float)
         b = value[cond == control].dropna().to_numpy(float)
-        pval = _welch(a, b)[3] if len(a) >= 2 and len(b) >= 2 else np.nan  # unmoderated reference
+        pval = (
+            welch_test(a, b)[3] if len(a) >= 2 and len(b) >= 2 else np.nan
+        )  # unmoderated reference
         effect = float(a.mean() - b.mean()) if len(a) and len(b) else np.nan
         rows.append({"oracle_effect": effect, "oracle_pvalue": pval})
     out = pd.DataFrame(rows)
@@ -1752,10 +1754,10 @@ def _primary_row(
     :func:`sepsis_sc.stats.therapy_targets` chooses it (``targets``: the therapy-target
     entries)."""
     from sepsis_sc.score import base_state
-    from sepsis_sc.stats import _primary_rows
+    from sepsis_sc.stats import primary_rows
 
     entry = targets.get(state) or targets.get(base_state(state)) or {}
-    hit = _primary_rows(effects[effects["state"] == state], entry)
+    hit = primary_rows(effects[effects["state"] == state], entry)
     metric = str(hit["metric"].iloc[0]) if len(hit) else "primary metric"
     return hit.head(1), metric
 
@@ -1802,9 +1804,9 @@ def check_planted_effects(
         ``fdr``, observed ``observed_direction`` and ``detected`` (FDR <= alpha in the planted
         direction). A row missing from the results (e.g. too few cells) is not detected.
     """
-    from sepsis_sc.stats import _load_targets
+    from sepsis_sc.stats import load_targets
 
-    targets = _load_targets(None)  # read once: each state's primary metric
+    targets = load_targets(None)  # read once: each state's primary metric
     rows = []
     for spec in PLANTED_EFFECTS:
         if spec["table"] == "composition":

@@ -32,7 +32,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from sepsis_sc.data import NoRawCountsError, get_counts, group_sums
+from sepsis_sc import store
+from sepsis_sc.data import NoRawCountsError, get_counts, pseudobulk
 from sepsis_sc.design import (
     COEF,
     Contrast,
@@ -52,7 +53,11 @@ __all__ = [
     "composition_test",
     "therapy_targets",
     "primary_metrics",
+    "primary_rows",
+    "load_targets",
+    "welch_test",
     "bh_fdr",
+    "EFFECT_TYPE",
 ]
 
 _METRIC_TEXT = {
@@ -67,7 +72,8 @@ _UNIT = {
     "pseudobulk_score": "score difference (UCell)",
     "pseudobulk_expression": "log2 CPM difference",
 }
-_EFFECT_TYPE = {
+#: what each metric's effect size is, in words (tables and figure axes)
+EFFECT_TYPE = {
     "fraction": "log2 ratio of geometric-mean fractions (case/control)",
     "mean_score": "difference in mean score (case - control)",
     "pseudobulk_score": "difference in mean pseudobulk score (case - control)",
@@ -385,9 +391,8 @@ def _streamed_sums(
             wanted.setdefault(codes.tobytes(), (codes, len(keep)))
     store.FileCounts.matching(counts_file, layer or "X", adata)
     keys = list(wanted)
-    sums = store.column_sums(
-        counts_file,
-        layer or "X",
+    sums = pseudobulk(
+        store.FileCounts(counts_file, layer or "X"),
         [wanted[k][0] for k in keys],
         [wanted[k][1] for k in keys],
         chunk_rows=10_000,
@@ -418,7 +423,9 @@ def _pseudobulk_scores(
     if isinstance(counts, Mapping):  # summed beforehand in one pass over the file
         pb = counts[codes.tobytes()]
     else:
-        pb = group_sums(counts, codes, len(keep))  # no copy of the parent cells' rows
+        pb = pseudobulk(
+            store.CountSource(counts), codes, len(keep)
+        )  # no copy of the parent cells' rows
     pb_ad = ad.AnnData(sp.csr_matrix(pb))
     pb_ad.var_names = var_names
     res = ucell_scores(
@@ -453,8 +460,9 @@ def _test_scale(df: pd.DataFrame, metric: str) -> np.ndarray:
     return df["value"].to_numpy(float)
 
 
-def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
-    """Welch t-test: (difference, CI low, CI high, p). Kept for the simulator's oracle."""
+def welch_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    """Welch t-test of two groups of values: (difference a - b, 95 % CI low, CI high, p).
+    The unmoderated reference test (the simulator's oracle)."""
     diff = a.mean() - b.mean()
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = np.sqrt(va + vb)
@@ -514,7 +522,7 @@ def _meaning(
     )
 
 
-def _load_targets(targets: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any]:
+def load_targets(targets: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any]:
     """The therapy-target entries: as given, from a YAML path, or the packaged resource."""
     if targets is None or isinstance(targets, str | Path):
         return load_yaml(Path(targets) if targets else resource_path("therapy_targets.yaml"))
@@ -534,7 +542,7 @@ def primary_metrics(
     primary metric is fixed before looking at the data: FDR is taken over the primary tests,
     and no other metric replaces it when it is missing (no metric shopping).
     """
-    targets = _load_targets(targets)
+    targets = load_targets(targets)
     discrete = discrete or {}
     out = {}
     for s in states:
@@ -786,7 +794,7 @@ def _effect_row(
         "metric": metric,
         "role": "primary" if primary.get(state) == metric else "secondary",
         "population": str(row.get("population", "")),
-        "effect_type": _EFFECT_TYPE.get(metric, "difference in means"),
+        "effect_type": EFFECT_TYPE.get(metric, "difference in means"),
         "unit": _UNIT.get(metric, ""),
         "mean_case": float(raw.loc[ok & is_case, state].mean()),
         "mean_control": float(raw.loc[ok & ~is_case, state].mean()),
@@ -1091,7 +1099,7 @@ def _composition_meaning(r: Any, case: str, control: str) -> str:
 # --------------------------------------------------------------------------------------
 # therapy targets
 # --------------------------------------------------------------------------------------
-def _primary_rows(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.DataFrame:
+def primary_rows(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.DataFrame:
     """One state's pre-specified primary row(s) of ``effects``: ``role == "primary"``, or
     (tables without roles) the metric its therapy-target entry ``t`` names. The one
     definition of a state's readout, shared by :func:`therapy_targets` and the demo check."""
@@ -1102,7 +1110,7 @@ def _primary_rows(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.DataFrame:
 
 def _primary_effect(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.Series:
     """The state's primary row of ``effects``, or an untested stand-in when it is missing."""
-    pref = _primary_rows(sub, t)
+    pref = primary_rows(sub, t)
     if not pref.empty:
         return pref.iloc[0]
     metric = str(t.get("primary_metric") or t.get("metric", ""))
@@ -1195,7 +1203,7 @@ def therapy_targets(
         ``rationale``, ``caveat`` (what a blood readout cannot say), ``references``,
         ``meaning``. Hypotheses for follow-up, not treatment advice.
     """
-    targets = _load_targets(targets)
+    targets = load_targets(targets)
     rows = []
     bases = effects["state"].map(base_state)
     for base, t in targets.items():

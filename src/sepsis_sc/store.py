@@ -45,9 +45,9 @@ __all__ = [
     "layer_names",
     "write",
     "MatrixWriter",
-    "column_sums",
     "CountSource",
     "FileCounts",
+    "count_source",
     "h5ad_cells",
     "stage_mem_mb",
     "STAGE_MEMORY",
@@ -399,50 +399,37 @@ class MatrixWriter:
             self._f.close()
 
 
-def column_sums(
-    path: str | os.PathLike[str],
-    key: str,
-    groups: np.ndarray | Sequence[np.ndarray],
-    n_groups: int | Sequence[int],
-    *,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> np.ndarray | list[np.ndarray]:
-    """Sum a sparse matrix's rows per group in one streamed pass: (n_groups, n_vars) float64.
-
-    ``groups`` gives each cell's group code (0..n_groups-1; -1 leaves the cell out). Several
-    groupings (a list of code vectors and a list of sizes) are summed in the same pass and
-    returned as a list, e.g. the parent cells of every state.
-    """
-    many = not isinstance(groups, np.ndarray)
-    codes = [np.asarray(g) for g in groups] if many else [np.asarray(groups)]
-    sizes = list(n_groups) if many else [int(n_groups)]
-    with h5py.File(path, "r") as f:
-        n_vars = read_elem(f["var"]).shape[0]
-    totals = [np.zeros((n, n_vars)) for n in sizes]
-    for start, stop, chunk in iter_rows(path, key, chunk_rows=chunk_rows):
-        block = None
-        for g, n, total in zip(codes, sizes, totals, strict=True):
-            c = g[start:stop]
-            rows = np.flatnonzero(c >= 0)
-            if not rows.size:
-                continue
-            block = chunk.astype(np.float64) if block is None else block  # exact integer sums
-            ind = sp.csr_matrix((np.ones(rows.size), (c[rows], rows)), shape=(n, stop - start))
-            total += (ind @ block).toarray()
-    return totals if many else totals[0]
-
-
 class CountSource:
-    """Raw counts that an algorithm reads by rows or by columns: in memory, or streamed from
-    an ``.h5ad`` (:class:`FileCounts`) so the whole matrix is never held.
+    """A cells x genes matrix that an algorithm reads by rows, by columns or in row chunks,
+    held in memory or streamed from an ``.h5ad`` (:class:`FileCounts`), with one interface.
 
-    ``totals`` are the cells' row sums over all genes, as scipy computes them (float32 for
-    float32 counts), so size factors from a source equal those from the matrix.
+    Every stage that reads counts after QC takes one (``counts=``; :func:`count_source`
+    builds it from an AnnData's layer when none is given), so a stage has one code path for
+    a notebook's in-memory object and the workflow's file. ``totals`` are the cells' row sums
+    over all genes, as scipy computes them (float32 for float32 counts), so size factors
+    from a source equal those from the matrix.
+
+    Attributes
+    ----------
+    shape
+        (cells, genes).
+    where
+        The matrix named for messages (``layers["counts"]``, ``path:layers/counts``).
+    var_names
+        The genes (columns), when known.
     """
 
-    def __init__(self, matrix: sp.csr_matrix) -> None:
+    def __init__(
+        self,
+        matrix: Any,
+        *,
+        where: str = "matrix",
+        var_names: Sequence[str] | pd.Index | None = None,
+    ) -> None:
         self._m = sp.csr_matrix(matrix)
         self.shape = self._m.shape
+        self.where = where
+        self.var_names = None if var_names is None else pd.Index(var_names).astype(str)
         self._totals: np.ndarray | None = None
 
     @property
@@ -463,6 +450,35 @@ class CountSource:
         """The whole matrix (a copy the caller may modify)."""
         return self._m.copy()
 
+    def chunks(
+        self,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        *,
+        rows: np.ndarray | None = None,
+        genes: Sequence[str] | np.ndarray | None = None,
+    ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """Row chunks ``(start, stop, chunk)`` of the matrix, as :func:`iter_rows` yields
+        them from a file: ``rows`` (a boolean mask over cells) keeps those rows of each
+        chunk, ``genes`` (names or a boolean mask over the genes) those columns."""
+        cols = None if genes is None else _gene_index(self._gene_names(genes), genes)
+        n = self.shape[0]
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            if rows is None:
+                chunk = self._m[start:stop]
+            else:  # the selected rows only: one copy
+                chunk = self._m[start + np.flatnonzero(np.asarray(rows[start:stop], dtype=bool))]
+            if cols is not None:
+                chunk = chunk[:, cols]
+            yield start, stop, sp.csr_matrix(chunk)
+
+    def _gene_names(self, genes: Sequence[str] | np.ndarray) -> pd.Index:
+        if self.var_names is None:
+            if np.asarray(genes).dtype != bool:
+                raise ValueError(f"{self.where}: genes by name need the source's var_names")
+            return pd.RangeIndex(self.shape[1]).astype(str)
+        return self.var_names
+
 
 class FileCounts(CountSource):
     """:class:`CountSource` over ``path:key`` (``"layers/counts"``), read in row chunks:
@@ -478,24 +494,33 @@ class FileCounts(CountSource):
         self.path, self.key, self.chunk_rows = Path(path), _layer_key(key), chunk_rows
         with h5py.File(self.path, "r") as f:
             if self.key not in f:
-                raise KeyError(f"{self.path} has no {self.key!r}")
+                raise KeyError(
+                    f"{self.path} has no {self.key!r} (it holds {', '.join(matrix_keys(self.path)) or 'no matrix'})"
+                )
             self.shape = tuple(sparse_dataset(f[self.key]).shape)
+            self.var_names = pd.Index(read_elem(f["var"]).index.astype(str))
+        self.where = f"{self.path}:{self.key}"
         self._totals = None
 
     @classmethod
     def matching(cls, path: str | os.PathLike[str], key: str, adata: ad.AnnData) -> FileCounts:
         """The counts of ``path:key`` for ``adata``: ``ValueError`` unless the file holds
         its cells and genes (read ``adata`` from that file with :func:`read`)."""
-        src = cls(path, key)
-        if src.shape != adata.shape:
-            raise ValueError(
-                f"counts_file {path} holds {src.shape[0]} cells x {src.shape[1]} genes, adata "
-                f"{adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
-            )
-        return src
+        return _matched(cls(path, key), adata)
 
-    def _chunks(self):
+    def _chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         return iter_rows(self.path, self.key, chunk_rows=self.chunk_rows)
+
+    def chunks(
+        self,
+        chunk_rows: int | None = None,
+        *,
+        rows: np.ndarray | None = None,
+        genes: Sequence[str] | np.ndarray | None = None,
+    ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        return iter_rows(
+            self.path, self.key, chunk_rows=chunk_rows or self.chunk_rows, rows=rows, genes=genes
+        )
 
     @property
     def totals(self) -> np.ndarray:
@@ -529,6 +554,51 @@ class FileCounts(CountSource):
     def full(self) -> sp.csr_matrix:
         parts = [c for _, _, c in self._chunks()]
         return _int32_offsets(sp.vstack(parts, format="csr"))
+
+
+def _matched(src: CountSource, adata: ad.AnnData) -> CountSource:
+    """``src`` when it holds ``adata``'s cells and genes, else ``ValueError`` naming both."""
+    if tuple(src.shape) != tuple(adata.shape):
+        raise ValueError(
+            f"the counts {src.where} hold {src.shape[0]} cells x {src.shape[1]} genes, adata "
+            f"{adata.n_obs} x {adata.n_vars}: pass the AnnData read from that file"
+        )
+    if src.var_names is not None and not src.var_names.equals(
+        pd.Index(adata.var_names).astype(str)
+    ):
+        raise ValueError(
+            f"the counts {src.where} hold other genes than adata (same number, other names or "
+            "order): pass the AnnData read from that file"
+        )
+    return src
+
+
+def count_source(
+    adata: ad.AnnData,
+    counts: CountSource | None = None,
+    layer: str | None = "counts",
+    *,
+    check: bool = True,
+) -> CountSource:
+    """The counts a stage reads for ``adata``: ``counts`` when given (checked to hold
+    ``adata``'s cells and genes; its first chunk checked to be raw counts when ``check``),
+    else ``adata.layers[layer]`` or an integer-valued ``X``
+    (:func:`sepsis_sc.data.get_counts`), in memory.
+
+    ``layer=None`` reads ``X`` as it is (log-normalised values for marker tests).
+    """
+    from sepsis_sc.data import check_counts, get_counts
+
+    if counts is not None:
+        src = _matched(counts, adata)
+        if check and src.shape[0]:
+            _, _, first = next(iter(src.chunks(20_000)))
+            check_counts(first, source=src.where)
+        return src
+    if layer is None:
+        return CountSource(adata.X, where="X", var_names=adata.var_names)
+    x, slot = get_counts(adata, layer, check=check, max_values=100_000)
+    return CountSource(x, where=slot, var_names=adata.var_names)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,29 +6,12 @@ import time
 from pathlib import Path
 
 from sepsis_sc.download import download_plan
-from sepsis_sc.design import check_designs, parse_contrasts
-from sepsis_sc.config import (
-    EMBEDDING_KEYS,
-    check_sample_inputs,
-    load_samples,
-    validate_config,
-    validate_samples,
-)
+from sepsis_sc.config import EMBEDDING_KEYS, load_samples, validate_config, validate_run
 
 # Validate the config (defaults fill in) and fail before any job with the key at fault.
 _validated = validate_config(config)
 config.clear()
 config.update(_validated)
-
-samples = validate_samples(
-    load_samples(config["samples"]),
-    config,
-    sheet_name=f"sample sheet {config['samples']}",
-)
-SAMPLES = list(samples.index)
-RESULTS = f"results/{config['run_name']}"
-LOGS = f"{RESULTS}/logs"
-BENCH = f"{RESULTS}/benchmarks"
 
 
 def demo_sample_paths():
@@ -40,11 +23,22 @@ def demo_sample_paths():
     if not config["demo"]["simulate"]:
         return []
     demo_dir = Path(config["demo"]["dir"]).resolve()
-    return [
-        samples.loc[s, "path"]
-        for s in SAMPLES
-        if demo_dir in Path(samples.loc[s, "path"]).resolve().parents
-    ]
+    return [p for p in _SHEET["path"] if demo_dir in Path(p).resolve().parents]
+
+
+# The sheet against the config: columns and values the config names, input files,
+# each contrast's design (sepsis_sc.config.validate_run; errors name the key at fault).
+_SHEET = load_samples(config["samples"])
+PLAN = validate_run(config, _SHEET, produced=demo_sample_paths())
+samples = PLAN.samples
+SAMPLES = list(samples.index)
+RESULTS = f"results/{config['run_name']}"
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
+CONTRASTS = PLAN.contrasts
+DESIGNS = PLAN.designs
+TESTED_CONTRASTS = PLAN.tested
+NOT_TESTED = PLAN.not_tested
 
 
 def demo_sheet():
@@ -52,11 +46,6 @@ def demo_sheet():
     return samples[samples["path"].isin(demo_sample_paths())]
 
 
-check_sample_inputs(
-    samples,
-    produced=demo_sample_paths(),
-    sheet_name=f"sample sheet {config['samples']}",
-)
 # the report's first line: what the data are (config key 'title'; the demo says it is simulated)
 if config.get("title") is None:
     _simulated = len(demo_sample_paths())
@@ -84,84 +73,9 @@ if config["preflight"]["enabled"] and MAIN_PROCESS:
         sheet_name=f"sample sheet {config['samples']}",
     ):
         print(f"sepsis-sc: warning: {_warning}", file=sys.stderr)
-
-
-def _check_sheet_column(key, column):
-    """A config key that names a sample-sheet column must name one (before any job)."""
-    if column not in samples.columns:
-        raise ValueError(
-            f"config key '{key}' is {column!r}, but the sample sheet {config['samples']} has no "
-            f"such column (columns: {', '.join(samples.columns)})."
-        )
-
-
-_check_sheet_column("integration.batch_key", config["integration"]["batch_key"])
-for _col in config["integration"]["categorical_covariates"]:
-    _check_sheet_column("integration.categorical_covariates", _col)
-# continuous covariates may also be per-cell QC metrics that qc_sample adds to obs
-_QC_METRICS = {
-    "total_counts",
-    "n_genes_by_counts",
-    "pct_counts_mt",
-    "pct_counts_ribo",
-    "pct_counts_hb",
-    "log1p_total_counts",
-    "log1p_n_genes_by_counts",
-    "doublet_score",
-}
-for _col in config["integration"]["continuous_covariates"]:
-    if _col not in _QC_METRICS:
-        _check_sheet_column("integration.continuous_covariates", _col)
-
-
-def _check_sheet_value(column_key, column, value_key, value):
-    """Config keys that name a sheet column and one of its values must name both."""
-    _check_sheet_column(column_key, column)
-    present = sorted(set(samples[column].astype(str)))
-    if str(value) not in present:
-        raise ValueError(
-            f"config key '{value_key}' is {value!r}, but no sample in the sample sheet "
-            f"{config['samples']} has {column} == {value!r} (values: {', '.join(present)})."
-        )
-
-
-if config["scoring"]["reference"]:
-    _check_sheet_value(
-        "scoring.reference.column",
-        config["scoring"]["reference"]["column"],
-        "scoring.reference.value",
-        config["scoring"]["reference"]["value"],
-    )
-if config["patients"]["enabled"] and config["patients"]["reference_value"] is not None:
-    _check_sheet_value(
-        "patients.reference_column",
-        config["patients"]["reference_column"],
-        "patients.reference_value",
-        config["patients"]["reference_value"],
-    )
-
-N_BATCHES = samples[config["integration"]["batch_key"]].nunique()
-if N_BATCHES == 1 and MAIN_PROCESS:
-    print(
-        f"sepsis-sc: one level of {config['integration']['batch_key']!r} in the sheet: "
-        "integration runs without a batch covariate and skips the batch-mixing metrics",
-        file=sys.stderr,
-    )
-
-# ---- contrasts: resolved on the sheet before any job (design errors name the column) ----
-CONTRASTS = parse_contrasts(config)
-DESIGNS = check_designs(
-    samples,
-    CONTRASTS,
-    config["stats"]["design"],
-    paired=config["stats"]["paired"],
-    sheet_name=f"sample sheet {config['samples']}",
-)
-TESTED_CONTRASTS = [c.name for c in CONTRASTS if not isinstance(DESIGNS[c.name], str)]
-NOT_TESTED = {n: r for n, r in DESIGNS.items() if isinstance(r, str)}
 if MAIN_PROCESS:
-    for _name, _reason in NOT_TESTED.items():
-        print(f"sepsis-sc: contrast {_name!r} {_reason}", file=sys.stderr)
+    for _note in PLAN.notes:
+        print(f"sepsis-sc: {_note}", file=sys.stderr)
 
 
 def contrast_record(name):
@@ -233,12 +147,6 @@ def call_reference():
     """{column, value} of the samples whose cells set control_quantile thresholds, or None."""
     ref = config["scoring"]["reference"]
     if ref:
-        _check_sheet_column("scoring.reference.column", ref["column"])
-        if ref["value"] not in set(samples[ref["column"]]):
-            raise ValueError(
-                f"config key 'scoring.reference.value' is {ref['value']!r}, but no sample has "
-                f"{ref['column']} == {ref['value']!r}."
-            )
         return dict(ref)
     first = first_contrast()
     if first:
@@ -470,7 +378,6 @@ def patient_reference():
     """{column, value} of the reference (control) samples, or None (then reference_file)."""
     p = config["patients"]
     if p["reference_value"] is not None:
-        _check_sheet_column("patients.reference_column", p["reference_column"])
         return {"column": p["reference_column"], "value": str(p["reference_value"])}
     return call_reference()
 
@@ -534,115 +441,32 @@ def print_job_errors():
         print(f"  {text}", file=sys.stderr)
 
 
-# ---- tables shown inside the report as HTML pages (path under RESULTS, section, title,
-# caption file); per-contrast ones carry {contrast} ----
-REPORT_TABLES = [
-    ("qc/qc_summary.tsv", "1. Quality control", "QC summary per sample", "qc_summary"),
-    (
-        "integrate/metrics.tsv",
-        "2. Integration",
-        "Integration metrics",
-        "integration_metrics_table",
-    ),
-    (
-        "cluster/resolutions.tsv",
-        "3. Clustering",
-        "Leiden resolutions compared",
-        "resolutions_table",
-    ),
-    ("cluster/markers.tsv", "3. Clustering", "Cluster marker genes", "cluster_markers"),
-    (
-        "annotate/cell_types.tsv",
-        "4. Annotation",
-        "Cell types (cells, share, confidence)",
-        "cell_types_table",
-    ),
-    (
-        "targets/state_rules.tsv",
-        "5. Therapy targets",
-        "State calls and how each was made",
-        "state_rules",
-    ),
-    (
-        "targets/sample_table.tsv",
-        "5. Therapy targets",
-        "Per-sample values",
-        "sample_table",
-    ),
-    (
-        "targets/contrasts.tsv",
-        "5. Therapy targets",
-        "Contrasts (tested or not, and why)",
-        "contrasts",
-    ),
-    (
-        "targets/{contrast}/therapy_targets.tsv",
-        "5. Therapy targets",
-        "Therapy targets (evidence per state)",
-        "therapy_targets_table",
-    ),
-    (
-        "targets/{contrast}/condition_effects.tsv",
-        "5. Therapy targets",
-        "Condition effects (sample level)",
-        "condition_effects",
-    ),
-    (
-        "targets/{contrast}/composition.tsv",
-        "5. Therapy targets",
-        "Composition tests (sample level)",
-        "composition_table",
-    ),
-    (
-        "de/{contrast}/summary.tsv",
-        "6. Differential expression",
-        "Pseudobulk DE summary per cell type",
-        "de_summary",
-    ),
-    (
-        "de/{contrast}/de_results.tsv",
-        "6. Differential expression",
-        "Pseudobulk DE genes",
-        "de_results",
-    ),
-    (
-        "targets/demo_check.tsv",
-        "7. Demo: planted truth",
-        "Demo check (planted effects recovered?)",
-        "demo_check",
-    ),
-    ("patients/states.tsv", "8. Patients", "Patient immune states", "patients_states"),
-    ("patients/profiles.tsv", "8. Patients", "Patient profiles", "patients_profiles"),
-    (
-        "patients/reference.tsv",
-        "8. Patients",
-        "Control reference ranges",
-        "patients_reference",
-    ),
-]
-
-
+# ---- tables shown inside the report as HTML pages (workflow/report/tables.yaml) ----
 def report_table_specs(per_contrast):
     """The report's tables that this run makes (those among rule all's targets)."""
+    import yaml
+
+    with open(Path(workflow.basedir) / "workflow" / "report" / "tables.yaml") as fh:
+        tables = yaml.safe_load(fh)
     wanted = set(final_outputs())
     specs = []
-    for rel, section, title, caption in REPORT_TABLES:
-        if ("{contrast}" in rel) != per_contrast:
+    for t in tables:
+        if ("{contrast}" in t["path"]) != per_contrast:
             continue
         for name in TESTED_CONTRASTS if per_contrast else [""]:
-            path = str(Path(RESULTS) / rel.format(contrast=name))
+            path = str(Path(RESULTS) / t["path"].format(contrast=name))
             if path in wanted:
                 specs.append(
                     {
                         "path": path,
-                        "section": section,
-                        "title": title,
+                        "section": t["section"],
+                        "title": t["title"],
                         "contrast": name,
                         "caption": str(
                             Path(workflow.basedir)
                             / "workflow"
                             / "report"
-                            / f"{caption}.rst"
+                            / f"{t['caption']}.rst"
                         ),
                     }
                 )

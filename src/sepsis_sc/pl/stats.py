@@ -25,7 +25,7 @@ from sepsis_sc.pl.style import (
     set_style,
     wrap,
 )
-from sepsis_sc.stats import _EFFECT_TYPE
+from sepsis_sc.stats import EFFECT_TYPE
 
 __all__ = ["forest", "sample_values", "score_umaps", "composition", "therapy_targets"]
 
@@ -86,7 +86,7 @@ def forest(
             labels = labels + np.where(sub["role"] == "primary", " *", "")
         ax.set_yticks(yy, labels)
         ax.set_xlabel(
-            _EFFECT_TYPE[m]
+            EFFECT_TYPE[m]
             .replace("(case - control)", f"({case} - {control})")
             .replace("(case/control)", f"({case}/{control})")
         )

@@ -1,67 +1,56 @@
-"""Load and validate the run configuration and the sample sheet.
+"""The run configuration: JSON schema, validation with defaults, and the schema's tables.
 
-Both are validated against JSON schemas in ``workflow/schemas/`` before any job runs. A bad
-value fails at once with a message that names the key, the value and what was expected, e.g.::
+The config is validated against ``workflow/schemas/config.schema.yaml`` before any job runs.
+A bad value fails at once with a message that names the key, the value and what was
+expected, e.g.::
 
     ConfigError: config key 'clustering.resolution': value -1 is not valid: -1 is less than
     the minimum of 0 (Leiden resolution used for the final clusters).
 
-Defaults written in the schema fill in missing keys, so a config file only needs the keys
-it changes.
+The schema is the one source of every default: they fill in missing keys here, and the
+settings classes (:mod:`sepsis_sc.config.settings`) read theirs from it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pandas as pd
 import yaml
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
-    "SampleSheetError",
     "schema_dir",
     "load_schema",
+    "section_schema",
     "validate_config",
+    "validate_section",
     "load_config",
-    "load_samples",
-    "validate_samples",
-    "check_sample_inputs",
-    "SHEET_RESERVED_COLUMNS",
+    "describe_error",
+    "schema_markdown",
+    "update_config_readme",
     "EMBEDDING_KEYS",
 ]
 
-#: sample-sheet columns that describe where data comes from; not copied into ``obs``
-SHEET_RESERVED_COLUMNS = ("path", "url", "checksum", "archive_url", "archive_checksum")
 #: obsm key of the latent space each ``integration.method`` writes (shared by the workflow,
 #: which imports this light module at parse time, and by :mod:`sepsis_sc.integrate`)
 EMBEDDING_KEYS: dict[str, str] = {"scvi": "X_scVI", "harmony": "X_harmony", "pca": "X_pca"}
-_REQUIRED_SAMPLE_COLUMNS = ("sample_id", "condition", "donor", "batch", "path")
-_SAMPLE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-#: sample_ids that would collide with a cohort-level file next to the per-sample ones
-RESERVED_SAMPLE_IDS = frozenset({"merged"})
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid."""
 
 
-class SampleSheetError(ValueError):
-    """The sample sheet is malformed, inconsistent or points at missing files."""
-
-
 def schema_dir() -> Path:
     """Directory holding ``config.schema.yaml`` and ``samples.schema.yaml``."""
-    return Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+    return Path(__file__).resolve().parents[3] / "workflow" / "schemas"
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -110,7 +99,9 @@ def _key_of(error: jsonschema.ValidationError) -> str:
     return ".".join(path) or "<top level>"
 
 
-def _explain(error: jsonschema.ValidationError, what: str) -> str:
+def describe_error(error: jsonschema.ValidationError, what: str) -> str:
+    """One sentence naming the key (or sheet column) at fault, its value and what the schema
+    expects, with the key's description; ``what`` is ``"config"`` or ``"column"``."""
     key = _key_of(error)
     description = error.schema.get("description") if isinstance(error.schema, dict) else None
     if error.validator == "additionalProperties":
@@ -126,6 +117,34 @@ def _explain(error: jsonschema.ValidationError, what: str) -> str:
     if description:
         msg += f" ({description.strip().rstrip('.')})"
     return msg + "."
+
+
+def section_schema(section: str, schema: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The schema of one config section (e.g. ``"qc"``): its ``properties`` and constraints."""
+    schema = schema if schema is not None else load_schema("config")
+    props = schema["properties"]
+    if section not in props or "properties" not in props[section]:
+        sections = sorted(k for k, v in props.items() if "properties" in v)
+        raise KeyError(f"no config section {section!r}; sections: {', '.join(sections)}")
+    sub = dict(props[section])
+    sub["type"] = "object"  # a section given as null is checked as the empty section
+    return sub
+
+
+def validate_section(section: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate one config section (``None``: empty) and return it with the schema's
+    defaults filled in; :class:`ConfigError` names the key as ``<section>.<key>``."""
+    sub = section_schema(section)
+    instance = _coerce(yaml.safe_load(yaml.safe_dump(dict(values or {}))), sub)
+    errors = sorted(
+        _DefaultFillingValidator(sub).iter_errors(instance), key=lambda e: list(e.absolute_path)
+    )
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(
+            describe_error(best, "config").replace("config key '", f"config key '{section}.", 1)
+        )
+    return instance
 
 
 def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> dict:
@@ -155,7 +174,7 @@ def validate_config(config: Mapping[str, Any], schema: Mapping[str, Any] | None 
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(_explain(best, "config"))
+        raise ConfigError(describe_error(best, "config"))
     _check_semantics(instance)
     return instance
 
@@ -237,152 +256,6 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return validate_config(config)
 
 
-def load_samples(path: str | Path) -> pd.DataFrame:
-    """Read a tab-separated sample sheet (all columns as strings) without validating it."""
-    path = Path(path)
-    if not path.exists():
-        raise SampleSheetError(
-            f"sample sheet not found: {path}. Set the config key 'samples' to a TSV file with "
-            f"columns {', '.join(_REQUIRED_SAMPLE_COLUMNS)}."
-        )
-    sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
-    sheet.columns = [c.strip() for c in sheet.columns]
-    _check_tab_separated(sheet.columns, path)
-    for col in sheet.columns:
-        sheet[col] = sheet[col].str.strip()
-    return sheet
-
-
-def _check_tab_separated(columns: Iterable[str], path: Path) -> None:
-    """Raise when the header holds the required names split by spaces or commas, not tabs."""
-    columns = list(columns)
-    if all(c in columns for c in _REQUIRED_SAMPLE_COLUMNS):
-        return
-    for col in columns:
-        words = [w for w in re.split(r"[\s,;]+", col) if w]
-        if len(words) > 1 and sum(w.strip("\"'") in _REQUIRED_SAMPLE_COLUMNS for w in words) >= 2:
-            sep, char = (
-                ("commas", ",")
-                if "," in col
-                else ("semicolons", ";")
-                if ";" in col
-                else ("spaces", " ")
-            )
-            raise SampleSheetError(
-                f"sample sheet {path}: this sheet is not tab-separated (its header "
-                f"{col!r} is split by {sep}). Separate the columns with one tab each "
-                "(in a spreadsheet: save as 'Tab delimited text'; from the shell: "
-                f"tr -s '{char}' '\\t' < {path.name} > {path.stem}.fixed.tsv)."
-            )
-
-
-def validate_samples(
-    sheet: pd.DataFrame,
-    config: Mapping[str, Any],
-    schema: Mapping[str, Any] | None = None,
-    sheet_name: str = "sample sheet",
-) -> pd.DataFrame:
-    """Check a sample sheet against the schema and the config; return it indexed by sample_id.
-
-    Checks: required columns, one row per ``sample_id`` (no duplicates), IDs usable as file
-    names. The contrasts and the design are checked against the sheet by
-    :func:`sepsis_sc.design.check_designs` (the workflow calls it next).
-
-    Raises
-    ------
-    SampleSheetError
-        Naming the row, column and value at fault.
-    """
-    missing = [c for c in _REQUIRED_SAMPLE_COLUMNS if c not in sheet.columns]
-    if missing:
-        raise SampleSheetError(
-            f"{sheet_name} is missing required column(s) {', '.join(missing)}; it has "
-            f"{', '.join(sheet.columns)}. Required: {', '.join(_REQUIRED_SAMPLE_COLUMNS)}."
-        )
-    if sheet.empty:
-        raise SampleSheetError(f"{sheet_name} has no rows; list at least one sample.")
-    dup = sheet["sample_id"][sheet["sample_id"].duplicated()].unique().tolist()
-    if dup:
-        raise SampleSheetError(
-            f"{sheet_name} has duplicate sample_id(s): {', '.join(dup)}. Each sample must "
-            "appear once; give repeated samples of a donor distinct sample_ids and the same donor."
-        )
-    _check_duplicate_paths(sheet, sheet_name)
-    schema = schema if schema is not None else load_schema("samples")
-    validator = jsonschema.Draft7Validator(schema)
-    for i, row in enumerate(sheet.to_dict("records")):
-        for error in validator.iter_errors(row):
-            raise SampleSheetError(
-                f"{sheet_name} row {i + 1} (sample_id {row.get('sample_id')!r}): "
-                + _explain(error, "column").replace("column key", "column", 1)
-            )
-    bad_ids = [s for s in sheet["sample_id"] if not _SAMPLE_ID_RE.match(s)]
-    if bad_ids:
-        raise SampleSheetError(
-            f"{sheet_name}: sample_id(s) {bad_ids} are not usable as file names; use letters, "
-            "digits, '_', '.' and '-' only, starting with a letter or digit."
-        )
-    reserved = sorted(set(sheet["sample_id"]) & RESERVED_SAMPLE_IDS)
-    if reserved:
-        raise SampleSheetError(
-            f"{sheet_name}: sample_id(s) {reserved} are reserved (the workflow writes "
-            "qc/merged.h5ad for the whole cohort); rename the sample(s), e.g. 'merged_1'."
-        )
-    return sheet.set_index("sample_id", drop=False)
-
-
-def _check_duplicate_paths(sheet: pd.DataFrame, sheet_name: str) -> None:
-    """Raise when one input file is named for two or more samples."""
-    norm = sheet["path"].map(lambda p: os.path.normpath(p) if p else p)
-    dup = norm[norm.duplicated(keep=False) & (norm != "")]
-    if dup.empty:
-        return
-    groups = [
-        f"{p} (sample_ids {', '.join(sheet.loc[idx.index, 'sample_id'])})"
-        for p, idx in dup.groupby(dup, sort=False)
-    ]
-    raise SampleSheetError(
-        f"{sheet_name}: the same input file is given for several samples: "
-        + "; ".join(groups)
-        + ". Each sample needs its own counts file; fix the 'path' column (a copy-paste slip?)."
-    )
-
-
-def check_sample_inputs(
-    samples: pd.DataFrame,
-    produced: Iterable[str] = (),
-    base: str | Path = ".",
-    sheet_name: str = "sample sheet",
-) -> None:
-    """Check that every sample's input exists or will be produced by the workflow.
-
-    A path is fine when it exists, when the sheet gives a ``url``/``archive_url`` to fetch it
-    from, or when it is in ``produced`` (e.g. the demo simulator's outputs).
-
-    Raises
-    ------
-    SampleSheetError
-        Listing every sample whose input file is missing.
-    """
-    produced = {str(Path(p)) for p in produced}
-    missing = []
-    for sid, row in samples.iterrows():
-        path = str(Path(row["path"]))
-        if path in produced:
-            continue
-        if row.get("url") or row.get("archive_url"):
-            continue
-        if not (Path(base) / path).exists():
-            missing.append(f"{sid}: {path}")
-    if missing:
-        raise SampleSheetError(
-            f"input file(s) named in the {sheet_name} do not exist: "
-            + "; ".join(missing)
-            + ". Fix the 'path' column (paths are relative to the working directory), or add a "
-            "'url' column so the workflow downloads them."
-        )
-
-
 def schema_markdown(name: str = "config") -> str:
     """Markdown table of every key of a schema: key, type, default, description.
 
@@ -434,7 +307,3 @@ def update_config_readme(path: str | Path) -> None:
         end = len(text) if end == -1 else end + 1
         text = text[:start] + schema_markdown(name) + text[end:]
     Path(path).write_text(text)
-
-
-if __name__ == "__main__":  # python -m sepsis_sc.config: refresh config/README.md
-    update_config_readme(Path(__file__).resolve().parents[2] / "config" / "README.md")
