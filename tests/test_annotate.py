@@ -777,3 +777,44 @@ def test_partial_marker_set_degrades_instead_of_being_skipped():
     assert (adata.obs.loc[b, "lineage"] == "B").mean() >= 0.9
     assert rep.at["B_cell", "coverage"] == pytest.approx(1 / 8)
     assert an._set_weights(1, 0, 8) == 0.0 and an._set_weights(4, 0, 8) == 1.0
+
+
+def _figure_texts(fig) -> list[str]:
+    import matplotlib
+
+    out = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    return [t for t in out if t]
+
+
+def test_marker_dotplot_is_transposed_with_full_label_names(tmp_path, monkeypatch):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from sepsis_sc.pl import annotate as pl_an
+
+    pops = {
+        "CD8 effector/memory T": ["CST7", "KLRD1", "GZMH", "CD3E", "CD8A"],
+        "Non-classical monocyte": ["CDKN1C", "HES4", "MS4A7", "FCGR3A", "LYZ"],
+        "TREM2-high macrophage": ["GPNMB", "SPP1", "FABP5", "TREM2", "APOE"],
+    }
+    genes = sorted({g for gs in pops.values() for g in gs}) + [f"GENE{i}" for i in range(30)]
+    rng = np.random.default_rng(0)
+    blocks, labels = [], []
+    for label, gs in pops.items():
+        lam = np.full((60, len(genes)), 0.05)
+        lam[:, [genes.index(g) for g in gs]] = 5.0
+        lam[:, -30:] = 1.0
+        blocks.append(rng.poisson(lam))
+        labels += [label] * 60
+    X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
+    obs = pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+    figs = []
+    monkeypatch.setattr(pl_an, "savefig", lambda fig, path: figs.append(fig) or path)
+    pl_an.marker_dotplot(adata, tmp_path / "dot.png", organism="human", layer=None)
+    fig = figs[0]
+    texts = [t.replace("\n", " ") for t in _figure_texts(fig)]
+    for label in pops:
+        assert label in texts  # named in full beside its genes, not cut to fit
+    main = [ax for ax in fig.axes if ax.get_title() == "Marker genes by cell type"][0]
+    assert len(main.get_yticklabels()) > len(main.get_xticklabels())  # genes in rows

@@ -815,3 +815,34 @@ def test_plateau_stopping_on_the_smoothed_validation_loss():
     assert run(np.linspace(900, 700, 100)) is None  # a steady fall never stops
     with pytest.raises(ValueError, match="patience and window"):
         ig.plateau_stopping(patience=0)
+
+
+def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours(tmp_path, monkeypatch):
+    import anndata as ad
+    from matplotlib.colors import to_hex
+
+    from sepsis_sc.pl import integrate as pl_ig
+    from sepsis_sc.pl.style import cell_type_palette
+
+    rng = np.random.default_rng(0)
+    types = np.repeat(["Classical monocyte", "naive B"], 60)
+    emb = rng.normal(size=(120, 5)) + (types == "naive B")[:, None] * 6.0
+    obs = pd.DataFrame(
+        {"batch": np.tile(["b1", "b2"], 60), "cell_type": types},
+        index=[f"c{i}" for i in range(120)],
+    )
+    adata = ad.AnnData(obs=obs, obsm={"X_pca": emb})
+    figs = []
+    monkeypatch.setattr(pl_ig, "savefig", lambda fig, path: figs.append(fig) or path)
+    pl_ig.embedding_umaps(
+        adata,
+        tmp_path / "u.png",
+        embed_keys=["X_pca"],
+        batch_key="batch",
+        label_key="cell_type",
+        label_title="simulated truth cell type",
+    )
+    ax = figs[0].axes[1]
+    assert "simulated truth cell type" in ax.get_title().replace("\n", " ")
+    drawn = {to_hex(c) for c in ax.collections[0].get_facecolors()}
+    assert drawn == set(cell_type_palette(["Classical monocyte", "naive B"]).values())

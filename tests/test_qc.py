@@ -624,3 +624,29 @@ def test_rescue_in_sample_requires_enrichment():
         label=("S", "neutrophil"),
     )
     assert list(hit) == [0]  # 1: no markers; 2: high mito; 3: below the floors
+
+
+def test_qc_mito_violin_axis_is_robust_to_damaged_cells(tmp_path, monkeypatch):
+    from sepsis_sc.pl import qc as pl_qc
+
+    rng = np.random.default_rng(0)
+    n = 400
+    mt = np.concatenate([rng.gamma(4, 0.6, n - 20), rng.uniform(40, 60, 20)])  # 5% damaged
+    obs = pd.DataFrame(
+        {
+            "sample_id": np.repeat(["A", "B"], n // 2),
+            "total_counts": rng.lognormal(8, 0.3, n),
+            "n_genes_by_counts": rng.lognormal(7, 0.3, n),
+            "pct_counts_mt": rng.permutation(mt),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    thr = pd.DataFrame({"sample_id": ["A", "B"], "max_pct_mt": [8.0, 9.0]})
+    figs = []
+    monkeypatch.setattr(pl_qc, "savefig", lambda fig, path: figs.append(fig) or path)
+    pl_qc.violins(obs, thr, tmp_path / "v.png")
+    ax = figs[0].axes[2]
+    assert 9.0 < ax.get_ylim()[1] <= 1.5 * 9.0 * 1.1 + 1e-9  # threshold shown, outliers cut
+    above = sorted(t.get_text() for t in ax.texts)
+    n_a = int((obs.loc[obs.sample_id == "A", "pct_counts_mt"] > ax.get_ylim()[1]).sum())
+    assert f"\u25b2{n_a}" in above and "highest" in ax.get_title(loc="left")
