@@ -1,7 +1,7 @@
 """False-positive rate of the sample-level tests on real cohort designs (null cohorts).
 
 For each design (balanced, repeated patients, unbalanced, within-patient paired), simulate
-``--cohorts`` null cohorts with :mod:`sepsis_sc.simulate_design` (donor effects, time-point
+``--cohorts`` null cohorts with :mod:`sepsis_sc.sim` (donor effects, time-point
 noise, no condition effect), run the pipeline's composition test and state-metric tests, and
 report the share of p-values below 0.05 (nominal 5 %). Writes a table, a QQ figure and prints
 both::
@@ -21,7 +21,7 @@ import pandas as pd
 
 from sepsis_sc import stats
 from sepsis_sc.design import Contrast
-from sepsis_sc.simulate_design import repeated_sheet, simulate_cells, simulate_state_table
+from sepsis_sc.sim import repeated_sheet, simulate_cells, simulate_state_table
 
 REPO = Path(__file__).resolve().parents[1]
 SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")

@@ -2,7 +2,7 @@
 
 Writes ``resources/simulator/profiles.tsv.gz``: for every gene of
 ``resources/genes/human_genes.tsv.gz``, the mean CP10k of each coarse population of real
-data, and a per-gene dispersion residual. ``sepsis_sc.simulate`` builds every simulated cell
+data, and a per-gene dispersion residual. ``sepsis_sc.sim`` builds every simulated cell
 type from one of these columns (times literature fold changes for subsets and for
 populations absent from healthy PBMC); it never reads the annotator's marker lists.
 

@@ -31,7 +31,7 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
 
     from sepsis_sc.qc import normalize
     from sepsis_sc.score import score_states
-    from sepsis_sc.simulate import null_calibration, simulate_cohort
+    from sepsis_sc.sim import null_calibration, simulate_cohort
     from sepsis_sc.stats import composition_test, condition_effects, sample_table
 
     sheet = pd.read_csv(REPO / "config/samples.tsv", sep="\t")

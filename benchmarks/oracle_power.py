@@ -32,30 +32,30 @@ def power(
     min_cells: int = 1,
     **kw,
 ) -> pd.DataFrame:
-    from sepsis_sc import simulate
+    from sepsis_sc import sim
 
     n_genes = n_genes or _min_genes()
-    sign = np.array([1.0 if s["direction"] == "up" else -1.0 for s in simulate.PLANTED_EFFECTS])
+    sign = np.array([1.0 if s["direction"] == "up" else -1.0 for s in sim.PLANTED_EFFECTS])
     hits = []
     for seed in seeds:
-        _, truth = simulate.simulate_cohort(
+        _, truth = sim.simulate_cohort(
             sheet, cells_per_sample=cells, n_genes=n_genes, seed=seed, **kw
         )
-        o = simulate.oracle_tests(truth, min_cells=min_cells)
+        o = sim.oracle_tests(truth, min_cells=min_cells)
         hits.append((o["oracle_fdr"].to_numpy() <= 0.05) & (np.sign(o["oracle_effect"]) == sign))
     return pd.DataFrame(
         {
-            "planted_effect": [s["effect"] for s in simulate.PLANTED_EFFECTS],
+            "planted_effect": [s["effect"] for s in sim.PLANTED_EFFECTS],
             "oracle_power": np.mean(hits, 0),
         }
     )
 
 
 def _min_genes() -> int:
-    from sepsis_sc import simulate
+    from sepsis_sc import sim
 
     try:
-        simulate._select_genes(1)
+        sim.cohort._select_genes(1)
     except ValueError as err:
         return int(str(err).split("n_genes >= ")[1].split()[0])
     return 1

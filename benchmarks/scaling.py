@@ -69,7 +69,7 @@ def _today() -> str:
 
 def make_cohort(size: int, cells_per_sample: int, workdir: Path, seed: int) -> Path:
     """Simulate the cohort once (reused across runs); return its sample sheet."""
-    from sepsis_sc.simulate import write_demo_cohort
+    from sepsis_sc.sim import write_demo_cohort
 
     cohort = workdir / f"cohort_{size}"
     sheet_path = cohort / "samples.tsv"

@@ -56,7 +56,7 @@ def _cohort(n_samples: int, cells: int, seed: int):
 
     from sepsis_sc.integrate import select_hvgs
     from sepsis_sc.qc import normalize
-    from sepsis_sc.simulate import simulate_cohort
+    from sepsis_sc.sim import simulate_cohort
 
     sheet = pd.DataFrame(
         {

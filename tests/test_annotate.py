@@ -563,7 +563,7 @@ def test_celltypist_sample_trem2_macrophages():
 
 def _simulated_pair(*, cells_per_sample: int, n_genes: int, seed: int):
     """Two simulated samples (one septic, one control, one batch) concatenated, and the truth."""
-    simulate = pytest.importorskip("sepsis_sc.simulate")
+    simulate = pytest.importorskip("sepsis_sc.sim")
     sheet = pd.DataFrame(
         {
             "sample_id": ["s1", "s2"],

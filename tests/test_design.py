@@ -22,7 +22,7 @@ from sepsis_sc.design import (
     resolve_design,
     sample_meta,
 )
-from sepsis_sc.simulate_design import (
+from sepsis_sc.sim import (
     LABELS,
     patient_level_truth,
     repeated_sheet,

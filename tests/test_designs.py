@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sepsis_sc import score, simulate
+from sepsis_sc import score, sim
 
 REPO = Path(__file__).resolve().parents[1]
 N_GENES = 2500
@@ -71,8 +71,8 @@ def test_simulator_opens_no_marker_or_signature_file(tmp_path):
 
     sys.addaudithook(hook)  # audit hooks cannot be removed: switched off below
     try:
-        simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=1)
-        simulate.write_demo_cohort(
+        sim.simulate_cohort(_sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=1)
+        sim.write_demo_cohort(
             _sheet(1, 1), tmp_path / "w", cells_per_sample=60, n_genes=N_GENES, gene_panel=400
         )
     finally:
@@ -88,16 +88,15 @@ def test_simulator_works_without_marker_and_signature_files(tmp_path, monkeypatc
     for sub in ("genes", "simulator"):
         shutil.copytree(REPO / "resources" / sub, res / sub)
     monkeypatch.setenv("SEPSIS_SC_RESOURCES", str(res))
-    adatas, truth = simulate.simulate_cohort(
-        _sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=2
-    )
+    adatas, truth = sim.simulate_cohort(_sheet(1, 1), cells_per_sample=60, n_genes=N_GENES, seed=2)
     assert len(adatas) == 2 and len(truth) == 120
 
 
 def test_simulator_source_names_no_marker_or_signature_resource():
-    tree = ast.parse((REPO / "src" / "sepsis_sc" / "simulate.py").read_text())
+    trees = [ast.parse(p.read_text()) for p in (REPO / "src" / "sepsis_sc" / "sim").glob("*.py")]
     firsts = [
         node.args[0].value
+        for tree in trees
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and getattr(node.func, "id", getattr(node.func, "attr", "")) == "resource_path"
@@ -108,8 +107,8 @@ def test_simulator_source_names_no_marker_or_signature_resource():
 
 
 def test_planted_programmes_overlap_the_signatures_only_partly():
-    table = simulate.planted_vs_scored(score.load_signatures("human"))
-    assert set(table["state"]) == set(simulate.STATES)
+    table = sim.planted_vs_scored(score.load_signatures("human"))
+    assert set(table["state"]) == set(sim.STATES)
     # every signature is partly planted, never wholly; programmes are mostly unscored
     assert table["signature_planted"].between(0.5, 0.9).all(), table
     assert (table["programme_scored"] < 0.6).all(), table
@@ -119,22 +118,22 @@ def test_planted_programmes_overlap_the_signatures_only_partly():
 
 
 def test_fold_changes_are_realistic():
-    for cell_type, folds in simulate._TYPE_FOLDS.items():
+    for cell_type, folds in sim.cohort._TYPE_FOLDS.items():
         # platelets start from the monocyte column as a stand-in (anucleate, no PBMC
         # population of their own): its monocyte genes go down further
         low = 1 / 40 if cell_type == "Platelet" else 1 / 8
         assert all(low <= f <= 8 for f in folds.values()), cell_type
     # absolute identity levels only for populations the fitted PBMC data lack
-    assert set(simulate._TYPE_LEVELS) <= {
+    assert set(sim.cohort._TYPE_LEVELS) <= {
         "Platelet",
         "Mature neutrophil",
         "Immature neutrophil",
         "Plasmablast",
     }
-    for prog in simulate._STATE_PROGRAMMES.values():
+    for prog in sim.cohort._STATE_PROGRAMMES.values():
         assert all(1 / 3 <= f <= 6 for f in prog.values())
     # effector CD8 T carry part of the exhaustion programme at baseline
-    eff = simulate._TYPE_FOLDS["CD8 effector/memory T"]
+    eff = sim.cohort._TYPE_FOLDS["CD8 effector/memory T"]
     assert {"TIGIT", "PDCD1", "TOX"} <= {g for g, f in eff.items() if f > 1}
 
 
@@ -145,9 +144,9 @@ def test_subset_genes_are_not_the_annotators_lists():
     for entry in sets if isinstance(sets, list) else []:
         if isinstance(entry, dict) and "name" in entry:
             ups[entry["name"]] = set(entry.get("up") or [])
-    shared = [t for t in simulate._TYPE_FOLDS if t in ups]
+    shared = [t for t in sim.cohort._TYPE_FOLDS if t in ups]
     for t in shared:
-        mine = {g for g, f in simulate._TYPE_FOLDS[t].items() if f > 1}
+        mine = {g for g, f in sim.cohort._TYPE_FOLDS[t].items() if f > 1}
         if mine and ups[t]:
             assert mine != ups[t], t  # a separate source: overlap is partial
 
@@ -163,7 +162,7 @@ def test_sex_and_age_act():
             "age": [85, 25],
         }
     )
-    adatas, truth = simulate.simulate_cohort(
+    adatas, truth = sim.simulate_cohort(
         sheet, cells_per_sample=3000, n_genes=N_GENES, effects=False, seed=4
     )
     f, m = adatas["f_old"], adatas["m_young"]
@@ -188,7 +187,7 @@ DESIGNS = {
 @pytest.mark.parametrize("name", list(DESIGNS))
 def test_design_simulates_and_the_oracle_reads_it(name):
     sheet = DESIGNS[name]
-    adatas, truth = simulate.simulate_cohort(sheet, cells_per_sample=300, n_genes=N_GENES, seed=5)
+    adatas, truth = sim.simulate_cohort(sheet, cells_per_sample=300, n_genes=N_GENES, seed=5)
     assert set(adatas) == set(sheet["sample_id"])
     for col in ("donor", "batch", "timepoint"):
         assert col in next(iter(adatas.values())).obs
@@ -196,30 +195,28 @@ def test_design_simulates_and_the_oracle_reads_it(name):
         # no control reference: the oracle's composition test refuses, as the pipeline's
         # contrast says "not tested" (tests/test_workflow_designs.py)
         with pytest.raises(ValueError, match="not in the table"):
-            simulate.oracle_tests(truth)
+            sim.oracle_tests(truth)
     else:
-        oracle = simulate.oracle_tests(truth)
-        assert len(oracle) == len(simulate.PLANTED_EFFECTS)
-        t_row = [s["effect"] for s in simulate.PLANTED_EFFECTS].index("fewer T cells")
+        oracle = sim.oracle_tests(truth)
+        assert len(oracle) == len(sim.PLANTED_EFFECTS)
+        t_row = [s["effect"] for s in sim.PLANTED_EFFECTS].index("fewer T cells")
         assert oracle.loc[t_row, "oracle_effect"] < 0  # the planted direction
 
 
 def test_targeted_panel_measures_only_its_genes():
-    panel = simulate.targeted_panel(1300)
+    panel = sim.targeted_panel(1300)
     assert len(panel) == 1300 and not any(g.startswith("MT-") for g in panel)
-    adatas, truth = simulate.simulate_cohort(
+    adatas, truth = sim.simulate_cohort(
         _sheet(1, 1), cells_per_sample=200, n_genes=6000, gene_panel=1300, seed=6
     )
     a = next(iter(adatas.values()))
     assert set(a.var_names) <= set(panel) and 300 < a.n_vars <= 1300
-    full, _ = simulate.simulate_cohort(_sheet(1, 1), cells_per_sample=200, n_genes=6000, seed=6)
+    full, _ = sim.simulate_cohort(_sheet(1, 1), cells_per_sample=200, n_genes=6000, seed=6)
     assert truth["total_counts"].median() < 0.5 * np.median(
         np.asarray(next(iter(full.values())).X.sum(1)).ravel()
     )
     with pytest.raises(ValueError, match="gene_panel keeps"):
-        simulate.simulate_cohort(
-            _sheet(1, 1), cells_per_sample=50, n_genes=N_GENES, gene_panel=["CD3E"]
-        )
+        sim.simulate_cohort(_sheet(1, 1), cells_per_sample=50, n_genes=N_GENES, gene_panel=["CD3E"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,7 +269,7 @@ def test_workflow_time_points_unbalanced_one_batch_with_covariates(tmp_path):
     same = (found["observed_direction"] == found["expected_direction"]).mean()
     assert same >= 0.75, check[["planted_effect", "effect_size", "fdr", "oracle_fdr"]]
     overlap = pd.read_csv(tmp_path / "demo" / "planted_vs_scored_genes.tsv", sep="\t")
-    assert set(overlap["state"]) == set(simulate.STATES)
+    assert set(overlap["state"]) == set(sim.STATES)
 
 
 @pytest.mark.slow
@@ -280,7 +277,7 @@ def test_workflow_targeted_panel_runs_end_to_end(tmp_path):
     """A ~1,300-gene targeted panel (no MT genes, most marker sets partly present)."""
     sheet = _sheet(2, 2, batches=1)
     sheet["path"] = [f"data/{s}" for s in sheet["sample_id"]]
-    out = simulate.write_demo_cohort(
+    out = sim.write_demo_cohort(
         sheet,
         truth_dir=tmp_path / "truth",
         fmt="mtx",
@@ -305,7 +302,7 @@ def test_workflow_whole_blood_with_raw_droplets(tmp_path):
     """Whole blood (neutrophils 50 % in controls, 80 % in sepsis) with raw droplet matrices
     in the sheet (raw_path): SoupX contamination per sample, corrected counts used
     downstream, and the neutrophil / T-cell shifts found in the planted direction."""
-    from sepsis_sc.simulate_blood import simulate_blood_cohort
+    from sepsis_sc.sim import simulate_blood_cohort
 
     sheet = _sheet(3, 3, batches=1)
     adatas, truth, raws = simulate_blood_cohort(

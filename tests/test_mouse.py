@@ -10,7 +10,7 @@ from sepsis_sc.annotate import annotate
 from sepsis_sc.data import detect_organism
 from sepsis_sc.qc import filter_cells_qc, merge_samples, normalize, run_qc
 from sepsis_sc.score import score_states
-from sepsis_sc.simulate import simulate_cohort
+from sepsis_sc.sim import simulate_cohort
 
 
 @pytest.fixture(scope="module")

@@ -444,7 +444,7 @@ def test_real_pbmc4k_removed_fraction_and_reasons():
 
 def test_simulated_cohort_targets():
     """On the planted-truth demo cohort: low-quality recall, doublet AUROC, neutrophils kept."""
-    from sepsis_sc.simulate import simulate_cohort
+    from sepsis_sc.sim import simulate_cohort
 
     sheet = pd.DataFrame(
         {

@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_file
 
 from sepsis_sc import qc
-from sepsis_sc.simulate_blood import simulate_blood_cohort
+from sepsis_sc.sim import simulate_blood_cohort
 
 
 def _sheet() -> pd.DataFrame:

@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_file
 
 from sepsis_sc.qc import filter_cells_qc, merge_samples, normalize, run_qc
-from sepsis_sc.simulate import simulate_cohort
+from sepsis_sc.sim import simulate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for sepsis_sc.simulate: determinism, truth, calibration, planted effects, writing."""
+"""Tests for sepsis_sc.sim: determinism, truth, calibration, planted effects, writing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import shared_file
 
-from sepsis_sc import data, io, simulate
+from sepsis_sc import data, io, sim
 
 N_GENES = 10_000
 
@@ -30,7 +30,7 @@ def _sheet(n_per_group: int = 2, case: str = "sepsis", control: str = "control")
 @pytest.fixture(scope="module")
 def cohort():
     """4 sepsis vs 4 control samples, 400 cells each (about 2 s)."""
-    return simulate.simulate_cohort(_sheet(4), cells_per_sample=400, n_genes=N_GENES, seed=7)
+    return sim.simulate_cohort(_sheet(4), cells_per_sample=400, n_genes=N_GENES, seed=7)
 
 
 def _fraction(truth: pd.DataFrame, mask: pd.Series, within: pd.Series | None = None) -> pd.Series:
@@ -47,9 +47,9 @@ def _by_condition(values: pd.Series, truth: pd.DataFrame) -> pd.Series:
 
 def test_deterministic_from_seed():
     sheet = _sheet(1)
-    a1, t1 = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
-    a2, t2 = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
-    a3, _ = simulate.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=4)
+    a1, t1 = sim.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
+    a2, t2 = sim.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=3)
+    a3, _ = sim.simulate_cohort(sheet, cells_per_sample=120, n_genes=N_GENES, seed=4)
     pd.testing.assert_frame_equal(t1, t2)
     for sid in a1:
         assert (a1[sid].X != a2[sid].X).nnz == 0
@@ -76,10 +76,10 @@ def test_anndata_contract_and_truth_join(cohort):
     assert set(obs_names) == set(truth["cell_id"])
     t = truth.set_index("cell_id").loc[a.obs_names]
     np.testing.assert_array_equal(t["total_counts"], np.asarray(a.X.sum(1)).ravel())
-    vocab = set(simulate.cell_type_table()["cell_type"])
+    vocab = set(sim.cell_type_table()["cell_type"])
     assert set(truth["cell_type"]) <= vocab
     assert {"Immature neutrophil", "Classical monocyte", "CD4 naive T"} <= set(truth["cell_type"])
-    for col in ("lineage", "is_doublet", "is_low_quality", *simulate.STATES):
+    for col in ("lineage", "is_doublet", "is_low_quality", *sim.STATES):
         assert col in truth.columns
 
 
@@ -211,15 +211,15 @@ def test_no_condition_effect_without_effects():
         condition=sheet["condition"].map({"sepsis": "control", "control": "sepsis"})
     )
     kw = dict(cells_per_sample=150, n_genes=N_GENES, seed=11)
-    a1, t1 = simulate.simulate_cohort(sheet, effects=False, **kw)
-    a2, t2 = simulate.simulate_cohort(swapped, effects=False, **kw)
+    a1, t1 = sim.simulate_cohort(sheet, effects=False, **kw)
+    a2, t2 = sim.simulate_cohort(swapped, effects=False, **kw)
     for sid in a1:
         assert (a1[sid].X != a2[sid].X).nnz == 0
-    cols = ["cell_type", *simulate.STATES]
+    cols = ["cell_type", *sim.STATES]
     pd.testing.assert_frame_equal(t1[cols], t2[cols])
     # ... whereas with effects the same swap changes the cells
-    e1, _ = simulate.simulate_cohort(sheet, effects=True, **kw)
-    e2, _ = simulate.simulate_cohort(swapped, effects=True, **kw)
+    e1, _ = sim.simulate_cohort(sheet, effects=True, **kw)
+    e2, _ = sim.simulate_cohort(swapped, effects=True, **kw)
     assert (e1["S1"].X != e2["S1"].X).nnz > 0
 
 
@@ -233,7 +233,7 @@ def test_batch_effect_and_ambient():
         }
     )
     kw = dict(cells_per_sample=600, n_genes=N_GENES, seed=5)
-    adatas, truth = simulate.simulate_cohort(sheet, batch_effect=0.5, **kw)
+    adatas, truth = sim.simulate_cohort(sheet, batch_effect=0.5, **kw)
 
     def logmean(a):
         m = np.asarray(a.X.mean(0)).ravel()
@@ -245,8 +245,8 @@ def test_batch_effect_and_ambient():
     across = np.std((la - lc)[keep])
     assert across > 1.5 * same
     # ambient: monocyte transcripts leak into T cells
-    no_amb, t0 = simulate.simulate_cohort(sheet.iloc[:1], ambient=0.0, **kw)
-    hi_amb, t1 = simulate.simulate_cohort(sheet.iloc[:1], ambient=0.15, **kw)
+    no_amb, t0 = sim.simulate_cohort(sheet.iloc[:1], ambient=0.0, **kw)
+    hi_amb, t1 = sim.simulate_cohort(sheet.iloc[:1], ambient=0.15, **kw)
 
     def lyz_in_t(adatas, truth):
         a = adatas["A"]
@@ -264,12 +264,12 @@ def test_write_10x_h5_reads_back(tmp_path):
     sheet["path"] = [
         str(tmp_path / "data" / s / "filtered_feature_bc_matrix.h5") for s in sheet.sample_id
     ]
-    out = simulate.write_demo_cohort(
+    out = sim.write_demo_cohort(
         sheet, truth_dir=tmp_path / "truth", cells_per_sample=100, n_genes=N_GENES, seed=2
     )
     truth = pd.read_csv(tmp_path / "truth" / "truth.tsv.gz", sep="\t")
     assert (tmp_path / "truth" / "samples.tsv").exists()
-    adatas, _ = simulate.simulate_cohort(
+    adatas, _ = sim.simulate_cohort(
         sheet.drop(columns="path"), cells_per_sample=100, n_genes=N_GENES, seed=2
     )
     for row in out.itertuples():
@@ -283,7 +283,7 @@ def test_write_10x_h5_reads_back(tmp_path):
 
 def test_write_mtx(tmp_path):
     sheet = _sheet(1)
-    out = simulate.write_demo_cohort(
+    out = sim.write_demo_cohort(
         sheet, tmp_path, fmt="mtx", cells_per_sample=80, n_genes=N_GENES, seed=2
     )
     back = io.read_counts(out["path"].iloc[0])
@@ -293,7 +293,7 @@ def test_write_mtx(tmp_path):
 
 def test_mouse_variant_and_custom_labels():
     sheet = _sheet(1, case="CLP", control="sham")
-    adatas, truth = simulate.simulate_cohort(
+    adatas, truth = sim.simulate_cohort(
         sheet,
         cells_per_sample=100,
         n_genes=N_GENES,
@@ -308,14 +308,14 @@ def test_mouse_variant_and_custom_labels():
     assert data.detect_organism(a.var_names) == "mouse"
     assert set(truth["condition"]) == {"CLP", "sham"}
     with pytest.raises(ValueError, match="neither case"):
-        simulate.simulate_cohort(sheet, cells_per_sample=50, n_genes=N_GENES)
+        sim.simulate_cohort(sheet, cells_per_sample=50, n_genes=N_GENES)
 
 
 def test_bad_input_messages():
     with pytest.raises(ValueError, match="lacks column"):
-        simulate.simulate_cohort(pd.DataFrame({"sample_id": ["a"]}))
+        sim.simulate_cohort(pd.DataFrame({"sample_id": ["a"]}))
     with pytest.raises(ValueError, match="n_genes=100"):
-        simulate.simulate_cohort(_sheet(1), n_genes=100)
+        sim.simulate_cohort(_sheet(1), n_genes=100)
 
 
 def test_check_planted_effects_scores_direction_and_fdr():
@@ -323,7 +323,7 @@ def test_check_planted_effects_scores_direction_and_fdr():
     direction, and a missing row (not tested) as not detected."""
     import pandas as pd
 
-    from sepsis_sc.simulate import PLANTED_EFFECTS, check_planted_effects, null_calibration
+    from sepsis_sc.sim import PLANTED_EFFECTS, check_planted_effects, null_calibration
 
     comp_rows, eff_rows = [], []
     for spec in PLANTED_EFFECTS:
@@ -371,7 +371,7 @@ def test_check_planted_effects_scores_direction_and_fdr():
 def test_demo_check_and_therapy_targets_read_the_same_row_of_a_state():
     """One readout per state: the demo check takes the state's primary row, as the therapy
     table does (TREM2-high macrophages: share within macrophages, not share of all cells)."""
-    from sepsis_sc.simulate import check_planted_effects
+    from sepsis_sc.sim import check_planted_effects
     from sepsis_sc.stats import therapy_targets
 
     effects = pd.DataFrame(
@@ -428,10 +428,10 @@ def test_oracle_tests_find_planted_effects_and_not_null_ones():
     """The oracle (planted effects tested on the true labels) detects the planted effects of
     a demo-sized design and finds (almost) nothing when no effects were planted; septic DCs
     lose HLA class II more often than monocytes (per-type rate)."""
-    from sepsis_sc.simulate import PLANTED_EFFECTS, oracle_tests
+    from sepsis_sc.sim import PLANTED_EFFECTS, oracle_tests
 
     sheet = _sheet(6)
-    _, truth = simulate.simulate_cohort(sheet, cells_per_sample=1500, n_genes=800, seed=3)
+    _, truth = sim.simulate_cohort(sheet, cells_per_sample=1500, n_genes=800, seed=3)
     oracle = oracle_tests(truth)
     assert len(oracle) == len(PLANTED_EFFECTS)
     signs = np.array([1 if s["direction"] == "up" else -1 for s in PLANTED_EFFECTS])
@@ -442,7 +442,7 @@ def test_oracle_tests_find_planted_effects_and_not_null_ones():
     mono = sepsis[sepsis["cell_type"] == "Non-classical monocyte"]["hla_low"].mean()
     assert dc > 0.45 and mono < 0.45
 
-    _, null_truth = simulate.simulate_cohort(
+    _, null_truth = sim.simulate_cohort(
         sheet, cells_per_sample=600, n_genes=800, seed=3, effects=False
     )
     null = oracle_tests(null_truth)
@@ -450,10 +450,10 @@ def test_oracle_tests_find_planted_effects_and_not_null_ones():
 
 
 def test_check_planted_effects_adds_oracle_columns():
-    from sepsis_sc.simulate import PLANTED_EFFECTS, check_planted_effects, null_calibration
+    from sepsis_sc.sim import PLANTED_EFFECTS, check_planted_effects, null_calibration
 
     sheet = _sheet(3)
-    _, truth = simulate.simulate_cohort(sheet, cells_per_sample=800, n_genes=800, seed=1)
+    _, truth = sim.simulate_cohort(sheet, cells_per_sample=800, n_genes=800, seed=1)
     comp = pd.DataFrame(
         [
             {"level": s["level"], "label": s["label"], "effect": 1.0, "pvalue": 0.5, "fdr": 0.5}
@@ -491,38 +491,38 @@ def test_check_planted_effects_adds_oracle_columns():
 
 def test_cohort_model_is_drawn_from_the_seed():
     sheet = _sheet(2)
-    m1 = simulate._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
-    m2 = simulate._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
+    m1 = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
+    m2 = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
     assert np.array_equal(m1.sample_seeds, m2.sample_seeds) and len(m1.sample_seeds) == 4
     assert set(m1.batch_gene) == {"b1", "b2"} and set(m1.donor_frac) == {"D1", "D2", "D3", "D4"}
-    flat = simulate._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.0, seed=1)
+    flat = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.0, seed=1)
     assert all(np.all(v == 1) for v in flat.batch_gene.values())
     assert flat.batch_lib == {"b1": 0.0, "b2": 0.0}
     assert m1.shape.dtype == np.float32 and m1.shape.shape == m1.profiles.shape
 
 
 def test_add_doublets_pairs_cells_of_different_types():
-    model = simulate._cohort_model(_sheet(1), n_genes=N_GENES, batch_effect=0.0, seed=2)
+    model = sim.cohort._cohort_model(_sheet(1), n_genes=N_GENES, batch_effect=0.0, seed=2)
     rng = np.random.default_rng(0)
     ctype = np.array([0, 0, 1, 1, 2, 2, 0, 1])
     low_q = np.array([False] * 7 + [True])
     counts = sp.csr_matrix(np.eye(8, 5, dtype=np.float32))
-    out, is_dbl, partner, drop = simulate._add_doublets(model, rng, counts, ctype, low_q, 2)
+    out, is_dbl, partner, drop = sim.cohort._add_doublets(model, rng, counts, ctype, low_q, 2)
     assert is_dbl.sum() == 2 and drop.sum() == 2 and not (is_dbl & drop).any()
     assert not (is_dbl | drop)[7]  # low-quality cells take no part
     for i in np.flatnonzero(is_dbl):
         assert partner[i] != model.types[ctype[i]]
     assert out.sum() == counts.sum() + counts[drop].sum()
-    none = simulate._add_doublets(model, rng, counts, ctype, low_q, 0)
+    none = sim.cohort._add_doublets(model, rng, counts, ctype, low_q, 0)
     assert none[0] is counts and not none[1].any() and not none[3].any()
 
 
 def test_sheet_with_paths_fills_missing_paths(tmp_path):
     sheet = _sheet(1).assign(path=["given.h5", None])
-    out = simulate._sheet_with_paths(sheet, tmp_path, "10x_h5")
+    out = sim.cohort._sheet_with_paths(sheet, tmp_path, "10x_h5")
     assert out["path"].tolist() == [
         "given.h5",
         str(tmp_path / "S2" / "filtered_feature_bc_matrix.h5"),
     ]
     with pytest.raises(ValueError, match="give outdir"):
-        simulate._sheet_with_paths(_sheet(1), None, "mtx")
+        sim.cohort._sheet_with_paths(_sheet(1), None, "mtx")

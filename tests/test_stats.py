@@ -280,7 +280,7 @@ def test_figures_render(scored, table, tmp_path):
 # the project's simulator (planted truth): effects found, null cohort clean
 # --------------------------------------------------------------------------------------
 def _simulated(effects: bool, seed: int = 0, n: int = 6):
-    simulate = pytest.importorskip("sepsis_sc.simulate")
+    simulate = pytest.importorskip("sepsis_sc.sim")
     import anndata as ad
 
     sheet = pd.DataFrame(
@@ -409,7 +409,7 @@ def test_fraction_row_counts_the_call_population():
 
 def test_effect_notes_drop_p_with_fewer_than_two_units():
     from sepsis_sc.design import Contrast, resolve_design
-    from sepsis_sc.simulate_design import repeated_sheet
+    from sepsis_sc.sim import repeated_sheet
 
     design = resolve_design(
         repeated_sheet(1, 3, ("T0",)), Contrast("c", "condition", "sepsis", "control")

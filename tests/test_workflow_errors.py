@@ -1,7 +1,7 @@
 """What the user sees at the terminal when the data are wrong in a way only a job can find,
 and samples too small for the sample-level statistics (issue #21).
 
-The cohort is simulated (sepsis_sc.simulate) and written as per-sample ``.h5ad`` files; the
+The cohort is simulated (sepsis_sc.sim) and written as per-sample ``.h5ad`` files; the
 runs stop at ``qc/merged.h5ad`` so that each test costs a few QC jobs.
 """
 
@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import yaml
 from test_workflow import _snakemake
 
-from sepsis_sc.simulate import simulate_cohort
+from sepsis_sc.sim import simulate_cohort
 
 pytestmark = pytest.mark.slow
 

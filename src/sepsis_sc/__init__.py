@@ -24,7 +24,6 @@ _SUBMODULES = {
     "data",
     "de",
     "design",
-    "simulate_design",
     "download",
     "integrate",
     "io",
@@ -32,9 +31,10 @@ _SUBMODULES = {
     "pl",
     "qc",
     "reference",
+    "store",
     "resources",
     "score",
-    "simulate",
+    "sim",
     "stats",
 }
 

@@ -7,7 +7,7 @@ power). Without (demo.effects false): the false-positive summary of all tests.
 
 import pandas as pd
 
-from sepsis_sc.simulate import check_planted_effects, null_calibration
+from sepsis_sc.sim import check_planted_effects, null_calibration
 from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])

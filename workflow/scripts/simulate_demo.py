@@ -3,7 +3,7 @@ and the overlap between the genes each planted state moves and the genes its sig
 scores (``planted_vs_scored_genes.tsv``: how far the demo's answers are in its data)."""
 
 from sepsis_sc.score import load_signatures
-from sepsis_sc.simulate import planted_vs_scored, write_demo_cohort
+from sepsis_sc.sim import planted_vs_scored, write_demo_cohort
 from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])

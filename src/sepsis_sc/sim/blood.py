@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sepsis_sc import simulate as _sim
+from sepsis_sc.sim import cohort as _sim
 
 __all__ = ["BLOOD_SOUP_GENES", "simulate_blood_cohort", "blood_soup_profile"]
 

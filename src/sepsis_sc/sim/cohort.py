@@ -23,7 +23,7 @@ large the cohort is.
   ``resources/markers``; an up gene rises from max(level, 0.5 CP10k)), so markers are
   as sparse as in real data (dropout from the NB at real means) and partly overlap the
   annotator's lists. 2 % of genes per type carry extra log-normal noise (sd 0.3).
-  ``sepsis_sc.simulate`` reads no marker or signature file (``tests/test_designs.py``).
+  ``sepsis_sc.sim`` reads no marker or signature file (``tests/test_designs.py``).
 * **Covariates**: ``sex`` in the sheet silences Y-linked genes (RPS4Y1, DDX3Y, UTY, KDM5D,
   EIF1AY, USP9Y, ZFY, NLGN4Y) in women and XIST/TSIX in men (drawn per donor if absent);
   ``age`` moves log fractions per year above 50 (CD4 naive T -0.015, CD8 naive T -0.03,

@@ -1,0 +1,56 @@
+"""Simulated cohorts with planted truth: the demo, whole blood, and sample-level nulls.
+
+* :func:`simulate_cohort` / :func:`write_demo_cohort`: PBMC-like samples from real cell-type
+  profiles with planted sepsis effects (the demo run), :func:`check_planted_effects` and
+  :func:`oracle_tests` to grade a run against them;
+* :func:`simulate_blood_cohort`: whole blood (neutrophils, erythrocyte ambient RNA, raw
+  droplets);
+* :func:`simulate_state_table`, :func:`simulate_cells`, :func:`repeated_sheet`: sample-level
+  null and planted designs for calibrating the statistics.
+"""
+
+from sepsis_sc.sim.blood import BLOOD_SOUP_GENES, blood_soup_profile, simulate_blood_cohort
+from sepsis_sc.sim.cohort import (
+    PLANTED_EFFECTS,
+    STATES,
+    cell_type_table,
+    check_planted_effects,
+    null_calibration,
+    oracle_tests,
+    planted_programmes,
+    planted_vs_scored,
+    simulate_cohort,
+    targeted_panel,
+    write_demo_cohort,
+)
+from sepsis_sc.sim.designs import (
+    BASE_LOGIT,
+    LABELS,
+    patient_level_truth,
+    repeated_sheet,
+    simulate_cells,
+    simulate_state_table,
+)
+
+__all__ = [
+    "simulate_cohort",
+    "write_demo_cohort",
+    "cell_type_table",
+    "check_planted_effects",
+    "oracle_tests",
+    "null_calibration",
+    "PLANTED_EFFECTS",
+    "STATES",
+    "planted_programmes",
+    "planted_vs_scored",
+    "targeted_panel",
+    "BLOOD_SOUP_GENES",
+    "simulate_blood_cohort",
+    "blood_soup_profile",
+    "LABELS",
+    "BASE_LOGIT",
+    "repeated_sheet",
+    "simulate_cells",
+    "patient_level_truth",
+    "simulate_state_table",
+]
