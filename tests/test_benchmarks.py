@@ -212,3 +212,48 @@ def test_report_reads_only_reference_records(tmp_path):
     (tmp_path / "reference_100000_old.json").write_text(json.dumps({"steps": {}}))
     records = _reference_records(tmp_path)
     assert list(records) == [2000, 100_000] and records[100_000]["steps"] == {"de": 1.0}
+
+
+def test_compare_runs_tells_results_from_timings(tmp_path):
+    """benchmarks/compare_runs.py: identical tables pass, a time column is reported as such,
+    a changed value, a changed obs column or obsm matrix and a missing file fail."""
+    import anndata as ad
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.pop(0)
+    before, after = tmp_path / "a", tmp_path / "b"
+    for d in (before, after):
+        (d / "de").mkdir(parents=True)
+        (d / "logs").mkdir()
+    t = pd.DataFrame({"label": ["x", "y"], "p": [0.1, 0.2], "seconds": [1.5, 2.0]})
+    t.to_csv(before / "de" / "summary.tsv", sep="\t", index=False)
+    t.assign(seconds=[9.0, 9.0]).to_csv(after / "de" / "summary.tsv", sep="\t", index=False)
+    t.to_csv(before / "same.tsv", sep="\t", index=False)
+    t.to_csv(after / "same.tsv", sep="\t", index=False)
+    (before / "logs" / "x.tsv").write_text("a\n1\n")  # logs are never compared
+    obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "B"])}, index=["c1", "c2"])
+    a = ad.AnnData(obs=obs, obsm={"X_umap": np.zeros((2, 2))})
+    a.write_h5ad(before / "annotated.h5ad")
+    a.write_h5ad(after / "annotated.h5ad")
+    assert compare_runs.compare_table(
+        before / "de/summary.tsv", after / "de/summary.tsv"
+    ).startswith("time columns only")
+    assert compare_runs.main([str(before), str(after)]) == 0
+    t.assign(p=[0.1, 0.3]).to_csv(after / "same.tsv", sep="\t", index=False)
+    assert "DIFFERS" in compare_runs.compare_table(before / "same.tsv", after / "same.tsv")
+    assert compare_runs.main([str(before), str(after)]) == 1
+    t.to_csv(after / "same.tsv", sep="\t", index=False)
+    b = a.copy()
+    b.obsm["X_umap"][0, 0] = 1e-12
+    b.write_h5ad(after / "annotated.h5ad")
+    assert "obsm" in compare_runs.compare_h5ad(before / "annotated.h5ad", after / "annotated.h5ad")
+    b = a.copy()
+    b.obs["cell_type"] = pd.Categorical(["T", "T"])
+    b.write_h5ad(after / "annotated.h5ad")
+    assert "obs" in compare_runs.compare_h5ad(before / "annotated.h5ad", after / "annotated.h5ad")
+    (after / "annotated.h5ad").unlink()
+    assert compare_runs.main([str(before), str(after)]) == 1
