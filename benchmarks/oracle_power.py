@@ -55,7 +55,7 @@ def _min_genes() -> int:
     from sepsis_sc import sim
 
     try:
-        sim.cohort._select_genes(1)
+        sim.profiles.select_genes(1)
     except ValueError as err:
         return int(str(err).split("n_genes >= ")[1].split()[0])
     return 1

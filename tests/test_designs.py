@@ -118,22 +118,22 @@ def test_planted_programmes_overlap_the_signatures_only_partly():
 
 
 def test_fold_changes_are_realistic():
-    for cell_type, folds in sim.cohort._TYPE_FOLDS.items():
+    for cell_type, folds in sim.profiles.TYPE_FOLDS.items():
         # platelets start from the monocyte column as a stand-in (anucleate, no PBMC
         # population of their own): its monocyte genes go down further
         low = 1 / 40 if cell_type == "Platelet" else 1 / 8
         assert all(low <= f <= 8 for f in folds.values()), cell_type
     # absolute identity levels only for populations the fitted PBMC data lack
-    assert set(sim.cohort._TYPE_LEVELS) <= {
+    assert set(sim.profiles.TYPE_LEVELS) <= {
         "Platelet",
         "Mature neutrophil",
         "Immature neutrophil",
         "Plasmablast",
     }
-    for prog in sim.cohort._STATE_PROGRAMMES.values():
+    for prog in sim.profiles.STATE_PROGRAMMES.values():
         assert all(1 / 3 <= f <= 6 for f in prog.values())
     # effector CD8 T carry part of the exhaustion programme at baseline
-    eff = sim.cohort._TYPE_FOLDS["CD8 effector/memory T"]
+    eff = sim.profiles.TYPE_FOLDS["CD8 effector/memory T"]
     assert {"TIGIT", "PDCD1", "TOX"} <= {g for g, f in eff.items() if f > 1}
 
 
@@ -144,9 +144,9 @@ def test_subset_genes_are_not_the_annotators_lists():
     for entry in sets if isinstance(sets, list) else []:
         if isinstance(entry, dict) and "name" in entry:
             ups[entry["name"]] = set(entry.get("up") or [])
-    shared = [t for t in sim.cohort._TYPE_FOLDS if t in ups]
+    shared = [t for t in sim.profiles.TYPE_FOLDS if t in ups]
     for t in shared:
-        mine = {g for g, f in sim.cohort._TYPE_FOLDS[t].items() if f > 1}
+        mine = {g for g, f in sim.profiles.TYPE_FOLDS[t].items() if f > 1}
         if mine and ups[t]:
             assert mine != ups[t], t  # a separate source: overlap is partial
 

@@ -491,29 +491,29 @@ def test_check_planted_effects_adds_oracle_columns():
 
 def test_cohort_model_is_drawn_from_the_seed():
     sheet = _sheet(2)
-    m1 = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
-    m2 = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
+    m1 = sim.cohort.cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
+    m2 = sim.cohort.cohort_model(sheet, n_genes=N_GENES, batch_effect=0.4, seed=1)
     assert np.array_equal(m1.sample_seeds, m2.sample_seeds) and len(m1.sample_seeds) == 4
     assert set(m1.batch_gene) == {"b1", "b2"} and set(m1.donor_frac) == {"D1", "D2", "D3", "D4"}
-    flat = sim.cohort._cohort_model(sheet, n_genes=N_GENES, batch_effect=0.0, seed=1)
+    flat = sim.cohort.cohort_model(sheet, n_genes=N_GENES, batch_effect=0.0, seed=1)
     assert all(np.all(v == 1) for v in flat.batch_gene.values())
     assert flat.batch_lib == {"b1": 0.0, "b2": 0.0}
     assert m1.shape.dtype == np.float32 and m1.shape.shape == m1.profiles.shape
 
 
 def test_add_doublets_pairs_cells_of_different_types():
-    model = sim.cohort._cohort_model(_sheet(1), n_genes=N_GENES, batch_effect=0.0, seed=2)
+    model = sim.cohort.cohort_model(_sheet(1), n_genes=N_GENES, batch_effect=0.0, seed=2)
     rng = np.random.default_rng(0)
     ctype = np.array([0, 0, 1, 1, 2, 2, 0, 1])
     low_q = np.array([False] * 7 + [True])
     counts = sp.csr_matrix(np.eye(8, 5, dtype=np.float32))
-    out, is_dbl, partner, drop = sim.cohort._add_doublets(model, rng, counts, ctype, low_q, 2)
+    out, is_dbl, partner, drop = sim.counts._add_doublets(model, rng, counts, ctype, low_q, 2)
     assert is_dbl.sum() == 2 and drop.sum() == 2 and not (is_dbl & drop).any()
     assert not (is_dbl | drop)[7]  # low-quality cells take no part
     for i in np.flatnonzero(is_dbl):
         assert partner[i] != model.types[ctype[i]]
     assert out.sum() == counts.sum() + counts[drop].sum()
-    none = sim.cohort._add_doublets(model, rng, counts, ctype, low_q, 0)
+    none = sim.counts._add_doublets(model, rng, counts, ctype, low_q, 0)
     assert none[0] is counts and not none[1].any() and not none[3].any()
 
 

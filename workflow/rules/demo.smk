@@ -17,9 +17,7 @@ if demo_sample_paths():
             "../envs/sepsis_sc.yaml"
         params:
             sheet=demo_sheet(),
-            cells_per_sample=config["demo"]["cells_per_sample"],
-            n_genes=config["demo"]["n_genes"],
-            effects=config["demo"]["effects"],
+            demo=config["demo"],
             organism=config["organism"],
             case=condition_colouring()["case"],
             control=condition_colouring()["control"],
@@ -42,9 +40,8 @@ if demo_sample_paths() and TESTED_CONTRASTS:
         conda:
             "../envs/sepsis_sc.yaml"
         params:
-            effects=config["demo"]["effects"],
-            alpha=config["stats"]["alpha"],
-            min_cells=config["stats"]["min_cells"],
+            demo=config["demo"],
+            stats=config["stats"],
             contrast=first_contrast(),
         script:
             "../scripts/demo_check.py"

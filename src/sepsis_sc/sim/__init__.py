@@ -7,22 +7,16 @@
   droplets);
 * :func:`simulate_state_table`, :func:`simulate_cells`, :func:`repeated_sheet`: sample-level
   null and planted designs for calibrating the statistics.
+
+Modules: :mod:`~sepsis_sc.sim.profiles` (cell types, fitted and literature constants, state
+programmes and rates), :mod:`~sepsis_sc.sim.counts` (the count model of one sample),
+:mod:`~sepsis_sc.sim.cohort` (the cohort model, :func:`simulate_cohort`, writing the demo),
+:mod:`~sepsis_sc.sim.truth` (planted effects, oracle and grading), :mod:`~sepsis_sc.sim.blood`
+(whole blood), :mod:`~sepsis_sc.sim.designs` (sample-level designs).
 """
 
 from sepsis_sc.sim.blood import BLOOD_SOUP_GENES, blood_soup_profile, simulate_blood_cohort
-from sepsis_sc.sim.cohort import (
-    PLANTED_EFFECTS,
-    STATES,
-    cell_type_table,
-    check_planted_effects,
-    null_calibration,
-    oracle_tests,
-    planted_programmes,
-    planted_vs_scored,
-    simulate_cohort,
-    targeted_panel,
-    write_demo_cohort,
-)
+from sepsis_sc.sim.cohort import simulate_cohort, targeted_panel, write_demo_cohort
 from sepsis_sc.sim.designs import (
     BASE_LOGIT,
     LABELS,
@@ -30,6 +24,15 @@ from sepsis_sc.sim.designs import (
     repeated_sheet,
     simulate_cells,
     simulate_state_table,
+)
+from sepsis_sc.sim.profiles import STATES, cell_type_table
+from sepsis_sc.sim.truth import (
+    PLANTED_EFFECTS,
+    check_planted_effects,
+    null_calibration,
+    oracle_tests,
+    planted_programmes,
+    planted_vs_scored,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Whole-blood scenario of the simulator: neutrophil-rich samples, blood soup, empty droplets.
 
-The PBMC simulator (:mod:`sepsis_sc.simulate`) draws its soup as the library-weighted mean of
+The PBMC simulator (:mod:`sepsis_sc.sim.cohort`) draws its soup as the library-weighted mean of
 its own cells and its only bad droplets are high-mitochondrial cells, so a QC step that
 removes monocytes in neutrophil-rich samples, or keeps droplets of soup, cannot show there.
 This module builds a whole-blood cohort on the same cohort model (genes, cell-type profiles,
@@ -34,9 +34,10 @@ dispersion, donors, batches, states and planted effects) and adds what real bloo
   log-sd 0.8), as the Cell Ranger raw matrix does; this is what SoupX estimates the soup
   from (its default ``soupRange`` 0-100 UMIs).
 
-The cohort model is the PBMC simulator's (``simulate._cohort_model``); this module only swaps
-its base fractions and sepsis multipliers and calls its per-sample step with no built-in
-ambient RNA (``ambient=0``: the blood soup above replaces it), so the two stay in step.
+The cohort model is the PBMC simulator's (:func:`sepsis_sc.sim.cohort.cohort_model`); this
+module only swaps its base fractions and sepsis multipliers and calls its per-sample step
+(:func:`sepsis_sc.sim.counts.simulate_sample`) with no built-in ambient RNA (``ambient=0``:
+the blood soup above replaces it), so the two stay in step.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sepsis_sc.sim import cohort as _sim
+from sepsis_sc.sim.cohort import check_cohort_args, cohort_model
+from sepsis_sc.sim.counts import random_barcodes, sample_anndata, simulate_sample
+from sepsis_sc.sim.profiles import STATES
 
 __all__ = ["BLOOD_SOUP_GENES", "simulate_blood_cohort", "blood_soup_profile"]
 
@@ -204,10 +207,10 @@ def simulate_blood_cohort(
     Parameters
     ----------
     samples
-        Sample sheet as for :func:`sepsis_sc.simulate.simulate_cohort`.
+        Sample sheet as for :func:`sepsis_sc.sim.simulate_cohort`.
     cells_per_sample, n_genes, low_quality_rate, doublets, effects, batch_effect, seed, \
 case, control
-        As in :func:`sepsis_sc.simulate.simulate_cohort` (``cells_per_sample`` counts the
+        As in :func:`sepsis_sc.sim.simulate_cohort` (``cells_per_sample`` counts the
         cells, soup-only droplets come on top).
     neutrophil_fraction
         Neutrophil share per condition; default ``{control: 0.5, case: 0.8}``.
@@ -228,7 +231,7 @@ case, control
     -------
     adatas
         ``{sample_id: AnnData}`` of the filtered barcodes (cells and soup-only droplets), as
-        :func:`~sepsis_sc.simulate.simulate_cohort` makes them; ``obs["true_contamination"]``
+        :func:`~sepsis_sc.sim.simulate_cohort` makes them; ``obs["true_contamination"]``
         is the sample's contamination setting and ``uns["simulation"]["soup"]`` the soup.
     truth
         The simulator's truth table plus ``is_soup_droplet``, ``is_pm_aggregate``,
@@ -243,7 +246,7 @@ case, control
     pm_rate = dict(pm_aggregate_rate or {control: 0.03, case: 0.10})
     _check_args(neutrophil_fraction, contamination, case, control, organism)
     sheet = samples.reset_index(drop=True).copy()
-    _sim._check_cohort_args(
+    check_cohort_args(
         sheet,
         case=case,
         control=control,
@@ -253,12 +256,12 @@ case, control
         low_quality_rate=low_quality_rate,
         batch_effect=batch_effect,
     )
-    model = _sim._cohort_model(sheet, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
+    model = cohort_model(sheet, n_genes=n_genes, batch_effect=batch_effect, seed=seed)
     model = _blood_model(model, neutrophil_fraction, case, control)
     var_names = pd.Index(model.gene_table["gene_symbol"].astype(str))
     adatas, raws, truths = {}, {}, []
     for row, sseed in zip(sheet.to_dict("records"), model.sample_seeds, strict=True):
-        sid, counts, truth = _sim._simulate_sample(
+        sid, counts, truth = simulate_sample(
             model,
             row,
             np.random.default_rng(sseed),
@@ -320,7 +323,7 @@ def _blood_sample(
     n_sd = int(round(soup_droplet_rate * own.size))
     sd_counts = _soup_counts(rng, soup, np.exp(rng.normal(np.log(300), 0.5, n_sd)))
     counts = sp.vstack([counts, sd_counts], format="csr")
-    sd_bc = _sim._barcodes(n_sd + len(truth), rng)
+    sd_bc = random_barcodes(n_sd + len(truth), rng)
     sd_bc = np.array([b for b in sd_bc if b not in set(truth["barcode"])][:n_sd])
     sd_truth = pd.DataFrame(
         {
@@ -338,7 +341,7 @@ def _blood_sample(
     )
     for key in ("condition", "donor", "batch"):
         sd_truth[key] = str(row[key])
-    for state in _sim.STATES:
+    for state in STATES:
         sd_truth[state] = False
     truth = pd.concat([truth, sd_truth], ignore_index=True)
     total = np.asarray(counts.sum(axis=1)).ravel()
@@ -347,7 +350,7 @@ def _blood_sample(
     truth["true_contamination"] = soup_share
     truth["sample_contamination"] = rho
     counts.sort_indices()
-    adata = _sim._sample_anndata(model, row, counts, truth, {**uns, "contamination": rho}, None)
+    adata = sample_anndata(model, row, counts, truth, {**uns, "contamination": rho}, None)
     adata.obs["true_contamination"] = rho
     adata.uns["simulation"]["soup"] = soup.astype(np.float32)
     empty = _soup_counts(rng, soup, np.maximum(np.exp(rng.normal(np.log(25), 0.8, n_empty)), 1))

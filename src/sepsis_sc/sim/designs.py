@@ -8,7 +8,7 @@ time points. Hundreds of null cohorts take seconds, so the false-positive rate o
 ``benchmarks/design_calibration.py``). The truth they return is patient level: each donor's
 true values averaged over the donor's samples, then case minus control over donors.
 
-For whole single-cell cohorts (counts, QC, annotation) see :mod:`sepsis_sc.simulate`.
+For whole single-cell cohorts (counts, QC, annotation) see :mod:`sepsis_sc.sim.cohort`.
 """
 
 from __future__ import annotations
