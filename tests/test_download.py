@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sepsis_sc import download as download_module
 from sepsis_sc.download import (
     UNPACK_MARKER,
     ChecksumError,
@@ -25,6 +24,7 @@ from sepsis_sc.download import (
     unpack_archive,
     url_filename,
 )
+from sepsis_sc.download import fetch as download_module
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of non-HTML bytes
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -111,7 +111,7 @@ def test_read_dense_table(tmp_path, suffix, sep):
     path = tmp_path / f"GSE1_processed_UMI{suffix}"
     table.to_csv(path, sep=sep)
     # chunk_values small so several chunks are read
-    adata = io._read_table(path, chunk_values=len(BARCODES) * 3)
+    adata = io.text.read_table(path, chunk_values=len(BARCODES) * 3)
     _assert_same(adata)
     assert io.read_counts(path).uns["ingest_format"] == "table"
 
@@ -226,11 +226,11 @@ def test_ingest_steps_label_cells_and_check_organism():
     adata = ad.AnnData(np.zeros((2, 3), dtype=np.float32))
     adata.obs_names = ["AAAC-1", "AAAG-1"]
     adata.var_names = ["MT-CO1", "CD3E", "LYZ"]
-    io._label_cells(adata, {"sample_id": "S1", "condition": "sepsis", "path": "x.h5"}, "S1")
+    io.ingest._label_cells(adata, {"sample_id": "S1", "condition": "sepsis", "path": "x.h5"}, "S1")
     assert list(adata.obs_names) == ["S1_AAAC-1", "S1_AAAG-1"]
     assert list(adata.obs.columns) == ["barcode", "sample_id", "condition"]  # no path
-    assert io._sample_organism(adata, "human", "S1", "x.h5") == "human"
+    assert io.ingest._sample_organism(adata, "human", "S1", "x.h5") == "human"
     with pytest.raises(ValueError, match=r"organism: mouse but the genes of sample S1 \(x.h5\)"):
-        io._sample_organism(adata, "mouse", "S1", "x.h5")
-    io._store_counts_and_flags(adata)
+        io.ingest._sample_organism(adata, "mouse", "S1", "x.h5")
+    io.ingest._store_counts_and_flags(adata)
     assert adata.var["mt"].tolist() == [True, False, False] and "counts" in adata.layers

@@ -19,8 +19,7 @@ import scipy.sparse as sp
 import yaml
 
 from sepsis_sc.config import SampleSheetError, load_samples, validate_samples
-from sepsis_sc.io import write_10x_h5
-from sepsis_sc.preflight import PreflightError, check_inputs, preflight, sniff
+from sepsis_sc.io import PreflightError, check_inputs, preflight, sniff, write_10x_h5
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,7 +264,7 @@ def test_every_problem_listed_and_skip(tmp_path):
 
 
 def test_cache_skips_files_that_passed_until_they_change(tmp_path, monkeypatch):
-    import sepsis_sc.preflight as pf
+    import sepsis_sc.io.checks as pf
 
     h5 = _h5(tmp_path / "a.h5")
     calls = []

@@ -59,7 +59,7 @@ if config.get("title") is None:
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)
 if config["preflight"]["enabled"] and MAIN_PROCESS:
     # every input file, cheaply: unreadable or wrong data stops here, one line per problem
-    from sepsis_sc.preflight import preflight
+    from sepsis_sc.io import preflight
 
     for _warning in preflight(
         samples,

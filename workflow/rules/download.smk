@@ -22,8 +22,7 @@ rule download:
     params:
         url=download_url,
         checksum=download_checksum,
-        retries=config["download"]["retries"],
-        timeout=config["download"]["timeout"],
+        download=config["download"],
     script:
         "../scripts/download.py"
 

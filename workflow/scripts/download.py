@@ -7,15 +7,15 @@ logging.basicConfig(
     level=logging.INFO,
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
 )
+from sepsis_sc.config import DownloadSettings  # noqa: E402
 from sepsis_sc.download import download  # noqa: E402
 
 try:
     download(
         snakemake.params.url,
         snakemake.output[0],
+        DownloadSettings.from_config(snakemake.params.download),
         checksum=snakemake.params.checksum or None,
-        retries=int(snakemake.params.retries),
-        timeout=float(snakemake.params.timeout),
     )
 except Exception:
     logging.getLogger("download").exception("download of %s failed", snakemake.params.url)

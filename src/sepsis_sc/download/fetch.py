@@ -1,70 +1,46 @@
-"""Download public cohort files and unpack archives, safely and resumably.
-
-Two public functions feed the workflow's local ``download`` and ``unpack_archive`` rules
-(HPC compute nodes often have no internet, so fetching happens in local rules and the
-compute jobs only read local paths):
-
-* :func:`download` fetches one URL (GEO supplementary files, Zenodo, Broad, any plain
-  HTTP/HTTPS URL) into ``dest`` with retries and exponential back-off, HTTP ``Range``
-  resume, checksum verification, HTML-error-page detection and an atomic rename;
-* :func:`unpack_archive` extracts a ``.tar``/``.tar.gz``/``.tgz`` (e.g. GEO's
-  ``GSE..._RAW.tar`` of per-sample ``GSM..._matrix.mtx.gz`` triplets) or ``.zip`` with
-  path-traversal protection, and writes a completion marker so that a half-unpacked
-  directory is never mistaken for a finished one.
-
-Neither function touches an AnnData; they move bytes and log through
-``logging.getLogger(__name__)``.
-"""
+"""Fetching one file: :func:`download` (retries with exponential back-off, HTTP ``Range``
+resume, checksum verification, HTML-error-page detection, an atomic rename and a sha256
+sidecar), the checksums of the sample sheet (:func:`parse_checksum`, :func:`file_digest`) and
+the URLs it fetches (:func:`https_url`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import shutil
-import tarfile
 import time
-import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from urllib.parse import parse_qs, unquote, urlparse
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
-import pandas as pd
 import requests
+
+from sepsis_sc.config import DownloadSettings
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ArchiveSpec",
     "ChecksumError",
     "DownloadError",
-    "DownloadPlan",
-    "FileSpec",
-    "UNPACK_MARKER",
-    "archive_stem",
     "download",
-    "download_plan",
     "file_digest",
     "https_url",
     "parse_checksum",
-    "unpack_archive",
-    "url_filename",
 ]
 
-#: Name of the marker file :func:`unpack_archive` writes into ``outdir`` when done.
-UNPACK_MARKER = ".unpacked.json"
-
 _HEX_LENGTH = {"sha256": 64, "md5": 32}
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+
 _HTML_SUFFIXES = (".html", ".htm")
+
 # Client errors that no retry can fix: report them at once.
 _FATAL_STATUS = {400, 401, 403, 404, 405, 410, 451}
+
 # Transient statuses worth retrying (server errors and rate limiting).
 _RETRY_STATUS = {408, 425, 429}
+
 _MAX_RETRY_AFTER = 120.0
+
 # FTP mirrors that serve the same tree over HTTPS (ftp:// is rewritten to https:// for these).
 _HTTPS_MIRRORED_FTP = {"ftp.ncbi.nlm.nih.gov", "ftp.ebi.ac.uk", "ftp.ensembl.org"}
 
@@ -174,68 +150,6 @@ def https_url(url: str) -> str:
         f"cannot download {url!r}: only http(s) URLs (and ftp:// URLs of "
         f"{', '.join(sorted(_HTTPS_MIRRORED_FTP))}, fetched over https) are supported; "
         "use the https:// address of the file"
-    )
-
-
-def url_filename(url: str) -> str:
-    """File name a URL's content should be stored under.
-
-    The last path component of the URL (percent-decoded). GEO's
-    ``https://www.ncbi.nlm.nih.gov/geo/download/?acc=GSE123&format=file`` has none, so
-    ``acc=GSE123`` gives ``GSE123_RAW.tar`` (what GEO serves there).
-
-    Parameters
-    ----------
-    url
-        HTTP(S) URL.
-
-    Returns
-    -------
-    A bare file name (no directory part).
-
-    Raises
-    ------
-    ValueError
-        If no file name can be derived; store the file under an explicit path instead.
-    """
-    parsed = urlparse(url)
-    name = unquote(Path(parsed.path).name)
-    if name and name != "download":
-        return name
-    query = parse_qs(parsed.query)
-    acc = query.get("acc", [""])[0]
-    if re.fullmatch(r"GSE\d+", acc) and query.get("format", [""])[0] == "file":
-        return f"{acc}_RAW.tar"
-    raise ValueError(
-        f"cannot derive a file name from URL {url!r}; use a URL whose path ends in the file "
-        "name (e.g. the GEO FTP URL https://ftp.ncbi.nlm.nih.gov/geo/series/GSEnnn/GSE.../"
-        "suppl/<file>)"
-    )
-
-
-def archive_stem(name: str | os.PathLike[str]) -> str:
-    """Archive file name without its archive suffix (``GSE1_RAW.tar`` -> ``GSE1_RAW``).
-
-    Parameters
-    ----------
-    name
-        Archive file name or path.
-
-    Returns
-    -------
-    The stem, used as the name of the directory the archive unpacks into.
-
-    Raises
-    ------
-    ValueError
-        If the name has no supported archive suffix.
-    """
-    base = Path(name).name
-    for suffix in _ARCHIVE_SUFFIXES:
-        if base.lower().endswith(suffix) and len(base) > len(suffix):
-            return base[: -len(suffix)]
-    raise ValueError(
-        f"{base!r} is not a supported archive (expected one of {', '.join(_ARCHIVE_SUFFIXES)})"
     )
 
 
@@ -462,13 +376,13 @@ def _stream_body(
 def download(
     url: str,
     dest: str | os.PathLike[str],
+    settings: DownloadSettings | None = None,
     *,
     checksum: str | None = None,
-    retries: int = 5,
     backoff: float = 2.0,
-    timeout: float = 60,
     chunk_size: int = 1 << 20,
     session: requests.Session | None = None,
+    **overrides: Any,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming, retrying and verifying on the way.
 
@@ -479,7 +393,7 @@ def download(
     not fetched again.
 
     Connection errors, a connection dropped mid-file, HTTP 5xx, 408 and 429 are retried
-    up to ``retries`` times, sleeping ``backoff * 2**(attempt - 1)`` seconds (or the
+    up to ``settings.retries`` times, sleeping ``backoff * 2**(attempt - 1)`` seconds (or the
     server's ``Retry-After``, capped at 120 s) in between; a partial file is resumed with
     an HTTP ``Range`` request when the server supports it and restarted from scratch
     when it does not.
@@ -495,17 +409,20 @@ def download(
     checksum
         ``"sha256:<hex>"`` or ``"md5:<hex>"``; ``None`` skips verification (a sidecar
         sha256 is still recorded so a later call can skip the download).
-    retries
-        How many times to retry after the first attempt.
+    settings
+        The ``download`` config section (:class:`~sepsis_sc.config.DownloadSettings`; schema
+        defaults when ``None``): ``retries``, how many times to retry after the first
+        attempt, and ``timeout``, the seconds to wait for the connection and between
+        received bytes (``dir`` is not read: ``dest`` says where the file goes).
     backoff
         Base of the exponential back-off, in seconds (``0`` retries at once).
-    timeout
-        Seconds to wait for the connection and between received bytes.
     chunk_size
         Bytes per read/write.
     session
         A :class:`requests.Session` to reuse (proxies, authentication headers); a new one
         is made and closed otherwise.
+    **overrides
+        Fields of ``settings`` by name (``retries=3``, ``timeout=30``).
 
     Returns
     -------
@@ -523,6 +440,8 @@ def download(
         The downloaded bytes do not match ``checksum``; the message quotes both sums and
         the URL, and neither ``dest`` nor ``.part`` is left behind.
     """
+    settings = (settings or DownloadSettings()).with_overrides(overrides)
+    retries, timeout = settings.retries, settings.timeout
     url = https_url(url)
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
@@ -632,343 +551,3 @@ def _verify_and_publish(
     _sidecar(dest).write_text(f"{sha256}  {dest.name}\n")
     logger.info("downloaded %s (%d bytes, sha256 %s)", dest, dest.stat().st_size, sha256)
     return dest
-
-
-# --------------------------------------------------------------------------- unpacking
-
-
-def _check_member_name(name: str, archive: Path) -> None:
-    path = Path(name)
-    if path.is_absolute() or name.startswith(("/", "\\")) or ".." in path.parts:
-        raise ValueError(
-            f"archive {archive} contains the unsafe member {name!r} (absolute path or '..'); "
-            "refusing to unpack it"
-        )
-
-
-def _list_members(archive: Path) -> list[str]:
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            return [info.filename for info in zf.infolist() if not info.is_dir()]
-    with tarfile.open(archive, "r:*") as tf:
-        return [m.name for m in tf.getmembers() if m.isfile()]
-
-
-def _read_marker(outdir: Path) -> dict | None:
-    marker = outdir / UNPACK_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _select(members: Sequence[str] | None, names: Iterable[str], archive: Path) -> list[str]:
-    names = list(names)
-    if members is None:
-        return names
-    available = set(names)
-    missing = [m for m in members if m not in available]
-    if missing:
-        shown = ", ".join(sorted(available)[:20]) + (" ..." if len(available) > 20 else "")
-        raise ValueError(
-            f"archive {archive} has no member(s) {missing}; it holds {len(available)} "
-            f"files: {shown}. Fix the member names (the sample sheet 'path' column)"
-        )
-    return list(dict.fromkeys(members))
-
-
-def unpack_archive(
-    archive: str | os.PathLike[str],
-    outdir: str | os.PathLike[str],
-    *,
-    members: Sequence[str] | None = None,
-    nested: bool = False,
-) -> list[Path]:
-    """Safely extract a tar (``.tar``, ``.tar.gz``/``.tgz``, ``.bz2``, ``.xz``) or zip.
-
-    Extraction uses :mod:`tarfile`'s ``data`` filter (no absolute paths, no ``..``, no
-    links pointing outside ``outdir``, no device files); members with an unsafe name are
-    refused before anything is written. When everything is extracted a marker file
-    ``outdir/.unpacked.json`` records the archive (name, size, mtime) and the files; a
-    directory without a marker is a half-finished one and is unpacked again. A second
-    call for the same archive whose files are all present returns at once.
-
-    Parameters
-    ----------
-    archive
-        Archive file, e.g. GEO's ``GSE167363_RAW.tar`` holding flat per-sample
-        ``GSM..._barcodes.tsv.gz``/``_features.tsv.gz``/``_matrix.mtx.gz`` files.
-    outdir
-        Directory to extract into (created).
-    members
-        Member names (paths inside the archive) to extract; ``None`` extracts all
-        regular files. A name missing from the archive raises ``ValueError`` listing
-        what the archive holds.
-    nested
-        Also unpack extracted members that are archives themselves (GEO series such as
-        GSE190856 ship a ``_RAW.tar`` of per-sample ``GSM..._<name>.tar.gz``), each into
-        a directory named by its stem next to it, with the same safety rules and marker.
-
-    Returns
-    -------
-    Paths of the extracted files (under ``outdir``), in archive order; with ``nested``,
-    followed by the files of the nested archives.
-
-    Raises
-    ------
-    FileNotFoundError
-        ``archive`` does not exist.
-    ValueError
-        Unsupported archive type, unsafe member names, or requested members missing.
-    """
-    archive = Path(archive)
-    outdir = Path(outdir)
-    if not archive.is_file():
-        raise FileNotFoundError(f"archive {archive} not found; download it first")
-    archive_stem(archive)  # raises on unsupported suffixes
-    stat = archive.stat()
-    names = _list_members(archive)
-    for name in names:
-        _check_member_name(name, archive)
-    selected = _select(members, names, archive)
-
-    done = _read_marker(outdir)
-    if _already_unpacked(done, archive, stat, selected, outdir):
-        logger.info("%s already unpacked into %s; skipping", archive, outdir)
-        return [outdir / name for name in selected]
-
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / UNPACK_MARKER).unlink(missing_ok=True)
-    logger.info("unpacking %d file(s) of %s into %s", len(selected), archive, outdir)
-    _extract(archive, selected, outdir)
-    extracted = [outdir / name for name in selected]
-    if nested:
-        extracted += _unpack_nested(extracted)
-    previous = set(done.get("files", [])) if done and done.get("archive") == archive.name else set()
-    record = {
-        "archive": archive.name,
-        "size": stat.st_size,
-        "mtime": stat.st_mtime,
-        "files": sorted(previous | set(selected)),
-    }
-    (outdir / UNPACK_MARKER).write_text(json.dumps(record, indent=1) + "\n")
-    logger.info("unpacked %d file(s) into %s", len(selected), outdir)
-    return extracted
-
-
-def _already_unpacked(
-    done: dict | None, archive: Path, stat: os.stat_result, selected: list[str], outdir: Path
-) -> bool:
-    """The marker names this archive (same size) and all selected files, and they exist."""
-    return (
-        done is not None
-        and done.get("archive") == archive.name
-        and done.get("size") == stat.st_size
-        and set(selected) <= set(done.get("files", []))
-        and all((outdir / name).is_file() for name in selected)
-    )
-
-
-def _extract(archive: Path, selected: list[str], outdir: Path) -> None:
-    """Extract the selected members (zip, or tar with the ``data`` filter) into ``outdir``."""
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for name in selected:
-                target = outdir / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(name) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-    else:
-        with tarfile.open(archive, "r:*") as tf:
-            wanted = set(selected)
-            chosen = [m for m in tf.getmembers() if m.isfile() and m.name in wanted]
-            tf.extractall(outdir, members=chosen, filter="data")
-
-
-def _unpack_nested(extracted: list[Path]) -> list[Path]:
-    """Unpack every extracted archive beside itself (``x.tar.gz`` -> ``x/``), recursively;
-    returns the files they held."""
-    inner_files: list[Path] = []
-    for path in list(extracted):
-        if path.name.lower().endswith(_ARCHIVE_SUFFIXES):
-            inner = path.parent / archive_stem(path.name)
-            logger.info("unpacking nested archive %s into %s", path, inner)
-            inner_files += unpack_archive(path, inner, nested=True)
-    return inner_files
-
-
-# ----------------------------------------------------------------- sample-sheet plan
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """One file to download: where it goes (relative to the download dir) and from where."""
-
-    name: str
-    url: str
-    checksum: str | None = None
-
-
-@dataclass
-class ArchiveSpec:
-    """One archive to download and unpack, and the sample files it must yield."""
-
-    stem: str
-    archive: str
-    url: str
-    checksum: str | None = None
-    members: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DownloadPlan:
-    """What the workflow must fetch for a sample sheet (see :func:`download_plan`).
-
-    ``files`` maps a path relative to ``download_dir`` to its :class:`FileSpec` (direct
-    downloads and archives alike); ``archives`` maps an archive stem (the directory under
-    ``download_dir`` it unpacks into) to its :class:`ArchiveSpec`.
-    """
-
-    download_dir: str
-    files: dict[str, FileSpec] = field(default_factory=dict)
-    archives: dict[str, ArchiveSpec] = field(default_factory=dict)
-
-    def unpack_dir(self, stem: str) -> str:
-        """Directory archive ``stem`` unpacks into."""
-        return f"{self.download_dir}/{stem}"
-
-    def archive_path(self, stem: str) -> str:
-        """Where archive ``stem`` is downloaded to."""
-        return f"{self.download_dir}/{self.archives[stem].archive}"
-
-    def archive_outputs(self, stem: str) -> list[str]:
-        """The sample-sheet paths archive ``stem`` must yield."""
-        return [f"{self.unpack_dir(stem)}/{m}" for m in self.archives[stem].members]
-
-
-def _norm(path: str) -> str:
-    return PurePosixPath(os.path.normpath(path)).as_posix()
-
-
-def _cell(row: pd.Series, column: str) -> str:
-    value = row.get(column, "")
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value).strip()
-
-
-def _relative_to(path: str, directory: str) -> str | None:
-    prefix = directory.rstrip("/") + "/"
-    return path[len(prefix) :] if path.startswith(prefix) and len(path) > len(prefix) else None
-
-
-def download_plan(samples: pd.DataFrame, download_dir: str = "data/downloads") -> DownloadPlan:
-    """Work out the downloads and unpack jobs a sample sheet asks for.
-
-    Rows with a ``url`` download that URL to their ``path``, which must lie under
-    ``download_dir``. Rows with an ``archive_url`` download the archive to
-    ``download_dir/<archive file name>`` and unpack it into ``download_dir/<stem>/``
-    (``GSE167363_RAW.tar`` -> ``data/downloads/GSE167363_RAW/``); their ``path`` must be a
-    file inside that directory. Rows with neither are local files and are ignored.
-    Several rows may share an archive (one download, one unpack job).
-
-    Parameters
-    ----------
-    samples
-        Sample sheet with at least ``path``; optional ``url``, ``checksum``,
-        ``archive_url``, ``archive_checksum`` (missing columns and empty cells mean none).
-    download_dir
-        The ``download.dir`` config key.
-
-    Returns
-    -------
-    A :class:`DownloadPlan`.
-
-    Raises
-    ------
-    ValueError
-        Naming the sample and column at fault: a download target outside
-        ``download_dir``, both ``url`` and ``archive_url`` on one row, one path with two
-        URLs, one archive with two checksums, or an archive URL without a usable file name.
-    """
-    ddir = _norm(download_dir)
-    plan = DownloadPlan(download_dir=ddir)
-    ids = samples["sample_id"] if "sample_id" in samples.columns else samples.index
-    for sid, (_, row) in zip(ids, samples.iterrows()):
-        url, archive_url = _cell(row, "url"), _cell(row, "archive_url")
-        path = _norm(_cell(row, "path"))
-        if url and archive_url:
-            raise ValueError(
-                f"sample {sid!r} has both 'url' and 'archive_url'; give 'url' when 'path' is "
-                "the downloaded file itself, 'archive_url' when 'path' is a file inside an archive"
-            )
-        if url:
-            _plan_file(plan, sid, path, url, _cell(row, "checksum") or None)
-        elif archive_url:
-            _plan_archive(plan, sid, path, archive_url, _cell(row, "archive_checksum") or None)
-    clash = set(plan.files) & {f"{s}/{m}" for s, a in plan.archives.items() for m in a.members}
-    if clash:
-        raise ValueError(
-            f"{sorted(clash)} would be both downloaded and unpacked from an archive; "
-            "give each file one source"
-        )
-    return plan
-
-
-def _plan_file(plan: DownloadPlan, sid: object, path: str, url: str, checksum: str | None) -> None:
-    """Add a row's direct download (its ``path`` under the download directory)."""
-    ddir = plan.download_dir
-    rel = _relative_to(path, ddir)
-    if rel is None:
-        raise ValueError(
-            f"sample {sid!r}: 'path' {path!r} has a 'url' but is not under the download "
-            f"directory {ddir!r} (config key download.dir); set 'path' to "
-            f"{ddir}/<file name>"
-        )
-    spec = FileSpec(rel, https_url(url), checksum)
-    if spec.checksum:
-        parse_checksum(spec.checksum)
-    old = plan.files.get(rel)
-    if old is not None and old != spec:
-        raise ValueError(
-            f"sample {sid!r}: {path!r} is listed with two different url/checksum "
-            f"values ({old.url} vs {spec.url}); make the rows agree"
-        )
-    plan.files[rel] = spec
-
-
-def _plan_archive(
-    plan: DownloadPlan, sid: object, path: str, archive_url: str, checksum: str | None
-) -> None:
-    """Add a row's archive: its download, its unpack job and ``path`` as a member."""
-    ddir = plan.download_dir
-    fetch = https_url(archive_url)
-    name = url_filename(fetch)
-    stem = archive_stem(name)
-    if checksum:
-        parse_checksum(checksum)
-    member = _relative_to(path, f"{ddir}/{stem}")
-    if member is None:
-        raise ValueError(
-            f"sample {sid!r}: 'path' {path!r} must be a file inside the unpacked archive "
-            f"directory {ddir}/{stem}/ (archive_url {archive_url}); set 'path' to "
-            f"{ddir}/{stem}/<file name inside the archive>"
-        )
-    arch = plan.archives.get(stem)
-    if arch is None:
-        arch = plan.archives[stem] = ArchiveSpec(stem, name, fetch, checksum)
-    elif arch.url != fetch or (checksum and arch.checksum and checksum != arch.checksum):
-        raise ValueError(
-            f"sample {sid!r}: archive {name!r} is listed with a different "
-            f"archive_url/archive_checksum than another row ({arch.url}); make them agree"
-        )
-    arch.checksum = arch.checksum or checksum
-    if member not in arch.members:
-        arch.members.append(member)
-    if arch.checksum:
-        # Keep the file entry in step with the archive's (first non-empty) checksum.
-        plan.files[name] = FileSpec(name, fetch, arch.checksum)
-    else:
-        plan.files.setdefault(name, FileSpec(name, fetch, None))
