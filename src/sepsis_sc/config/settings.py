@@ -183,7 +183,7 @@ class IngestSettings(Settings):
 
 @section("preflight")
 class PreflightSettings(Settings):
-    """Cheap checks of every input file before any job (``sepsis_sc.io.preflight``)."""
+    """Cheap checks of every input file before any job (:func:`sepsis_sc.io.preflight`)."""
 
     enabled: bool
     max_cells: int
@@ -353,7 +353,7 @@ class PatientSettings(Settings):
 
 @section("download")
 class DownloadSettings(Settings):
-    """Fetching public cohort files (``sepsis_sc.io.download``)."""
+    """Fetching public cohort files (``sepsis_sc.download``)."""
 
     dir: str
     retries: int
