@@ -12,7 +12,9 @@ from scipy import sparse
 from sklearn.metrics import roc_auc_score
 
 from sepsis_sc import qc
+from sepsis_sc.config import QCSettings
 from sepsis_sc.pl import qc as pl_qc
+from sepsis_sc.pl.style import savefig
 
 NEUTRO = ["FCGR3B", "CSF3R", "CXCR2", "CMTM2", "FPR1", "S100A8", "S100A9", "G0S2", "NAMPT"]
 MT = [f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB")]
@@ -179,17 +181,17 @@ def test_doublet_scores_higher_for_synthetic_doublets():
 def test_doublets_use_exact_knn_for_ordinary_samples(monkeypatch):
     """Exact kNN below EXACT_KNN_MAX_CELLS (pynndescent's compile costs ~1 min per process)."""
     seen = []
-    real = qc.sc.pp.scrublet
+    real = qc.doublets.sc.pp.scrublet
 
     def spy(adata, **kwargs):
         seen.append(kwargs["use_approx_neighbors"])
         return real(adata, **kwargs)
 
-    monkeypatch.setattr(qc.sc.pp, "scrublet", spy)
+    monkeypatch.setattr(qc.doublets.sc.pp, "scrublet", spy)
     adata = make_sample(n_per_type=60, n_doublets=10, seed=5)
     qc.detect_doublets(adata, seed=0)
     assert seen == [False]
-    monkeypatch.setattr(qc, "EXACT_KNN_MAX_CELLS", 50)
+    monkeypatch.setattr(qc.doublets, "EXACT_KNN_MAX_CELLS", 50)
     qc.detect_doublets(adata, seed=0)
     assert seen == [False, True]
     qc.detect_doublets(adata, seed=0, use_approx_neighbors=False)
@@ -355,7 +357,7 @@ def test_merge_to_file_equals_merge_then_normalize(tmp_path, with_soupx):
     qc.normalize(want, layer=layer)
     out = tmp_path / "merged.h5ad"
     shape = qc.merge_samples_to_file(
-        paths, out, min_cells_per_gene=5, normalize_layer=layer, uns={"excluded_samples": {}}
+        paths, out, min_cells_per_gene=5, downstream_layer=layer, uns={"excluded_samples": {}}
     )
     got = ad.read_h5ad(out)
     assert shape == want.shape == got.shape
@@ -414,9 +416,9 @@ def test_figures(tmp_path):
     summary = qc.run_qc(adata, doublet_method="none")
     thr = adata.uns["qc"]["thresholds"]
     paths = [
-        pl_qc.violins(adata, thr, tmp_path / "v.png"),
-        pl_qc.scatter(adata.obs, tmp_path / "s.png"),
-        pl_qc.removed(summary, tmp_path / "r.png"),
+        savefig(pl_qc.violins(adata, thr), tmp_path / "v.png"),
+        savefig(pl_qc.scatter(adata.obs), tmp_path / "s.png"),
+        savefig(pl_qc.removed(summary), tmp_path / "r.png"),
     ]
     for p in paths:
         assert p.exists() and p.stat().st_size > 5000
@@ -476,56 +478,62 @@ def test_simulated_cohort_targets():
 
 
 # --------------------------------------------------------------------------------------
-# QCParams and the steps of run_qc
+# QCSettings and the steps of run_qc
 # --------------------------------------------------------------------------------------
 
+#: config keys of the MADs -> the obs metric they apply to (QCSettings.nmads)
+NMADS_KEYS = {
+    "nmads_counts": "log1p_total_counts",
+    "nmads_genes": "log1p_n_genes_by_counts",
+    "nmads_mt": "pct_counts_mt",
+}
 
-def test_qcparams_defaults_are_the_schema_defaults():
-    """The config schema is the one source of defaults; QCParams repeats them."""
+
+def test_qc_settings_defaults_are_the_schema_defaults():
+    """The config schema is the one source of defaults; QCSettings reads them."""
     from sepsis_sc.config import load_schema
 
     section = load_schema("config")["properties"]["qc"]["properties"]
-    params = qc.QCParams()
+    params = QCSettings()
     checked = set()
     for key, spec in section.items():
-        if key in qc.QCParams._NOT_PARAMS:
-            continue
-        if key in qc.QCParams._NMADS_KEYS:
-            assert params.nmads[qc.QCParams._NMADS_KEYS[key]] == spec["default"], key
-        else:
-            name = qc.QCParams._CONFIG_NAMES.get(key, key)
-            assert getattr(params, name) == spec["default"], key
+        if key in NMADS_KEYS:
+            assert params.nmads[NMADS_KEYS[key]] == spec["default"], key
+        got = getattr(params, key)
+        assert (list(got) if isinstance(got, tuple) else got) == spec["default"], key
         checked.add(key)
     assert len(checked) >= 12
-    assert qc.QCParams.from_config({}) == params
+    assert QCSettings.from_config({}) == params
     # every schema key is understood by from_config
-    qc.QCParams.from_config({k: v["default"] for k, v in section.items()})
+    QCSettings.from_config({k: v["default"] for k, v in section.items()})
 
 
-def test_qcparams_from_config_and_keyword_overrides():
-    p = qc.QCParams.from_config(
+def test_qc_settings_from_config_and_keyword_overrides():
+    p = QCSettings.from_config(
         {"nmads_counts": 4, "rescue_low_rna_immune": False, "on_empty": "drop", "min_counts": 50}
     )
     assert list(p.nmads) == list(qc.DEFAULT_NMADS)  # column order of the thresholds table
     assert p.nmads["log1p_total_counts"] == 4 and p.nmads["pct_counts_mt"] == 3
-    assert p.rescue is False and p.min_counts == 50
-    with pytest.raises(ValueError, match="unknown qc config key 'nmads'"):
-        qc.QCParams.from_config({"nmads": 3})
-    assert p.with_overrides({"rescue_low_rna_immune": True}).rescue is True  # old keyword
+    assert p.rescue_low_rna_immune is False and p.min_counts == 50
+    with pytest.raises(ValueError, match="nmads"):
+        QCSettings.from_config({"nmads": 3})
+    assert p.with_overrides({"rescue_low_rna_immune": True}).rescue_low_rna_immune is True
     assert p.with_overrides({}) is p
     with pytest.raises(TypeError, match="min_count"):
         p.with_overrides({"min_count": 3})
-    with pytest.raises(TypeError, match="not both"):
-        p.with_overrides({"rescue": True, "rescue_low_rna_immune": True})
-    assert qc.QCParams(nmads=None).nmads == qc.DEFAULT_NMADS
+    with pytest.raises(TypeError, match="rescue"):  # QCParams' old name is no setting
+        p.with_overrides({"rescue": True})
+    assert QCSettings().nmads == qc.DEFAULT_NMADS
 
 
 def test_run_qc_params_and_keywords_agree():
-    """run_qc(adata, QCParams(...)) == run_qc(adata, **same keywords); params are recorded
+    """run_qc(adata, QCSettings(...)) == run_qc(adata, **same keywords); params are recorded
     without None values (an .h5ad cannot hold None, and no "none" strings stand in)."""
     a, b = make_sample(n_neutro=20, seed=11), make_sample(n_neutro=20, seed=11)
-    s1 = qc.run_qc(a, doublet_method="none", min_genes=30, rescue_low_rna_immune=True)
-    s2 = qc.run_qc(b, qc.QCParams(doublet_method="none", min_genes=30, max_pct_mt=None))
+    s1 = qc.run_qc(
+        a, doublet_method="none", min_genes=30, rescue_low_rna_immune=True, max_pct_mt=None
+    )
+    s2 = qc.run_qc(b, QCSettings(doublet_method="none", min_genes=30, max_pct_mt=None))
     pd.testing.assert_frame_equal(s1, s2)
     pd.testing.assert_frame_equal(a.obs, b.obs)
     params = a.uns["qc"]["params"]
@@ -538,51 +546,57 @@ def test_run_qc_params_and_keywords_agree():
         qc.run_qc(make_sample(n_per_type=10), min_count=5)
 
 
-def test_run_qc_without_params_keeps_no_hard_mito_ceiling():
-    """Keyword callers keep max_pct_mt=None; the config (QCParams()) caps at 20 %."""
-    assert qc._RUN_QC_DEFAULTS.max_pct_mt is None
-    assert qc._RUN_QC_DEFAULTS == qc.QCParams(max_pct_mt=None)
-    assert qc.QCParams().max_pct_mt == 20
+def test_run_qc_without_settings_takes_the_schema_mito_ceiling():
+    """One default for everyone: run_qc without settings caps mito at the schema's 20 %
+    (library callers once had no cap); max_pct_mt=None lifts the cap."""
+    assert QCSettings().max_pct_mt == 20
+    a, b = make_sample(n_per_type=20, seed=3), make_sample(n_per_type=20, seed=3)
+    qc.run_qc(a, doublet_method="none")
+    assert a.uns["qc"]["params"]["max_pct_mt"] == 20
+    qc.run_qc(b, doublet_method="none", max_pct_mt=None)
+    assert "max_pct_mt" not in b.uns["qc"]["params"]
 
 
 def test_mad_bounds_and_limits():
     row: dict = {}
-    lo, up = qc._mad_bounds(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), "log1p_x", 2.0, "S", row)
+    lo, up = qc.thresholds._mad_bounds(
+        np.array([1.0, 2.0, 3.0, 4.0, 100.0]), "log1p_x", 2.0, "S", row
+    )
     assert (lo, up) == (1.0, 5.0) and row["log1p_x_median"] == 3.0 and row["log1p_x_mad"] == 1
-    lo, up = qc._mad_bounds(np.array([1.0, 2.0, 3.0]), "pct_counts_mt", 3.0, "S", row)
+    lo, up = qc.thresholds._mad_bounds(np.array([1.0, 2.0, 3.0]), "pct_counts_mt", 3.0, "S", row)
     assert np.isnan(lo) and up == 5.0  # percentages: upper side only
-    lo, up = qc._mad_bounds(np.array([2.0, 2.0, 2.0, 9.0]), "log1p_y", 3.0, "S", {})
+    lo, up = qc.thresholds._mad_bounds(np.array([2.0, 2.0, 2.0, 9.0]), "log1p_y", 3.0, "S", {})
     assert np.isnan(lo) and np.isnan(up)  # MAD 0: no adaptive threshold
     eff = {k: np.nan for k in ("min_counts", "max_counts", "min_genes", "max_genes", "max_pct_mt")}
-    qc._tighten_adaptive(eff, "log1p_total_counts", np.log1p(100), np.log1p(5000))
-    qc._tighten_adaptive(eff, "pct_counts_mt", np.nan, 5.0)
+    qc.thresholds._tighten_adaptive(eff, "log1p_total_counts", np.log1p(100), np.log1p(5000))
+    qc.thresholds._tighten_adaptive(eff, "pct_counts_mt", np.nan, 5.0)
     assert np.isclose(eff["min_counts"], 100) and np.isclose(eff["max_counts"], 5000)
     assert eff["max_pct_mt"] == 5.0
     hard = {"min_counts": 300, "max_counts": None, "min_genes": None, "max_genes": None}
-    qc._apply_hard_limits(eff, {**hard, "max_pct_mt": 20}, mt_threshold_floor=8)
+    qc.thresholds._apply_hard_limits(eff, {**hard, "max_pct_mt": 20}, mt_threshold_floor=8)
     assert eff["max_pct_mt"] == 8.0  # the floor lifts 5 % to 8 %, 20 % does not tighten it
     assert eff["min_counts"] == 300 and np.isnan(eff["min_genes"])
 
 
 def test_doublet_threshold_rules():
     obs = np.linspace(0, 1, 101)
-    assert qc._doublet_threshold(obs, obs, 0.3, 0.1, "S") == (0.3, "user")
+    assert qc.doublets._doublet_threshold(obs, obs, 0.3, 0.1, "S") == (0.3, "user")
     rng = np.random.default_rng(0)
     sim = np.r_[rng.normal(0.1, 0.03, 2000), rng.normal(0.7, 0.05, 500)]
-    thr, method = qc._doublet_threshold(obs, sim, None, 0.1, "S")
+    thr, method = qc.doublets._doublet_threshold(obs, sim, None, 0.1, "S")
     assert method == "scrublet_minimum" and 0.15 < thr < 0.8
-    thr, method = qc._doublet_threshold(obs, np.full(50, 0.5), None, 0.1, "S")
+    thr, method = qc.doublets._doublet_threshold(obs, np.full(50, 0.5), None, 0.1, "S")
     assert method == "expected_rate_quantile" and np.isclose(thr, 0.9)
 
 
 def test_sample_cells_loaded_sources():
     adata = make_sample(n_per_type=5)
     idx = np.arange(adata.n_obs)
-    assert qc._sample_cells_loaded(adata, 5000.0, "S1", idx) == 5000.0
-    assert qc._sample_cells_loaded(adata, {"S1": 7000.0}, "S1", idx) == 7000.0
-    assert qc._sample_cells_loaded(adata, None, "S1", idx) is None
+    assert qc.doublets.sample_cells_loaded(adata, 5000.0, "S1", idx) == 5000.0
+    assert qc.doublets.sample_cells_loaded(adata, {"S1": 7000.0}, "S1", idx) == 7000.0
+    assert qc.doublets.sample_cells_loaded(adata, None, "S1", idx) is None
     adata.obs["cells_loaded"] = "9000"
-    assert qc._sample_cells_loaded(adata, None, "S1", idx) == 9000.0
+    assert qc.doublets.sample_cells_loaded(adata, None, "S1", idx) == 9000.0
 
 
 def test_finalise_reasons_marks_doublets_and_unrescues_them():
@@ -591,16 +605,16 @@ def test_finalise_reasons_marks_doublets_and_unrescues_them():
     adata.obs["predicted_doublet"] = [True, True] + [False] * 6
     adata.obs["low_rna_immune"] = [False, False, False, True] + [False] * 4
     keep = adata.copy()
-    qc._finalise_reasons(adata, remove_doublets=True)
+    qc.run._finalise_reasons(adata, remove_doublets=True)
     assert list(adata.obs["qc_reason"][:2]) == ["doublet", "low_counts;doublet"]
     assert list(adata.obs["qc_outlier"][:4]) == [True, True, False, True]
-    qc._finalise_reasons(keep, remove_doublets=False)
+    qc.run._finalise_reasons(keep, remove_doublets=False)
     assert list(keep.obs["qc_outlier"][:4]) == [False, True, False, True]
 
 
 def test_rescue_in_sample_requires_enrichment():
     n = 6
-    cells = qc._RescueCells(
+    cells = qc.rescue._RescueCells(
         only_low=np.array([True] * 4 + [False] * 2),
         total=np.array([200, 200, 200, 50, 1000, 1000], dtype=float),
         genes=np.array([100, 100, 100, 40, 500, 500], dtype=float),
@@ -610,7 +624,7 @@ def test_rescue_in_sample_requires_enrichment():
     )
     k = np.array([80, 1, 80, 20, 10, 10], dtype=float)  # set UMIs; pooled fraction 1 %
     n_det = np.array([5, 1, 5, 5, 3, 3])
-    hit = qc._rescue_in_sample(
+    hit = qc.rescue._rescue_in_sample(
         cells,
         k,
         n_det,
@@ -626,7 +640,7 @@ def test_rescue_in_sample_requires_enrichment():
     assert list(hit) == [0]  # 1: no markers; 2: high mito; 3: below the floors
 
 
-def test_qc_mito_violin_axis_is_robust_to_damaged_cells(tmp_path, monkeypatch):
+def test_qc_mito_violin_axis_is_robust_to_damaged_cells():
     from sepsis_sc.pl import qc as pl_qc
 
     rng = np.random.default_rng(0)
@@ -642,10 +656,8 @@ def test_qc_mito_violin_axis_is_robust_to_damaged_cells(tmp_path, monkeypatch):
         index=[f"c{i}" for i in range(n)],
     )
     thr = pd.DataFrame({"sample_id": ["A", "B"], "max_pct_mt": [8.0, 9.0]})
-    figs = []
-    monkeypatch.setattr(pl_qc, "savefig", lambda fig, path: figs.append(fig) or path)
-    pl_qc.violins(obs, thr, tmp_path / "v.png")
-    ax = figs[0].axes[2]
+    fig = pl_qc.violins(obs, thr)
+    ax = fig.axes[2]
     assert 9.0 < ax.get_ylim()[1] <= 1.5 * 9.0 * 1.1 + 1e-9  # threshold shown, outliers cut
     above = sorted(t.get_text() for t in ax.texts)
     n_a = int((obs.loc[obs.sample_id == "A", "pct_counts_mt"] > ax.get_ylim()[1]).sum())

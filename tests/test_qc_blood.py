@@ -10,6 +10,7 @@ import pytest
 from conftest import shared_file
 
 from sepsis_sc import qc
+from sepsis_sc.config import QCSettings
 from sepsis_sc.sim import simulate_blood_cohort
 
 
@@ -30,7 +31,7 @@ def blood():
     adatas, truth, raws = simulate_blood_cohort(
         _sheet(), cells_per_sample=1500, n_genes=3000, seed=1, contamination=0.10
     )
-    summaries = [qc.run_qc(a, qc.QCParams(), raw=raws[s], seed=0) for s, a in adatas.items()]
+    summaries = [qc.run_qc(a, QCSettings(), raw=raws[s], seed=0) for s, a in adatas.items()]
     return adatas, truth.set_index("cell_id"), pd.concat(summaries, ignore_index=True)
 
 
@@ -133,7 +134,7 @@ def test_rescue_tests_against_the_soup():
     """A low-UMI droplet carrying the soup's share of neutrophil genes is not rescued when the
     soup (rich in S100A8/A9) is the null, although it beats the average cell."""
     n = 4
-    cells = qc._RescueCells(
+    cells = qc.rescue._RescueCells(
         only_low=np.array([True, False, False, False]),
         total=np.array([300, 3000, 3000, 3000], dtype=float),
         genes=np.array([150, 900, 900, 900], dtype=float),
@@ -152,15 +153,17 @@ def test_rescue_tests_against_the_soup():
         alpha=1e-3,
         label=("S", "neutrophil"),
     )
-    assert list(qc._rescue_in_sample(cells, k, n_det, np.ones(n, bool), **kw)) == [0]
-    assert list(qc._rescue_in_sample(cells, k, n_det, np.ones(n, bool), p_soup=0.1, **kw)) == []
+    assert list(qc.rescue._rescue_in_sample(cells, k, n_det, np.ones(n, bool), **kw)) == [0]
+    assert (
+        list(qc.rescue._rescue_in_sample(cells, k, n_det, np.ones(n, bool), p_soup=0.1, **kw)) == []
+    )
 
 
 @pytest.mark.realdata
 def test_real_pbmc4k_blood_qc():
     """soupx_pbmc4k (filtered only): kept fraction, removal per lineage, contamination."""
     adata = ad.read_h5ad(shared_file("soupx_pbmc4k.h5ad"))
-    summary = qc.run_qc(adata, qc.QCParams(), sample_id="pbmc4k", seed=0)
+    summary = qc.run_qc(adata, QCSettings(), sample_id="pbmc4k", seed=0)
     row = summary.iloc[0]
     assert 0.85 <= row["cells_out"] / row["cells_in"] <= 0.98
     assert row["contamination_source"] in ("filtered_pooled", "not_estimated")
@@ -176,11 +179,12 @@ def test_real_pbmc4k_blood_qc():
 
 def test_blood_qc_figures(blood, tmp_path):
     from sepsis_sc.pl import qc as pl_qc
+    from sepsis_sc.pl.style import savefig
 
     _, _, summary = blood
     for p in (
-        pl_qc.removed_by_lineage(summary, tmp_path / "lineage.png"),
-        pl_qc.contamination(summary, tmp_path / "contamination.png"),
-        pl_qc.removed(summary, tmp_path / "removed.png"),
+        savefig(pl_qc.removed_by_lineage(summary), tmp_path / "lineage.png"),
+        savefig(pl_qc.contamination(summary), tmp_path / "contamination.png"),
+        savefig(pl_qc.removed(summary), tmp_path / "removed.png"),
     ):
         assert p.exists() and p.stat().st_size > 5000

@@ -50,10 +50,7 @@ rule qc_merge:
         mem_mb=cohort_mem("qc_merge"),
         runtime=60,
     params:
-        min_cells_per_gene=config["qc"]["min_cells_per_gene"],
-        min_cells_per_sample=config["qc"]["min_cells_per_sample"],
-        on_small=config["qc"]["on_small_sample"],
-        downstream_layer=config["qc"]["downstream_layer"],
+        qc=config["qc"],
     script:
         "../scripts/qc_merge.py"
 

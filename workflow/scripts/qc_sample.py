@@ -1,13 +1,13 @@
 """Snakemake script (rule qc_sample): read one sample's raw counts and label its cells from the
 sheet (ingest), then adaptive QC and doublets."""
 
+from sepsis_sc.config import QCSettings
 from sepsis_sc.io import ingest_sample, read_raw_droplets
-from sepsis_sc.qc import QCParams, filter_cells_qc, run_qc
+from sepsis_sc.qc import filter_cells_qc, run_qc
 from sepsis_sc.utils import setup_logging, write_h5ad, write_table
 
 setup_logging(snakemake.log[0])
 
-q = snakemake.params.qc
 adata = ingest_sample(
     snakemake.input[0],
     snakemake.params.record,
@@ -21,12 +21,11 @@ raw = read_raw_droplets(raw_path, sample_id, adata.var_names) if raw_path else N
 chemistry = str(snakemake.params.record.get("chemistry") or "") or None
 summary = run_qc(
     adata,
-    QCParams.from_config(q),
+    QCSettings.from_config(snakemake.params.qc),
     sample_id=sample_id,
     organism=snakemake.params.organism,
     cells_loaded=float(cells_loaded) if cells_loaded not in (None, "") else None,
     seed=snakemake.params.seed,
-    on_empty=q["on_empty"],
     raw=raw,
     chemistry=chemistry,
 )

@@ -7,21 +7,19 @@
 * :func:`removed_by_lineage`: share of each first-pass lineage removed, per sample.
 * :func:`contamination`: estimated ambient-RNA contamination per sample.
 
-Each function writes the PNG ``path`` (folders created) and returns that path; their
-docstrings do not repeat it.
+Each function returns the matplotlib Figure; save it with
+:func:`sepsis_sc.pl.style.savefig` (``savefig(fig, path)``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sepsis_sc.pl.style import savefig, set_style
-from sepsis_sc.qc import _primary_reason
+from sepsis_sc.pl.style import set_style
+from sepsis_sc.qc.run import primary_reason
 
 __all__ = ["violins", "scatter", "removed", "removed_by_lineage", "contamination"]
 
@@ -33,10 +31,9 @@ def _obs(adata_or_obs: ad.AnnData | pd.DataFrame) -> pd.DataFrame:
 def violins(
     adata_or_obs: ad.AnnData | pd.DataFrame,
     thresholds: pd.DataFrame,
-    path: str | Path,
     *,
     batch_key: str = "sample_id",
-) -> Path:
+) -> plt.Figure:
     """Per-sample distributions of UMI counts, genes and mito %, with the thresholds drawn.
 
     The mito % axis stops at the pooled 99.5th percentile, but at least at the highest
@@ -103,7 +100,7 @@ def violins(
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     axes[0].set_title("QC metrics per sample, with each sample's own thresholds")
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
 def _robust_top(
@@ -146,7 +143,7 @@ def _cut_violins(ax, data: list[np.ndarray], top: float) -> dict:
     return parts
 
 
-def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
+def scatter(obs: ad.AnnData | pd.DataFrame) -> plt.Figure:
     """UMI counts vs detected genes, coloured by mito %, removed cells marked by reason.
 
     Parameters
@@ -161,7 +158,7 @@ def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
     y = np.log10(np.maximum(obs["n_genes_by_counts"].to_numpy(dtype=float), 1))
     mt = obs["pct_counts_mt"].to_numpy(dtype=float)
     reason = obs["qc_reason"].astype(str) if "qc_reason" in obs else pd.Series("pass", obs.index)
-    primary = reason.map(_primary_reason)
+    primary = reason.map(primary_reason)
     fig, ax = plt.subplots(figsize=(6.2, 4.8))
     vmax = float(np.nanpercentile(mt, 99)) if len(mt) else 1.0
     sca = ax.scatter(x, y, c=mt, s=5, cmap="viridis", vmin=0, vmax=max(vmax, 1e-3), lw=0)
@@ -211,10 +208,10 @@ def scatter(obs: ad.AnnData | pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"Counts vs genes ({n_removed} of {len(obs)} cells removed)")
     ax.legend(loc="upper left", frameon=False, fontsize=8, markerscale=1.3)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
-def removed(summary: pd.DataFrame, path: str | Path) -> Path:
+def removed(summary: pd.DataFrame) -> plt.Figure:
     """Stacked bars: cells removed per sample, each cell counted once by its main reason.
 
     Parameters
@@ -263,10 +260,10 @@ def removed(summary: pd.DataFrame, path: str | Path) -> Path:
     if len(samples) > 4:
         ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
-def removed_by_lineage(summary: pd.DataFrame, path: str | Path) -> Path:
+def removed_by_lineage(summary: pd.DataFrame) -> plt.Figure:
     """Heatmap: percent of each first-pass lineage removed by QC, per sample.
 
     A rule fair to the cell mix removes about the same share of a lineage in every sample,
@@ -310,10 +307,10 @@ def removed_by_lineage(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"Cells removed by QC per lineage (upper-tail rule: {rule})")
     fig.colorbar(im, ax=ax, label="% of the lineage removed", shrink=0.8)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
-def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
+def contamination(summary: pd.DataFrame) -> plt.Figure:
     """Bars: estimated ambient-RNA contamination per sample, labelled by how it was made.
 
     Parameters
@@ -365,4 +362,4 @@ def contamination(summary: pd.DataFrame, path: str | Path) -> Path:
     top = np.nanmax(rho) if np.isfinite(rho).any() else 1.0
     ax.set_ylim(0, 1.3 * top + 0.5)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig

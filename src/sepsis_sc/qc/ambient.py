@@ -10,7 +10,7 @@ holding only soup pass as neutrophils or platelets. The steps, per sample:
    than LYZ/S100A8, FCGR3B/CSF3R/CXCR2 for neutrophils). A droplet is ``Platelet`` only
    when it has no leukocyte identity, so platelet-monocyte aggregates stay ``Monocyte``.
    The labels group cells for SoupX's non-expressing-cell test, for the per-lineage QC
-   summary and for the upper-tail rule of :mod:`sepsis_sc.qc`.
+   summary and for the upper-tail rule of :mod:`sepsis_sc.qc.blood`.
 2. **Soup profile** (:func:`estimate_soup`): with the raw (unfiltered) droplet matrix, the
    SoupX estimate (Young & Behjati 2020, GigaScience 9:giaa151): the pooled profile of the
    droplets with 0 < UMIs < ``soup_max_counts`` (100, SoupX's ``soupRange``). Without raw
@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LINEAGE_MARKERS",
+    "LINEAGES",
     "NON_EXPRESSED_SETS",
     "first_pass_lineage",
     "estimate_soup",
@@ -210,7 +211,7 @@ def estimate_soup(
     adata: ad.AnnData,
     raw: ad.AnnData | None = None,
     *,
-    soup_max_counts: float = 100.0,
+    soup_max_counts: float,
     min_droplets: int = 50,
 ) -> tuple[pd.Series, str]:
     """Soup profile of one sample: from raw droplets (SoupX) or the pooled filtered cells.
@@ -223,7 +224,8 @@ def estimate_soup(
         The unfiltered droplet matrix of the same sample (or ``None``). Genes are matched by
         name; genes of ``adata`` missing from ``raw`` get soup 0.
     soup_max_counts
-        Droplets with 0 < UMIs < this are soup (SoupX ``soupRange = c(0, 100)``).
+        Droplets with 0 < UMIs < this are soup (config ``qc.soup_max_counts``, 100 in the
+        schema as SoupX's ``soupRange = c(0, 100)``).
     min_droplets
         Fewer such droplets than this: fall back to the pooled cells (logged).
 
