@@ -57,7 +57,8 @@ def one_cohort(seed: int, cfg: dict, n_genes: int) -> dict:
         min_genes_fraction=sc_cfg["min_genes_fraction"],
         min_cells_parent=st["min_cells"],
         max_rank=sc_cfg["max_rank"],
-        call_rules={"method": sc_cfg["call_rule"], "quantile": sc_cfg["call_quantile"]},
+        call_rule=sc_cfg["call_rule"],
+        call_quantile=sc_cfg["call_quantile"],
         control="control",
     )
     table = sample_table(adata, min_cells=st["min_cells"])

@@ -183,7 +183,7 @@ def test_age_confounded_with_condition_is_removed_by_adjusting():
     tab, meta = _age_confounded_table()
     plain = stats.condition_effects(tab, case="sepsis", control="control", meta=meta)
     adj = stats.condition_effects(
-        tab, case="sepsis", control="control", meta=meta, formula="~ age + condition"
+        tab, case="sepsis", control="control", meta=meta, design="~ age + condition"
     )
     assert (plain["fdr"] < 0.05).all()  # unadjusted: age shows up as a sepsis effect
     assert (adj["pvalue"] > 0.05).all()  # adjusted: no effect of sepsis itself
@@ -283,7 +283,7 @@ def test_sample_meta_with_columns_adds_donor_and_keeps_obs_order():
 
 
 def test_paired_mode_and_covariate_terms():
-    from sepsis_sc.design import _covariate_terms, _paired_mode
+    from sepsis_sc.design.model import _covariate_terms, _paired_mode
 
     assert _paired_mode(SEPSIS, None) == "auto"
     assert _paired_mode(SEPSIS, True) == "yes" and _paired_mode(SEPSIS, False) == "no"
@@ -296,7 +296,7 @@ def test_paired_mode_and_covariate_terms():
 
 
 def test_informative_covariates_drop_constant_and_refuse_collinear():
-    from sepsis_sc.design import _base_columns, _informative_covariates
+    from sepsis_sc.design.model import _base_columns, _informative_covariates
 
     units = pd.DataFrame({"donor": list("abcd"), "level": ["s", "s", "c", "c"]}, index=list("abcd"))
     base = _base_columns(units, use_paired=False)
@@ -310,7 +310,7 @@ def test_informative_covariates_drop_constant_and_refuse_collinear():
 
 
 def test_estimability_reasons():
-    from sepsis_sc.design import _estimability
+    from sepsis_sc.design.model import _estimability
 
     one_group = pd.DataFrame({"Intercept": [1.0, 1.0], COEF: [1.0, 1.0]})
     ok, why = _estimability(one_group, [], SEPSIS, "~ condition", False)
@@ -324,7 +324,7 @@ def test_estimability_reasons():
 
 
 def test_fit_feature_without_residual_df_gives_effect_only():
-    from sepsis_sc.design import _fit_feature
+    from sepsis_sc.design.limma import _fit_feature
 
     meta = repeated_sheet(1, 1, ("T0",))
     design = resolve_design(meta, SEPSIS)
@@ -359,10 +359,12 @@ def _check_settings_defaults(cls, section: str, functions=()) -> None:
 
 
 def test_stats_settings_defaults_are_the_schema_defaults():
-    from sepsis_sc.design import StatsSettings
+    from sepsis_sc.config import StatsSettings
 
     _check_settings_defaults(StatsSettings, "stats", (stats.sample_table,))
-    s = StatsSettings.from_config({"alpha": 0.1, "design": "~ age + condition", "other": 1})
+    s = StatsSettings.from_config({"alpha": 0.1, "design": "~ age + condition"})
     assert s.alpha == 0.1 and s.design == "~ age + condition" and s.test == "t"
+    with pytest.raises(ValueError, match="'stats.other' is not a known option"):
+        StatsSettings.from_config({"other": 1})  # validated as the workflow does
     with pytest.raises(AttributeError):
         s.alpha = 0.2  # type: ignore[misc]

@@ -366,8 +366,8 @@ def test_score_states_counts_in_x_or_layer_alike():
 
 
 def test_score_states_streams_counts_from_the_file(tmp_path):
-    """score_states(counts_file=) ranks the counts streamed from the .h5ad (adata holds no
-    matrix; the workflow's rule score at atlas scale) and gives the in-memory result."""
+    """score_states(counts=FileCounts) ranks the counts streamed from the .h5ad (adata holds
+    no matrix; the workflow's rule score at atlas scale) and gives the in-memory result."""
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
 
@@ -377,13 +377,15 @@ def test_score_states_streams_counts_from_the_file(tmp_path):
     t1 = score_states(adata, control="control", chunk_size=77)
     light = store.read(path)
     assert light.X is None and not light.layers
-    t2 = score_states(light, control="control", chunk_size=77, counts_file=path)
+    counts = store.FileCounts.matching(path, "counts", light)
+    t2 = score_states(light, control="control", chunk_size=77, counts=counts)
     pd.testing.assert_frame_equal(t1, t2)
     pd.testing.assert_frame_equal(adata.obs, light.obs)
 
 
 def test_score_steps_signature_columns_and_call_rules():
-    from sepsis_sc.score import _call_rules, _signature_columns
+    from sepsis_sc.score.calls import call_rules
+    from sepsis_sc.score.ucell import _signature_columns
 
     sigs = [
         {"name": "a", "up": ["G2", "G1", "G2", "nope"], "down": ["G5"]},
@@ -392,27 +394,27 @@ def test_score_steps_signature_columns_and_call_rules():
     idx, parts = _signature_columns(sigs, pd.Index([f"G{i}" for i in range(6)]))
     assert list(idx) == [2, 1, 5]  # union in first-seen order; absent genes dropped
     assert parts == {"a": ([0, 1], [2]), "b": ([2], [])}
-    assert _call_rules(None) == {"default": {"method": "control_quantile", "quantile": 0.95}}
-    assert _call_rules({"method": "otsu"}) == {"default": {"method": "otsu"}}
-    rules = _call_rules({"x": {"method": "none"}})
+    assert call_rules(None) == {"default": {"method": "control_quantile", "quantile": 0.95}}
+    assert call_rules({"method": "otsu"}) == {"default": {"method": "otsu"}}
+    rules = call_rules({"x": {"method": "none"}})
     assert rules["x"] == {"method": "none"} and rules["default"]["method"] == "control_quantile"
 
 
 def test_score_states_otsu_and_fixed_rules_and_errors():
     adata = make_cohort(n_case=2, n_control=2, cells_per_type=30)
-    t = score_states(adata, states=["mono_hladr_low"], call_rules={"method": "otsu"}).set_index(
-        "state"
-    )
+    t = score_states(adata, states=["mono_hladr_low"], call_rule="otsu").set_index("state")
     assert "Otsu" in t.loc["mono_hladr_low", "rule"]
     t = score_states(
         adata,
         states=["mono_hladr_low"],
-        call_rules={"mono_hladr_low": {"method": "fixed", "threshold": 0.0}},
+        signatures=[
+            {**HUMAN["mono_hladr_low"], "call_rule": {"method": "fixed", "threshold": 0.0}}
+        ],
     ).set_index("state")
     called = adata.obs["mono_hladr_low"].dropna().astype(bool)
     assert called.mean() == pytest.approx((adata.obs["mono_hladr_low_score"].dropna() > 0).mean())
     with pytest.raises(ValueError, match="control"):
-        score_states(adata, states=["mono_hladr_low"], call_rules={"method": "control_quantile"})
+        score_states(adata, states=["mono_hladr_low"], call_rule="control_quantile")
     with pytest.raises(ValueError, match="no cells with condition"):
         score_states(adata, control="healthy")
     with pytest.raises(ValueError, match="unknown state"):
@@ -496,7 +498,7 @@ def test_exhaustion_rna_score_tracks_checkpoint_proteins():
     adata.obs["lineage"] = np.where(t, "T", "Unassigned")
     # all T cells (no subset labels here): the RNA-protein agreement, not the shipped parent
     sig = {**HUMAN["t_exhaustion"], "parent": {"lineage": ["T"]}}
-    score_states(adata, signatures=[sig], call_rules={"method": "otsu"})
+    score_states(adata, signatures=[sig], call_rule="otsu")
     rna = adata.obs.loc[t, "t_exhaustion_score"].to_numpy()
     adt = np.log1p(adata.obsm["ADT_counts"].astype(float))
     clr = adt.sub(adt.mean(axis=1), axis=0).loc[t]  # CLR across the proteins of each cell
@@ -514,7 +516,7 @@ def test_bimodal_call_rule_for_a_subset_common_in_health():
     """TREM2-high macrophages: 30 % of control and 70 % of septic macrophages. The bimodal
     rule splits at the valley (the share is read right in both conditions); a control-
     quantile gate calls 5 % of controls by construction; unimodal scores fall back."""
-    from sepsis_sc.score import _threshold
+    from sepsis_sc.score.calls import _threshold
 
     rng = np.random.default_rng(0)
     n = 1000

@@ -10,6 +10,10 @@ from test_score import make_cohort
 from sepsis_sc import stats
 from sepsis_sc.pl import stats as pl_stats
 from sepsis_sc.score import score_states
+from sepsis_sc.stats import composition as st_composition
+from sepsis_sc.stats import effects as st_effects
+from sepsis_sc.stats import samples as st_samples
+from sepsis_sc.stats import targets as st_targets
 
 CASE, CONTROL = "sepsis", "control"
 
@@ -300,7 +304,8 @@ def _simulated(effects: bool, seed: int = 0, n: int = 6):
     adata, truth = adata[keep].copy(), truth[keep]
     adata.obs["lineage"] = truth["lineage"].to_numpy()  # truth labels stand in for annotate
     adata.obs["cell_type"] = truth["cell_type"].to_numpy()
-    rules = score_states(adata, control=CONTROL).set_index("state")
+    # min_genes_fraction=0: the simulator's 3000 genes hold under half of some sets
+    rules = score_states(adata, control=CONTROL, min_genes_fraction=0.0).set_index("state")
     return adata, truth, rules
 
 
@@ -387,13 +392,13 @@ def test_pseudobulk_expression_is_log_cpm_of_summed_counts(scored, table):
 # steps
 # --------------------------------------------------------------------------------------
 def test_sample_meta_view_keeps_obs_order_and_fills_donor(scored):
-    meta = stats._sample_meta(scored, "sample_id", "condition", "donor")
+    meta = st_samples.condition_meta(scored, "sample_id", "condition", "donor")
     assert list(meta.columns) == ["condition", "donor"]
     assert list(meta.index) == list(dict.fromkeys(scored.obs["sample_id"].astype(str)))
-    alone = stats._sample_meta(scored, "sample_id", "condition", None)
+    alone = st_samples.condition_meta(scored, "sample_id", "condition", None)
     assert (alone["donor"] == alone.index).all()
     with pytest.raises(KeyError, match="obs\\['visit'\\] is missing"):
-        stats._sample_meta(scored, "sample_id", "visit", "donor")
+        st_samples.condition_meta(scored, "sample_id", "visit", "donor")
 
 
 def test_fraction_row_counts_the_call_population():
@@ -401,9 +406,9 @@ def test_fraction_row_counts_the_call_population():
     si = {"label": "x", "call_population": "CD8", "parent": "T"}
     call = pd.Series([True, False, pd.NA, True], dtype="boolean")
     in_s = np.array([True, True, True, False])
-    row = stats._fraction_row(meta, "S", "x", si, call, in_s, min_cells=1)
+    row = st_samples._fraction_row(meta, "S", "x", si, call, in_s, min_cells=1)
     assert (row["n_cells"], row["n_called"], row["value"], row["population"]) == (2, 1, 0.5, "CD8")
-    short = stats._fraction_row(meta, "S", "x", si, call, in_s, min_cells=3)
+    short = st_samples._fraction_row(meta, "S", "x", si, call, in_s, min_cells=3)
     assert np.isnan(short["value"]) and "2 cells of the call population (CD8)" in short["reason"]
 
 
@@ -415,21 +420,23 @@ def test_effect_notes_drop_p_with_fewer_than_two_units():
         repeated_sheet(1, 3, ("T0",)), Contrast("c", "condition", "sepsis", "control")
     )
     r = pd.Series({"note": "", "pvalue": 0.01, "n_case": 1, "n_control": 3})
-    notes, p = stats._effect_notes(design, r, n_na=2)
+    notes, p = st_effects._effect_notes(design, r, n_na=2)
     assert (
         np.isnan(p)
         and "2 sample(s) NA" in notes[0]
         and "fewer than 2 units in sepsis (n=1)" in notes[1]
     )
     r0 = pd.Series({"note": "", "pvalue": np.nan, "n_case": 0, "n_control": 3})
-    assert stats._effect_notes(design, r0, 0)[0] == ["no sample with enough cells in one condition"]
-    assert stats._test_name(design, "rank", True) == "Mann-Whitney U"
-    assert stats._test_name(design, "t", False) == "t"
+    assert st_effects._effect_notes(design, r0, 0)[0] == [
+        "no sample with enough cells in one condition"
+    ]
+    assert st_effects._test_name(design, "rank", True) == "Mann-Whitney U"
+    assert st_effects._test_name(design, "t", False) == "t"
 
 
 def test_direction_and_composition_meaning():
     res = pd.DataFrame({"significant": [True, True, False], "effect": [1.0, -1.0, 2.0]})
-    assert list(stats._direction(res, "sepsis")) == ["higher in sepsis", "lower in sepsis", ""]
+    assert list(st_effects.direction(res, "sepsis")) == ["higher in sepsis", "lower in sepsis", ""]
     r = pd.Series(
         {
             "label": "Monocyte",
@@ -440,25 +447,30 @@ def test_direction_and_composition_meaning():
             "mean_prop_control": 0.1,
         }
     )
-    assert stats._composition_meaning(r, "sepsis", "control").endswith(
+    assert st_composition._composition_meaning(r, "sepsis", "control").endswith(
         "20.0% vs 10.0%; not tested."
     )
     r["significant"], r["fdr"] = True, 0.01
-    assert "share of cells is larger in sepsis" in stats._composition_meaning(
+    assert "share of cells is larger in sepsis" in st_composition._composition_meaning(
         r, "sepsis", "control"
     )
 
 
 def test_therapy_target_evidence_and_missing_primary():
     r = pd.Series({"fdr": 0.01, "effect": -1.0})
-    assert stats._evidence(r, "down", 0.05) == "supported"
-    assert stats._evidence(r, "up", 0.05) == "opposite"
-    assert stats._evidence(pd.Series({"fdr": 0.2, "effect": 1.0}), "up", 0.05) == "not significant"
-    assert stats._evidence(pd.Series({"fdr": np.nan, "effect": 1.0}), "up", 0.05) == "not tested"
+    assert st_targets._evidence(r, "down", 0.05) == "supported"
+    assert st_targets._evidence(r, "up", 0.05) == "opposite"
+    assert (
+        st_targets._evidence(pd.Series({"fdr": 0.2, "effect": 1.0}), "up", 0.05)
+        == "not significant"
+    )
+    assert (
+        st_targets._evidence(pd.Series({"fdr": np.nan, "effect": 1.0}), "up", 0.05) == "not tested"
+    )
     sub = pd.DataFrame(
         {"state": ["s"], "label": ["S"], "metric": ["mean_score"], "role": ["secondary"]}
     )
-    stand_in = stats._primary_effect(sub, {"primary_metric": "fraction"})
+    stand_in = st_targets._primary_effect(sub, {"primary_metric": "fraction"})
     assert stand_in["metric"] == "fraction" and "not computed" in stand_in["meaning"]
 
 
@@ -487,8 +499,8 @@ def test_score_umaps_draw_one_panel_per_stratified_state():
 
 
 def test_sample_table_streams_counts_from_the_file(scored, tmp_path):
-    """sample_table(counts_file=) sums every state's parent cells in one pass over the .h5ad
-    (adata holds no matrix; the workflow's rule at atlas scale) and gives the same table."""
+    """sample_table(counts=FileCounts) sums every state's parent cells in one pass over the
+    .h5ad (adata holds no matrix; the workflow's rule at atlas scale) and gives the same table."""
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
 
@@ -497,7 +509,8 @@ def test_sample_table_streams_counts_from_the_file(scored, tmp_path):
     light = store.read(path)
     assert light.X is None and not light.layers
     want = stats.sample_table(scored, min_cells=20)
-    got = stats.sample_table(light, min_cells=20, counts_file=path)
+    counts = store.FileCounts.matching(path, "counts", light)
+    got = stats.sample_table(light, min_cells=20, counts=counts)
     assert (want["metric"] == "pseudobulk_expression").any()
     key = ["state", "sample_id", "metric"]  # uns read back from HDF5 lists the states sorted
     pd.testing.assert_frame_equal(

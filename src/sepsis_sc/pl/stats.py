@@ -13,6 +13,7 @@ Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.styl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -26,6 +27,9 @@ from sepsis_sc.pl.style import (
     wrap,
 )
 from sepsis_sc.stats import EFFECT_TYPE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["forest", "sample_values", "score_umaps", "composition", "therapy_targets"]
 
@@ -44,7 +48,7 @@ def forest(
     control: str,
     alpha: float = 0.05,
     primary_only: bool = False,
-):
+) -> Figure:
     """Forest plot: effect and 95% CI per state, one panel per metric scale.
 
     Significant effects (FDR <= alpha) are drawn in the case colour, others in grey.
@@ -112,7 +116,7 @@ def forest(
 
 def sample_values(
     table: pd.DataFrame, *, case: str, control: str, metric: str = "mean_score", ncols: int = 4
-):
+) -> Figure:
     """Small multiples: one panel per state, one point per sample, by condition.
 
     Lines join the samples of a donor seen in both conditions; the bar marks the group mean.
@@ -161,7 +165,7 @@ def sample_values(
 
 def score_umaps(
     adata: ad.AnnData, states: Sequence[str] | None = None, *, ncols: int = 3, basis: str = "X_umap"
-):
+) -> Figure:
     """UMAP small multiples coloured by state scores (grey: outside the parent population).
 
     Needs ``obsm[basis]``. Returns the Figure.
@@ -235,7 +239,7 @@ def composition(
     level: str = "lineage",
     sample_key: str = "sample_id",
     condition_key: str = "condition",
-):
+) -> Figure:
     """Stacked bars of label proportions per sample, samples grouped by condition.
 
     Colours come from the shared lineage / cell-type palettes. Returns the Figure.
@@ -280,7 +284,7 @@ def composition(
     return fig
 
 
-def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05):
+def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05) -> Figure:
     """Therapy-target summary: signed -log10 FDR per state, coloured by evidence.
 
     Bars point right when the state is higher in cases, left when lower; the dotted lines

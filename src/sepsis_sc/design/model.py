@@ -1,314 +1,25 @@
-"""One design engine for every sample-level test: composition, state metrics, pseudobulk DE.
+"""A contrast resolved on a set of samples: units, pairing, covariates, estimability.
 
-Every condition effect in sepsis-sc is estimated from *units of replication*, never from cells.
-This module decides, once and for every test, what a unit is and which model compares them:
-
-1. **Contrast** (:class:`Contrast`): a sample-sheet column and two of its values (``case`` vs
-   ``control``), e.g. ``condition: sepsis vs control``, ``timepoint: T6 vs T0`` or
-   ``outcome: nonsurvivor vs survivor``. Samples with other values are not part of it.
-2. **Units** (:func:`resolve_design`): samples of one donor at one level of the contrast are
-   *aggregated* into one unit (their metric values averaged, their counts summed). A patient
-   sampled at T0 and T6 is one septic unit in "sepsis vs control", never two independent
-   ones: counting repeated samples as donors treats within-patient variation as if it were
-   between-patient variation, which inflates false positives (58 % of null p-values below 0.05
-   on a 5-patients x 2-time-points design, before this module) and can reverse the sign.
-   Aggregation was chosen over a donor random effect or limma's ``duplicateCorrelation``
-   because it is exact for the question asked (a between-donor contrast has one observation
-   per donor), needs no variance-component estimate from 3-10 donors (unstable at that size),
-   and is the same operation for proportions, scores and counts; Crowell et al. 2020
-   (DOI 10.1038/s41467-020-19894-4) and Squair et al. 2021 (DOI 10.1038/s41467-021-25960-2)
-   recommend it for pseudobulk. The null calibration is tested (``tests/test_design.py``).
-3. **Pairing**: donors with a unit at *both* levels (e.g. T6 vs T0 in the same patients) are
-   compared within donor: donor blocks enter the model (``~ donor + ... + contrast``), which is
-   the paired t-test for two levels, and donors seen at one level only are left out with a
-   note. ``paired="auto"`` pairs when at least two donors are seen at both levels.
-4. **Covariates**: a model formula (``stats.design``, default ``~ condition``) written with
-   sample-sheet columns and parsed by `formulaic <https://matthewwardrop.github.io/formulaic/>`_;
-   the contrast column's term is replaced by the case-vs-control indicator (coefficient
-   ``case_vs_control``), other terms are covariates (numbers when every value parses as one,
-   categories otherwise). Covariates constant within the contrast's units (or absorbed by the
-   donor blocks of a paired design) are dropped with a note; a covariate that makes the
-   design rank deficient, or that is confounded with the contrast, is an error that names it.
-
-:func:`linear_test` fits the resolved design to many features at once (labels of a
-composition table, states x metrics) with limma-style empirical-Bayes variance moderation
-(Smyth 2004, DOI 10.2202/1544-6115.1027) and returns effect, moderated-t CI and p per feature.
+:func:`resolve_design` turns a :class:`~sepsis_sc.design.contrasts.Contrast` and the sample
+sheet into a :class:`SampleDesign` (one unit per donor and contrast level, donor blocks when
+donors are seen at both levels, covariate columns from the model formula, the case
+indicator :data:`~sepsis_sc.design.contrasts.COEF`); :func:`check_designs` does it for every
+contrast of a run before any job; :func:`feature_design` gives the design rows of the units
+where one feature has a value. :class:`ContrastArgs` holds the contrast keywords of the
+sample-level tests.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DesignError",
-    "sample_meta",
-    "Contrast",
-    "SampleDesign",
-    "ContrastArgs",
-    "parse_contrasts",
-    "formula_columns",
-    "resolve_design",
-    "check_designs",
-    "linear_test",
-    "squeeze_var",
-    "COEF",
-    "ConfigSettings",
-    "StatsSettings",
-]
-
-#: name of the case-vs-control coefficient in every design matrix
-COEF = "case_vs_control"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ConfigSettings:
-    """Base of the frozen settings dataclasses (:class:`StatsSettings`,
-    :class:`sepsis_sc.de.DESettings`, :class:`sepsis_sc.patients.PatientSettings`)."""
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> Any:
-        """From a config section (e.g. ``config["de"]``): its keys that are fields (lists
-        become tuples); fields it lacks keep their defaults, other keys are ignored."""
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in names}
-        return cls(**kw)
-
-
-@dataclass(frozen=True)
-class StatsSettings(ConfigSettings):
-    """The config's ``stats`` section: sample-level tests of every contrast.
-
-    Field defaults equal the schema's (checked by ``tests/test_design.py``).
-
-    Attributes
-    ----------
-    min_cells
-        Fewest cells of a state's population per sample (:func:`sepsis_sc.stats.sample_table`).
-    design
-        Model formula over sheet columns (None: ``~ <contrast column>``).
-    paired
-        ``"auto"``, ``"yes"`` or ``"no"``.
-    alpha
-        FDR level.
-    test
-        ``"t"`` (moderated t) or ``"rank"``.
-    """
-
-    min_cells: int = 20
-    design: str | None = None
-    paired: str = "auto"
-    alpha: float = 0.05
-    test: str = "t"
-
-
-class DesignError(ValueError):
-    """The sample-level design cannot answer the contrast (confounded, rank deficient, ...)."""
-
-
-@dataclass(frozen=True)
-class Contrast:
-    """Two values of one sample-sheet column to compare (effect = case vs control).
-
-    Attributes
-    ----------
-    name
-        Used in output paths (``targets/<name>/``, ``de/<name>/``); default
-        ``<case>_vs_<control>``.
-    column, case, control
-        Sample-sheet column and its two values.
-    design
-        Model formula over sample-sheet columns (None: the run's ``stats.design``).
-    paired
-        ``"auto"``, ``"yes"`` or ``"no"`` (None: the run's ``stats.paired``).
-    """
-
-    name: str
-    column: str
-    case: str
-    control: str
-    design: str | None = None
-    paired: str | None = None
-
-    def label(self) -> str:
-        """Human-readable form, e.g. ``condition: sepsis vs control``."""
-        return f"{self.column}: {self.case} vs {self.control}"
-
-
-def parse_contrasts(config: Mapping[str, Any]) -> list[Contrast]:
-    """The run's contrasts from a validated config.
-
-    ``contrasts`` (a list) wins; otherwise the one-item shorthand ``contrast`` (``null`` = no
-    contrast: per-sample tables only). Names are checked to be unique and usable as folders.
-    """
-    items = config.get("contrasts")
-    if items is None:
-        one = config.get("contrast")
-        items = [] if one is None else [one]
-    out = []
-    for i, item in enumerate(items):
-        case, control = str(item["case"]), str(item["control"])
-        name = str(item.get("name") or f"{case}_vs_{control}")
-        key = f"contrasts[{i}]" if config.get("contrasts") is not None else "contrast"
-        if not _NAME_RE.match(name):
-            raise DesignError(
-                f"config key '{key}.name': {name!r} is not usable as a folder name; use letters, "
-                "digits, '_', '.' and '-' (set 'name:' explicitly)"
-            )
-        if case == control:
-            raise DesignError(
-                f"config keys '{key}.case' and '{key}.control' are both {case!r}; name two "
-                "different values to compare"
-            )
-        out.append(
-            Contrast(
-                name=name,
-                column=str(item.get("column", "condition")),
-                case=case,
-                control=control,
-                design=item.get("design"),
-                paired=item.get("paired"),
-            )
-        )
-    names = [c.name for c in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DesignError(f"contrast name(s) {dup} used twice; give each contrast its own 'name'")
-    return out
-
-
-def sample_meta(
-    adata: Any,
-    sample_key: str = "sample_id",
-    *,
-    columns: Sequence[str] | None = None,
-    donor_key: str | None = "donor",
-    obs_order: bool = False,
-) -> pd.DataFrame:
-    """Per-sample sheet columns from ``adata.obs``: the one per-sample metadata builder.
-
-    The workflow copies every sample-sheet column into ``obs``; this recovers the sheet (index
-    = sample IDs, values as text) so that the design can be resolved inside a job or a
-    notebook, and gives :mod:`sepsis_sc.stats` and :mod:`sepsis_sc.patients` their condition
-    and donor per sample.
-
-    Parameters
-    ----------
-    adata
-        AnnData (or anything with ``obs``) holding ``obs[sample_key]``.
-    sample_key
-        obs column of the sample IDs.
-    columns
-        None: every obs column that is constant within every sample (columns of floats are
-        per-cell measurements and are skipped). Otherwise exactly these columns (absent ones
-        skipped), which must be constant within each sample (``ValueError`` names the ones
-        that are not); the result then starts with ``donor``: ``obs[donor_key]``, or the
-        sample ID when ``donor_key`` is None or not in obs (each sample its own donor).
-    donor_key
-        obs column of the donors (used with ``columns``).
-    obs_order
-        Rows in order of first appearance in obs (default: sorted by sample ID).
-    """
-    obs = adata.obs
-    if sample_key not in obs:
-        raise KeyError(f"obs[{sample_key!r}] is missing; it comes from the sample sheet")
-    codes = obs[sample_key].astype(str).to_numpy()
-    if columns is None:
-        keep = _constant_columns(obs, sample_key, codes)
-    else:
-        keep = _checked_columns(obs, sample_key, codes, columns, donor_key)
-    meta = obs[keep].astype(str).groupby(codes, observed=True, sort=not obs_order).first()
-    meta.index.name = sample_key
-    if columns is None:
-        return meta
-    if donor_key is not None and donor_key in obs:
-        return meta.rename(columns={donor_key: "donor"})
-    meta.insert(0, "donor", meta.index)
-    return meta
-
-
-def _varies(values: pd.Series, codes: np.ndarray) -> bool:
-    """Whether a column takes more than one value (as text) within some sample."""
-    return bool(values.astype(str).groupby(codes, observed=True).nunique().max() > 1)
-
-
-def _constant_columns(obs: pd.DataFrame, sample_key: str, codes: np.ndarray) -> list[str]:
-    """The obs columns that are sheet columns: text, constant within every sample."""
-    keep = []
-    for c in obs.columns:
-        if c == sample_key:
-            continue
-        s = obs[c]
-        if s.dtype.kind in "fc":  # per-cell measurements, never sheet columns (those are text)
-            continue
-        if not _varies(s, codes):
-            keep.append(c)
-    return keep
-
-
-def _checked_columns(
-    obs: pd.DataFrame,
-    sample_key: str,
-    codes: np.ndarray,
-    columns: Sequence[str],
-    donor_key: str | None,
-) -> list[str]:
-    """The donor column and ``columns`` present in obs; error when one varies in a sample."""
-    donor = [donor_key] if donor_key is not None and donor_key in obs else []
-    cols = [c for c in dict.fromkeys(columns) if c in obs and c not in (sample_key, donor_key)]
-    keep = donor + cols
-    bad = [c for c in keep if _varies(obs[c], codes)]
-    if bad:
-        raise ValueError(
-            f"obs column(s) {bad} vary within a sample; sample-sheet columns such as condition "
-            f"and donor must be constant per {sample_key} (fix the sample sheet)"
-        )
-    return keep
-
-
-def _terms(formula: str) -> list[list[str]]:
-    """The formula's right-hand-side terms, each as its list of factor expressions."""
-    from formulaic import Formula
-
-    text = formula.strip()
-    if not text.startswith("~"):
-        raise DesignError(
-            f"design formula {formula!r} must start with '~' (e.g. '~ age + condition')"
-        )
-    try:
-        parsed = Formula(text)
-    except Exception as err:  # formulaic raises several parser error types
-        raise DesignError(f"design formula {formula!r} cannot be parsed: {err}") from err
-    out = []
-    for term in parsed:
-        factors = [str(f) for f in term.factors]
-        if factors == ["1"] or not factors:
-            continue
-        out.append(factors)
-    return out
-
-
-def formula_columns(formula: str) -> list[str]:
-    """Sample-sheet columns a formula uses (``C(batch)`` -> ``batch``), in order."""
-    cols: list[str] = []
-    for factors in _terms(formula):
-        for f in factors:
-            for name in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", f):
-                if (
-                    name not in ("C", "np", "log", "center", "scale", "poly", "Treatment")
-                    and name not in cols
-                ):
-                    cols.append(name)
-    return cols
+from sepsis_sc.design.contrasts import COEF, Contrast, DesignError, formula_columns, formula_terms
 
 
 @dataclass
@@ -362,7 +73,7 @@ class SampleDesign:
         are dropped. Returns ``(matrix, note)``, matrix None when the contrast is no longer
         estimable (a group without units); the note says what was left out.
         """
-        return _feature_design(self, np.asarray(keep, dtype=bool))
+        return feature_design(self, np.asarray(keep, dtype=bool))
 
     def aggregate_mean(self, values: pd.Series) -> pd.Series:
         """Per-sample values (index sample_id) -> per-unit means (NaN samples skipped)."""
@@ -377,11 +88,12 @@ class SampleDesign:
 
 @dataclass(frozen=True, eq=False)
 class ContrastArgs:
-    """The contrast keywords of the sample-level tests, in one place.
+    """The contrast of a sample-level test, in one place.
 
     :func:`sepsis_sc.stats.condition_effects` and :func:`sepsis_sc.stats.composition_test`
-    take these as keyword arguments (``case=``, ``control=``, ``contrast=``, ``design=``,
-    ``meta=``, ``formula=``, ``paired=``) and build one of these from them.
+    build one from their keywords (``case=``, ``control=``, ``contrast=``, ``meta=``) and
+    their :class:`~sepsis_sc.config.StatsSettings` (``design``: the formula, or a resolved
+    :class:`SampleDesign`; ``paired``).
 
     Attributes
     ----------
@@ -577,7 +289,7 @@ def _with_donor(meta: pd.DataFrame, donor_key: str) -> pd.DataFrame:
 def _covariate_terms(formula: str, col: str) -> list[str]:
     """The formula's terms other than the contrast column's (no interaction with it)."""
     cov_terms = []
-    for factors in _terms(formula):
+    for factors in formula_terms(formula):
         names = {n for f in factors for n in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", f)}
         if col in names:
             if len(factors) > 1:
@@ -810,181 +522,13 @@ def check_designs(
     return out
 
 
-# --------------------------------------------------------------------------------------
-# linear model with empirical-Bayes moderated variances
-# --------------------------------------------------------------------------------------
-def _trigamma_inverse(x: float) -> float:
-    """Solve trigamma(y) = x by Newton's method (limma's trigammaInverse)."""
-    x = float(x)
-    if x > 1e7:
-        return 1 / np.sqrt(x)
-    if x < 1e-6:
-        return 1 / x
-    y = 0.5 + 1 / x
-    for _ in range(50):
-        tri = special.polygamma(1, y)
-        dif = tri * (1 - tri / x) / special.polygamma(2, y)
-        y += dif
-        if -dif / y < 1e-8:
-            break
-    return y
+def feature_design(design: SampleDesign, ok: np.ndarray) -> tuple[pd.DataFrame | None, str]:
+    """Rows of the design for the units with a value (``ok``, boolean over ``design.units``).
 
-
-def squeeze_var(s2: np.ndarray, df: np.ndarray | float) -> tuple[np.ndarray, float]:
-    """Empirical-Bayes moderated variances (limma ``squeezeVar`` without covariate).
-
-    ``df`` may differ per feature (features with NA samples have fewer residual degrees of
-    freedom). Returns the posterior variances and the prior degrees of freedom ``d0``
-    (``inf`` when the sample variances are no more spread than chance: all shrink to the
-    common value). With fewer than 3 features nothing is moderated (``d0 = 0``).
+    Pairing is kept only for donors with both units left, and columns are dropped until the
+    matrix has full rank. Returns ``(matrix, note)``, matrix None when the contrast is not
+    estimable on those units; the note says what was left out.
     """
-    s2 = np.maximum(np.asarray(s2, dtype=float), 1e-12)
-    df = np.broadcast_to(np.asarray(df, dtype=float), s2.shape)
-    n = s2.size
-    if n < 3:
-        return s2.copy(), 0.0
-    z = np.log(s2)
-    e = z - special.digamma(df / 2) + np.log(df / 2)
-    emean = e.mean()
-    evar = np.sum((e - emean) ** 2) / (n - 1) - np.mean(special.polygamma(1, df / 2))
-    if evar > 0:
-        d0 = 2 * _trigamma_inverse(evar)
-        s0 = np.exp(emean + special.digamma(d0 / 2) - np.log(d0 / 2))
-        return (d0 * s0 + df * s2) / (d0 + df), float(d0)
-    return np.full_like(s2, np.exp(emean)), float("inf")
-
-
-def linear_test(
-    design: SampleDesign,
-    values: pd.DataFrame,
-    *,
-    moderate: bool = True,
-    level: float = 0.95,
-) -> pd.DataFrame:
-    """Fit ``values ~ design`` per feature and test the case-vs-control coefficient.
-
-    Parameters
-    ----------
-    design
-        From :func:`resolve_design`.
-    values
-        Units x features (index = ``design.units`` index), on the test scale; NaN = no value
-        for that unit (e.g. too few cells). A feature uses the units where it has a value;
-        its design is then the design's rows for those units (pairing is kept only for donors
-        with both units present; a covariate that becomes constant is dropped).
-    moderate
-        Moderate the residual variances across features (limma eBayes; needs >= 3 features).
-    level
-        Confidence level of the interval.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Index = features: ``effect`` (coefficient), ``se``, ``ci_low``, ``ci_high``, ``t``,
-        ``df`` (residual + prior), ``pvalue``, ``n_case``, ``n_control`` (units used),
-        ``df_resid``, ``d0``, ``note``.
-    """
-    values = values.reindex(design.units.index)
-    rows: list[dict[str, Any]] = []
-    fits = []
-    for feat in values.columns:
-        row, fit = _fit_feature(design, feat, values[feat].to_numpy(float))
-        if fit is not None:
-            fits.append((len(rows), *fit))
-        rows.append(row)
-    out = pd.DataFrame(rows).set_index("feature") if rows else pd.DataFrame()
-    for c in ("se", "ci_low", "ci_high", "t", "df", "pvalue", "d0"):
-        out[c] = np.nan
-    if fits:
-        _moderated_t(out, fits, moderate=moderate, level=level)
-    cols = [
-        "effect",
-        "se",
-        "ci_low",
-        "ci_high",
-        "t",
-        "df",
-        "pvalue",
-        "n_case",
-        "n_control",
-        "df_resid",
-        "d0",
-        "note",
-    ]
-    return out[cols]
-
-
-def _fit_feature(
-    design: SampleDesign, feat: Any, y: np.ndarray
-) -> tuple[dict[str, Any], tuple[float, int, float] | None]:
-    """Least-squares fit of one feature on the units where it has a value.
-
-    Returns the feature's row (``effect``, units used, ``df_resid``, ``note``) and, when a
-    residual degree of freedom is left, ``(residual variance, df_resid, unscaled variance of
-    the coefficient)`` for :func:`_moderated_t`; else None (effect only, or the plain
-    difference of group means when the design cannot estimate the contrast on those units).
-    """
-    X_all = design.matrix
-    ok = np.isfinite(y)
-    X, note = _feature_design(design, ok)
-    n_case = int(X[COEF].sum()) if X is not None else int((X_all[COEF].to_numpy()[ok]).sum())
-    n_ctrl = int(ok.sum()) - n_case
-    row = {"feature": feat, "n_case": n_case, "n_control": n_ctrl, "note": note}
-    yy = y[ok]
-    if X is None or n_case == 0 or n_ctrl == 0:
-        a, b = yy[X_all[COEF].to_numpy()[ok] == 1], yy[X_all[COEF].to_numpy()[ok] == 0]
-        row["effect"] = float(a.mean() - b.mean()) if a.size and b.size else np.nan
-        row["df_resid"] = 0
-        return row, None
-    xm = X.to_numpy()
-    xtx_inv = np.linalg.pinv(xm.T @ xm)
-    beta = xtx_inv @ xm.T @ yy
-    resid = yy - xm @ beta
-    j = list(X.columns).index(COEF)
-    df_res = xm.shape[0] - xm.shape[1]
-    row["effect"] = float(beta[j])
-    row["df_resid"] = df_res
-    if df_res >= 1:
-        return row, (float(resid @ resid) / df_res, df_res, float(xtx_inv[j, j]))
-    if not row["note"]:
-        row["note"] = "no residual degree of freedom: effect size only, no p-value"
-    return row, None
-
-
-def _moderated_t(
-    out: pd.DataFrame, fits: list[tuple[int, float, int, float]], *, moderate: bool, level: float
-) -> None:
-    """Fill ``se``, ``t``, ``df``, CI, ``pvalue`` and ``d0`` of the fitted rows of ``out``.
-
-    ``fits`` holds ``(row position, residual variance, df_resid, unscaled variance)``; the
-    variances are moderated across features (:func:`squeeze_var`) when ``moderate``.
-    """
-    idx = [f[0] for f in fits]
-    s2 = np.array([f[1] for f in fits])
-    dfr = np.array([f[2] for f in fits], dtype=float)
-    unscaled = np.array([f[3] for f in fits])
-    if moderate:
-        post, d0 = squeeze_var(s2, dfr)
-    else:
-        post, d0 = s2, 0.0
-    df_tot = dfr + d0 if np.isfinite(d0) else np.full_like(dfr, 1e6)
-    se = np.sqrt(post * unscaled)
-    eff = out["effect"].to_numpy()[idx]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = eff / se
-    tcrit = stats.t.ppf(0.5 + level / 2, df_tot)
-    names = out.index[idx]
-    out.loc[names, "se"] = se
-    out.loc[names, "t"] = t
-    out.loc[names, "df"] = df_tot
-    out.loc[names, "ci_low"] = eff - tcrit * se
-    out.loc[names, "ci_high"] = eff + tcrit * se
-    out.loc[names, "pvalue"] = 2 * stats.t.sf(np.abs(t), df_tot)
-    out.loc[names, "d0"] = d0
-
-
-def _feature_design(design: SampleDesign, ok: np.ndarray) -> tuple[pd.DataFrame | None, str]:
-    """Rows of the design for the units with a value; keeps pairing and full rank."""
     if ok.all():
         return design.matrix, ""
     X = design.matrix[ok]

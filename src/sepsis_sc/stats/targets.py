@@ -1,0 +1,140 @@
+"""The ranked therapy-target summary: :func:`therapy_targets`.
+
+Each state's pre-specified primary effect (:func:`sepsis_sc.stats.metrics.primary_rows`) is
+classified against the therapeutic idea behind it (``resources/therapy_targets.yaml``):
+supported, opposite, not significant or not tested. Hypotheses for follow-up, not
+treatment advice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sepsis_sc.config import StatsSettings
+from sepsis_sc.score import base_state
+from sepsis_sc.stats.metrics import METRIC_UNIT, load_targets, primary_rows
+
+logger = logging.getLogger(__name__)
+
+
+def therapy_targets(
+    effects: pd.DataFrame,
+    settings: StatsSettings | None = None,
+    *,
+    targets: Mapping[str, Any] | str | Path | None = None,
+    **overrides: Any,
+) -> pd.DataFrame:
+    """Rank the therapeutic ideas behind each state by the evidence in ``effects``.
+
+    For each state with an entry in ``resources/therapy_targets.yaml`` (or ``targets``; a
+    stratified state such as ``cytokine_storm.monocyte`` uses its base state's entry and gets
+    one row per stratum), the state's **primary** row of ``effects`` (``role == "primary"``: the metric fixed in advance
+    by ``primary_metric``, see :func:`primary_metrics`) is classified as ``supported``
+    (FDR <= alpha in the target direction), ``opposite`` (FDR <= alpha, other direction),
+    ``not significant`` or ``not tested``; when the primary metric could not be computed the
+    row says ``not tested`` and no other metric stands in for it. Rows are ranked: supported
+    first, then by FDR, then by the size of the effect relative to its CI width.
+
+    Parameters
+    ----------
+    effects
+        Output of :func:`condition_effects`.
+    settings
+        The config's ``stats`` section (:class:`~sepsis_sc.config.StatsSettings`), its fields
+        overridden by keyword (``**overrides``); used here: ``alpha``, the FDR level.
+    targets
+        Mapping ``state -> {target_direction, primary_metric, therapy, rationale, caveat,
+        references}``, a YAML path, or None for the packaged resource.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``rank``, ``state``, ``label``, ``therapy``, ``evidence``, ``metric``, ``unit``,
+        ``effect``, ``ci_low``, ``ci_high``, ``fdr``, ``direction``, ``target_direction``,
+        ``rationale``, ``caveat`` (what a blood readout cannot say), ``references``,
+        ``meaning``. Hypotheses for follow-up, not treatment advice.
+    """
+    alpha = (settings or StatsSettings()).with_overrides(overrides).alpha
+    targets = load_targets(targets)
+    rows = []
+    bases = effects["state"].map(base_state)
+    for base, t in targets.items():
+        # a stratified state gives one row per stratum (cytokine_storm.monocyte, ...)
+        for state, sub in effects[bases == base].groupby("state", sort=False):
+            rows.append(_target_row(str(state), t, sub, alpha))
+    out = pd.DataFrame(rows)
+    if out.empty:
+        logger.warning("no state in effects has a therapy-target entry")
+        return out
+    order = {"supported": 0, "opposite": 1, "not significant": 2, "not tested": 3}
+    out["_ev"] = out["evidence"].map(order)
+    out["_fdr"] = out["fdr"].fillna(2.0)
+    out = out.sort_values(["_ev", "_fdr", "_strength"], ascending=[True, True, False])
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    return out.drop(columns=["_ev", "_fdr", "_strength"]).reset_index(drop=True)
+
+
+def _target_row(
+    state: str, t: Mapping[str, Any], sub: pd.DataFrame, alpha: float
+) -> dict[str, Any]:
+    """One therapy-target row: the state's primary effect classified against the target."""
+    r = _primary_effect(sub, t)
+    want = str(t.get("target_direction", "up"))
+    width = (r["ci_high"] - r["ci_low"]) if np.isfinite(r["ci_high"]) else np.nan
+    return {
+        "state": state,
+        "label": r["label"],
+        "therapy": t.get("therapy", ""),
+        "evidence": _evidence(r, want, alpha),
+        "metric": r["metric"],
+        "unit": r.get("unit", METRIC_UNIT.get(str(r["metric"]), "")),
+        "effect": r["effect"],
+        "ci_low": r["ci_low"],
+        "ci_high": r["ci_high"],
+        "fdr": r["fdr"],
+        "direction": r["direction"],
+        "target_direction": want,
+        "rationale": t.get("rationale", ""),
+        "caveat": t.get("caveat", ""),
+        "references": t.get("references", ""),
+        "meaning": r["meaning"],
+        "_strength": abs(r["effect"]) / width if width and np.isfinite(width) else 0.0,
+    }
+
+
+def _primary_effect(sub: pd.DataFrame, t: Mapping[str, Any]) -> pd.Series:
+    """The state's primary row of ``effects``, or an untested stand-in when it is missing."""
+    pref = primary_rows(sub, t)
+    if not pref.empty:
+        return pref.iloc[0]
+    metric = str(t.get("primary_metric") or t.get("metric", ""))
+    return pd.Series(
+        {
+            "label": sub["label"].iloc[0],
+            "metric": metric,
+            "effect": np.nan,
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+            "fdr": np.nan,
+            "direction": "",
+            "unit": METRIC_UNIT.get(metric, ""),
+            "meaning": f"primary metric {metric!r} not computed for this state",
+        }
+    )
+
+
+def _evidence(r: pd.Series, want: str, alpha: float) -> str:
+    """``supported``, ``opposite``, ``not significant`` or ``not tested``."""
+    if not np.isfinite(r["fdr"]):
+        return "not tested"
+    if r["fdr"] > alpha:
+        return "not significant"
+    if (r["effect"] > 0) == (want == "up"):
+        return "supported"
+    return "opposite"
