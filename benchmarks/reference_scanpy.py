@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         with _step(timings, "de"):
             # the pipeline's pseudobulk DE (PyDESeq2 per label, the same gates and settings),
             # run in this process on the in-memory counts: DE has no scanpy equivalent
+            from sepsis_sc.config import DESettings
             from sepsis_sc.de import pseudobulk_de
             from sepsis_sc.design import parse_contrasts, resolve_design, sample_meta
 
@@ -259,12 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
             _, summary = pseudobulk_de(
                 adata,
                 design,
-                levels=de_cfg["levels"],
-                min_cells=de_cfg["min_cells"],
-                min_samples_per_group=de_cfg["min_samples_per_group"],
-                min_total_count=de_cfg["min_total_count"],
-                min_count=de_cfg["min_count"],
-                shrink=de_cfg["shrink"],
+                DESettings.from_config(de_cfg),
                 n_cpus=args.threads,
                 alpha=stats_cfg["alpha"],
                 layer="counts",

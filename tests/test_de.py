@@ -98,7 +98,7 @@ def _design(a, contrast=SEPSIS, formula="~ condition", paired="auto"):
 def test_pseudobulk_sums_match_groupby_and_errors():
     rng = np.random.default_rng(0)
     a = _cohort(_sheet(2, 2), rng=rng, n_genes=30, cells={"Mono": 7, "T": 3})
-    counts, n_cells = de.pseudobulk(a, label_key="cell_type")
+    counts, n_cells = de.label_pseudobulk(a, label_key="cell_type")
     dense = pd.DataFrame(a.layers["counts"].toarray(), index=a.obs_names, columns=a.var_names)
     ref = dense.groupby([a.obs["sample_id"], a.obs["cell_type"]]).sum()
     for label, table in counts.items():
@@ -109,18 +109,18 @@ def test_pseudobulk_sums_match_groupby_and_errors():
     # X fallback when the layer is absent, and clear errors
     b = a.copy()
     del b.layers["counts"]
-    assert de.pseudobulk(b, label_key="cell_type")[0]["T"].equals(counts["T"])
+    assert de.label_pseudobulk(b, label_key="cell_type")[0]["T"].equals(counts["T"])
     b.X = b.X * 0.37
     with pytest.raises(
         ValueError,
         match=r'layers\["counts"\] is absent and X does not hold raw counts.*non-integer',
     ):
-        de.pseudobulk(b, label_key="cell_type")
+        de.label_pseudobulk(b, label_key="cell_type")
     b.layers["counts"] = b.X.copy()
     with pytest.raises(ValueError, match=r'layers\["counts"\] does not hold raw integer counts'):
-        de.pseudobulk(b, label_key="cell_type")
+        de.label_pseudobulk(b, label_key="cell_type")
     with pytest.raises(KeyError, match="subset"):
-        de.pseudobulk(a, label_key="subset")
+        de.label_pseudobulk(a, label_key="subset")
     with pytest.raises(KeyError, match="label column"):
         de.pseudobulk_de(a, _design(a), levels=("subset",))
 
@@ -197,7 +197,7 @@ def test_repeated_donor_samples_are_summed_per_donor():
         5,
         3,
     )
-    counts, n_cells = de.pseudobulk(a, label_key="lineage")
+    counts, n_cells = de.label_pseudobulk(a, label_key="lineage")
     units, matrix, _ = de.label_units(counts["L_Mono"], n_cells["L_Mono"], design)
     np.testing.assert_array_equal(
         units.loc["P2|sepsis"].to_numpy(),
@@ -241,7 +241,7 @@ def test_failed_label_is_reported_not_raised(monkeypatch):
             raise RuntimeError("boom")
         return real(counts, matrix, **kw)
 
-    monkeypatch.setattr(de, "fit_deseq", flaky)
+    monkeypatch.setattr(de.fit, "fit_deseq", flaky)
     res, summ = de.pseudobulk_de(a, _design(a), levels=("cell_type",), shrink=False)
     s = summ.set_index("label")
     assert s.loc["T", "status"] == "failed" and "RuntimeError: boom" in s.loc["T", "reason"]
@@ -275,7 +275,7 @@ def test_figures_on_small_result(tmp_path):
     fig = pl_de.volcano(res, summ, case="sepsis", control="control")
     assert len([ax for ax in fig.axes if ax.axison]) == 2
     assert savefig(fig, tmp_path / "volcano.png").stat().st_size > 10_000
-    counts, n_cells = de.pseudobulk(a, label_key="cell_type")
+    counts, n_cells = de.label_pseudobulk(a, label_key="cell_type")
     pb = {
         ("cell_type", lab): de.label_units(counts[lab], n_cells[lab], design)[0]
         for lab in ("Mono", "T")
@@ -320,10 +320,10 @@ def kang_monocytes(split: str = "stim", seed: int = 0) -> ad.AnnData:
     return a
 
 
-@functools.cache
 def test_pseudobulk_and_de_stream_counts_from_the_file(tmp_path):
-    """pseudobulk / pseudobulk_de(counts_file=) sum the counts streamed from the .h5ad (adata
-    holds no matrix; the workflow's DE at atlas scale) and give the in-memory results."""
+    """label_pseudobulk / pseudobulk_de(counts=FileCounts) sum the counts streamed from the
+    .h5ad (adata holds no matrix; the workflow's DE at atlas scale) and give the in-memory
+    results."""
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
 
@@ -333,20 +333,22 @@ def test_pseudobulk_and_de_stream_counts_from_the_file(tmp_path):
     write_h5ad(a, path)
     light = store.read(path)
     assert light.X is None and not light.layers
-    want, n_want = de.pseudobulk(a, label_key="cell_type")
-    got, n_got = de.pseudobulk(light, label_key="cell_type", counts_file=path)
+    want, n_want = de.label_pseudobulk(a, label_key="cell_type")
+    counts = store.FileCounts.matching(path, "counts", light)
+    got, n_got = de.label_pseudobulk(light, label_key="cell_type", counts=counts)
     pd.testing.assert_frame_equal(n_got, n_want)
     for label in want:
         pd.testing.assert_frame_equal(got[label], want[label])
     design = _design(a)
     r1, s1 = de.pseudobulk_de(a, design, levels=["cell_type"])
-    r2, s2 = de.pseudobulk_de(light, design, levels=["cell_type"], counts_file=path)
+    r2, s2 = de.pseudobulk_de(light, design, levels=["cell_type"], counts=counts)
     pd.testing.assert_frame_equal(r1, r2)
     pd.testing.assert_frame_equal(
         s1.drop(columns="seconds", errors="ignore"), s2.drop(columns="seconds", errors="ignore")
     )
 
 
+@functools.cache
 def _kang_annotated() -> ad.AnnData:
     """Kang PBMC with the pipeline's own annotation (monocytes = lineage 'Monocyte')."""
     import scanpy as sc
@@ -411,23 +413,25 @@ def test_testable_genes_follow_the_smaller_group():
         {"g1": [5, 5, 0, 0, 0], "g2": [1, 1, 1, 1, 1], "g3": [0, 0, 0, 9, 9]}, index=list("abcde")
     )
     matrix = pd.DataFrame({"Intercept": 1.0, COEF: [1.0, 1.0, 0.0, 0.0, 0.0]}, index=list("abcde"))
-    genes, why = de._testable_genes(counts, matrix, de.DESettings(min_total_count=10, min_count=5))
+    genes, why = de.run._testable_genes(
+        counts, matrix, de.DESettings(min_total_count=10, min_count=5)
+    )
     assert list(genes) == ["g1", "g3"] and why == ""  # 2 units of the smaller group suffice
-    genes, why = de._testable_genes(counts, matrix, de.DESettings(min_total_count=50))
+    genes, why = de.run._testable_genes(counts, matrix, de.DESettings(min_total_count=50))
     assert len(genes) == 0 and why.startswith("no gene with >= 50 counts")
 
 
 def test_label_and_unit_gates_say_why():
     a = _cohort(_sheet(3, 3), rng=np.random.default_rng(0), n_genes=50)
     design = _design(a)
-    assert de._label_gate("Unassigned", {}, design, ("Unassigned",)).startswith("excluded")
-    assert de._label_gate("X", {}, design, ()) == "no cells"
+    assert de.run._label_gate("Unassigned", {}, design, ("Unassigned",)).startswith("excluded")
+    assert de.run._label_gate("X", {}, design, ()) == "no cells"
     row = {"n_case": 2, "n_control": 3}
-    why = de._unit_gate(row, design.matrix, "", design, de.DESettings(min_samples_per_group=3))
+    why = de.run._unit_gate(row, design.matrix, "", design, de.DESettings(min_samples_per_group=3))
     assert why.startswith("fewer than 3 units per group")
     row = {"n_case": 3, "n_control": 3}
     assert (
-        de._unit_gate(row, None, "", design, de.DESettings())
+        de.run._unit_gate(row, None, "", design, de.DESettings())
         == "contrast not estimable on the units left"
     )
-    assert de._unit_gate(row, design.matrix, "", design, de.DESettings()) == ""
+    assert de.run._unit_gate(row, design.matrix, "", design, de.DESettings()) == ""

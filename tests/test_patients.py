@@ -223,17 +223,17 @@ def test_patient_settings_defaults_are_the_schema_defaults():
 
 def test_reference_steps():
     dv = pd.DataFrame({"r": [1.0, 2.0, 3.0, 4.0]}, index=["A", "B", "C", "D"])
-    c, s, n, basis, vals = P._control_reference(dv, "A", True, "r", min_controls=3)
+    c, s, n, basis, vals = P.reference._control_reference(dv, "A", True, "r", min_controls=3)
     assert (c, n, basis) == (3.0, 3, "controls, leave-one-out") and list(vals) == [2.0, 3.0, 4.0]
-    c, s, n, basis, _ = P._control_reference(dv, "A", True, "r", min_controls=4)
+    c, s, n, basis, _ = P.reference._control_reference(dv, "A", True, "r", min_controls=4)
     assert np.isnan(c) and "3 donors with a value < min_controls=4" in basis
     rr = pd.DataFrame(
         {"centre": [1.0], "spread": [0.5], "n": [5], "source_run": ["old"]},
         index=pd.Index(["r"], name="readout"),
     )
-    assert P._file_reference(rr, "r") == (1.0, 0.5, 5, "reference file (run old)", None)
-    assert P._file_reference(rr, "q")[3] == "readout not in the reference file"
-    row = P._score_row("S", "r", 2.0, 1.0, 0.5, 5, "b", np.array([0.0, 2.0, 3.0]), 2.0)
+    assert P.reference._file_reference(rr, "r") == (1.0, 0.5, 5, "reference file (run old)", None)
+    assert P.reference._file_reference(rr, "q")[3] == "readout not in the reference file"
+    row = P.reference._score_row("S", "r", 2.0, 1.0, 0.5, 5, "b", np.array([0.0, 2.0, 3.0]), 2.0)
     assert row["z"] == 2.0 and row["percentile"] == pytest.approx(50.0)
     assert row["flag"] == "within"  # |z| = 2 < k = 3.1 with 5 donors
 
@@ -241,11 +241,16 @@ def test_reference_steps():
 def test_reference_samples_notes():
     meta = pd.DataFrame({"condition": ["sepsis", "control"]}, index=["S", "C"])
     notes: list[str] = []
-    is_ref = P._reference_samples(meta, P.PatientSettings(reference_value="control"), notes)
+    is_ref = P.profiles._reference_samples(
+        meta, P.PatientSettings(reference_value="control"), notes
+    )
     assert list(is_ref) == [False, True] and notes == []
-    assert P._reference_samples(meta, P.PatientSettings(reference_value="healthy"), notes) is None
     assert (
-        P._reference_samples(
+        P.profiles._reference_samples(meta, P.PatientSettings(reference_value="healthy"), notes)
+        is None
+    )
+    assert (
+        P.profiles._reference_samples(
             meta, P.PatientSettings(reference_column="arm", reference_value="x"), notes
         )
         is None
@@ -254,11 +259,11 @@ def test_reference_samples_notes():
         "no sample has condition == 'healthy'",
         "obs['arm'] missing: no in-run reference samples",
     ]
-    assert "matches none" in P._skipped_note(P.PatientSettings(reference_value="x"))
+    assert "matches none" in P.profiles._skipped_note(P.PatientSettings(reference_value="x"))
 
 
 def test_profile_streams_counts_from_the_file(cohort, res, tmp_path):
-    """profile(counts_file=) sums the pseudobulk readouts from the .h5ad in streamed passes
+    """profile(counts=FileCounts) sums the pseudobulk readouts from the .h5ad in streamed passes
     (adata holds no matrix; the workflow's rule at atlas scale) and gives the same profiles."""
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
@@ -268,7 +273,11 @@ def test_profile_streams_counts_from_the_file(cohort, res, tmp_path):
     light = store.read(path)
     assert light.X is None and not light.layers
     got = P.profile(
-        light, reference_value="control", min_cells=10, run_name="sim", counts_file=path
+        light,
+        reference_value="control",
+        min_cells=10,
+        run_name="sim",
+        counts=store.FileCounts.matching(path, "counts", light),
     )
     pd.testing.assert_frame_equal(got.profiles, res.profiles)
     pd.testing.assert_frame_equal(got.endotypes, res.endotypes)

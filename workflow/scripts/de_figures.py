@@ -3,8 +3,9 @@
 import pandas as pd
 
 from sepsis_sc import store
+from sepsis_sc.config import DESettings
 from sepsis_sc.data import counts_layer
-from sepsis_sc.de import label_units, pseudobulk
+from sepsis_sc.de import tested_units
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
 from sepsis_sc.pl.de import top_genes_heatmap, volcano
 from sepsis_sc.pl.style import savefig, set_style
@@ -16,30 +17,24 @@ set_style()
 p = snakemake.params
 spec = dict(p.contrast)
 contrast = Contrast(**spec)
-alpha = p.stats["alpha"]
 results = pd.read_csv(snakemake.input.results, sep="\t")
 summary = pd.read_csv(snakemake.input.summary, sep="\t", keep_default_na=False)
 for col in ("level", "label"):
     results[col] = results[col].astype(str)
     summary[col] = summary[col].astype(str)
 out = snakemake.output
-kw = {"case": contrast.case, "control": contrast.control, "alpha": alpha}
+kw = {"case": contrast.case, "control": contrast.control, "alpha": p.stats["alpha"]}
 savefig(volcano(results, summary, **kw), out.volcano)
 
 # the heatmap needs the units' pseudobulk counts of the tested labels: recompute them
-tested = summary[summary["status"] == "tested"]
-pb = {}
-units = pd.DataFrame(columns=["donor", "level"])
-if len(tested):
+pb, units = {}, pd.DataFrame(columns=["donor", "level"])
+if (summary["status"] == "tested").any():
     src = snakemake.input.h5ad
     layer = counts_layer(store.layer_names(src), p.counts_layer)  # the counts DE tested
     adata = store.read(src, obsm=False, obsp=False)  # the counts are streamed
     design = resolve_design(sample_meta(adata), contrast, spec["design"], paired=spec["paired"])
     units = design.units
-    for level, labels in tested.groupby("level")["label"]:
-        counts, n_cells = pseudobulk(adata, label_key=level, layer=layer, counts_file=src)
-        for label in labels:
-            pb[(level, label)] = label_units(
-                counts[label], n_cells[label], design, min_cells=p.de["min_cells"]
-            )[0]
+    counts = store.FileCounts.matching(src, layer, adata)
+    settings = DESettings.from_config(p.de)
+    pb = tested_units(adata, design, summary, settings, counts=counts, layer=layer)
 savefig(top_genes_heatmap(results, pb, units, **kw), out.heatmap)

@@ -3,18 +3,25 @@
 * :func:`volcano`: small multiples, one volcano per tested label; genes at FDR < alpha in
   the case colour (up) or the control colour (down), the top genes named.
 * :func:`top_genes_heatmap`: the top DE genes of the labels with the most DE genes, as
-  z-scored log2 CPM per unit, units grouped by condition under a colour bar.
+  z-scored log2 CPM per unit (:func:`sepsis_sc.data.log2cpm`), units grouped by condition
+  under a colour bar.
+
+Each returns a matplotlib Figure; callers save it with :func:`sepsis_sc.pl.style.savefig`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from sepsis_sc.de import log_cpm
+from sepsis_sc.data import log2cpm
 from sepsis_sc.pl.style import condition_palette, set_style
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["volcano", "top_genes_heatmap"]
 
@@ -103,7 +110,7 @@ def volcano(
     n_labels: int = 6,
     shrunk: bool = False,
     ncols: int = 4,
-):
+) -> Figure:
     """Volcano plots, one panel per tested label (log2 fold change vs -log10 p).
 
     Parameters
@@ -260,7 +267,7 @@ def top_genes_heatmap(
     alpha: float = 0.05,
     n_genes: int = 10,
     max_labels: int = 6,
-):
+) -> Figure:
     """Heatmap of the top DE genes: z-scored log2 CPM per unit, one row block per label.
 
     Parameters
@@ -269,7 +276,7 @@ def top_genes_heatmap(
         Long results of :func:`sepsis_sc.de.pseudobulk_de`.
     pseudobulk
         ``{(level, label): units x genes raw counts}`` of the tested labels, e.g. from
-        :func:`sepsis_sc.de.label_units` (the units each label was tested on).
+        :func:`sepsis_sc.de.tested_units` (the units each label was tested on).
     units
         :attr:`SampleDesign.units` (index = unit IDs, columns ``donor`` and ``level``).
     case, control
@@ -367,7 +374,7 @@ def _heatmap_blocks(
     for level, label in keys:
         sub = results[(results["level"] == level) & (results["label"] == label)]
         genes = _pick_genes(sub, n_genes, alpha)
-        expr = log_cpm(pseudobulk[(level, label)])[genes]
+        expr = log2cpm(pseudobulk[(level, label)])[genes]
         z = (expr - expr.mean()) / expr.std(ddof=1).replace(0, np.nan)
         z = z.reindex(cols).T
         name = label if len(levels) == 1 else f"{label} ({level})"

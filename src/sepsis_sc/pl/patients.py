@@ -6,17 +6,22 @@
 * :func:`trajectory_plot`: donors sampled more than once, one panel per readout.
 
 Every function takes the tables as written by the workflow (``patients/profiles.tsv``,
-``states.tsv``, ``trajectories.tsv``) and returns a matplotlib Figure.
+``states.tsv``, ``trajectories.tsv``) and returns a matplotlib Figure (callers save it with
+:func:`sepsis_sc.pl.style.savefig`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from sepsis_sc.pl.style import categorical_palette, condition_palette, set_style
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["FLAG_COLOURS", "immune_card", "cohort_heatmap", "trajectory_plot"]
 
@@ -50,7 +55,7 @@ def immune_card(
     case: str | None = None,
     control: str | None = None,
     condition_key: str = "condition",
-):
+) -> Figure:
     """One sample's immune card.
 
     Parameters
@@ -224,7 +229,7 @@ def cohort_heatmap(
     condition_key: str = "condition",
     cluster: bool = True,
     vmax: float = 5.0,
-):
+) -> Figure:
     """Samples x readouts heatmap of z-scores with a condition colour bar.
 
     Parameters
@@ -342,7 +347,7 @@ def trajectory_plot(
     readouts: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
     ncols: int = 4,
-):
+) -> Figure:
     """Readout z-scores over time for donors sampled more than once.
 
     Parameters
