@@ -79,7 +79,7 @@ def _cohort(n_samples: int, cells: int, seed: int):
     adata = adata[:, np.asarray((adata.X > 0).sum(axis=0)).ravel() >= 3].copy()
     adata.layers["counts"] = adata.X.copy()
     normalize(adata)
-    select_hvgs(adata, n_top_genes=2000, batch_key="batch")
+    select_hvgs(adata, n_hvg=2000, batch_key="batch")
     return adata
 
 
@@ -100,10 +100,10 @@ def _train(
 ):
     import scvi
 
-    from sepsis_sc.integrate import _torch_threads
+    from sepsis_sc.integrate.scvi import torch_threads
 
     # None = leave torch's own default thread count, as a plain scvi-tools user would
-    with contextlib.nullcontext() if threads is None else _torch_threads(threads):
+    with contextlib.nullcontext() if threads is None else torch_threads(threads):
         scvi.settings.seed = seed
         hvg = adata[:, adata.var["highly_variable"]].copy()
         if dense:  # minibatches sliced from a dense array instead of a CSR matrix
@@ -139,9 +139,10 @@ def _train(
 
 def _sepsis_defaults(n_train: int, cores: int) -> dict:
     """The settings :func:`sepsis_sc.integrate.run_scvi` uses when given none."""
-    from sepsis_sc.integrate import ScviParams, default_max_epochs
+    from sepsis_sc.config import IntegrationSettings
+    from sepsis_sc.integrate import default_max_epochs
 
-    d = ScviParams()
+    d = IntegrationSettings()
     return dict(
         n_layers=d.n_layers,
         n_latent=d.n_latent,

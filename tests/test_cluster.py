@@ -12,7 +12,11 @@ from sklearn.metrics import adjusted_rand_score
 
 from sepsis_sc import cluster as cl
 from sepsis_sc import store
+from sepsis_sc.cluster import graph as cl_graph
+from sepsis_sc.cluster import leiden as cl_leiden
+from sepsis_sc.cluster import markers as cl_markers
 from sepsis_sc.pl import cluster as pl_cl
+from sepsis_sc.pl.style import savefig
 
 SUMMARY_COLUMNS = [
     "resolution",
@@ -52,7 +56,7 @@ def test_leiden_multi_writes_slots_and_summary():
         adata,
         use_rep="X_pca",
         resolutions=(0.1, 0.5, 1.0),
-        default_resolution=0.5,
+        resolution=0.5,
         seed=0,
         n_stability_runs=2,
         umap_maxiter=50,
@@ -90,7 +94,7 @@ def test_leiden_multi_same_seed_same_result():
             adata,
             use_rep="X_pca",
             resolutions=(1.0, 2.0),
-            default_resolution=2.0,
+            resolution=2.0,
             seed=seed,
             n_stability_runs=0,
             umap_maxiter=30,
@@ -106,7 +110,7 @@ def test_leiden_multi_same_seed_same_result():
 def test_leiden_multi_bad_input():
     adata = blobs(n_cells=100)
     with pytest.raises(ValueError, match="clustering.resolution"):
-        cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5, 1.0), default_resolution=0.8)
+        cl.leiden_multi(adata, use_rep="X_pca", resolutions=(0.5, 1.0), resolution=0.8)
     with pytest.raises(KeyError, match="X_scVI"):
         cl.leiden_multi(adata, use_rep="X_scVI")
     # the config's method name resolves to its embedding
@@ -128,7 +132,7 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
             a,
             use_rep="X_pca",
             resolutions=(0.5,),
-            default_resolution=0.5,
+            resolution=0.5,
             n_stability_runs=0,
             umap=False,
         )
@@ -143,7 +147,7 @@ def test_knn_method_exact_up_to_the_cutoff(monkeypatch):
     dist = adata.obsp["distances"].tocsr()
     found = [set(dist[i].indices) for i in range(adata.n_obs)]
     assert np.mean([len(set(t) & f) / 14 for t, f in zip(true_nn, found, strict=True)]) > 0.999
-    monkeypatch.setattr(cl, "EXACT_KNN_MAX_CELLS", 100)
+    monkeypatch.setattr(cl_graph, "EXACT_KNN_MAX_CELLS", 100)
     assert knn_used(adata) == "approx"
 
 
@@ -155,7 +159,7 @@ def test_large_cohort_pynndescent_path():
         use_rep="X_pca",
         n_neighbors=15,
         resolutions=(0.2, 0.5),
-        default_resolution=0.2,
+        resolution=0.2,
         seed=0,
         n_stability_runs=1,
         umap_maxiter=20,
@@ -197,7 +201,7 @@ def test_cluster_markers_recovers_planted_genes():
         cl.cluster_markers(adata)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
-    markers = cl.cluster_markers(adata, n_genes=5)
+    markers = cl.cluster_markers(adata, n_marker_genes=5)
     assert list(markers.columns) == [
         "cluster",
         "rank",
@@ -252,7 +256,7 @@ def test_cluster_markers_equal_scanpy_without_calling_it(monkeypatch):
         raise AssertionError("scanpy's rank_genes_groups ran")
 
     monkeypatch.setattr(sc.tl, "rank_genes_groups", refuse)
-    got = cl.cluster_markers(fast, n_genes=8)
+    got = cl.cluster_markers(fast, n_marker_genes=8)
     assert len(got) == 4 * 8
     want = sc.get.rank_genes_groups_df(ref, group=None, key="ref")
     have = sc.get.rank_genes_groups_df(fast, group=None, key="rank_genes_leiden")
@@ -273,13 +277,15 @@ def test_leiden_reuses_one_graph_and_matches_scanpy(monkeypatch):
     sc.tl.leiden(
         adata, resolution=0.8, random_state=4, flavor="igraph", n_iterations=2, directed=False
     )
-    got = cl._run_leiden(adata.obsp["connectivities"], 0.8, 4, n_iterations=2, flavor="igraph")
+    got = cl_leiden._run_leiden(
+        adata.obsp["connectivities"], 0.8, 4, n_iterations=2, flavor="igraph"
+    )
     assert adjusted_rand_score(adata.obs["leiden"], got) == 1.0
     assert np.array_equal(adata.obs["leiden"].astype(int).to_numpy(), got)
 
     builds = []
-    real = cl._igraph
-    monkeypatch.setattr(cl, "_igraph", lambda adj: builds.append(1) or real(adj))
+    real = cl_leiden._igraph
+    monkeypatch.setattr(cl_leiden, "_igraph", lambda adj: builds.append(1) or real(adj))
     monkeypatch.setattr(
         sc._utils, "get_igraph_from_adjacency", lambda *a, **k: pytest.fail("scanpy graph build")
     )
@@ -287,7 +293,7 @@ def test_leiden_reuses_one_graph_and_matches_scanpy(monkeypatch):
         adata,
         use_rep="X_pca",
         resolutions=(0.5, 1.0),
-        default_resolution=1.0,
+        resolution=1.0,
         n_stability_runs=2,
         umap=False,
     )
@@ -301,16 +307,16 @@ def test_cluster_figures(tmp_path):
         adata,
         use_rep="X_pca",
         resolutions=(0.2, 0.6, 1.0),
-        default_resolution=0.6,
+        resolution=0.6,
         n_stability_runs=1,
         umap_maxiter=30,
     )
-    p1 = pl_cl.resolutions(summary, tmp_path / "res.png")
-    p2 = pl_cl.umaps(adata, tmp_path / "umap.png", case="sepsis", control="control")
+    p1 = savefig(pl_cl.resolutions(summary), tmp_path / "res.png")
+    p2 = savefig(pl_cl.umaps(adata, case="sepsis", control="control"), tmp_path / "umap.png")
     assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
     del adata.obsm["X_umap"]
     with pytest.raises(KeyError, match="X_umap"):
-        pl_cl.umaps(adata, tmp_path / "none.png")
+        pl_cl.umaps(adata)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def test_cluster_figures(tmp_path):
 
 def test_clusters_by_size_names_the_largest_zero():
     labels = np.array([2, 2, 2, 0, 1, 1, 0, 1, 1])
-    out = cl._clusters_by_size(labels)
+    out = cl_leiden._clusters_by_size(labels)
     assert list(out.categories) == ["0", "1", "2"]
     assert list(out) == ["1", "1", "1", "2", "0", "0", "2", "0", "0"]  # ties keep label order
 
@@ -328,10 +334,10 @@ def test_clusters_by_size_names_the_largest_zero():
 def test_resolve_rep_accepts_method_names():
     adata = ad.AnnData(np.zeros((3, 2)))
     adata.obsm["X_harmony"] = np.zeros((3, 2))
-    assert cl._resolve_rep(adata, "harmony") == "X_harmony"
-    assert cl._resolve_rep(adata, "X_harmony") == "X_harmony"
+    assert cl_leiden._resolve_rep(adata, "harmony") == "X_harmony"
+    assert cl_leiden._resolve_rep(adata, "X_harmony") == "X_harmony"
     with pytest.raises(KeyError, match="X_scVI"):
-        cl._resolve_rep(adata, "scvi")
+        cl_leiden._resolve_rep(adata, "scvi")
 
 
 def test_rank_sum_test_matches_scipy_mannwhitney():
@@ -340,7 +346,7 @@ def test_rank_sum_test_matches_scipy_mannwhitney():
     rng = np.random.default_rng(0)
     a, b = rng.normal(1, 1, 30), rng.normal(0, 1, 50)
     ranks = rankdata(np.r_[a, b])
-    z, p, p_adj = cl._rank_sum_test(np.array([ranks[:30].sum()]), 30.0, 50.0, 80)
+    z, p, p_adj = cl_markers._rank_sum_test(np.array([ranks[:30].sum()]), 30.0, 50.0, 80)
     ref = mannwhitneyu(a, b, use_continuity=False, method="asymptotic")
     assert z[0] > 0 and np.isclose(p[0], ref.pvalue) and np.isclose(p_adj[0], p[0])
 
@@ -348,12 +354,12 @@ def test_rank_sum_test_matches_scipy_mannwhitney():
 def test_marker_groups_skip_singletons():
     adata = ad.AnnData(np.zeros((5, 2)))
     adata.obs["g"] = ["a", "a", "b", "b", "c"]
-    groups, skipped = cl._marker_groups(adata, "g")
+    groups, skipped = cl_markers._marker_groups(adata, "g")
     assert groups == ["a", "b"] and skipped == ["c"]
     assert isinstance(adata.obs["g"].dtype, pd.CategoricalDtype)
     adata.obs["g"] = ["a", "a", "a", "a", "c"]
     with pytest.raises(ValueError, match="at least two groups"):
-        cl._marker_groups(adata, "g")
+        cl_markers._marker_groups(adata, "g")
 
 
 # --------------------------------------------------------------------------------------
@@ -378,11 +384,17 @@ def streamed_marker_file(tmp_path) -> tuple[ad.AnnData, object]:
 
 def test_cluster_markers_streamed_equals_in_memory(tmp_path):
     adata, path = streamed_marker_file(tmp_path)
-    want = cl.cluster_markers(adata, n_genes=7, method="wilcoxon")
+    want = cl.cluster_markers(adata, n_marker_genes=7)
     light = store.read(path)
     assert light.X is None
     # 37 genes per block leaves a short last block of 60; 150 rows a short last chunk of 430
-    got = cl.cluster_markers_streamed(light, path, n_genes=7, genes_per_block=37, chunk_rows=150)
+    got = cl.cluster_markers(
+        light,
+        counts=store.FileCounts(path, "X"),
+        n_marker_genes=7,
+        genes_per_block=37,
+        chunk_rows=150,
+    )
     assert set(got["cluster"]) == {"0", "1", "2"}  # the one-cell cluster is not tested
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0)
     have, ref = light.uns["rank_genes_leiden"], adata.uns["rank_genes_leiden"]
@@ -397,7 +409,9 @@ def test_cluster_markers_streamed_equals_in_memory(tmp_path):
     for k in ("pts", "pts_rest"):
         pd.testing.assert_frame_equal(have[k], ref[k], check_exact=False, rtol=1e-12, atol=0)
     # one block of all genes gives the same again
-    again = cl.cluster_markers_streamed(store.read(path), path, n_genes=7, genes_per_block=1000)
+    again = cl.cluster_markers(
+        store.read(path), counts=store.FileCounts(path, "X"), n_marker_genes=7, genes_per_block=1000
+    )
     pd.testing.assert_frame_equal(again, want, check_exact=False, rtol=1e-12, atol=0)
 
 
@@ -405,7 +419,7 @@ def test_cluster_markers_streamed_never_reads_the_whole_matrix(tmp_path, monkeyp
     """With every whole-matrix read refused, the streamed markers still come out, reading one
     full row chunk (the raw-counts check) and otherwise only a block's columns at a time."""
     adata, path = streamed_marker_file(tmp_path)
-    want = cl.cluster_markers(adata, n_genes=5)
+    want = cl.cluster_markers(adata, n_marker_genes=5)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the whole matrix was read")
@@ -424,12 +438,15 @@ def test_cluster_markers_streamed_never_reads_the_whole_matrix(tmp_path, monkeyp
             yield start, stop, chunk
 
     light = store.read(path)
+    counts = store.FileCounts(path, "X")
     monkeypatch.setattr(ad, "read_h5ad", refuse)
     monkeypatch.setattr(ad.io, "read_h5ad", refuse)
     monkeypatch.setattr(store, "read", read)
     monkeypatch.setattr(store, "_read_matrix", refuse)
     monkeypatch.setattr(store, "iter_rows", iter_rows)
-    got = cl.cluster_markers_streamed(light, path, n_genes=5, genes_per_block=37, chunk_rows=150)
+    got = cl.cluster_markers(
+        light, counts=counts, n_marker_genes=5, genes_per_block=37, chunk_rows=150
+    )
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0)
     whole = [shape for all_genes, shape in seen if all_genes]
     assert whole == [(150, 60)]  # the first chunk only, for the raw-counts check
@@ -440,9 +457,10 @@ def test_cluster_markers_streamed_never_reads_the_whole_matrix(tmp_path, monkeyp
 def test_cluster_markers_streamed_checks_its_input(tmp_path):
     adata, path = streamed_marker_file(tmp_path)
     light = store.read(path)
+    counts = store.FileCounts(path, "X")
     with pytest.raises(KeyError, match="missing_column"):
-        cl.cluster_markers_streamed(light, path, groupby="missing_column")
+        cl.cluster_markers(light, counts=counts, groupby="missing_column")
     with pytest.raises(ValueError, match="raw counts"):
-        cl.cluster_markers_streamed(light, path, key="layers/counts")
-    with pytest.raises(ValueError, match="var_names"):
-        cl.cluster_markers_streamed(light[:, ::-1].copy(), path)
+        cl.cluster_markers(light, counts=store.FileCounts(path, "layers/counts"))
+    with pytest.raises(ValueError, match="other genes"):
+        cl.cluster_markers(light[:, ::-1].copy(), counts=counts)

@@ -14,7 +14,12 @@ import scipy.sparse as sp
 from conftest import shared_file
 
 from sepsis_sc import integrate as ig
+from sepsis_sc import store
+from sepsis_sc.config import IntegrationSettings
+from sepsis_sc.integrate import metrics as ig_metrics
+from sepsis_sc.integrate import scvi as ig_scvi
 from sepsis_sc.pl import integrate as pl_ig
+from sepsis_sc.pl.style import savefig
 
 logging.getLogger("lightning").setLevel(logging.WARNING)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -64,7 +69,7 @@ def test_select_hvgs_excludes_flagged_genes():
     adata = toy_counts()
     # the marker genes of type0 are the most variable: flag them as mitochondrial
     adata.var.loc[adata.var_names[:20], "mt"] = True
-    ig.select_hvgs(adata, n_top_genes=50, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=50, batch_key="batch")
     hv = adata.var["highly_variable"]
     assert hv.sum() == 50
     assert not hv[adata.var["mt"]].any()
@@ -73,7 +78,7 @@ def test_select_hvgs_excludes_flagged_genes():
     assert adata.uns["hvg"]["n_excluded"] == 20
     assert np.isnan(adata.var["highly_variable_rank"].iloc[:20]).all()
 
-    ig.select_hvgs(adata, n_top_genes=50, batch_key="batch", exclude_flags=())
+    ig.select_hvgs(adata, n_hvg=50, batch_key="batch", exclude_flags=())
     assert adata.var["highly_variable"].iloc[:20].sum() >= 15
 
 
@@ -81,10 +86,10 @@ def test_select_hvgs_needs_raw_counts():
     adata = toy_counts(n_cells=100)
     adata.layers["counts"] = adata.X.copy()  # log-normalised, not counts
     with pytest.raises(ValueError, match="raw counts"):
-        ig.select_hvgs(adata, n_top_genes=50)
+        ig.select_hvgs(adata, n_hvg=50)
     del adata.layers["counts"]
     with pytest.raises(KeyError, match="counts"):
-        ig.select_hvgs(adata, n_top_genes=50)
+        ig.select_hvgs(adata, n_hvg=50)
 
 
 # ------------------------------------------------------------------ HVGs streamed from the file
@@ -150,15 +155,19 @@ def _assert_same_hvgs(streamed: ad.AnnData, expected: ad.AnnData) -> None:
     "batch_key", ["batch", None, "run"], ids=["3-batches", "no-key", "one-level"]
 )
 def test_select_hvgs_streamed_equals_select_hvgs(hvg_file, batch_key):
-    from sepsis_sc import store
-
     adata, path = hvg_file
     expected = adata.copy()
-    ig.select_hvgs(expected, n_top_genes=300, batch_key=batch_key)
+    ig.select_hvgs(expected, n_hvg=300, batch_key=batch_key)
     light = store.read(path)
     assert not light.layers and light.X is None
     # 700-cell chunks: every chunk holds cells of all batches, the last one is short
-    ig.select_hvgs_streamed(light, path, n_top_genes=300, batch_key=batch_key, chunk_rows=700)
+    ig.select_hvgs(
+        light,
+        counts=store.FileCounts(path, "counts"),
+        n_hvg=300,
+        batch_key=batch_key,
+        chunk_rows=700,
+    )
     _assert_same_hvgs(light, expected)
     assert light.var["highly_variable"].sum() == 300
     flagged = (light.var["mt"] | light.var["ribo"] | light.var["hb"]).to_numpy()
@@ -172,11 +181,9 @@ def test_select_hvgs_streamed_equals_select_hvgs(hvg_file, batch_key):
 
 def test_select_hvgs_streamed_reads_only_chunks(hvg_file, monkeypatch):
     """Nothing reads the whole count layer: reading it raises, and every chunk is small."""
-    from sepsis_sc import store
-
     adata, path = hvg_file
     expected = adata.copy()
-    ig.select_hvgs(expected, n_top_genes=300, batch_key="batch")
+    ig.select_hvgs(expected, n_hvg=300, batch_key="batch")
     light = store.read(path)
 
     def no_whole_matrix(*args, **kwargs):
@@ -195,14 +202,13 @@ def test_select_hvgs_streamed_reads_only_chunks(hvg_file, monkeypatch):
             yield start, stop, chunk
 
     monkeypatch.setattr(store, "iter_rows", recording_iter_rows)
-    ig.select_hvgs_streamed(light, path, n_top_genes=300, batch_key="batch", chunk_rows=700)
+    counts = store.FileCounts(path, "counts")
+    ig.select_hvgs(light, counts=counts, n_hvg=300, batch_key="batch", chunk_rows=700)
     _assert_same_hvgs(light, expected)
     assert max(chunks) == 700 and sum(chunks) == 2 * adata.n_obs  # two passes of chunks
 
 
 def test_select_hvgs_streamed_rejects_what_select_hvgs_rejects(hvg_file, tmp_path):
-    from sepsis_sc import store
-
     adata, _ = hvg_file
     for name, change, match in (
         ("half", lambda c: c * 0.5, "non-integer"),
@@ -215,7 +221,9 @@ def test_select_hvgs_streamed_rejects_what_select_hvgs_rejects(hvg_file, tmp_pat
         path = tmp_path / f"{name}.h5ad"
         bad.write_h5ad(path)
         with pytest.raises(ValueError, match=match):
-            ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50, chunk_rows=700)
+            ig.select_hvgs(
+                store.read(path), counts=store.FileCounts(path), n_hvg=50, chunk_rows=700
+            )
     # a 3-cell batch breaks its LOESS fit: the message of select_hvgs
     tiny = adata[:, :300].copy()
     tiny.obs["batch"] = tiny.obs["batch"].astype(str)
@@ -223,16 +231,16 @@ def test_select_hvgs_streamed_rejects_what_select_hvgs_rejects(hvg_file, tmp_pat
     path = tmp_path / "tiny.h5ad"
     tiny.write_h5ad(path)
     for select in (
-        lambda: ig.select_hvgs(tiny.copy(), n_top_genes=50),
-        lambda: ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50),
+        lambda: ig.select_hvgs(tiny.copy(), n_hvg=50),
+        lambda: ig.select_hvgs(store.read(path), counts=store.FileCounts(path), n_hvg=50),
     ):
         with pytest.raises(ValueError, match="failed: .*merge small batches"):
             select()
     # the light object must be the file's; the layer must be there
-    with pytest.raises(ValueError, match="read adata from the same file"):
-        ig.select_hvgs_streamed(store.read(path), hvg_file[1], n_top_genes=50)
+    with pytest.raises(ValueError, match="read from that file"):
+        ig.select_hvgs(store.read(path), counts=store.FileCounts(hvg_file[1]), n_hvg=50)
     with pytest.raises(KeyError, match="layers/spliced"):
-        ig.select_hvgs_streamed(store.read(path), path, n_top_genes=50, layer="spliced")
+        ig.select_hvgs(store.read(path), counts=store.FileCounts(path, "spliced"), n_hvg=50)
 
 
 # ------------------------------------------------------------------ accelerator / epochs
@@ -266,7 +274,7 @@ def test_default_max_epochs_scales_with_cells():
 def test_run_scvi_writes_latent_record_and_model(tmp_path):
     adata = toy_counts(n_cells=300)
     counts_before = adata.layers["counts"].copy()
-    ig.select_hvgs(adata, n_top_genes=100, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=100, batch_key="batch")
     rec = ig.run_scvi(
         adata,
         batch_key="batch",
@@ -308,7 +316,7 @@ def test_run_scvi_writes_latent_record_and_model(tmp_path):
 
 def test_run_scvi_reproducible_on_cpu():
     adata = toy_counts(n_cells=200, n_genes=120)
-    ig.select_hvgs(adata, n_top_genes=60, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=60, batch_key="batch")
     kw = dict(n_latent=5, n_hidden=16, max_epochs=2, threads=1, accelerator="cpu")
     ig.run_scvi(adata, seed=3, **kw)
     first = adata.obsm["X_scVI"].copy()
@@ -322,7 +330,7 @@ def test_run_scvi_bad_input():
     adata = toy_counts(n_cells=100)
     with pytest.raises(KeyError, match="select_hvgs"):
         ig.run_scvi(adata, max_epochs=1)
-    ig.select_hvgs(adata, n_top_genes=50)
+    ig.select_hvgs(adata, n_hvg=50)
     with pytest.raises(KeyError, match="donor"):
         ig.run_scvi(adata, categorical_covariates=["donor"], max_epochs=1)
 
@@ -330,7 +338,7 @@ def test_run_scvi_bad_input():
 # ------------------------------------------------------------------ PCA / Harmony
 def test_run_pca_sparse_equals_dense_scaled_pca():
     adata = toy_counts(n_cells=250)
-    ig.select_hvgs(adata, n_top_genes=80, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=80, batch_key="batch")
     ig.run_pca(adata, n_pcs=10)
     assert adata.obsm["X_pca"].shape == (250, 10)
     assert sp.issparse(adata.X)  # X untouched
@@ -349,7 +357,7 @@ def test_run_pca_sparse_equals_dense_scaled_pca():
 
 def test_harmony_mixes_batches_better_than_pca():
     adata = toy_counts(n_cells=400, batch_shift=2.0, seed=2)
-    ig.select_hvgs(adata, n_top_genes=100, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=100, batch_key="batch")
     key = ig.integrate(adata, method="harmony", batch_key="batch", n_pcs=10, seed=0)
     assert key == "X_harmony" and adata.obsm["X_harmony"].shape == (400, 10)
     assert adata.uns["integration"]["method"] == "harmony"
@@ -434,14 +442,14 @@ def test_metric_and_umap_figures(tmp_path):
     tab = ig.integration_metrics(
         adata, embed_keys=["X_emb", "X_other"], batch_key="batch", label_key="label"
     )
-    p1 = pl_ig.metrics(tab, tmp_path / "metrics.png")
-    p2 = pl_ig.embedding_umaps(
+    p1 = savefig(pl_ig.metrics(tab), tmp_path / "metrics.png")
+    fig = pl_ig.embedding_umaps(
         adata,
-        tmp_path / "umaps.png",
         embed_keys=["X_emb", "X_other"],
         batch_key="batch",
         label_key="label",
     )
+    p2 = savefig(fig, tmp_path / "umaps.png")
     assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
     assert "X_umap" not in adata.obsm  # the figure does not modify the object
 
@@ -455,9 +463,9 @@ def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
     adata = toy_counts(n_cells=300, n_genes=150, n_batches=1)
     assert adata.obs["batch"].nunique() == 1
     # HVGs: chosen without a batch key (same genes as batch_key=None), and recorded
-    ig.select_hvgs(adata, n_top_genes=80, batch_key=None)
+    ig.select_hvgs(adata, n_hvg=80, batch_key=None)
     no_key = adata.var["highly_variable"].copy()
-    ig.select_hvgs(adata, n_top_genes=80, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=80, batch_key="batch")
     assert adata.var["highly_variable"].equals(no_key)
     hvg = adata.uns["hvg"]
     assert hvg["batch_key"] is None and hvg["batch_key_requested"] == "batch"
@@ -504,14 +512,14 @@ def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
     assert "iLISI" in tab.loc["X_pca", "note"] and tab.loc["X_harmony", "note"] == harmony_note
     assert tab.loc["X_harmony", ["clisi", "ari"]].isna().all()
 
-    p1 = pl_ig.metrics(tab.reset_index(), tmp_path / "metrics.png")
-    p2 = pl_ig.embedding_umaps(
+    p1 = savefig(pl_ig.metrics(tab.reset_index()), tmp_path / "metrics.png")
+    fig = pl_ig.embedding_umaps(
         adata,
-        tmp_path / "umaps.png",
         embed_keys=["X_scVI", "X_pca"],
         batch_key="batch",
         label_key="cell_type",
     )
+    p2 = savefig(fig, tmp_path / "umaps.png")
     assert p1.stat().st_size > 5_000 and p2.stat().st_size > 5_000
     notes = pl_ig._metric_notes(tab.reset_index(), ["clisi", "label_asw", "nmi", "ari"])
     assert len(notes) == 2 and notes[1].startswith("Harmony: skipped")
@@ -519,7 +527,7 @@ def test_one_batch_hvg_scvi_harmony_pca_metrics_and_figures(tmp_path):
 
 def test_one_batch_harmony_downstream_is_pca_with_warning(caplog):
     adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
-    ig.select_hvgs(adata, n_top_genes=60, batch_key="batch")
+    ig.select_hvgs(adata, n_hvg=60, batch_key="batch")
     with caplog.at_level(logging.WARNING, logger="sepsis_sc.integrate"):
         key = ig.integrate(adata, method="harmony", batch_key="batch", n_pcs=8, seed=0)
     assert key == "X_harmony"
@@ -533,7 +541,7 @@ def test_one_batch_harmony_downstream_is_pca_with_warning(caplog):
 def test_one_sample_as_batch_key_without_labels(tmp_path):
     """batch_key sample_id with one sample, no known labels: every metric skipped, noted."""
     adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
-    ig.select_hvgs(adata, n_top_genes=60, batch_key="sample_id")
+    ig.select_hvgs(adata, n_hvg=60, batch_key="sample_id")
     assert adata.uns["hvg"]["batch_key"] is None
     ig.run_pca(adata, n_pcs=8)
     ig.run_harmony(adata, batch_key="sample_id", n_pcs=8)
@@ -541,10 +549,10 @@ def test_one_sample_as_batch_key_without_labels(tmp_path):
     metric_cols = ["ilisi", "batch_asw", "graph_connectivity", "clisi", "label_asw", "nmi", "ari"]
     assert tab[metric_cols].isna().all().all()
     assert tab["note"].str.contains("one batch level \\('s0' in obs\\['sample_id'\\]\\)").all()
-    path = pl_ig.metrics(tab, tmp_path / "metrics.png")  # notes only, no error
+    path = savefig(pl_ig.metrics(tab), tmp_path / "metrics.png")  # notes only, no error
     assert path.stat().st_size > 3_000
     with pytest.raises(ValueError, match="no metric columns"):  # no values and no notes
-        pl_ig.metrics(tab.drop(columns="note"), tmp_path / "bad.png")
+        pl_ig.metrics(tab.drop(columns="note"))
 
 
 def test_one_batch_bio_metrics_equal_multi_batch_ones():
@@ -586,7 +594,7 @@ def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
     adata = toy_counts(n_cells=200, n_genes=120, n_batches=1)
     adata.write_h5ad(tmp_path / "merged.h5ad")
     cfg = dict(
-        n_hvg=60,
+        n_hvg=200,  # the schema's minimum (the script validates the section): all 120 genes
         batch_key="batch",
         categorical_covariates=[],
         continuous_covariates=[],
@@ -629,7 +637,7 @@ def test_rule_scripts_with_one_batch(tmp_path, monkeypatch):
         log=[str(tmp_path / "metrics.log")],
         params=SimpleNamespace(
             methods=methods,
-            batch_key="batch",
+            integration=cfg,
             label_key="cell_type",
             label_title=None,
             n_neighbors=15,
@@ -652,7 +660,7 @@ def test_kang_condition_as_batch_metrics():
     adata.layers["counts"] = adata.X.copy()
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
-    ig.select_hvgs(adata, n_top_genes=1500, batch_key="stim")
+    ig.select_hvgs(adata, n_hvg=1500, batch_key="stim")
     ig.run_pca(adata, n_pcs=30)
     ig.run_harmony(adata, batch_key="stim", n_pcs=30, seed=0)
     ig.run_scvi(adata, batch_key="stim", max_epochs=3, threads=1, batch_size=256, seed=0)
@@ -703,31 +711,40 @@ print(layer, "torch/lib/libgomp" in maps, ships)
 
 
 # --------------------------------------------------------------------------------------
-# ScviParams and the steps of run_scvi / integration_metrics
+# IntegrationSettings and the steps of run_scvi / integration_metrics
 # --------------------------------------------------------------------------------------
+#: keys of the ``integration`` config section that are not scVI settings
+_NOT_SCVI = {"method", "compare", "metrics", "batch_key", "n_hvg", "n_pcs"} | {
+    "metrics_label_key",
+    "metrics_labels",
+}
 
 
 def test_scviparams_defaults_are_the_schema_defaults():
     from sepsis_sc.config import load_schema
 
     section = load_schema("config")["properties"]["integration"]["properties"]
-    params = ig.ScviParams()
+    params = IntegrationSettings()
     checked = []
     for key, spec in section.items():
-        if key in ig.ScviParams._NOT_PARAMS:
+        if key in _NOT_SCVI:
             continue
         value = getattr(params, key)
         assert (list(value) if isinstance(value, tuple) else value) == spec["default"], key
         checked.append(key)
-    assert len(checked) == 8  # covariates x2, n_latent, max_epochs, early_stopping(+min_delta), ...
-    assert ig.ScviParams.from_config({k: v["default"] for k, v in section.items()}) == params
+    # covariates x2, n_latent, n_layers, n_hidden, gene_likelihood, max_epochs,
+    # early_stopping (+min_improvement, +patience), train_size, batch_size, accelerator
+    assert len(checked) == 13
+    assert IntegrationSettings.from_config({k: v["default"] for k, v in section.items()}) == params
 
 
 def test_scviparams_from_config_and_overrides():
-    p = ig.ScviParams.from_config({"n_latent": 8, "method": "scvi", "continuous_covariates": ["x"]})
+    p = IntegrationSettings.from_config(
+        {"n_latent": 8, "method": "scvi", "continuous_covariates": ["x"]}
+    )
     assert p.n_latent == 8 and p.continuous_covariates == ("x",)
-    with pytest.raises(ValueError, match="unknown integration config key 'n_latnet'"):
-        ig.ScviParams.from_config({"n_latnet": 8})
+    with pytest.raises(ValueError, match="'integration.n_latnet' is not a known option"):
+        IntegrationSettings.from_config({"n_latnet": 8})
     assert p.with_overrides({"max_epochs": 3}).max_epochs == 3
     with pytest.raises(TypeError, match="max_epoch"):
         p.with_overrides({"max_epoch": 3})
@@ -737,25 +754,25 @@ def test_scviparams_from_config_and_overrides():
 
 
 def test_scvi_steps():
-    p = ig.ScviParams(categorical_covariates=["donor"], continuous_covariates=("pct",))
-    assert ig._scvi_obs_keys("batch", p) == ["batch", "donor", "pct"]
-    assert ig._scvi_obs_keys(None, p) == ["donor", "pct"]
-    assert ig._scvi_max_epochs(ig.ScviParams(max_epochs=7), 1000) == 7
-    assert ig._scvi_max_epochs(ig.ScviParams(), 1000) == ig.default_max_epochs(1000)
+    p = IntegrationSettings(categorical_covariates=["donor"], continuous_covariates=("pct",))
+    assert ig_scvi._scvi_obs_keys("batch", p) == ["batch", "donor", "pct"]
+    assert ig_scvi._scvi_obs_keys(None, p) == ["donor", "pct"]
+    assert ig_scvi._scvi_max_epochs(IntegrationSettings(max_epochs=7), 1000) == 7
+    assert ig_scvi._scvi_max_epochs(IntegrationSettings(), 1000) == ig.default_max_epochs(1000)
     with pytest.raises(ValueError, match="max_epochs must be >= 1"):
-        ig._scvi_max_epochs(ig.ScviParams(max_epochs=0), 1000)
+        ig_scvi._scvi_max_epochs(IntegrationSettings(max_epochs=0), 1000)
     history = {"elbo_train": pd.DataFrame({"elbo_train": [3.0, 2.0]})}
-    assert ig._history_last(history, "elbo_train") == 2.0
-    assert ig._history_last(history, "elbo_validation") is None
+    assert ig_scvi._history_last(history, "elbo_train") == 2.0
+    assert ig_scvi._history_last(history, "elbo_validation") is None
     adata = ad.AnnData(obs=pd.DataFrame({"batch": ["a"] * 4}, index=list("wxyz")))
-    key, one = ig._scvi_batch_key(adata, "batch")
+    key, one = ig_scvi._scvi_batch_key(adata, "batch")
     assert key is None and one["batch_corrected"] is False and one["n_batches"] == 1
     adata.obs["batch"] = ["a", "b"] * 2
-    assert ig._scvi_batch_key(adata, "batch") == ("batch", {})
+    assert ig_scvi._scvi_batch_key(adata, "batch") == ("batch", {})
 
 
 def test_metric_summary_scores_and_table():
-    cells = ig._MetricCells(
+    cells = ig_metrics._MetricCells(
         batches=np.array(["a", "b"]),
         n_batches=2,
         batch_note=None,
@@ -772,13 +789,13 @@ def test_metric_summary_scores_and_table():
         "nmi": np.nan,
         "ari": np.nan,
     }
-    ig._summary_scores(row, cells)
+    ig_metrics._summary_scores(row, cells)
     assert row["batch_correction"] == pytest.approx(0.6)
     assert np.isnan(row["bio_conservation"]) and np.isnan(row["overall"]) and "note" not in row
-    table = ig._metrics_table([{"embedding": "X_pca", **row}])
-    assert list(table.columns) == list(ig._METRIC_COLUMNS)
-    skipped = ig._skipped_rows({"X_harmony": "why"}, 10, cells)
-    table = ig._metrics_table([{"embedding": "X_pca", **row}, *skipped])
+    table = ig_metrics._metrics_table([{"embedding": "X_pca", **row}])
+    assert list(table.columns) == list(ig_metrics._METRIC_COLUMNS)
+    skipped = ig_metrics._skipped_rows({"X_harmony": "why"}, 10, cells)
+    table = ig_metrics._metrics_table([{"embedding": "X_pca", **row}, *skipped])
     assert table.columns[-1] == "note" and table["note"].tolist()[1] == "why"
 
 
@@ -817,7 +834,7 @@ def test_plateau_stopping_on_the_smoothed_validation_loss():
         ig.plateau_stopping(patience=0)
 
 
-def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours(tmp_path, monkeypatch):
+def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours():
     import anndata as ad
     from matplotlib.colors import to_hex
 
@@ -832,17 +849,14 @@ def test_embedding_umaps_name_the_truth_and_share_the_cell_type_colours(tmp_path
         index=[f"c{i}" for i in range(120)],
     )
     adata = ad.AnnData(obs=obs, obsm={"X_pca": emb})
-    figs = []
-    monkeypatch.setattr(pl_ig, "savefig", lambda fig, path: figs.append(fig) or path)
-    pl_ig.embedding_umaps(
+    fig = pl_ig.embedding_umaps(
         adata,
-        tmp_path / "u.png",
         embed_keys=["X_pca"],
         batch_key="batch",
         label_key="cell_type",
         label_title="simulated truth cell type",
     )
-    ax = figs[0].axes[1]
+    ax = fig.axes[1]
     assert "simulated truth cell type" in ax.get_title().replace("\n", " ")
     drawn = {to_hex(c) for c in ax.collections[0].get_facecolors()}
     assert drawn == set(cell_type_palette(["Classical monocyte", "naive B"]).values())

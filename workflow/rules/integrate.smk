@@ -58,7 +58,7 @@ rule integration_metrics:
         runtime=120,
     params:
         methods=integration_methods(),
-        batch_key=config["integration"]["batch_key"],
+        integration=config["integration"],
         label_key=metrics_label_key(),
         label_title=metrics_label_title(),
         n_neighbors=config["clustering"]["n_neighbors"],

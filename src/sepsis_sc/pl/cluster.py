@@ -3,15 +3,13 @@
 * :func:`resolutions`: number of clusters and stability against the Leiden resolution.
 * :func:`umaps`: UMAP panels coloured by clusters, sample, batch and condition.
 
-Each function writes a PNG and returns its path.
+Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.style.savefig`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -22,7 +20,6 @@ from sepsis_sc.pl.style import (
     categorical_palette,
     condition_palette,
     legend_right,
-    savefig,
     set_style,
 )
 
@@ -31,23 +28,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["resolutions", "umaps"]
 
 
-def resolutions(
-    table: pd.DataFrame, path: str | os.PathLike[str], *, chosen: float | None = None
-) -> Path:
+def resolutions(table: pd.DataFrame, *, chosen: float | None = None) -> plt.Figure:
     """Number of clusters and stability against the Leiden resolution; chosen one marked.
 
     Parameters
     ----------
     table
         Output of :func:`sepsis_sc.cluster.resolution_summary` / :func:`sepsis_sc.cluster.leiden_multi`.
-    path
-        PNG path.
     chosen
         Resolution used downstream (default: the ``chosen`` column).
 
     Returns
     -------
-    The path written.
+    The figure.
     """
 
     set_style()
@@ -75,18 +68,17 @@ def resolutions(
             ax.axvline(chosen, color="0.4", ls=":", lw=1)
         ax1.text(chosen, ax1.get_ylim()[1], f" chosen {chosen:g}", va="top", ha="left", fontsize=9)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
 def umaps(
     adata: ad.AnnData,
-    path: str | os.PathLike[str],
     *,
     keys: Sequence[str] = ("leiden", "sample_id", "batch", "condition"),
     case: str | None = None,
     control: str | None = None,
     condition_key: str = "condition",
-) -> Path:
+) -> plt.Figure:
     """UMAP panels coloured by clusters, sample, batch and condition.
 
     Clusters are labelled at their centroids; the other panels have legends. Condition uses
@@ -96,8 +88,6 @@ def umaps(
     ----------
     adata
         AnnData with ``obsm["X_umap"]``.
-    path
-        PNG path.
     keys
         ``obs`` columns, one panel each (absent columns are skipped with a warning).
     case, control
@@ -107,7 +97,7 @@ def umaps(
 
     Returns
     -------
-    The path written.
+    The figure.
     """
 
     set_style()
@@ -134,7 +124,7 @@ def umaps(
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
 def _categories(column: pd.Series) -> list[str]:

@@ -4,15 +4,13 @@
   table's notes (skipped batch terms, embeddings not computed) printed under the bars.
 * :func:`embedding_umaps`: a UMAP of each embedding, coloured by batch and by label.
 
-Each function writes a PNG and returns its path.
+Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.style.savefig`.
 """
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -20,13 +18,12 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from sepsis_sc.integrate import _require_obs
+from sepsis_sc.integrate.batches import require_obs
 from sepsis_sc.pl.style import (
     categorical_palette,
     cell_type_palette,
     legend_right,
     lineage_palette,
-    savefig,
     set_style,
     wrap,
 )
@@ -46,7 +43,7 @@ _METHOD_NAMES = {"X_pca": "PCA (unintegrated)", "X_harmony": "Harmony", "X_scVI"
 _METHOD_COLOURS = {"PCA (unintegrated)": "#7f7f7f", "Harmony": "#9467bd", "scVI": "#ff7f0e"}
 
 
-def metrics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+def metrics(table: pd.DataFrame) -> plt.Figure:
     """Grouped bars: one group per metric, one bar per embedding.
 
     Batch-removal metrics are on the left, biology-conservation metrics (only when labels were
@@ -59,12 +56,10 @@ def metrics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     ----------
     table
         Output of :func:`sepsis_sc.integrate.integration_metrics`.
-    path
-        PNG path.
 
     Returns
     -------
-    The path written.
+    The figure.
     """
 
     set_style()
@@ -73,7 +68,7 @@ def metrics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     if not metrics:
         if not notes:
             raise ValueError("table has no metric columns with values")
-        return _plot_notes_only(notes, path)
+        return _plot_notes_only(notes)
     if notes:  # rows with no value at all (skipped embeddings) get no bars
         table = table[table[metrics].notna().any(axis=1)]
     names = [_METHOD_NAMES.get(k, k) for k in table["embedding"]]
@@ -110,7 +105,7 @@ def metrics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
             fontsize=8,
             color="0.25",
         )
-    return savefig(fig, path)
+    return fig
 
 
 def _metric_notes(table: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
@@ -142,7 +137,7 @@ def _wrap_notes(notes: Sequence[str], width: int) -> str:
     return "\n".join(textwrap.fill(n, width=width, subsequent_indent="  ") for n in notes)
 
 
-def _plot_notes_only(notes: Sequence[str], path: str | os.PathLike[str]) -> Path:
+def _plot_notes_only(notes: Sequence[str]) -> plt.Figure:
     """A figure with the notes only: no metric could be computed (one batch and no labels)."""
 
     fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.4 * len(notes)))
@@ -161,12 +156,11 @@ def _plot_notes_only(notes: Sequence[str], path: str | os.PathLike[str]) -> Path
         fontsize=9,
         transform=ax.transAxes,
     )
-    return savefig(fig, path)
+    return fig
 
 
 def embedding_umaps(
     adata: ad.AnnData,
-    path: str | os.PathLike[str],
     *,
     embed_keys: Sequence[str],
     batch_key: str,
@@ -174,7 +168,7 @@ def embedding_umaps(
     label_title: str | None = None,
     n_neighbors: int = 15,
     seed: int = 0,
-) -> Path:
+) -> plt.Figure:
     """UMAP of each embedding, coloured by batch and (if given) by label.
 
     One row per embedding; columns: batch, label. UMAPs are computed on temporary objects,
@@ -187,8 +181,6 @@ def embedding_umaps(
     ----------
     adata
         AnnData with the embeddings in ``obsm``.
-    path
-        PNG path.
     embed_keys
         ``obsm`` keys.
     batch_key, label_key
@@ -201,12 +193,12 @@ def embedding_umaps(
 
     Returns
     -------
-    The path written.
+    The figure.
     """
 
     set_style()
     colour_keys = [batch_key] + ([label_key] if label_key is not None else [])
-    _require_obs(adata, colour_keys, "colour for UMAP")
+    require_obs(adata, colour_keys, "colour for UMAP")
     obs = adata.obs[colour_keys].astype(str).astype("category")
     palettes = _palettes(obs, batch_key, label_key)
     titles = {batch_key: batch_key, label_key: label_title or label_key}
@@ -227,7 +219,7 @@ def embedding_umaps(
     for c in range(n_cols):
         axes[-1, c].set_xlabel("UMAP 1")
     fig.tight_layout()
-    return savefig(fig, path)
+    return fig
 
 
 def _palettes(obs: pd.DataFrame, batch_key: str, label_key: str | None) -> dict[str, dict]:
