@@ -167,3 +167,20 @@ def test_file_counts_equal_in_memory_counts(base):
     rows = np.array([0, 5, 332, 333, 334, 998])
     assert (disk.rows(rows) != mem.rows(rows)).nnz == 0
     assert (disk.full() != a.layers["counts"]).nnz == 0
+
+
+def test_count_source_checks_cells_and_genes_of_the_file(base):
+    """store.count_source refuses a file whose cells or genes are not adata's (same shape,
+    other order): a stage would otherwise pair each cell with another cell's counts."""
+    a, path = base
+    light = store.read(path)
+    assert store.count_source(light, store.FileCounts(path, "counts")).shape == a.shape
+    shuffled = light[::-1].copy()
+    with pytest.raises(ValueError, match="other cells"):
+        store.count_source(shuffled, store.FileCounts(path, "counts"))
+    renamed = light.copy()
+    renamed.var_names = [f"x{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match="other genes"):
+        store.count_source(renamed, store.FileCounts(path, "counts"))
+    with pytest.raises(ValueError, match="cells x"):
+        store.count_source(light[:10].copy(), store.FileCounts(path, "counts"))

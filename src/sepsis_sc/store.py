@@ -415,8 +415,9 @@ class CountSource:
         (cells, genes).
     where
         The matrix named for messages (``layers["counts"]``, ``path:layers/counts``).
-    var_names
-        The genes (columns), when known.
+    var_names, obs_names
+        The genes (columns) and cells (rows), when known: :func:`count_source` checks them
+        against the AnnData a stage is given.
     """
 
     def __init__(
@@ -430,6 +431,7 @@ class CountSource:
         self.shape = self._m.shape
         self.where = where
         self.var_names = None if var_names is None else pd.Index(var_names).astype(str)
+        self.obs_names: pd.Index | None = None  # in memory: adata's own matrix
         self._totals: np.ndarray | None = None
 
     @property
@@ -501,12 +503,22 @@ class FileCounts(CountSource):
             self.var_names = pd.Index(read_elem(f["var"]).index.astype(str))
         self.where = f"{self.path}:{self.key}"
         self._totals = None
+        self._obs_names: pd.Index | None = None
 
     @classmethod
     def matching(cls, path: str | os.PathLike[str], key: str, adata: ad.AnnData) -> FileCounts:
         """The counts of ``path:key`` for ``adata``: ``ValueError`` unless the file holds
         its cells and genes (read ``adata`` from that file with :func:`read`)."""
         return _matched(cls(path, key), adata)
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """The file's cell names (its ``obs`` index), read on first use."""
+        if self._obs_names is None:
+            with h5py.File(self.path, "r") as f:
+                index = f["obs"][f["obs"].attrs["_index"]]
+                self._obs_names = pd.Index(read_elem(index)).astype(str)
+        return self._obs_names
 
     def _chunks(self) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         return iter_rows(self.path, self.key, chunk_rows=self.chunk_rows)
@@ -568,6 +580,12 @@ def _matched(src: CountSource, adata: ad.AnnData) -> CountSource:
     ):
         raise ValueError(
             f"the counts {src.where} hold other genes than adata (same number, other names or "
+            "order): pass the AnnData read from that file"
+        )
+    cells = src.obs_names
+    if cells is not None and not cells.equals(pd.Index(adata.obs_names).astype(str)):
+        raise ValueError(
+            f"the counts {src.where} hold other cells than adata (same number, other names or "
             "order): pass the AnnData read from that file"
         )
     return src
