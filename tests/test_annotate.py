@@ -12,7 +12,11 @@ import scipy.sparse as sp
 from conftest import shared_file
 
 from sepsis_sc import annotate as an
+from sepsis_sc.annotate import core as an_core
+from sepsis_sc.annotate import lineage as an_lin
+from sepsis_sc.annotate import subsets as an_sub
 from sepsis_sc.pl import annotate as pl_an
+from sepsis_sc.pl.style import savefig
 from sepsis_sc.resources import load_yaml, resource_path
 
 VOCAB_LABELS = [
@@ -293,7 +297,7 @@ def test_annotate_toy_recovers_lineages_and_subsets():
     X_before = adata.X.copy()
     summary = an.annotate(adata, cluster_key="cl")
     obs = adata.obs
-    for col in an._OBS_KEYS:
+    for col in an_core._OBS_KEYS:
         assert col in obs
     real = obs["truth"] != "debris"
     assert (obs.loc[real, "cell_type"].astype(str) == obs.loc[real, "truth"]).mean() >= 0.95
@@ -410,33 +414,37 @@ def test_figures_are_written(tmp_path):
     an.annotate(adata, cluster_key="cl")
     rng = np.random.default_rng(0)
     adata.obsm["X_umap"] = rng.normal(size=(adata.n_obs, 2))
-    p1 = pl_an.marker_dotplot(adata, tmp_path / "dot.png")
-    p2 = pl_an.umap_cell_types(adata, tmp_path / "umap.png")
+    p1 = savefig(pl_an.marker_dotplot(an.dotplot_markers(adata)), tmp_path / "dot.png")
+    p2 = savefig(pl_an.umap_cell_types(adata), tmp_path / "umap.png")
     assert p1.stat().st_size > 5000 and p2.stat().st_size > 5000
     del adata.obsm["X_umap"]
     with pytest.raises(KeyError, match="UMAP"):
-        pl_an.umap_cell_types(adata, tmp_path / "x.png")
+        pl_an.umap_cell_types(adata)
 
 
 def test_dotplot_streams_counts_from_the_file(tmp_path, monkeypatch):
-    """marker_dotplot(counts_file=) plots the same values from the counts streamed out of the
-    .h5ad (adata without a matrix, as the workflow's figure job)."""
+    """dotplot_markers(counts=FileCounts) gives the same values from the counts streamed out
+    of the .h5ad (adata without a matrix, as the workflow's figure job)."""
     from sepsis_sc import store
+    from sepsis_sc.annotate import dotplot as an_dot
     from sepsis_sc.utils import write_h5ad
 
     adata = _toy()
     an.annotate(adata, cluster_key="cl")
     path = tmp_path / "a.h5ad"
     write_h5ad(adata, path)
-    drawn = []
-    real = pl_an._draw_dotplot
-    monkeypatch.setattr(pl_an, "_draw_dotplot", lambda a, *r: drawn.append(a) or real(a, *r))
-    pl_an.marker_dotplot(adata, tmp_path / "mem.png")
+    expr = []  # the cells' log1p CP10k of the marker genes, as each run computes it
+    real = an_dot.log_normalise
+    monkeypatch.setattr(
+        an_dot, "log_normalise", lambda *a, **k: expr.append(real(*a, **k)) or expr[-1]
+    )
+    mem = an.dotplot_markers(adata)
     light = store.read(path)
     assert light.X is None and not light.layers
-    pl_an.marker_dotplot(light, tmp_path / "file.png", counts_file=path)
-    assert list(drawn[0].var_names) == list(drawn[1].var_names)
-    assert (drawn[0].X != drawn[1].X).nnz == 0
+    streamed = an.dotplot_markers(light, counts=store.FileCounts.matching(path, "counts", light))
+    assert list(mem["gene"]) == list(streamed["gene"])
+    assert (expr[0] != expr[1]).nnz == 0
+    pd.testing.assert_frame_equal(mem, streamed, check_exact=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,10 +620,10 @@ def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
     full = adata.copy()
     an.annotate(full, expected_organism="human", seed=0)
     calls = []
-    real = an._hvg_columns
-    monkeypatch.setattr(an, "LINEAGE_HVG_CELLS", 300)
+    real = an_sub._hvg_columns
+    monkeypatch.setattr(an_sub, "LINEAGE_HVG_CELLS", 300)
     monkeypatch.setattr(
-        an, "_hvg_columns", lambda *a, **k: calls.append(a[1].size) or real(*a, **k)
+        an_sub, "_hvg_columns", lambda *a, **k: calls.append(a[1].size) or real(*a, **k)
     )
     an.annotate(adata, expected_organism="human", seed=0)
     assert calls and max(calls) > 300  # the sampled path ran, on whole lineages
@@ -631,8 +639,9 @@ def test_large_lineage_chooses_hvgs_on_a_sample(monkeypatch):
 
 
 def test_annotate_streams_counts_from_the_file(tmp_path):
-    """annotate(counts_file=) reads the counts from the .h5ad in row chunks (the workflow's
-    path at atlas scale; adata holds no matrix) and calls exactly what the in-memory run calls."""
+    """annotate(counts=FileCounts) reads the counts from the .h5ad in row chunks (the
+    workflow's path at atlas scale; adata holds no matrix) and calls exactly what the
+    in-memory run calls."""
     from sepsis_sc import store
     from sepsis_sc.utils import write_h5ad
 
@@ -643,14 +652,17 @@ def test_annotate_streams_counts_from_the_file(tmp_path):
     an.annotate(adata, expected_organism="human", seed=0)
     light = store.read(path)
     assert light.X is None and not light.layers
-    an.annotate(light, expected_organism="human", seed=0, counts_file=path)
+    counts = store.FileCounts.matching(path, "counts", light)
+    an.annotate(light, expected_organism="human", seed=0, counts=counts)
     for col in ("lineage", "cell_type", "annotation_cluster"):
         assert (light.obs[col].astype(str) == adata.obs[col].astype(str)).all(), col
     np.testing.assert_array_equal(
         light.obs["annotation_confidence"], adata.obs["annotation_confidence"]
     )
-    with pytest.raises(ValueError, match="holds 1200 cells"):
-        an.annotate(light[:100].copy(), expected_organism="human", counts_file=path)
+    with pytest.raises(ValueError, match="hold 1200 cells"):
+        an.annotate(
+            light[:100].copy(), expected_organism="human", counts=store.FileCounts(path, "counts")
+        )
 
 
 def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
@@ -668,7 +680,7 @@ def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
         use_rep="X_emb",
         n_neighbors=15,
         resolutions=[1.0, 2.0],
-        default_resolution=1.0,
+        resolution=1.0,
         seed=0,
         umap=False,
     )
@@ -676,11 +688,11 @@ def test_annotate_reuses_leiden_multi_partition_on_same_embedding():
     clusters = adata.obs["annotation_cluster"].astype(str)
     assert (clusters == adata.obs["leiden_r2.0"].astype(str)).all()
     assert "reused" in adata.uns["annotation"]["params"]["cluster_source"]
-    other = an._reusable_leiden(adata, "X_emb", 1.5, 15, 0)
+    other = an_lin._reusable_leiden(adata, "X_emb", 1.5, 15, 0)
     assert other is None
-    assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 1) is None
-    assert an._reusable_leiden(adata, "X_pca", 2.0, 15, 0) is None
-    assert an._reusable_leiden(adata, "X_emb", 2.0, 15, 0) == "leiden_r2.0"
+    assert an_lin._reusable_leiden(adata, "X_emb", 2.0, 15, 1) is None
+    assert an_lin._reusable_leiden(adata, "X_pca", 2.0, 15, 0) is None
+    assert an_lin._reusable_leiden(adata, "X_emb", 2.0, 15, 0) == "leiden_r2.0"
 
 
 def test_dc_recall_survives_mhc_class_ii_loss():
@@ -776,7 +788,7 @@ def test_partial_marker_set_degrades_instead_of_being_skipped():
     b = adata.obs["truth"] == "naive B"
     assert (adata.obs.loc[b, "lineage"] == "B").mean() >= 0.9
     assert rep.at["B_cell", "coverage"] == pytest.approx(1 / 8)
-    assert an._set_weights(1, 0, 8) == 0.0 and an._set_weights(4, 0, 8) == 1.0
+    assert an_lin._set_weights(1, 0, 8) == 0.0 and an_lin._set_weights(4, 0, 8) == 1.0
 
 
 def _figure_texts(fig) -> list[str]:
@@ -786,7 +798,7 @@ def _figure_texts(fig) -> list[str]:
     return [t for t in out if t]
 
 
-def test_marker_dotplot_is_transposed_with_full_label_names(tmp_path, monkeypatch):
+def test_marker_dotplot_is_transposed_with_full_label_names():
     import anndata as ad
     import scipy.sparse as sp
 
@@ -809,10 +821,7 @@ def test_marker_dotplot_is_transposed_with_full_label_names(tmp_path, monkeypatc
     X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
     obs = pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
-    figs = []
-    monkeypatch.setattr(pl_an, "savefig", lambda fig, path: figs.append(fig) or path)
-    pl_an.marker_dotplot(adata, tmp_path / "dot.png", organism="human", layer=None)
-    fig = figs[0]
+    fig = pl_an.marker_dotplot(an.dotplot_markers(adata, organism="human", layer=None))
     texts = [t.replace("\n", " ") for t in _figure_texts(fig)]
     for label in pops:
         assert label in texts  # named in full beside its genes, not cut to fit

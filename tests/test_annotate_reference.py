@@ -1,4 +1,4 @@
-"""Tests for sepsis_sc.reference: scANVI / scArches label transfer and the consensus."""
+"""Tests for sepsis_sc.annotate.reference: scANVI / scArches label transfer and the consensus."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_file
 
 from sepsis_sc import annotate as an
-from sepsis_sc import reference as rf
+from sepsis_sc.annotate import reference as rf
 
 
 def test_consensus_rules_and_agreement_table():

@@ -2,48 +2,44 @@
 
 from sepsis_sc import store
 from sepsis_sc.annotate import annotate
+from sepsis_sc.config import AnnotationSettings
 from sepsis_sc.data import counts_layer
 from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
 
-a = snakemake.params.annotation
+settings = AnnotationSettings.from_config(snakemake.params.annotation)
 src = snakemake.input.h5ad
 layer = counts_layer(store.layer_names(src), snakemake.params.counts_layer)
 # the marker annotation streams the counts from the file; CellTypist and scANVI need them in memory
-in_memory = bool(a["celltypist_model"] or a["reference"])
+in_memory = bool(settings.celltypist_model or settings.reference)
 adata = store.read(src, layers=[layer] if in_memory else [])
 summary = annotate(
     adata,
+    settings,
     organism="auto",
     expected_organism=snakemake.params.organism,
-    cluster_key=a["cluster_key"],
     markers=snakemake.input.markers,
     use_rep=snakemake.params.use_rep,
-    resolution=a["resolution"],
-    min_score=a["min_score"],
-    min_margin=a["min_margin"],
-    subset_min_score=a["subset_min_score"],
-    cluster_weight=a["cluster_weight"],
     layer=layer,
-    counts_file=None if in_memory else src,
+    counts=None if in_memory else store.FileCounts.matching(src, layer, adata),
     seed=snakemake.params.seed,
 )
-if a["celltypist_model"]:
+if settings.celltypist_model:
     from sepsis_sc.annotate import annotate_celltypist, annotation_agreement
 
-    annotate_celltypist(adata, a["celltypist_model"], layer=layer)
+    annotate_celltypist(adata, settings.celltypist_model, layer=layer)
     agreement = annotation_agreement(adata, "cell_type", "celltypist_label")
     write_table(agreement, snakemake.output.agreement)
-if a["reference"]:
-    from sepsis_sc.reference import annotation_consensus, transfer_labels
+if settings.reference:
+    from sepsis_sc.annotate import annotation_consensus, transfer_labels
 
-    if not a["reference_label_key"]:
+    if not settings.reference_label_key:
         raise ValueError("annotation.reference is set: annotation.reference_label_key is needed.")
     transfer_labels(
         adata,
         snakemake.input.reference,
-        label_key=a["reference_label_key"],
+        label_key=settings.reference_label_key,
         layer=layer,
         seed=snakemake.params.seed,
     )

@@ -1,17 +1,15 @@
 """Figures of the annotation stage (:func:`sepsis_sc.annotate.annotate` outputs).
 
-* :func:`marker_dotplot`: dot plot of the most specific markers of each observed label.
+* :func:`marker_dotplot`: dot plot of the most specific markers of each observed label, as
+  chosen by :func:`sepsis_sc.annotate.dotplot_markers`.
 * :func:`umap_cell_types`: UMAP coloured by annotation with the shared palettes.
 
-Each function writes a PNG and returns its path.
+Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.style.savefig`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from os import PathLike
-from pathlib import Path
-from typing import Any, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,158 +17,57 @@ import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 
-from sepsis_sc.annotate import (
-    UNASSIGNED,
-    _group_matrix,
-    _marker_symbols,
-    _resolve_genes,
-    load_markers,
-    load_vocabulary,
-)
-from sepsis_sc.data import counts_csr, log_normalise, resolve_organism
-from sepsis_sc.pl.style import cell_type_palette, lineage_palette, savefig, set_style, wrap
+from sepsis_sc.annotate import UNASSIGNED
+from sepsis_sc.pl.style import cell_type_palette, lineage_palette, set_style, wrap
 
 __all__ = ["marker_dotplot", "umap_cell_types"]
 
 
-def marker_dotplot(
-    adata: AnnData,
-    path: str | PathLike[str],
-    *,
-    groupby: str = "cell_type",
-    markers: str | PathLike[str] | Mapping[str, Any] | None = None,
-    organism: Literal["human", "mouse"] | None = None,
-    layer: str | None = "counts",
-    n_genes: int = 3,
-    counts_file: str | PathLike[str] | None = None,
-    min_cells: int = 5,
-) -> Path:
-    """Dot plot of the top markers of each observed label (rows) across labels (groups).
+def marker_dotplot(table: pd.DataFrame, *, groupby: str | None = None) -> plt.Figure:
+    """Dot plot of the top markers of each observed label (rows) across labels (columns).
 
     Parameters
     ----------
-    adata
-        Annotated AnnData (``obs[groupby]``), raw counts in ``layers[layer]`` or integer ``X``.
-    path
-        Output PNG.
+    table
+        :func:`sepsis_sc.annotate.dotplot_markers`'s table: ``marker_of``, ``gene``,
+        ``group``, ``mean_expression`` (log1p CP10k), ``fraction_expressing``. Colour is the
+        mean scaled per gene (0 to 1 across labels), dot size the fraction expressing.
     groupby
-        ``obs`` column with labels (``cell_type`` or ``lineage``).
-    markers
-        Marker sets (default: packaged file of the organism).
-    organism
-        Default: ``uns["annotation"]["params"]["organism"]`` or detected from symbols.
-    layer
-        Layer with raw counts; expression shown is log1p(CP10k).
-    n_genes
-        Up-markers shown per label, in marker-file order, among genes present in the data.
-    counts_file
-        Read the marker genes' counts from ``layers[layer]`` of this ``.h5ad`` (streamed)
-        instead of from ``adata``, which then needs no matrix.
-    min_cells
-        Labels with fewer cells are left out.
+        Name of the labels in the title; default ``table.attrs["groupby"]``.
 
     Returns
     -------
-    pathlib.Path
-        The written file.
+    matplotlib.figure.Figure
     """
-
-    if groupby not in adata.obs:
-        raise KeyError(f"{groupby!r} not in adata.obs; run annotate() first.")
-    if organism is None:
-        organism = adata.uns.get("annotation", {}).get("params", {}).get("organism")
-        if organism is None:
-            organism = resolve_organism(adata.var_names, "auto", what="the data")
-    vocab = load_vocabulary()
-    mk = load_markers(markers, organism, vocabulary=vocab)
-    groups = adata.obs[groupby].astype(str)
-    present = _labels_to_plot(groups, vocab, min_cells, groupby)
-    gene_pos = _resolve_genes(sorted(_marker_symbols(mk)), adata.var_names, mk["aliases"])
-    cand = _candidate_markers(mk, vocab, present, gene_pos)
-    all_genes = list(dict.fromkeys(g for gs in cand.values() for g in gs))
-    if not all_genes:
-        raise ValueError("None of the marker genes of the plotted labels are in the data.")
-    cols = np.array([gene_pos[g] for g in all_genes])
-    if counts_file is None:
-        E_all = log_normalise(counts_csr(adata, layer), columns=cols)
-    else:  # the marker columns streamed from the file, size factors from all genes
-        from sepsis_sc.store import FileCounts
-
-        src = FileCounts(counts_file, layer or "X")
-        E_all = log_normalise(src.columns(cols), totals=src.totals)
-    keep = groups.isin(present).to_numpy()
-    codes = pd.Categorical(groups[keep], categories=present).codes
-    means = np.asarray((_group_matrix(np.asarray(codes), len(present)) @ E_all[keep]).todense())
-    var_groups = _most_specific(means, present, cand, all_genes, n_genes)
-    names = [g for gs in var_groups.values() for g in gs]
-    col_of = {g: i for i, g in enumerate(all_genes)}
-    plot_ad = AnnData(
-        X=E_all[:, [col_of[g] for g in names]][keep],
-        obs=pd.DataFrame(
-            {groupby: pd.Categorical(groups[keep], categories=present)},
-            index=adata.obs_names[keep],
-        ),
-        var=pd.DataFrame(index=names),
-    )
-    return savefig(_draw_dotplot(plot_ad, groupby, var_groups), path)
-
-
-def _labels_to_plot(groups: pd.Series, vocab: Any, min_cells: int, groupby: str) -> list[str]:
-    """Labels with at least ``min_cells`` cells, in vocabulary order (others after them)."""
-    vc = groups.value_counts()
-    order_all = list(vocab.cell_types.index) + list(vocab.lineages.index)
-    present = [g for g in dict.fromkeys(order_all) if vc.get(g, 0) >= min_cells and g != UNASSIGNED]
-    present += [g for g in vc.index if vc[g] >= min_cells and g not in present and g != UNASSIGNED]
-    if not present:
-        raise ValueError(f"No label of {groupby!r} has >= {min_cells} cells to plot.")
-    return present
-
-
-def _candidate_markers(
-    mk: Mapping[str, Any], vocab: Any, present: list[str], gene_pos: Mapping[str, int]
-) -> dict[str, list[str]]:
-    """Up-markers of each label present in the data (a subset borrows its lineage's markers
-    when it is its lineage's only subset or has none of its own)."""
-    by_target: dict[str, list[str]] = {}
-    for s in mk["subset_sets"] + mk["lineage_sets"]:
-        by_target.setdefault(s["target"], []).extend(s["up"])
-    cand: dict[str, list[str]] = {}
-    for lab in present:
-        lin = vocab.lineage_of(lab)
-        genes = list(by_target.get(lab, []))
-        if lab in vocab.lineages.index or len(vocab.subsets_of(lin)) == 1 or not genes:
-            genes += by_target.get(lab if lab in vocab.lineages.index else lin, [])
-        cand[lab] = [g for g in dict.fromkeys(genes) if g in gene_pos]
-    return cand
-
-
-def _most_specific(
-    means: np.ndarray,
-    present: list[str],
-    cand: Mapping[str, list[str]],
-    all_genes: list[str],
-    n_genes: int,
-) -> dict[str, list[str]]:
-    """Per label, its ``n_genes`` most specific candidates (own mean - others' max), each gene
-    shown once (for the first label that takes it)."""
-    col_of = {g: i for i, g in enumerate(all_genes)}
+    groupby = groupby or table.attrs.get("groupby", "cell_type")
+    genes = list(dict.fromkeys(table["gene"]))
+    groups = list(dict.fromkeys(table["group"]))
     var_groups: dict[str, list[str]] = {}
-    used: set[str] = set()
-    for k, lab in enumerate(present):
-        others = np.delete(means, k, axis=0)
-        spec = {
-            g: means[k, col_of[g]] - (others[:, col_of[g]].max() if len(others) else 0.0)
-            for g in cand[lab]
-            if g not in used
-        }
-        genes = sorted(spec, key=spec.get, reverse=True)[:n_genes]
-        if genes:
-            var_groups[lab] = genes
-            used.update(genes)
-    return var_groups
+    for label, gene in table[["marker_of", "gene"]].drop_duplicates().itertuples(index=False):
+        var_groups.setdefault(label, []).append(gene)
+    mean = table.pivot(index="group", columns="gene", values="mean_expression").loc[groups, genes]
+    frac = table.pivot(index="group", columns="gene", values="fraction_expressing")
+    frac = frac.loc[groups, genes]
+    color = mean - mean.min(axis=0)  # scanpy's standard_scale="var"
+    color = (color / color.max(axis=0)).fillna(0)
+    plot_ad = AnnData(
+        X=mean.to_numpy(dtype=np.float32),
+        obs=pd.DataFrame(
+            {groupby: pd.Categorical(groups, categories=groups)},
+            index=[f"g{i}" for i in range(len(groups))],
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    return _draw_dotplot(plot_ad, groupby, var_groups, color, frac)
 
 
-def _draw_dotplot(plot_ad: AnnData, groupby: str, var_groups: Mapping[str, list[str]]):
+def _draw_dotplot(
+    plot_ad: AnnData,
+    groupby: str,
+    var_groups: Mapping[str, list[str]],
+    color: pd.DataFrame,
+    size: pd.DataFrame,
+) -> plt.Figure:
     """scanpy's dot plot, transposed, with the label brackets of :func:`_label_gene_groups`."""
     set_style()
     # genes in rows, labels in columns: 20+ labels x 3 genes side by side are 3,000 px wide
@@ -178,7 +75,8 @@ def _draw_dotplot(plot_ad: AnnData, groupby: str, var_groups: Mapping[str, list[
         plot_ad,
         var_names=list(plot_ad.var_names),
         groupby=groupby,
-        standard_scale="var",
+        dot_color_df=color,
+        dot_size_df=size,
         show=False,
         return_fig=True,
         colorbar_title="mean log1p CP10k\n(scaled per gene)",
@@ -228,20 +126,17 @@ def _label_gene_groups(ax: plt.Axes, var_groups: Mapping[str, list[str]]) -> Non
 
 def umap_cell_types(
     adata: AnnData,
-    path: str | PathLike[str],
     *,
     key: str = "cell_type",
     basis: str = "X_umap",
     point_size: float | None = None,
-) -> Path:
+) -> plt.Figure:
     """UMAP coloured by annotation with the shared cell-type/lineage palette.
 
     Parameters
     ----------
     adata
         AnnData with ``obsm[basis]`` and ``obs[key]``.
-    path
-        Output PNG.
     key
         ``obs`` column: ``cell_type`` (cell-type palette) or ``lineage`` (lineage palette).
     basis
@@ -251,8 +146,7 @@ def umap_cell_types(
 
     Returns
     -------
-    pathlib.Path
-        The written file.
+    matplotlib.figure.Figure
     """
 
     if basis not in adata.obsm:
@@ -292,4 +186,4 @@ def umap_cell_types(
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
     ax.set_title(f"{key.replace('_', ' ').capitalize()} ({len(labels):,} cells)")
-    return savefig(fig, path)
+    return fig

@@ -13,7 +13,7 @@ Nothing is downloaded. The route (issue #16 item 2):
    returns an agreement table.
 
 CellTypist with a local model (majority voting optional) is
-:func:`sepsis_sc.annotate.annotate_celltypist`.
+:func:`sepsis_sc.annotate.annotate_celltypist` (:mod:`sepsis_sc.annotate.celltypist`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .annotate import UNASSIGNED, _label_lineages, _label_summary, load_vocabulary
-from .data import counts_csr
+from sepsis_sc.annotate.celltypist import label_lineages, label_summary
+from sepsis_sc.annotate.markers import UNASSIGNED, load_vocabulary
+from sepsis_sc.data import counts_csr
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def transfer_labels(
     best = probs.to_numpy().argmax(axis=1)
     label = pd.Series(np.asarray(probs.columns)[best], index=query.obs_names)
     p = probs.to_numpy().max(axis=1).astype(np.float32)
-    lineage = _label_lineages(label, load_vocabulary(), label_map)
+    lineage = label_lineages(label, load_vocabulary(), label_map)
     query.obs[f"{key_added}_label"] = pd.Categorical(label)
     query.obs[f"{key_added}_probability"] = p
     query.obs[f"{key_added}_uncertainty"] = (1.0 - p).astype(np.float32)
@@ -250,7 +251,7 @@ def transfer_labels(
         "reference_labels": sorted(set(ref.obs["_label"]) - {_UNLABELLED}),
         "seed": seed,
     }
-    summary = _label_summary(label, lineage, p)
+    summary = label_summary(label, lineage, p)
     logger.info(
         "scANVI label transfer: %d query cells, %d genes, %d labels, median probability %.2f",
         query.n_obs,

@@ -1,0 +1,299 @@
+"""Level 2 of the annotation: the subset of each cell within its lineage.
+
+Subset sets are scored like lineage sets but only against the sibling subsets of the cell's
+lineage, on the lineage's own re-embedding (its HVGs + PCA + kNN; Leiden clusters for the
+per-gene baselines) or the annotation clusters. A per-set baseline (the lowest cluster mean
+of each gene inside the lineage) is removed first; two-group gates (CD4 vs CD8 T) mask the
+losing side; weak evidence gets the lineage's ``default_subset``. :func:`call_subsets` is the
+entry point used by :func:`sepsis_sc.annotate.annotate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from sepsis_sc.annotate.lineage import (
+    Clusters,
+    LineageCalls,
+    MarkerExpression,
+    leiden_labels,
+    max_by_target,
+    top2,
+    weight_matrix,
+)
+from sepsis_sc.annotate.markers import UNASSIGNED, Vocabulary
+from sepsis_sc.data import log_normalise
+from sepsis_sc.store import CountSource
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["call_subsets", "LINEAGE_HVG_CELLS"]
+
+#: lineages with more cells choose their re-embedding HVGs on a seeded sample of this many
+LINEAGE_HVG_CELLS = 50_000
+
+
+def _hvg_columns(
+    counts: CountSource, idx: np.ndarray, var_names: pd.Index, hvg_var: pd.DataFrame
+) -> AnnData:
+    """Rows ``idx`` of ``counts``, log1p(CP10k) with size factors from all genes, in the HVG
+    columns of ``hvg_var`` only (its ``highly_variable`` genes), as an AnnData for the PCA."""
+    from anndata.utils import make_index_unique
+
+    genes = hvg_var.index[hvg_var["highly_variable"].to_numpy(dtype=bool)]
+    unique = make_index_unique(pd.Index(var_names))  # the names the HVG table carries
+    cols = np.sort(unique.get_indexer(genes))
+    totals = counts.totals[idx]
+    x = sp.csr_matrix(counts.columns(cols)[idx], dtype=np.float32)
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    x = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ x)
+    x.data = np.log1p(x.data)
+    var = pd.DataFrame({"highly_variable": True}, index=unique[cols])
+    return AnnData(X=x, var=var)
+
+
+def _lineage_graph(
+    counts: CountSource,
+    var_names: pd.Index,
+    idx: np.ndarray,
+    *,
+    resolution: float,
+    n_neighbors: int,
+    seed: int,
+    min_cells: int,
+    n_top_genes: int = 500,
+    n_pcs: int = 20,
+    max_hvg_cells: int | None = None,
+) -> Clusters | None:
+    """Re-embedding of one lineage's cells on their own HVGs and PCA (issue #16 item 1).
+
+    Subsets differ in a few genes that a whole-PBMC embedding spends little variance on (CD4
+    vs CD8 T, naive vs memory); the lineage's own 500 most variable genes put them on top.
+    Returns Leiden clusters (for per-gene baselines) and the row-normalised kNN graph (for
+    smoothing scores over each cell's neighbours, which survives RNA dropout of CD4 / CD8A
+    better than cluster means). ``None`` for lineages with fewer than ``min_cells`` cells.
+    """
+    import scanpy as sc
+
+    from sepsis_sc.cluster import neighbors
+
+    if idx.size < min_cells:
+        return None
+    # HVGs from at most max_hvg_cells of the lineage (all of them below that); above it a
+    # seeded sample picks the genes and the PCA reads only their columns for every cell, so
+    # a lineage of 400,000 cells never holds copies of its counts (atlas scale)
+    pick = idx
+    max_hvg_cells = max_hvg_cells or LINEAGE_HVG_CELLS
+    if idx.size > max_hvg_cells:
+        pick = np.sort(np.random.default_rng(seed).choice(idx, max_hvg_cells, replace=False))
+    # a row selection is a new matrix already: normalising it in place leaves counts alone
+    work = AnnData(X=counts.rows(pick), var=pd.DataFrame(index=var_names.astype(str)))
+    work.var_names_make_unique()
+    log_normalise(work)
+    work = work[:, np.asarray((work.X > 0).sum(axis=0)).ravel() >= 3].copy()
+    sc.pp.highly_variable_genes(work, n_top_genes=int(min(n_top_genes, work.n_vars)))
+    if pick is not idx:
+        work = _hvg_columns(counts, idx, pd.Index(var_names.astype(str)), work.var)
+    n_comps = int(max(2, min(n_pcs, work.n_obs - 1, int(work.var["highly_variable"].sum()) - 1)))
+    sc.pp.pca(work, n_comps=n_comps, mask_var="highly_variable", random_state=seed)
+    neighbors(work, n_neighbors=int(min(n_neighbors, work.n_obs - 1)), use_rep="X_pca", seed=seed)
+    leiden_labels(work, resolution, seed)
+    C = sp.csr_matrix(work.obsp["connectivities"] + sp.eye(work.n_obs, format="csr"))
+    D = sp.csr_matrix(sp.diags(1.0 / np.asarray(C.sum(axis=1)).ravel()) @ C)
+    return Clusters.from_labels(work.obs["_oc"].to_numpy(), "lineage re-embedding", knn=D)
+
+
+def _apply_gates(
+    R: np.ndarray,
+    scored: list[str],
+    V_l: sp.csr_matrix,
+    local: Clusters,
+    gates: Sequence[Mapping[str, Any]],
+    expr: MarkerExpression,
+    cluster_weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask subsets of the losing side of a two-group gate (e.g. CD4 vs CD8 T; issue #16).
+
+    Each group's module score (mean scaled expression of its genes, e.g. CD4 + CD40LG vs
+    CD8A + CD8B), smoothed over the lineage's neighbourhood, decides the group; the other
+    group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets.
+    Where a group has none of its genes in the data (a panel without CD4 / CD8A), the gate
+    cannot be decided: the returned mask flags the cells whose best subset belongs to it, and
+    they get the lineage's default (``T unresolved``) rather than a guess.
+    """
+    R = R.copy()
+    col = {lab: k for k, lab in enumerate(scored)}
+    undecided = np.zeros(R.shape[0], dtype=bool)
+    for gate in gates:
+        mods = []
+        for grp in gate["groups"]:
+            genes = [expr.gene_order[g] for g in grp["up"] if g in expr.gene_order]
+            mods.append(genes)
+        if any(len(g) == 0 for g in mods):
+            gated = [col[lab] for grp in gate["groups"] for lab in grp["cell_types"] if lab in col]
+            undecided |= np.isin(R.argmax(axis=1), gated)
+            logger.warning(
+                "gate %s: genes of one side absent from the data; its subsets are not called "
+                "(cells get the lineage default)",
+                gate["name"],
+            )
+            continue
+        m = [np.asarray(V_l[:, g].mean(axis=1)).ravel() for g in mods]
+        d = local.smooth((m[0] - m[1])[:, None], cluster_weight).ravel()
+        for sign, grp in ((1, gate["groups"][1]), (-1, gate["groups"][0])):
+            lose = [col[lab] for lab in grp["cell_types"] if lab in col]
+            if lose:
+                R[np.ix_(sign * d > 0, lose)] -= 10.0
+    return R, undecided
+
+
+def _is_unresolved(label: str | None) -> bool:
+    return label is not None and label.endswith(" unresolved")
+
+
+def _subset_scores(
+    V_l: sp.csr_matrix,
+    local: Clusters,
+    sets_l: Sequence[Mapping[str, Any]],
+    W_l: np.ndarray,
+    scored: list[str],
+    *,
+    min_cluster_size: int,
+    cluster_weight: float,
+    subset_cluster_weight: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute (``A``) and baseline-removed (``R``) subset scores, cluster-smoothed.
+
+    The baseline is the lowest cluster mean of each gene inside the lineage (>= 2 sizeable
+    clusters), so genes every cell of the lineage expresses do not favour the sets listing them.
+    """
+    A_sets = np.asarray(V_l @ W_l)
+    big = local.sizes >= min_cluster_size
+    if big.sum() >= 2:
+        gmeans = np.asarray((local.G @ V_l).todense())[big]
+        offset = gmeans.min(axis=0) @ W_l
+    else:
+        offset = np.zeros(W_l.shape[1], dtype=np.float32)
+    ids = list(range(len(sets_l)))
+    A = local.smooth(max_by_target(A_sets, sets_l, ids, scored), subset_cluster_weight)
+    R = local.smooth(max_by_target(A_sets - offset, sets_l, ids, scored), cluster_weight)
+    return A, R
+
+
+def _subset_graph(
+    counts: CountSource,
+    var_names: pd.Index,
+    idx: np.ndarray,
+    clusters: Clusters,
+    p: Mapping[str, Any],
+) -> tuple[Clusters, str]:
+    """The graph a lineage's subsets are called on, and its description: the lineage's own
+    re-embedding (HVGs + PCA + kNN, Leiden baselines) when ``subset_reembed`` and the lineage
+    is large enough, else the annotation clusters restricted to its cells."""
+    if p["subset_reembed"]:
+        local = _lineage_graph(
+            counts,
+            var_names,
+            idx,
+            resolution=p["subset_resolution"],
+            n_neighbors=p["subset_n_neighbors"],
+            seed=p["seed"],
+            min_cells=p["subset_min_cells"],
+        )
+        if local is not None:
+            return local, "own HVGs + PCA: kNN smoothing, Leiden baselines"
+    return Clusters.from_labels(clusters.codes[idx].astype(str), clusters.source), clusters.source
+
+
+def _subset_calls(
+    A: np.ndarray,
+    R: np.ndarray,
+    scored: list[str],
+    default: str | None,
+    undecided: np.ndarray,
+    source: np.ndarray,
+    idx: np.ndarray,
+    p: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best subset per cell and its confidence (margin over the runner-up); undecided gates
+    and weak evidence take the lineage's default subset (``source`` records why)."""
+    s_arg, s_best, s_second = top2(R)
+    call = np.array(scored, dtype=object)[s_arg]
+    if default is not None and undecided.any():
+        call[undecided] = default
+        source[idx[undecided]] = "markers:unresolved_subset"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = (s_best - s_second) / (np.abs(s_best) + np.abs(s_second))
+    q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
+    if len(scored) == 1 and default is None:
+        q = np.ones_like(q)
+    if default is not None:
+        floor = p["unresolved_min_score"] if _is_unresolved(default) else p["subset_min_score"]
+        a_best = A[np.arange(idx.size), s_arg]
+        weak = (call != default) & (a_best < floor)
+        call[weak] = default
+        q[weak] = np.clip(1.0 - a_best[weak] / floor, 0.0, 1.0)
+        source[idx[weak]] = (
+            "markers:unresolved_subset" if _is_unresolved(default) else "markers:default_subset"
+        )
+    return call, q
+
+
+def call_subsets(
+    expr: MarkerExpression,
+    lin: LineageCalls,
+    mk: Mapping[str, Any],
+    vocab: Vocabulary,
+    clusters: Clusters,
+    counts: CountSource,
+    var_names: pd.Index,
+    p: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], dict[str, str]]:
+    """Level 2: subset within each lineage, on the lineage's own clusters; weak evidence gets
+    the lineage's default subset (a program-free state or an explicit ``<lineage> unresolved``).
+    """
+    sets = mk["subset_sets"]
+    W, kept, report = weight_matrix(
+        sets, expr.gene_pos, expr.gene_order, p["down_weight"], p["min_genes"]
+    )
+    n = lin.call.size
+    cell_type = np.full(n, UNASSIGNED, dtype=object)
+    q_sub = np.ones(n, dtype=np.float64)
+    sub_source: dict[str, str] = {}
+    for lineage in vocab.lineages.index:
+        idx = np.flatnonzero(lin.call == lineage)
+        if idx.size == 0:
+            continue
+        labels = vocab.subsets_of(lineage)
+        default = vocab.lineages.at[lineage, "default_subset"]
+        set_idx = [j for j in kept if sets[j]["target"] in labels]
+        scored = list(dict.fromkeys(sets[j]["target"] for j in set_idx))
+        if not scored:
+            cell_type[idx] = default or labels[0]
+            if default is None and len(labels) > 1:
+                logger.warning("lineage %s: no subset set scored; cells get %s", lineage, labels[0])
+            continue
+        local, sub_source[lineage] = _subset_graph(counts, var_names, idx, clusters, p)
+        A, R = _subset_scores(
+            expr.V[idx],
+            local,
+            [sets[j] for j in set_idx],
+            W[:, set_idx],
+            scored,
+            min_cluster_size=p["min_cluster_size"],
+            cluster_weight=p["cluster_weight"],
+            subset_cluster_weight=p["subset_cluster_weight"],
+        )
+        gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
+        R, undecided = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        call, q = _subset_calls(A, R, scored, default, undecided, lin.source, idx, p)
+        cell_type[idx] = call
+        q_sub[idx] = q
+    return cell_type, q_sub, report, sub_source
