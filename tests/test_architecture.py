@@ -99,11 +99,12 @@ _COUNT_READERS = {
     "score_states",
     "sample_table",
     "pseudobulk_de",
-    "pseudobulk",
+    "label_pseudobulk",
+    "levels_pseudobulk",
+    "tested_units",
     "profile",
     "select_hvgs",
-    "select_hvgs_streamed",
-    "marker_dotplot",
+    "dotplot_markers",
 }
 
 

@@ -30,7 +30,6 @@ _SUBMODULES = {
     "patients",
     "pl",
     "qc",
-    "reference",
     "store",
     "resources",
     "score",
