@@ -367,7 +367,7 @@ def counts_layer(adata: ad.AnnData | Iterable[str], preferred: str | None = "cou
     (``sepsis_sc.store.layer_names``), so a stage can choose before reading any matrix.
 
     ``preferred`` is config ``qc.downstream_layer``: ``"soupx_counts"`` (ambient-corrected
-    counts, :mod:`sepsis_sc.ambient`) or ``"counts"`` (raw). QC writes ``soupx_counts`` only
+    counts, :mod:`sepsis_sc.qc.ambient`) or ``"counts"`` (raw). QC writes ``soupx_counts`` only
     when some sample was corrected (no second copy of the raw counts otherwise), so a cohort
     without correction reads the raw counts; ``layers["counts"]`` always holds them.
     """

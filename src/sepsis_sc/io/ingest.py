@@ -217,7 +217,7 @@ def read_raw_droplets(path: str | Path, sample_id: str, var_names: Sequence[str]
 
     Any format of :func:`read_counts` (Cell Ranger ``raw_feature_bc_matrix.h5``, an MTX
     folder, ``.h5ad``). Genes are aligned to the filtered matrix's ``var_names``
-    (absent genes are zero); the ambient-RNA step (:mod:`sepsis_sc.ambient`) estimates the
+    (absent genes are zero); the ambient-RNA step (:mod:`sepsis_sc.qc.ambient`) estimates the
     soup from its low-UMI droplets.
     """
     try:

@@ -17,9 +17,9 @@ matplotlib (``tests/test_architecture.py`` checks this).
   ``cell_type_palette``, ``condition_palette``), :func:`~sepsis_sc.pl.style.set_style` and
   :func:`~sepsis_sc.pl.style.savefig`.
 
-The functions of ``pl.qc``, ``pl.integrate``, ``pl.cluster`` and ``pl.annotate`` take an
-output path, write the PNG and return the path; those of ``pl.stats``, ``pl.de`` and
-``pl.patients`` return a matplotlib Figure to save with :func:`sepsis_sc.pl.style.savefig`.
+Every figure function returns a matplotlib Figure and writes nothing; save it with
+:func:`sepsis_sc.pl.style.savefig`. ``pl`` only draws: what a figure shows is computed by its
+stage (e.g. :func:`sepsis_sc.annotate.dotplot_markers` for :func:`pl.annotate.marker_dotplot`).
 
 Submodules are imported on first use, so ``import sepsis_sc.pl`` loads neither matplotlib nor
 the stage modules.
