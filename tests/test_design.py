@@ -56,7 +56,7 @@ def test_within_patient_contrast_is_paired_and_matches_paired_t():
     assert set(sheet.index[sheet["timepoint"] == "none"]).isdisjoint(d.sample_unit.index)
     rng = np.random.default_rng(0)
     y = pd.Series(rng.normal(size=len(sheet)), index=sheet.index)
-    fit = linear_test(d, pd.DataFrame({"y": d.aggregate_mean(y)}), moderate=False).loc["y"]
+    fit = linear_test(d, pd.DataFrame({"y": d.aggregate_mean(y)}), moderation="none").loc["y"]
     t0 = y[[f"P{p}_T0" for p in range(5)]].to_numpy()
     t6 = y[[f"P{p}_T6" for p in range(5)]].to_numpy()
     ref = ss.ttest_rel(t6, t0)
@@ -368,3 +368,119 @@ def test_stats_settings_defaults_are_the_schema_defaults():
         StatsSettings.from_config({"other": 1})  # validated as the workflow does
     with pytest.raises(AttributeError):
         s.alpha = 0.2  # type: ignore[misc]
+
+
+# ---- the limma port: squeeze_var against limma's values on fixed inputs ----------------
+def test_squeeze_var_matches_limma():
+    """Values computed with R limma's squeezeVar (as published in inmoose's test suite,
+    which checks its port against R): plain prior, and a trend in a covariate."""
+    from sepsis_sc.design import squeeze_var
+
+    r = squeeze_var(np.array([0.5, 1.3, 7.8]), 3)
+    assert r.df_prior == pytest.approx(2.830777, abs=1e-6)
+    assert r.var_prior == pytest.approx(1.676927, abs=1e-6)
+    np.testing.assert_allclose(r.var_post, [1.071385, 1.482994, 4.827317], atol=1e-6)
+    r = squeeze_var(
+        np.array([0.5, 0.5, 1.3, 1.3, 7.8, 7.8]), 20, covariate=np.arange(1, 7, dtype=float)
+    )
+    assert r.df_prior == pytest.approx(15.44626, abs=1e-5)
+    np.testing.assert_allclose(
+        r.var_prior, [0.4322342, 0.6426360, 1.0331707, 1.9359150, 4.2277336, 9.9836662], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        r.var_post, [0.4704700, 0.5621558, 1.1837250, 1.5771098, 6.2433295, 8.7515664], atol=1e-6
+    )
+
+
+#: 30 variances on 3 df with two outliers (features 5 and 18)
+_ROBUST_S2 = np.array(
+    [2.658308, 0.170988, 0.039134, 0.889653, 20.855245, 0.064332, 0.077006, 1.98612,
+     0.718102, 0.036187, 0.216153, 2.706271, 0.236224, 0.035369, 0.660972, 2.075969,
+     0.082713, 1.208483, 1.644356, 0.960798, 0.040549, 0.156884, 2.623076, 0.328096,
+     0.033528, 0.482487, 2.374937, 0.10945, 0.04914, 1.310661]
+)  # fmt: skip
+
+
+def test_robust_squeeze_var_matches_an_independent_port_of_limma():
+    """limma's fitFDistRobustly (robust=TRUE): the values of edgePython 0.5.0's port of the
+    same published algorithm (whose robust prior matches R's) on the same fixed input; the
+    outlying variances get a smaller prior df of their own and keep more of their value."""
+    from sepsis_sc.design import squeeze_var
+
+    r = squeeze_var(_ROBUST_S2, 3, robust=True)
+    assert r.df2 == pytest.approx(1.721682, abs=1e-6)
+    assert r.var_prior == pytest.approx(0.275950, abs=1e-6)
+    a, b = 1.44687, 1.721682
+    want_df = [a, b, b, a, a, b, b, a, a, b, b, a, b, b, a, a, b, a, a, a, b, b, a, 1.686184,
+               b, 1.484693, a, b, b, a]  # fmt: skip
+    np.testing.assert_allclose(r.df_prior, want_df, atol=1e-6)
+    np.testing.assert_allclose(
+        r.var_post[[0, 4, 17, 23, 25]],
+        [1.883165, 14.159397, 0.905066, 0.309333, 0.414111],
+        atol=1e-6,
+    )
+    # the plain prior gives every feature the same df
+    plain = squeeze_var(_ROBUST_S2, 3)
+    assert np.ndim(plain.df_prior) == 0 and plain.df_prior == pytest.approx(r.df2)
+
+
+def test_robust_prior_lets_outliers_keep_their_variance():
+    """With variances that are no more spread than chance (df2 = inf) the robust prior
+    pools every ordinary feature completely but leaves an outlier almost its own value."""
+    from sepsis_sc.design import squeeze_var
+
+    s2 = np.array([0.21, 0.35, 0.18, 0.52, 0.29, 0.44, 0.26, 0.31, 0.39, 0.23, 0.48, 0.33,
+                   0.27, 0.36, 0.41, 0.19, 0.30, 0.25, 4.8, 6.5])  # fmt: skip
+    r = squeeze_var(s2, 4.0, robust=True)
+    assert np.isinf(r.df_prior[:18]).all() and (r.df_prior[18:] < 1e-3).all()
+    np.testing.assert_allclose(r.var_post[:18], 0.4331368726, atol=1e-9)
+    np.testing.assert_allclose(r.var_post[18:], [4.7999936131, 6.4999999861], atol=1e-6)
+    plain = squeeze_var(s2, 4.0)
+    assert plain.var_post[19] < 0.5 * 6.5  # the plain prior pulls the outlier far down
+
+
+def test_unit_weights_follow_the_samples_each_unit_averages():
+    """Units of one sample weigh 1 (no weights at all); a patient unit averaging two samples
+    weighs more than a control of one, by 1 / (rho + (1 - rho) / m) with the intra-donor
+    correlation estimated from the repeated samples."""
+    from sepsis_sc.design import Contrast, resolve_design, unit_weights
+    from sepsis_sc.sim import repeated_sheet
+
+    contrast = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
+    single = repeated_sheet(4, 4, ("T0",))
+    d1 = resolve_design(single, contrast, None)
+    rng = np.random.default_rng(0)
+    vals = pd.DataFrame(rng.normal(size=(len(single), 5)), index=single.index)
+    assert unit_weights(d1, vals) is None
+    sheet = repeated_sheet(5, 3)
+    d2 = resolve_design(sheet, contrast, None)
+    donor = {d: rng.normal(0, 1.0, 8) for d in sheet["donor"].unique()}
+    vals = pd.DataFrame(
+        [donor[d] + rng.normal(0, 1.0, 8) for d in sheet["donor"]], index=sheet.index
+    )  # rho about 0.5
+    w = unit_weights(d2, vals)
+    m = d2.sample_unit.value_counts().reindex(d2.units.index)
+    assert w.mean() == pytest.approx(1.0)
+    assert (w[m == 2] > w[m == 1].max()).all()
+    ratio = float(w[m == 2].iloc[0] / w[m == 1].iloc[0])
+    assert 1.1 < ratio < 2.0  # 1 / (rho + (1 - rho) / 2) for rho in (0, 1)
+
+
+def test_weighted_fit_equals_weighted_least_squares():
+    from sepsis_sc.design import Contrast, linear_test, resolve_design
+    from sepsis_sc.sim import repeated_sheet
+
+    d = resolve_design(repeated_sheet(5, 3), Contrast("c", "condition", "sepsis", "control"), None)
+    rng = np.random.default_rng(1)
+    y = pd.DataFrame({"a": rng.normal(size=len(d.units))}, index=d.units.index)
+    w = pd.Series(rng.uniform(0.5, 2.0, len(d.units)), index=d.units.index)
+    fit = linear_test(d, y, moderation="none", weights=w).loc["a"]
+    x = d.matrix.to_numpy(float)
+    sw = np.sqrt(w.to_numpy())
+    beta, rss, *_ = np.linalg.lstsq(x * sw[:, None], y["a"].to_numpy() * sw, rcond=None)
+    j = list(d.matrix.columns).index("case_vs_control")
+    assert fit["effect"] == pytest.approx(beta[j])
+    s2 = float(rss[0]) / (x.shape[0] - x.shape[1])
+    se = np.sqrt(s2 * np.linalg.inv((x * w.to_numpy()[:, None]).T @ x)[j, j])
+    assert fit["se"] == pytest.approx(se)
+    assert fit["s2"] == pytest.approx(s2) and fit["d0"] == 0

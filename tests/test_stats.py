@@ -109,7 +109,7 @@ def test_linear_model_ci_and_p_match_scipy(table):
     from scipy import stats as ss
 
     plain = stats.condition_effects(
-        table, case=CASE, control=CONTROL, metrics=["mean_score"], moderate=False
+        table, case=CASE, control=CONTROL, metrics=["mean_score"], moderation="none"
     )
     r = plain.set_index("state").loc["ms1_monocyte"]
     d = table[(table["state"] == "ms1_monocyte") & (table["metric"] == "mean_score")]
@@ -138,7 +138,7 @@ def test_paired_design_uses_paired_test():
     tab = stats.sample_table(adata)
     eff = stats.condition_effects(tab, case=CASE, control=CONTROL)
     assert (eff["test"] == "paired moderated t").all() and (eff["n_pairs"] == 4).all()
-    plain = stats.condition_effects(tab, case=CASE, control=CONTROL, moderate=False)
+    plain = stats.condition_effects(tab, case=CASE, control=CONTROL, moderation="none")
     r = plain.set_index(["state", "metric"]).loc[("ifn_response.monocyte", "mean_score")]
     d = tab[(tab["state"] == "ifn_response.monocyte") & (tab["metric"] == "mean_score")]
     piv = d.pivot(index="donor", columns="condition", values="value")
@@ -430,8 +430,8 @@ def test_effect_notes_drop_p_with_fewer_than_two_units():
     assert st_effects._effect_notes(design, r0, 0)[0] == [
         "no sample with enough cells in one condition"
     ]
-    assert st_effects._test_name(design, "rank", True) == "Mann-Whitney U"
-    assert st_effects._test_name(design, "t", False) == "t"
+    assert st_effects._test_name(design, "rank", "plain") == "Mann-Whitney U"
+    assert st_effects._test_name(design, "t", "none") == "t"
 
 
 def test_direction_and_composition_meaning():

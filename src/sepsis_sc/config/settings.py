@@ -42,6 +42,7 @@ __all__ = [
     "ScoringSettings",
     "StatsSettings",
     "DESettings",
+    "DASettings",
     "PatientSettings",
     "DownloadSettings",
     "ResourceSettings",
@@ -299,6 +300,7 @@ class AnnotationSettings(Settings):
     celltypist_model: str | None
     reference: str | None
     reference_label_key: str | None
+    reference_profiles: str | None
 
 
 @section("scoring")
@@ -322,6 +324,8 @@ class StatsSettings(Settings):
     paired: Literal["auto", "yes", "no"]
     alpha: float
     test: Literal["t", "rank"]
+    moderation: Literal["none", "plain", "robust", "trend", "robust_trend"]
+    unit_weights: bool
 
 
 @section("de")
@@ -335,6 +339,19 @@ class DESettings(Settings):
     min_total_count: int
     min_count: int
     shrink: bool
+
+
+@section("da")
+class DASettings(Settings):
+    """Neighbourhood differential abundance, Milo with donors as units (``sepsis_sc.da``)."""
+
+    enabled: bool
+    k: int
+    prop: float
+    max_nhoods: int
+    min_mean_count: float
+    alpha: float
+    min_fraction: float
 
 
 @section("patients")

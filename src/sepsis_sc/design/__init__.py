@@ -41,7 +41,10 @@ Modules:
 * :mod:`~sepsis_sc.design.meta`: :func:`sample_meta`, the per-sample sheet from ``obs``;
 * :mod:`~sepsis_sc.design.model`: :class:`SampleDesign`, :func:`resolve_design` (units,
   pairing, covariates, estimability), :func:`check_designs` and :class:`ContrastArgs`;
-* :mod:`~sepsis_sc.design.limma`: :func:`linear_test` and :func:`squeeze_var`.
+* :mod:`~sepsis_sc.design.limma`: :func:`linear_test` and :func:`squeeze_var` (limma's
+  empirical Bayes: plain, robust, trend).
+* :mod:`~sepsis_sc.design.weights`: :func:`unit_weights` (units that average different
+  numbers of samples).
 
 The package imports neither scanpy nor anndata: :mod:`sepsis_sc.config` resolves every
 contrast with it when it reads the sample sheet.
@@ -54,9 +57,10 @@ from sepsis_sc.design.contrasts import (
     formula_columns,
     parse_contrasts,
 )
-from sepsis_sc.design.limma import linear_test, squeeze_var
+from sepsis_sc.design.limma import MODERATION, Prior, linear_test, squeeze_var
 from sepsis_sc.design.meta import sample_meta
 from sepsis_sc.design.model import ContrastArgs, SampleDesign, check_designs, resolve_design
+from sepsis_sc.design.weights import unit_weights
 
 __all__ = [
     "DesignError",
@@ -70,5 +74,8 @@ __all__ = [
     "check_designs",
     "linear_test",
     "squeeze_var",
+    "Prior",
+    "MODERATION",
+    "unit_weights",
     "COEF",
 ]

@@ -16,7 +16,15 @@ import numpy as np
 import pandas as pd
 
 from sepsis_sc.config import StatsSettings
-from sepsis_sc.design import COEF, Contrast, ContrastArgs, SampleDesign, linear_test, sample_meta
+from sepsis_sc.design import (
+    COEF,
+    Contrast,
+    ContrastArgs,
+    SampleDesign,
+    linear_test,
+    sample_meta,
+    unit_weights,
+)
 from sepsis_sc.stats.effects import bh_fdr, contrast_args, direction
 from sepsis_sc.stats.samples import condition_meta
 
@@ -45,7 +53,8 @@ def composition_test(
     contrast level are one unit, so a patient sampled at T0 and T6 counts once; donors seen at
     both levels are paired with donor blocks), and each label is fitted with the design's
     linear model (covariates from the settings' ``design``). Residual variances are
-    moderated with limma's empirical-Bayes prior across labels (Smyth 2004) and tested with
+    moderated with limma's empirical-Bayes prior across labels (Smyth 2004; robust and / or
+    trended in the label's mean abundance, settings ``moderation``) and tested with
     the moderated t (Phipson et al. 2022, DOI 10.1093/bioinformatics/btac582); BH-FDR over
     labels. All cells of the units form the denominators; labels in ``exclude`` are not tested.
 
@@ -77,7 +86,9 @@ def composition_test(
         One row per label: ``contrast``, ``level``, ``label``, ``mean_prop_case``,
         ``mean_prop_control`` (mean over units), ``prop_ratio``, ``log2_prop_ratio``,
         ``effect`` (difference on the transformed scale) with ``ci_low`` / ``ci_high``, ``unit``,
-        ``t``, ``df``, ``pvalue``, ``fdr``, ``significant``, ``n_case``, ``n_control`` (units),
+        ``t``, ``df``, ``pvalue``, ``fdr``, ``significant``, ``prior_df`` / ``prior_var``
+        (the empirical-Bayes prior of the label's variance; ``stats.moderation``) and
+        ``residual_var`` (its own), ``n_case``, ``n_control`` (units),
         ``design``, ``transform``, ``direction`` (only where significant), ``meaning``,
         ``note``. Nothing is written to ``adata``.
     """
@@ -95,10 +106,11 @@ def composition_test(
     design = args.resolve(meta)
     con = design.contrast
     counts = _label_counts(adata, design, sample_key, level)
-    y, props = _unit_proportions(counts, design, transform)
+    y, props, sample_y = _unit_proportions(counts, design, transform)
     labels = [c for c in counts.columns if c not in set(exclude)]
     res = _proportion_summary(props, labels, design)
-    fit, note = _composition_fit(design, y[labels], labels)
+    weights = unit_weights(design, sample_y[labels]) if settings.unit_weights else None
+    fit, note = _composition_fit(design, y[labels], labels, settings.moderation, weights)
     res = _composition_columns(res, fit, design, note, transform, settings.alpha)
     res["meaning"] = [_composition_meaning(r, con.case, con.control) for r in res.itertuples()]
     res.insert(0, "level", level)
@@ -139,8 +151,9 @@ def _label_counts(
 
 def _unit_proportions(
     counts: pd.DataFrame, design: SampleDesign, transform: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Units x labels: transformed proportions (test scale) and raw proportions.
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Units x labels: transformed proportions (test scale) and raw proportions; and the
+    samples' transformed proportions (for the unit weights).
 
     Logit of proportions with 0.5 pseudo-counts (speckle's ``getTransformedProps``) or the
     arcsine square root; a unit's value is the mean of its samples (each patient counts once).
@@ -151,7 +164,7 @@ def _unit_proportions(
     sy = np.log(pseudo / (1 - pseudo)) if transform == "logit" else np.arcsin(np.sqrt(sprops))
     y = pd.DataFrame({c: design.aggregate_mean(sy[c]) for c in sy.columns})
     props = pd.DataFrame({c: design.aggregate_mean(sprops[c]) for c in sprops.columns})
-    return y, props
+    return y, props, sy
 
 
 def _proportion_summary(
@@ -169,13 +182,17 @@ def _proportion_summary(
 
 
 def _composition_fit(
-    design: SampleDesign, y: pd.DataFrame, labels: Sequence[str]
+    design: SampleDesign,
+    y: pd.DataFrame,
+    labels: Sequence[str],
+    moderation: str,
+    weights: pd.Series | None,
 ) -> tuple[pd.DataFrame, str]:
     """Moderated linear model per label (no p-values without residual df) and the note."""
-    fit = linear_test(design, y, moderate=len(labels) >= 3).reindex(labels)
+    fit = linear_test(design, y, moderation=moderation, weights=weights).reindex(labels)
     note = "; ".join(n for n in [design.reason, *design.notes] if n)
     if not design.testable or design.df_resid < 1:
-        fit[["ci_low", "ci_high", "t", "df", "pvalue"]] = np.nan
+        fit[["ci_low", "ci_high", "t", "df", "pvalue", "d0", "s2", "s2_prior"]] = np.nan
         note = note or "no residual degree of freedom: effect size only, no p-value"
         note += "; propeller needs replicates"
     return fit, note
@@ -192,6 +209,9 @@ def _composition_columns(
     """Add the fit, BH-FDR, significance, design, note, unit and direction columns."""
     for c in ("effect", "ci_low", "ci_high", "t", "df", "pvalue"):
         res[c] = fit[c].to_numpy(float)
+    res["prior_df"] = fit["d0"].to_numpy(float)
+    res["prior_var"] = fit["s2_prior"].to_numpy(float)
+    res["residual_var"] = fit["s2"].to_numpy(float)
     res["fdr"] = bh_fdr(res["pvalue"].to_numpy())
     res["significant"] = res["fdr"] <= alpha
     res["n_case"], res["n_control"] = design.n_case, design.n_control

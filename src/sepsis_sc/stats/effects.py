@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from sepsis_sc.config import StatsSettings
-from sepsis_sc.design import COEF, Contrast, ContrastArgs, SampleDesign, linear_test
+from sepsis_sc.design import COEF, Contrast, ContrastArgs, SampleDesign, linear_test, unit_weights
 from sepsis_sc.stats.metrics import EFFECT_TYPE, METRIC_UNIT, primary_metrics
 
 
@@ -30,7 +30,6 @@ def condition_effects(
     meta: pd.DataFrame | None = None,
     metrics: Sequence[str] | None = None,
     primary: Mapping[str, str] | None = None,
-    moderate: bool = True,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Case vs control effect of every state x metric, with donors as the units.
@@ -60,7 +59,9 @@ def condition_effects(
         The config's ``stats`` section (:class:`~sepsis_sc.config.StatsSettings`; default:
         the schema's defaults), its fields overridden by keyword (``**overrides``):
         ``alpha``, the FDR level for ``significant``, ``direction`` and the wording of
-        ``meaning``; ``test``, ``"t"`` (moderated t) or ``"rank"``; ``design``, the model
+        ``meaning``; ``test``, ``"t"`` (moderated t) or ``"rank"``; ``moderation``, how the
+        variances of a metric's states are moderated (``"none"``: an ordinary t from each
+        state alone; see :func:`sepsis_sc.design.linear_test`); ``design``, the model
         formula over sheet columns (e.g. ``"~ age + condition"``) or an already resolved
         :class:`~sepsis_sc.design.SampleDesign`; ``paired``, ``"auto"``, ``"yes"`` /
         True or ``"no"`` / False.
@@ -72,9 +73,6 @@ def condition_effects(
         Metrics to test (default all in the table).
     primary
         ``{state: metric}`` (default :func:`primary_metrics` from the packaged resource).
-    moderate
-        Empirical-Bayes variance moderation (False: ordinary t from each state alone).
-
     Returns
     -------
     pandas.DataFrame
@@ -82,8 +80,11 @@ def condition_effects(
         (primary / secondary), ``population``, ``unit`` and ``effect_type`` (scale of the
         effect), ``mean_case``, ``mean_control`` (raw scale, mean of the units), ``effect``,
         ``ci_low``, ``ci_high``, ``pvalue``, ``fdr`` (within the role's family),
-        ``significant``, ``test``, ``design``, ``n_case``, ``n_control`` (units), ``n_pairs``,
-        ``direction``, ``meaning``, ``note``.
+        ``significant``, ``df`` (of the t: residual + prior), ``prior_df`` and ``prior_var``
+        (the empirical-Bayes prior the state's variance was shrunk towards: how much of the
+        p-value came from the other states), ``residual_var`` (the state's own), ``test``,
+        ``design``, ``n_case``, ``n_control`` (units), ``n_pairs``, ``direction``,
+        ``meaning``, ``note``.
     """
     settings, args = contrast_args(
         settings, overrides, case=case, control=control, contrast=contrast, meta=meta
@@ -99,7 +100,16 @@ def condition_effects(
     info = tab.drop_duplicates(["state", "metric"]).set_index(["state", "metric"])
     results = []
     for metric, mdf in tab.groupby("metric", sort=False):
-        results += _metric_effects(mdf, metric, design, info, primary, test=test, moderate=moderate)
+        results += _metric_effects(
+            mdf,
+            metric,
+            design,
+            info,
+            primary,
+            test=test,
+            moderation=settings.moderation,
+            weighted=settings.unit_weights,
+        )
     return _effects_table(results, design.contrast, alpha)
 
 
@@ -191,22 +201,24 @@ def _test_scale(df: pd.DataFrame, metric: str) -> np.ndarray:
 
 def _unit_values(
     mdf: pd.DataFrame, metric: str, design: SampleDesign, feats: Sequence[str]
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    """Units x states of one metric on the test scale and on the raw scale, and NA counts.
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int], pd.DataFrame]:
+    """Units x states of one metric on the test scale and on the raw scale, NA counts, and
+    the samples' test-scale values (for the unit weights).
 
     A unit's value is the mean of its samples' values; NA samples (too few cells) are skipped.
     """
-    y_cols, raw_cols, n_na = {}, {}, {}
+    y_cols, raw_cols, n_na, s_cols = {}, {}, {}, {}
     for state in feats:
         d = mdf[mdf["state"] == state].set_index("sample_id")
         valid = d["value"].notna()
         n_na[state] = int((~valid).sum())
         ys = pd.Series(_test_scale(d, metric), index=d.index).where(valid)
+        s_cols[state] = ys
         y_cols[state] = design.aggregate_mean(ys)
         raw_cols[state] = design.aggregate_mean(d["value"].where(valid))
     y = pd.DataFrame(y_cols, index=design.units.index)
     raw = pd.DataFrame(raw_cols, index=design.units.index)
-    return y, raw, n_na
+    return y, raw, n_na, pd.DataFrame(s_cols)
 
 
 def _metric_effects(
@@ -217,12 +229,14 @@ def _metric_effects(
     primary: Mapping[str, str],
     *,
     test: str,
-    moderate: bool,
+    moderation: str,
+    weighted: bool,
 ) -> list[dict[str, Any]]:
     """One metric: its states fitted together (shared variance prior), one result row each."""
     feats = list(dict.fromkeys(mdf["state"]))
-    y, raw, n_na = _unit_values(mdf, metric, design, feats)
-    fit = linear_test(design, y, moderate=moderate)
+    y, raw, n_na, sample_y = _unit_values(mdf, metric, design, feats)
+    weights = unit_weights(design, sample_y) if weighted else None
+    fit = linear_test(design, y, moderation=moderation, weights=weights)
     return [
         _effect_row(
             state,
@@ -235,7 +249,7 @@ def _metric_effects(
             info.loc[(state, metric)],
             primary,
             test=test,
-            moderate=moderate,
+            moderation=moderation,
         )
         for state in feats
     ]
@@ -264,9 +278,11 @@ def _effect_notes(design: SampleDesign, r: pd.Series, n_na: int) -> tuple[list[s
     return notes, p
 
 
-def _test_name(design: SampleDesign, test: str, moderate: bool) -> str:
-    """E.g. ``paired moderated t`` or ``Mann-Whitney U``."""
-    ptype = "moderated t" if moderate else "t"
+def _test_name(design: SampleDesign, test: str, moderation: str) -> str:
+    """E.g. ``paired moderated t, robust + trend`` or ``Mann-Whitney U``."""
+    ptype = {"none": "t", "plain": "moderated t"}.get(
+        moderation, "moderated t, " + moderation.replace("_", " + ")
+    )
     return ("paired " if design.paired else "") + (
         ptype if test == "t" else ("Wilcoxon signed-rank" if design.paired else "Mann-Whitney U")
     )
@@ -284,7 +300,7 @@ def _effect_row(
     primary: Mapping[str, str],
     *,
     test: str,
-    moderate: bool,
+    moderation: str,
 ) -> dict[str, Any]:
     """One result row of :func:`condition_effects` (FDR, direction and meaning come later)."""
     con = design.contrast
@@ -308,7 +324,11 @@ def _effect_row(
         "ci_low": float(r["ci_low"]) if np.isfinite(p) else np.nan,
         "ci_high": float(r["ci_high"]) if np.isfinite(p) else np.nan,
         "pvalue": p,
-        "test": _test_name(design, test, moderate),
+        "df": float(r["df"]) if np.isfinite(p) else np.nan,
+        "prior_df": float(r["d0"]) if np.isfinite(p) else np.nan,
+        "prior_var": float(r["s2_prior"]) if np.isfinite(p) else np.nan,
+        "residual_var": float(r["s2"]) if np.isfinite(p) else np.nan,
+        "test": _test_name(design, test, moderation),
         "design": design.description(),
         "n_case": int(r["n_case"]),
         "n_control": int(r["n_control"]),

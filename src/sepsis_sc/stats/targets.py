@@ -28,6 +28,7 @@ def therapy_targets(
     settings: StatsSettings | None = None,
     *,
     targets: Mapping[str, Any] | str | Path | None = None,
+    nhoods: pd.DataFrame | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Rank the therapeutic ideas behind each state by the evidence in ``effects``.
@@ -51,6 +52,11 @@ def therapy_targets(
     targets
         Mapping ``state -> {target_direction, primary_metric, therapy, rationale, caveat,
         references}``, a YAML path, or None for the packaged resource.
+    nhoods
+        The neighbourhood DA table of the same contrast (:func:`sepsis_sc.da.explain_nhoods`):
+        significant neighbourhoods that no named cell type or state explains add a row
+        ``unexplained_expansion`` / ``unexplained_depletion`` (evidence ``unnamed change``),
+        so a reader sees that something no signature names moved.
 
     Returns
     -------
@@ -68,11 +74,19 @@ def therapy_targets(
         # a stratified state gives one row per stratum (cytokine_storm.monocyte, ...)
         for state, sub in effects[bases == base].groupby("state", sort=False):
             rows.append(_target_row(str(state), t, sub, alpha))
+    if nhoods is not None:
+        rows += unexplained_rows(nhoods)
     out = pd.DataFrame(rows)
     if out.empty:
         logger.warning("no state in effects has a therapy-target entry")
         return out
-    order = {"supported": 0, "opposite": 1, "not significant": 2, "not tested": 3}
+    order = {
+        "supported": 0,
+        "unnamed change": 1,
+        "opposite": 2,
+        "not significant": 3,
+        "not tested": 4,
+    }
     out["_ev"] = out["evidence"].map(order)
     out["_fdr"] = out["fdr"].fillna(2.0)
     out = out.sort_values(["_ev", "_fdr", "_strength"], ascending=[True, True, False])
@@ -138,3 +152,53 @@ def _evidence(r: pd.Series, want: str, alpha: float) -> str:
     if (r["effect"] > 0) == (want == "up"):
         return "supported"
     return "opposite"
+
+
+def unexplained_rows(nhoods: pd.DataFrame) -> list[dict[str, Any]]:
+    """Therapy-table rows for the significant DA neighbourhoods no named population or state
+    explains (``nhoods["unexplained"]``), one per direction: how many, how large a change,
+    and the cell types they hold."""
+    from sepsis_sc.da import UNEXPLAINED
+
+    rows = []
+    if nhoods is None or nhoods.empty or "unexplained" not in nhoods:
+        return rows
+    for direction, readout in UNEXPLAINED.items():
+        sub = nhoods[nhoods["unexplained"].astype(bool) & (nhoods["direction"] == direction)]
+        if sub.empty:
+            continue
+        labels = sub["cell_type"].value_counts() if "cell_type" in sub else pd.Series(dtype=int)
+        held = ", ".join(f"{lab} ({n})" for lab, n in labels.items())
+        lfc = float(sub["log2fc"].median())
+        rows.append(
+            {
+                "state": readout,
+                "label": f"Unexplained {'expansion' if direction == 'expanded' else 'depletion'}",
+                "therapy": "",
+                "evidence": "unnamed change",
+                "metric": "neighbourhood abundance",
+                "unit": "log2 fold change (median over neighbourhoods)",
+                "effect": lfc,
+                "ci_low": np.nan,
+                "ci_high": np.nan,
+                "fdr": float(sub["spatial_fdr"].min()),
+                "direction": direction,
+                "target_direction": "",
+                "rationale": (
+                    f"{len(sub)} neighbourhood(s) of the integrated graph {direction} at spatial "
+                    f"FDR <= the DA alpha that no tested cell type or called state explains; "
+                    f"majority cell types: {held}"
+                ),
+                "caveat": (
+                    "unnamed by design: look at the neighbourhoods' marker genes "
+                    "(da/<contrast>/nhoods.tsv, their index cells) before naming a state"
+                ),
+                "references": "Dann et al. 2022 Nat Biotechnol (Milo); Reyes et al. 2020 Nat Med",
+                "meaning": (
+                    f"Cells in {len(sub)} neighbourhood(s) ({held}) are {direction} in this "
+                    "contrast but no signature or label of the pipeline names them."
+                ),
+                "_strength": abs(lfc),
+            }
+        )
+    return rows
