@@ -21,6 +21,7 @@ include: "workflow/rules/cluster.smk"
 include: "workflow/rules/annotate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/de.smk"
+include: "workflow/rules/da.smk"
 include: "workflow/rules/patients.smk"
 include: "workflow/rules/report.smk"
 

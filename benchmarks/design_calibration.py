@@ -1,12 +1,23 @@
-"""False-positive rate of the sample-level tests on real cohort designs (null cohorts).
+"""Calibration and power of the sample-level tests on null cohorts shaped like real data.
 
-For each design (balanced, repeated patients, unbalanced, within-patient paired), simulate
-``--cohorts`` null cohorts with :mod:`sepsis_sc.sim` (donor effects, time-point
-noise, no condition effect), run the pipeline's composition test and state-metric tests, and
-report the share of p-values below 0.05 (nominal 5 %). Writes a table, a QQ figure and prints
-both::
+Null cohorts (no condition effect) and cohorts with one planted change are simulated with
+:mod:`sepsis_sc.sim.designs` and run through the pipeline's composition test and state tests
+for each variance-moderation setting (``stats.moderation``, ``stats.unit_weights``):
 
-    python benchmarks/design_calibration.py                 # 200 cohorts per design (~1 min)
+* **composition, per label**: Dirichlet-multinomial cell counts whose donor-level shares
+  vary label by label (rare labels 3-5x more volatile, :func:`~sepsis_sc.sim.label_volatility`),
+  patients' repeated samples alike but not equal; two label sets: 12 sepsis PBMC populations
+  (6 of them at 0.5-3 %) and 3 labels with one dominant;
+* **state tests, per state**: 10 states of one metric whose donor SDs span 0.05-2 (states of
+  unlike scale, as log2 CPM of different signatures);
+* designs: 5 patients x 2 time points vs 3 controls, 6 vs 6, 3 vs 3 and 2 vs 2 donors;
+* **power**: a 2-fold change of a rare label (DC, 1 %) and of an abundant one (CD14
+  monocytes, 27 %), share of cohorts where it is found at FDR <= 0.05.
+
+Prints and writes ``design_calibration.tsv`` (per label / state: share of p < 0.05),
+``design_power.tsv`` and a figure::
+
+    python benchmarks/design_calibration.py                       # 200 cohorts (~40 min)
     python benchmarks/design_calibration.py --cohorts 20 --out /tmp/cal   # quick
 """
 
@@ -21,57 +32,135 @@ import pandas as pd
 
 from sepsis_sc import stats
 from sepsis_sc.design import Contrast
-from sepsis_sc.sim import repeated_sheet, simulate_cells, simulate_state_table
+from sepsis_sc.sim import (
+    DOMINANT_THREE_PROPORTIONS,
+    SEPSIS_PBMC_PROPORTIONS,
+    dirichlet_multinomial_cells,
+    repeated_sheet,
+    state_values_of_unlike_scale,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
-LATE = Contrast("T6_vs_T0", "timepoint", "T6", "T0")
 DESIGNS = {
-    "balanced 6 vs 6": (lambda: repeated_sheet(6, 6, ("T0",)), SEPSIS),
-    "5 patients x 2 time points vs 3": (lambda: repeated_sheet(5, 3), SEPSIS),
-    "unbalanced 10 vs 3": (lambda: repeated_sheet(10, 3, ("T0",)), SEPSIS),
-    "T6 vs T0 within 5 patients (paired)": (lambda: repeated_sheet(5, 3), LATE),
+    "5 patients x 2 vs 3": lambda: repeated_sheet(5, 3),
+    "6 vs 6": lambda: repeated_sheet(6, 6, ("T0",)),
+    "3 vs 3": lambda: repeated_sheet(3, 3, ("T0",)),
+    "2 vs 2": lambda: repeated_sheet(2, 2, ("T0",)),
 }
+LABEL_SETS = {
+    "12 sepsis PBMC labels": SEPSIS_PBMC_PROPORTIONS,
+    "3 labels, one dominant": DOMINANT_THREE_PROPORTIONS,
+}
+#: (name, moderation, unit weights); "plain unweighted (before)" is the rule before issue #34
+VARIANTS = [
+    ("plain unweighted (before)", "plain", False),
+    ("plain", "plain", True),
+    ("robust", "robust", True),
+    ("trend", "trend", True),
+    ("robust + trend", "robust_trend", True),
+    ("none", "none", True),
+]
+STATE_SCALES = np.exp(np.linspace(np.log(0.05), np.log(2.0), 10))
+RARE, ABUNDANT = "DC", "CD14 monocyte"
 
 
-def run(n_cohorts: int, seed: int = 0) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    rows, pvals = [], {}
-    for d_i, (name, (make, contrast)) in enumerate(DESIGNS.items()):
+def composition_calibration(n: int, variants, seed: int = 0) -> pd.DataFrame:
+    rows = []
+    for s_i, (set_name, props) in enumerate(LABEL_SETS.items()):
+        for d_i, (design, make) in enumerate(DESIGNS.items()):
+            sheet = make()
+            p = {v[0]: [] for v in variants}
+            t0 = time.perf_counter()
+            for k in range(n):
+                rng = np.random.default_rng(seed + 100_000 * s_i + 10_000 * d_i + k)
+                adata, _ = dirichlet_multinomial_cells(rng, sheet, props)
+                for name, mod, w in variants:
+                    c = stats.composition_test(
+                        adata,
+                        contrast=SEPSIS,
+                        meta=sheet,
+                        level="lineage",
+                        moderation=mod,
+                        unit_weights=w,
+                    )
+                    p[name].append(c.set_index("label")["pvalue"])
+            for name in p:
+                rate = (pd.DataFrame(p[name]) < 0.05).mean()
+                for label, r in rate.items():
+                    rows.append({"test": "composition", "features": set_name, "design": design,
+                                 "variant": name, "feature": label, "p_below_0.05": r})  # fmt: skip
+            print(f"composition {set_name}, {design}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return pd.DataFrame(rows)
+
+
+def state_calibration(n: int, variants, seed: int = 1) -> pd.DataFrame:
+    rows = []
+    primary = {f"s{j}": "pseudobulk_expression" for j in range(len(STATE_SCALES))}
+    for d_i, (design, make) in enumerate(DESIGNS.items()):
         sheet = make()
-        comp_p, state_p, prim_p = [], [], []
-        t0 = time.perf_counter()
-        for k in range(n_cohorts):
+        p = {v[0]: [] for v in variants}
+        for k in range(n):
             rng = np.random.default_rng(seed + 10_000 * d_i + k)
-            adata, _ = simulate_cells(rng, sheet, cells=(300, 900))
-            comp = stats.composition_test(adata, contrast=contrast, meta=sheet, level="lineage")
-            comp_p += comp["pvalue"].tolist()
-            tab, _ = simulate_state_table(rng, sheet, n_states=4)
-            primary = {f"s{j}": "fraction" for j in range(4)}
-            eff = stats.condition_effects(tab, contrast=contrast, meta=sheet, primary=primary)
-            state_p += eff["pvalue"].tolist()
-            prim_p += eff.loc[eff["role"] == "primary", "pvalue"].tolist()
-        pvals[name] = {"composition": np.asarray(comp_p), "state metrics": np.asarray(state_p)}
-        for test, p in (
-            ("composition", comp_p),
-            ("state metrics", state_p),
-            ("primary states", prim_p),
-        ):
-            p = np.asarray(p, float)
-            p = p[np.isfinite(p)]
-            rows.append(
-                {
-                    "design": name,
-                    "test": test,
-                    "n_tests": p.size,
-                    "fpr_0.05": float(np.mean(p < 0.05)),
-                    "fpr_0.01": float(np.mean(p < 0.01)),
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
-            )
-    return pd.DataFrame(rows), pvals
+            tab = state_values_of_unlike_scale(rng, sheet, STATE_SCALES)
+            for name, mod, w in variants:
+                e = stats.condition_effects(
+                    tab,
+                    contrast=SEPSIS,
+                    meta=sheet,
+                    primary=primary,
+                    moderation=mod,
+                    unit_weights=w,
+                )
+                p[name].append(e.set_index("state")["pvalue"])
+        for name in p:
+            rate = (pd.DataFrame(p[name]) < 0.05).mean()
+            for state, r in rate.items():
+                scale = STATE_SCALES[int(state[1:])]
+                rows.append({"test": "state", "features": "10 states, SD 0.05-2", "design": design,
+                             "variant": name, "feature": f"{state} (SD {scale:.2g})", "p_below_0.05": r})  # fmt: skip
+        print(f"states {design}: done", flush=True)
+    return pd.DataFrame(rows)
 
 
-def plot(pvals: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+def power(n: int, variants, seed: int = 2) -> pd.DataFrame:
+    rows = []
+    for d_i, (design, make) in enumerate(DESIGNS.items()):
+        sheet = make()
+        for label in (RARE, ABUNDANT):
+            found = {v[0]: 0 for v in variants}
+            for k in range(n):
+                rng = np.random.default_rng(
+                    seed + 10_000 * d_i + k + (0 if label == RARE else 5000)
+                )
+                adata, _ = dirichlet_multinomial_cells(
+                    rng, sheet, SEPSIS_PBMC_PROPORTIONS, fold={label: 2.0}
+                )
+                for name, mod, w in variants:
+                    c = stats.composition_test(
+                        adata,
+                        contrast=SEPSIS,
+                        meta=sheet,
+                        level="lineage",
+                        moderation=mod,
+                        unit_weights=w,
+                    ).set_index("label")
+                    found[name] += bool(c.loc[label, "fdr"] <= 0.05 and c.loc[label, "effect"] > 0)
+            for name, f in found.items():
+                share = SEPSIS_PBMC_PROPORTIONS[label]
+                rows.append({"design": design, "label": f"{label} ({share:.0%})", "fold": 2.0,
+                             "variant": name, "found_at_fdr_0.05": f / n})  # fmt: skip
+        print(f"power {design}: done", flush=True)
+    return pd.DataFrame(rows)
+
+
+def summary(cal: pd.DataFrame) -> pd.DataFrame:
+    """Per test, feature set, design and variant: the worst feature and the mean."""
+    g = cal.groupby(["test", "features", "design", "variant"], sort=False)["p_below_0.05"]
+    return g.agg(worst="max", mean="mean").reset_index()
+
+
+def plot(cal: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,21 +169,32 @@ def plot(pvals: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     from sepsis_sc.pl.style import set_style
 
     set_style()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
-    colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"]
-    for ax, test in zip(axes, ("composition", "state metrics")):
-        for c, (name, d) in zip(colours, pvals.items()):
-            p = np.sort(d[test][np.isfinite(d[test])])
-            exp = (np.arange(1, p.size + 1) - 0.5) / p.size
-            ax.plot(-np.log10(exp), -np.log10(p), color=c, lw=1.6, label=name)
-        lim = max(ax.get_xlim()[1], 3)
-        ax.plot([0, lim], [0, lim], color="black", lw=0.8, ls="--")
-        ax.set_xlabel("expected -log10 p (uniform)")
-        ax.set_title(f"{test.capitalize()}: null cohorts", loc="left")
-    axes[0].set_ylabel("observed -log10 p")
-    axes[1].legend(frameon=False, fontsize=8, loc="upper left")
+    s = summary(cal)
+    groups = list(dict.fromkeys(zip(s["test"], s["features"], strict=True)))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.6), sharey=True)
+    variants = list(dict.fromkeys(s["variant"]))
+    colours = plt.get_cmap("tab10").colors
+    for ax, (test, feats) in zip(np.atleast_1d(axes), groups, strict=True):
+        sub = s[(s["test"] == test) & (s["features"] == feats)]
+        designs = list(dict.fromkeys(sub["design"]))
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            vv = sub[sub["variant"] == v].set_index("design").reindex(designs)
+            x = np.arange(len(designs)) + i * width
+            ax.bar(x, vv["worst"], width, color=colours[i % 10], label=v)
+            ax.scatter(x, vv["mean"], color="black", s=8, zorder=3)
+        ax.axhline(0.05, color="black", lw=0.8, ls="--")
+        ax.axhline(0.08, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(np.arange(len(designs)) + 0.4 - width / 2)
+        ax.set_xticklabels(designs, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{test}: {feats}", loc="left", fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("share of null p < 0.05: worst feature (bar), mean (dot)")
+    np.atleast_1d(axes)[-1].legend(frameon=False, fontsize=7, loc="upper right")
     fig.suptitle(
-        "Sample-level tests on null cohorts: points on the diagonal = calibrated", x=0.01, ha="left"
+        "Null cohorts: worst label / state per design and moderation (dashed: nominal 5 %; dotted: 8 %)",
+        x=0.01,
+        ha="left",
+        fontsize=10,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,14 +205,33 @@ def plot(pvals: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cohorts", type=int, default=200)
+    ap.add_argument("--power-cohorts", type=int, default=None)
+    ap.add_argument("--variants", default=None, help="comma-separated names (default all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     args = ap.parse_args()
-    table, pvals = run(args.cohorts)
+    variants = VARIANTS
+    if args.variants:
+        want = args.variants.split(",")
+        variants = [v for v in VARIANTS if v[0] in want]
+    cal = pd.concat(
+        [
+            composition_calibration(args.cohorts, variants),
+            state_calibration(args.cohorts, variants),
+        ],
+        ignore_index=True,
+    )
+    pw = power(args.power_cohorts or args.cohorts, variants)
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "design_calibration.tsv", sep="\t", index=False)
-    plot(pvals, args.out / "img" / "design_calibration.png")
-    with pd.option_context("display.width", 160):
-        print(table.to_string(index=False))
+    cal.to_csv(args.out / "design_calibration.tsv", sep="\t", index=False)
+    pw.to_csv(args.out / "design_power.tsv", sep="\t", index=False)
+    plot(cal, args.out / "img" / "design_calibration.png")
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(summary(cal).round(3).to_string(index=False))
+        print(
+            pw.pivot_table(
+                index=["design", "label"], columns="variant", values="found_at_fdr_0.05"
+            ).round(2)
+        )
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ def test_design_calibration_benchmark_runs(tmp_path):
             sys.executable,
             str(REPO / "benchmarks/design_calibration.py"),
             "--cohorts",
-            "3",
+            "2",
+            "--variants",
+            "plain unweighted (before),none",
             "--out",
             str(tmp_path),
         ],
@@ -149,7 +151,10 @@ def test_design_calibration_benchmark_runs(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     table = pd.read_csv(tmp_path / "design_calibration.tsv", sep="\t")
-    assert len(table) == 12 and table["fpr_0.05"].between(0, 1).all()
+    # per design x variant: 12 + 3 labels (composition) and 10 states
+    assert len(table) == 4 * 2 * (12 + 3 + 10) and table["p_below_0.05"].between(0, 1).all()
+    power = pd.read_csv(tmp_path / "design_power.tsv", sep="\t")
+    assert len(power) == 4 * 2 * 2 and power["found_at_fdr_0.05"].between(0, 1).all()
     assert (tmp_path / "img" / "design_calibration.png").stat().st_size > 5000
 
 

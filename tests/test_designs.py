@@ -107,8 +107,14 @@ def test_simulator_source_names_no_marker_or_signature_resource():
 
 
 def test_planted_programmes_overlap_the_signatures_only_partly():
-    table = sim.planted_vs_scored(score.load_signatures("human"))
-    assert set(table["state"]) == set(sim.STATES)
+    sigs = score.load_signatures("human")
+    table = sim.planted_vs_scored(sigs)
+    assert set(table["state"]) == set(sim.STATES) - set(sim.UNNAMED_STATES)
+    # the unnamed programme shares no gene with any signature: only DA can find it
+    scored = {g for s in sigs for g in [*(s.get("up") or []), *(s.get("down") or [])]}
+    prog = sim.planted_programmes()
+    for state in sim.UNNAMED_STATES:
+        assert not scored & set(prog.loc[prog["state"] == state, "gene"]), state
     # every signature is partly planted, never wholly; programmes are mostly unscored
     assert table["signature_planted"].between(0.5, 0.9).all(), table
     assert (table["programme_scored"] < 0.6).all(), table
@@ -269,7 +275,7 @@ def test_workflow_time_points_unbalanced_one_batch_with_covariates(tmp_path):
     same = (found["observed_direction"] == found["expected_direction"]).mean()
     assert same >= 0.75, check[["planted_effect", "effect_size", "fdr", "oracle_fdr"]]
     overlap = pd.read_csv(tmp_path / "demo" / "planted_vs_scored_genes.tsv", sep="\t")
-    assert set(overlap["state"]) == set(sim.STATES)
+    assert set(overlap["state"]) == set(sim.STATES) - set(sim.UNNAMED_STATES)
 
 
 @pytest.mark.slow

@@ -641,6 +641,8 @@ STAGE_MEMORY: dict[str, tuple[float, float]] = {
     "de": (1995, 17.4),
     "de_figures": (1385, 53.6),
     "patients": (1948, 13.9),
+    # provisional until measured at 100k cells (obs and two embeddings, kNN with k = 30)
+    "da": (1000, 30.0),
 }
 
 #: a request is this much above the fitted peak

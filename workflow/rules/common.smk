@@ -362,6 +362,14 @@ def contrast_outputs():
             f"{t}/figures/composition.png",
             f"{t}/figures/therapy_targets.png",
         ]
+        if config["da"]["enabled"]:
+            a = f"{RESULTS}/da/{name}"
+            out += [
+                f"{a}/nhoods.tsv",
+                f"{a}/per_sample.tsv",
+                f"{a}/figures/beeswarm.png",
+                f"{a}/figures/nhood_umap.png",
+            ]
         if config["de"]["enabled"]:
             d = f"{RESULTS}/de/{name}"
             out += [
@@ -371,6 +379,14 @@ def contrast_outputs():
                 f"{d}/figures/heatmap.png",
             ]
     return out
+
+
+def targets_input(wildcards):
+    """A contrast's state effects and, when neighbourhood DA runs, its neighbourhoods."""
+    files = {"effects": f"{RESULTS}/targets/{wildcards.contrast}/condition_effects.tsv"}
+    if config["da"]["enabled"]:
+        files["nhoods"] = f"{RESULTS}/da/{wildcards.contrast}/nhoods.tsv"
+    return files
 
 
 # ---- patient profiles (rules in patients.smk) ----
@@ -390,6 +406,8 @@ def patients_input(wildcards):
     }
     if config["patients"]["reference_file"]:
         files["reference_file"] = config["patients"]["reference_file"]
+    if config["da"]["enabled"] and TESTED_CONTRASTS:
+        files["da"] = f"{RESULTS}/da/{TESTED_CONTRASTS[0]}/per_sample.tsv"
     return files
 
 

@@ -38,13 +38,13 @@ rule de_figures:
         volcano=report(
             f"{RESULTS}/de/{{contrast}}/figures/volcano.png",
             caption="../report/de_volcano.rst",
-            category="6. Differential expression",
+            category="7. Differential expression",
             labels={"title": "Pseudobulk DE volcano plots"},
         ),
         heatmap=report(
             f"{RESULTS}/de/{{contrast}}/figures/heatmap.png",
             caption="../report/de_heatmap.rst",
-            category="6. Differential expression",
+            category="7. Differential expression",
             labels={"title": "Pseudobulk DE top-genes heatmap"},
         ),
     log:

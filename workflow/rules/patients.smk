@@ -40,20 +40,20 @@ rule patient_figures:
         heatmap=report(
             f"{RESULTS}/patients/figures/cohort_heatmap.png",
             caption="../report/patients_heatmap.rst",
-            category="8. Patients",
+            category="9. Patients",
             labels={"title": "Cohort heatmap of patient immune states"},
         ),
         trajectories=report(
             f"{RESULTS}/patients/figures/trajectories.png",
             caption="../report/patients_trajectories.rst",
-            category="8. Patients",
+            category="9. Patients",
             labels={"title": "Trajectories of donors sampled more than once"},
         ),
         cards=report(
             directory(f"{RESULTS}/patients/figures/cards"),
             patterns=["{sample}.png"],
             caption="../report/patients_cards.rst",
-            category="8. Patients",
+            category="9. Patients",
             labels={"title": "Patient immune cards"},
         ),
     log:

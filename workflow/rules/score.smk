@@ -59,7 +59,6 @@ rule stats:
     output:
         effects=f"{RESULTS}/targets/{{contrast}}/condition_effects.tsv",
         composition=f"{RESULTS}/targets/{{contrast}}/composition.tsv",
-        targets=f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
     log:
         f"{LOGS}/stats/{{contrast}}.log",
     benchmark:
@@ -75,6 +74,23 @@ rule stats:
         contrast=contrast_spec,
     script:
         "../scripts/stats.py"
+
+
+rule targets:
+    input:
+        unpack(targets_input),
+    output:
+        targets=f"{RESULTS}/targets/{{contrast}}/therapy_targets.tsv",
+    log:
+        f"{LOGS}/targets/{{contrast}}.log",
+    wildcard_constraints:
+        contrast=_one_of(TESTED_CONTRASTS),
+    conda:
+        "../envs/sepsis_sc.yaml"
+    params:
+        stats=config["stats"],
+    script:
+        "../scripts/targets.py"
 
 
 rule score_figures:

@@ -29,6 +29,8 @@ res = profile(
     run_name=snakemake.params.run_name,
     counts=store.FileCounts.matching(inp.h5ad, layer, adata),
     layer=layer,
+    # cells in neighbourhoods that moved with the first contrast and that nothing named
+    external=pd.read_csv(inp.da, sep="\t") if "da" in inp.keys() else None,
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")

@@ -1,11 +1,11 @@
-"""Snakemake script (rule stats): one contrast's condition effects, composition and targets."""
+"""Snakemake script (rule stats): one contrast's condition effects and composition tests."""
 
 import pandas as pd
 
 from sepsis_sc import store
 from sepsis_sc.config import StatsSettings
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
-from sepsis_sc.stats import composition_test, condition_effects, therapy_targets
+from sepsis_sc.stats import composition_test, condition_effects
 from sepsis_sc.utils import setup_logging, write_table
 
 setup_logging(snakemake.log[0])
@@ -26,4 +26,3 @@ left_out = dict(adata.uns.get("excluded_samples", {}))
 composition["samples_left_out"] = "; ".join(f"{s} ({why})" for s, why in sorted(left_out.items()))
 write_table(effects, snakemake.output.effects, digits=3)
 write_table(composition, snakemake.output.composition, digits=3)
-write_table(therapy_targets(effects, settings), snakemake.output.targets, digits=3)

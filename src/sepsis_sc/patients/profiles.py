@@ -96,6 +96,7 @@ def profile(
     layer: str | None = "counts",
     state_rules: str | Path | Sequence[Mapping[str, Any]] | None = None,
     run_name: str = "",
+    external: pd.DataFrame | None = None,
     **overrides: Any,
 ) -> PatientProfiles:
     """Profile every sample against the control reference range and call immune states.
@@ -138,6 +139,9 @@ def profile(
         Rules path or list (default ``resources/patient_states.yaml``).
     run_name
         Recorded as ``source_run`` in the reference table.
+    external
+        Values of readouts other stages computed (:func:`sample_readouts`; the workflow
+        passes the neighbourhood DA's unexplained shares of the first tested contrast).
     **overrides
         Settings fields by name (``reference_value="control"``, ``min_controls=4``, ...).
 
@@ -165,6 +169,7 @@ def profile(
         counts=counts,
         layer=layer,
         min_cells=min_cells,
+        external=external,
     )
     notes: list[str] = []
     is_ref = _reference_samples(meta, settings, notes)

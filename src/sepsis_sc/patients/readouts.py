@@ -39,7 +39,9 @@ class Readout:
         dominated by its most expressed genes, as flow mHLA-DR is by HLA-DRA; robust to a
         gene absent from some haplotypes such as HLA-DRB5) in the summed raw counts of the
         ``cells`` population; ``"state"``: ``metric`` of ``state`` from the per-sample
-        table of :func:`sepsis_sc.stats.sample_table`.
+        table of :func:`sepsis_sc.stats.sample_table`; ``"external"``: a value computed by
+        another stage and passed in (the neighbourhood DA's unexplained shares,
+        :func:`sepsis_sc.da.unexplained_per_sample`); left out when not passed.
     source
         What the readout stands for and its evidence tags ([V] / [V2] / [M]).
     """
@@ -257,6 +259,22 @@ READOUTS: tuple[Readout, ...] = (
         state="trem2_high_macrophage",
         metric="fraction",
     ),
+    Readout(
+        "unexplained_expansion",
+        "cells in expanded neighbourhoods no signature names",
+        "unnamed",
+        "external",
+        "share of the sample's cells in neighbourhoods of the integrated graph that expand "
+        "with the first tested contrast at spatial FDR <= da.alpha and that no tested cell "
+        "type or called state explains (Milo, Dann 2022 [V]; rule, this pipeline [M])",
+    ),
+    Readout(
+        "unexplained_depletion",
+        "cells in depleted neighbourhoods no signature names",
+        "unnamed",
+        "external",
+        "as unexplained_expansion, for neighbourhoods depleted in the case group [M]",
+    ),
 )
 
 
@@ -342,6 +360,7 @@ def sample_readouts(
     counts: store.CountSource | None = None,
     layer: str | None = "counts",
     min_cells: int = 10,
+    external: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compute every readout per sample.
 
@@ -366,6 +385,10 @@ def sample_readouts(
     min_cells
         Minimum cells of a share's denominator or a pseudobulk population per sample
         (below it the value is NaN and ``reason`` says why).
+    external
+        Values of the ``"external"`` readouts: long table with ``sample_id``, ``readout``,
+        ``value``, ``n_cells`` (e.g. ``da/<contrast>/per_sample.tsv``); an external readout
+        it does not hold is left out.
 
     Returns
     -------
@@ -403,11 +426,14 @@ def sample_readouts(
             rows += _pseudobulk_rows(r, *pb_values[r.name], ids, min_cells)
         elif r.kind == "state":
             rows += _state_readout_rows(st, r, ids)
+        elif r.kind == "external":
+            rows += _external_rows(external, r, ids)
         else:
             raise ValueError(f"readout {r.name!r}: unknown kind {r.kind!r}")
     detail = pd.DataFrame(rows)
     values = detail.pivot(index="sample_id", columns="readout", values="value")
-    values = values.reindex(index=ids, columns=[r.name for r in readouts])
+    made = set(detail["readout"])
+    values = values.reindex(index=ids, columns=[r.name for r in readouts if r.name in made])
     return values, detail
 
 
@@ -480,6 +506,31 @@ def _state_readout_rows(st: pd.DataFrame, r: Readout, ids: Sequence[str]) -> lis
                 "value": float(row["value"]),
                 "n_cells": int(row["n_cells"]),
                 "reason": reason,
+            }
+        )
+    return rows
+
+
+def _external_rows(
+    external: pd.DataFrame | None, r: Readout, ids: Sequence[str]
+) -> list[dict[str, Any]]:
+    """An ``external`` readout per sample from the table another stage wrote (none when the
+    table does not hold it)."""
+    if external is None or r.name not in set(external["readout"]):
+        return []
+    sub = external[external["readout"] == r.name].copy()
+    sub["sample_id"] = sub["sample_id"].astype(str)
+    sub = sub.set_index("sample_id")
+    rows = []
+    for s in ids:
+        ok = s in sub.index and np.isfinite(float(sub.loc[s, "value"]))
+        rows.append(
+            {
+                "sample_id": s,
+                "readout": r.name,
+                "value": float(sub.loc[s, "value"]) if ok else np.nan,
+                "n_cells": int(sub.loc[s, "n_cells"]) if s in sub.index else 0,
+                "reason": "" if ok else "no value from the neighbourhood DA for this sample",
             }
         )
     return rows

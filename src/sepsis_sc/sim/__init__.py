@@ -19,13 +19,18 @@ from sepsis_sc.sim.blood import BLOOD_SOUP_GENES, blood_soup_profile, simulate_b
 from sepsis_sc.sim.cohort import simulate_cohort, targeted_panel, write_demo_cohort
 from sepsis_sc.sim.designs import (
     BASE_LOGIT,
+    DOMINANT_THREE_PROPORTIONS,
     LABELS,
+    SEPSIS_PBMC_PROPORTIONS,
+    dirichlet_multinomial_cells,
+    label_volatility,
     patient_level_truth,
     repeated_sheet,
     simulate_cells,
     simulate_state_table,
+    state_values_of_unlike_scale,
 )
-from sepsis_sc.sim.profiles import STATES, cell_type_table
+from sepsis_sc.sim.profiles import STATES, UNNAMED_STATES, cell_type_table
 from sepsis_sc.sim.truth import (
     PLANTED_EFFECTS,
     check_planted_effects,
@@ -44,6 +49,7 @@ __all__ = [
     "null_calibration",
     "PLANTED_EFFECTS",
     "STATES",
+    "UNNAMED_STATES",
     "planted_programmes",
     "planted_vs_scored",
     "targeted_panel",
@@ -52,6 +58,11 @@ __all__ = [
     "blood_soup_profile",
     "LABELS",
     "BASE_LOGIT",
+    "SEPSIS_PBMC_PROPORTIONS",
+    "DOMINANT_THREE_PROPORTIONS",
+    "label_volatility",
+    "dirichlet_multinomial_cells",
+    "state_values_of_unlike_scale",
     "repeated_sheet",
     "simulate_cells",
     "patient_level_truth",

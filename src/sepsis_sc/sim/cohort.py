@@ -116,6 +116,7 @@ from sepsis_sc.sim.profiles import (
     STATE_RATES,
     TYPE_EFFECT,
     TYPE_META,
+    UNNAMED_STATES,
     X_FEMALE,
     Y_GENES,
     build_profiles,
@@ -434,9 +435,15 @@ def cohort_model(
     batch_lib = {bt: master.normal(0, 0.2) if batch_effect > 0 else 0.0 for bt in batches}
     donors = sorted(samples["donor"].astype(str).unique())
     donor_frac = {d: master.normal(0, DONOR_SD_FRACTION, n_types) for d in donors}
-    donor_state = {d: master.normal(0, DONOR_SD_STATE, len(STATE_RATES)) for d in donors}
+    named = [st for st in STATE_RATES if st not in UNNAMED_STATES]
+    donor_state = {d: master.normal(0, DONOR_SD_STATE, len(named)) for d in donors}
     sample_seeds = master.integers(0, 2**63 - 1, size=len(samples))
     donor_sex, donor_age = _donor_covariates(samples, donors, master)
+    # the unnamed states draw from a stream of their own: adding one re-draws nothing else
+    side = np.random.default_rng([seed, 1])
+    for d in donors:
+        extra = side.normal(0, DONOR_SD_STATE, len(STATE_RATES) - len(named))
+        donor_state[d] = np.concatenate([donor_state[d], extra])
     sym = gene_table["gene_symbol"]
     return CohortModel(
         gene_table=gene_table,

@@ -28,6 +28,7 @@ from sepsis_sc.sim.profiles import (
     STATE_RATES,
     STATE_TYPE_ODDS,
     STATES,
+    UNNAMED_STATES,
 )
 
 if TYPE_CHECKING:
@@ -98,12 +99,17 @@ def simulate_sample(
     d_rate = min(0.03 + 0.01 * n_cells / 1000, 0.12) if doublets else 0.0
     n_dbl = int(round(d_rate * n_cells))
     n_gen = n_cells + n_dbl  # singlets generated; n_dbl partners are merged away
+    # the unnamed states draw from a stream of their own (spawning does not move ``rng``):
+    # adding one changes no other state's cells and no other cell's counts
+    side = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     ctype = _sample_cell_types(model, rng, is_case=is_case, donor=donor, n_gen=n_gen)
-    flags = _sample_states(model, rng, ctype, is_case=is_case, donor=donor)
+    flags = _sample_states(model, rng, ctype, is_case=is_case, donor=donor, side=side)
     low_q = rng.random(n_gen) < low_quality_rate
     lib, mt_target, amb = _sample_libraries(model, rng, ctype, low_q, batch, ambient)
     gene_fac = model.batch_gene[batch] * model.sex_factor(donor)
-    counts = _sample_counts(model, rng, ctype, flags, low_q, lib, mt_target, amb, gene_fac)
+    counts = _sample_counts(
+        model, rng, ctype, flags, low_q, lib, mt_target, amb, gene_fac, side=side
+    )
     counts, is_dbl, partner_type, drop = _add_doublets(model, rng, counts, ctype, low_q, n_dbl)
     keep = np.flatnonzero(~drop)[:n_cells]
     counts = counts[keep]
@@ -144,7 +150,13 @@ def _sample_cell_types(
 
 
 def _sample_states(
-    model: CohortModel, rng: np.random.Generator, ctype: np.ndarray, *, is_case: bool, donor: str
+    model: CohortModel,
+    rng: np.random.Generator,
+    ctype: np.ndarray,
+    *,
+    is_case: bool,
+    donor: str,
+    side: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """Boolean state flags per cell (:data:`STATES`): per-type rates (case or control) with
     donor and sample noise on the logit scale, among the types each state applies to."""
@@ -158,10 +170,11 @@ def _sample_states(
             p_type[type_idx_of[t]] = rate
         odds = STATE_TYPE_ODDS.get(state, {})
         lo = np.log([odds.get(t, 1.0) for t in model.types])
-        lp = _logit(p_type) + lo + model.donor_state[donor][j] + rng.normal(0, SAMPLE_SD)
+        r = side if state in UNNAMED_STATES else rng
+        lp = _logit(p_type) + lo + model.donor_state[donor][j] + r.normal(0, SAMPLE_SD)
         p = (1 / (1 + np.exp(-lp)))[ctype]
         eligible = np.isin(ctype, [type_idx_of[t] for t in applies])
-        flags[state] = eligible & (rng.random(n_gen) < p)
+        flags[state] = eligible & (r.random(n_gen) < p)
     flags["hla_low"] |= flags["ms1_like"]
     flags["trem2_high"] = ctype == type_idx_of["TREM2-high macrophage"]
     return flags
@@ -196,6 +209,8 @@ def _sample_counts(
     mt_target: np.ndarray,
     amb: np.ndarray,
     gene_fac: np.ndarray,
+    *,
+    side: np.random.Generator,
 ) -> sp.csr_matrix:
     """Negative-binomial counts of every generated cell, in chunks of ``_CHUNK`` cells.
 
@@ -203,7 +218,9 @@ def _sample_counts(
     batch, sex-linked genes), with its states' programmes at the cell's own intensity
     (up genes from max(level, ``profiles._FOLD_REF``) x fold ** w, down genes x fold ** w); low-quality cells get ``mt_target`` of it on mitochondrial genes; then a
     fraction ``amb`` of the library comes from the soup (the sample's library-weighted mean
-    profile).
+    profile). Cells of an unnamed state (:data:`profiles.UNNAMED_STATES`) are drawn again,
+    whole, from ``side`` with that programme on top: the other cells' counts and the draws
+    of ``rng`` are those of a cohort without it.
     """
     n_gen, n = ctype.size, model.profiles.shape[1]
     # ---- soup: the sample's expected mean expression profile (library-weighted)
@@ -215,17 +232,15 @@ def _sample_counts(
     blocks = []
     bfac32 = gene_fac.astype(np.float32)
     prog_cols = {s: np.flatnonzero(v[0] != 1) for s, v in model.state_vecs.items()}
-    for start in range(0, n_gen, _CHUNK):
-        sl = slice(start, min(start + _CHUNK, n_gen))
-        ct = ctype[sl]
-        p = model.profiles32[ct] * bfac32[None, :]
-        for state, vec in model.state_vecs.items():
-            rows = np.flatnonzero(flags[state][sl])
-            if rows.size:
-                cols = prog_cols[state]
-                w = rng.uniform(*INTENSITY, rows.size).astype(np.float32)
-                sub = np.maximum(p[np.ix_(rows, cols)], vec[1][cols] * bfac32[cols])
-                p[np.ix_(rows, cols)] = sub * vec[0][cols].astype(np.float32)[None, :] ** w[:, None]
+    unnamed = [st for st in model.state_vecs if st in UNNAMED_STATES]
+
+    def programme(p: np.ndarray, rows: np.ndarray, state: str, r: np.random.Generator) -> None:
+        vec, cols = model.state_vecs[state], prog_cols[state]
+        w = r.uniform(*INTENSITY, rows.size).astype(np.float32)
+        sub = np.maximum(p[np.ix_(rows, cols)], vec[1][cols] * bfac32[cols])
+        p[np.ix_(rows, cols)] = sub * vec[0][cols].astype(np.float32)[None, :] ** w[:, None]
+
+    def mean(p: np.ndarray, sl: slice | np.ndarray) -> np.ndarray:
         p /= p.sum(1, keepdims=True)
         lq = np.flatnonzero(low_q[sl])
         if lq.size:
@@ -235,9 +250,28 @@ def _sample_counts(
             p[lq] *= scale_other[:, None]
             p[np.ix_(lq, mt_cols)] *= (scale_mt / scale_other)[:, None]
         a_ = amb[sl][:, None].astype(np.float32)
-        mu = lib[sl][:, None].astype(np.float32) * ((1 - a_) * p + a_ * soup32[None, :])
-        blocks.append(sp.csr_matrix(_sample_nb(mu, model.shape[ct], rng)))
-        del p, mu
+        return lib[sl][:, None].astype(np.float32) * ((1 - a_) * p + a_ * soup32[None, :])
+
+    for start in range(0, n_gen, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, n_gen))
+        ct = ctype[sl]
+        p = model.profiles32[ct] * bfac32[None, :]
+        for state in model.state_vecs:
+            rows = np.flatnonzero(flags[state][sl])
+            if rows.size and state not in unnamed:
+                programme(p, rows, state, rng)
+        redo = np.flatnonzero(np.logical_or.reduce([flags[st][sl] for st in unnamed]))
+        p_redo = p[redo].copy() if (unnamed and redo.size) else None
+        block = _sample_nb(mean(p, sl), model.shape[ct], rng)
+        if p_redo is not None:  # cells of an unnamed state: drawn whole from ``side``
+            for state in unnamed:
+                rows = np.flatnonzero(flags[state][sl][redo])
+                if rows.size:
+                    programme(p_redo, rows, state, side)
+            cells = np.arange(n_gen)[sl][redo]
+            block[redo] = _sample_nb(mean(p_redo, cells), model.shape[ct[redo]], side)
+        blocks.append(sp.csr_matrix(block))
+        del p, block
     return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n))
 
 
