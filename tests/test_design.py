@@ -181,10 +181,9 @@ def _age_confounded_table(seed: int = 3):
 
 def test_age_confounded_with_condition_is_removed_by_adjusting():
     tab, meta = _age_confounded_table()
-    plain = stats.condition_effects(tab, case="sepsis", control="control", meta=meta)
-    adj = stats.condition_effects(
-        tab, case="sepsis", control="control", meta=meta, design="~ age + condition"
-    )
+    kw = {"case": "sepsis", "control": "control", "meta": meta, "moderation": "plain"}
+    plain = stats.condition_effects(tab, **kw)
+    adj = stats.condition_effects(tab, design="~ age + condition", **kw)
     assert (plain["fdr"] < 0.05).all()  # unadjusted: age shows up as a sepsis effect
     assert (adj["pvalue"] > 0.05).all()  # adjusted: no effect of sepsis itself
     assert adj["design"].str.contains("age").all()
