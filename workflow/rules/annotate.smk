@@ -1,4 +1,5 @@
-# Annotation: hierarchical marker-based labels (lineage, then subset), optional CellTypist.
+# Annotation: hierarchical marker-based labels (lineage, then subset) combined with a
+# whole-transcriptome reference opinion (agreement.tsv), optional CellTypist.
 
 
 rule annotate:
@@ -11,6 +12,7 @@ rule annotate:
         **reference_outputs(),
         h5ad=f"{RESULTS}/annotated.h5ad",
         table=f"{RESULTS}/annotate/cell_types.tsv",
+        agreement_opinions=f"{RESULTS}/annotate/agreement.tsv",
     log:
         f"{LOGS}/annotate.log",
     benchmark:

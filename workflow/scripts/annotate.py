@@ -1,7 +1,7 @@
 """Snakemake script (rule annotate): hierarchical marker-based immune annotation."""
 
 from sepsis_sc import store
-from sepsis_sc.annotate import annotate
+from sepsis_sc.annotate import annotate, opinion_table
 from sepsis_sc.config import AnnotationSettings
 from sepsis_sc.data import counts_layer
 from sepsis_sc.utils import setup_logging, write_table
@@ -46,6 +46,7 @@ if settings.reference:
     table = annotation_consensus(adata)
     write_table(table.reset_index(), snakemake.output.reference_agreement)
 write_table(summary, snakemake.output.table, digits=3)
+write_table(opinion_table(adata.uns["annotation"]), snakemake.output.agreement_opinions, digits=4)
 # annotated.h5ad is the file users take away: whole, its matrices copied from the merged
 # file (dataset by dataset, not through memory), not linked
 if in_memory:

@@ -25,6 +25,14 @@ full matrix is never densified. Each gene is scaled by its highest cluster mean 
 ``1`` log-unit) and capped at 1, so a score of 1 means "every up-marker at the level of its
 positive population, no down-marker".
 
+A second, whole-transcriptome opinion (issue #32): a SingleR-style correlation classifier
+over ~1,000 genes against reference profiles of labelled real PBMC
+(``resources/annotation/human_pbmc_reference.tsv.gz``, rebuilt by
+``benchmarks/annotation_reference.py``), per cell and per cluster; the final lineage
+combines both opinions on the genes that separate the two candidates
+(:mod:`~sepsis_sc.annotate.specific`, :mod:`~sepsis_sc.annotate.consensus`), and
+``obs["annotation_agreement"]`` says how.
+
 Also here: reference-based labels, never downloaded: CellTypist with a local model
 (:func:`annotate_celltypist`), scANVI / scArches transfer from a user reference
 (:func:`transfer_labels`) and its consensus with the markers (:func:`annotation_consensus`);
@@ -40,6 +48,10 @@ Modules
   Leiden run), scaled marker expression, lineage scores and calls, cluster support;
 * :mod:`~sepsis_sc.annotate.subsets`: subset scores and calls within each lineage (lineage
   re-embedding, baselines, gates, default subsets);
+* :mod:`~sepsis_sc.annotate.correlation`: reference profiles (build, load, save) and the
+  SingleR-style classifier (:func:`classify`, streamed in row chunks);
+* :mod:`~sepsis_sc.annotate.specific`: pairwise specific evidence between lineages;
+* :mod:`~sepsis_sc.annotate.consensus`: the two opinions combined, the agreement table;
 * :mod:`~sepsis_sc.annotate.core`: :func:`annotate`, its steps and what it writes;
 * :mod:`~sepsis_sc.annotate.celltypist`: CellTypist, label-to-lineage rules, agreement;
 * :mod:`~sepsis_sc.annotate.reference`: scANVI / scArches label transfer, consensus;
@@ -47,7 +59,15 @@ Modules
 """
 
 from sepsis_sc.annotate.celltypist import annotate_celltypist, annotation_agreement
+from sepsis_sc.annotate.consensus import opinion_table
 from sepsis_sc.annotate.core import Organism, annotate
+from sepsis_sc.annotate.correlation import (
+    ReferenceProfiles,
+    build_reference,
+    classify,
+    load_reference,
+    save_reference,
+)
 from sepsis_sc.annotate.dotplot import dotplot_markers
 from sepsis_sc.annotate.markers import (
     LINEAGES,
@@ -55,6 +75,7 @@ from sepsis_sc.annotate.markers import (
     Vocabulary,
     load_markers,
     load_vocabulary,
+    symbol_aliases,
 )
 from sepsis_sc.annotate.reference import annotation_consensus, transfer_labels
 from sepsis_sc.annotate.subsets import LINEAGE_HVG_CELLS  # noqa: F401 - set it in .subsets
@@ -63,7 +84,14 @@ __all__ = [
     "Vocabulary",
     "load_vocabulary",
     "load_markers",
+    "symbol_aliases",
     "annotate",
+    "opinion_table",
+    "ReferenceProfiles",
+    "build_reference",
+    "load_reference",
+    "save_reference",
+    "classify",
     "annotate_celltypist",
     "annotation_agreement",
     "transfer_labels",

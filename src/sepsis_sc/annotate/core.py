@@ -15,9 +15,12 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sepsis_sc.annotate.consensus import AGREEMENT_LEVELS, agreement_table, combine
+from sepsis_sc.annotate.correlation import ReferenceProfiles, classify, load_reference
 from sepsis_sc.annotate.lineage import (
     Clusters,
     LineageCalls,
+    MarkerExpression,
     annotation_clusters,
     call_lineages,
     lineage_coverage,
@@ -26,10 +29,12 @@ from sepsis_sc.annotate.lineage import (
 from sepsis_sc.annotate.markers import (
     UNASSIGNED,
     Vocabulary,
+    current_symbols,
     load_markers,
     load_vocabulary,
     read_counts,
 )
+from sepsis_sc.annotate.specific import pairwise_evidence
 from sepsis_sc.annotate.subsets import call_subsets
 from sepsis_sc.config import AnnotationSettings
 from sepsis_sc.data import organism_evidence, resolve_organism
@@ -76,6 +81,7 @@ def _write_annotation(
     cell_type: np.ndarray,
     conf: np.ndarray,
     uns: dict[str, Any],
+    opinions: dict[str, Any],
 ) -> None:
     ct_tab = vocab.cell_types
     lin_levels = list(vocab.lineages.index) + [UNASSIGNED]
@@ -89,6 +95,8 @@ def _write_annotation(
     adata.obsm[f"{prefix}annotation_lineage_scores"] = pd.DataFrame(
         lin.scores, index=adata.obs_names, columns=lin.targets
     )
+    for key, values in opinions.items():
+        adata.obs[f"{prefix}{key}"] = values
     adata.uns[f"{prefix}annotation"] = uns
 
 
@@ -141,6 +149,10 @@ def annotate(
     subset_n_neighbors: int = 20,
     subset_min_cells: int = 100,
     unresolved_min_score: float = 0.05,
+    profiles: ReferenceProfiles | None = None,
+    specific_min_lfc: float = 0.5,
+    reference_min_delta: float = 0.02,
+    disagree_margin: float = 0.05,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Annotate immune lineages and subsets from marker genes (hierarchical, offline).
@@ -154,7 +166,8 @@ def annotate(
         The ``annotation`` section of the config (:class:`sepsis_sc.config.AnnotationSettings`;
         default: the schema's defaults). Its fields used here: ``markers``, ``cluster_key``,
         ``resolution``, ``min_score``, ``min_margin``, ``subset_min_score``,
-        ``cluster_weight`` (below); ``celltypist_model`` and ``reference`` are for
+        ``cluster_weight`` (below), ``reference_profiles`` (the second opinion: ``"builtin"``,
+        a path or ``None``); ``celltypist_model`` and ``reference`` are for
         :func:`annotate_celltypist` and :func:`transfer_labels`.
     organism
         ``"human"``, ``"mouse"`` or ``"auto"`` (detected from marker symbols, CD3E vs Cd3e).
@@ -214,6 +227,18 @@ def annotate(
     unresolved_min_score
         Minimum absolute subset score in lineages whose default is ``<lineage> unresolved``
         (T, B, DC); weaker cells get that label instead of a sibling subset.
+    profiles
+        Reference profiles of the second opinion, already loaded
+        (:func:`sepsis_sc.annotate.load_reference`; e.g. one built without the evaluated
+        data set); overrides ``reference_profiles``.
+    specific_min_lfc
+        A gene is specific to lineage a against b when a's mean reference profile exceeds
+        b's highest by this many log1p(CP10k) units (and twofold): :mod:`.specific`.
+    reference_min_delta
+        Reference margin (fine-tuned correlation over the runner-up) needed for the
+        reference to label a cell the markers left Unassigned.
+    disagree_margin
+        Lead in pairwise specific evidence that settles a disagreement of the two opinions.
     **overrides
         Fields of ``settings`` to change, by name (e.g. ``cluster_key="leiden"``,
         ``markers=<path or mapping>``); ``TypeError`` names one that is no field.
@@ -228,12 +253,27 @@ def annotate(
     Notes
     -----
     Writes ``obs``: ``lineage``, ``cell_type``, ``cell_type_ontology_term_id``,
-    ``annotation_confidence`` (0-1; relative lineage margin x (0.5 + 0.5 x relative subset
-    margin); 0 for Unassigned) and ``annotation_source`` (``markers``,
-    ``markers:default_subset``, ``markers:unresolved_subset``, ``markers:unassigned_low_score``,
-    ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``); ``obsm``:
+    ``annotation_confidence`` (0-1; the lineage confidence of the two opinions' consensus,
+    :mod:`sepsis_sc.annotate.consensus`, x (0.5 + 0.5 x relative subset margin); 0 for
+    Unassigned) and ``annotation_source`` (``markers``, ``markers:default_subset``,
+    ``markers:unresolved_subset``, ``markers:unassigned_low_score``,
+    ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``,
+    ``reference:marker_unassigned``, ``reference:disagreement``, ``consensus:disagreement``);
+    the two opinions (issue #32): ``annotation_marker_lineage``, ``annotation_reference_label``,
+    ``annotation_reference_lineage``, ``annotation_reference_score`` (fine-tuned Spearman
+    correlation), ``annotation_reference_margin`` (the lineage's margin: its best label's
+    correlation over the best of any other lineage) and
+    ``annotation_agreement`` (``agree``, ``disagree``, ``reference_only``,
+    ``not_in_reference``, ``unassigned``, ``no_reference``); ``obsm``:
     ``<prefix>annotation_lineage_scores`` (combined lineage scores, DataFrame); ``uns``:
-    ``<prefix>annotation`` (parameters, organism, marker-set coverage, lineage coverage).
+    ``<prefix>annotation`` (parameters, organism, marker-set coverage, lineage coverage,
+    ``reference``: profiles used, genes read, per-cluster reference labels, the specific
+    genes of every lineage pair and the agreement table,
+    :func:`sepsis_sc.annotate.opinion_table`).
+
+    Without CD4 / CD8 genes in the data, T cells get ``naive T`` (CL:0000898) or ``memory
+    T`` (CL:0000813); lineages whose subset genes are absent keep their lineage call
+    (``<lineage> unresolved``).
     """
     settings = (settings or AnnotationSettings()).with_overrides(overrides)
     markers = settings.markers
@@ -262,6 +302,9 @@ def annotate(
         "subset_n_neighbors": subset_n_neighbors,
         "subset_min_cells": subset_min_cells,
         "unresolved_min_score": unresolved_min_score,
+        "specific_min_lfc": specific_min_lfc,
+        "reference_min_delta": reference_min_delta,
+        "disagree_margin": disagree_margin,
     }
     for name in ("cluster_weight", "subset_cluster_weight"):
         if not 0.0 <= params[name] <= 1.0:
@@ -295,6 +338,10 @@ def annotate(
         down_weight=down_weight,
         min_genes=min_genes,
     )
+    ref = _reference(settings.reference_profiles, profiles, org)
+    lin, opinions, ref_uns = _second_opinion(
+        adata, counts, expr, mk, clusters, lin, ref, settings.cluster_weight, params
+    )
     cell_type, q_sub, rep_sub, sub_source = call_subsets(
         expr, lin, mk, vocab, clusters, counts, adata.var_names, params
     )
@@ -313,8 +360,9 @@ def annotate(
         "marker_sets": {c: set_report[c].to_numpy() for c in set_report.columns},
         "lineage_coverage": {c: coverage[c].to_numpy() for c in coverage.columns},
         "subset_clusters": sub_source,
+        "reference": ref_uns,
     }
-    _write_annotation(adata, prefix, vocab, lin, cell_type, conf, uns)
+    _write_annotation(adata, prefix, vocab, lin, cell_type, conf, uns, opinions)
     logger.info(
         "annotated %d cells (%s, clusters from %s): %d lineages, %d cell types, %.1f%% Unassigned",
         adata.n_obs,
@@ -325,6 +373,103 @@ def annotate(
         100 * float((lin.call == UNASSIGNED).mean()),
     )
     return _cluster_summary(clusters, lin, cell_type, conf)
+
+
+def _reference(
+    setting: str | None, profiles: ReferenceProfiles | None, organism: str
+) -> ReferenceProfiles | None:
+    """The reference of the second opinion: ``profiles`` when given, else the setting
+    (``"builtin"``: the packaged human PBMC profiles; a path; ``None``: none). The packaged
+    reference is human: mouse data get no second opinion (said in the log)."""
+    if profiles is not None:
+        return profiles
+    if setting is None:
+        return None
+    if setting == "builtin":
+        if organism != "human":
+            logger.warning(
+                "the packaged reference profiles are human PBMC: no second opinion for %s "
+                "data (marker calls only; annotation_agreement 'no_reference'). Set "
+                "annotation.reference_profiles to a %s reference file to get one.",
+                organism,
+                organism,
+            )
+            return None
+        return load_reference()
+    return load_reference(setting)
+
+
+def _second_opinion(
+    adata: AnnData,
+    counts: CountSource,
+    expr: MarkerExpression,
+    mk: dict[str, Any],
+    clusters: Clusters,
+    lin: LineageCalls,
+    ref: ReferenceProfiles | None,
+    cluster_weight: float,
+    p: dict[str, Any],
+) -> tuple[LineageCalls, dict[str, Any], dict[str, Any]]:
+    """Specific evidence for the marker calls, the reference classifier per cell and per
+    cluster, and their consensus (issue #32): the final lineage calls, the ``obs`` columns
+    of both opinions and the ``uns`` record (with the agreement table)."""
+    n = adata.n_obs
+    marker_call = lin.call.copy()
+    opinions: dict[str, Any] = {
+        "annotation_marker_lineage": pd.Categorical(marker_call),
+        "annotation_agreement": pd.Categorical(
+            np.full(n, "no_reference", dtype=object), categories=list(AGREEMENT_LEVELS)
+        ),
+    }
+    if ref is None:
+        return lin, opinions, {"used": False}
+    ev = pairwise_evidence(
+        expr,
+        mk,
+        ref,
+        clusters,
+        cluster_weight=cluster_weight,
+        min_lfc=p["specific_min_lfc"],
+    )
+    names = current_symbols(adata.var_names, mk.get("organism", "human"))
+    try:
+        cell, group = classify(counts, names, ref, groups=clusters.codes)
+    except ValueError as err:
+        logger.warning("no reference opinion: %s", err)
+        return lin, opinions, {"used": False, "reason": str(err)}
+    marker_after = lin.call.copy()
+    cons = combine(
+        lin,
+        cell,
+        ev,
+        min_delta=p["reference_min_delta"],
+        disagree_margin=p["disagree_margin"],
+    )
+    opinions.update(
+        annotation_reference_label=pd.Categorical(cell.label),
+        annotation_reference_lineage=pd.Categorical(cell.lineage),
+        annotation_reference_score=cell.score.astype(np.float32),
+        annotation_reference_margin=np.asarray(cell.lineage_delta, dtype=np.float32),
+        annotation_agreement=pd.Categorical(cons.agreement, categories=list(AGREEMENT_LEVELS)),
+    )
+    table = agreement_table(marker_after, cell.label, cons.lin.call, cons.agreement)
+    ref_uns: dict[str, Any] = {
+        "used": True,
+        "labels": list(cell.labels),
+        "n_genes": int(cell.n_genes),
+        "profiles": list(ref.profiles.columns),
+        "agreement": {c: table[c].to_numpy() for c in table.columns},
+    }
+    if group is not None:
+        ref_uns["clusters"] = {
+            "cluster": np.asarray(pd.Categorical(clusters.labels).categories.astype(str)),
+            "label": group.label.astype(str),
+            "delta": group.delta.astype(np.float64),
+        }
+    if ev is not None:
+        pairs = ev.table()
+        ref_uns["specific_genes"] = {c: pairs[c].to_numpy() for c in pairs.columns}
+    return cons.lin, opinions, ref_uns
 
 
 def _log_coverage(coverage: pd.DataFrame) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from anndata import AnnData
 
 from sepsis_sc import store
 from sepsis_sc.data import get_counts
-from sepsis_sc.resources import load_yaml, resource_path
+from sepsis_sc.resources import load_yaml, resource_dir, resource_path
 
 __all__ = [
     "UNASSIGNED",
@@ -36,6 +37,8 @@ __all__ = [
     "marker_symbols",
     "resolve_genes",
     "read_counts",
+    "symbol_aliases",
+    "current_symbols",
 ]
 
 UNASSIGNED = "Unassigned"
@@ -110,6 +113,10 @@ def load_vocabulary(path: str | PathLike[str] | None = None) -> Vocabulary:
     if "default_subset" not in lin:
         lin["default_subset"] = None
     lin["default_subset"] = lin["default_subset"].where(lin["default_subset"].notna(), None)
+    for col in ("unresolved",):
+        if col not in lin:
+            lin[col] = None
+        lin[col] = lin[col].where(lin[col].notna(), None)
     ct = pd.DataFrame.from_dict(raw["cell_types"], orient="index")
     if "cl_exact" not in ct:
         ct["cl_exact"] = True
@@ -126,6 +133,19 @@ def load_vocabulary(path: str | PathLike[str] | None = None) -> Vocabulary:
             raise ValueError(
                 f"{path}: default_subset {d!r} of lineage {lineage!r} is not one of its subsets."
             )
+    if "coarse" not in ct:
+        ct["coarse"] = None
+    ct["coarse"] = ct["coarse"].where(ct["coarse"].notna(), None)
+    for lineage, row in lin.iterrows():
+        u = row["unresolved"]
+        if u is not None and (u not in ct.index or ct.at[u, "lineage"] != lineage):
+            raise ValueError(
+                f"{path}: unresolved {u!r} of lineage {lineage!r} is not one of its subsets."
+            )
+    for label, row in ct.iterrows():
+        c = row["coarse"]
+        if c is not None and (c not in ct.index or ct.at[c, "lineage"] != row["lineage"]):
+            raise ValueError(f"{path}: coarse {c!r} of {label!r} is not a label of its lineage.")
     if UNASSIGNED not in ct.index:
         raise ValueError(f"{path}: the vocabulary must contain {UNASSIGNED!r}.")
     if "cl_ancestors" not in ct:
@@ -308,10 +328,36 @@ def marker_symbols(markers: Mapping[str, Any]) -> set[str]:
     return genes
 
 
+@functools.lru_cache(maxsize=4)
+def symbol_aliases(organism: str = "human") -> dict[str, list[str]]:
+    """Current symbol -> previous symbols (``resources/annotation/<organism>_symbol_aliases.tsv``;
+    HGNC renames since the hg19 era, issue #32); empty where no table exists (mouse)."""
+    path = resource_dir() / "annotation" / f"{organism}_symbol_aliases.tsv"
+    if not path.is_file():
+        return {}
+    tab = pd.read_csv(path, sep="\t", dtype=str, comment="#")
+    out: dict[str, list[str]] = {}
+    for cur, prev in zip(tab["symbol"], tab["previous"], strict=True):
+        out.setdefault(cur, []).append(prev)
+    return out
+
+
+def current_symbols(var_names: Sequence[str] | pd.Index, organism: str = "human") -> pd.Index:
+    """``var_names`` with previous symbols renamed to current ones (:func:`symbol_aliases`),
+    where the current symbol is not in the data already; other names unchanged."""
+    names = pd.Index(var_names).astype(str)
+    old_to_new = {p: c for c, ps in symbol_aliases(organism).items() for p in ps}
+    present = set(names)
+    return pd.Index(
+        [old_to_new[g] if g in old_to_new and old_to_new[g] not in present else g for g in names]
+    )
+
+
 def resolve_genes(
     genes: Sequence[str], var_index: pd.Index, aliases: Mapping[str, Sequence[str]]
 ) -> dict[str, int]:
-    """Map marker symbols to column positions (exact symbol first, then older aliases)."""
+    """Map marker symbols to column positions (exact symbol first, then older aliases: the
+    marker file's and the organism's table of previous symbols, :func:`symbol_aliases`)."""
     pos: dict[str, int] = {}
     lookup = pd.Series(np.arange(len(var_index)), index=var_index)
     lookup = lookup[~lookup.index.duplicated(keep="first")]
@@ -319,7 +365,7 @@ def resolve_genes(
         if g in lookup.index:
             pos[g] = int(lookup[g])
             continue
-        for alt in aliases.get(g, ()):
+        for alt in list(aliases.get(g, ())) + symbol_aliases("human").get(g, []):
             if alt in lookup.index:
                 pos[g] = int(lookup[alt])
                 break

@@ -110,6 +110,26 @@ def _lineage_graph(
     return Clusters.from_labels(work.obs["_oc"].to_numpy(), "lineage re-embedding", knn=D)
 
 
+def _per_detection(module: np.ndarray, local: Clusters, min_size: int = 10) -> np.ndarray:
+    """A gate module divided by its mean in the lineage cluster where it is highest: what a
+    pure population of that side shows, so a side whose genes are detected less often (CD4
+    and CD40LG in fewer CD4 T cells than CD8A / CD8B in CD8 T cells) weighs the same in a
+    mixed neighbourhood, and T cells without side UMIs no longer drift to the better-detected
+    side (issue #32)."""
+    big = local.sizes >= min_size
+    if not big.any():
+        return module
+    means = np.asarray(local.G @ module).ravel()[big]
+    top = float(means.max()) if means.size else 0.0
+    return module / top if top > 0 else module
+
+
+def _undecidable(gate: Mapping[str, Any], expr: MarkerExpression) -> bool:
+    """A gate one of whose sides has none of its genes in the data (a panel without CD4 /
+    CD40LG or without CD8A / CD8B): it cannot be decided."""
+    return any(not [g for g in grp["up"] if g in expr.gene_order] for grp in gate["groups"])
+
+
 def _apply_gates(
     R: np.ndarray,
     scored: list[str],
@@ -118,40 +138,72 @@ def _apply_gates(
     gates: Sequence[Mapping[str, Any]],
     expr: MarkerExpression,
     cluster_weight: float,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Mask subsets of the losing side of a two-group gate (e.g. CD4 vs CD8 T; issue #16).
 
     Each group's module score (mean scaled expression of its genes, e.g. CD4 + CD40LG vs
     CD8A + CD8B), smoothed over the lineage's neighbourhood, decides the group; the other
     group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets.
-    Where a group has none of its genes in the data (a panel without CD4 / CD8A), the gate
-    cannot be decided: the returned mask flags the cells whose best subset belongs to it, and
-    they get the lineage's default (``T unresolved``) rather than a guess.
+    Gates that cannot be decided (:func:`_undecidable`) are left to :func:`_collapse`.
     """
     R = R.copy()
     col = {lab: k for k, lab in enumerate(scored)}
-    undecided = np.zeros(R.shape[0], dtype=bool)
     for gate in gates:
-        mods = []
-        for grp in gate["groups"]:
-            genes = [expr.gene_order[g] for g in grp["up"] if g in expr.gene_order]
-            mods.append(genes)
-        if any(len(g) == 0 for g in mods):
-            gated = [col[lab] for grp in gate["groups"] for lab in grp["cell_types"] if lab in col]
-            undecided |= np.isin(R.argmax(axis=1), gated)
-            logger.warning(
-                "gate %s: genes of one side absent from the data; its subsets are not called "
-                "(cells get the lineage default)",
-                gate["name"],
-            )
+        if _undecidable(gate, expr):
             continue
-        m = [np.asarray(V_l[:, g].mean(axis=1)).ravel() for g in mods]
+        mods = [
+            [expr.gene_order[g] for g in grp["up"] if g in expr.gene_order]
+            for grp in gate["groups"]
+        ]
+        m = [_per_detection(np.asarray(V_l[:, g].mean(axis=1)).ravel(), local) for g in mods]
         d = local.smooth((m[0] - m[1])[:, None], cluster_weight).ravel()
         for sign, grp in ((1, gate["groups"][1]), (-1, gate["groups"][0])):
             lose = [col[lab] for lab in grp["cell_types"] if lab in col]
             if lose:
                 R[np.ix_(sign * d > 0, lose)] -= 10.0
-    return R, undecided
+    return R
+
+
+def _collapse(
+    A: np.ndarray,
+    R: np.ndarray,
+    scored: list[str],
+    gates: Sequence[Mapping[str, Any]],
+    coarse: Mapping[str, str],
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Resolve what the genes allow (issue #32 item 3): the subsets of undecidable gates are
+    merged into their ``coarse`` labels (CD4 / CD8 naive -> naive T CL:0000898, CD4 / CD8
+    memory -> memory T CL:0000813), each scoring the best of its members, so T cells of a
+    panel without CD4 / CD8 genes still get naive vs memory; subsets without a coarse label
+    (Treg, MAIT, gamma-delta T) stay as they are."""
+    gated = {lab for g in gates for grp in g["groups"] for lab in grp["cell_types"]}
+    target = [coarse.get(lab, lab) if lab in gated else lab for lab in scored]
+    out = list(dict.fromkeys(target))
+    A_c = np.full((A.shape[0], len(out)), -np.inf)
+    R_c = np.full((R.shape[0], len(out)), -np.inf)
+    for k, lab in enumerate(target):
+        j = out.index(lab)
+        A_c[:, j] = np.maximum(A_c[:, j], A[:, k])
+        R_c[:, j] = np.maximum(R_c[:, j], R[:, k])
+    return A_c, R_c, out
+
+
+def _label(table: pd.DataFrame, row: str, column: str) -> str | None:
+    if column not in table.columns:
+        return None
+    value = table.at[row, column]
+    return value if isinstance(value, str) and value else None
+
+
+def _default_is_a_guess(
+    default: str | None, scored: list[str], labels: list[str], unresolved: str | None
+) -> bool:
+    """A program-free default (Classical monocyte, NK CD56dim) is a guess when no other
+    subset of the lineage can be scored: nothing could have told the cells apart."""
+    if default is None or unresolved is None or _is_unresolved(default):
+        return False
+    others = [lab for lab in labels if lab not in (default, unresolved)]
+    return bool(others) and not any(lab in scored for lab in others)
 
 
 def _is_unresolved(label: str | None) -> bool:
@@ -217,18 +269,14 @@ def _subset_calls(
     R: np.ndarray,
     scored: list[str],
     default: str | None,
-    undecided: np.ndarray,
     source: np.ndarray,
     idx: np.ndarray,
     p: Mapping[str, Any],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best subset per cell and its confidence (margin over the runner-up); undecided gates
-    and weak evidence take the lineage's default subset (``source`` records why)."""
+    """Best subset per cell and its confidence (margin over the runner-up); weak evidence
+    takes the lineage's default subset (``source`` records why)."""
     s_arg, s_best, s_second = top2(R)
     call = np.array(scored, dtype=object)[s_arg]
-    if default is not None and undecided.any():
-        call[undecided] = default
-        source[idx[undecided]] = "markers:unresolved_subset"
     with np.errstate(divide="ignore", invalid="ignore"):
         q = (s_best - s_second) / (np.abs(s_best) + np.abs(s_second))
     q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
@@ -275,10 +323,22 @@ def call_subsets(
         default = vocab.lineages.at[lineage, "default_subset"]
         set_idx = [j for j in kept if sets[j]["target"] in labels]
         scored = list(dict.fromkeys(sets[j]["target"] for j in set_idx))
-        if not scored:
-            cell_type[idx] = default or labels[0]
-            if default is None and len(labels) > 1:
-                logger.warning("lineage %s: no subset set scored; cells get %s", lineage, labels[0])
+        unresolved = _label(vocab.lineages, lineage, "unresolved")
+        if len(labels) == 1:
+            cell_type[idx] = labels[0]
+            continue
+        if not scored or _default_is_a_guess(default, scored, labels, unresolved):
+            # without the genes that tell its subsets apart a lineage keeps its lineage call
+            cell_type[idx] = unresolved or default or labels[0]
+            lin.source[idx] = np.where(
+                lin.source[idx] == "markers", "markers:unresolved_subset", lin.source[idx]
+            )
+            logger.warning(
+                "lineage %s: the genes that tell its subsets apart are not in the data; its "
+                "cells get %s",
+                lineage,
+                cell_type[idx[0]],
+            )
             continue
         local, sub_source[lineage] = _subset_graph(counts, var_names, idx, clusters, p)
         A, R = _subset_scores(
@@ -292,8 +352,18 @@ def call_subsets(
             subset_cluster_weight=p["subset_cluster_weight"],
         )
         gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
-        R, undecided = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
-        call, q = _subset_calls(A, R, scored, default, undecided, lin.source, idx, p)
+        R = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        stuck = [g for g in gates if _undecidable(g, expr)]
+        if stuck:
+            coarse = vocab.cell_types["coarse"].dropna().to_dict()
+            A, R, scored = _collapse(A, R, scored, stuck, coarse)
+            logger.warning(
+                "gate %s: genes of one side absent from the data; its subsets fall back to "
+                "their coarser labels (%s)",
+                ", ".join(g["name"] for g in stuck),
+                ", ".join(sorted({coarse[x] for x in coarse if vocab.lineage_of(x) == lineage})),
+            )
+        call, q = _subset_calls(A, R, scored, default, lin.source, idx, p)
         cell_type[idx] = call
         q_sub[idx] = q
     return cell_type, q_sub, report, sub_source
