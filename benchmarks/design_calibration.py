@@ -59,7 +59,7 @@ VARIANTS = [
     ("robust", "robust", True),
     ("trend", "trend", True),
     ("robust + trend", "robust_trend", True),
-    ("none", "none", True),
+    ("none (default)", "none", True),
 ]
 STATE_SCALES = np.exp(np.linspace(np.log(0.05), np.log(2.0), 10))
 RARE, ABUNDANT = "DC", "CD14 monocyte"
@@ -188,15 +188,16 @@ def plot(cal: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(np.arange(len(designs)) + 0.4 - width / 2)
         ax.set_xticklabels(designs, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{test}: {feats}", loc="left", fontsize=9)
-    np.atleast_1d(axes)[0].set_ylabel("share of null p < 0.05: worst feature (bar), mean (dot)")
-    np.atleast_1d(axes)[-1].legend(frameon=False, fontsize=7, loc="upper right")
+    np.atleast_1d(axes)[0].set_ylabel("share of null p < 0.05:\nworst feature (bar), mean (dot)")
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, frameon=False, fontsize=8, loc="lower center", ncol=len(labels))
     fig.suptitle(
         "Null cohorts: worst label / state per design and moderation (dashed: nominal 5 %; dotted: 8 %)",
         x=0.01,
         ha="left",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -208,7 +209,16 @@ def main() -> None:
     ap.add_argument("--power-cohorts", type=int, default=None)
     ap.add_argument("--variants", default=None, help="comma-separated names (default all)")
     ap.add_argument("--out", type=Path, default=REPO / "docs")
+    ap.add_argument(
+        "--plot-only", action="store_true", help="redraw the figure from OUT/design_calibration.tsv"
+    )
     args = ap.parse_args()
+    if args.plot_only:
+        plot(
+            pd.read_csv(args.out / "design_calibration.tsv", sep="\t"),
+            args.out / "img" / "design_calibration.png",
+        )
+        return
     variants = VARIANTS
     if args.variants:
         want = args.variants.split(",")
