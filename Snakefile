@@ -22,6 +22,7 @@ include: "workflow/rules/annotate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/de.smk"
 include: "workflow/rules/da.smk"
+include: "workflow/rules/ccc.smk"
 include: "workflow/rules/patients.smk"
 include: "workflow/rules/report.smk"
 

@@ -263,6 +263,18 @@ def test_figures_render(scored, table, tmp_path):
     )
     eff = stats.condition_effects(table, case=CASE, control=CONTROL)
     tt = stats.therapy_targets(eff)
+    # a DA neighbourhood no state explains adds an "unnamed change" row: it must draw too
+    nhoods = pd.DataFrame(
+        {
+            "unexplained": [True, True, False],
+            "direction": ["expanded", "expanded", "depleted"],
+            "cell_type": ["CD4 memory T", "CD4 memory T", "NK"],
+            "log2fc": [1.2, 1.5, -1.0],
+            "spatial_fdr": [0.01, 0.03, 0.02],
+        }
+    )
+    tt_da = stats.therapy_targets(eff, nhoods=nhoods)
+    assert (tt_da["evidence"] == "unnamed change").sum() == 1
     figs = {
         "forest": pl_stats.forest(eff, case=CASE, control=CONTROL),
         "forest_primary": pl_stats.forest(eff, case=CASE, control=CONTROL, primary_only=True),
@@ -270,6 +282,7 @@ def test_figures_render(scored, table, tmp_path):
         "umap": pl_stats.score_umaps(scored, ["mono_hladr_low", "t_exhaustion", "ifn_response.t"]),
         "composition": pl_stats.composition(scored, case=CASE, control=CONTROL),
         "targets": pl_stats.therapy_targets(tt),
+        "targets_da": pl_stats.therapy_targets(tt_da),
     }
     n_rows = {
         name: sum(len(ax.get_yticks()) for ax in figs[name].axes)

@@ -319,6 +319,7 @@ def final_outputs():
             f"{RESULTS}/provenance.yaml",
         ]
         + contrast_outputs()
+        + ([f"{RESULTS}/ccc/per_sample.tsv"] if config["ccc"]["enabled"] else [])
         + (
             [f"{RESULTS}/targets/demo_check.tsv"]
             if demo_sample_paths() and TESTED_CONTRASTS
@@ -370,6 +371,11 @@ def contrast_outputs():
                 f"{a}/figures/beeswarm.png",
                 f"{a}/figures/nhood_umap.png",
             ]
+        if config["ccc"]["enabled"]:
+            out += [
+                f"{RESULTS}/ccc/{name}/axes.tsv",
+                f"{RESULTS}/ccc/{name}/figures/axes_heatmap.png",
+            ]
         if config["de"]["enabled"]:
             d = f"{RESULTS}/de/{name}"
             out += [
@@ -382,10 +388,13 @@ def contrast_outputs():
 
 
 def targets_input(wildcards):
-    """A contrast's state effects and, when neighbourhood DA runs, its neighbourhoods."""
+    """A contrast's state effects and, when neighbourhood DA / therapy axes run, its
+    neighbourhoods / axis tests."""
     files = {"effects": f"{RESULTS}/targets/{wildcards.contrast}/condition_effects.tsv"}
     if config["da"]["enabled"]:
         files["nhoods"] = f"{RESULTS}/da/{wildcards.contrast}/nhoods.tsv"
+    if config["ccc"]["enabled"]:
+        files["axes"] = f"{RESULTS}/ccc/{wildcards.contrast}/axes.tsv"
     return files
 
 
@@ -399,7 +408,8 @@ def patient_reference():
 
 
 def patients_input(wildcards):
-    """Scored cells, the per-sample table and the saved reference file (when configured)."""
+    """Scored cells, the per-sample table, the saved reference file (when configured) and
+    the per-sample readouts of neighbourhood DA and the therapy axes (when they run)."""
     files = {
         "h5ad": f"{RESULTS}/targets/scored.h5ad",
         "sample_table": f"{RESULTS}/targets/sample_table.tsv",
@@ -408,6 +418,8 @@ def patients_input(wildcards):
         files["reference_file"] = config["patients"]["reference_file"]
     if config["da"]["enabled"] and TESTED_CONTRASTS:
         files["da"] = f"{RESULTS}/da/{TESTED_CONTRASTS[0]}/per_sample.tsv"
+    if config["ccc"]["enabled"]:
+        files["ccc"] = f"{RESULTS}/ccc/per_sample.tsv"
     return files
 
 

@@ -21,6 +21,7 @@ layer = counts_layer(store.layer_names(inp.h5ad), snakemake.params.counts_layer)
 adata = store.read(inp.h5ad, obsm=False, obsp=False)  # no matrix: the counts are streamed
 sample_table = pd.read_csv(inp.sample_table, sep="\t", keep_default_na=True)
 sample_table["reason"] = sample_table["reason"].fillna("")
+external = [pd.read_csv(getattr(inp, k), sep="\t") for k in ("da", "ccc") if k in inp.keys()]
 res = profile(
     adata,
     sample_table,
@@ -29,8 +30,9 @@ res = profile(
     run_name=snakemake.params.run_name,
     counts=store.FileCounts.matching(inp.h5ad, layer, adata),
     layer=layer,
-    # cells in neighbourhoods that moved with the first contrast and that nothing named
-    external=pd.read_csv(inp.da, sep="\t") if "da" in inp.keys() else None,
+    # cells in neighbourhoods that moved with the first contrast and that nothing named;
+    # the therapy axes' scores per sample
+    external=pd.concat(external) if external else None,
 )
 for note in res.notes:
     print(f"sepsis-sc patients: {note}")

@@ -1,5 +1,6 @@
 """Snakemake script (rule targets): one contrast's therapy-target table, from the state
-effects and, when neighbourhood DA ran, the changes no named cell type or state explains."""
+effects and, when neighbourhood DA ran, the changes no named cell type or state explains,
+and when the therapy axes ran, each axis under its therapy."""
 
 import pandas as pd
 
@@ -14,5 +15,10 @@ nhoods = None
 if "nhoods" in snakemake.input.keys():
     nhoods = pd.read_csv(snakemake.input.nhoods, sep="\t", index_col=0)
     nhoods["unexplained"] = nhoods["unexplained"].astype(str).str.lower() == "true"
-targets = therapy_targets(effects, StatsSettings.from_config(snakemake.params.stats), nhoods=nhoods)
+axes = None
+if "axes" in snakemake.input.keys():  # the therapy axes between cells (rule ccc)
+    axes = pd.read_csv(snakemake.input.axes, sep="\t")
+targets = therapy_targets(
+    effects, StatsSettings.from_config(snakemake.params.stats), nhoods=nhoods, axes=axes
+)
 write_table(targets, snakemake.output.targets, digits=3)

@@ -29,6 +29,7 @@ from sepsis_sc.config.schema import (
 from sepsis_sc.config.settings import (
     SETTINGS,
     AnnotationSettings,
+    CCCSettings,
     ClusteringSettings,
     DASettings,
     DemoSettings,
@@ -84,6 +85,7 @@ __all__ = [
     "StatsSettings",
     "DESettings",
     "DASettings",
+    "CCCSettings",
     "PatientSettings",
     "DownloadSettings",
     "ResourceSettings",

@@ -354,6 +354,19 @@ class DASettings(Settings):
     min_fraction: float
 
 
+@section("ccc")
+class CCCSettings(Settings):
+    """Therapy axes between cells: per-sample ligand-receptor scores (``sepsis_sc.ccc``)."""
+
+    enabled: bool
+    axes_file: str | None
+    min_cells: int
+    liana: bool
+    resource: str
+    expr_prop: float
+    n_perms: int
+
+
 @section("patients")
 class PatientSettings(Settings):
     """Patient immune profiles against the control reference range (``sepsis_sc.patients``)."""

@@ -41,7 +41,8 @@ class Readout:
         ``cells`` population; ``"state"``: ``metric`` of ``state`` from the per-sample
         table of :func:`sepsis_sc.stats.sample_table`; ``"external"``: a value computed by
         another stage and passed in (the neighbourhood DA's unexplained shares,
-        :func:`sepsis_sc.da.unexplained_per_sample`); left out when not passed.
+        :func:`sepsis_sc.da.unexplained_per_sample`; the therapy-axis scores,
+        :func:`sepsis_sc.ccc.axis_scores`); left out when not passed.
     source
         What the readout stands for and its evidence tags ([V] / [V2] / [M]).
     """
@@ -275,6 +276,35 @@ READOUTS: tuple[Readout, ...] = (
         "external",
         "as unexplained_expansion, for neighbourhoods depleted in the case group [M]",
     ),
+)
+
+#: therapy axes between cells (sepsis_sc.ccc, resources/therapy_axes.yaml): name, label
+_AXES = (
+    ("pd1", "PD-L1 -> PD-1 axis (anti-PD-1 / PD-L1)"),
+    ("il7", "IL-7 -> IL-7R axis (IL-7, CYT107)"),
+    ("gm_csf", "GM-CSF -> receptor axis (GM-CSF)"),
+    ("ifng", "IFN-gamma -> IFNGR axis (rIFN-gamma)"),
+    ("il10", "IL-10 -> IL-10R axis"),
+    ("mhc2_cd4", "HLA-DR -> CD4 axis"),
+    ("apoe_trem2", "APOE -> TREM2 axis"),
+    ("il1b", "IL-1beta -> IL-1R1 axis (anakinra)"),
+    ("il6", "IL-6 -> IL-6R axis (adsorption)"),
+    ("tnf", "TNF -> TNFR1 axis (adsorption)"),
+    ("cxcl8", "IL-8 -> CXCR1/2 axis (adsorption)"),
+)
+#: per-sample axis scores: LIANA's lr_means on the pooled source and target cells
+#: (:func:`sepsis_sc.ccc.axis_scores`, ``ccc/per_sample.tsv``), readout ``axis_<name>``
+READOUTS += tuple(
+    Readout(
+        f"axis_{name}",
+        label,
+        "cell-cell axes",
+        "external",
+        "ligand-receptor axis score of the sample (LIANA lr_means of the axis's source and "
+        "target populations, resources/therapy_axes.yaml with its trials and references); "
+        "mRNA, not surface protein [M]",
+    )
+    for name, label in _AXES
 )
 
 
@@ -530,7 +560,7 @@ def _external_rows(
                 "readout": r.name,
                 "value": float(sub.loc[s, "value"]) if ok else np.nan,
                 "n_cells": int(sub.loc[s, "n_cells"]) if s in sub.index else 0,
-                "reason": "" if ok else "no value from the neighbourhood DA for this sample",
+                "reason": "" if ok else "no value from the stage that computes it (DA, ccc)",
             }
         )
     return rows

@@ -12,6 +12,7 @@ matplotlib (``tests/test_architecture.py`` checks this).
   composition bars, therapy-target summary.
 * :mod:`sepsis_sc.pl.de`: pseudobulk differential expression (volcano small multiples,
   heatmap of the top genes).
+* :mod:`sepsis_sc.pl.ccc`: therapy axes x samples (z vs controls).
 * :mod:`sepsis_sc.pl.patients`: patient immune cards, cohort heatmap, trajectories.
 * :mod:`sepsis_sc.pl.style`: the shared palettes (``lineage_palette``,
   ``cell_type_palette``, ``condition_palette``), :func:`~sepsis_sc.pl.style.set_style` and
@@ -30,7 +31,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = {"annotate", "cluster", "de", "integrate", "patients", "qc", "stats", "style"}
+_SUBMODULES = {"annotate", "ccc", "cluster", "de", "integrate", "patients", "qc", "stats", "style"}
 
 __all__ = sorted(_SUBMODULES)
 

@@ -4,8 +4,9 @@
 * :func:`sample_values`: one panel per state, one point per sample, by condition.
 * :func:`score_umaps`: UMAP small multiples coloured by state scores.
 * :func:`composition`: stacked bars of label proportions per sample.
-* :func:`therapy_targets`: signed -log10 FDR per state, coloured by evidence, with the
-  therapeutic idea next to each bar.
+* :func:`therapy_targets`: signed -log10 FDR per state and therapy axis, coloured by
+  evidence, grouped per therapy (strata and axes under their state), the therapeutic idea
+  once per group.
 
 Each function returns a matplotlib Figure; save it with :func:`sepsis_sc.pl.style.savefig`.
 """
@@ -284,32 +285,104 @@ def composition(
     return fig
 
 
+def _short_labels(labels: pd.Series, states: pd.Series) -> str:
+    """Labels joined; strata of the group's state ("type I interferon response (DC)") by
+    their stratum only, after the state's name once."""
+    base = str(states.iloc[0]).rsplit(" (", 1)[0]
+    inner = [
+        str(x)[len(base) + 2 : -1]
+        for x in labels
+        if str(x).startswith(base + " (") and str(x).endswith(")")
+    ]
+    other = [
+        str(x) for x in labels if not (str(x).startswith(base + " (") and str(x).endswith(")"))
+    ]
+    parts = ([f"{base} in {', '.join(inner)}"] if inner else []) + other
+    return "; ".join(parts)
+
+
+def _therapy_rows(targets: pd.DataFrame, max_ns: int = 3) -> list[dict]:
+    """Display rows of the therapy figure, top to bottom: per group (``group`` column; each
+    row its own group without one) its significant rows, its not-significant rows (beyond
+    ``max_ns`` of them only the first, the rest named on one line), then one line naming
+    its untested rows. The group's therapy (its state's, else its first row's) is written
+    once, at its first row."""
+    t = targets.copy()
+    if "group" not in t:
+        t["group"] = np.arange(len(t)).astype(str)
+    t["therapy"] = t["therapy"].fillna("").astype(str)
+    out = []
+    for _, g in t.groupby("group", sort=False):
+        own = g[g["kind"] != "axis"] if "kind" in g else g
+        idea = str((own if len(own) else g)["therapy"].iloc[0])
+        tested = g[g["fdr"].notna()]
+        ns = tested["evidence"] == "not significant"
+        shown = tested if ns.sum() <= max_ns else tested[~ns | (ns.cumsum() == 1)]
+        hidden = tested.loc[ns & ~tested.index.isin(shown.index), "label"]
+        rows = [
+            {
+                "label": str(r.label),
+                "effect": float(r.effect) if pd.notna(r.effect) else 0.0,
+                "fdr": float(r.fdr),
+                "evidence": str(r.evidence),
+                "untested": False,
+            }
+            for r in shown.itertuples(index=False)
+        ]
+        for what, labels in (
+            ("also not significant", hidden),
+            ("not tested", g.loc[g["fdr"].isna(), "label"]),
+        ):
+            if len(labels):
+                names = _short_labels(labels, own["label"] if len(own) else labels)
+                rows.append(
+                    {
+                        "label": f"{what}: {names}",
+                        "effect": 0.0,
+                        "fdr": 1.0,
+                        "evidence": "not tested",
+                        "untested": True,
+                    }
+                )
+        for k, r in enumerate(rows):
+            r["idea"] = idea if k == 0 else ""
+            r["last_of_group"] = k == len(rows) - 1
+        out += rows
+    return out
+
+
 def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05) -> Figure:
-    """Therapy-target summary: signed -log10 FDR per state, coloured by evidence.
+    """Therapy-target summary per therapy: signed -log10 FDR per state or axis, coloured by
+    evidence, grouped as the table groups them (``group``: a state's strata and the therapy
+    axes under it; tested rows first, its untested rows named on one line, no empty bars).
 
     Bars point right when the state is higher in cases, left when lower; the dotted lines
-    mark FDR = alpha. Each bar is labelled with the therapeutic idea, wrapped over as many
-    lines as it needs (never shortened); rows grow with the longest text. Returns the Figure.
+    mark FDR = alpha; thin lines separate groups. Each group is labelled once with its
+    therapeutic idea, wrapped over as many lines as it needs (never shortened); rows grow
+    with the longest text. Returns the Figure.
     """
     plt = _plt()
     if targets.empty:
         raise ValueError("empty therapy-target table")
-    d = targets.iloc[::-1]
-    sign = np.sign(d["effect"].fillna(0).to_numpy(float))
-    val = sign * -np.log10(d["fdr"].fillna(1.0).clip(lower=1e-12).to_numpy(float))
+    rows = _therapy_rows(targets)[::-1]
+    d = pd.DataFrame(rows)
+    sign = np.sign(d["effect"].to_numpy(float))
+    val = sign * -np.log10(d["fdr"].clip(lower=1e-12).to_numpy(float))
+    val[d["untested"].to_numpy(bool)] = 0.0
     colours = {
         "supported": "#2ca02c",
+        "unnamed change": "#ff7f0e",
         "opposite": "#9467bd",
         "not significant": "#bdbdbd",
         "not tested": "#e0e0e0",
     }
-    ideas = [wrap(t, 60) for t in d["therapy"]]
+    ideas = [wrap(t, 60) for t in d["idea"]]
     labels = [wrap(t, 48) for t in d["label"]]
     n_lines = max(s.count("\n") + 1 for s in ideas + labels)
-    row = max(0.55, 0.25 + 0.16 * n_lines)  # inches per state: room for the wrapped texts
+    row = max(0.55, 0.25 + 0.16 * n_lines)  # inches per row: room for the wrapped texts
     fig, ax = plt.subplots(figsize=(9, row * len(d) + 1.4))
     yy = np.arange(len(d))
-    ax.barh(yy, val, color=[colours[e] for e in d["evidence"]], height=0.6)
+    ax.barh(yy, val, color=[colours.get(e, "#e0e0e0") for e in d["evidence"]], height=0.6)
     lim = max(2.0, np.abs(val).max() * 1.1)
     ax.set_xlim(-lim, lim)
     for x in (-np.log10(alpha), np.log10(alpha)):
@@ -317,19 +390,29 @@ def therapy_targets(targets: pd.DataFrame, *, alpha: float = 0.05) -> Figure:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_ylim(-0.6, len(d) - 0.4)
     ax.set_yticks(yy, labels)
-    for y, idea in zip(yy, ideas):
-        ax.text(lim * 1.02, y, idea, va="center", ha="left", fontsize=8, linespacing=1.15)
+    for tick, untested in zip(ax.get_yticklabels(), d["untested"], strict=True):
+        if untested:
+            tick.set_color("#808080")
+            tick.set_fontstyle("italic")
+    for y, idea in zip(yy, ideas, strict=True):
+        if idea:
+            ax.text(lim * 1.02, y, idea, va="center", ha="left", fontsize=8, linespacing=1.15)
+    ends = d["last_of_group"].to_numpy(bool)
+    for y in yy[ends]:
+        if y > 0:  # below each group but the bottom one
+            ax.axhline(y - 0.5, color="#808080", lw=0.5)
     ax.set_xlabel("signed -log10 FDR (right: higher in cases, left: lower)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    shown = [e for e in colours if e in set(d["evidence"])]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[e]) for e in shown]
     ax.legend(
         handles,
-        list(colours),
+        shown,
         loc="lower left",
         bbox_to_anchor=(0, 1.0),
-        ncol=4,
+        ncol=5,
         frameon=False,
         fontsize=8,
     )
-    ax.set_title("Therapy targets: evidence per state", loc="left", pad=22)
+    ax.set_title("Therapy targets: evidence per therapy", loc="left", pad=22)
     fig.tight_layout()
     return fig

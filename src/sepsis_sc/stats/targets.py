@@ -29,18 +29,24 @@ def therapy_targets(
     *,
     targets: Mapping[str, Any] | str | Path | None = None,
     nhoods: pd.DataFrame | None = None,
+    axes: pd.DataFrame | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Rank the therapeutic ideas behind each state by the evidence in ``effects``.
 
     For each state with an entry in ``resources/therapy_targets.yaml`` (or ``targets``; a
     stratified state such as ``cytokine_storm.monocyte`` uses its base state's entry and gets
-    one row per stratum), the state's **primary** row of ``effects`` (``role == "primary"``: the metric fixed in advance
-    by ``primary_metric``, see :func:`primary_metrics`) is classified as ``supported``
-    (FDR <= alpha in the target direction), ``opposite`` (FDR <= alpha, other direction),
-    ``not significant`` or ``not tested``; when the primary metric could not be computed the
-    row says ``not tested`` and no other metric stands in for it. Rows are ranked: supported
-    first, then by FDR, then by the size of the effect relative to its CI width.
+    one row per stratum), the state's **primary** row of ``effects`` (``role == "primary"``:
+    the metric fixed in advance by ``primary_metric``, see :func:`primary_metrics`) is
+    classified as ``supported`` (FDR <= alpha in the target direction), ``opposite`` (FDR <=
+    alpha, other direction), ``not significant`` or ``not tested``; when the primary metric
+    could not be computed the row says ``not tested`` and no other metric stands in for it.
+
+    The table reads per therapy, not per stratum: every row has a ``group`` (a state's base
+    state, e.g. all ``ifn_response.*`` strata under ``ifn_response``; a therapy axis under the
+    first of its ``states``; an unexplained DA change on its own), groups are ordered by their
+    best row and, within a group, tested rows come first. Rows are ranked by evidence
+    (supported first), then FDR, then the size of the effect relative to its CI width.
 
     Parameters
     ----------
@@ -57,6 +63,11 @@ def therapy_targets(
         significant neighbourhoods that no named cell type or state explains add a row
         ``unexplained_expansion`` / ``unexplained_depletion`` (evidence ``unnamed change``),
         so a reader sees that something no signature names moved.
+    axes
+        The therapy-axis tests of the same contrast (:func:`sepsis_sc.ccc.test_axes`): one
+        row per axis (``state`` ``axis:<name>``, metric ``lr_means``, its own evidence for
+        its therapy), listed under its first state's group, with ``context``: the evidence of
+        the states of its source and target cells in this table.
 
     Returns
     -------
@@ -64,7 +75,8 @@ def therapy_targets(
         ``rank``, ``state``, ``label``, ``therapy``, ``evidence``, ``metric``, ``unit``,
         ``effect``, ``ci_low``, ``ci_high``, ``fdr``, ``direction``, ``target_direction``,
         ``rationale``, ``caveat`` (what a blood readout cannot say), ``references``,
-        ``meaning``. Hypotheses for follow-up, not treatment advice.
+        ``meaning``, ``kind`` (``state``, ``axis`` or ``unnamed``), ``group``, ``context``.
+        Hypotheses for follow-up, not treatment advice.
     """
     alpha = (settings or StatsSettings()).with_overrides(overrides).alpha
     targets = load_targets(targets)
@@ -74,24 +86,83 @@ def therapy_targets(
         # a stratified state gives one row per stratum (cytokine_storm.monocyte, ...)
         for state, sub in effects[bases == base].groupby("state", sort=False):
             rows.append(_target_row(str(state), t, sub, alpha))
+    for r in rows:
+        r.update(kind="state", group=base_state(r["state"]), context="")
     if nhoods is not None:
-        rows += unexplained_rows(nhoods)
+        rows += [
+            {**r, "kind": "unnamed", "group": r["state"], "context": ""}
+            for r in unexplained_rows(nhoods)
+        ]
+    if axes is not None and not axes.empty:
+        rows += axis_rows(axes, rows)
     out = pd.DataFrame(rows)
     if out.empty:
         logger.warning("no state in effects has a therapy-target entry")
         return out
-    order = {
-        "supported": 0,
-        "unnamed change": 1,
-        "opposite": 2,
-        "not significant": 3,
-        "not tested": 4,
-    }
-    out["_ev"] = out["evidence"].map(order)
+    return _rank_by_group(out)
+
+
+#: evidence in rank order
+EVIDENCE_ORDER = {
+    "supported": 0,
+    "unnamed change": 1,
+    "opposite": 2,
+    "not significant": 3,
+    "not tested": 4,
+}
+
+
+def _rank_by_group(out: pd.DataFrame) -> pd.DataFrame:
+    """Rows ranked within their group (evidence, FDR, strength), groups by their best row."""
+    out = out.copy()
+    out["_ev"] = out["evidence"].map(EVIDENCE_ORDER)
     out["_fdr"] = out["fdr"].fillna(2.0)
     out = out.sort_values(["_ev", "_fdr", "_strength"], ascending=[True, True, False])
+    first = {g: i for i, g in reversed(list(enumerate(out["group"])))}
+    out["_g"] = out["group"].map(first)
+    out = out.sort_values("_g", kind="stable")
     out.insert(0, "rank", np.arange(1, len(out) + 1))
-    return out.drop(columns=["_ev", "_fdr", "_strength"]).reset_index(drop=True)
+    return out.drop(columns=["_ev", "_fdr", "_strength", "_g"]).reset_index(drop=True)
+
+
+def axis_rows(axes: pd.DataFrame, state_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Therapy-table rows of the therapy axes (:func:`sepsis_sc.ccc.test_axes`), each under
+    the first of its states that has rows here (else its own group), with the evidence of
+    its source and target cells' states as ``context``."""
+    by_base: dict[str, list[str]] = {}
+    for r in state_rows:
+        by_base.setdefault(r["group"], []).append(f"{r['state']}: {r['evidence']}")
+    rows = []
+    for a in axes.itertuples(index=False):
+        states = [s.strip() for s in str(a.states).split(",") if s.strip()]
+        group = next((s for s in states if s in by_base), f"axis:{a.axis}")
+        effect = float(a.effect)
+        width = float(a.ci_high) - float(a.ci_low)
+        rows.append(
+            {
+                "state": f"axis:{a.axis}",
+                "label": f"{a.label} (axis)",
+                "therapy": a.therapy,
+                "evidence": a.evidence,
+                "metric": "lr_means",
+                "unit": "difference in mean lr_means (log-normalised expression)",
+                "effect": effect,
+                "ci_low": float(a.ci_low),
+                "ci_high": float(a.ci_high),
+                "fdr": float(a.fdr),
+                "direction": "" if pd.isna(a.direction) else a.direction,
+                "target_direction": a.target_direction,
+                "rationale": f"{a.pairs}, {a.source} -> {a.target}; trial: {a.trial}",
+                "caveat": a.caveat,
+                "references": a.references,
+                "meaning": a.meaning,
+                "kind": "axis",
+                "group": group,
+                "context": "; ".join(x for s in states for x in by_base.get(s, [])),
+                "_strength": abs(effect) / width if np.isfinite(width) and width > 0 else 0.0,
+            }
+        )
+    return rows
 
 
 def _target_row(
