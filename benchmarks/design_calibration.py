@@ -222,6 +222,9 @@ def main() -> None:
     variants = VARIANTS
     if args.variants:
         want = args.variants.split(",")
+        unknown = sorted(set(want) - {v[0] for v in VARIANTS})
+        if unknown:
+            ap.error(f"unknown variant(s) {unknown}; choose from {[v[0] for v in VARIANTS]}")
         variants = [v for v in VARIANTS if v[0] in want]
     cal = pd.concat(
         [

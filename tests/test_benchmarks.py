@@ -141,7 +141,7 @@ def test_design_calibration_benchmark_runs(tmp_path):
             "--cohorts",
             "2",
             "--variants",
-            "plain unweighted (before),none",
+            "plain unweighted (before),none (default)",
             "--out",
             str(tmp_path),
         ],
