@@ -436,36 +436,20 @@ def classify(
             ok = g >= 0
             np.add.at(gsum, g[ok], X[ok])
             np.add.at(gtot, g[ok], 1)
-    best, top, delta, S = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    labels = np.array(uniq, dtype=object)[best]
-    cell = Opinion(
-        labels,
-        np.array([ref.lineage[x] for x in labels], dtype=object),
-        top,
-        delta,
-        S,
-        uniq,
-        int(genes.size),
-        sorted(ref.lineages()),
-        _lineage_delta(S, labels, ref, uniq),
-    )
+
+    def opinion(best: np.ndarray, top: np.ndarray, delta: np.ndarray, S: np.ndarray) -> Opinion:
+        labels = np.array(uniq, dtype=object)[best]
+        lineages = np.array([ref.lineage[x] for x in labels], dtype=object)
+        lin_delta = _lineage_delta(S, labels, ref, uniq)
+        known = sorted(ref.lineages())
+        return Opinion(labels, lineages, top, delta, S, uniq, int(genes.size), known, lin_delta)
+
+    cell = opinion(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
     group = None
     if gsum is not None and gsum.shape[0]:
         Xg = np.log1p(gsum / np.maximum(gsum.sum(axis=1, keepdims=True), 1) * 1e4)
         Sg = _label_scores(_score(Xg, P), ref.labels, uniq)
-        bg, tg, dg = _fine_tune(Xg, Sg, ref, genes, uniq, tune_tol)
-        lg = np.array(uniq, dtype=object)[bg]
-        group = Opinion(
-            lg,
-            np.array([ref.lineage[x] for x in lg], dtype=object),
-            tg,
-            dg,
-            Sg,
-            uniq,
-            int(genes.size),
-            sorted(ref.lineages()),
-            _lineage_delta(Sg, lg, ref, uniq),
-        )
+        group = opinion(*_fine_tune(Xg, Sg, ref, genes, uniq, tune_tol), Sg)
     logger.info(
         "reference opinion: %d cells on %d of %d reference genes, %d labels",
         cell.label.size,
