@@ -54,22 +54,10 @@ def _peak_gb() -> float:
 
 def sim_cohort(seed: int, effects: bool, cells: int = 1500, genes: int = 12000, n_per: int = 6):
     """A demo-shaped simulated cohort, log-normalised, truth cell types and lineages in obs."""
-    import anndata as ad
-    import scanpy as sc
+    from sepsis_sc.sim import cohort_adata, two_arm_sheet
 
-    from sepsis_sc.sim import simulate_cohort
-
-    n = 2 * n_per
-    sheet = pd.DataFrame(
-        {
-            "sample_id": [f"S{i:02d}" for i in range(n)],
-            "condition": ["sepsis" if i % 2 == 0 else "control" for i in range(n)],
-            "donor": [f"D{i:02d}" for i in range(n)],
-            "batch": ["b1"] * n,
-        }
-    )
-    adatas, truth = simulate_cohort(
-        sheet,
+    return cohort_adata(
+        two_arm_sheet(n_per, digits=2),
         cells_per_sample=cells,
         n_genes=genes,
         seed=seed,
@@ -77,16 +65,6 @@ def sim_cohort(seed: int, effects: bool, cells: int = 1500, genes: int = 12000, 
         doublets=False,
         low_quality_rate=0.0,
     )
-    meta = sheet.set_index("sample_id")
-    for sid, a in adatas.items():
-        for col in ("condition", "donor"):
-            a.obs[col] = meta.loc[sid, col]
-        a.obs["sample_id"] = sid
-    adata = ad.concat(list(adatas.values()), index_unique=None)
-    adata.obs = adata.obs.join(truth.set_index("cell_id")[["cell_type", "lineage"]])
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    return adata
 
 
 def axes_result(adata) -> pd.DataFrame:

@@ -42,35 +42,18 @@ def _peak_gb() -> float:
 
 
 def _pca_cohort(seed: int, effects: bool, cells: int = 1500, genes: int = 12000):
-    import anndata as ad
-    import scanpy as sc
+    from sepsis_sc.sim import cohort_adata, two_arm_sheet
 
-    from sepsis_sc.sim import simulate_cohort
-
-    n = 12
-    sheet = pd.DataFrame(
-        {
-            "sample_id": [f"S{i:02d}" for i in range(n)],
-            "condition": ["sepsis" if i % 2 == 0 else "control" for i in range(n)],
-            "donor": [f"D{i:02d}" for i in range(n)],
-            "batch": ["b1"] * n,
-        }
+    return cohort_adata(
+        two_arm_sheet(6, digits=2),
+        cells_per_sample=cells,
+        n_genes=genes,
+        seed=seed,
+        effects=effects,
+        target_sum=None,
+        n_pcs=30,
+        pca_seed=seed,
     )
-    adatas, truth = simulate_cohort(
-        sheet, cells_per_sample=cells, n_genes=genes, seed=seed, effects=effects
-    )
-    meta = sheet.set_index("sample_id")
-    for sid, a in adatas.items():
-        for col in ("condition", "donor", "batch"):
-            a.obs[col] = meta.loc[sid, col]
-        a.obs["sample_id"] = sid
-    adata = ad.concat(list(adatas.values()), index_unique=None)
-    adata.obs = adata.obs.join(truth.set_index("cell_id")[["cell_type", "lineage"]])
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=2000)
-    sc.pp.pca(adata, n_comps=30, mask_var="highly_variable", random_state=seed)
-    return adata
 
 
 def null_seeds(n_seeds: int) -> pd.DataFrame:

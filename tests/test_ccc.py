@@ -16,7 +16,7 @@ from conftest import shared_file
 from sepsis_sc import ccc, stats
 from sepsis_sc.config import CCCSettings
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
-from sepsis_sc.sim import simulate_cohort
+from sepsis_sc.sim import cohort_adata, two_arm_sheet
 
 SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
 
@@ -80,20 +80,8 @@ def test_axis_score_is_lr_means_with_complex_minimum_and_min_cells():
 @functools.cache
 def _cohort(effects: bool, seed: int, n_per: int = 6, repeated: bool = False) -> ad.AnnData:
     """A demo-shaped simulated cohort, log-normalised, truth cell types / lineages in obs."""
-    import scanpy as sc
-
-    rows = []
-    for i in range(2 * n_per):
-        cond = "sepsis" if i % 2 == 0 else "control"
-        rows.append({"sample_id": f"S{i}", "condition": cond, "donor": f"D{i}", "batch": "b1"})
-        if repeated:  # every donor seen in both conditions: a paired design
-            other = "control" if cond == "sepsis" else "sepsis"
-            rows.append(
-                {"sample_id": f"S{i}b", "condition": other, "donor": f"D{i}", "batch": "b1"}
-            )
-    sheet = pd.DataFrame(rows)
-    adatas, truth = simulate_cohort(
-        sheet,
+    return cohort_adata(
+        two_arm_sheet(n_per, repeated="paired" if repeated else None),
         cells_per_sample=700,
         n_genes=3000,
         seed=seed,
@@ -101,16 +89,6 @@ def _cohort(effects: bool, seed: int, n_per: int = 6, repeated: bool = False) ->
         doublets=False,
         low_quality_rate=0.0,
     )
-    meta = sheet.set_index("sample_id")
-    for sid, a in adatas.items():
-        for col in ("condition", "donor"):
-            a.obs[col] = meta.loc[sid, col]
-        a.obs["sample_id"] = sid
-    adata = ad.concat(list(adatas.values()), index_unique=None)
-    adata.obs = adata.obs.join(truth.set_index("cell_id")[["cell_type", "lineage"]])
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    return adata
 
 
 def _axes(adata: ad.AnnData, **kw) -> pd.DataFrame:

@@ -8,52 +8,30 @@ import functools
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 
 from sepsis_sc import da, stats
 from sepsis_sc.design import Contrast, resolve_design, sample_meta
-from sepsis_sc.sim import UNNAMED_STATES, simulate_cohort
+from sepsis_sc.sim import UNNAMED_STATES, cohort_adata, two_arm_sheet
 
 SEPSIS = Contrast("sepsis_vs_control", "condition", "sepsis", "control")
-
-
-def _sheet(n_per: int, repeated: bool = False) -> pd.DataFrame:
-    rows = []
-    for i in range(2 * n_per):
-        cond = "sepsis" if i % 2 == 0 else "control"
-        rows.append({"sample_id": f"S{i}", "condition": cond, "donor": f"D{i}", "batch": "b1"})
-        if repeated and cond == "sepsis":  # the patient sampled again
-            rows.append({"sample_id": f"S{i}b", "condition": cond, "donor": f"D{i}", "batch": "b1"})
-    return pd.DataFrame(rows)
 
 
 @functools.cache
 def _cohort(effects: bool, seed: int, n_per: int = 6, repeated: bool = False) -> ad.AnnData:
     """Simulated cells (truth labels in obs) with a PCA embedding: what DA reads."""
-    sheet = _sheet(n_per, repeated)
-    adatas, truth = simulate_cohort(
-        sheet,
+    return cohort_adata(
+        two_arm_sheet(n_per, repeated="patients" if repeated else None),
         cells_per_sample=1000,
         n_genes=4000,
         seed=seed,
         effects=effects,
+        truth_columns=("cell_type", "lineage", "ms1_like", *UNNAMED_STATES),
+        target_sum=None,
+        n_pcs=30,
         doublets=False,
         low_quality_rate=0.0,
     )
-    meta = sheet.set_index("sample_id")
-    for sid, a in adatas.items():
-        for col in ("condition", "donor", "batch"):
-            a.obs[col] = meta.loc[sid, col]
-        a.obs["sample_id"] = sid
-    adata = ad.concat(list(adatas.values()), index_unique=None)
-    cols = ["cell_type", "lineage", "ms1_like", *UNNAMED_STATES]
-    adata.obs = adata.obs.join(truth.set_index("cell_id")[cols])
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=2000)
-    sc.pp.pca(adata, n_comps=30, mask_var="highly_variable", random_state=0)
-    return adata
 
 
 def _run(adata: ad.AnnData) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 
 * :func:`simulate_cohort` / :func:`write_demo_cohort`: PBMC-like samples from real cell-type
   profiles with planted sepsis effects (the demo run), :func:`check_planted_effects` and
-  :func:`oracle_tests` to grade a run against them;
+  :func:`oracle_tests` to grade a run against them; :func:`cohort_adata` the same cohort as
+  one log-normalised AnnData, optionally with a PCA, and :func:`two_arm_sheet` a sepsis vs
+  control sheet for it (what the DA and therapy-axis tests and calibrations read);
 * :func:`simulate_blood_cohort`: whole blood (neutrophils, erythrocyte ambient RNA, raw
   droplets);
 * :func:`simulate_state_table`, :func:`simulate_cells`, :func:`repeated_sheet`: sample-level
@@ -16,7 +18,13 @@ programmes and rates), :mod:`~sepsis_sc.sim.counts` (the count model of one samp
 """
 
 from sepsis_sc.sim.blood import BLOOD_SOUP_GENES, blood_soup_profile, simulate_blood_cohort
-from sepsis_sc.sim.cohort import simulate_cohort, targeted_panel, write_demo_cohort
+from sepsis_sc.sim.cohort import (
+    cohort_adata,
+    simulate_cohort,
+    targeted_panel,
+    two_arm_sheet,
+    write_demo_cohort,
+)
 from sepsis_sc.sim.designs import (
     BASE_LOGIT,
     DOMINANT_THREE_PROPORTIONS,
@@ -42,6 +50,8 @@ from sepsis_sc.sim.truth import (
 
 __all__ = [
     "simulate_cohort",
+    "cohort_adata",
+    "two_arm_sheet",
     "write_demo_cohort",
     "cell_type_table",
     "check_planted_effects",

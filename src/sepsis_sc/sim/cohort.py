@@ -127,7 +127,13 @@ from sepsis_sc.sim.profiles import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["simulate_cohort", "write_demo_cohort", "targeted_panel"]
+__all__ = [
+    "simulate_cohort",
+    "write_demo_cohort",
+    "targeted_panel",
+    "two_arm_sheet",
+    "cohort_adata",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,6 +325,72 @@ def _iter_cohort(
             counts = counts[:, panel]
             truth["total_counts"] = np.asarray(counts.sum(1)).ravel().astype(np.int64)
         yield sid, sample_anndata(out_model, row, counts, truth, uns, mouse), truth
+
+
+def two_arm_sheet(n_per: int = 6, *, repeated: str | None = None, digits: int = 1) -> pd.DataFrame:
+    """A sample sheet of ``n_per`` sepsis and ``n_per`` control donors, one batch, alternating
+    (``S0`` sepsis, ``S1`` control, ...). ``repeated="patients"``: every sepsis donor is
+    sampled a second time (``S<i>b``, sepsis again); ``repeated="paired"``: every donor is
+    also sampled in the other condition (a paired design). ``digits``: sample and donor
+    numbers zero-padded to this width (``S00``; donors are drawn in sorted order, so the
+    width is part of a seeded cohort)."""
+    if repeated not in (None, "patients", "paired"):
+        raise ValueError(f"repeated must be None, 'patients' or 'paired', not {repeated!r}.")
+    rows = []
+    for i in range(2 * n_per):
+        cond = "sepsis" if i % 2 == 0 else "control"
+        k = f"{i:0{digits}d}"
+        rows.append({"sample_id": f"S{k}", "condition": cond, "donor": f"D{k}", "batch": "b1"})
+        if repeated == "paired" or (repeated == "patients" and cond == "sepsis"):
+            again = cond if repeated == "patients" else ("control" if i % 2 == 0 else "sepsis")
+            rows.append(
+                {"sample_id": f"S{k}b", "condition": again, "donor": f"D{k}", "batch": "b1"}
+            )
+    return pd.DataFrame(rows)
+
+
+def cohort_adata(
+    sheet: pd.DataFrame,
+    *,
+    cells_per_sample: int,
+    n_genes: int,
+    seed: int,
+    effects: bool,
+    truth_columns: Sequence[str] = ("cell_type", "lineage"),
+    target_sum: float | None = 1e4,
+    n_pcs: int | None = None,
+    pca_seed: int = 0,
+    **simulate_kw: Any,
+) -> ad.AnnData:
+    """One log-normalised AnnData of a simulated cohort (:func:`simulate_cohort` of
+    ``sheet``): the sheet's ``condition``, ``donor``, ``batch`` and ``sample_id`` and the
+    truth's ``truth_columns`` in ``obs``; ``normalize_total(target_sum)`` + log1p in ``X``;
+    with ``n_pcs`` a PCA of the 2,000 most variable genes in ``obsm["X_pca"]`` (what the
+    neighbourhood and axis tests read in place of an integrated embedding)."""
+    import scanpy as sc
+
+    adatas, truth = simulate_cohort(
+        sheet,
+        cells_per_sample=cells_per_sample,
+        n_genes=n_genes,
+        seed=seed,
+        effects=effects,
+        **simulate_kw,
+    )
+    meta = sheet.set_index("sample_id")
+    for sid, a in adatas.items():
+        for col in ("condition", "donor", "batch"):
+            if col in meta:
+                a.obs[col] = meta.loc[sid, col]
+        a.obs["sample_id"] = sid
+    adata = ad.concat(list(adatas.values()), index_unique=None)
+    adata.obs = adata.obs.join(truth.set_index("cell_id")[list(truth_columns)])
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    if n_pcs:
+        sc.pp.highly_variable_genes(adata, n_top_genes=2000)
+        sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", random_state=pca_seed)
+    return adata
 
 
 def targeted_panel(n_genes: int = 1300, *, seed: int = 1300) -> list[str]:
