@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import shared_file
+from conftest import kang_pseudo_samples, shared_file
 
 from sepsis_sc import ccc, stats
 from sepsis_sc.config import CCCSettings
@@ -254,16 +254,7 @@ def _kang(split: str, seed: int = 0) -> ad.AnnData:
     mono = (expr("LYZ") > 2) & (expr("CD14") + expr("FCGR3A") > 0) & (expr("CD3E") == 0)
     t = (expr("CD3E") > 0) & (expr("LYZ") < 1)
     a.obs["lineage"] = np.where(mono, "Monocyte", np.where(t, "T", "other"))
-    rng = np.random.default_rng(seed)
-    stim = a.obs["stim"].astype(str).to_numpy()
-    if split == "null":
-        a = a[stim == "ctrl"].copy()
-        k = rng.integers(0, 6, a.n_obs)
-        a.obs["condition"] = np.where(k < 3, "a", "b")
-        a.obs["sample_id"] = [f"s{i}" for i in k]
-    else:
-        a.obs["condition"] = stim
-        a.obs["sample_id"] = [f"{s}{i}" for s, i in zip(stim, rng.integers(0, 3, a.n_obs))]
+    a = kang_pseudo_samples(a, split, seed)
     a.obs["donor"] = a.obs["sample_id"]
     return a
 

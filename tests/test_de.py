@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import shared_file
+from conftest import kang_pseudo_samples, shared_file
 
 from sepsis_sc import de
 from sepsis_sc.design import COEF, Contrast, resolve_design, sample_meta
@@ -306,16 +306,7 @@ def kang_monocytes(split: str = "stim", seed: int = 0) -> ad.AnnData:
     a = _kang_annotated().copy()
     mono = (a.obs["lineage"] == "Monocyte").to_numpy()
     a.obs["cell_type"] = pd.Categorical(np.where(mono, "Monocyte", "Unassigned"))
-    rng = np.random.default_rng(seed)
-    stim = a.obs["stim"].astype(str).to_numpy()
-    if split == "null":
-        a = a[stim == "ctrl"].copy()
-        k = rng.integers(0, 6, a.n_obs)
-        a.obs["condition"] = np.where(k < 3, "a", "b")
-        a.obs["sample_id"] = [f"s{i}" for i in k]
-    else:
-        a.obs["condition"] = stim
-        a.obs["sample_id"] = [f"{s}{i}" for s, i in zip(stim, rng.integers(0, 3, a.n_obs))]
+    a = kang_pseudo_samples(a, split, seed)
     a.obs = a.obs.drop(columns=["barcode", "muscat_cluster_id_partial", "muscat_sample_id_partial"])
     return a
 
