@@ -134,12 +134,19 @@ def annotate(adata: ad.AnnData, reference, seed: int = 0) -> None:
 
 
 def metrics(
-    lineage: pd.Series, cell_type: pd.Series, truth: pd.DataFrame, target: str | None
+    lineage: pd.Series,
+    cell_type: pd.Series,
+    truth: pd.DataFrame,
+    target: str | None,
+    gate: pd.Series | None = None,
 ) -> dict[str, float]:
     """Lineage accuracy (call among the accepted ones), Unassigned share, CD4 vs CD8 and
     naive vs memory (other calls count as wrong; ``*_called``: among the cells given a CD4 /
-    CD8 or a naive / memory label), and for ``drop_<L>`` L's cells called L or Unassigned and
-    called another lineage."""
+    CD8 or a naive / memory label), CD4 vs CD8 by the co-receptor gate (``cd4_cd8_gate``:
+    every cell called T, MAIT / gamma-delta / unresolved ones included, by the side the gate
+    gave it, ``obs["annotation_gate_CD4_vs_CD8"]``; cells not called T or without a side
+    count as wrong), and for ``drop_<L>`` L's cells called L or Unassigned and called
+    another lineage."""
     lin = lineage.astype(str).to_numpy()
     ct = cell_type.astype(str).to_numpy()
     has = (truth["lineage"] != "none").to_numpy()
@@ -158,6 +165,10 @@ def metrics(
         called = s & (got != "x")
         out["cd4_cd8_called"] = float((got[called] == side[called]).mean()) if called.any() else 0.0
         out["n_cd4_cd8"] = int(s.sum())
+        if gate is not None:
+            g = np.where(lin == "T", gate.astype(str).to_numpy(), "x")
+            out["cd4_cd8_gate"] = float((g[s] == side[s]).mean())
+            out["cd4_cd8_genes_absent"] = bool((g[lin == "T"] == "genes_absent").all())
     nv = truth["naive"].to_numpy()
     m = nv != "none"
     if m.any():
@@ -181,6 +192,10 @@ def metrics(
     return out
 
 
+def _gate(adata: ad.AnnData) -> pd.Series | None:
+    return adata.obs.get("annotation_gate_CD4_vs_CD8")
+
+
 def run_case(
     adata: ad.AnnData, truth: pd.DataFrame, reference, target: str | None, seed: int = 0
 ) -> list[dict]:
@@ -193,7 +208,7 @@ def run_case(
     rows.append(
         {
             "route": "markers",
-            **metrics(work.obs["lineage"], work.obs["cell_type"], truth, target),
+            **metrics(work.obs["lineage"], work.obs["cell_type"], truth, target, _gate(work)),
             "seconds": time.perf_counter() - t0,
         }
     )
@@ -208,7 +223,7 @@ def run_case(
     rows.append(
         {
             "route": "combined",
-            **metrics(work.obs["lineage"], work.obs["cell_type"], truth, target),
+            **metrics(work.obs["lineage"], work.obs["cell_type"], truth, target, _gate(work)),
             "seconds": secs,
         }
     )
@@ -283,7 +298,7 @@ def markdown(table: pd.DataFrame) -> str:
 
     head = (
         "| set | case | lineage: markers / reference / combined | Unassigned (combined) "
-        "| CD4 vs CD8 (combined) | naive vs memory (combined) "
+        "| CD4 vs CD8: subset label / co-receptor gate (combined) | naive vs memory (combined) "
         "| dropout: kept or Unassigned / other lineage (combined) |\n"
         "|---|---|---|---|---|---|---|"
     )
@@ -298,8 +313,13 @@ def markdown(table: pd.DataFrame) -> str:
         drop = ""
         if "target_kept_or_unassigned" in g and not pd.isna(comb.get("target_kept_or_unassigned")):
             drop = f"{f(comb['target_kept_or_unassigned'])} / {f(comb['target_other_lineage'])}"
+        side = f(comb.get("cd4_cd8"))
+        if str(comb.get("cd4_cd8_genes_absent")) == "True":
+            side = "(no CD4 / CD8 genes)"
+        elif side and f(comb.get("cd4_cd8_gate")):
+            side += f" / {f(comb.get('cd4_cd8_gate'))}"
         lines.append(
-            f"| {name} | {case} | {lin} | {f(comb['unassigned'])} | {f(comb.get('cd4_cd8'))} "
+            f"| {name} | {case} | {lin} | {f(comb['unassigned'])} | {side} "
             f"| {f(comb.get('naive_memory'))} | {drop} |"
         )
     return "\n".join(lines)

@@ -123,14 +123,18 @@ def test_monocytes_without_their_core_genes_are_not_given_away():
 
 
 def test_eccite_against_protein_full_and_without_cd4_cd8():
-    """Lineage vs protein gates >= 0.95 (measured 0.953), CD4 vs CD8 vs protein (measured
-    0.922), and without CD4 / CD8A / CD8B naive vs memory T is still called (measured 0.72
-    vs CD45RA / CD45RO / CD27 protein; 0.74 with the genes)."""
+    """Lineage vs protein gates >= 0.95 (measured 0.953), CD4 vs CD8 vs protein by subset
+    label (measured 0.922: CD8+ MAIT and gamma-delta calls count as wrong) and by the
+    co-receptor gate of every T cell (measured 0.951), and without CD4 / CD8A / CD8B naive
+    vs memory T is still called (measured 0.72 vs CD45RA / CD45RO / CD27 protein; 0.74 with
+    the genes)."""
     adata, truth = _load("eccite")
     ref = _lodo("eccite")
-    full = rob.metrics(*_obs(_annotated(adata, ref)), truth, None)
+    work = _annotated(adata, ref)
+    full = rob.metrics(*_obs(work), truth, None, work.obs["annotation_gate_CD4_vs_CD8"])
     assert full["lineage_acc"] >= 0.95, full
     assert full["cd4_cd8"] >= 0.90, full
+    assert full["cd4_cd8_gate"] >= 0.94, full
     assert full["naive_memory"] >= 0.70, full
     work = _annotated(rob.drop_genes(adata, ["CD4", "CD8A", "CD8B"]), ref)
     ct = work.obs["cell_type"].astype(str)
@@ -246,6 +250,30 @@ def test_without_subset_genes_a_lineage_keeps_its_lineage_call():
     assert (lin[mono] == "Monocyte").mean() >= 0.9
     assert (ct[mono & (lin == "Monocyte")] == "Monocyte unresolved").all()
     assert vocab_cl("Monocyte unresolved") == "CL:0000576"
+
+
+def test_every_t_cell_gets_its_co_receptor_side():
+    """``obs["annotation_gate_CD4_vs_CD8"]``: the side the CD4 / CD8 gate gave each T cell,
+    whatever subset it is called (a CD4:CD8 ratio over all T cells); missing outside T;
+    ``genes_absent`` when one side's genes are not in the data."""
+    from test_annotate import _toy
+
+    adata = _toy()
+    an.annotate(adata, cluster_key="cl", reference_profiles=None)
+    col = adata.obs["annotation_gate_CD4_vs_CD8"]
+    assert list(col.cat.categories) == ["CD4", "CD8", "undetermined", "genes_absent"]
+    truth = adata.obs["truth"].to_numpy()
+    side = col.astype(object).to_numpy()
+    assert (side[truth == "CD4 naive T"] == "CD4").mean() >= 0.95
+    assert (side[truth == "CD8 effector/memory T"] == "CD8").mean() >= 0.95
+    is_t = (adata.obs["lineage"] == "T").to_numpy()
+    assert pd.isna(side[~is_t]).all() and not pd.isna(side[is_t]).any()
+    counts = adata.uns["annotation"]["gates"]["CD4_vs_CD8"]
+    assert counts["CD4"] + counts["CD8"] == is_t.sum()
+    work = adata[:, adata.var_names != "CD4"].copy()
+    an.annotate(work, cluster_key="cl", reference_profiles=None)
+    t = (work.obs["lineage"] == "T").to_numpy()
+    assert (work.obs["annotation_gate_CD4_vs_CD8"].astype(object)[t] == "genes_absent").all()
 
 
 def vocab_cl(label: str) -> str:

@@ -35,7 +35,7 @@ from sepsis_sc.annotate.markers import (
     read_counts,
 )
 from sepsis_sc.annotate.specific import pairwise_evidence
-from sepsis_sc.annotate.subsets import call_subsets
+from sepsis_sc.annotate.subsets import GATE_GENES_ABSENT, GATE_UNDETERMINED, call_subsets
 from sepsis_sc.config import AnnotationSettings
 from sepsis_sc.data import organism_evidence, resolve_organism
 from sepsis_sc.store import CountSource
@@ -98,6 +98,20 @@ def _write_annotation(
     for key, values in opinions.items():
         adata.obs[f"{prefix}{key}"] = values
     adata.uns[f"{prefix}annotation"] = uns
+
+
+def _gate_columns(gate_sides: dict[str, np.ndarray], mk: dict[str, Any]) -> dict[str, Any]:
+    """``obs`` columns ``annotation_gate_<name>``: the side each cell of a gate's lineage was
+    given (e.g. CD4 / CD8 for every T cell, MAIT, gamma-delta and unresolved ones included;
+    ``undetermined``, ``genes_absent``), missing outside the lineage."""
+    out: dict[str, Any] = {}
+    for gate in mk.get("subset_gates", []):
+        side = gate_sides.get(gate["name"])
+        if side is None:
+            continue
+        levels = [g["name"] for g in gate["groups"]] + [GATE_UNDETERMINED, GATE_GENES_ABSENT]
+        out[f"annotation_gate_{gate['name']}"] = pd.Categorical(side, categories=levels)
+    return out
 
 
 def _cluster_summary(
@@ -264,12 +278,16 @@ def annotate(
     correlation), ``annotation_reference_margin`` (the lineage's margin: its best label's
     correlation over the best of any other lineage) and
     ``annotation_agreement`` (``agree``, ``disagree``, ``reference_only``,
-    ``not_in_reference``, ``unassigned``, ``no_reference``); ``obsm``:
+    ``not_in_reference``, ``unassigned``, ``no_reference``); per two-group subset gate
+    ``annotation_gate_<name>``, e.g. ``annotation_gate_CD4_vs_CD8``: the co-receptor side
+    (``CD4`` / ``CD8``, ``undetermined`` without evidence either way, ``genes_absent``) the
+    gate gave each T cell, MAIT, gamma-delta and unresolved ones included, missing outside
+    T (a CD4:CD8 ratio over all T cells); ``obsm``:
     ``<prefix>annotation_lineage_scores`` (combined lineage scores, DataFrame); ``uns``:
     ``<prefix>annotation`` (parameters, organism, marker-set coverage, lineage coverage,
     ``reference``: profiles used, genes read, per-cluster reference labels, the specific
     genes of every lineage pair and the agreement table,
-    :func:`sepsis_sc.annotate.opinion_table`).
+    :func:`sepsis_sc.annotate.opinion_table`; ``gates``: cells per side of each gate).
 
     Without CD4 / CD8 genes in the data, T cells get ``naive T`` (CL:0000898) or ``memory
     T`` (CL:0000813); lineages whose subset genes are absent keep their lineage call
@@ -342,9 +360,9 @@ def annotate(
     lin, opinions, ref_uns = _second_opinion(
         adata, counts, expr, mk, clusters, lin, ref, settings.cluster_weight, params
     )
-    cell_type, q_sub, rep_sub, sub_source = call_subsets(
-        expr, lin, mk, vocab, clusters, counts, adata.var_names, params
-    )
+    subs = call_subsets(expr, lin, mk, vocab, clusters, counts, adata.var_names, params)
+    cell_type, q_sub, rep_sub, sub_source = subs.cell_type, subs.quality, subs.report, subs.clusters
+    opinions.update(_gate_columns(subs.gate_sides, mk))
     conf = np.where(lin.call == UNASSIGNED, 0.0, lin.quality * (0.5 + 0.5 * q_sub))
     coverage = lineage_coverage(lin.report, [s["target"] for s in mk["lineage_sets"]])
     _log_coverage(coverage)
@@ -361,6 +379,10 @@ def annotate(
         "lineage_coverage": {c: coverage[c].to_numpy() for c in coverage.columns},
         "subset_clusters": sub_source,
         "reference": ref_uns,
+        "gates": {
+            name: pd.Series(side[side != None]).value_counts().to_dict()  # noqa: E711
+            for name, side in subs.gate_sides.items()
+        },
     }
     _write_annotation(adata, prefix, vocab, lin, cell_type, conf, uns, opinions)
     logger.info(

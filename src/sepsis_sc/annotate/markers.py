@@ -266,8 +266,8 @@ def load_markers(
 def _gates(
     raw: Sequence[Mapping[str, Any]], vocab: Vocabulary, source_file: str
 ) -> list[dict[str, Any]]:
-    """Validated two-group subset gates (``name``, ``lineage``, ``groups`` of ``up`` genes and
-    ``cell_types``)."""
+    """Validated two-group subset gates (``name``, ``lineage``, ``groups`` of ``up`` genes,
+    ``cell_types`` and a ``name``: the side a cell is given, e.g. CD4 / CD8)."""
     out = []
     for g in raw:
         name = str(g.get("name", "gate"))
@@ -286,8 +286,12 @@ def _gates(
                 "name": name,
                 "lineage": str(g["lineage"]),
                 "groups": [
-                    {"up": [str(x) for x in grp["up"]], "cell_types": list(grp["cell_types"])}
-                    for grp in groups
+                    {
+                        "name": str(grp.get("name") or f"group{k + 1}"),
+                        "up": [str(x) for x in grp["up"]],
+                        "cell_types": list(grp["cell_types"]),
+                    }
+                    for k, grp in enumerate(groups)
                 ],
                 "source": str(g.get("source", "")),
             }

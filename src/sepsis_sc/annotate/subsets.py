@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,13 @@ from sepsis_sc.store import CountSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["call_subsets", "LINEAGE_HVG_CELLS"]
+__all__ = [
+    "call_subsets",
+    "SubsetCalls",
+    "LINEAGE_HVG_CELLS",
+    "GATE_UNDETERMINED",
+    "GATE_GENES_ABSENT",
+]
 
 #: lineages with more cells choose their re-embedding HVGs on a seeded sample of this many
 LINEAGE_HVG_CELLS = 50_000
@@ -130,6 +137,10 @@ def _undecidable(gate: Mapping[str, Any], expr: MarkerExpression) -> bool:
     return any(not [g for g in grp["up"] if g in expr.gene_order] for grp in gate["groups"])
 
 
+GATE_UNDETERMINED = "undetermined"
+GATE_GENES_ABSENT = "genes_absent"
+
+
 def _apply_gates(
     R: np.ndarray,
     scored: list[str],
@@ -138,17 +149,26 @@ def _apply_gates(
     gates: Sequence[Mapping[str, Any]],
     expr: MarkerExpression,
     cluster_weight: float,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Mask subsets of the losing side of a two-group gate (e.g. CD4 vs CD8 T; issue #16).
 
     Each group's module score (mean scaled expression of its genes, e.g. CD4 + CD40LG vs
     CD8A + CD8B), smoothed over the lineage's neighbourhood, decides the group; the other
     group's subsets are pushed down by 10. Cells with no evidence either way keep all subsets.
     Gates that cannot be decided (:func:`_undecidable`) are left to :func:`_collapse`.
+
+    Also returns, per gate name, the side each cell of the lineage was given (the group's
+    ``name``, :data:`GATE_UNDETERMINED` without evidence either way, or
+    :data:`GATE_GENES_ABSENT` when one side's genes are not in the data), whatever subset
+    the cell is called in the end: a MAIT or gamma-delta T cell, or a ``T unresolved`` one,
+    still has a co-receptor side.
     """
     R = R.copy()
     col = {lab: k for k, lab in enumerate(scored)}
+    sides: dict[str, np.ndarray] = {}
     for gate in gates:
+        side = np.full(R.shape[0], GATE_GENES_ABSENT, dtype=object)
+        sides[gate["name"]] = side
         if _undecidable(gate, expr):
             continue
         mods = [
@@ -157,11 +177,16 @@ def _apply_gates(
         ]
         m = [_per_detection(np.asarray(V_l[:, g].mean(axis=1)).ravel(), local) for g in mods]
         d = local.smooth((m[0] - m[1])[:, None], cluster_weight).ravel()
+        side[:] = np.where(
+            d > 0,
+            gate["groups"][0]["name"],
+            np.where(d < 0, gate["groups"][1]["name"], GATE_UNDETERMINED),
+        )
         for sign, grp in ((1, gate["groups"][1]), (-1, gate["groups"][0])):
             lose = [col[lab] for lab in grp["cell_types"] if lab in col]
             if lose:
                 R[np.ix_(sign * d > 0, lose)] -= 10.0
-    return R
+    return R, sides
 
 
 def _collapse(
@@ -294,6 +319,20 @@ def _subset_calls(
     return call, q
 
 
+@dataclass
+class SubsetCalls:
+    """Level-2 result: ``cell_type`` per cell, its subset confidence ``quality``, the
+    per-set coverage ``report``, how each lineage's subsets were clustered (``clusters``)
+    and, per two-group gate, the side each cell of the gate's lineage was given
+    (``gate_sides``; ``None`` outside the lineage)."""
+
+    cell_type: np.ndarray
+    quality: np.ndarray
+    report: list[dict[str, Any]]
+    clusters: dict[str, str]
+    gate_sides: dict[str, np.ndarray]
+
+
 def call_subsets(
     expr: MarkerExpression,
     lin: LineageCalls,
@@ -303,7 +342,7 @@ def call_subsets(
     counts: CountSource,
     var_names: pd.Index,
     p: Mapping[str, Any],
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], dict[str, str]]:
+) -> SubsetCalls:
     """Level 2: subset within each lineage, on the lineage's own clusters; weak evidence gets
     the lineage's default subset (a program-free state or an explicit ``<lineage> unresolved``).
     """
@@ -315,6 +354,7 @@ def call_subsets(
     cell_type = np.full(n, UNASSIGNED, dtype=object)
     q_sub = np.ones(n, dtype=np.float64)
     sub_source: dict[str, str] = {}
+    gate_sides: dict[str, np.ndarray] = {}
     for lineage in vocab.lineages.index:
         idx = np.flatnonzero(lin.call == lineage)
         if idx.size == 0:
@@ -330,6 +370,11 @@ def call_subsets(
         if not scored or _default_is_a_guess(default, scored, labels, unresolved):
             # without the genes that tell its subsets apart a lineage keeps its lineage call
             cell_type[idx] = unresolved or default or labels[0]
+            for gate in mk.get("subset_gates", []):
+                if gate["lineage"] == lineage:
+                    gate_sides.setdefault(gate["name"], np.full(n, None, dtype=object))[idx] = (
+                        GATE_GENES_ABSENT
+                    )
             lin.source[idx] = np.where(
                 lin.source[idx] == "markers", "markers:unresolved_subset", lin.source[idx]
             )
@@ -352,7 +397,9 @@ def call_subsets(
             subset_cluster_weight=p["subset_cluster_weight"],
         )
         gates = [g for g in mk.get("subset_gates", []) if g["lineage"] == lineage]
-        R = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        R, sides = _apply_gates(R, scored, expr.V[idx], local, gates, expr, p["cluster_weight"])
+        for name, side in sides.items():
+            gate_sides.setdefault(name, np.full(n, None, dtype=object))[idx] = side
         stuck = [g for g in gates if _undecidable(g, expr)]
         if stuck:
             coarse = vocab.cell_types["coarse"].dropna().to_dict()
@@ -366,4 +413,4 @@ def call_subsets(
         call, q = _subset_calls(A, R, scored, default, lin.source, idx, p)
         cell_type[idx] = call
         q_sub[idx] = q
-    return cell_type, q_sub, report, sub_source
+    return SubsetCalls(cell_type, q_sub, report, sub_source, gate_sides)
