@@ -380,7 +380,7 @@ def annotate(
         "subset_clusters": sub_source,
         "reference": ref_uns,
         "gates": {
-            name: pd.Series(side[side != None]).value_counts().to_dict()  # noqa: E711
+            name: pd.Series(side).value_counts().to_dict()  # None (outside the lineage) is dropped
             for name, side in subs.gate_sides.items()
         },
     }

@@ -342,7 +342,9 @@ def two_arm_sheet(n_per: int = 6, *, repeated: str | None = None, digits: int = 
         k = f"{i:0{digits}d}"
         rows.append({"sample_id": f"S{k}", "condition": cond, "donor": f"D{k}", "batch": "b1"})
         if repeated == "paired" or (repeated == "patients" and cond == "sepsis"):
-            again = cond if repeated == "patients" else ("control" if i % 2 == 0 else "sepsis")
+            again = (
+                cond if repeated == "patients" else ("control" if cond == "sepsis" else "sepsis")
+            )
             rows.append(
                 {"sample_id": f"S{k}b", "condition": again, "donor": f"D{k}", "batch": "b1"}
             )
