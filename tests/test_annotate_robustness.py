@@ -19,8 +19,9 @@ import pytest
 from conftest import SHARED_DATA, shared_file
 
 from sepsis_sc import annotate as an
-from sepsis_sc.annotate import consensus, correlation, specific
+from sepsis_sc.annotate import arbiter, consensus, correlation, specific
 from sepsis_sc.annotate.lineage import LineageCalls
+from sepsis_sc.store import CountSource
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -123,18 +124,18 @@ def test_monocytes_without_their_core_genes_are_not_given_away():
 
 
 def test_eccite_against_protein_full_and_without_cd4_cd8():
-    """Lineage vs protein gates >= 0.95 (measured 0.953), CD4 vs CD8 vs protein by subset
-    label (measured 0.922: CD8+ MAIT and gamma-delta calls count as wrong) and by the
-    co-receptor gate of every T cell (measured 0.951), and without CD4 / CD8A / CD8B naive
-    vs memory T is still called (measured 0.72 vs CD45RA / CD45RO / CD27 protein; 0.74 with
+    """Lineage vs protein gates >= 0.95 (measured 0.970), CD4 vs CD8 vs protein by subset
+    label (measured 0.951: CD8+ MAIT and gamma-delta calls count as wrong) and by the
+    co-receptor gate of every T cell (measured 0.975), and without CD4 / CD8A / CD8B naive
+    vs memory T is still called (measured 0.78 vs CD45RA / CD45RO / CD27 protein; 0.76 with
     the genes)."""
     adata, truth = _load("eccite")
     ref = _lodo("eccite")
     work = _annotated(adata, ref)
     full = rob.metrics(*_obs(work), truth, None, work.obs["annotation_gate_CD4_vs_CD8"])
     assert full["lineage_acc"] >= 0.95, full
-    assert full["cd4_cd8"] >= 0.90, full
-    assert full["cd4_cd8_gate"] >= 0.94, full
+    assert full["cd4_cd8"] >= 0.93, full
+    assert full["cd4_cd8_gate"] >= 0.95, full
     assert full["naive_memory"] >= 0.70, full
     work = _annotated(rob.drop_genes(adata, ["CD4", "CD8A", "CD8B"]), ref)
     ct = work.obs["cell_type"].astype(str)
@@ -163,6 +164,86 @@ def test_eccite_marker_dropout_keeps_each_lineage_or_leaves_it_unassigned():
         res = rob.metrics(*_obs(work), truth, lin)
         assert res["target_kept_or_unassigned"] >= low, (lin, res)
         assert res["lineage_acc"] >= 0.88, (lin, res)
+
+
+def test_third_opinion_decides_torn_cells_at_low_depth():
+    """At 25 % depth (~700 UMIs per T cell) many protein-CD8 T cells carry no T- or
+    NK-specific UMI, so the two opinions split on them (markers NK, reference T, or the
+    reverse): the classifier trained on the cells both agree on decides. Measured: lineage
+    vs protein 0.847 without it, 0.927 with it; CD4 vs CD8 by gate 0.789 -> 0.897; protein
+    CD4 / CD8 T cells called T 0.85 -> 0.95. Switched off, no classifier columns."""
+    adata, truth = _load("eccite")
+    ref = _lodo("eccite")
+    thin = rob.thin(adata, 0.25)
+    on = _annotated(thin, ref)
+    off = thin.copy()
+    rob.embed(off)
+    an.annotate(
+        off,
+        profiles=ref,
+        expected_organism="human",
+        cluster_key=None,
+        use_rep="X_pca",
+        resolution=2.0,
+        arbiter_min_probability=None,
+    )
+    assert "annotation_classifier_lineage" not in off.obs
+    got = {}
+    for name, work in (("on", on), ("off", off)):
+        gate = work.obs["annotation_gate_CD4_vs_CD8"]
+        got[name] = rob.metrics(*_obs(work), truth.loc[work.obs_names], None, gate)
+    assert got["on"]["lineage_acc"] >= got["off"]["lineage_acc"] + 0.05, got
+    assert got["on"]["lineage_acc"] >= 0.9 and got["on"]["cd4_cd8_gate"] >= 0.87, got
+    rec = on.uns["annotation"]["reference"]["classifier"]
+    assert rec["used"] and "T" in set(rec["trusted"]) and rec["n_decided"] > 0
+    decided = on.obs["annotation_source"].astype(str) == arbiter.ARBITER_SOURCE
+    assert decided.sum() == rec["n_decided"]
+    cls = on.obs["annotation_classifier_lineage"].astype(str)
+    assert (cls[decided] == on.obs["lineage"].astype(str)[decided]).all()
+
+
+def test_third_opinion_only_sides_with_one_of_the_two():
+    """The classifier (trained on the agreed cells) moves a torn cell only to the marker or
+    the reference lineage, only into a lineage it recalls in cross-validation, never takes a
+    cell from a lineage it was not trained on, and leaves decoy Unassigned cells alone."""
+    rng = np.random.default_rng(0)
+    n_a, n_b = 60, 60
+    genes = 40
+    base = np.ones(genes)
+    prof_a, prof_b = base.copy(), base.copy()
+    prof_a[:10] += 6.0
+    prof_b[10:20] += 6.0
+    rows = [rng.poisson(prof_a) for _ in range(n_a)] + [rng.poisson(prof_b) for _ in range(n_b)]
+    # torn cells: 0 B-like (markers A, reference B); 1 B-like called "C" (no class);
+    # 2 B-like Unassigned as a decoy; 3 B-like, markers A, reference A (B is neither's);
+    # 4 B-like Unassigned for ambiguous evidence, reference B
+    rows += [rng.poisson(prof_b) for _ in range(5)]
+    counts = CountSource(np.vstack(rows))
+    call = np.array(
+        ["A"] * n_a + ["B"] * n_b + ["A", "C", "Unassigned", "A", "Unassigned"], dtype=object
+    )
+    source = np.array(
+        ["markers"] * (n_a + n_b + 2)
+        + ["markers:unassigned_other_type", "markers", "markers:unassigned_ambiguous"],
+        dtype=object,
+    )
+    marker = call.copy()
+    marker[-1] = "Unassigned"
+    reference = np.array(["A"] * n_a + ["B"] * n_b + ["B", "B", "B", "A", "B"], dtype=object)
+    agreement = np.array(
+        ["agree"] * (n_a + n_b)
+        + ["disagree", "not_in_reference", "unassigned", "agree", "reference_only"],
+        dtype=object,
+    )
+    agreement[-2] = "disagree"  # markers and reference both A, but not counted as agreed
+    lin = LineageCalls(call, source, np.full(call.size, 0.5), np.zeros((call.size, 1)), ["A"], [])
+    out = arbiter.arbitrate(counts, lin, marker, reference, agreement, seed=0)
+    got = list(out.lin.call[-5:])
+    assert got == ["B", "C", "Unassigned", "A", "B"], got
+    assert out.lin.source[-5] == arbiter.ARBITER_SOURCE
+    assert out.record["used"] and set(out.record["trusted"]) == {"A", "B"}
+    assert np.isnan(out.probability[: n_a + n_b]).all()  # agreed cells are not asked
+    assert out.label[-3] is None  # a decoy is not asked either
 
 
 # ---------------------------------------------------------------------------------------------

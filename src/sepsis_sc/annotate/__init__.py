@@ -52,6 +52,8 @@ Modules
   SingleR-style classifier (:func:`classify`, streamed in row chunks);
 * :mod:`~sepsis_sc.annotate.specific`: pairwise specific evidence between lineages;
 * :mod:`~sepsis_sc.annotate.consensus`: the two opinions combined, the agreement table;
+* :mod:`~sepsis_sc.annotate.arbiter`: the third opinion on cells the two left torn (a
+  classifier trained on the cells they agree on, in the same data set);
 * :mod:`~sepsis_sc.annotate.core`: :func:`annotate`, its steps and what it writes;
 * :mod:`~sepsis_sc.annotate.celltypist`: CellTypist, label-to-lineage rules, agreement;
 * :mod:`~sepsis_sc.annotate.reference`: scANVI / scArches label transfer, consensus;

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from sepsis_sc.annotate.arbiter import arbitrate
 from sepsis_sc.annotate.consensus import AGREEMENT_LEVELS, agreement_table, combine
 from sepsis_sc.annotate.correlation import ReferenceProfiles, classify, load_reference
 from sepsis_sc.annotate.lineage import (
@@ -167,6 +168,7 @@ def annotate(
     specific_min_lfc: float = 0.5,
     reference_min_delta: float = 0.02,
     disagree_margin: float = 0.05,
+    arbiter_min_probability: float | None = 0.8,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Annotate immune lineages and subsets from marker genes (hierarchical, offline).
@@ -253,6 +255,10 @@ def annotate(
         reference to label a cell the markers left Unassigned.
     disagree_margin
         Lead in pairwise specific evidence that settles a disagreement of the two opinions.
+    arbiter_min_probability
+        Probability the third opinion (:mod:`sepsis_sc.annotate.arbiter`: a classifier trained
+        on the cells both opinions agree on) needs to decide a cell they left torn, siding
+        with one of them; ``None`` switches it off.
     **overrides
         Fields of ``settings`` to change, by name (e.g. ``cluster_key="leiden"``,
         ``markers=<path or mapping>``); ``TypeError`` names one that is no field.
@@ -272,13 +278,17 @@ def annotate(
     Unassigned) and ``annotation_source`` (``markers``, ``markers:default_subset``,
     ``markers:unresolved_subset``, ``markers:unassigned_low_score``,
     ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``,
-    ``reference:marker_unassigned``, ``reference:disagreement``, ``consensus:disagreement``);
+    ``reference:marker_unassigned``, ``reference:disagreement``, ``consensus:disagreement``,
+    ``classifier:two_of_three``: a torn cell the third opinion decided);
     the two opinions (issue #32): ``annotation_marker_lineage``, ``annotation_reference_label``,
     ``annotation_reference_lineage``, ``annotation_reference_score`` (fine-tuned Spearman
     correlation), ``annotation_reference_margin`` (the lineage's margin: its best label's
     correlation over the best of any other lineage) and
     ``annotation_agreement`` (``agree``, ``disagree``, ``reference_only``,
-    ``not_in_reference``, ``unassigned``, ``no_reference``); per two-group subset gate
+    ``not_in_reference``, ``unassigned``, ``no_reference``), the third opinion
+    (:mod:`sepsis_sc.annotate.arbiter`) on the cells the two left torn:
+    ``annotation_classifier_lineage`` and ``annotation_classifier_probability`` (missing for
+    cells it was not asked about); per two-group subset gate
     ``annotation_gate_<name>``, e.g. ``annotation_gate_CD4_vs_CD8``: the co-receptor side
     (``CD4`` / ``CD8``, ``undetermined`` without evidence either way, ``genes_absent``) the
     gate gave each T cell, MAIT, gamma-delta and unresolved ones included, missing outside
@@ -323,6 +333,7 @@ def annotate(
         "specific_min_lfc": specific_min_lfc,
         "reference_min_delta": reference_min_delta,
         "disagree_margin": disagree_margin,
+        "arbiter_min_probability": arbiter_min_probability,
     }
     for name in ("cluster_weight", "subset_cluster_weight"):
         if not 0.0 <= params[name] <= 1.0:
@@ -474,7 +485,23 @@ def _second_opinion(
         annotation_reference_margin=np.asarray(cell.lineage_delta, dtype=np.float32),
         annotation_agreement=pd.Categorical(cons.agreement, categories=list(AGREEMENT_LEVELS)),
     )
-    table = agreement_table(marker_after, cell.label, cons.lin.call, cons.agreement)
+    final = cons.lin
+    if p["arbiter_min_probability"] is not None:
+        arb = arbitrate(
+            counts,
+            cons.lin,
+            marker_after,
+            cell.lineage.astype(object),
+            cons.agreement,
+            min_probability=p["arbiter_min_probability"],
+            seed=p["seed"],
+        )
+        final = arb.lin
+        opinions.update(
+            annotation_classifier_lineage=pd.Categorical(arb.label),
+            annotation_classifier_probability=arb.probability,
+        )
+    table = agreement_table(marker_after, cell.label, final.call, cons.agreement)
     ref_uns: dict[str, Any] = {
         "used": True,
         "labels": list(cell.labels),
@@ -491,7 +518,9 @@ def _second_opinion(
     if ev is not None:
         pairs = ev.table()
         ref_uns["specific_genes"] = {c: pairs[c].to_numpy() for c in pairs.columns}
-    return cons.lin, opinions, ref_uns
+    if p["arbiter_min_probability"] is not None:
+        ref_uns["classifier"] = arb.record
+    return final, opinions, ref_uns
 
 
 def _log_coverage(coverage: pd.DataFrame) -> None:
