@@ -2,7 +2,7 @@
 
 For each size, a simulated PBMC cohort (the demo simulator, half sepsis, half control,
 2,000 cells per sample) is annotated twice in fresh processes, with the third opinion and
-without it (``arbiter_min_probability=None``); each run prints its wall time, the peak
+without it (``third_opinion_min_probability=None``); each run prints its wall time, the peak
 resident memory of its process and, with the third opinion, its training cells, genes,
 cells asked and decided. The difference of the two is the third opinion's cost (its
 training set is capped at 2,000 agreed cells per lineage, so the fit does not grow with the
@@ -46,7 +46,7 @@ sc.pp.log1p(adata)
 sc.pp.pca(adata, n_comps=30, random_state=0)
 t0 = time.perf_counter()
 annotate(adata, cluster_key=None, use_rep="X_pca",
-         arbiter_min_probability=0.8 if arbiter else None)
+         third_opinion_min_probability=0.8 if arbiter else None)
 wall = time.perf_counter() - t0
 rec = adata.uns["annotation"]["reference"].get("classifier", {})
 out = {"cells": adata.n_obs, "arbiter": arbiter, "annotate_s": round(wall, 1),

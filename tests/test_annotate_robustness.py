@@ -185,7 +185,7 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
         cluster_key=None,
         use_rep="X_pca",
         resolution=2.0,
-        arbiter_min_probability=None,
+        third_opinion_min_probability=None,
     )
     assert "annotation_classifier_lineage" not in off.obs
     got = {}
@@ -245,6 +245,8 @@ def test_third_opinion_only_sides_with_one_of_the_two():
     assert out.record["used"] and set(out.record["trusted"]) == {"A", "B"}
     assert np.isnan(out.probability[: n_a + n_b]).all()  # agreed cells are not asked
     assert out.label[-3] is None  # a decoy is not asked either
+    with pytest.raises(ValueError, match="min_train"):
+        arbiter.arbitrate(counts, lin, marker, reference, agreement, min_train=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,6 +197,22 @@ def test_endotype_scores_report_scores_and_never_call(res):
     assert srs["score"].isna().all() and "ZAP70" in srs["genes_missing"].iloc[0]
 
 
+def test_trajectories_without_a_control_reference_draw_raw_values(res):
+    """A run without control donors has no z-scores: the trajectory figure draws the raw
+    readouts (and says so) instead of empty panels under a control band."""
+    import matplotlib.pyplot as plt
+
+    t = res.trajectories.copy()
+    assert len(t)
+    t["z"] = np.nan
+    fig = ppl.trajectory_plot(t)
+    ys = [np.asarray(ln.get_ydata(), dtype=float) for ax in fig.axes for ln in ax.get_lines()]
+    assert any(np.isfinite(y).sum() >= 2 for y in ys)
+    assert "raw values" in fig._suptitle.get_text()
+    assert fig.axes[0].get_ylabel() == "value"
+    plt.close(fig)
+
+
 def test_figures_return_figures(res):
     figs = [
         ppl.immune_card(res.profiles, "S0", res.states, case="sepsis", control="control"),

@@ -144,6 +144,8 @@ def arbitrate(
         np.isin(call, classes) | np.isin(lin.source.astype(object), TORN_SOURCES)
     )
     asked = np.flatnonzero(torn)
+    if min_train < 2:
+        raise ValueError(f"min_train must be at least 2 (cross-validation), got {min_train}.")
     if len(classes) < 2 or not asked.size:
         record["reason"] = (
             "fewer than two lineages with enough agreed cells"
@@ -157,7 +159,8 @@ def arbitrate(
     x_train = _log_cp10k(x_train[:, genes], counts.totals[train])
     y = call[train].astype(str)
     clf = LogisticRegression(C=penalty_c, max_iter=2000, class_weight="balanced")
-    folds = StratifiedKFold(n_splits=min(5, min_train), shuffle=True, random_state=seed)
+    n_splits = max(2, min(5, min(int((y == c).sum()) for c in classes)))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     cv = cross_val_predict(clf, x_train, y, cv=folds)
     recall = {c: float((cv[y == c] == c).mean()) for c in classes}
     trusted = [c for c in classes if recall[c] >= min_recall]

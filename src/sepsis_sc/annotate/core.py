@@ -168,7 +168,6 @@ def annotate(
     specific_min_lfc: float = 0.5,
     reference_min_delta: float = 0.02,
     disagree_margin: float = 0.05,
-    arbiter_min_probability: float | None = 0.8,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Annotate immune lineages and subsets from marker genes (hierarchical, offline).
@@ -183,7 +182,9 @@ def annotate(
         default: the schema's defaults). Its fields used here: ``markers``, ``cluster_key``,
         ``resolution``, ``min_score``, ``min_margin``, ``subset_min_score``,
         ``cluster_weight`` (below), ``reference_profiles`` (the second opinion: ``"builtin"``,
-        a path or ``None``); ``celltypist_model`` and ``reference`` are for
+        a path or ``None``), ``third_opinion_min_probability`` (the probability the third
+        opinion, :mod:`sepsis_sc.annotate.arbiter`, needs to decide a cell the two left torn;
+        ``None`` switches it off); ``celltypist_model`` and ``reference`` are for
         :func:`annotate_celltypist` and :func:`transfer_labels`.
     organism
         ``"human"``, ``"mouse"`` or ``"auto"`` (detected from marker symbols, CD3E vs Cd3e).
@@ -255,10 +256,6 @@ def annotate(
         reference to label a cell the markers left Unassigned.
     disagree_margin
         Lead in pairwise specific evidence that settles a disagreement of the two opinions.
-    arbiter_min_probability
-        Probability the third opinion (:mod:`sepsis_sc.annotate.arbiter`: a classifier trained
-        on the cells both opinions agree on) needs to decide a cell they left torn, siding
-        with one of them; ``None`` switches it off.
     **overrides
         Fields of ``settings`` to change, by name (e.g. ``cluster_key="leiden"``,
         ``markers=<path or mapping>``); ``TypeError`` names one that is no field.
@@ -333,7 +330,7 @@ def annotate(
         "specific_min_lfc": specific_min_lfc,
         "reference_min_delta": reference_min_delta,
         "disagree_margin": disagree_margin,
-        "arbiter_min_probability": arbiter_min_probability,
+        "third_opinion_min_probability": settings.third_opinion_min_probability,
     }
     for name in ("cluster_weight", "subset_cluster_weight"):
         if not 0.0 <= params[name] <= 1.0:
@@ -486,14 +483,14 @@ def _second_opinion(
         annotation_agreement=pd.Categorical(cons.agreement, categories=list(AGREEMENT_LEVELS)),
     )
     final = cons.lin
-    if p["arbiter_min_probability"] is not None:
+    if p["third_opinion_min_probability"] is not None:
         arb = arbitrate(
             counts,
             cons.lin,
             marker_after,
             cell.lineage.astype(object),
             cons.agreement,
-            min_probability=p["arbiter_min_probability"],
+            min_probability=p["third_opinion_min_probability"],
             seed=p["seed"],
         )
         final = arb.lin
@@ -518,7 +515,7 @@ def _second_opinion(
     if ev is not None:
         pairs = ev.table()
         ref_uns["specific_genes"] = {c: pairs[c].to_numpy() for c in pairs.columns}
-    if p["arbiter_min_probability"] is not None:
+    if p["third_opinion_min_probability"] is not None:
         ref_uns["classifier"] = arb.record
     return final, opinions, ref_uns
 

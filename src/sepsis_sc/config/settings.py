@@ -301,6 +301,7 @@ class AnnotationSettings(Settings):
     reference: str | None
     reference_label_key: str | None
     reference_profiles: str | None
+    third_opinion_min_probability: float | None
 
 
 @section("scoring")

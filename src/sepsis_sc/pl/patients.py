@@ -347,19 +347,24 @@ def trajectory_plot(
     readouts: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
     ncols: int = 4,
+    max_raw: int = 8,
 ) -> Figure:
-    """Readout z-scores over time for donors sampled more than once.
+    """Readout z-scores over time for donors sampled more than once (the raw readouts when
+    the run has no control reference, so no z).
 
     Parameters
     ----------
     trajectories
         ``patients/trajectories.tsv`` (:func:`sepsis_sc.patients.trajectories`).
     readouts
-        Readouts to draw (default: those with a z-score in any repeated sample).
+        Readouts to draw (default: those with a z-score in any repeated sample; without any
+        z-score, the first ``max_raw`` readouts with a value).
     labels
         Readout -> display label.
     ncols
         Panels per row.
+    max_raw
+        Readouts drawn by default when there is no z-score (raw values).
 
     Returns
     -------
@@ -382,10 +387,17 @@ def trajectory_plot(
         return fig
     t = t.copy()
     t["z"] = pd.to_numeric(t["z"], errors="coerce")
+    t["value"] = pd.to_numeric(t.get("value", np.nan), errors="coerce")
+    # without a control reference (no control donors, no reference_file) there is no z:
+    # the raw readouts are drawn instead, said on the axis and in the title
+    use_z = bool(t["z"].notna().any())
+    y = "z" if use_z else "value"
     if readouts is None:
         readouts = [
-            r for r in dict.fromkeys(t["readout"]) if t.loc[t["readout"] == r, "z"].notna().any()
+            r for r in dict.fromkeys(t["readout"]) if t.loc[t["readout"] == r, y].notna().any()
         ]
+        if not use_z:
+            readouts = readouts[:max_raw]
     readouts = list(readouts)
     if not readouts:
         readouts = list(dict.fromkeys(t["readout"]))[:1]
@@ -399,15 +411,16 @@ def trajectory_plot(
     tp = t.drop_duplicates(["order"]).set_index("order")["timepoint"].astype(str)
     for ax, r in zip(axes.flat, readouts):
         sub = t[t["readout"] == r]
-        k = pd.to_numeric(sub.get("ref_k", pd.Series(dtype=float)), errors="coerce").median()
-        k = float(k) if np.isfinite(k) else 2.0
-        ax.axhspan(-k, k, color=_BAND, lw=0, zorder=0)
-        ax.axhline(0, color="#969696", lw=0.7)
+        if use_z:
+            k = pd.to_numeric(sub.get("ref_k", pd.Series(dtype=float)), errors="coerce").median()
+            k = float(k) if np.isfinite(k) else 2.0
+            ax.axhspan(-k, k, color=_BAND, lw=0, zorder=0)
+            ax.axhline(0, color="#969696", lw=0.7)
         for d, g in sub.groupby(sub["donor"].astype(str), sort=False):
             g = g.sort_values("order")
             ax.plot(
                 g["order"],
-                g["z"].clip(-_CLIP, _CLIP),
+                g[y].clip(-_CLIP, _CLIP) if use_z else g[y],
                 marker="o",
                 ms=4,
                 color=pal[d],
@@ -421,7 +434,7 @@ def trajectory_plot(
     for ax in list(axes.flat)[len(readouts) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("z vs controls", fontsize=8)
+        ax.set_ylabel("z vs controls" if use_z else "value", fontsize=8)
     handles = [plt.Line2D([], [], color=pal[d], marker="o", label=d) for d in donors]
     fig.legend(
         handles=handles,
@@ -434,7 +447,12 @@ def trajectory_plot(
         bbox_to_anchor=(0.5, 1.0),
     )
     fig.suptitle(
-        "Trajectories of repeatedly sampled donors (grey band: control range)",
+        "Trajectories of repeatedly sampled donors ("
+        + (
+            "grey band: control range)"
+            if use_z
+            else "raw values: no control reference in this run, no z)"
+        ),
         fontsize=10,
         y=1.0 + 0.35 / fig.get_figheight(),
     )
