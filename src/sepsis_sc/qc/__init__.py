@@ -47,6 +47,7 @@ Slots written (see ``docs/architecture.md``): ``var["mt"|"ribo"|"hb"]``; ``obs``
 
 from sepsis_sc.qc.ambient import (
     LINEAGE_MARKERS,
+    LINEAGE_NEGATIVES,
     LINEAGES,
     NON_EXPRESSED_SETS,
     correct_counts,
@@ -97,6 +98,7 @@ __all__ = [
     "merge_samples_to_file",
     "normalize",
     "LINEAGE_MARKERS",
+    "LINEAGE_NEGATIVES",
     "LINEAGES",
     "NON_EXPRESSED_SETS",
     "first_pass_lineage",

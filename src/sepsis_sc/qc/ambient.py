@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LINEAGE_MARKERS",
+    "LINEAGE_NEGATIVES",
     "LINEAGES",
     "NON_EXPRESSED_SETS",
     "first_pass_lineage",
@@ -78,6 +79,13 @@ LINEAGE_MARKERS: dict[str, list[str]] = {
     "Platelet": ["GP9", "ITGA2B", "TUBB1", "GNG11", "NRGN", "PPBP", "PF4"],
     "Erythroid": ["ALAS2", "AHSP", "CA1", "SLC4A1", "HBD"],
 }
+#: genes whose expression counts against a lineage's first-pass score (their mean log1p
+#: CP10k is subtracted): the NK set's NKG7 / GNLY / PRF1 / KLRD1 are made by cytotoxic CD8 T
+#: cells too, so without this a CD8-rich sample's T cells were labelled NK (eccite PBMC: 68 %
+#: of protein-gated T cells; issue #32's shared-gene failure, here in QC)
+LINEAGE_NEGATIVES: dict[str, list[str]] = {
+    "NK": ["CD3D", "CD3E", "CD3G", "TRAC"],
+}
 #: the lineages a first-pass label can take (plus ``Unassigned``), in summary order
 LINEAGES: tuple[str, ...] = (*dict.fromkeys(k.split("/")[0] for k in LINEAGE_MARKERS), "Unassigned")
 
@@ -103,6 +111,7 @@ def first_pass_lineage(
     adata: ad.AnnData,
     *,
     markers: Mapping[str, Sequence[str]] | None = None,
+    negatives: Mapping[str, Sequence[str]] | None = None,
     min_score: float = 0.5,
     key_added: str = "qc_lineage",
     n_neighbors: int = 15,
@@ -119,6 +128,10 @@ def first_pass_lineage(
         ``{lineage: genes}``; default :data:`LINEAGE_MARKERS`. Sets with no gene present are
         skipped; ``"<lineage>/<name>"`` keys are alternative sets of one lineage (its score is
         the best of them, e.g. mature and immature neutrophils).
+    negatives
+        ``{lineage: genes}`` whose mean log1p CP10k is subtracted from the lineage's score
+        (default :data:`LINEAGE_NEGATIVES`: T-cell receptor complex genes against NK, whose
+        set a cytotoxic CD8 T cell shares); ``{}`` for none.
     min_score
         A droplet whose best score is below this is ``Unassigned``.
     key_added
@@ -142,17 +155,25 @@ def first_pass_lineage(
     score: platelet genes on a leukocyte mark an aggregate, not a platelet.
     """
     markers = dict(LINEAGE_MARKERS if markers is None else markers)
+    negatives = dict(LINEAGE_NEGATIVES if negatives is None else negatives)
     counts = sparse.csr_matrix(get_counts(adata, check=False)[0])
     x = _lognorm(counts)
     index = pd.Index(adata.var_names.astype(str))
-    names, scores = [], []
-    for lineage, genes in markers.items():
+
+    def mean_of(genes: Sequence[str]) -> np.ndarray | None:
         cols = index.get_indexer(list(genes))
         cols = cols[cols >= 0]
-        if cols.size == 0:
+        return np.asarray(x[:, cols].mean(axis=1)).ravel() if cols.size else None
+
+    names, scores = [], []
+    for lineage, genes in markers.items():
+        score = mean_of(genes)
+        if score is None:
             continue
-        score = np.asarray(x[:, cols].mean(axis=1)).ravel()
         lineage = lineage.split("/")[0]
+        neg = mean_of(negatives.get(lineage, []))
+        if neg is not None:
+            score = np.maximum(score - neg, 0.0)
         if lineage in names:  # alternative set of a lineage: the better of the two
             i = names.index(lineage)
             scores[i] = np.maximum(scores[i], score)
