@@ -81,7 +81,7 @@ LINEAGE_MARKERS: dict[str, list[str]] = {
 }
 #: genes whose expression counts against a lineage's first-pass score (their mean log1p
 #: CP10k is subtracted): the NK set's NKG7 / GNLY / PRF1 / KLRD1 are made by cytotoxic CD8 T
-#: cells too, so without this a CD8-rich sample's T cells were labelled NK (eccite PBMC: 68 %
+#: cells too, so without this a CD8-rich sample's T cells were labelled NK (eccite PBMC: 66 %
 #: of protein-gated T cells; issue #32's shared-gene failure, here in QC)
 LINEAGE_NEGATIVES: dict[str, list[str]] = {
     "NK": ["CD3D", "CD3E", "CD3G", "TRAC"],
