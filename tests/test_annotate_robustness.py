@@ -170,8 +170,8 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
     """At 25 % depth (~700 UMIs per T cell) many protein-CD8 T cells carry no T- or
     NK-specific UMI, so the two opinions split on them (markers NK, reference T, or the
     reverse): the classifier trained on the cells both agree on decides. Measured: lineage
-    vs protein 0.847 without it, 0.927 with it; CD4 vs CD8 by gate 0.789 -> 0.897; protein
-    CD4 / CD8 T cells called T 0.85 -> 0.95. Switched off, no classifier columns."""
+    vs protein 0.847 without it, 0.947 with it; CD4 vs CD8 by gate 0.789 -> 0.926; protein
+    CD4 / CD8 T cells called T 0.85 -> 0.98. Switched off, no classifier columns."""
     adata, truth = _load("eccite")
     ref = _lodo("eccite")
     thin = rob.thin(adata, 0.25)
@@ -193,7 +193,7 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
         gate = work.obs["annotation_gate_CD4_vs_CD8"]
         got[name] = rob.metrics(*_obs(work), truth.loc[work.obs_names], None, gate)
     assert got["on"]["lineage_acc"] >= got["off"]["lineage_acc"] + 0.05, got
-    assert got["on"]["lineage_acc"] >= 0.9 and got["on"]["cd4_cd8_gate"] >= 0.87, got
+    assert got["on"]["lineage_acc"] >= 0.92 and got["on"]["cd4_cd8_gate"] >= 0.90, got
     rec = on.uns["annotation"]["reference"]["classifier"]
     assert rec["used"] and "T" in set(rec["trusted"]) and rec["n_decided"] > 0
     decided = on.obs["annotation_source"].astype(str) == arbiter.ARBITER_SOURCE
@@ -205,8 +205,9 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
 
 def test_third_opinion_only_sides_with_one_of_the_two():
     """The classifier (trained on the agreed cells) moves a torn cell only to the marker or
-    the reference lineage, only into a lineage it recalls in cross-validation, never takes a
-    cell from a lineage it was not trained on, and leaves decoy Unassigned cells alone."""
+    the reference lineage (either of the markers' two best when they were ambiguous), only
+    into a lineage it recalls in cross-validation, never takes a cell from a lineage it was
+    not trained on, and leaves decoy Unassigned cells alone."""
     rng = np.random.default_rng(0)
     n_a, n_b = 60, 60
     genes = 40
@@ -247,6 +248,19 @@ def test_third_opinion_only_sides_with_one_of_the_two():
     assert out.label[-3] is None  # a decoy is not asked either
     with pytest.raises(ValueError, match="min_train"):
         arbiter.arbitrate(counts, lin, marker, reference, agreement, min_train=1)
+    # a cell the markers left Unassigned between A and B (too close), the reference says A:
+    # the classifier's B sides with the markers' "A or B" only when that ambiguity is given
+    reference2 = reference.copy()
+    reference2[-1] = "A"
+    scores = np.zeros((call.size, 2))
+    scores[-1] = [0.50, 0.48]
+    lin2 = LineageCalls(call, source, np.full(call.size, 0.5), scores, ["A", "B"], [])
+    ambiguous = source == "markers:unassigned_ambiguous"
+    with_amb = arbiter.arbitrate(
+        counts, lin2, marker, reference2, agreement, marker_ambiguous=ambiguous
+    )
+    without = arbiter.arbitrate(counts, lin2, marker, reference2, agreement)
+    assert with_amb.lin.call[-1] == "B" and without.lin.call[-1] == "Unassigned"
 
 
 # ---------------------------------------------------------------------------------------------

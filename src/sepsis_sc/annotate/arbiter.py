@@ -94,6 +94,7 @@ def arbitrate(
     reference_lineage: np.ndarray,
     agreement: np.ndarray,
     *,
+    marker_ambiguous: np.ndarray | None = None,
     min_probability: float = 0.8,
     min_recall: float = 0.9,
     min_train: int = 10,
@@ -114,6 +115,10 @@ def arbitrate(
     marker_lineage, reference_lineage, agreement
         Per cell: the marker route's lineage, the reference's lineage and their agreement
         (``agree``, ``disagree`` ...).
+    marker_ambiguous
+        Per cell, whether the marker route left it Unassigned because its two best lineages
+        were too close (``markers:unassigned_ambiguous``): its opinion is then "one of these
+        two", and the classifier may side with either.
     min_probability
         Classifier probability needed to decide a torn cell.
     min_recall
@@ -187,6 +192,10 @@ def arbitrate(
     label[asked] = pred
     prob[asked] = pmax
     sides = (pred == marker_lineage[asked]) | (pred == reference_lineage[asked])
+    if marker_ambiguous is not None and marker_ambiguous[asked].any():
+        order = np.argsort(-lin.scores[asked], axis=1)[:, :2]
+        two = np.asarray(lin.targets, dtype=object)[order]
+        sides |= marker_ambiguous[asked] & ((pred == two[:, 0]) | (pred == two[:, -1]))
     take = asked[(pmax >= min_probability) & sides & (pred != call[asked]) & np.isin(pred, trusted)]
     new_call = call.copy()
     new_call[take] = label[take]

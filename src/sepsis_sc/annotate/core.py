@@ -468,6 +468,7 @@ def _second_opinion(
         logger.warning("no reference opinion: %s", err)
         return lin, opinions, {"used": False, "reason": str(err)}
     marker_after = lin.call.copy()
+    marker_source = lin.source.copy()
     cons = combine(
         lin,
         cell,
@@ -490,6 +491,7 @@ def _second_opinion(
             marker_after,
             cell.lineage.astype(object),
             cons.agreement,
+            marker_ambiguous=marker_source == "markers:unassigned_ambiguous",
             min_probability=p["third_opinion_min_probability"],
             seed=p["seed"],
         )
