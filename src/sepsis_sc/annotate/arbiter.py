@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from sepsis_sc.annotate.lineage import LineageCalls
 from sepsis_sc.annotate.markers import UNASSIGNED
+from sepsis_sc.data import log_normalise
 from sepsis_sc.store import CountSource
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,6 @@ class Arbitration:
     label: np.ndarray
     probability: np.ndarray
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def _log_cp10k(x: sp.csr_matrix, totals: np.ndarray) -> sp.csr_matrix:
-    scale = np.divide(1e4, totals, out=np.zeros(totals.size), where=totals > 0)
-    out = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ sp.csr_matrix(x, dtype=np.float32))
-    out.data = np.log1p(out.data)
-    return out
 
 
 def _training_rows(
@@ -159,9 +152,9 @@ def arbitrate(
         )
         logger.info("third opinion not used: %s", record["reason"])
         return Arbitration(lin, label, prob, record)
-    x_train = counts.rows(train)
-    genes = np.flatnonzero(np.asarray((x_train > 0).mean(axis=0)).ravel() >= min_detection)
-    x_train = _log_cp10k(x_train[:, genes], counts.totals[train])
+    raw = counts.rows(train)
+    genes = np.flatnonzero(np.asarray((raw > 0).mean(axis=0)).ravel() >= min_detection)
+    x_train = log_normalise(raw, columns=genes, totals=counts.totals[train])
     y = call[train].astype(str)
     clf = LogisticRegression(C=penalty_c, max_iter=2000, class_weight="balanced")
     n_splits = max(2, min(5, min(int((y == c).sum()) for c in classes)))
@@ -185,7 +178,7 @@ def arbitrate(
     step = 50_000
     for s in range(0, asked.size, step):
         rows = asked[s : s + step]
-        x = _log_cp10k(counts.rows(rows)[:, genes], counts.totals[rows])
+        x = log_normalise(counts.rows(rows), columns=genes, totals=counts.totals[rows])
         P[s : s + step] = clf.predict_proba(x)
     pred = clf.classes_[P.argmax(axis=1)].astype(object)
     pmax = P.max(axis=1)
