@@ -73,3 +73,19 @@ def test_sample_value_and_score_titles_are_wrapped_not_cut():
     adata.uns["state_rules"] = {"trem2": {"label": label}}
     fig = pl_stats.score_umaps(adata)
     assert label in [t.replace("\n", " ") for t in _texts(fig)]
+
+
+def test_every_vocabulary_label_has_its_own_colour():
+    """Every cell-type label of the vocabulary (coarse ones such as 'T unresolved' and
+    'naive T' included) has a fixed colour, and no two labels share one: the fallback
+    palette drew 'T unresolved' in CD4 naive T's colour and 'DC unresolved' in classical
+    monocytes'."""
+    from sepsis_sc.annotate import load_vocabulary
+    from sepsis_sc.pl.style import CELL_TYPE_COLOURS
+
+    labels = list(load_vocabulary().cell_types.index)
+    missing = [c for c in labels if c not in CELL_TYPE_COLOURS]
+    assert not missing, missing
+    colours = [CELL_TYPE_COLOURS[c].lower() for c in labels]
+    dup = {c for c in colours if colours.count(c) > 1}
+    assert not dup, [lab for lab in labels if CELL_TYPE_COLOURS[lab].lower() in dup]

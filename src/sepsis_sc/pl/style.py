@@ -76,6 +76,15 @@ CELL_TYPE_COLOURS: dict[str, str] = {
     "Platelet": "#e377c2",
     "Erythroid": "#7f0000",
     "HSPC": "#bcbd22",
+    # what the genes allow (issue #32): coarse labels in a greyed shade of their lineage's hue,
+    # so a "T unresolved" cell is not drawn in a sibling subset's colour
+    "naive T": "#74a9cf",
+    "memory T": "#045a8d",
+    "T unresolved": "#7f9fbf",
+    "NK unresolved": "#6fa8ad",
+    "B unresolved": "#7fa37f",
+    "Monocyte unresolved": "#c98a4b",
+    "DC unresolved": "#8f7fa8",
     "Unassigned": UNASSIGNED_COLOUR,
 }
 
