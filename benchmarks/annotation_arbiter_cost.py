@@ -1,8 +1,9 @@
 """What the third annotation opinion (:mod:`sepsis_sc.annotate.arbiter`) costs, by cohort size.
 
-For each size, a simulated PBMC cohort (the demo simulator, half sepsis, half control,
-2,000 cells per sample) is annotated twice in fresh processes, with the third opinion and
-without it (``third_opinion_min_probability=None``); each run prints its wall time, the peak
+For each size, a simulated PBMC cohort (the demo simulator through
+:func:`sepsis_sc.sim.cohort_adata`: half sepsis, half control, about 2,000 cells per sample,
+a PCA of the 2,000 most variable genes) is annotated twice in fresh processes, with the
+third opinion and without it (``third_opinion_min_probability=None``); each run prints its wall time, the peak
 resident memory of its process and, with the third opinion, its training cells, genes,
 cells asked and decided. The difference of the two is the third opinion's cost (its
 training set is capped at 2,000 agreed cells per lineage, so the fit does not grow with the
@@ -25,25 +26,13 @@ import sys
 
 CHILD = r"""
 import json, sys, time, resource
-import anndata as ad, numpy as np, pandas as pd
-import scanpy as sc
 from sepsis_sc.annotate import annotate
-from sepsis_sc.sim import simulate_cohort
+from sepsis_sc.sim import cohort_adata, two_arm_sheet
 
 size, arbiter = int(sys.argv[1]), sys.argv[2] == "on"
-n = max(2, size // 2000)
-sheet = pd.DataFrame({
-    "sample_id": [f"S{i:03d}" for i in range(n)],
-    "condition": ["sepsis" if i % 2 else "control" for i in range(n)],
-    "donor": [f"D{i:03d}" for i in range(n)],
-    "batch": ["b1"] * n,
-})
-samples, _ = simulate_cohort(sheet, cells_per_sample=size // n, n_genes=12000, seed=0)
-adata = ad.concat(list(samples.values()), index_unique="-")
-adata.layers["counts"] = adata.X.copy()
-sc.pp.normalize_total(adata, target_sum=1e4)
-sc.pp.log1p(adata)
-sc.pp.pca(adata, n_comps=30, random_state=0)
+n_per = max(1, size // 4000)
+adata = cohort_adata(two_arm_sheet(n_per), cells_per_sample=size // (2 * n_per),
+                     n_genes=12000, seed=0, effects=True, n_pcs=30)
 t0 = time.perf_counter()
 annotate(adata, cluster_key=None, use_rep="X_pca",
          third_opinion_min_probability=0.8 if arbiter else None)

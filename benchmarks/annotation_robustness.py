@@ -119,7 +119,9 @@ def embed(adata: ad.AnnData, seed: int = 0, n_pcs: int = 30) -> None:
     sc.pp.pca(adata, n_comps=n_pcs, mask_var="highly_variable", random_state=seed)
 
 
-def annotate(adata: ad.AnnData, reference, seed: int = 0) -> None:
+def annotate(adata: ad.AnnData, reference, seed: int = 0, **overrides) -> None:
+    """The benchmark's annotation call; ``overrides`` go to :func:`sepsis_sc.annotate.annotate`
+    (e.g. ``third_opinion_min_probability=None``)."""
     kw = {"reference_profiles": None} if reference is None else {"profiles": reference}
     an.annotate(
         adata,
@@ -130,6 +132,7 @@ def annotate(adata: ad.AnnData, reference, seed: int = 0) -> None:
         resolution=2.0,
         seed=seed,
         **kw,
+        **overrides,
     )
 
 

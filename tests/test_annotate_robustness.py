@@ -48,10 +48,10 @@ def _load(name: str) -> tuple[ad.AnnData, pd.DataFrame]:
     return adata, truth_fn(adata)
 
 
-def _annotated(adata: ad.AnnData, profiles) -> ad.AnnData:
+def _annotated(adata: ad.AnnData, profiles, **overrides) -> ad.AnnData:
     work = adata.copy()
     rob.embed(work)
-    rob.annotate(work, profiles)
+    rob.annotate(work, profiles, **overrides)
     return work
 
 
@@ -176,17 +176,7 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
     ref = _lodo("eccite")
     thin = rob.thin(adata, 0.25)
     on = _annotated(thin, ref)
-    off = thin.copy()
-    rob.embed(off)
-    an.annotate(
-        off,
-        profiles=ref,
-        expected_organism="human",
-        cluster_key=None,
-        use_rep="X_pca",
-        resolution=2.0,
-        third_opinion_min_probability=None,
-    )
+    off = _annotated(thin, ref, third_opinion_min_probability=None)
     assert "annotation_classifier_lineage" not in off.obs
     got = {}
     for name, work in (("on", on), ("off", off)):

@@ -131,6 +131,8 @@ def arbitrate(
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    if min_train < 2:
+        raise ValueError(f"min_train must be at least 2 (cross-validation), got {min_train}.")
     n = lin.call.size
     label = np.full(n, None, dtype=object)
     prob = np.full(n, np.nan, dtype=np.float32)
@@ -142,8 +144,6 @@ def arbitrate(
         np.isin(call, classes) | np.isin(lin.source.astype(object), TORN_SOURCES)
     )
     asked = np.flatnonzero(torn)
-    if min_train < 2:
-        raise ValueError(f"min_train must be at least 2 (cross-validation), got {min_train}.")
     if len(classes) < 2 or not asked.size:
         record["reason"] = (
             "fewer than two lineages with enough agreed cells"
@@ -196,17 +196,18 @@ def arbitrate(
     source[take] = ARBITER_SOURCE
     quality = lin.quality.astype(np.float64).copy()
     quality[take] = prob[take] / 2
-    moved = pd.crosstab(call[take], new_call[take]) if take.size else pd.DataFrame()
+    moves = (
+        pd.DataFrame({"from": call[take].astype(str), "to": new_call[take].astype(str)})
+        .value_counts(sort=False)
+        .rename("n_cells")
+        .reset_index()
+    )
     record.update(
         used=True,
         n_decided=int(take.size),
+        # column arrays: h5ad-writable
+        moves={c: moves[c].to_numpy(dtype=object if c != "n_cells" else np.int64) for c in moves},
     )
-    pairs = [(a, b) for a in moved.index for b in moved.columns if moved.loc[a, b] > 0]
-    record["moves"] = {  # column arrays: h5ad-writable
-        "from": np.array([str(a) for a, _ in pairs], dtype=object),
-        "to": np.array([str(b) for _, b in pairs], dtype=object),
-        "n_cells": np.array([int(moved.loc[a, b]) for a, b in pairs], dtype=np.int64),
-    }
     logger.info(
         "third opinion (classifier on %d agreed cells, %d genes; cross-validated recall %s): "
         "%d of %d torn cells decided",

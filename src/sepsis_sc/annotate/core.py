@@ -483,7 +483,7 @@ def _second_opinion(
         annotation_reference_margin=np.asarray(cell.lineage_delta, dtype=np.float32),
         annotation_agreement=pd.Categorical(cons.agreement, categories=list(AGREEMENT_LEVELS)),
     )
-    final = cons.lin
+    final, classifier = cons.lin, None
     if p["third_opinion_min_probability"] is not None:
         arb = arbitrate(
             counts,
@@ -495,7 +495,7 @@ def _second_opinion(
             min_probability=p["third_opinion_min_probability"],
             seed=p["seed"],
         )
-        final = arb.lin
+        final, classifier = arb.lin, arb.record
         opinions.update(
             annotation_classifier_lineage=pd.Categorical(arb.label),
             annotation_classifier_probability=arb.probability,
@@ -517,8 +517,8 @@ def _second_opinion(
     if ev is not None:
         pairs = ev.table()
         ref_uns["specific_genes"] = {c: pairs[c].to_numpy() for c in pairs.columns}
-    if p["third_opinion_min_probability"] is not None:
-        ref_uns["classifier"] = arb.record
+    if classifier is not None:
+        ref_uns["classifier"] = classifier
     return final, opinions, ref_uns
 
 
