@@ -839,3 +839,40 @@ def test_marker_dotplot_is_transposed_with_full_label_names():
         assert label in texts  # named in full beside its genes, not cut to fit
     main = [ax for ax in fig.axes if ax.get_title() == "Marker genes by cell type"][0]
     assert len(main.get_yticklabels()) > len(main.get_xticklabels())  # genes in rows
+
+
+def test_subset_reason_is_kept_apart_from_the_lineage_reason():
+    """``annotation_source`` says why a cell has its lineage and ``annotation_subset_source``
+    why it has its subset: a lineage whose subset genes are absent keeps its lineage call
+    (``T unresolved``, ``genes_absent``) and its lineage reason (``markers``), where the
+    subset step used to overwrite that reason."""
+    full = _toy()
+    an.annotate(full, cluster_key="cl")
+    obs = full.obs
+    why = obs["annotation_subset_source"].astype(str)
+    assert set(why) <= set(an_sub.SUBSET_SOURCES)
+    assert (why[obs["lineage"] == "Unassigned"] == "none").all()
+    real = obs["truth"] != "debris"
+    assert why[real].isin(["markers", "default_subset", "single_subset"]).all()
+    assert (why[real] == "markers").mean() >= 0.8
+    mk = an.load_markers()
+    vocab = an.load_vocabulary()
+    t_subsets = set(vocab.subsets_of("T"))
+    every_t_subset_gene = {
+        g for s in mk["subset_sets"] if s["target"] in t_subsets for g in s["up"]
+    }  # TRAC too, which the T lineage set shares: CD3D/E/G, TRBC2 ... still call T
+    for gone, label, reason in (
+        (["CD4", "CD8A", "CD8B"], {"naive T", "memory T"}, "coarse_markers"),
+        (sorted(every_t_subset_gene), {"T unresolved"}, "genes_absent"),
+    ):
+        work = _toy()
+        work = work[:, ~work.var_names.isin(gone)].copy()
+        an.annotate(work, cluster_key="cl")
+        t = (work.obs["lineage"] == "T").to_numpy()
+        assert t.sum() >= 0.9 * obs["lineage"].eq("T").sum()
+        assert work.obs["cell_type"][t].isin(label).all()
+        sub_why = work.obs["annotation_subset_source"].astype(str)[t]
+        assert (sub_why == reason).mean() >= 0.9, sub_why.value_counts()
+        src = work.obs["annotation_source"].astype(str)[t]
+        assert (src == obs["annotation_source"].astype(str)[work.obs_names[t]]).all()
+        assert (src == "markers").mean() >= 0.9

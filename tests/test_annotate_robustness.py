@@ -120,6 +120,8 @@ def test_monocytes_without_their_core_genes_are_not_given_away():
     t = (truth["lineage"] == "T").to_numpy()
     assert np.isin(ct[t], ["naive T", "memory T"]).mean() >= 0.9  # measured 0.99
     assert not np.isin(ct, ["CD4 naive T", "CD4 memory T", "CD8 naive T"]).any()
+    why = work.obs["annotation_subset_source"].astype(str).to_numpy()
+    assert (why[t & np.isin(ct, ["naive T", "memory T"])] == "coarse_markers").all()
     assert set(work.obs["annotation_agreement"].astype(str)) <= set(consensus.AGREEMENT_LEVELS)
 
 
@@ -187,8 +189,8 @@ def test_third_opinion_decides_torn_cells_at_low_depth():
     rec = on.uns["annotation"]["reference"]["classifier"]
     assert rec["used"] and "T" in set(rec["trusted"]) and rec["n_decided"] > 0
     decided = on.obs["annotation_source"].astype(str) == arbiter.ARBITER_SOURCE
-    # the subset step may relabel the source of a decided cell (markers:default_subset)
-    assert 0 < decided.sum() <= rec["n_decided"]
+    # the subset step keeps its own reason apart, so every decided cell keeps this source
+    assert decided.sum() == rec["n_decided"] > 0
     cls = on.obs["annotation_classifier_lineage"].astype(str)
     assert (cls[decided] == on.obs["lineage"].astype(str)[decided]).all()
 

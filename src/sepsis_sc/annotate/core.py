@@ -36,7 +36,12 @@ from sepsis_sc.annotate.markers import (
     read_counts,
 )
 from sepsis_sc.annotate.specific import pairwise_evidence
-from sepsis_sc.annotate.subsets import GATE_GENES_ABSENT, GATE_UNDETERMINED, call_subsets
+from sepsis_sc.annotate.subsets import (
+    GATE_GENES_ABSENT,
+    GATE_UNDETERMINED,
+    SUBSET_SOURCES,
+    call_subsets,
+)
 from sepsis_sc.config import AnnotationSettings
 from sepsis_sc.data import organism_evidence, resolve_organism
 from sepsis_sc.store import CountSource
@@ -272,11 +277,14 @@ def annotate(
     Writes ``obs``: ``lineage``, ``cell_type``, ``cell_type_ontology_term_id``,
     ``annotation_confidence`` (0-1; the lineage confidence of the two opinions' consensus,
     :mod:`sepsis_sc.annotate.consensus`, x (0.5 + 0.5 x relative subset margin); 0 for
-    Unassigned) and ``annotation_source`` (``markers``, ``markers:default_subset``,
-    ``markers:unresolved_subset``, ``markers:unassigned_low_score``,
-    ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``,
-    ``reference:marker_unassigned``, ``reference:disagreement``, ``consensus:disagreement``,
-    ``classifier:two_of_three``: a torn cell the third opinion decided);
+    Unassigned), ``annotation_source``, why the cell has its lineage (``markers``,
+    ``markers:low_score_cluster_support``, ``markers:unassigned_low_score``, ``markers:unassigned_ambiguous``,
+    ``markers:unassigned_other_type``, ``reference:marker_unassigned``,
+    ``reference:disagreement``, ``consensus:disagreement``, ``classifier:two_of_three``: a
+    torn cell the third opinion decided), and ``annotation_subset_source``, why it has its
+    subset within the lineage (``markers``, ``coarse_markers``, ``default_subset``,
+    ``unresolved_subset``, ``genes_absent``, ``single_subset``, ``none``:
+    :data:`sepsis_sc.annotate.subsets.SUBSET_SOURCES`);
     the two opinions (issue #32): ``annotation_marker_lineage``, ``annotation_reference_label``,
     ``annotation_reference_lineage``, ``annotation_reference_score`` (fine-tuned Spearman
     correlation), ``annotation_reference_margin`` (the lineage's margin: its best label's
@@ -371,6 +379,9 @@ def annotate(
     subs = call_subsets(expr, lin, mk, vocab, clusters, counts, adata.var_names, params)
     cell_type, q_sub, rep_sub, sub_source = subs.cell_type, subs.quality, subs.report, subs.clusters
     opinions.update(_gate_columns(subs.gate_sides, mk))
+    opinions["annotation_subset_source"] = pd.Categorical(
+        subs.source, categories=list(SUBSET_SOURCES)
+    )
     conf = np.where(lin.call == UNASSIGNED, 0.0, lin.quality * (0.5 + 0.5 * q_sub))
     coverage = lineage_coverage(lin.report, [s["target"] for s in mk["lineage_sets"]])
     _log_coverage(coverage)

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "call_subsets",
     "SubsetCalls",
+    "SUBSET_SOURCES",
     "LINEAGE_HVG_CELLS",
     "GATE_UNDETERMINED",
     "GATE_GENES_ABSENT",
@@ -139,6 +140,24 @@ def _undecidable(gate: Mapping[str, Any], expr: MarkerExpression) -> bool:
 
 GATE_UNDETERMINED = "undetermined"
 GATE_GENES_ABSENT = "genes_absent"
+
+#: why a cell got its subset (``obs["annotation_subset_source"]``); the lineage's own reason
+#: stays in ``obs["annotation_source"]``
+SUBSET_SOURCES = {
+    "markers": "its subset's markers won against the sibling subsets",
+    "coarse_markers": (
+        "a gate's genes are absent (CD4 / CD8A / CD8B), so its markers were read at the coarser "
+        "level (naive T vs memory T)"
+    ),
+    "default_subset": "weak subset evidence: the lineage's default subset",
+    "unresolved_subset": "weak subset evidence: the lineage's '<lineage> unresolved' label",
+    "genes_absent": (
+        "the genes that tell the lineage's subsets apart are not in the data: it keeps its "
+        "lineage call"
+    ),
+    "single_subset": "the lineage has one subset",
+    "none": "no lineage (Unassigned)",
+}
 
 
 def _apply_gates(
@@ -294,12 +313,10 @@ def _subset_calls(
     R: np.ndarray,
     scored: list[str],
     default: str | None,
-    source: np.ndarray,
-    idx: np.ndarray,
     p: Mapping[str, Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best subset per cell and its confidence (margin over the runner-up); weak evidence
-    takes the lineage's default subset (``source`` records why)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best subset per cell, its confidence (margin over the runner-up) and why
+    (:data:`SUBSET_SOURCES`); weak evidence takes the lineage's default subset."""
     s_arg, s_best, s_second = top2(R)
     call = np.array(scored, dtype=object)[s_arg]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -307,16 +324,15 @@ def _subset_calls(
     q = np.clip(np.nan_to_num(q, nan=0.0, posinf=1.0), 0.0, 1.0)
     if len(scored) == 1 and default is None:
         q = np.ones_like(q)
+    why = np.full(call.size, "markers", dtype=object)
     if default is not None:
         floor = p["unresolved_min_score"] if _is_unresolved(default) else p["subset_min_score"]
-        a_best = A[np.arange(idx.size), s_arg]
+        a_best = A[np.arange(call.size), s_arg]
         weak = (call != default) & (a_best < floor)
         call[weak] = default
         q[weak] = np.clip(1.0 - a_best[weak] / floor, 0.0, 1.0)
-        source[idx[weak]] = (
-            "markers:unresolved_subset" if _is_unresolved(default) else "markers:default_subset"
-        )
-    return call, q
+        why[weak] = "unresolved_subset" if _is_unresolved(default) else "default_subset"
+    return call, q, why
 
 
 @dataclass
@@ -324,13 +340,15 @@ class SubsetCalls:
     """Level-2 result: ``cell_type`` per cell, its subset confidence ``quality``, the
     per-set coverage ``report``, how each lineage's subsets were clustered (``clusters``)
     and, per two-group gate, the side each cell of the gate's lineage was given
-    (``gate_sides``; ``None`` outside the lineage)."""
+    (``gate_sides``; ``None`` outside the lineage) and why each cell got its subset
+    (``source``, :data:`SUBSET_SOURCES`)."""
 
     cell_type: np.ndarray
     quality: np.ndarray
     report: list[dict[str, Any]]
     clusters: dict[str, str]
     gate_sides: dict[str, np.ndarray]
+    source: np.ndarray
 
 
 def call_subsets(
@@ -353,6 +371,7 @@ def call_subsets(
     n = lin.call.size
     cell_type = np.full(n, UNASSIGNED, dtype=object)
     q_sub = np.ones(n, dtype=np.float64)
+    why = np.full(n, "none", dtype=object)
     sub_source: dict[str, str] = {}
     gate_sides: dict[str, np.ndarray] = {}
     for lineage in vocab.lineages.index:
@@ -366,6 +385,7 @@ def call_subsets(
         unresolved = _label(vocab.lineages, lineage, "unresolved")
         if len(labels) == 1:
             cell_type[idx] = labels[0]
+            why[idx] = "single_subset"
             continue
         if not scored or _default_is_a_guess(default, scored, labels, unresolved):
             # without the genes that tell its subsets apart a lineage keeps its lineage call
@@ -375,9 +395,7 @@ def call_subsets(
                     gate_sides.setdefault(gate["name"], np.full(n, None, dtype=object))[idx] = (
                         GATE_GENES_ABSENT
                     )
-            lin.source[idx] = np.where(
-                lin.source[idx] == "markers", "markers:unresolved_subset", lin.source[idx]
-            )
+            why[idx] = "genes_absent"
             logger.warning(
                 "lineage %s: the genes that tell its subsets apart are not in the data; its "
                 "cells get %s",
@@ -410,7 +428,9 @@ def call_subsets(
                 ", ".join(g["name"] for g in stuck),
                 ", ".join(sorted({coarse[x] for x in coarse if vocab.lineage_of(x) == lineage})),
             )
-        call, q = _subset_calls(A, R, scored, default, lin.source, idx, p)
+        call, q, why[idx] = _subset_calls(A, R, scored, default, p)
+        if stuck:
+            why[idx] = np.where(why[idx] == "markers", "coarse_markers", why[idx])
         cell_type[idx] = call
         q_sub[idx] = q
-    return SubsetCalls(cell_type, q_sub, report, sub_source, gate_sides)
+    return SubsetCalls(cell_type, q_sub, report, sub_source, gate_sides, why)
