@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slurm.cluster import LocalSlurm, missing_binaries  # noqa: E402
-from test_workflow import REPO, SNAKEMAKE, TINY_CONFIG, _write_workdir  # noqa: E402
+from test_workflow import REPO, TINY_CONFIG, _write_workdir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -175,34 +175,20 @@ def _failure_report(res, work: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_and_local_runs(slurm_cluster, tmp_path_factory):
-    """The tiny demo through SLURM, and the same config run locally alongside (for the
-    comparison; the SLURM run spends most of its time waiting on the scheduler)."""
-    local = _write_workdir(tmp_path_factory.mktemp("local"))
+def slurm_and_local_runs(slurm_cluster, tiny_run_started, tmp_path_factory):
+    """The tiny demo through SLURM, and the same config run locally alongside (the session's
+    one tiny-demo run, ``conftest.tiny_run_started``, which the end-to-end checks of
+    test_workflow.py read too; the SLURM run spends most of its time waiting on the
+    scheduler)."""
     work = _write_workdir(tmp_path_factory.mktemp("slurm_run"))
     t0 = time.time()
-    local_proc = subprocess.Popen(
-        [
-            *SNAKEMAKE,
-            "--directory",
-            str(local),
-            "--configfile",
-            str(local / "config.yaml"),
-            "--cores",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     try:
         res = _slurm_snakemake(slurm_cluster, work)
     finally:
-        local_out, _ = local_proc.communicate(timeout=900)
+        local = tiny_run_started.wait()
     elapsed = time.time() - t0
     if res.returncode != 0:
         pytest.fail(f"SLURM run failed:\n{_failure_report(res, work)}")
-    assert local_proc.returncode == 0, local_out[-4000:]
     return {"work": work, "local": local, "log": res.stdout + res.stderr, "elapsed": elapsed}
 
 

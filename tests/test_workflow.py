@@ -167,17 +167,42 @@ def test_cli_overrides_run_name_and_samples(tmp_path):
     assert "results/tiny" not in res.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Run the whole DAG once on the tiny demo (shared by the end-to-end checks)."""
-    work = _write_workdir(tmp_path_factory.mktemp("e2e"))
-    res = _snakemake(work, "--cores", "2")
-    if res.returncode != 0:
-        logs = "\n".join(
-            f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((work / "results").rglob("*.log"))
+class TinyRun:
+    """The whole DAG on the tiny demo in ``work``, run in the background from construction:
+    the session fixtures ``tiny_run_started`` / ``tiny_run`` of ``conftest.py`` share one run
+    between the end-to-end checks here and the SLURM run's local twin (``test_slurm.py``
+    starts it first and runs SLURM beside it, whose jobs mostly wait on the scheduler)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = _write_workdir(work)
+        self._proc = subprocess.Popen(
+            [
+                *SNAKEMAKE,
+                "--directory",
+                str(self.work),
+                "--configfile",
+                str(self.work / "config.yaml"),
+                "--cores",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
-        pytest.fail(f"workflow failed:\n{res.stderr[-4000:]}\n{logs}")
-    return work
+        self._out: str | None = None
+
+    def wait(self, timeout: int = 1500) -> Path:
+        """The working directory once the run is done; fails the test with the log tails."""
+        if self._out is None:
+            self._out, _ = self._proc.communicate(timeout=timeout)
+        if self._proc.returncode != 0:
+            logs = "\n".join(
+                f"--- {p}\n{p.read_text()[-2000:]}"
+                for p in sorted((self.work / "results").rglob("*.log"))
+            )
+            pytest.fail(f"workflow failed:\n{self._out[-4000:]}\n{logs}")
+        return self.work
 
 
 @pytest.mark.slow
