@@ -45,3 +45,24 @@ def tiny_run(tiny_run_started) -> Path:
     """The finished tiny-demo run's working directory, read-only for its users: the
     end-to-end checks of ``test_workflow.py`` and the local twin of the SLURM run."""
     return tiny_run_started.wait()
+
+
+def kang_pseudo_samples(a, split: str, seed: int = 0):
+    """Kang PBMC (ctrl vs IFN-beta stim; no donor for most cells) split into pseudo-samples,
+    the replicates of the DE and therapy-axis positive / negative controls:
+    ``split="stim"`` ctrl vs stim, 3 random pseudo-samples each (``obs`` ``condition``,
+    ``sample_id``); ``split="null"`` ctrl cells only, 6 random pseudo-samples, 3 called "a"
+    and 3 "b". A control of the machinery, not biology."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    stim = a.obs["stim"].astype(str).to_numpy()
+    if split == "null":
+        a = a[stim == "ctrl"].copy()
+        k = rng.integers(0, 6, a.n_obs)
+        a.obs["condition"] = np.where(k < 3, "a", "b")
+        a.obs["sample_id"] = [f"s{i}" for i in k]
+    else:
+        a.obs["condition"] = stim
+        a.obs["sample_id"] = [f"{s}{i}" for s, i in zip(stim, rng.integers(0, 3, a.n_obs))]
+    return a
