@@ -3,8 +3,8 @@
 For each size, a simulated PBMC cohort (the demo simulator through
 :func:`sepsis_sc.sim.cohort_adata`: half sepsis, half control, about 2,000 cells per sample,
 a PCA of the 2,000 most variable genes) is annotated twice in fresh processes, with the
-third opinion and without it (``third_opinion_min_probability=None``); each run prints its wall time, the peak
-resident memory of its process and, with the third opinion, its training cells, genes,
+third opinion and without it (``third_opinion_min_probability=None``); each run prints its
+wall time, the peak resident memory of its process and, with the third opinion, its training cells, genes,
 cells asked and decided. The difference of the two is the third opinion's cost (its
 training set is capped at 2,000 agreed cells per lineage, so the fit does not grow with the
 cohort; the prediction reads the torn cells only).

@@ -49,22 +49,33 @@ def _write_workdir(tmp: Path, config: dict | None = None, sheet: str = TINY_SHEE
     return tmp
 
 
+def _snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+    return [
+        *SNAKEMAKE,
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1")
+
+
 def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [
-            *SNAKEMAKE,
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(workdir / "config.yaml"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
+        _snakemake_cmd(workdir, *args), capture_output=True, text=True, timeout=timeout, env=_env()
     )
+
+
+def _fail_workflow(workdir: Path, output: str) -> None:
+    """Fail the test with the tail of the run's output and of every job log."""
+    logs = "\n".join(
+        f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((workdir / "results").rglob("*.log"))
+    )
+    pytest.fail(f"workflow failed:\n{output[-5000:]}\n{logs[-8000:]}")
 
 
 def run_workflow(
@@ -77,10 +88,7 @@ def run_workflow(
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     res = _snakemake(workdir, "--cores", "2", *args)
     if res.returncode != 0:
-        logs = "\n".join(
-            f"--- {p}\n{p.read_text()[-2000:]}" for p in (workdir / "results").rglob("*.log")
-        )
-        pytest.fail(f"workflow failed:\n{res.stderr[-5000:]}\n{logs[-8000:]}")
+        _fail_workflow(workdir, res.stderr)
     return workdir / "results" / config["run_name"], res
 
 
@@ -176,19 +184,11 @@ class TinyRun:
     def __init__(self, work: Path) -> None:
         self.work = _write_workdir(work)
         self._proc = subprocess.Popen(
-            [
-                *SNAKEMAKE,
-                "--directory",
-                str(self.work),
-                "--configfile",
-                str(self.work / "config.yaml"),
-                "--cores",
-                "2",
-            ],
+            _snakemake_cmd(self.work, "--cores", "2"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=_env(),
         )
         self._out: str | None = None
 
@@ -197,11 +197,7 @@ class TinyRun:
         if self._out is None:
             self._out, _ = self._proc.communicate(timeout=timeout)
         if self._proc.returncode != 0:
-            logs = "\n".join(
-                f"--- {p}\n{p.read_text()[-2000:]}"
-                for p in sorted((self.work / "results").rglob("*.log"))
-            )
-            pytest.fail(f"workflow failed:\n{self._out[-4000:]}\n{logs}")
+            _fail_workflow(self.work, self._out)
         return self.work
 
 

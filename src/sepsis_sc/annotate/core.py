@@ -278,10 +278,10 @@ def annotate(
     ``annotation_confidence`` (0-1; the lineage confidence of the two opinions' consensus,
     :mod:`sepsis_sc.annotate.consensus`, x (0.5 + 0.5 x relative subset margin); 0 for
     Unassigned), ``annotation_source``, why the cell has its lineage (``markers``,
-    ``markers:low_score_cluster_support``, ``markers:unassigned_low_score``, ``markers:unassigned_ambiguous``,
-    ``markers:unassigned_other_type``, ``reference:marker_unassigned``,
-    ``reference:disagreement``, ``consensus:disagreement``, ``classifier:two_of_three``: a
-    torn cell the third opinion decided), and ``annotation_subset_source``, why it has its
+    ``markers:low_score_cluster_support``, ``markers:unassigned_low_score``,
+    ``markers:unassigned_ambiguous``, ``markers:unassigned_other_type``,
+    ``reference:marker_unassigned``, ``reference:disagreement``, ``consensus:disagreement``,
+    ``classifier:two_of_three``: a torn cell the third opinion decided), and ``annotation_subset_source``, why it has its
     subset within the lineage (``markers``, ``coarse_markers``, ``default_subset``,
     ``unresolved_subset``, ``genes_absent``, ``single_subset``, ``none``:
     :data:`sepsis_sc.annotate.subsets.SUBSET_SOURCES`);
